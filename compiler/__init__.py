@@ -1,0 +1,1 @@
+"""The compiler stages: frontend -> schedule -> liveness -> planner -> codegen (see compiler/README.md)."""

@@ -1,0 +1,82 @@
+"""Training configuration: the algorithm as a policy of switchable techniques (ALGORITHM.md §1-3).
+
+`make_config("proposed", batch=100, po2=False)` starts from the algorithm's defaults and overrides
+technique by technique. The schedule, the numpy reference and codegen all read the same `TrainConfig`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+from .errors import ConfigError
+
+ALGORITHMS = ("standard", "proposed")
+OPTIMIZERS = ("adam", "sgd", "bop")
+STATE_DTYPES = ("f32", "bf16", "f16")
+BN_KINDS = ("l2", "l1")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    algorithm: str = "proposed"
+    batch: int = 100
+    optimizer: str = "adam"
+    # techniques of the proposed algorithm (ALGORITHM.md §2); standard = all off, f32 state, l2 BN
+    binary_dw: bool = True          # 1-bit weight gradients, scaled 1/sqrt(N_W)
+    po2: bool = True                # 5-bit power-of-two activation gradients
+    po2_bias: int = 8
+    po2_zero_to_min: bool = True    # exact zeros -> +2^(-8-b) (bnnc choice); False maps them to 0
+    bn: str = "l1"                  # "l1" (1-bit backward) or "l2"
+    state_dtype: str = "bf16"       # storage of W, optimizer moments, BN params/stats
+    save_bits: bool = True          # binary layers keep their saved input / masks as packed bits
+    # hyper-parameters (the authors' values)
+    lr: float = 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.999
+    adam_eps: float = 1e-7
+    sgd_momentum: float = 0.9
+    bop_gamma: float = 1e-4
+    bop_tau: float = 1e-8
+    bn_momentum: float = 0.9        # running = momentum * running + (1 - momentum) * batch
+    bn_eps: float = 1e-4            # l2 BN only
+    seed: int = 0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+_DEFAULTS = {
+    "standard": dict(binary_dw=False, po2=False, bn="l2", state_dtype="f32", save_bits=False),
+    "proposed": dict(binary_dw=True, po2=True, bn="l1", state_dtype="bf16", save_bits=True),
+}
+
+
+def make_config(algorithm: str = "proposed", **overrides) -> TrainConfig:
+    """The algorithm's defaults with `overrides` applied; raises ConfigError on nonsense."""
+    if algorithm not in ALGORITHMS:
+        raise ConfigError(f"unknown algorithm {algorithm!r}; choose one of: {', '.join(ALGORITHMS)}")
+    unknown = set(overrides) - set(TrainConfig.__dataclass_fields__)
+    if unknown:
+        raise ConfigError(f"unknown training option(s): {', '.join(sorted(unknown))}")
+    cfg = replace(TrainConfig(algorithm=algorithm, **_DEFAULTS[algorithm]),
+                  **{k: v for k, v in overrides.items() if v is not None})
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    if not isinstance(cfg.batch, int) or cfg.batch < 1:
+        raise ConfigError(f"batch size must be a positive integer, got {cfg.batch!r}")
+    if cfg.optimizer not in OPTIMIZERS:
+        raise ConfigError(f"unknown optimizer {cfg.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
+    if cfg.state_dtype not in STATE_DTYPES:
+        raise ConfigError(f"unknown state dtype {cfg.state_dtype!r}; choose one of: "
+                          f"{', '.join(STATE_DTYPES)}")
+    if cfg.bn not in BN_KINDS:
+        raise ConfigError(f"unknown batch norm {cfg.bn!r}; choose l1 or l2")
+    if not -16 <= cfg.po2_bias <= 24:
+        raise ConfigError(f"--po2-bias {cfg.po2_bias} is out of range [-16, 24]")
+    if not cfg.po2 and cfg.po2_bias != 8:
+        raise ConfigError("--po2-bias has no effect with --no-po2; drop one of them")
+    if cfg.lr <= 0:
+        raise ConfigError(f"learning rate must be positive, got {cfg.lr}")
