@@ -38,7 +38,7 @@ class TrainConfig:
     bop_gamma: float = 1e-4
     bop_tau: float = 1e-8
     bn_momentum: float = 0.9        # running = momentum * running + (1 - momentum) * batch
-    bn_eps: float = 1e-4            # l2 BN only
+    # (l2 BN's eps is a property of the model: each BATCHNORM layer's `eps` attr, 1e-4 in the zoo)
     seed: int = 0
 
     def as_dict(self) -> dict:

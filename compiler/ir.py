@@ -36,6 +36,7 @@ class LayerKind(Enum):
     CONV = "conv"              # 2-D correlation, group 1
     BATCHNORM = "batchnorm"    # per-channel; training recomputes batch statistics
     SIGN = "sign"              # activation binarization, sign(0) = +1, STE in backward
+    RELU = "relu"              # real-valued nets (ResNetE/Bi-Real stems)
     MAXPOOL = "maxpool"
     AVGPOOL = "avgpool"
     GLOBAL_AVGPOOL = "global_avgpool"
