@@ -1,0 +1,271 @@
+"""`bnnc inspect` (the memory plan of one training step: tables, --json, --html, --compare) and
+`bnnc memory` (the paper's spreadsheet next to bnnc's plans, over batch sizes).
+
+MODEL is an ONNX file or a zoo name (`bnnc zoo --list`); `bnnc inspect` also reads a compiled output
+directory (or its plan.json) and re-verifies the plan before showing it. The pipeline is
+frontend -> schedule -> liveness -> planner -> report; the heavy modules are imported when a command
+runs so `bnnc --help` stays fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..compiler.config import ALGORITHMS, BN_KINDS, OPTIMIZERS, STATE_DTYPES, make_config
+from ..compiler.errors import ConfigError, ModelError
+from ..compiler.liveness import IO_MODES
+from . import cli
+
+MIB = float(1 << 20)
+
+
+def load_graph(model: str, *, width: float | None = None, image_size: int | None = None):
+    """An ir.Graph from an ONNX file or a zoo name (zoo names take --width / --image-size)."""
+    from ..compiler.frontend import load_model
+    from ..compiler.zoo import ZOO, build_zoo_model
+
+    path = Path(model)
+    if path.is_file():
+        if width is not None or image_size is not None:
+            raise ConfigError(f"--width/--image-size shape zoo models only; {model} is a file",
+                              hint="drop them, or pass a zoo name such as 'cnv'")
+        return load_model(path)
+    if model in ZOO:
+        kw: dict[str, Any] = {} if width is None else {"width": width}
+        if image_size is not None:
+            kw["image_size"] = image_size
+        return load_model(build_zoo_model(model, **kw))
+    raise ModelError(f"{model}: no such file, and not a zoo model name",
+                     hint=f"zoo models: {', '.join(ZOO)}")
+
+
+def plan_document(graph, cfg, align: int, io: str = "arena") -> dict[str, Any]:
+    """The verified plan of one training step of `graph` under `cfg`, as a report document."""
+    from ..compiler.planner import plan_schedule
+    from ..compiler.report import plan_to_json
+    from ..compiler.schedule import build_schedule
+
+    schedule = build_schedule(graph, cfg)
+    live, plan = plan_schedule(schedule, align=align, io=io)
+    return plan_to_json(schedule, live, plan)
+
+
+def _technique_options(f):
+    """The technique switches of `bnnc train` (unset = the algorithm's default)."""
+    opts = [
+        click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=None,
+                     help="optimizer [default: adam]"),
+        click.option("--binary-dw/--no-binary-dw", default=None,
+                     help="1-bit weight gradients [proposed: on]"),
+        click.option("--po2/--no-po2", default=None,
+                     help="5-bit power-of-two activation gradients [proposed: on]"),
+        click.option("--po2-bias", type=int, default=None, help="PO2 exponent bias [default: 8]"),
+        click.option("--bn", type=click.Choice(BN_KINDS), default=None,
+                     help="batch norm: l1 (1-bit backward) or l2 [proposed: l1]"),
+        click.option("--state-dtype", type=click.Choice(STATE_DTYPES), default=None,
+                     help="storage of weights, moments, BN state [proposed: bf16]"),
+        click.option("--save-bits/--no-save-bits", default=None,
+                     help="binary layers keep saved inputs and masks as packed bits "
+                          "[proposed: on]"),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+_IO_HELP = ("where the batch lives: 'arena' (copied in by the train-step entry, counted) or "
+            "'caller' (read in place from the caller's buffers, as the paper counts it)")
+
+
+def _write(path: Path, text: str) -> None:
+    if not path.parent.is_dir():
+        raise ConfigError(f"cannot write {path}: directory {path.parent} does not exist")
+    try:
+        path.write_text(text)
+    except OSError as err:
+        raise ConfigError(f"cannot write {path}: {err.strerror}") from err
+
+
+def _is_plan_path(model: str) -> bool:
+    p = Path(model)
+    return p.is_dir() or (p.is_file() and p.suffix == ".json")
+
+
+@cli.command("inspect")
+@click.argument("model")
+@click.option("--algorithm", type=click.Choice(ALGORITHMS), default=None,
+              help="training algorithm [default: proposed]")
+@click.option("--batch", type=int, default=None, help="batch size [default: 100]")
+@_technique_options
+@click.option("--align", type=int, default=None,
+              help="byte alignment of every buffer [default: 16]")
+@click.option("--width", type=float, default=None,
+              help="zoo models: scale every width/channel count")
+@click.option("--image-size", type=int, default=None, help="zoo ImageNet models: input size")
+@click.option("--io", type=click.Choice(IO_MODES), default=None,
+              help=_IO_HELP + " [default: arena]")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="write the plan document (schema bnnc-plan v1) to FILE")
+@click.option("--html", "html_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="write a self-contained picture of the arena to FILE")
+@click.option("--compare", default=None, metavar="ALG,ALG",
+              help="plan several algorithms (e.g. standard,proposed) with the same options and "
+                   "show them side by side")
+@click.option("--tensors/--no-tensors", default=False, show_default=True,
+              help="list every tensor with its offset and live interval")
+@click.option("--timeline", is_flag=True, help="draw the arena as text, one line per step")
+def inspect(model: str, algorithm: str | None, batch: int | None, align: int | None,
+            width: float | None, image_size: int | None, io: str | None, json_path: Path | None,
+            html_path: Path | None, compare: str | None, tensors: bool, timeline: bool,
+            **techniques) -> None:
+    """Show the static memory plan of one training step of MODEL.
+
+    MODEL is an ONNX file, a zoo name, or a `bnnc compile` output directory (its plan.json).
+
+    \b
+    Examples:
+      bnnc inspect mlp --batch 200
+      bnnc inspect cnv.onnx --algorithm standard --tensors
+      bnnc inspect binarynet --compare standard,proposed --html plan.html
+      bnnc inspect out/mlp
+    """
+    from ..compiler.plan_check import check_plan
+    from ..compiler.report import (dump_plan_json, format_report, format_timeline, load_plan_json,
+                                   plan_from_json, plan_to_html)
+
+    given = {k: v for k, v in techniques.items() if v is not None}
+    if _is_plan_path(model):
+        extra = [n for n, v in (("--algorithm", algorithm), ("--batch", batch), ("--align", align),
+                                ("--width", width), ("--image-size", image_size), ("--io", io),
+                                ("--compare", compare)) if v is not None]
+        extra += ["--" + k.replace("_", "-") for k in given]
+        if extra:
+            raise ConfigError(f"{model} is a compiled plan; {', '.join(extra)} cannot change it",
+                              hint="inspect the ONNX model instead to try other options")
+        docs = [load_plan_json(model)]
+        live, plan = plan_from_json(docs[0])
+        check_plan(live, plan)
+    else:
+        algorithms = [algorithm or "proposed"]
+        if compare is not None:
+            if algorithm is not None:
+                raise ConfigError("give either --algorithm or --compare, not both")
+            algorithms = [a.strip() for a in compare.split(",") if a.strip()]
+            bad = [a for a in algorithms if a not in ALGORITHMS]
+            if bad or len(algorithms) < 2 or len(set(algorithms)) != len(algorithms):
+                raise ConfigError(f"--compare {compare!r}: list two or more distinct algorithms "
+                                  f"from {', '.join(ALGORITHMS)}, e.g. --compare standard,proposed")
+            if json_path is not None:
+                raise ConfigError("--json writes one plan; drop --compare or run once per "
+                                  "algorithm")
+        graph = load_graph(model, width=width, image_size=image_size)
+        docs = []
+        for alg in algorithms:
+            cfg = make_config(alg, batch=batch if batch is not None else 100, **given)
+            docs.append(plan_document(graph, cfg, 16 if align is None else align, io or "arena"))
+
+    if len(docs) == 1:
+        click.echo(format_report(docs[0], tensors=tensors), nl=False)
+    else:
+        click.echo(_comparison(docs), nl=False)
+        if tensors:
+            for d in docs:
+                click.echo("")
+                click.echo(format_report(d, tensors=True), nl=False)
+    if timeline:
+        for d in docs:
+            click.echo("")
+            click.echo(format_timeline(d), nl=False)
+    if json_path is not None:
+        _write(json_path, dump_plan_json(docs[0]))
+        click.echo(f"wrote {json_path}")
+    if html_path is not None:
+        _write(html_path, plan_to_html(docs))
+        click.echo(f"wrote {html_path}")
+
+
+def _comparison(docs: list[dict[str, Any]]) -> str:
+    from ..compiler.report import describe_config
+
+    base = docs[0]["total_nbytes"]
+    lines = [f"bnnc memory plans: {docs[0]['model']}"]
+    for d in docs:
+        lines.append(f"  {d['config']['algorithm']}: {describe_config(d['config'])}")
+    head = ("algorithm", "arena MiB", "state MiB", "total MiB", "efficiency",
+            f"vs {docs[0]['config']['algorithm']}")
+    rows = [(d["config"]["algorithm"], f"{d['arena']['nbytes'] / MIB:.3f}",
+             f"{d['state']['nbytes'] / MIB:.3f}", f"{d['total_nbytes'] / MIB:.3f}",
+             f"{d['arena']['efficiency']:.4f}", f"{base / d['total_nbytes']:.2f}x")
+            for d in docs]
+    return "\n".join(lines + [""] + _rows(head, rows)) + "\n"
+
+
+def _rows(head: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
+    def line(cells: tuple[str, ...]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths)))
+    return [line(head), "  ".join("-" * w for w in widths)] + [line(r) for r in rows]
+
+
+def _batches(text: str) -> list[int]:
+    bad = ConfigError(f"--batch {text!r}: give comma-separated positive integers, e.g. "
+                      f"10,100,1000")
+    try:
+        out = [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        raise bad from None
+    if not out or any(b < 1 for b in out):
+        raise bad
+    return out
+
+
+@cli.command("memory")
+@click.argument("model")
+@click.option("--batch", "batch_text", default="100", show_default=True, metavar="N[,N...]",
+              help="batch sizes, comma-separated")
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adam", show_default=True)
+@click.option("--align", type=int, default=16, show_default=True,
+              help="byte alignment of every buffer")
+@click.option("--width", type=float, default=None,
+              help="zoo models: scale every width/channel count")
+@click.option("--image-size", type=int, default=None, help="zoo ImageNet models: input size")
+@click.option("--io", type=click.Choice(IO_MODES), default="arena", show_default=True,
+              help=_IO_HELP)
+def memory(model: str, batch_text: str, optimizer: str, align: int, width: float | None,
+           image_size: int | None, io: str) -> None:
+    """The paper's memory spreadsheet next to bnnc's planned bytes, standard and proposed.
+
+    Spreadsheet columns follow ALGORITHM.md §4 (every input live at once, two gradient buffers of
+    the largest size); bnnc columns are arena + state of the verified liveness plan of the real
+    training step. MiB = bytes / 2^20.
+
+    \b
+    Examples:
+      bnnc memory mlp --batch 100,200
+      bnnc memory binarynet --batch 10,100,1000 --optimizer bop
+    """
+    from ..compiler.memory_model import spreadsheet
+
+    batches = _batches(batch_text)
+    graph = load_graph(model, width=width, image_size=image_size)
+    head = ("batch", "sheet std", "sheet prop", "ratio", "bnnc std", "bnnc prop", "ratio",
+            "eff std", "eff prop")
+    rows = []
+    for b in batches:
+        sheet = [spreadsheet(graph, b, alg, optimizer)["total"] for alg in ("standard", "proposed")]
+        docs = [plan_document(graph, make_config(alg, batch=b, optimizer=optimizer), align, io)
+                for alg in ("standard", "proposed")]
+        real = [d["total_nbytes"] / MIB for d in docs]
+        rows.append((str(b), f"{sheet[0]:.2f}", f"{sheet[1]:.2f}", f"{sheet[0] / sheet[1]:.2f}x",
+                     f"{real[0]:.2f}", f"{real[1]:.2f}", f"{real[0] / real[1]:.2f}x",
+                     f"{docs[0]['arena']['efficiency']:.3f}",
+                     f"{docs[1]['arena']['efficiency']:.3f}"))
+    where = "copied into the arena" if io == "arena" else "read from the caller's buffers"
+    click.echo(f"{graph.name}: memory of one training step in MiB, optimizer {optimizer} "
+               f"(sheet = the paper's spreadsheet model; bnnc = planned arena + state, batch "
+               f"{where})")
+    click.echo("\n".join(_rows(head, rows)))
