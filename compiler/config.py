@@ -38,7 +38,8 @@ class TrainConfig:
     bop_gamma: float = 1e-4
     bop_tau: float = 1e-8
     bn_momentum: float = 0.9        # running = momentum * running + (1 - momentum) * batch
-    # (l2 BN's eps is a property of the model: each BATCHNORM layer's `eps` attr, 1e-4 in the zoo)
+    # (l2 BN eps is a property of the model: each BATCHNORM layer's `eps` attr, e.g. 1e-4 for the
+    # paper's nets in the zoo, Larq's own values for ResNetE/Bi-Real)
     seed: int = 0
 
     def as_dict(self) -> dict:
@@ -80,3 +81,31 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("--po2-bias has no effect with --no-po2; drop one of them")
     if cfg.lr <= 0:
         raise ConfigError(f"learning rate must be positive, got {cfg.lr}")
+
+
+def check_config_for_graph(graph, cfg: TrainConfig) -> None:
+    """Raise ConfigError when a technique of `cfg` cannot act on `graph` (an ir.Graph).
+
+    Nonsense, decided here: Bop, PO2 gradients or binary dW on a model without a binary dense/conv
+    layer (they only ever touch binary layers); training BN on vectors with batch < 2 (every
+    normalized value would be 0).
+    """
+    from .ir import LayerKind   # local: ir is not needed by the rest of this module
+
+    binary = [lay.name for lay in graph.layers
+              if lay.kind in (LayerKind.DENSE, LayerKind.CONV) and lay.binary]
+    if not binary:
+        used = [flag for flag, on in (("--optimizer bop", cfg.optimizer == "bop"),
+                                      ("PO2 gradients", cfg.po2),
+                                      ("binary weight gradients", cfg.binary_dw)) if on]
+        if used:
+            raise ConfigError(f"model {graph.name!r} has no binary dense/conv layer, so "
+                              f"{' and '.join(used)} would change nothing",
+                              hint="use --optimizer adam/sgd and --no-po2 --no-binary-dw "
+                                   "(or --algorithm standard)")
+    vec_bn = [lay.name for lay in graph.layers
+              if lay.kind is LayerKind.BATCHNORM and len(lay.shape) == 1]
+    if vec_bn and cfg.batch < 2:
+        raise ConfigError(f"batch {cfg.batch} leaves batch norm {vec_bn[0]!r} (model "
+                          f"{graph.name!r}) with one value per channel; use --batch 2 or more "
+                          "(the authors used 100)")

@@ -6,7 +6,7 @@ Order = graph layer order, then the field order below; ids are positions in that
 
 Decisions (documented in compiler/README.md):
 - l1 BN has no gamma and no eps: an imported gamma is not used under `--bn l1`; its running statistics
-  are (running_mean, running_psi), initialised (mean, sqrt(var)) from the file.
+  are (running_mean, running_psi), initialised (mean, sqrt(var + eps)) from the file.
 - Bop trains binary weights only (latent-free, stored as bits); every other trainable tensor
   (BN beta/gamma, real layers' W and b) uses Adam, as Larq pairs Bop with Adam.
 - Trainable tensors and optimizer moments are stored in `cfg.state_dtype` with stochastic rounding;
