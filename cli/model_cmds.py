@@ -10,8 +10,9 @@ from __future__ import annotations
 import click
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
-from ..compiler.frontend import load_model
+from ..compiler.frontend import load_model, printable
 from ..compiler.ir import Graph, LayerKind
 from . import cli
 
@@ -36,7 +37,9 @@ def layer_table(graph: Graph, batch: int | None = None) -> Table:
         t.add_column(col, justify=just, overflow="fold")
     for lay in graph.layers:
         n = sum(int(v.size) for v in lay.params.values())
-        t.add_row(lay.name, lay.kind.value, lay.onnx_name, str(list(lead + lay.shape)),
+        # ONNX names are untrusted: no rich markup ("[/x]" would raise), no control characters
+        t.add_row(lay.name, lay.kind.value, Text(printable(lay.onnx_name)),
+                  str(list(lead + lay.shape)),
                   f"{n:,}" if n else "", _weights_kind(lay))
     return t
 

@@ -51,11 +51,21 @@ Limits: one graph input (initializers listed as inputs are constants), one outpu
 Conv group 1 and dilation 1, pooling whose ceil_mode does not change the size, no control flow.
 Every rejection is a `ModelError` / `UnsupportedModelError` naming the file, the node, its op type
 and the reason, with a hint.
+
+Hostile files (tests/test_fuzz.py, scripts/fuzz.py): an initializer is decoded only when a live
+node reads it, after its type (numeric only), rank (<= 8), dims (>= 0) and element count
+(<= 2^27) are checked from the header; a constant fold is sized from shapes first and refused past
+max(2^24, its largest operand); attributes the importer reads must have their ONNX type; node
+arity, conv/pool geometry, per-sample sizes (<= 2^31 - 1 elements) and duplicate or shadowed
+tensor names are checked. ONNX names enter messages only through `printable` (escaped, cut), so
+every message is one line. Any other exception escaping the importer is re-raised as a ModelError
+ending in INTERNAL_ERROR, so the CLI shows one line, and the fuzzer counts it as a crash.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -64,15 +74,28 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from . import ir
-from .errors import ConfigError, ModelError, UnsupportedModelError
+from .errors import BnncError, ConfigError, ModelError, UnsupportedModelError
 from .ir import INPUT, LayerKind
 
+INTERNAL_ERROR = "this is a bnnc bug"     # ends the message of an unexpected exception
 QUANT_DOMAINS = ("qonnx.custom_op.general", "finn.custom_op.general", "onnx.brevitas")
 _QUANT_OPS = ("BipolarQuant", "Quant", "MultiThreshold")
 _BATCH = -987654321          # stands for the batch dim in folded Shape() values; never a legal dim
+# Size limits, checked before anything is allocated. An initializer beyond 2^27 elements (512 MiB
+# as float32) is no edge model's; constant folding may not grow a value past 2^24 elements or its
+# largest operand (a broadcast or ConstantOfShape "bomb" of a few bytes in the file); per-sample
+# activations must be indexable with the int32 loop counters of the generated C.
+_MAX_CONST_ELEMENTS = 2**27
+_MAX_FOLD_ELEMENTS = 2**24
+_MAX_ACT_ELEMENTS = 2**31 - 1
+_MAX_RANK = 8
+_NUMERIC = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16,
+            TensorProto.INT8, TensorProto.INT16, TensorProto.INT32, TensorProto.INT64,
+            TensorProto.UINT8, TensorProto.UINT16, TensorProto.UINT32, TensorProto.UINT64,
+            TensorProto.BOOL}
 _FOLDED_BN_EPS = 1e-4
 _FOLDED_BN_MOMENTUM = 0.9
 # Graph.verify() accepts these as the last layer; checked here first to give the user a message
@@ -164,22 +187,110 @@ class _Spec:
     onnx_name: str = ""
 
 
+def _text(v) -> str:
+    """A protobuf string field as str: fields that are not valid UTF-8 come back as bytes."""
+    return v.decode("utf-8", errors="replace") if isinstance(v, bytes) else str(v)
+
+
+def printable(name: str, limit: int = 80) -> str:
+    """An ONNX name as it may appear in a one-line message: control and other unprintable
+    characters escaped (a name may hold newlines, NUL, terminal escapes), long names cut."""
+    s = "".join(c if c.isprintable() else repr(c)[1:-1] for c in _text(name))
+    return s if len(s) <= limit else f"{s[:limit - 3]}..."
+
+
+def _short(arr) -> str:
+    """An array's values for a message, elided past a few entries."""
+    a = np.asarray(arr).ravel()
+    vals = ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in a[:6].tolist())
+    return f"[{vals}{', ...' if a.size > 6 else ''}]"
+
+
 def _where(node: onnx.NodeProto) -> str:
-    name = node.name or f"<unnamed, output '{node.output[0] if node.output else '?'}'>"
-    return f"node '{name}' ({node.op_type})" if node.name else f"node {name} ({node.op_type})"
+    op = printable(node.op_type, 40)
+    if node.name:
+        return f"node '{printable(node.name)}' ({op})"
+    out = printable(node.output[0]) if node.output else "?"
+    return f"node <unnamed, output '{out}'> ({op})"
+
+
+class _NodeError(Exception):
+    """Raised by module-level helpers that do not know the file; `_Importer.run` adds it."""
+
+    def __init__(self, node, why: str, hint: str | None = None,
+                 cls: type[ModelError] = ModelError):
+        super().__init__(why)
+        self.node, self.why, self.hint, self.cls = node, why, hint, cls
 
 
 def _label(node) -> str:
     """What Layer.onnx_name records: the node name, or its output tensor for unnamed nodes."""
-    return node.name or (node.output[0] if node.output else node.op_type)
+    return _text(node.name or (node.output[0] if node.output else node.op_type))
+
+
+_A = onnx.AttributeProto
+# the type of every attribute the importer reads (by name: no supported op reuses a name with
+# another type); others are not looked at, so they are not checked
+_ATTR_TYPES = {
+    **dict.fromkeys(("allowzero", "start", "end", "to", "axis", "transA", "transB", "group",
+                     "ceil_mode", "count_include_pad", "training_mode", "signed", "narrow",
+                     "value_int"), _A.INT),
+    **dict.fromkeys(("axes", "perm", "strides", "pads", "kernel_shape", "dilations",
+                     "value_ints"), _A.INTS),
+    **dict.fromkeys(("alpha", "beta", "epsilon", "momentum", "out_scale", "out_bias",
+                     "value_float"), _A.FLOAT),
+    **dict.fromkeys(("auto_pad", "rounding_mode"), _A.STRING),
+    "value_floats": _A.FLOATS, "value": _A.TENSOR,
+}
+
+
+def _type_name(t: int) -> str:
+    return _A.AttributeType.Name(t) if t in _A.AttributeType.values() else str(t)
 
 
 def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
     out = {}
     for a in node.attribute:
-        v = helper.get_attribute_value(a)
-        out[a.name] = v.decode() if isinstance(v, bytes) else v
+        want = _ATTR_TYPES.get(a.name)
+        if want is not None and a.type != want:
+            raise _NodeError(node, f"attribute '{printable(a.name)}' has type "
+                             f"{_type_name(a.type)}, expected {_type_name(want)}",
+                             hint="the file does not follow the ONNX operator spec; re-export it")
+        try:
+            v = helper.get_attribute_value(a)
+        except Exception as e:  # an attribute with no value of its declared type
+            raise _NodeError(node, f"attribute '{printable(a.name)}' cannot be read "
+                             f"({printable(e, 200)})") from None
+        out[a.name] = v.decode(errors="replace") if isinstance(v, bytes) else v
     return out
+
+
+def _dtype_name(t: int) -> str:
+    return TensorProto.DataType.Name(t) if t in TensorProto.DataType.values() else str(t)
+
+
+def _tensor_array(t: TensorProto) -> np.ndarray:
+    """A TensorProto's value; ValueError (the reason) for a type, shape or payload bnnc refuses,
+    decided from the header before any array of the declared size exists."""
+    if t.data_type not in _NUMERIC:
+        raise ValueError(f"has type {_dtype_name(t.data_type)}; bnnc reads numeric tensors only")
+    if t.data_location == TensorProto.EXTERNAL:
+        raise ValueError("keeps its data in an external file that was not loaded")
+    dims = list(t.dims)
+    if len(dims) > _MAX_RANK or any(d < 0 for d in dims):
+        raise ValueError(f"has dims {_short(dims)}: negative or more than {_MAX_RANK} of them")
+    n = math.prod(dims)
+    if n > _MAX_CONST_ELEMENTS:
+        raise ValueError(f"has {n:,} elements (dims {_short(dims)}); bnnc reads constants of up "
+                         f"to {_MAX_CONST_ELEMENTS:,} elements")
+    try:
+        arr = numpy_helper.to_array(t)
+    except Exception as e:  # payload length or encoding does not match the header
+        raise ValueError(f"has dims {_short(dims)} but its data does not match them "
+                         f"({type(e).__name__})") from None
+    if arr.shape != tuple(dims):
+        raise ValueError(f"has dims {_short(dims)} but decodes to shape {list(arr.shape)}")
+    return arr
 
 
 def sanitize_name(text: str) -> str:
@@ -232,7 +343,9 @@ def _np_shape(node, a):
 
 def _np_constant_of_shape(node, shape):
     v = _attrs(node).get("value")
-    fill = numpy_helper.to_array(v).ravel() if v is not None else np.zeros(1, np.float32)
+    fill = _const_tensor(node, v).ravel() if v is not None else np.zeros(1, np.float32)
+    if fill.size != 1:
+        raise _NodeError(node, f"value holds {fill.size} elements; ONNX requires one")
     # a Shape() of an activation carries the batch sentinel: a size-1 axis broadcasts the same way
     dims = [1 if int(d) == _BATCH else int(d) for d in np.asarray(shape).ravel()]
     return np.full(dims, fill[0], dtype=fill.dtype)
@@ -277,12 +390,61 @@ _FOLD = {
     "Max": lambda n, *xs: np.maximum.reduce(xs),
     "Dropout": lambda n, a, *rest: a,
 }
+_BROADCAST = ("Add", "Sub", "Mul", "Div", "Pow", "Equal", "Greater", "GreaterOrEqual", "Less",
+              "LessOrEqual", "Where", "Min", "Max")
+
+# (min, max) inputs of every op the importer reads; ONNX optional inputs may be "" in between
+_ARITY = {
+    **dict.fromkeys(("Sign", "MaxPool", "AveragePool", "GlobalAveragePool", "Flatten", "Relu",
+                     "Neg", "Softmax", "Identity", "Cast", "Transpose", "Shape",
+                     "ConstantOfShape", "Sqrt", "Abs", "Reciprocal", "Exp", "Not"), (1, 1)),
+    **dict.fromkeys(("MatMul", "BipolarQuant", "MultiThreshold", "Reshape", "Add", "Sub", "Mul",
+                     "Div", "GreaterOrEqual", "Less", "Gather", "Expand", "Equal", "Greater",
+                     "LessOrEqual", "Pow"), (2, 2)),
+    **dict.fromkeys(("Gemm", "Conv"), (2, 3)),
+    **dict.fromkeys(("Squeeze", "Unsqueeze"), (1, 2)),
+    **dict.fromkeys(("Concat", "Min", "Max"), (1, 1 << 16)),
+    "BatchNormalization": (5, 5), "Quant": (4, 4), "Dropout": (1, 3), "Where": (3, 3),
+    "Slice": (3, 5), "Constant": (0, 0),
+}
+
+
+def _fold_elements(op: str, node, arrays) -> int:
+    """The element count a constant fold of `op` would produce, computed from shapes alone (0
+    when the inputs are inconsistent: the fold itself then reports the error)."""
+    try:
+        if op in _BROADCAST:
+            return math.prod(np.broadcast_shapes(*(a.shape for a in arrays)))
+        # the batch placeholder of a folded Shape() stands for a size-1 axis
+        if op == "ConstantOfShape":
+            return math.prod(1 if int(d) == _BATCH else abs(int(d))
+                             for d in np.asarray(arrays[0]).ravel())
+        if op == "Expand":
+            return math.prod(np.broadcast_shapes(arrays[0].shape, tuple(
+                1 if int(d) == _BATCH else abs(int(d)) for d in np.asarray(arrays[1]).ravel())))
+        if op == "Gather":
+            a, i = arrays
+            shape = list(a.shape)
+            del shape[int(_attrs(node).get("axis", 0)) % a.ndim]
+            return math.prod(shape) * np.asarray(i).size
+        if op == "Concat":
+            return sum(a.size for a in arrays)
+    except (ValueError, TypeError, IndexError, ZeroDivisionError, OverflowError):
+        return 0
+    return max((np.asarray(a).size for a in arrays), default=0)
+
+
+def _const_tensor(node, t: TensorProto) -> np.ndarray:
+    try:
+        return _tensor_array(t)
+    except ValueError as e:
+        raise _NodeError(node, f"value tensor {e}") from None
 
 
 def _constant_attr(node: onnx.NodeProto) -> np.ndarray:
     at = _attrs(node)
     if "value" in at:
-        return numpy_helper.to_array(at["value"])
+        return _const_tensor(node, at["value"])
     for key, dt in (("value_float", np.float32), ("value_floats", np.float32),
                     ("value_int", np.int64), ("value_ints", np.int64)):
         if key in at:
@@ -305,6 +467,8 @@ class _Importer:
         self.specs: dict[str, _Spec] = {}
         self.count: dict[LayerKind, int] = {}
         self.env: dict[str, Any] = {}
+        self.inits: dict[str, TensorProto] = {}           # decoded into env when first read
+        self.current: onnx.NodeProto | None = None        # the node being imported, for messages
         self.consumers: dict[str, int] = {}
         self.quant_file = False
         self.nhwc = False
@@ -314,17 +478,30 @@ class _Importer:
     # -- graph structure -----------------------------------------------------------------------
 
     def run(self) -> ir.Graph:
+        try:
+            # inf/NaN arising in constant arithmetic is caught where it lands (_param, verify)
+            with np.errstate(all="ignore"):
+                return self._run()
+        except _NodeError as e:
+            raise e.cls(f"{self.label}: {_where(e.node)}: {e.why}", hint=e.hint) from None
+
+    def _run(self) -> ir.Graph:
         g = self.g
-        inits = {t.name: t for t in g.initializer}
+        inits = self.inits
+        for t in g.initializer:
+            if t.name in inits:
+                raise ModelError(f"{self.label}: two initializers are named '{printable(t.name)}'",
+                                 hint="the file is corrupt; re-export it")
+            inits[t.name] = t
         inputs = [i for i in g.input if i.name not in inits]
         if len(inputs) != 1:
-            names = ", ".join(repr(i.name) for i in inputs) or "none"
+            names = ", ".join(f"'{printable(i.name)}'" for i in inputs[:5]) or "none"
             raise UnsupportedModelError(
                 f"{self.label}: the graph has {len(inputs)} inputs ({names}); bnnc needs exactly "
                 f"one",
                 hint="export the model with a single image/feature input")
         if len(g.output) != 1:
-            names = ", ".join(repr(o.name) for o in g.output)
+            names = ", ".join(f"'{printable(o.name)}'" for o in g.output[:5])
             raise UnsupportedModelError(
                 f"{self.label}: the graph has {len(g.output)} outputs ({names}); bnnc needs one",
                 hint="export only the logits (or probabilities) as the graph output")
@@ -337,8 +514,8 @@ class _Importer:
         out = self.env.get(self.output_name)
         if not isinstance(out, _Act) or (out.layer == INPUT and out.aff is None):
             raise UnsupportedModelError(
-                f"{self.label}: the graph output '{self.output_name}' is not computed from the "
-                f"input by any layer",
+                f"{self.label}: the graph output '{printable(self.output_name)}' is not computed "
+                f"from the input by any layer",
                 hint="the output must be the network's logits or probabilities")
         out = self._mat(out)
         specs = self._fold_biases(self._reachable(out.layer))
@@ -346,7 +523,8 @@ class _Importer:
         if last.kind not in _OUTPUT_KINDS:
             raise UnsupportedModelError(
                 f"{self.label}: the network ends in a {last.kind.value} layer "
-                f"(ONNX node '{last.onnx_name}'); bnnc trains networks whose output is logits",
+                f"(ONNX node '{printable(last.onnx_name)}'); bnnc trains networks whose output is "
+                f"logits",
                 hint="end the network in MatMul/Gemm (+ BatchNormalization / scaling) or Softmax")
         # final names count only the layers the output depends on, so numbering has no gaps
         rename, counts = {INPUT: INPUT}, {}
@@ -365,8 +543,12 @@ class _Importer:
         for i, n in enumerate(nodes):
             for o in n.output:
                 if o in producer:
-                    raise ModelError(f"{self.label}: tensor '{o}' is produced by two nodes "
-                                     f"({_where(nodes[producer[o]])} and {_where(n)})")
+                    raise ModelError(f"{self.label}: tensor '{printable(o)}' is produced by two "
+                                     f"nodes ({_where(nodes[producer[o]])} and {_where(n)})")
+                if o and (o in inits or o == self.input_name):
+                    what = "an initializer" if o in inits else "the graph input"
+                    raise ModelError(f"{self.label}: {_where(n)} writes '{printable(o)}', which is "
+                                     f"{what}", hint="the file is corrupt; re-export it")
                 if o:
                     producer[o] = i
         known = set(inits) | {self.input_name}
@@ -376,7 +558,8 @@ class _Importer:
             if t in known or t == "":
                 continue
             if t not in producer:
-                raise ModelError(f"{self.label}: graph output '{t}' is produced by no node",
+                raise ModelError(f"{self.label}: graph output '{printable(t)}' is produced by no "
+                                 f"node",
                                  hint="the file is incomplete; re-export it")
             i = producer[t]
             if i in live:
@@ -385,9 +568,9 @@ class _Importer:
             for s in nodes[i].input:
                 if s and s not in known and s not in producer:
                     raise ModelError(
-                        f"{self.label}: {_where(nodes[i])} reads '{s}', which no node, initializer "
-                        f"or graph input produces", hint="a dangling input: the file is incomplete "
-                        "or was cut from a larger graph; re-export it")
+                        f"{self.label}: {_where(nodes[i])} reads '{printable(s)}', which no node, "
+                        f"initializer or graph input produces", hint="a dangling input: the file "
+                        "is incomplete or was cut from a larger graph; re-export it")
                 stack.append(s)
         # Kahn's algorithm over live nodes, ties broken by file position: deterministic layer names
         deps = {i: {producer[s] for s in nodes[i].input if s in producer and producer[s] in live}
@@ -416,31 +599,34 @@ class _Importer:
                 if s:
                     self.consumers[s] = self.consumers.get(s, 0) + 1
         self.consumers[self.output_name] = self.consumers.get(self.output_name, 0) + 1
-        for t in self.g.initializer:
-            self.env[t.name] = _Const(numpy_helper.to_array(t))
         return [nodes[i] for i in order]
 
     def _input(self, vi: onnx.ValueInfoProto, order) -> tuple[int, ...]:
         tt = vi.type.tensor_type
+        where = f"{self.label}: graph input '{printable(vi.name)}'"
         if not vi.type.HasField("tensor_type") or tt.elem_type != onnx.TensorProto.FLOAT:
-            et = onnx.TensorProto.DataType.Name(tt.elem_type) if tt.elem_type else "non-tensor"
-            raise UnsupportedModelError(f"{self.label}: graph input '{vi.name}' has type {et}",
+            et = _dtype_name(tt.elem_type) if tt.elem_type else "non-tensor"
+            raise UnsupportedModelError(f"{where} has type {et}",
                                         hint="bnnc expects a float32 input tensor")
         dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
-        if not tt.HasField("shape") or len(dims) < 2:
+        if not tt.HasField("shape") or not 2 <= len(dims) <= _MAX_RANK:
             raise UnsupportedModelError(
-                f"{self.label}: graph input '{vi.name}' has rank {len(dims)}; bnnc needs a batch "
-                f"dimension plus a known per-sample shape",
-                hint="export with an input shape like [N, C, H, W] or [N, F]")
+                f"{where} has rank {len(dims)}; bnnc needs a batch dimension plus a known "
+                f"per-sample shape", hint="export with an input shape like [N, C, H, W] or [N, F]")
         per = dims[1:]
         if any(d is None or d <= 0 for d in per):
-            shown = [d.dim_param or "?" if not d.HasField("dim_value") else d.dim_value
-                     for d in tt.shape.dim]
+            shown = ", ".join(str(d.dim_value) if d.HasField("dim_value") else
+                              f"'{printable(d.dim_param, 20)}'" if d.dim_param else "?"
+                              for d in tt.shape.dim)
             raise UnsupportedModelError(
-                f"{self.label}: graph input '{vi.name}' has shape {shown}; only the batch "
-                f"(first) dimension may be symbolic",
+                f"{where} has shape [{shown}]; only the batch (first) dimension may be symbolic",
                 hint="export with fixed per-sample dimensions (e.g. 1x28x28 or 3x32x32)")
         per = tuple(int(d) for d in per)
+        if math.prod(per) > _MAX_ACT_ELEMENTS:
+            raise UnsupportedModelError(
+                f"{where} has {math.prod(per):,} elements per sample (shape {list(per)}); the "
+                f"generated C indexes tensors with 32-bit ints",
+                hint="bnnc targets small inputs (e.g. 1x28x28 or 3x32x32)")
         # tf2onnx: an NHWC input whose first layout-sensitive use is Transpose(perm=[0,3,1,2])
         if len(per) == 3 and self._first_transpose_is_nchw(order):
             self.nhwc = True
@@ -499,6 +685,12 @@ class _Importer:
     # -- layer creation ------------------------------------------------------------------------
 
     def _add(self, kind: LayerKind, inputs, shape, node_names, *, attrs=None, params=None) -> str:
+        shape = tuple(int(d) for d in shape)
+        if any(d < 1 for d in shape) or math.prod(shape) > _MAX_ACT_ELEMENTS:
+            node = self.current if self.current is not None else _Named(node_names)
+            self._fail(node, f"its {kind.value} output would have per-sample shape {list(shape)}; "
+                       f"bnnc needs 1 to {_MAX_ACT_ELEMENTS:,} elements",
+                       hint="check the layer's weight shape, strides and pads")
         k = self.count.get(kind, 0) + 1
         self.count[kind] = k
         name = f"{_PREFIX[kind]}{k}"
@@ -514,20 +706,36 @@ class _Importer:
         return a
 
     def _get(self, name: str, node):
+        if name not in self.env and name in self.inits:
+            try:
+                self.env[name] = _Const(_tensor_array(self.inits[name]))
+            except ValueError as e:
+                raise ModelError(f"{self.label}: initializer '{printable(name)}' (read by "
+                                 f"{_where(node)}) {e}",
+                                 hint="the file is corrupt or uses a type bnnc does not read; "
+                                      "re-export it") from None
         if name not in self.env:
-            raise ModelError(f"{self.label}: {_where(node)} reads '{name}', which no node, "
-                             f"initializer or graph input produces")
+            raise ModelError(f"{self.label}: {_where(node)} reads '{printable(name)}', which no "
+                             f"node, initializer or graph input produces")
         return self.env[name]
 
     # -- node dispatch -------------------------------------------------------------------------
 
     def _node(self, node: onnx.NodeProto) -> None:
         op = node.op_type
+        self.current = node
         if node.domain in QUANT_DOMAINS:
             if op not in _QUANT_OPS:
                 self._unsupported(node)
         elif node.domain not in ("", "ai.onnx"):
-            self._unsupported(node, f"custom domain '{node.domain}'")
+            self._unsupported(node, f"custom domain '{printable(node.domain)}'")
+        lo, hi = _ARITY.get(op, (0, 1 << 16))
+        if not lo <= len(node.input) <= hi or not all(node.input[:lo]):
+            n_in = sum(1 for i in node.input if i)
+            want = f"{lo}" if lo == hi else f"{lo} to {hi}"
+            raise ModelError(f"{self.label}: {_where(node)} has {n_in} inputs; "
+                             f"{printable(op, 40)} takes {want}",
+                             hint="the file does not follow the ONNX operator spec; re-export it")
         if op == "Constant":
             try:
                 self.env[node.output[0]] = _Const(_constant_attr(node))
@@ -541,11 +749,15 @@ class _Importer:
         handler = getattr(self, f"_op_{op.lower()}", None)
         all_const = present and all(isinstance(v, _Const) for v in present)
         if all_const and op in _FOLD and op not in ("GreaterOrEqual", "Less"):
+            arrays = [v.arr if v is not None else None for v in vals]
+            self._check_fold(node, op, arrays)
             try:
                 with np.errstate(all="ignore"):   # inf/NaN constants are reported where used
-                    outs = _FOLD[op](node, *[v.arr if v is not None else None for v in vals])
-            except (ValueError, IndexError, TypeError, KeyError) as e:
-                raise ModelError(f"{self.label}: cannot evaluate constant {_where(node)}: {e}")
+                    outs = _FOLD[op](node, *arrays)
+            except (ValueError, IndexError, TypeError, KeyError, ZeroDivisionError,
+                    OverflowError) as e:
+                raise ModelError(f"{self.label}: cannot evaluate constant {_where(node)}: "
+                                 f"{printable(e, 200)}") from None
             self.env[node.output[0]] = _Const(np.asarray(outs))
             return
         if handler is None:
@@ -556,13 +768,30 @@ class _Importer:
                                         hint="export the model in inference mode")
         self.env[node.output[0]] = result
 
+    def _check_fold(self, node, op: str, arrays) -> None:
+        arrays = [a for a in arrays if a is not None]
+        n = _fold_elements(op, node, arrays)
+        limit = max([_MAX_FOLD_ELEMENTS] + [np.asarray(a).size for a in arrays])
+        if n > limit:
+            self._fail(node, f"folding this constant would produce {n:,} elements, more than "
+                       f"its inputs and than {_MAX_FOLD_ELEMENTS:,}",
+                       hint="the constant subgraph is far larger than any weight; check the file")
+
     def _unsupported(self, node, why: str | None = None):
         raise UnsupportedModelError(
-            f"{self.label}: unsupported op {node.op_type} at {_where(node)}"
+            f"{self.label}: unsupported op {printable(node.op_type, 40)} at {_where(node)}"
             + (f" ({why})" if why else ""), hint=_HINT_OPS)
 
     def _fail(self, node, why: str, hint: str | None = None):
         raise UnsupportedModelError(f"{self.label}: {_where(node)}: {why}", hint=hint)
+
+    def _bcast(self, arr, shape, node, what: str) -> np.ndarray:
+        """np.broadcast_to with a message naming the node (a read-only view, no copy)."""
+        try:
+            return np.broadcast_to(arr, shape)
+        except ValueError:
+            self._fail(node, f"{what} of shape {list(np.shape(arr))} does not broadcast to "
+                       f"{list(shape)}")
 
     def _const(self, v, node, what: str) -> np.ndarray:
         if isinstance(v, _Const):
@@ -669,13 +898,14 @@ class _Importer:
         if isinstance(x, _Const):
             if not np.issubdtype(x.arr.dtype, np.floating):
                 self._fail(node, f"binarizes a {x.arr.dtype} constant")
-            sc = np.broadcast_to(np.asarray(scale, np.float64), x.arr.shape).copy()
+            sc = self._bcast(np.asarray(scale, np.float64), x.arr.shape, node, "the scale").copy()
             if np.any(sc <= 0):
                 self._fail(node, "binarizer scale is not positive")
             return _Bin(x.arr, sc, src)
         if isinstance(x, _Bin):
             self._check_idempotent(x.scale, x.shift, node)
-            sc = np.broadcast_to(np.asarray(scale, np.float64), x.latent.shape).copy()
+            sc = self._bcast(np.asarray(scale, np.float64), x.latent.shape, node,
+                             "the scale").copy()
             return _Bin(x.latent, sc, x.src)
         x = self._act(x, node)
         if x.aff is not None and self._is_sign(x.layer):
@@ -691,7 +921,7 @@ class _Importer:
         out = _Act(name, base.shape, base.nhwc, src=src)
         sc, _ = self._chan(out, scale, node)
         if np.any(sc <= 0):
-            self._fail(node, f"binarizer scale {sc.tolist()} is not positive")
+            self._fail(node, f"binarizer scale {_short(sc)} is not positive")
         if not np.all(sc == 1):
             out = self._affine(out, node, mul=sc, explicit=False)
             out.src = src
@@ -719,8 +949,9 @@ class _Importer:
                            zip(vals[1:], ("the scale", "the zero point", "the bit width")))
         at = _attrs(node)
         signed, narrow = bool(at.get("signed", 1)), bool(at.get("narrow", 0))
-        if bits.size != 1 or float(bits.ravel()[0]) != int(bits.ravel()[0]):
-            self._fail(node, f"bit width {bits.ravel().tolist()} is not one integer")
+        if bits.size != 1 or not np.isfinite(float(bits.ravel()[0])) or \
+                float(bits.ravel()[0]) != int(bits.ravel()[0]):
+            self._fail(node, f"bit width {_short(bits)} is not one integer")
         nbits = int(bits.ravel()[0])
         if nbits == 1:
             if not signed or np.any(zp != 0):
@@ -779,7 +1010,11 @@ class _Importer:
                 and not (isinstance(x, _Const) and not np.issubdtype(x.arr.dtype, np.floating)):
             return _Cmp(x, node.input[0], op)
         if all(isinstance(v, _Const) for v in vals):
-            return _Const(_FOLD[node.op_type](node, vals[0].arr, vals[1].arr))
+            self._check_fold(node, node.op_type, [vals[0].arr, vals[1].arr])
+            try:
+                return _Const(_FOLD[node.op_type](node, vals[0].arr, vals[1].arr))
+            except (ValueError, TypeError) as e:
+                self._fail(node, f"cannot compare the constants ({printable(e, 200)})")
         self._fail(node, "only `x >= 0` / `x < 0` comparisons (the Where binarizer) are supported")
 
     def _op_greaterorequal(self, node, vals):
@@ -797,7 +1032,11 @@ class _Importer:
                 return self._binarize(cond.x, hi[0], node, cond.src)
         if isinstance(cond, _Cmp) and isinstance(cond.x, _Const) and all(
                 isinstance(v, _Const) for v in (a, b)):
-            return _Const(np.where(cond.value(), a.arr, b.arr))
+            self._check_fold(node, "Where", [cond.x.arr, a.arr, b.arr])
+            try:
+                return _Const(np.where(cond.value(), a.arr, b.arr))
+            except (ValueError, TypeError) as e:
+                self._fail(node, f"cannot select between the constants ({printable(e, 200)})")
         self._fail(node, "Where is supported only as the binarizer Where(x >= 0, c, -c)",
                    hint="bnnc maps Where(x >= 0, 1, -1) to sign with sign(0) = +1")
 
@@ -810,7 +1049,7 @@ class _Importer:
                 return y.s      # x + (B(x) - x) == B(x): the straight-through-estimator idiom
         for x, y in ((a, b), (b, a)):
             if isinstance(x, _Bin) and isinstance(y, _Const):
-                shift = np.broadcast_to(y.arr, x.latent.shape)
+                shift = self._bcast(y.arr, x.latent.shape, node, "the constant")
                 return _Bin(x.latent, x.scale, x.src,
                             shift if x.shift is None else x.shift + shift)
             if isinstance(x, _Act) and isinstance(y, _Const):
@@ -830,7 +1069,7 @@ class _Importer:
         if isinstance(a, (_Act, _Bin)) and a.src is not None and a.src == node.input[1]:
             return _SteRes(a, a.src)
         if isinstance(a, _Bin) and isinstance(b, _Const):
-            shift = -np.broadcast_to(b.arr, a.latent.shape)
+            shift = -self._bcast(b.arr, a.latent.shape, node, "the constant")
             return _Bin(a.latent, a.scale, a.src, shift if a.shift is None else a.shift + shift)
         if isinstance(a, _Act) and isinstance(b, _Const):
             c, _ = self._chan(a, b.arr, node)
@@ -845,7 +1084,7 @@ class _Importer:
         a, b = vals
         for x, y in ((a, b), (b, a)):
             if isinstance(x, _Bin) and isinstance(y, _Const):
-                m = np.broadcast_to(y.arr, x.latent.shape)
+                m = self._bcast(y.arr, x.latent.shape, node, "the constant")
                 return _Bin(x.latent, x.scale * m, x.src, None if x.shift is None else x.shift * m)
             if isinstance(x, _Act) and isinstance(y, _Const):
                 c, pc = self._chan(x, y.arr, node)
@@ -873,7 +1112,7 @@ class _Importer:
     def _op_dropout(self, node, vals):
         if len(vals) > 2 and vals[2] is not None:
             mode = vals[2]
-            if not isinstance(mode, _Const) or bool(np.asarray(mode.arr).ravel()[0]):
+            if not isinstance(mode, _Const) or mode.arr.size != 1 or bool(mode.arr.ravel()[0]):
                 self._fail(node, "runs in training mode", hint="export in inference mode")
         return vals[0]
 
@@ -888,13 +1127,16 @@ class _Importer:
         perm = list(_attrs(node).get("perm", []))
         if isinstance(x, _Bin):
             perm = perm or list(range(x.latent.ndim))[::-1]
+            if sorted(perm) != list(range(x.latent.ndim)):
+                self._fail(node, f"perm {_short(perm)} is not a permutation of the "
+                           f"{x.latent.ndim} axes of the weight")
             return _Bin(np.transpose(x.latent, perm), np.transpose(x.scale, perm), x.src,
                         None if x.shift is None else np.transpose(x.shift, perm))
         x = self._act(x, node)
         if x.nhwc and perm == [0, 3, 1, 2]:
             m = self._mat(x)
             return _Act(m.layer, m.shape)
-        self._fail(node, f"transposes an activation with perm {perm}",
+        self._fail(node, f"transposes an activation with perm {_short(perm)}",
                    hint="bnnc keeps activations NCHW; only an NHWC network input followed by "
                    "Transpose(perm=[0,3,1,2]) is absorbed")
 
@@ -959,7 +1201,8 @@ class _Importer:
         else:
             params["W"] = self._param(np.asarray(W, np.float64) * alpha, node, "the weight")
             if bias is not None:
-                params["b"] = self._param(np.broadcast_to(bias, (out,)), node, "the bias")
+                params["b"] = self._param(self._bcast(bias, (out,), node, "the bias"), node,
+                                          "the bias")
                 bias = None
         name = self._add(LayerKind.DENSE, [x.layer], (out,), _label(node),
                          attrs={"binary": binary}, params=params)
@@ -1003,7 +1246,7 @@ class _Importer:
             self._fail(node, f"group={at['group']} is not supported",
                        hint="bnnc handles dense convolutions (group 1) only")
         if any(d != 1 for d in at.get("dilations", [1, 1])):
-            self._fail(node, f"dilations {at['dilations']} are not supported")
+            self._fail(node, f"dilations {_short(at['dilations'])} are not supported")
         if len(x.shape) != 3:
             self._fail(node, f"reads an activation of per-sample shape {list(x.shape)}; "
                        "expected (C, H, W)")
@@ -1013,11 +1256,15 @@ class _Importer:
                        f"{x.shape[0]}", hint="bnnc handles 2-D convolutions, group 1")
         k = W.shape[2:]
         if "kernel_shape" in at and tuple(at["kernel_shape"]) != tuple(k):
-            self._fail(node, f"kernel_shape {at['kernel_shape']} != weight shape {list(k)}")
+            self._fail(node, f"kernel_shape {_short(at['kernel_shape'])} != weight shape "
+                       f"{list(k)}")
         strides, pads, hw = self._geometry(node, x.shape[1:], k, pool=False)
         bias = None
         if len(vals) > 2 and vals[2] is not None:
             bias = np.asarray(self._const(vals[2], node, "the bias"), np.float64).ravel()
+            if bias.size != W.shape[0]:
+                self._fail(node, f"bias of {bias.size} values does not match {W.shape[0]} "
+                           f"output channels", hint="ONNX Conv takes one bias per output channel")
         params = {"W": self._param(W, node, "the weight")}
         if bias is not None and not binary:
             params["b"] = self._param(bias, node, "the bias")
@@ -1034,6 +1281,9 @@ class _Importer:
         auto = str(at.get("auto_pad", "NOTSET"))
         if len(k) != 2 or len(strides) != 2:
             self._fail(node, "only 2-D kernels are supported")
+        if min(k) < 1 or min(strides) < 1:
+            self._fail(node, f"kernel {_short(k)} / strides {_short(strides)} must be positive",
+                       hint="the file does not follow the ONNX operator spec; re-export it")
         if auto in ("SAME_UPPER", "SAME_LOWER"):
             pads = [0, 0, 0, 0]
             for i in range(2):
@@ -1047,8 +1297,14 @@ class _Importer:
             pads = (0, 0, 0, 0)
         elif auto == "NOTSET":
             pads = tuple(int(p) for p in at.get("pads", [0, 0, 0, 0]))
+            if len(pads) != 4 or min(pads) < 0:
+                self._fail(node, f"pads {_short(pads)} are not 4 non-negative numbers",
+                           hint="bnnc reads 2-D pads (top, left, bottom, right)")
         else:
-            self._fail(node, f"auto_pad {auto} is not supported")
+            self._fail(node, f"auto_pad {printable(auto, 20)} is not supported")
+        if pool and any(pads[i] >= k[i % 2] for i in range(4)):
+            # a window of padding only has no max / an empty average (onnxruntime refuses it too)
+            self._fail(node, f"pads {list(pads)} are not smaller than the kernel {list(k)}")
         out = []
         for i in range(2):
             span = hw[i] + pads[i] + pads[i + 2] - k[i]
@@ -1069,7 +1325,10 @@ class _Importer:
         if len(x.shape) != 3:
             self._fail(node, f"pools an activation of per-sample shape {list(x.shape)}")
         if any(d != 1 for d in at.get("dilations", [1, 1])):
-            self._fail(node, f"dilations {at['dilations']} are not supported")
+            self._fail(node, f"dilations {_short(at['dilations'])} are not supported")
+        if "kernel_shape" not in at:
+            self._fail(node, "has no kernel_shape attribute",
+                       hint="the file does not follow the ONNX operator spec; re-export it")
         k = tuple(int(v) for v in at["kernel_shape"])
         strides, pads, hw = self._geometry(node, x.shape[1:], k, pool=True)
         attrs = {"kernel": k, "strides": strides, "pads": pads}
@@ -1111,8 +1370,12 @@ class _Importer:
         else:
             x = self._nchw(a, node)
         eps = float(np.float32(at.get("epsilon", 1e-5)))
+        momentum = float(np.float32(at.get("momentum", 0.9)))
+        if not (np.isfinite(eps) and eps >= 0 and 0 <= momentum <= 1):
+            self._fail(node, f"epsilon {eps:g} / momentum {momentum:g} out of range",
+                       hint="epsilon must be finite and >= 0, momentum in [0, 1]")
         name = self._add(LayerKind.BATCHNORM, [x.layer], x.shape, _label(node),
-                         attrs={"eps": eps, "momentum": float(np.float32(at.get("momentum", 0.9)))},
+                         attrs={"eps": eps, "momentum": momentum},
                          params={"gamma": self._param(gamma, node, "scale"),
                                  "beta": self._param(beta, node, "B"),
                                  "mean": self._param(mean, node, "input_mean"),
@@ -1161,9 +1424,13 @@ class _Importer:
     def _op_reshape(self, node, vals):
         x = vals[0]
         if isinstance(x, _Bin):
-            tgt = [int(d) for d in self._const(vals[1], node, "the shape")]
-            return _Bin(_np_reshape(node, x.latent, tgt), _np_reshape(node, x.scale, tgt), x.src,
-                        None if x.shift is None else _np_reshape(node, x.shift, tgt))
+            tgt = [int(d) for d in np.asarray(self._const(vals[1], node, "the shape")).ravel()]
+            try:
+                return _Bin(_np_reshape(node, x.latent, tgt), _np_reshape(node, x.scale, tgt),
+                            x.src, None if x.shift is None else _np_reshape(node, x.shift, tgt))
+            except (ValueError, IndexError) as e:
+                self._fail(node, f"cannot reshape the weight of shape {list(x.latent.shape)} to "
+                           f"{_short(tgt)} ({printable(e, 100)})")
         x = self._act(x, node)
         tgt = [int(d) for d in np.asarray(self._const(vals[1], node, "the target shape")).ravel()]
         per = x.onnx_shape
@@ -1175,7 +1442,7 @@ class _Importer:
         if len(tgt) == len(per) + 1 and tgt[0] in batch_dims and tgt.count(-1) <= 1 and \
                 all(d in (s, 0, -1) for d, s in zip(tgt[1:], per)):
             return x      # keeps the per-sample shape
-        self._fail(node, f"reshapes per-sample shape {list(per)} to {tgt}, which is not a "
+        self._fail(node, f"reshapes per-sample shape {list(per)} to {_short(tgt)}, which is not a "
                    "flatten", hint="bnnc supports Reshape only as flatten ([N,-1]) or identity")
 
     def _file_batch(self) -> int:
@@ -1205,8 +1472,8 @@ def load_model(path: str | os.PathLike | onnx.ModelProto, *, name: str | None = 
     if isinstance(path, onnx.ModelProto):
         model = path
         data = model.SerializeToString(deterministic=True)
-        label = f"model '{model.graph.name or 'model'}'"
-        default = sanitize_name(model.graph.name or "model")
+        label = f"model '{printable(model.graph.name or 'model')}'"
+        default = sanitize_name(_text(model.graph.name) or "model")
     else:
         p = Path(path)
         label = p.name
@@ -1217,7 +1484,8 @@ def load_model(path: str | os.PathLike | onnx.ModelProto, *, name: str | None = 
         try:
             model = onnx.load_model_from_string(data)
         except Exception as e:  # protobuf raises DecodeError and friends; all mean "not ONNX"
-            raise ModelError(f"{p}: not a readable ONNX model ({type(e).__name__}: {e})",
+            raise ModelError(f"{p}: not a readable ONNX model ({type(e).__name__}: "
+                             f"{printable(e, 200)})",
                              hint="the file is truncated or not an .onnx file") from None
         if not model.HasField("graph") or not model.graph.node:
             raise ModelError(f"{p}: not an ONNX model (no graph nodes)",
@@ -1226,7 +1494,7 @@ def load_model(path: str | os.PathLike | onnx.ModelProto, *, name: str | None = 
             try:
                 onnx.load_external_data_for_model(model, str(p.parent))
             except Exception as e:
-                raise ModelError(f"{p}: cannot load external tensor data ({e})",
+                raise ModelError(f"{p}: cannot load external tensor data ({printable(e, 200)})",
                                  hint="keep the .data file next to the .onnx file") from None
         default = sanitize_name(p.stem)
     gname = default if name is None else name
@@ -1234,4 +1502,15 @@ def load_model(path: str | os.PathLike | onnx.ModelProto, *, name: str | None = 
         raise ConfigError(f"model name {gname!r} is not a C identifier [a-z][a-z0-9_]*",
                           hint=f"try --name {sanitize_name(gname)}")
     sha = hashlib.sha256(data).hexdigest()
-    return _Importer(model, gname, sha, label).run()
+    imp = _Importer(model, gname, sha, label)
+    try:
+        return imp.run()
+    except BnncError:
+        raise
+    except Exception as e:
+        # every rejection above is deliberate; anything else is a bug, reported without a
+        # traceback but marked as one (the fuzzer counts these as crashes)
+        where = f" at {_where(imp.current)}" if imp.current is not None else ""
+        raise ModelError(f"{label}: internal error while importing{where} "
+                         f"({type(e).__name__}: {printable(e, 200)}); {INTERNAL_ERROR}",
+                         hint="please report it with the model file") from e

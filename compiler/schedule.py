@@ -94,6 +94,7 @@ _TRAINABLE = (LayerKind.DENSE, LayerKind.CONV, LayerKind.BATCHNORM)
 _WEIGHT = (LayerKind.DENSE, LayerKind.CONV)
 _BIT_PASS = (LayerKind.MAXPOOL, LayerKind.FLATTEN)   # pass packed activations through
 _MOMENTS = {"adam": ("m", "v"), "sgd": ("m",), "bop": ("m",)}
+_MAX_TENSOR_NBYTES = 2**31 - 1    # int32 byte offsets/indices in the generated C
 
 
 def build_schedule(graph: Graph, cfg: TrainConfig) -> Schedule:
@@ -125,7 +126,7 @@ def _words64(nbits: int) -> int:
 
 
 def _prod(shape) -> int:
-    return int(np.prod(shape, dtype=np.int64)) if len(shape) else 1
+    return math.prod(int(d) for d in shape)     # exact: np.prod wraps around past 2^63
 
 
 def _pair(v) -> tuple[int, int]:
@@ -157,7 +158,8 @@ def _plain(v):
 
 
 def _err_where(lay: Layer) -> str:
-    return f"layer '{lay.name}'" + (f" (ONNX node '{lay.onnx_name}')" if lay.onnx_name else "")
+    onnx_name = repr(lay.onnx_name)[1:-1][:80]    # untrusted: no newline/control chars in messages
+    return f"layer '{lay.name}'" + (f" (ONNX node '{onnx_name}')" if onnx_name else "")
 
 
 class _Lowering:
@@ -275,6 +277,8 @@ class _Lowering:
                 bad = f"{lay.params['beta'].shape[0]} channels for input {ins[0]}"
         elif ins[0] != lay.shape:
             bad = f"input {ins[0]} -> output {lay.shape} for an element-wise layer"
+        if k in _WEIGHT and "b" in lay.params and lay.params["b"].shape != lay.shape[:1]:
+            bad = f"b {list(lay.params['b'].shape)} for {lay.shape[0]} output channels"
         if bad:
             raise ModelError(f"{_err_where(lay)}: inconsistent shapes: {bad}",
                              hint="the layer IR is inconsistent; re-import the model")
@@ -292,6 +296,11 @@ class _Lowering:
         if nbytes is None:
             assert dtype is not BIT, name
             nbytes = _prod(shape) * _ITEMSIZE[dtype]
+        if nbytes > _MAX_TENSOR_NBYTES:
+            raise ModelError(f"model '{self.g.name}': tensor '{name}' of shape {list(shape)} needs "
+                             f"{nbytes:,} bytes at batch {self.B}; the generated C indexes a "
+                             f"tensor's bytes with 32-bit ints (at most {_MAX_TENSOR_NBYTES:,})",
+                             hint="use a smaller batch or a smaller model input")
         self.tensors[name] = Tensor(name, dtype, shape, role, int(nbytes), layout)
         return name
 
