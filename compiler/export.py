@@ -1,0 +1,453 @@
+"""Export a trained model: (ir.Graph, TrainConfig, state tensors) -> an inference ONNX model.
+
+`export_onnx(graph, cfg, state, *, fmt="onnx", name=None) -> onnx.ModelProto`. `state` maps
+every `compiler.state.state_tensors(graph, cfg)` name to its value, as
+`runtime.reference.TrainState.tensors` holds them (float32; Bop's binary weights int8 or float
++-1). `save_state_npz` / `load_state_npz` keep such a state in an .npz file; `check_state`
+validates one, whatever its source (the npz, the reference trainer, or the compiled program's state
+blob), so an exporter of the C state is a thin wrapper: read the blob into a dict, call
+`export_onnx`.
+
+Invariants of the result:
+- inference semantics = `runtime.reference.predict(graph, cfg, TrainState(state, k), x)`: the graph
+  output is `probs` [N, classes], the class probabilities; a Softmax (after a Flatten if needed) is
+  appended when the graph ends in logits. BN uses the running statistics; binary layers use
+  sign(W) and activations sign(x), both +1 at 0;
+- opset 17, IR version 8, one float32 input `input` in the graph's own layout ([N, H, W, C] for an
+  NHWC graph, transposed to NCHW by the first node), batch dimension symbolic ("N");
+- every node, initializer and tensor is named from bnnc's layer names: a layer's output tensor is
+  the layer's name (the last one's is `probs`, or `probs.out` if a layer is called "probs"), its
+  parameters `<layer>.<field>`, helper tensors `<layer>.<role>`, shared scalars `const.<value>`
+  (a "." never occurs in a layer name, so these cannot collide); no string of the original model
+  file is copied;
+- the same arguments give byte-identical serializations (no timestamps, fixed iteration orders);
+- `onnx.checker.check_model` accepts the plain form, and `compiler.frontend.load_model` re-imports
+  both forms into a graph whose `runtime.infer.infer` equals the reference's prediction.
+
+Forms (`fmt`):
+- "onnx": plain ONNX, runnable by onnxruntime. Binary weights are folded into +-1 initializers (the
+  sign is taken here, with sign(0) = +1). Activations are binarized with
+  `Where(GreaterOrEqual(x, 0), 1, -1)`, not ONNX `Sign`, because `Sign(0) = 0` while bnnc's sign is
+  +1 at 0: a pre-activation of exactly 0 (common after a +-1 dot product) would give a different
+  value than the trained network. INPUT_QUANT becomes the QONNX Quant formula spelled out:
+  Div(scale), Add(zero point), Clip(qmin, qmax), Round (half to even, as QONNX ROUND), Sub, Mul.
+  The frontend does not re-import that chain (it reads the input quantizer only as QONNX Quant), so
+  a model with INPUT_QUANT re-imports into bnnc from the qonnx form only.
+- "qonnx": latent float weights behind `BipolarQuant(W, 1)`, activations `BipolarQuant(x, 1)`,
+  INPUT_QUANT as QONNX `Quant`, in domain qonnx.custom_op.general (opset import present). This is
+  the form to continue training from: the frontend rebuilds the same layers with the latent W.
+
+Batch norm. l2: BatchNormalization(gamma, beta, running_mean, running_var, epsilon = the layer's
+eps). l1 (inference: (x - running_mean) / running_psi + beta, no gamma, no eps) is written as the
+same op with scale 1 and running_var = running_psi^2 - eps, epsilon = the layer's eps, so that the
+frontend's l1 initialisation running_psi = sqrt(var + eps) gives the trained value back (to within
+one or two float32 ulps) and a later l2 run still sees the model's eps. When some running_psi^2 <
+eps, that layer is written with epsilon 0 and running_var = running_psi^2 instead (exact: in
+round-to-nearest sqrt(fl(x^2)) == x for normal x). The state's `running_var` name is kept for
+that tensor in both cases. A re-import maps an AFFINE written right after a dense/conv with
+per-channel scale and a bias to a (folded) BATCHNORM, which infers the same.
+
+Limits: the exported model is for inference only (no optimizer state); the training step count
+is not recorded; quantized (INPUT_QUANT) inputs follow QONNX's clip-then-round formula.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import zipfile
+from pathlib import Path
+from typing import Callable, Mapping
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .. import __version__
+from .config import TrainConfig
+from .errors import ConfigError, DataError
+from .ir import INPUT, Graph, Layer, LayerKind, tname
+from .state import StateTensor, state_tensors
+from .zoo import IR_VERSION, OPSET, QONNX_DOMAIN
+
+FORMATS = ("onnx", "qonnx")
+INPUT_NAME = "input"
+OUTPUT_NAME = "probs"
+PRODUCER = "bnnc"
+_IDENT = re.compile(r"^[a-z][a-z0-9_]*$")
+_NPZ_DATE = (1980, 1, 1, 0, 0, 0)       # the earliest zip timestamp: byte-identical archives
+
+
+# --------------------------------------------------------------------------------------------------
+# state validation and .npz files
+
+def _options_hint(graph: Graph, state: Mapping[str, np.ndarray]) -> str:
+    """What a mismatched state most likely means: another model, or other training options
+    (the BN kind, optimizer and storage dtype its tensors point to)."""
+    names = set(state)
+    layers = {lay.name for lay in graph.layers}
+    strangers = sorted({n.split(".")[0] for n in names} - layers)
+    if strangers:
+        return (f"the state has tensors of layer(s) {', '.join(strangers[:3])} that model "
+                f"{graph.name!r} does not have: it was saved for another model (or --width)")
+    opts = []
+    if any(n.endswith(".running_psi") for n in names):
+        opts.append("--bn l1")
+    elif any(n.endswith(".running_var") for n in names):
+        opts.append("--bn l2")
+    has_v = any(n.endswith(".v") for n in names)
+    lone_m = any(n.endswith(".W.m") and n[:-2] + ".v" not in names for n in names)
+    if lone_m and has_v:
+        opts.append("--optimizer bop")
+    elif has_v:
+        opts.append("--optimizer adam")
+    elif any(n.endswith(".m") for n in names):
+        opts.append("--optimizer sgd")
+    floats = [np.asarray(v) for v in state.values() if np.asarray(v).dtype.kind == "f"]
+    if floats and all(np.all(np.isfinite(v)) for v in floats):
+        for dtype in ("bf16", "f16", "f32"):
+            if all(_representable(v.astype(np.float32), dtype) for v in floats):
+                opts.append(f"--state-dtype {dtype}")
+                break
+    told = f"; its tensors suggest {' '.join(opts)}" if opts else ""
+    return ("pass the --algorithm/--optimizer/--bn/--state-dtype options the state was trained "
+            f"with{told}")
+
+
+def _representable(v: np.ndarray, dtype: str) -> bool:
+    from ..runtime.numerics import store       # runtime depends on compiler, not the reverse
+    return bool(np.array_equal(store(v, dtype), v))
+
+
+def check_state(graph: Graph, cfg: TrainConfig, state: Mapping[str, np.ndarray], *,
+                source: str = "state") -> dict[str, np.ndarray]:
+    """Validate `state` against `state_tensors(graph, cfg)`; return a normalized copy in state
+    order (float32 arrays; "bit" tensors int8 +-1).
+
+    DataError (naming `source` and the tensor) on a missing or unexpected name, a wrong shape, a
+    value that is not finite, a "bit" tensor that is not +-1, or a value not representable in the
+    tensor's storage dtype (cfg.state_dtype: a sign of mismatched training options)."""
+    sts = state_tensors(graph, cfg)
+    want = {st.name for st in sts}
+    missing = [st.name for st in sts if st.name not in state]
+    extra = sorted(n for n in state if n not in want)
+    try:
+        if missing:
+            raise DataError(f"{source}: state tensor '{missing[0]}' of model {graph.name!r} is "
+                            f"missing ({len(missing)} of {len(sts)} missing)")
+        if extra:
+            raise DataError(f"{source}: unexpected state tensor '{extra[0]}' ({len(extra)} not "
+                            f"in the state of model {graph.name!r} under these options)")
+        return {st.name: _check_tensor(st, state[st.name], cfg, source) for st in sts}
+    except DataError as e:
+        # the diagnosis scans every tensor, so it is made only for a state that failed
+        if e.hint is None:
+            e.hint = _options_hint(graph, state)
+        raise
+
+
+def _check_tensor(st: StateTensor, value, cfg: TrainConfig, source: str) -> np.ndarray:
+    """One tensor normalized; a DataError without a hint means "probably other options"."""
+    v = np.asarray(value)
+    where = f"{source}: state tensor '{st.name}'"
+    if v.shape != st.shape:
+        raise DataError(f"{where} has shape {list(v.shape)}, model expects {list(st.shape)}",
+                        hint="the state belongs to another model (or another --width)")
+    if v.dtype.kind not in "fiu" or (v.dtype.kind in "iu" and st.dtype != "bit"):
+        raise DataError(f"{where} has dtype {v.dtype}; expected float32"
+                        + (" or int8 +-1" if st.dtype == "bit" else ""))
+    f = v.astype(np.float32)
+    if not np.all(np.isfinite(f)):
+        raise DataError(f"{where} holds NaN or Inf",
+                        hint="the training run diverged or the file is corrupt")
+    if not np.array_equal(f, v):
+        raise DataError(f"{where} holds {v.dtype} values that float32 cannot represent exactly",
+                        hint="store the state as float32")
+    if st.dtype == "bit":
+        if not np.all(np.abs(f) == 1):
+            raise DataError(f"{where} is a Bop binary weight but holds values other than +-1")
+        return f.astype(np.int8)
+    if not _representable(f, st.dtype):
+        raise DataError(f"{where} holds values that are not {st.dtype} numbers "
+                        f"(--state-dtype {cfg.state_dtype})")
+    return f
+
+
+def save_state_npz(path: str | os.PathLike, state: Mapping[str, np.ndarray]) -> None:
+    """Write `state` (name -> array) as an .npz readable by `np.load` and `load_state_npz`.
+
+    Deterministic: entries in the mapping's order, fixed timestamps, deflate compression (bf16
+    values are half zero bytes)."""
+    p = Path(path)
+    try:
+        with zipfile.ZipFile(p, "w", zipfile.ZIP_DEFLATED) as zf:
+            for name, value in state.items():
+                buf = io.BytesIO()
+                np.lib.format.write_array(buf, np.ascontiguousarray(value), allow_pickle=False)
+                info = zipfile.ZipInfo(f"{name}.npy", date_time=_NPZ_DATE)
+                info.compress_type = zipfile.ZIP_DEFLATED
+                info.external_attr = 0o644 << 16
+                zf.writestr(info, buf.getvalue())
+    except OSError as e:
+        raise DataError(f"cannot write state file {p}: {e.strerror or e}") from None
+
+
+def load_state_npz(path: str | os.PathLike, graph: Graph,
+                   cfg: TrainConfig) -> dict[str, np.ndarray]:
+    """Read an .npz of state tensors (`np.savez(path, **state)` or `save_state_npz`) and validate
+    it with `check_state`; DataError names the file and the tensor."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"state file {p} does not exist")
+    if not zipfile.is_zipfile(p):
+        raise DataError(f"{p} is not an .npz archive of state tensors",
+                        hint="write it with np.savez(path, **state) or save_state_npz")
+    try:
+        with np.load(p, allow_pickle=False) as npz:
+            state = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise DataError(f"cannot read state file {p}: {e}",
+                        hint="pass an .npz written by np.savez or save_state_npz") from None
+    for k, v in state.items():
+        if not isinstance(v, np.ndarray):
+            # np.load hands back the raw bytes of a member that is not in .npy format
+            raise DataError(f"cannot read state file {p}: member '{k}' is not a .npy array",
+                            hint="pass an .npz written by np.savez or save_state_npz")
+    return check_state(graph, cfg, state, source=str(p))
+
+
+# --------------------------------------------------------------------------------------------------
+# ONNX emission
+
+class _Emitter:
+    """Accumulates the nodes and initializers of the exported graph."""
+
+    def __init__(self, graph: Graph, cfg: TrainConfig, state: dict[str, np.ndarray], fmt: str):
+        self.graph, self.cfg, self.state, self.fmt = graph, cfg, state, fmt
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[TensorProto] = []
+        self.consts: dict[str, str] = {}
+
+    def node(self, op: str, inputs: list[str], out: str, *, name: str | None = None,
+             domain: str = "", **attrs) -> str:
+        self.nodes.append(helper.make_node(op, inputs, [out], name=name or out, domain=domain,
+                                           **attrs))
+        return out
+
+    def init(self, name: str, value) -> str:
+        self.inits.append(numpy_helper.from_array(np.asarray(value, np.float32), name))
+        return name
+
+    def const(self, value: float) -> str:
+        """A shared float32 scalar initializer."""
+        tag = {0.0: "zero", 1.0: "one", -1.0: "minus_one"}[value]
+        if tag not in self.consts:
+            self.consts[tag] = self.init(f"const.{tag}", np.float32(value))
+        return self.consts[tag]
+
+    def value(self, lay: Layer, f: str) -> np.ndarray:
+        """A parameter as the trained network uses it: the state tensor, else the constant."""
+        v = self.state.get(tname(lay.name, f))
+        return np.asarray(lay.params[f] if v is None else v, np.float32)
+
+    def binarize(self, x: str, out: str) -> str:
+        """bnnc's sign (+1 at 0) of tensor x."""
+        if self.fmt == "qonnx":
+            return self.node("BipolarQuant", [x, self.const(1.0)], out, domain=QONNX_DOMAIN)
+        ge = self.node("GreaterOrEqual", [x, self.const(0.0)], f"{out}.ge")
+        return self.node("Where", [ge, self.const(1.0), self.const(-1.0)], out)
+
+    def weight(self, lay: Layer) -> str:
+        """The tensor a dense/conv layer multiplies with: W, sign(W) folded, or BipolarQuant(W)."""
+        w = self.value(lay, "W")
+        if not lay.binary:
+            return self.init(tname(lay.name, "W"), w)
+        if self.fmt == "qonnx":
+            return self.binarize(self.init(tname(lay.name, "W"), w), tname(lay.name, "Wb"))
+        return self.init(tname(lay.name, "Wb"), np.where(w >= 0, 1, -1))
+
+    def bias(self, lay: Layer) -> list[str]:
+        return [self.init(tname(lay.name, "b"), self.value(lay, "b"))] if "b" in lay.params else []
+
+
+def _chan_shape(v: np.ndarray, ndim: int) -> np.ndarray:
+    """A per-channel constant [C] shaped to broadcast over (N, C, ...) activations of `ndim`
+    per-sample dims ([C] for vectors, [C, 1, 1] for images); a per-tensor [1] stays [1]."""
+    return v.reshape((-1,) + (1,) * (ndim - 1)) if v.size > 1 else v.reshape(1)
+
+
+def _dense(em: _Emitter, lay: Layer, xs: list[str], out: str) -> None:
+    x = xs[0]
+    if len(em.graph.shape_of(lay.inputs[0])) != 1:
+        # the IR's dense flattens its input implicitly (reference: x.reshape(B, -1)); Gemm is 2-D
+        x = em.node("Flatten", [x], f"{out}.flatten", axis=1)
+    em.node("Gemm", [x, em.weight(lay)] + em.bias(lay), out)
+
+
+def _conv(em: _Emitter, lay: Layer, xs: list[str], out: str) -> None:
+    w = lay.params["W"]
+    em.node("Conv", [xs[0], em.weight(lay)] + em.bias(lay), out,
+            kernel_shape=list(w.shape[2:]), strides=list(lay.attrs["strides"]),
+            pads=list(lay.attrs["pads"]))
+
+
+def _batchnorm(em: _Emitter, lay: Layer, xs: list[str], out: str) -> None:
+    eps = float(np.float32(lay.attrs["eps"]))
+    n = lay.name
+    beta = em.value(lay, "beta")
+    mean = em.value(lay, "running_mean")
+    if em.cfg.bn == "l2":
+        gamma, var = em.value(lay, "gamma"), em.value(lay, "running_var")
+        if np.any(var.astype(np.float64) + eps <= 0):
+            raise DataError(f"state tensor '{tname(n, 'running_var')}' has entries <= -eps "
+                            f"({eps:g}); batch norm {n!r} cannot be exported",
+                            hint="the state is corrupt or the training run diverged")
+    else:
+        gamma, psi = np.ones_like(beta), em.value(lay, "running_psi")
+        if np.any((psi <= 0) | (psi * psi == 0)):
+            raise DataError(f"state tensor '{tname(n, 'running_psi')}' has entries that are <= 0 "
+                            f"or so small their square underflows float32 (about 2.6e-23); l1 "
+                            f"batch norm {n!r} divides by it, ONNX BatchNormalization by "
+                            f"sqrt(var + eps)",
+                            hint="the state is corrupt, or a channel never varied in training")
+        var = (psi.astype(np.float64) ** 2 - eps).astype(np.float32)
+        if np.any(var < 0):
+            eps, var = 0.0, psi * psi
+    em.node("BatchNormalization",
+            [xs[0], em.init(f"{n}.gamma", gamma), em.init(f"{n}.beta", beta),
+             em.init(f"{n}.running_mean", mean), em.init(f"{n}.running_var", var)], out,
+            epsilon=eps, momentum=float(np.float32(lay.attrs["momentum"])))
+
+
+def _sign(em: _Emitter, lay: Layer, xs: list[str], out: str) -> None:
+    em.binarize(xs[0], out)
+
+
+def _pool(op: str) -> Callable[..., None]:
+    def emit(em: _Emitter, lay: Layer, xs: list[str], out: str) -> None:
+        a = lay.attrs
+        extra = {"count_include_pad": int(bool(a.get("count_include_pad", False)))} \
+            if op == "AveragePool" else {}
+        em.node(op, [xs[0]], out, kernel_shape=list(a["kernel"]), strides=list(a["strides"]),
+                pads=list(a["pads"]), **extra)
+    return emit
+
+
+def _simple(op: str, **attrs) -> Callable[..., None]:
+    def emit(em: _Emitter, lay: Layer, xs: list[str], out: str) -> None:
+        em.node(op, list(xs), out, **attrs)
+    return emit
+
+
+def _affine(em: _Emitter, lay: Layer, xs: list[str], out: str) -> None:
+    nd = len(lay.shape)
+    scale = em.init(f"{lay.name}.scale", _chan_shape(em.value(lay, "scale"), nd))
+    bias = em.init(f"{lay.name}.bias", _chan_shape(em.value(lay, "bias"), nd))
+    em.node("Add", [em.node("Mul", [xs[0], scale], f"{out}.mul"), bias], out)
+
+
+def _input_quant(em: _Emitter, lay: Layer, xs: list[str], out: str) -> None:
+    a, n = lay.attrs, lay.name
+    bits, signed, narrow = int(a["bits"]), bool(a["signed"]), bool(a["narrow"])
+    scale = em.init(f"{n}.scale", np.float32(a["scale"]))
+    zp = em.init(f"{n}.zero_point", np.float32(a["zero_point"]))
+    if em.fmt == "qonnx":
+        em.node("Quant", [xs[0], scale, zp, em.init(f"{n}.bit_width", np.float32(bits))], out,
+                domain=QONNX_DOMAIN, signed=int(signed), narrow=int(narrow),
+                rounding_mode="ROUND")
+        return
+    if signed:
+        lo, hi = -(2 ** (bits - 1)) + int(narrow), 2 ** (bits - 1) - 1
+    else:
+        lo, hi = 0, 2 ** bits - 1 - int(narrow)
+    # QONNX Quant: (round(clip(x / scale + zp, lo, hi)) - zp) * scale, ROUND = half to even
+    y = em.node("Div", [xs[0], scale], f"{out}.div")
+    y = em.node("Add", [y, zp], f"{out}.add_zp")
+    y = em.node("Clip", [y, em.init(f"{n}.qmin", np.float32(lo)),
+                         em.init(f"{n}.qmax", np.float32(hi))], f"{out}.clip")
+    y = em.node("Round", [y], f"{out}.round")
+    y = em.node("Sub", [y, zp], f"{out}.sub_zp")
+    em.node("Mul", [y, scale], out)
+
+
+def _softmax(em: _Emitter, lay: Layer, xs: list[str], out: str) -> None:
+    x = xs[0]
+    if len(em.graph.shape_of(lay.inputs[0])) != 1:
+        # ONNX Softmax normalizes one axis; the reference normalizes over the whole sample
+        x = em.node("Flatten", [x], f"{out}.flatten", axis=1)
+    em.node("Softmax", [x], out, axis=-1)
+
+
+_EMIT: dict[LayerKind, Callable[[_Emitter, Layer, list[str], str], None]] = {
+    LayerKind.DENSE: _dense,
+    LayerKind.CONV: _conv,
+    LayerKind.BATCHNORM: _batchnorm,
+    LayerKind.SIGN: _sign,
+    LayerKind.RELU: _simple("Relu"),
+    LayerKind.MAXPOOL: _pool("MaxPool"),
+    LayerKind.AVGPOOL: _pool("AveragePool"),
+    LayerKind.GLOBAL_AVGPOOL: _simple("GlobalAveragePool"),
+    LayerKind.FLATTEN: _simple("Flatten", axis=1),
+    LayerKind.ADD: _simple("Add"),
+    LayerKind.AFFINE: _affine,
+    LayerKind.INPUT_QUANT: _input_quant,
+    LayerKind.SOFTMAX: _softmax,
+}
+assert set(_EMIT) == set(LayerKind), "every layer kind needs an exporter"
+
+
+def export_onnx(graph: Graph, cfg: TrainConfig, state: Mapping[str, np.ndarray], *,
+                fmt: str = "onnx", name: str | None = None) -> onnx.ModelProto:
+    """The trained network as an inference ONNX model (see the module docstring).
+
+    `state` must hold exactly the tensors of `state_tensors(graph, cfg)` (DataError otherwise);
+    `fmt` is "onnx" (plain, onnxruntime) or "qonnx" (latent weights, BipolarQuant); `name` is the
+    ONNX graph name (a C identifier, default graph.name)."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+    gname = graph.name if name is None else name
+    if not _IDENT.match(gname):
+        raise ConfigError(f"model name {gname!r} is not a C identifier [a-z][a-z0-9_]*")
+    em = _Emitter(graph, cfg, check_state(graph, cfg, state), fmt)
+    out_name = OUTPUT_NAME if all(lay.name != OUTPUT_NAME for lay in graph.layers) \
+        else f"{OUTPUT_NAME}.out"
+    tensor = {INPUT: INPUT_NAME}
+    if graph.input_layout == "NHWC":
+        tensor[INPUT] = em.node("Transpose", [INPUT_NAME], f"{INPUT_NAME}.nchw", perm=[0, 3, 1, 2])
+    last = graph.output
+    for lay in graph.layers:
+        out = out_name if lay is last and lay.kind is LayerKind.SOFTMAX else lay.name
+        _EMIT[lay.kind](em, lay, [tensor[i] for i in lay.inputs], out)
+        tensor[lay.name] = out
+    if last.kind is not LayerKind.SOFTMAX:
+        # predict() reports probabilities: softmax over the flattened logits
+        x = tensor[last.name]
+        if len(last.shape) != 1:
+            x = em.node("Flatten", [x], f"{out_name}.flatten", axis=1)
+        em.node("Softmax", [x], out_name, name=f"{out_name}.softmax", axis=-1)
+
+    in_shape = graph.input_shape
+    if graph.input_layout == "NHWC":
+        c, h, w = in_shape
+        in_shape = (h, w, c)
+    x_info = helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["N", *in_shape])
+    y_info = helper.make_tensor_value_info(out_name, TensorProto.FLOAT, ["N", graph.num_classes])
+    what = "plain ONNX" if fmt == "onnx" else "QONNX (latent weights, BipolarQuant)"
+    doc = (f"bnnc export: {gname} trained with --algorithm {cfg.algorithm} --optimizer "
+           f"{cfg.optimizer} --bn {cfg.bn} --state-dtype {cfg.state_dtype}; {what}; output "
+           f"{out_name} = class probabilities")
+    g = helper.make_graph(em.nodes, gname, [x_info], [y_info], initializer=em.inits,
+                          doc_string=doc)
+    opsets = [helper.make_opsetid("", OPSET)]
+    if fmt == "qonnx":
+        opsets.append(helper.make_opsetid(QONNX_DOMAIN, 1))
+    model = helper.make_model(g, opset_imports=opsets, producer_name=PRODUCER,
+                              producer_version=__version__, ir_version=IR_VERSION)
+    helper.set_model_props(model, {"bnnc.export.format": fmt,
+                                   "bnnc.train.algorithm": cfg.algorithm,
+                                   "bnnc.train.optimizer": cfg.optimizer,
+                                   "bnnc.train.bn": cfg.bn,
+                                   "bnnc.train.state_dtype": cfg.state_dtype,
+                                   "bnnc.source_sha256": graph.source_sha256})
+    return model
