@@ -14,19 +14,18 @@ epoch is dropped, as the compiled C program has a fixed batch. Options the algor
 
 from __future__ import annotations
 
-import math
-import time
 from pathlib import Path
 
 import click
 import numpy as np
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..compiler.config import ALGORITHMS, BN_KINDS, OPTIMIZERS, STATE_DTYPES, TrainConfig, \
     check_config_for_graph, make_config
 from ..compiler.errors import ConfigError, DataError
+from ..compiler.export import save_state_npz
 from ..compiler.ir import Graph
+from ..runtime.train_loop import ReferenceBackend, fit
 from . import cli
 
 BACKENDS = ("reference", "c")
@@ -87,15 +86,16 @@ def build_config(algorithm: str, **opts) -> TrainConfig:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--limit", type=click.IntRange(min=1), default=None,
               help="use only the first N training examples")
+@click.option("--save-state", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="write the final training state (.npz) for `bnnc export`")
 def train_cmd(model: Path, backend: str, data_name: str, data_dir: Path | None, epochs: int | None,
-              steps: int | None, limit: int | None, **opts) -> None:
+              steps: int | None, limit: int | None, save_state: Path | None, **opts) -> None:
     """Train MODEL (ONNX/QONNX) on a dataset with the reference trainer; report loss, accuracy."""
     if backend != "reference":
         raise ConfigError(f"--backend {backend} is not available yet: --backend c arrives with "
                           "codegen",
                           hint="use --backend reference")
     from ..compiler.frontend import load_model
-    from ..runtime import reference as ref
     from ..runtime.datasets import load_dataset
 
     cfg = build_config(opts.pop("algorithm"), **opts)
@@ -110,48 +110,16 @@ def train_cmd(model: Path, backend: str, data_name: str, data_dir: Path | None, 
     y_train = data.y_train
     if limit is not None:
         x_train, y_train = x_train[:limit], y_train[:limit]
-    per_epoch = len(x_train) // cfg.batch
-    if per_epoch == 0:
-        raise DataError(f"{len(x_train)} training examples do not fill one batch of {cfg.batch}",
-                        hint="lower --batch or raise --limit")
-    if epochs is None:
-        epochs = 1 if steps is None else math.ceil(steps / per_epoch)
-    total = per_epoch * epochs if steps is None else min(steps, per_epoch * epochs)
-
     console = Console(highlight=False, soft_wrap=True)
     console.print(f"{graph.name}: {cfg.algorithm} ({_techniques(cfg)}), {cfg.optimizer} "
                   f"lr {cfg.lr:g}, "
-                  f"batch {cfg.batch}, {len(x_train)} train / {len(x_test)} test {data.name}, "
-                  f"{total} steps")
-    state = ref.init_state(graph, cfg)
-    rng = np.random.default_rng(cfg.seed)
-    done = 0
-    for epoch in range(1, epochs + 1):
-        order = rng.permutation(len(x_train))
-        n_steps = min(per_epoch, total - done)
-        losses, accs = [], []
-        t0 = time.perf_counter()
-        with Progress(TextColumn(f"epoch {epoch}/{epochs}"), BarColumn(), MofNCompleteColumn(),
-                      TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(),
-                      console=console, transient=True, disable=not console.is_terminal) as bar:
-            task = bar.add_task("train", total=n_steps, loss="-")
-            for i in range(n_steps):
-                idx = order[i * cfg.batch:(i + 1) * cfg.batch]
-                state, out = ref.train_step(graph, cfg, state, x_train[idx], y_train[idx])
-                losses.append(float(out["loss"]))
-                accs.append(float(out["accuracy"]))
-                bar.update(task, advance=1, loss=f"{np.mean(losses[-50:]):.4f}")
-        done += n_steps
-        loss = float(np.mean(losses))
-        if not math.isfinite(loss):
-            raise ConfigError(f"training diverged in epoch {epoch} (loss {loss})",
-                              hint="lower --lr or use --state-dtype bf16/f32")
-        test_acc = ref.evaluate(graph, cfg, state, x_test, data.y_test)
-        console.print(f"epoch {epoch}/{epochs}  steps {done}  train loss {loss:.4f}  "
-                      f"train acc {100 * np.mean(accs):.2f} %  test acc {100 * test_acc:.2f} %  "
-                      f"({time.perf_counter() - t0:.1f} s)")
-        if done >= total:
-            break
+                  f"batch {cfg.batch}, {len(x_train)} train / {len(x_test)} test {data.name}")
+    backend = ReferenceBackend(graph, cfg)
+    fit(backend, x_train, y_train, x_test, data.y_test, epochs=epochs, steps=steps, seed=cfg.seed,
+        console=console)
+    if save_state is not None:
+        save_state_npz(save_state, backend.state())
+        console.print(f"wrote {save_state} (training state; `bnnc export` turns it into ONNX)")
 
 
 def _techniques(cfg: TrainConfig) -> str:

@@ -1,0 +1,131 @@
+"""The epoch loop shared by `bnnc train` (numpy reference or emitted C) and `bnnc run` (a compiled
+output directory): batches, progress bar, per-epoch metrics.
+
+Input: a backend (anything with `batch`, `step(x, y) -> (loss, acc)`, `predict(x) -> probs`,
+`state() -> dict`), training and test arrays already shaped for the model. Output: one
+`EpochResult` per epoch, printed as it completes.
+
+Invariants: deterministic for a given seed (one numpy `default_rng(seed)` permutation per epoch);
+the last partial batch of an epoch is dropped because a compiled program has a fixed batch; the
+test set is evaluated in whole batches, the last one zero-padded and its padding ignored.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from ..compiler.errors import ConfigError, DataError
+
+
+@dataclass(frozen=True)
+class EpochResult:
+    epoch: int
+    steps: int              # optimizer steps so far
+    train_loss: float       # mean over this epoch's steps
+    train_acc: float
+    test_acc: float
+    seconds: float          # wall time of this epoch's training steps
+    ms_per_step: float
+
+
+class ReferenceBackend:
+    """The numpy reference trainer (runtime/reference.py)."""
+
+    name = "reference"
+
+    def __init__(self, graph, cfg, state=None):
+        from . import reference as ref
+        self.ref, self.graph, self.cfg, self.batch = ref, graph, cfg, cfg.batch
+        self.st = state if state is not None else ref.init_state(graph, cfg)
+
+    def step(self, x, y) -> tuple[float, float]:
+        self.st, out = self.ref.train_step(self.graph, self.cfg, self.st, x, y)
+        return float(out["loss"]), float(out["accuracy"])
+
+    def predict(self, x) -> np.ndarray:
+        return self.ref.predict(self.graph, self.cfg, self.st, x)
+
+    def state(self) -> dict[str, np.ndarray]:
+        return dict(self.st.tensors)
+
+
+class HostBackend:
+    """Emitted C loaded in-process (runtime/host.py), started from the given state tensors."""
+
+    name = "c"
+
+    def __init__(self, program, init_tensors: dict[str, np.ndarray], *, seed: int = 0):
+        self.prog, self.batch = program, program.batch
+        program.load_state(init_tensors, step=0, seed=seed)
+
+    def step(self, x, y) -> tuple[float, float]:
+        return self.prog.train_step(x, y)
+
+    def predict(self, x) -> np.ndarray:
+        return self.prog.predict(x)
+
+    def state(self) -> dict[str, np.ndarray]:
+        return self.prog.read_state()
+
+
+def evaluate(backend, x: np.ndarray, y: np.ndarray) -> float:
+    """Top-1 accuracy over (x, y) in whole batches of `backend.batch`."""
+    b, hits = backend.batch, 0
+    for i in range(0, len(y), b):
+        xb = x[i:i + b]
+        n = len(xb)
+        if n < b:
+            xb = np.concatenate([xb, np.zeros((b - n,) + xb.shape[1:], xb.dtype)])
+        hits += int((backend.predict(xb)[:n].argmax(axis=1) == y[i:i + n]).sum())
+    return hits / max(1, len(y))
+
+
+def fit(backend, x_train, y_train, x_test, y_test, *, epochs: int | None, steps: int | None,
+        seed: int, console: Console | None = None) -> list[EpochResult]:
+    console = console or Console(highlight=False, soft_wrap=True)
+    b = backend.batch
+    per_epoch = len(x_train) // b
+    if per_epoch == 0:
+        raise DataError(f"{len(x_train)} training examples do not fill one batch of {b}",
+                        hint="lower --batch or raise --limit")
+    if epochs is None:
+        epochs = 1 if steps is None else math.ceil(steps / per_epoch)
+    total = per_epoch * epochs if steps is None else min(steps, per_epoch * epochs)
+    rng = np.random.default_rng(seed)
+    done, results = 0, []
+    for epoch in range(1, epochs + 1):
+        order = rng.permutation(len(x_train))
+        n_steps = min(per_epoch, total - done)
+        losses, accs = [], []
+        t0 = time.perf_counter()
+        with Progress(TextColumn(f"epoch {epoch}/{epochs}"), BarColumn(), MofNCompleteColumn(),
+                      TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(),
+                      console=console, transient=True, disable=not console.is_terminal) as bar:
+            task = bar.add_task("train", total=n_steps, loss="-")
+            for i in range(n_steps):
+                idx = order[i * b:(i + 1) * b]
+                loss, acc = backend.step(x_train[idx], y_train[idx])
+                losses.append(loss)
+                accs.append(acc)
+                bar.update(task, advance=1, loss=f"{np.mean(losses[-50:]):.4f}")
+        seconds = time.perf_counter() - t0
+        done += n_steps
+        loss = float(np.mean(losses))
+        if not math.isfinite(loss):
+            raise ConfigError(f"training diverged in epoch {epoch} (loss {loss})",
+                              hint="lower --lr or use --state-dtype bf16/f32")
+        r = EpochResult(epoch, done, loss, float(np.mean(accs)), evaluate(backend, x_test, y_test),
+                        seconds, 1000 * seconds / max(1, n_steps))
+        results.append(r)
+        console.print(f"epoch {epoch}/{epochs}  steps {done}  train loss {r.train_loss:.4f}  "
+                      f"train acc {100 * r.train_acc:.2f} %  test acc {100 * r.test_acc:.2f} %  "
+                      f"({r.seconds:.1f} s, {r.ms_per_step:.2f} ms/step)")
+        if done >= total:
+            break
+    return results
