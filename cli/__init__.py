@@ -50,3 +50,10 @@ def run() -> None:
 
 # command modules register themselves on `cli` when imported
 from . import model_cmds  # noqa: E402,F401
+from . import zoo_cmds  # noqa: E402,F401
+from . import data_cmds  # noqa: E402,F401
+from . import train_cmds  # noqa: E402,F401
+from . import memory_cmds  # noqa: E402,F401
+from . import compile_cmds  # noqa: E402,F401
+from . import export_cmds  # noqa: E402,F401
+from . import run_cmds  # noqa: E402,F401

@@ -24,9 +24,10 @@ from .memory_cmds import load_graph
 
 @cli.command("export", short_help="Write trained parameters as an inference ONNX/QONNX model.")
 @click.argument("model")
-@click.option("--state", "state_path", required=True,
+@click.option("--state", "state_path", default=None,
               type=click.Path(dir_okay=False, path_type=Path),
-              help=".npz of the state tensors by name (fc1.W, bn1.beta, bn1.running_mean, ...)")
+              help=".npz of the state tensors by name (fc1.W, bn1.beta, bn1.running_mean, ...) "
+                   "[default for a compiled OUT/: OUT/final_state.npz from `bnnc run`]")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="output .onnx file")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="onnx", show_default=True,
@@ -41,18 +42,33 @@ from .memory_cmds import load_graph
               help="storage of the state [default: bf16 proposed, f32 standard]")
 @click.option("--name", default=None, help="ONNX graph name [default: the model's]")
 @click.option("--width", type=float, default=None, help="zoo models: the --width trained")
-def export_cmd(model: str, state_path: Path, output: Path, fmt: str, algorithm: str,
+def export_cmd(model: str, state_path: Path | None, output: Path, fmt: str, algorithm: str,
                optimizer: str | None, bn: str | None, state_dtype: str | None, name: str | None,
                width: float | None) -> None:
     """Export MODEL with the trained state STATE.npz as an inference ONNX model (probabilities).
+
+    MODEL may also be a `bnnc compile` output directory: its model, training options and the state
+    `bnnc run` left there (OUT/final_state.npz) are used.
 
     \b
     Examples:
       bnnc export mlp.onnx --state mlp_state.npz -o mlp_trained.onnx
       bnnc export cnv.onnx --state s.npz --algorithm standard --format qonnx -o cnv_q.onnx
+      bnnc export out/mlp -o mlp_trained.onnx
     """
-    cfg = make_config(algorithm, optimizer=optimizer, bn=bn, state_dtype=state_dtype)
-    graph = load_graph(model, width=width)
+    if Path(model).is_dir():
+        from ..runtime.outdir import FINAL_STATE, read_compiled
+        _, graph, cfg = read_compiled(Path(model))
+        state_path = state_path or Path(model) / FINAL_STATE
+        if not state_path.is_file():
+            raise ConfigError(f"{state_path} does not exist", hint=f"train first: bnnc run {model} "
+                              "--data ...")
+    else:
+        if state_path is None:
+            raise ConfigError("--state is required when MODEL is a model file",
+                              hint="pass the .npz written by `bnnc train --save-state`")
+        cfg = make_config(algorithm, optimizer=optimizer, bn=bn, state_dtype=state_dtype)
+        graph = load_graph(model, width=width)
     state = load_state_npz(state_path, graph, cfg)
     onnx_model = export_onnx(graph, cfg, state, fmt=fmt, name=name)
     if not output.parent.is_dir():

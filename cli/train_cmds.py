@@ -31,7 +31,7 @@ from . import cli
 BACKENDS = ("reference", "c")
 
 
-def _fit_to_model(graph: Graph, x: np.ndarray, what: str) -> np.ndarray:
+def fit_to_model(graph: Graph, x: np.ndarray, what: str) -> np.ndarray:
     """Reshape dataset images to the model's per-sample input shape when element counts agree."""
     if x.shape[1:] == graph.input_shape:
         return x
@@ -105,8 +105,8 @@ def train_cmd(model: Path, backend: str, data_name: str, data_dir: Path | None, 
     if data.classes != graph.num_classes:
         raise DataError(f"{data.name} has {data.classes} classes but model {graph.name!r} outputs "
                         f"{graph.num_classes}")
-    x_train = _fit_to_model(graph, data.x_train, f"{data.name} train")
-    x_test = _fit_to_model(graph, data.x_test, f"{data.name} test")
+    x_train = fit_to_model(graph, data.x_train, f"{data.name} train")
+    x_test = fit_to_model(graph, data.x_test, f"{data.name} test")
     y_train = data.y_train
     if limit is not None:
         x_train, y_train = x_train[:limit], y_train[:limit]

@@ -1,0 +1,155 @@
+"""`bnnc compile` (ONNX -> static C training program) and `bnnc check` (emitted C vs numpy
+reference).
+
+`bnnc compile MODEL -o OUT/ [--target host] [--algorithm ...] [--batch N] [technique switches]` runs
+frontend -> schedule -> liveness -> planner -> codegen and writes OUT/<model>.h, OUT/<model>.c,
+OUT/Makefile, OUT/plan.json (the planner's report document, readable by `bnnc inspect OUT/`),
+OUT/report.txt (the memory tables and the kernels used) and OUT/bnnc_manifest.json.
+
+`bnnc check MODEL [--steps K] [--batch N] ...` compiles into a temporary (or --keep) directory,
+builds the C with the host compiler and compares K steps tensor by tensor with runtime/reference.py
+(runtime/check.py states the rules). Exit 0 when every tensor is within tolerance, 1 when not.
+
+MODEL is an ONNX/QONNX file or a zoo name (`bnnc zoo --list`); zoo names take --width.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import click
+
+from ..compiler.config import (ALGORITHMS, BN_KINDS, OPTIMIZERS, STATE_DTYPES,
+                               check_config_for_graph, make_config)
+from . import cli
+from .memory_cmds import load_graph
+
+# the technique switches of `bnnc inspect` / `bnnc train` (unset = the algorithm's default)
+_TECHNIQUES = ("optimizer", "binary_dw", "po2", "po2_bias", "bn", "state_dtype", "save_bits")
+
+
+def _technique_options(f):
+    opts = [
+        click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=None,
+                     help="optimizer [default: adam]"),
+        click.option("--binary-dw/--no-binary-dw", default=None,
+                     help="1-bit weight gradients [proposed: on]"),
+        click.option("--po2/--no-po2", default=None,
+                     help="5-bit power-of-two activation gradients [proposed: on]"),
+        click.option("--po2-bias", type=int, default=None, help="PO2 exponent bias [default: 8]"),
+        click.option("--bn", type=click.Choice(BN_KINDS), default=None,
+                     help="batch norm: l1 (1-bit backward) or l2 [proposed: l1]"),
+        click.option("--state-dtype", type=click.Choice(STATE_DTYPES), default=None,
+                     help="storage of weights, moments, BN state [proposed: bf16]"),
+        click.option("--save-bits/--no-save-bits", default=None,
+                     help="keep saved inputs and masks as packed bits [proposed: on]"),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _config(algorithm: str | None, batch: int | None, lr: float | None, seed: int,
+            default_batch: int, techniques: dict):
+    given = {k: v for k, v in techniques.items() if v is not None and k in _TECHNIQUES}
+    return make_config(algorithm or "proposed", batch=default_batch if batch is None else batch,
+                       lr=lr, seed=seed, **given)
+
+
+def _canonical_command(verb: str, model: str, cfg, target: str, width: float | None) -> str:
+    """The command line as written into generated files: only what decides their content."""
+    parts = [f"bnnc {verb}", Path(model).name, f"--target {target}", f"--algorithm {cfg.algorithm}",
+             f"--batch {cfg.batch}", f"--optimizer {cfg.optimizer}"]
+    if width is not None:
+        parts.append(f"--width {width:g}")
+    return " ".join(parts)
+
+
+def _common(f):
+    opts = [
+        click.argument("model"),
+        click.option("--target", default="host", show_default=True,
+                     help="target description targets/<name>.toml"),
+        click.option("--algorithm", type=click.Choice(ALGORITHMS), default=None,
+                     help="training algorithm [default: proposed]"),
+        click.option("--batch", type=click.IntRange(min=1), default=None,
+                     help="batch size compiled into the program"),
+        click.option("--lr", type=float, default=None, help="learning rate [default: 1e-3]"),
+        click.option("--seed", type=int, default=0, show_default=True,
+                     help="seed of the stochastic rounding"),
+        click.option("--width", type=float, default=None,
+                     help="zoo models: scale every width/channel count"),
+    ]
+    f = _technique_options(f)
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+@cli.command("compile")
+@_common
+@click.option("-o", "--out", "out_dir", required=True,
+              type=click.Path(file_okay=False, path_type=Path), help="output directory")
+def compile_cmd(model: str, target: str, algorithm: str | None, batch: int | None, lr: float | None,
+                seed: int, width: float | None, out_dir: Path, **techniques) -> None:
+    """Compile MODEL into a static, malloc-free C99 training program in OUT."""
+    from ..compiler.codegen import emit_c, load_target
+    from ..compiler.planner import plan_schedule
+    from ..compiler.report import dump_plan_json, format_report, plan_to_json
+    from ..compiler.schedule import build_schedule
+    from ..runtime.outdir import model_bytes, write_run_inputs
+
+    tgt = load_target(target)
+    cfg = _config(algorithm, batch, lr, seed, 100, techniques)
+    graph = load_graph(model, width=width)
+    check_config_for_graph(graph, cfg)
+    schedule = build_schedule(graph, cfg)
+    live, plan = plan_schedule(schedule, align=tgt.align)
+    doc = plan_to_json(schedule, live, plan)
+    command = _canonical_command("compile", model, cfg, tgt.name, width)
+    emitted = emit_c(schedule, plan, tgt, out_dir, command=command,
+                     model_sha256=graph.source_sha256, plan_json=dump_plan_json(doc),
+                     onnx_names={lay.name: lay.onnx_name for lay in graph.layers})
+    run_inputs = write_run_inputs(out_dir, graph, cfg, model_bytes(model, width=width))
+    report = out_dir / "report.txt"
+    report.write_text(f"{command}\n\n" + format_report(doc, tensors=True)
+                      + "\nC kernels:\n" + "".join(f"  {k}\n" for k in emitted.kernels))
+    click.echo(f"{graph.name}: {cfg.algorithm}, {cfg.optimizer}, batch {cfg.batch}, "
+               f"{len(schedule.steps)} steps, {len(emitted.kernels)} C kernels")
+    click.echo(f"arena {plan.arena_nbytes:,} B (lower bound {plan.lower_bound:,}, efficiency "
+               f"{plan.efficiency:.3f}), state {plan.state_nbytes:,} B")
+    for p in emitted.files + (report, *run_inputs):
+        click.echo(f"wrote {p}")
+
+
+@cli.command("check")
+@_common
+@click.option("--steps", type=click.IntRange(min=1), default=3, show_default=True,
+              help="training steps to compare")
+@click.option("--data-seed", type=int, default=0, show_default=True,
+              help="seed of the random batches")
+@click.option("--keep", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="emit the C into this directory (default: a temporary one)")
+@click.option("--free", is_flag=True,
+              help="do not feed the reference the C's layer inputs (rounding then compounds "
+                   "through sign and PO2 thresholds; meaningful for all-f32 configurations)")
+@click.option("--verbose", is_flag=True, help="list every tensor, also the bit-identical ones")
+def check_cmd(model: str, target: str, algorithm: str | None, batch: int | None, lr: float | None,
+              seed: int, width: float | None, steps: int, data_seed: int, keep: Path | None,
+              free: bool, verbose: bool, **techniques) -> None:
+    """Train MODEL for K steps in the emitted C and in the numpy reference; compare every tensor."""
+    from ..runtime.check import format_report, run_check
+
+    cfg = _config(algorithm, batch, lr, seed, 32, techniques)
+    graph = load_graph(model, width=width)
+    with tempfile.TemporaryDirectory(prefix="bnnc-check-") as tmp:
+        rep = run_check(graph, cfg, steps=steps, data_seed=data_seed, target=target,
+                        work_dir=keep if keep is not None else tmp,
+                        command=_canonical_command("check", model, cfg, target, width),
+                        forcing=not free)
+    click.echo(format_report(rep, verbose=verbose))
+    if not rep.ok:
+        bad = sorted({r.name for r in rep.failures})
+        raise click.ClickException(f"{len(bad)} tensor(s) out of tolerance: {', '.join(bad[:8])}"
+                                   + (" ..." if len(bad) > 8 else ""))

@@ -1,0 +1,80 @@
+"""`bnnc run OUT/ --data mnist`: build a compiled output directory for the host and train with it.
+
+Input: a `bnnc compile --target host` directory (C sources, manifest, model.onnx, init_state.npz) and a
+dataset. The library is built with the target's flags (cached by content hash, runtime/host.py) and
+driven through cffi; the loop (batch order, metrics, progress) is runtime/train_loop.py, the same one
+`bnnc train` uses. Output: per-epoch metrics, OUT/state.bin (the C's versioned state blob; `--resume`
+reads it) and OUT/final_state.npz (what `bnnc export OUT/` turns into ONNX).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+from ..compiler.errors import DataError
+from ..compiler.export import save_state_npz
+from . import cli
+
+
+@cli.command("run")
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--data", "data_name", required=True, help="dataset: mnist | fashion-mnist | ...")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="data root [default: $BNNC_DATA, else ~/.cache/bnnc/data]")
+@click.option("--epochs", type=click.IntRange(min=1), default=None,
+              help="passes over the training set [default: 1, or as many as --steps needs]")
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help="stop after this many optimizer steps in total")
+@click.option("--limit", type=click.IntRange(min=1), default=None,
+              help="use only the first N training examples")
+@click.option("--seed", type=int, default=0, show_default=True, help="batch order")
+@click.option("--resume", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              default=None, help="start from a state blob written by an earlier run")
+def run_cmd(out_dir: Path, data_name: str, data_dir: Path | None, epochs: int | None,
+            steps: int | None, limit: int | None, seed: int, resume: Path | None) -> None:
+    """Train with the C program compiled into OUT_DIR (host target), on a dataset.
+
+    \b
+    Example:
+      bnnc compile mlp.onnx --target host -o out/mlp
+      bnnc run out/mlp --data mnist --epochs 1
+      bnnc export out/mlp -o mlp_trained.onnx
+    """
+    from ..runtime.datasets import load_dataset
+    from ..runtime.host import HostProgram
+    from ..runtime.outdir import FINAL_STATE, STATE_BLOB, load_init_state, read_compiled
+    from ..runtime.train_loop import HostBackend, fit
+    from .train_cmds import fit_to_model
+
+    manifest, graph, cfg = read_compiled(out_dir)
+    if manifest.get("target", "host") != "host":
+        raise DataError(f"{out_dir} was compiled for target {manifest['target']!r}; `bnnc run` "
+                        "drives host builds", hint="compile with --target host")
+    data = load_dataset(data_name, data_dir)
+    if data.classes != graph.num_classes:
+        raise DataError(f"{data.name} has {data.classes} classes but model {graph.name!r} outputs "
+                        f"{graph.num_classes}")
+    x_train = fit_to_model(graph, data.x_train, f"{data.name} train")
+    x_test = fit_to_model(graph, data.x_test, f"{data.name} test")
+    y_train = data.y_train
+    if limit is not None:
+        x_train, y_train = x_train[:limit], y_train[:limit]
+
+    console = Console(highlight=False, soft_wrap=True)
+    program = HostProgram(out_dir, debug=False)
+    backend = HostBackend(program, load_init_state(out_dir, graph, cfg), seed=cfg.seed)
+    if resume is not None:
+        program.set_state(resume.read_bytes())
+    console.print(f"{graph.name}: emitted C ({program.library.name}), {cfg.algorithm}, "
+                  f"{cfg.optimizer}, batch {cfg.batch}, arena {manifest['arena_nbytes']:,} B + "
+                  f"state {manifest['state_nbytes']:,} B; {len(x_train)} train / {len(x_test)} "
+                  f"test {data.name}" + (f"; resumed at step {program.step_count}" if resume else ""))
+    fit(backend, x_train, y_train, x_test, data.y_test, epochs=epochs, steps=steps, seed=seed,
+        console=console)
+    (out_dir / STATE_BLOB).write_bytes(program.get_state())
+    save_state_npz(out_dir / FINAL_STATE, backend.state())
+    console.print(f"wrote {out_dir / STATE_BLOB} (step {program.step_count}) and "
+                  f"{out_dir / FINAL_STATE}")

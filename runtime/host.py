@@ -1,0 +1,260 @@
+"""Run emitted C on the host: build it as a shared library (cached by content hash) and drive it
+from Python through cffi in ABI mode.
+
+Input: a `bnnc compile` output directory (`<model>.c`, `<model>.h`, `bnnc_manifest.json`, written by
+`compiler.codegen.emit_c`). Output: `HostProgram`, a thin wrapper over the generated C API that
+speaks numpy: `init`, `load_state` / `read_state` (name -> float32 array), `train_step`, `predict`,
+`get_state` / `set_state` (the versioned blob), and `tensor(name)` to read any schedule tensor.
+
+Invariants:
+- the library is named by the sha256 of everything that decides its bytes (sources, compiler,
+  flags), so an edit or a different flag set never reuses a stale build; it is written under a
+  temporary name and renamed into place (atomic on POSIX), so concurrent builds of the same sources
+  are safe;
+- the cffi cdef is the CDEF section of the emitted header itself, never a hand-kept copy.
+
+Decoding (`tensor`): f16/bf16 -> float32 values; BIT -> int8 0/1 in the tensor's logical NCHW
+(or W) element order, whatever its packed layout; PO2 -> uint8 codes; I32 -> int32.
+Limits: one process loads one copy of a given build (dlopen returns the same handle for the same
+path, so two HostPrograms of identical sources share their static arena and state).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import cffi
+import numpy as np
+
+from ..compiler.codegen import MANIFEST, Target, header_cdef, load_target
+from ..compiler.errors import DataError, TargetError
+from .numerics import unpack_bits
+
+_STATUS = ("ok", "a label is outside [0, classes)", "buffer size does not match the model",
+           "state blob has a wrong magic, version or model hash", "loss is not finite")
+
+
+def cache_dir() -> Path:
+    """$BNNC_CACHE_DIR, else ~/.cache/bnnc/host."""
+    env = os.environ.get("BNNC_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "bnnc" / "host"
+
+
+def build_shared(source: Path, *, target: Target, extra_cflags: Sequence[str] = (),
+                 cache: Path | None = None) -> Path:
+    """Compile `source` (with its directory on the include path) into a cached shared library."""
+    source = Path(source)
+    header = source.with_suffix(".h")
+    flags = list(target.cflags) + list(target.shared_flags) + list(extra_cflags)
+    h = hashlib.sha256()
+    for part in (source.read_bytes(), header.read_bytes() if header.exists() else b"",
+                 target.cc.encode(), "\0".join(flags).encode()):
+        h.update(hashlib.sha256(part).digest())
+    digest = h.hexdigest()[:24]
+    out_dir = Path(cache) if cache is not None else cache_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lib = out_dir / f"{source.stem}-{digest}.so"
+    if lib.exists():
+        return lib
+    fd, tmp = tempfile.mkstemp(prefix=f".{source.stem}-", suffix=".so", dir=out_dir)
+    os.close(fd)
+    cmd = [target.cc, *flags, "-I", str(source.parent), str(source), "-o", tmp, "-lm"]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True)
+    except FileNotFoundError as err:
+        os.unlink(tmp)
+        raise TargetError(f"C compiler {target.cc!r} of target {target.name!r} not found",
+                          hint="install gcc or clang, or set cc in the target's .toml") from err
+    if res.returncode != 0:
+        os.unlink(tmp)
+        raise TargetError(f"compiling {source} failed ({shlex.join(cmd)}):\n{res.stderr.strip()}")
+    os.replace(tmp, lib)
+    return lib
+
+
+class HostProgram:
+    """The emitted training program of one `bnnc compile` output directory, loaded in-process."""
+
+    def __init__(self, out_dir: str | Path, *, target: str | Target = "host", debug: bool = True,
+                 extra_cflags: Sequence[str] = (), cache: Path | None = None):
+        self.out_dir = Path(out_dir)
+        mpath = self.out_dir / MANIFEST
+        if not mpath.is_file():
+            raise TargetError(f"{self.out_dir} has no {MANIFEST}; run `bnnc compile` into it first")
+        self.manifest = json.loads(mpath.read_text())
+        self.target = target if isinstance(target, Target) else load_target(target)
+        self.debug = debug
+        flags = (["-DBNNC_DEBUG_DUMP"] if debug else []) + list(extra_cflags)
+        source = self.out_dir / self.manifest["source"]
+        self.library = build_shared(source, target=self.target, extra_cflags=flags, cache=cache)
+        self.ffi = cffi.FFI()
+        self.ffi.cdef(header_cdef((self.out_dir / self.manifest["header"]).read_text()))
+        self.lib = self.ffi.dlopen(str(self.library))
+        m = self.manifest
+        self.prefix = m["prefix"]
+        self.batch = int(m["batch"])
+        self.input_shape = tuple(m["input_shape"])
+        self.classes = int(m["classes"])
+        self.tensors = {t["name"]: t for t in m["tensors"]}
+        self.state = m["state"]
+
+    def _fn(self, name: str):
+        return getattr(self.lib, f"{self.prefix}_{name}")
+
+    def _check(self, status: int, what: str) -> None:
+        if status != 0:
+            text = _STATUS[status] if 0 <= status < len(_STATUS) else f"status {status}"
+            raise DataError(f"{self.prefix}_{what}: {text}")
+
+    # ---- state
+    def init(self, seed: int = 0) -> None:
+        self._fn("init")(seed & 0xFFFFFFFF)
+
+    def load_state(self, tensors: Mapping[str, np.ndarray], *, step: int = 0,
+                   seed: int = 0) -> None:
+        """Set every state tensor from float32 values (bit tensors: +-1) in state order."""
+        parts = []
+        for st in self.state:
+            if st["name"] not in tensors:
+                raise DataError(f"state tensor {st['name']} missing from the values to load")
+            v = np.asarray(tensors[st["name"]], np.float32)
+            if v.size != int(np.prod(st["shape"])):
+                raise DataError(f"state tensor {st['name']}: {v.size} values, expected shape "
+                                f"{st['shape']}")
+            parts.append(v.reshape(-1))
+        flat = np.ascontiguousarray(np.concatenate(parts) if parts else np.zeros(0, np.float32))
+        ptr = self.ffi.cast("float *", self.ffi.from_buffer(flat))
+        self._check(self._fn("load_state_f32")(ptr, flat.size, step, seed & 0xFFFFFFFF),
+                    "load_state_f32")
+
+    def read_state(self) -> dict[str, np.ndarray]:
+        n = int(self.manifest["state_elems"])
+        flat = np.zeros(n, np.float32)
+        self._check(self._fn("read_state_f32")(self.ffi.cast("float *", self.ffi.from_buffer(flat)),
+                                               n), "read_state_f32")
+        out, at = {}, 0
+        for st in self.state:
+            k = int(np.prod(st["shape"]))
+            out[st["name"]] = flat[at:at + k].reshape(st["shape"]).copy()
+            at += k
+        return out
+
+    @property
+    def step_count(self) -> int:
+        return int(self._fn("step_count")())
+
+    def get_state(self) -> bytes:
+        n = int(self._fn("state_blob_bytes")())
+        buf = bytearray(n)
+        self._check(self._fn("get_state")(self.ffi.from_buffer(buf), n), "get_state")
+        return bytes(buf)
+
+    def set_state(self, blob: bytes) -> None:
+        buf = bytearray(blob)
+        self._check(self._fn("set_state")(self.ffi.from_buffer(buf), len(buf)), "set_state")
+
+    # ---- running
+    def _batch(self, x) -> np.ndarray:
+        a = np.ascontiguousarray(np.asarray(x, np.float32))
+        if a.size != self.batch * int(np.prod(self.input_shape[1:])):
+            raise DataError(f"input batch has {a.size} values; the compiled program takes exactly "
+                            f"{list(self.input_shape)}", hint="compile with --batch to match")
+        return a
+
+    def train_step(self, x, labels) -> tuple[float, float]:
+        """One training step; returns (loss, accuracy) of the batch."""
+        a = self._batch(x)
+        y = np.ascontiguousarray(np.asarray(labels, np.int32))
+        if y.shape != (self.batch,):
+            raise DataError(f"labels must be {self.batch} integers, got shape {y.shape}")
+        loss = self.ffi.new("float *")
+        acc = self.ffi.new("float *")
+        st = self._fn("train_step")(self.ffi.cast("float *", self.ffi.from_buffer(a)),
+                                    self.ffi.cast("int32_t *", self.ffi.from_buffer(y)), loss, acc)
+        self._check(st, "train_step")
+        return float(loss[0]), float(acc[0])
+
+    def predict(self, x) -> np.ndarray:
+        a = self._batch(x)
+        probs = np.zeros((self.batch, self.classes), np.float32)
+        self._check(self._fn("predict")(self.ffi.cast("float *", self.ffi.from_buffer(a)),
+                                        self.ffi.cast("float *", self.ffi.from_buffer(probs))),
+                    "predict")
+        return probs
+
+    # ---- debug hook
+    def raw(self, name: str) -> bytes:
+        """The stored bytes of tensor `name` after the last step (the dump copy in debug builds)."""
+        t = self.tensors.get(name)
+        if t is None:
+            raise DataError(f"no tensor {name!r} in {self.prefix}; see bnnc_manifest.json")
+        p = self._fn("tensor")(t["index"])
+        info = self._fn("tensor_info")(t["index"])
+        assert self.ffi.string(info.name).decode() == name and info.nbytes == t["nbytes"], name
+        return bytes(self.ffi.buffer(p, t["nbytes"]))
+
+    def tensor(self, name: str) -> np.ndarray:
+        """Tensor `name` decoded to numpy (see the module docstring for the dtype conventions)."""
+        t = self.tensors[name]
+        if t["alias_of"]:     # a view: the base's bytes in the base's layout, reshaped
+            return decode(self.raw(name), self.tensors[t["alias_of"]]).reshape(t["shape"])
+        return decode(self.raw(name), t)
+
+
+def decode(raw: bytes, t: Mapping) -> np.ndarray:
+    """Stored bytes of a tensor-table entry -> numpy array in the tensor's logical shape."""
+    shape = tuple(t["shape"])
+    n = int(np.prod(shape)) if shape else 1
+    dt = t["dtype"]
+    buf = np.frombuffer(raw, np.uint8)
+    if dt == "f32":
+        return buf[:4 * n].view("<f4").reshape(shape).copy()
+    if dt == "bf16":
+        return (buf[:2 * n].view("<u2").astype(np.uint32) << 16).view(np.float32).reshape(shape)
+    if dt == "f16":
+        return buf[:2 * n].view("<f2").astype(np.float32).reshape(shape)
+    if dt in ("po2", "u8"):
+        return buf[:n].reshape(shape).copy()
+    if dt == "i32":
+        return buf[:4 * n].view("<i4").reshape(shape).copy()
+    assert dt == "bit", dt
+    words = buf.view("<u8")
+    return _decode_bits(words, t)
+
+
+def _decode_bits(words: np.ndarray, t: Mapping) -> np.ndarray:
+    shape = tuple(t["shape"])
+    layout = t["layout"]
+    geom = t.get("geom") or {}
+    if layout.startswith("bits NHWC"):
+        b, c, h, w = shape
+        wc = -(-c // 64)
+        bits = unpack_bits(words.reshape(b * h * w, wc), c, pm1=False)
+        return bits.reshape(b, h, w, c).transpose(0, 3, 1, 2).copy()
+    if layout.startswith("bits rows"):
+        b = shape[0]
+        per = int(np.prod(shape[1:]))
+        return unpack_bits(words.reshape(b, -1), per, pm1=False).reshape(shape)
+    if layout.startswith("bits flat"):
+        return unpack_bits(words.reshape(1, -1), int(np.prod(shape)), pm1=False).reshape(shape)
+    if layout.startswith("bits W^T"):
+        k, n = shape
+        rows = words.reshape(n, -1)
+        allbits = unpack_bits(rows, rows.shape[1] * 64, pm1=False)      # (n, words*64)
+        hw, wc = int(geom.get("hw", 1)), int(geom.get("wc", 0))
+        kk = np.arange(k)
+        pos = (kk % hw) * wc * 64 + kk // hw if wc else kk
+        return allbits[:, pos].T.copy()
+    if layout.startswith("bits:"):
+        co, ci, kh, kw = shape
+        rows = words.reshape(co * kh * kw, -1)
+        bits = unpack_bits(rows, ci, pm1=False).reshape(co, kh, kw, ci)
+        return bits.transpose(0, 3, 1, 2).copy()
+    raise AssertionError(f"unknown bit layout {layout!r} of {t['name']}")

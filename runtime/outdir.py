@@ -1,0 +1,73 @@
+"""What a `bnnc compile` output directory holds besides the C: the model it was compiled from and
+the initial training state, so `bnnc run OUT/` and `bnnc export OUT/` need nothing else.
+
+    OUT/model.onnx           the source model (a zoo model serialized deterministically)
+    OUT/init_state.npz       every state tensor at step 0 (runtime.reference.init_state)
+    OUT/final_state.npz      written by `bnnc run`: the state after training (for `bnnc export`)
+    OUT/state.bin            written by `bnnc run`: the C's versioned state blob (resume with --resume)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnx
+
+from ..compiler.config import TrainConfig, make_config
+from ..compiler.errors import ConfigError, ModelError, TargetError
+from ..compiler.export import load_state_npz, save_state_npz
+
+MODEL_FILE = "model.onnx"
+INIT_STATE = "init_state.npz"
+FINAL_STATE = "final_state.npz"
+STATE_BLOB = "state.bin"
+MANIFEST = "bnnc_manifest.json"
+
+
+def model_bytes(model: str, *, width: float | None = None) -> bytes:
+    """The bytes of an ONNX file, or of a zoo model built with `width`."""
+    from ..compiler.zoo import ZOO, build_zoo_model
+
+    path = Path(model)
+    if path.is_file():
+        return path.read_bytes()
+    if model in ZOO:
+        kw = {} if width is None else {"width": width}
+        return build_zoo_model(model, **kw).SerializeToString(deterministic=True)
+    raise ModelError(f"{model}: no such file, and not a zoo model name")
+
+
+def write_run_inputs(out_dir: Path, graph, cfg: TrainConfig, source: bytes) -> list[Path]:
+    from . import reference as ref
+
+    out_dir = Path(out_dir)
+    (out_dir / MODEL_FILE).write_bytes(source)
+    save_state_npz(out_dir / INIT_STATE, ref.init_state(graph, cfg).tensors)
+    return [out_dir / MODEL_FILE, out_dir / INIT_STATE]
+
+
+def read_compiled(out_dir: Path):
+    """(manifest, graph, cfg) of a compiled output directory; BnncError if it is not one."""
+    from ..compiler.frontend import load_model
+
+    out_dir = Path(out_dir)
+    if not (out_dir / MANIFEST).is_file():
+        raise TargetError(f"{out_dir} is not a bnnc compile output (no {MANIFEST})",
+                          hint="run `bnnc compile MODEL -o DIR` first")
+    manifest = json.loads((out_dir / MANIFEST).read_text())
+    if not (out_dir / MODEL_FILE).is_file():
+        raise TargetError(f"{out_dir} has no {MODEL_FILE}; it was written by an older bnnc",
+                          hint="compile again")
+    graph = load_model(onnx.load_model_from_string((out_dir / MODEL_FILE).read_bytes()),
+                       name=manifest["model"])
+    known = {k: v for k, v in manifest["config"].items() if k != "algorithm"}
+    try:
+        cfg = make_config(manifest["config"]["algorithm"], **known)
+    except (KeyError, TypeError) as err:
+        raise ConfigError(f"{out_dir / MANIFEST}: unreadable training config ({err})") from err
+    return manifest, graph, cfg
+
+
+def load_init_state(out_dir: Path, graph, cfg):
+    return load_state_npz(Path(out_dir) / INIT_STATE, graph, cfg)
