@@ -30,7 +30,8 @@ from . import cli
               help="stop after this many optimizer steps in total")
 @click.option("--limit", type=click.IntRange(min=1), default=None,
               help="use only the first N training examples")
-@click.option("--seed", type=int, default=0, show_default=True, help="batch order")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="batch order (a resumed run must use the seed it started with)")
 @click.option("--resume", type=click.Path(dir_okay=False, exists=True, path_type=Path),
               default=None, help="start from a state blob written by an earlier run")
 def run_cmd(out_dir: Path, data_name: str, data_dir: Path | None, epochs: int | None,
@@ -73,7 +74,7 @@ def run_cmd(out_dir: Path, data_name: str, data_dir: Path | None, epochs: int | 
                   f"state {manifest['state_nbytes']:,} B; {len(x_train)} train / {len(x_test)} "
                   f"test {data.name}" + (f"; resumed at step {program.step_count}" if resume else ""))
     fit(backend, x_train, y_train, x_test, data.y_test, epochs=epochs, steps=steps, seed=seed,
-        console=console)
+        start=program.step_count, console=console)
     (out_dir / STATE_BLOB).write_bytes(program.get_state())
     save_state_npz(out_dir / FINAL_STATE, backend.state())
     console.print(f"wrote {out_dir / STATE_BLOB} (step {program.step_count}) and "

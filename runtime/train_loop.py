@@ -26,7 +26,7 @@ from ..compiler.errors import ConfigError, DataError
 @dataclass(frozen=True)
 class EpochResult:
     epoch: int
-    steps: int              # optimizer steps so far
+    steps: int              # optimizer steps so far (a resumed run counts the earlier ones)
     train_loss: float       # mean over this epoch's steps
     train_acc: float
     test_acc: float
@@ -87,21 +87,27 @@ def evaluate(backend, x: np.ndarray, y: np.ndarray) -> float:
 
 
 def fit(backend, x_train, y_train, x_test, y_test, *, epochs: int | None, steps: int | None,
-        seed: int, console: Console | None = None) -> list[EpochResult]:
+        seed: int, start: int = 0, console: Console | None = None) -> list[EpochResult]:
+    """Train `epochs` passes (or `steps` steps) after `start` steps already taken; a resumed run
+    sees exactly the batches an uninterrupted run with the same seed would have seen."""
     console = console or Console(highlight=False, soft_wrap=True)
     b = backend.batch
     per_epoch = len(x_train) // b
     if per_epoch == 0:
         raise DataError(f"{len(x_train)} training examples do not fill one batch of {b}",
                         hint="lower --batch or raise --limit")
+    skip = start % per_epoch                 # steps of the current epoch already trained
     if epochs is None:
-        epochs = 1 if steps is None else math.ceil(steps / per_epoch)
-    total = per_epoch * epochs if steps is None else min(steps, per_epoch * epochs)
+        epochs = 1 if steps is None else math.ceil((skip + steps) / per_epoch)
+    total = per_epoch * epochs - skip if steps is None else min(steps, per_epoch * epochs - skip)
     rng = np.random.default_rng(seed)
+    for _ in range(start // per_epoch):      # the permutations of epochs already trained
+        rng.permutation(len(x_train))
     done, results = 0, []
     for epoch in range(1, epochs + 1):
-        order = rng.permutation(len(x_train))
-        n_steps = min(per_epoch, total - done)
+        order = rng.permutation(len(x_train))[skip * b:]
+        n_steps = min(per_epoch - skip, total - done)
+        skip = 0
         losses, accs = [], []
         t0 = time.perf_counter()
         with Progress(TextColumn(f"epoch {epoch}/{epochs}"), BarColumn(), MofNCompleteColumn(),
@@ -120,10 +126,10 @@ def fit(backend, x_train, y_train, x_test, y_test, *, epochs: int | None, steps:
         if not math.isfinite(loss):
             raise ConfigError(f"training diverged in epoch {epoch} (loss {loss})",
                               hint="lower --lr or use --state-dtype bf16/f32")
-        r = EpochResult(epoch, done, loss, float(np.mean(accs)), evaluate(backend, x_test, y_test),
+        r = EpochResult(epoch, start + done, loss, float(np.mean(accs)), evaluate(backend, x_test, y_test),
                         seconds, 1000 * seconds / max(1, n_steps))
         results.append(r)
-        console.print(f"epoch {epoch}/{epochs}  steps {done}  train loss {r.train_loss:.4f}  "
+        console.print(f"epoch {epoch}/{epochs}  steps {start + done}  train loss {r.train_loss:.4f}  "
                       f"train acc {100 * r.train_acc:.2f} %  test acc {100 * r.test_acc:.2f} %  "
                       f"({r.seconds:.1f} s, {r.ms_per_step:.2f} ms/step)")
         if done >= total:
