@@ -87,6 +87,28 @@ def _common(f):
     return f
 
 
+def compile_graph(graph, cfg, tgt, out_dir: Path, command: str, source: bytes):
+    """frontend output -> schedule -> plan -> C in out_dir, plus what `bnnc run` needs there.
+    Returns (schedule, plan, emitted, files written)."""
+    from ..compiler.codegen import emit_c
+    from ..compiler.planner import plan_schedule
+    from ..compiler.report import dump_plan_json, format_report, plan_to_json
+    from ..compiler.schedule import build_schedule
+    from ..runtime.outdir import write_run_inputs
+
+    check_config_for_graph(graph, cfg)
+    schedule = build_schedule(graph, cfg)
+    live, plan = plan_schedule(schedule, align=tgt.align)
+    doc = plan_to_json(schedule, live, plan)
+    emitted = emit_c(schedule, plan, tgt, out_dir, command=command,
+                     model_sha256=graph.source_sha256, plan_json=dump_plan_json(doc))
+    run_inputs = write_run_inputs(out_dir, graph, cfg, source)
+    report = out_dir / "report.txt"
+    report.write_text(f"{command}\n\n" + format_report(doc, tensors=True)
+                      + "\nC kernels:\n" + "".join(f"  {k}\n" for k in emitted.kernels))
+    return schedule, plan, emitted, (*emitted.files, report, *run_inputs)
+
+
 @cli.command("compile")
 @_common
 @click.option("-o", "--out", "out_dir", required=True,
@@ -94,32 +116,20 @@ def _common(f):
 def compile_cmd(model: str, target: str, algorithm: str | None, batch: int | None, lr: float | None,
                 seed: int, width: float | None, out_dir: Path, **techniques) -> None:
     """Compile MODEL into a static, malloc-free C99 training program in OUT."""
-    from ..compiler.codegen import emit_c, load_target
-    from ..compiler.planner import plan_schedule
-    from ..compiler.report import dump_plan_json, format_report, plan_to_json
-    from ..compiler.schedule import build_schedule
-    from ..runtime.outdir import model_bytes, write_run_inputs
+    from ..compiler.codegen import load_target
+    from ..runtime.outdir import model_bytes
 
     tgt = load_target(target)
     cfg = _config(algorithm, batch, lr, seed, 100, techniques)
     graph = load_graph(model, width=width)
-    check_config_for_graph(graph, cfg)
-    schedule = build_schedule(graph, cfg)
-    live, plan = plan_schedule(schedule, align=tgt.align)
-    doc = plan_to_json(schedule, live, plan)
     command = _canonical_command("compile", model, cfg, tgt.name, width)
-    emitted = emit_c(schedule, plan, tgt, out_dir, command=command,
-                     model_sha256=graph.source_sha256, plan_json=dump_plan_json(doc),
-                     onnx_names={lay.name: lay.onnx_name for lay in graph.layers})
-    run_inputs = write_run_inputs(out_dir, graph, cfg, model_bytes(model, width=width))
-    report = out_dir / "report.txt"
-    report.write_text(f"{command}\n\n" + format_report(doc, tensors=True)
-                      + "\nC kernels:\n" + "".join(f"  {k}\n" for k in emitted.kernels))
+    schedule, plan, emitted, written = compile_graph(graph, cfg, tgt, out_dir, command,
+                                                     model_bytes(model, width=width))
     click.echo(f"{graph.name}: {cfg.algorithm}, {cfg.optimizer}, batch {cfg.batch}, "
                f"{len(schedule.steps)} steps, {len(emitted.kernels)} C kernels")
     click.echo(f"arena {plan.arena_nbytes:,} B (lower bound {plan.lower_bound:,}, efficiency "
                f"{plan.efficiency:.3f}), state {plan.state_nbytes:,} B")
-    for p in emitted.files + (report, *run_inputs):
+    for p in written:
         click.echo(f"wrote {p}")
 
 

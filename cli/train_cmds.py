@@ -1,9 +1,9 @@
-"""`bnnc train MODEL.onnx --data mnist`: train a model with the numpy reference (host emulation).
+"""`bnnc train MODEL.onnx --data mnist`: train a model with the numpy reference (host emulation,
+the default) or with the emitted C for the host (`--backend c`, compiled into a temporary directory).
 
 Input: an ONNX/QONNX file (compiler.frontend) and a dataset name (runtime.datasets). Output: a
 progress bar per epoch and one line per epoch with the mean train loss and accuracy of its steps and
-the test accuracy (inference mode, running BN statistics). Only `--backend reference` exists until
-codegen lands.
+the test accuracy (inference mode, running BN statistics); the loop is runtime/train_loop.py.
 
 Invariants: the run is deterministic for a given --seed (batch order from numpy's default_rng(seed),
 one permutation per epoch; stochastic rounding keyed by the seed); the last partial batch of an
@@ -25,7 +25,7 @@ from ..compiler.config import ALGORITHMS, BN_KINDS, OPTIMIZERS, STATE_DTYPES, Tr
 from ..compiler.errors import ConfigError, DataError
 from ..compiler.export import save_state_npz
 from ..compiler.ir import Graph
-from ..runtime.train_loop import ReferenceBackend, fit
+from ..runtime.train_loop import HostBackend, ReferenceBackend, fit
 from . import cli
 
 BACKENDS = ("reference", "c")
@@ -64,7 +64,8 @@ def build_config(algorithm: str, **opts) -> TrainConfig:
 @cli.command("train")
 @click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--backend", type=click.Choice(BACKENDS), default="reference", show_default=True,
-              help="reference = numpy host emulation of the training step")
+              help="reference = numpy host emulation of the training step; c = the emitted C "
+                   "for the host (built and loaded through cffi)")
 @click.option("--data", "data_name", required=True, help="dataset: mnist | fashion-mnist | ...")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="data root [default: $BNNC_DATA, else ~/.cache/bnnc/data]")
@@ -90,11 +91,7 @@ def build_config(algorithm: str, **opts) -> TrainConfig:
               help="write the final training state (.npz) for `bnnc export`")
 def train_cmd(model: Path, backend: str, data_name: str, data_dir: Path | None, epochs: int | None,
               steps: int | None, limit: int | None, save_state: Path | None, **opts) -> None:
-    """Train MODEL (ONNX/QONNX) on a dataset with the reference trainer; report loss, accuracy."""
-    if backend != "reference":
-        raise ConfigError(f"--backend {backend} is not available yet: --backend c arrives with "
-                          "codegen",
-                          hint="use --backend reference")
+    """Train MODEL (ONNX/QONNX) on a dataset with the numpy reference or the emitted C."""
     from ..compiler.frontend import load_model
     from ..runtime.datasets import load_dataset
 
@@ -114,12 +111,36 @@ def train_cmd(model: Path, backend: str, data_name: str, data_dir: Path | None, 
     console.print(f"{graph.name}: {cfg.algorithm} ({_techniques(cfg)}), {cfg.optimizer} "
                   f"lr {cfg.lr:g}, "
                   f"batch {cfg.batch}, {len(x_train)} train / {len(x_test)} test {data.name}")
-    backend = ReferenceBackend(graph, cfg)
-    fit(backend, x_train, y_train, x_test, data.y_test, epochs=epochs, steps=steps, seed=cfg.seed,
-        console=console)
-    if save_state is not None:
-        save_state_npz(save_state, backend.state())
-        console.print(f"wrote {save_state} (training state; `bnnc export` turns it into ONNX)")
+    if backend == "c":
+        trainer, tmp = _c_backend(graph, cfg, model)
+    else:
+        trainer, tmp = ReferenceBackend(graph, cfg), None
+    try:
+        fit(trainer, x_train, y_train, x_test, data.y_test, epochs=epochs, steps=steps,
+            seed=cfg.seed, console=console)
+        if save_state is not None:
+            save_state_npz(save_state, trainer.state())
+            console.print(f"wrote {save_state} (training state; `bnnc export` turns it into ONNX)")
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+
+def _c_backend(graph, cfg, model: Path):
+    """Emit the C for the host into a temporary directory and load it (built once per content)."""
+    import tempfile
+
+    from ..compiler.codegen import load_target
+    from ..runtime import reference as ref
+    from ..runtime.host import HostProgram
+    from .compile_cmds import compile_graph
+
+    tmp = tempfile.TemporaryDirectory(prefix="bnnc-train-")
+    out = Path(tmp.name)
+    compile_graph(graph, cfg, load_target("host"), out, f"bnnc train {model.name} --backend c",
+                  model.read_bytes())
+    program = HostProgram(out, debug=False)
+    return HostBackend(program, ref.init_state(graph, cfg).tensors, seed=cfg.seed), tmp
 
 
 def _techniques(cfg: TrainConfig) -> str:
