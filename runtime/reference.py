@@ -417,7 +417,7 @@ def _input_quant_fwd(run: _Run, lay: Layer, x: np.ndarray) -> np.ndarray:
         scale = _chan(scale, x.ndim)
     if zp.ndim == 1 and zp.size > 1:
         zp = _chan(zp, x.ndim)
-    q = np.clip(np.round(x / scale) + zp, qmin, qmax)     # np.round: half to even
+    q = np.round(np.clip(x / scale + zp, qmin, qmax))     # QONNX order; np.round: half to even
     return ((q - zp) * scale).astype(x.dtype)
 
 

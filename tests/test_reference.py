@@ -590,3 +590,26 @@ def test_state_is_independent_of_blas_threads():
         assert run.returncode == 0, run.stderr
         digests.add(run.stdout.strip())
     assert len(digests) == 1
+
+
+def test_input_quant_follows_qonnx_order_at_ties():
+    """QONNX rounds after adding the zero point and clipping: with zp = 1, x/scale = 0.5 gives
+    round(1.5) - 1 = 1 (the other order, round(0.5) + 1 - 1, gives 0)."""
+    from bnnc.runtime.infer import infer
+
+    q = Layer("quant1", K.INPUT_QUANT, ("input",), (4,),
+              attrs={"scale": 0.25, "zero_point": 1.0, "bits": 8, "signed": True, "narrow": False,
+                     "rounding_mode": "ROUND"})
+    fc = Layer("fc1", K.DENSE, ("quant1",), (4,), attrs={"binary": False},
+               params={"W": np.eye(4, dtype=np.float32), "b": np.zeros(4, np.float32)})
+    g = Graph("tieq", (4,), (q, fc))
+    g.verify()
+    cfg = make_config("standard", batch=2)
+    x = np.array([[0.125, 0.375, -0.125, 0.6], [1.0, -1.0, 0.0, 0.625]], np.float32)
+    want = np.array([[0.25, 0.25, -0.25, 0.5], [1.0, -1.0, 0.0, 0.75]], np.float32)
+    _, t = ref.train_step(g, cfg, ref.init_state(g, cfg), x, np.array([0, 1]))
+    np.testing.assert_array_equal(t["quant1.out"], want)
+    np.testing.assert_array_equal(infer(g, x), want)       # the importer's inference agrees
+    p = ref.predict(g, cfg, ref.init_state(g, cfg), x)
+    e = np.exp(want - want.max(1, keepdims=True))
+    np.testing.assert_allclose(p, e / e.sum(1, keepdims=True), rtol=1e-6)
