@@ -58,12 +58,20 @@ def test_standard_mlp_also_passes_free_running(mlp, cache, tmp_path):
     assert rep.ok and not rep.forcing, format_report(rep)
 
 
-@pytest.mark.parametrize("make,algorithm,optimizer", [
-    (lambda: cnv(16), "proposed", "adam"), (lambda: binarynet(32), "standard", "bop"),
-    (residual, "proposed", "bop"), (residual, "standard", "sgd")])
-def test_conv_nets_pass_check(cache, tmp_path, make, algorithm, optimizer):
+def _zoo_cnv():
+    from bnnc.compiler.frontend import load_model
+    from bnnc.compiler.zoo import build_zoo_model
+    return load_model(build_zoo_model("cnv", width=0.125))
+
+
+@pytest.mark.parametrize("make,algorithm,optimizer,batch", [
+    (lambda: cnv(16), "proposed", "adam", 4), (lambda: binarynet(32), "standard", "bop", 4),
+    (residual, "proposed", "bop", 4), (residual, "standard", "sgd", 4),
+    # 6272 terms per channel in bn1's statistics: a plain float sum drifted past tolerance here
+    (_zoo_cnv, "standard", "adam", 8)])
+def test_conv_nets_pass_check(cache, tmp_path, make, algorithm, optimizer, batch):
     g = make()
-    rep = run_check(g, make_config(algorithm, batch=4, optimizer=optimizer), steps=2,
+    rep = run_check(g, make_config(algorithm, batch=batch, optimizer=optimizer), steps=2,
                     work_dir=tmp_path, cache=cache)
     assert rep.ok, format_report(rep)
     kernels = {s.kernel for s in build_schedule(g, rep.config).steps}
