@@ -20,34 +20,13 @@ from pathlib import Path
 
 import click
 
-from ..compiler.config import (ALGORITHMS, BN_KINDS, OPTIMIZERS, STATE_DTYPES,
+from ..compiler.config import (ALGORITHMS,
                                check_config_for_graph, make_config)
 from . import cli
-from .memory_cmds import load_graph
+from .memory_cmds import load_graph, technique_options
 
 # the technique switches of `bnnc inspect` / `bnnc train` (unset = the algorithm's default)
 _TECHNIQUES = ("optimizer", "binary_dw", "po2", "po2_bias", "bn", "state_dtype", "save_bits")
-
-
-def _technique_options(f):
-    opts = [
-        click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=None,
-                     help="optimizer [default: adam]"),
-        click.option("--binary-dw/--no-binary-dw", default=None,
-                     help="1-bit weight gradients [proposed: on]"),
-        click.option("--po2/--no-po2", default=None,
-                     help="5-bit power-of-two activation gradients [proposed: on]"),
-        click.option("--po2-bias", type=int, default=None, help="PO2 exponent bias [default: 8]"),
-        click.option("--bn", type=click.Choice(BN_KINDS), default=None,
-                     help="batch norm: l1 (1-bit backward) or l2 [proposed: l1]"),
-        click.option("--state-dtype", type=click.Choice(STATE_DTYPES), default=None,
-                     help="storage of weights, moments, BN state [proposed: bf16]"),
-        click.option("--save-bits/--no-save-bits", default=None,
-                     help="keep saved inputs and masks as packed bits [proposed: on]"),
-    ]
-    for o in reversed(opts):
-        f = o(f)
-    return f
 
 
 def _config(algorithm: str | None, batch: int | None, lr: float | None, seed: int,
@@ -81,7 +60,7 @@ def _common(f):
         click.option("--width", type=float, default=None,
                      help="zoo models: scale every width/channel count"),
     ]
-    f = _technique_options(f)
+    f = technique_options(f)
     for o in reversed(opts):
         f = o(f)
     return f

@@ -53,8 +53,8 @@ def plan_document(graph, cfg, align: int, io: str = "arena") -> dict[str, Any]:
     return plan_to_json(schedule, live, plan)
 
 
-def _technique_options(f):
-    """The technique switches of `bnnc train` (unset = the algorithm's default)."""
+def technique_options(f):
+    """The technique switches shared by inspect/compile/check (unset = the algorithm's default)."""
     opts = [
         click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=None,
                      help="optimizer [default: adam]"),
@@ -99,7 +99,7 @@ def _is_plan_path(model: str) -> bool:
 @click.option("--algorithm", type=click.Choice(ALGORITHMS), default=None,
               help="training algorithm [default: proposed]")
 @click.option("--batch", type=int, default=None, help="batch size [default: 100]")
-@_technique_options
+@technique_options
 @click.option("--align", type=int, default=None,
               help="byte alignment of every buffer [default: 16]")
 @click.option("--width", type=float, default=None,

@@ -44,25 +44,16 @@ def run_cmd(out_dir: Path, data_name: str, data_dir: Path | None, epochs: int | 
       bnnc run out/mlp --data mnist --epochs 1
       bnnc export out/mlp -o mlp_trained.onnx
     """
-    from ..runtime.datasets import load_dataset
     from ..runtime.host import HostProgram
     from ..runtime.outdir import FINAL_STATE, STATE_BLOB, load_init_state, read_compiled
     from ..runtime.train_loop import HostBackend, fit
-    from .train_cmds import fit_to_model
+    from .train_cmds import training_data
 
     manifest, graph, cfg = read_compiled(out_dir)
     if manifest.get("target", "host") != "host":
         raise DataError(f"{out_dir} was compiled for target {manifest['target']!r}; `bnnc run` "
                         "drives host builds", hint="compile with --target host")
-    data = load_dataset(data_name, data_dir)
-    if data.classes != graph.num_classes:
-        raise DataError(f"{data.name} has {data.classes} classes but model {graph.name!r} outputs "
-                        f"{graph.num_classes}")
-    x_train = fit_to_model(graph, data.x_train, f"{data.name} train")
-    x_test = fit_to_model(graph, data.x_test, f"{data.name} test")
-    y_train = data.y_train
-    if limit is not None:
-        x_train, y_train = x_train[:limit], y_train[:limit]
+    data, x_train, y_train, x_test = training_data(graph, data_name, data_dir, limit)
 
     console = Console(highlight=False, soft_wrap=True)
     program = HostProgram(out_dir, debug=False)

@@ -41,6 +41,22 @@ def fit_to_model(graph: Graph, x: np.ndarray, what: str) -> np.ndarray:
                     f"{graph.input_shape}", hint="pick the dataset the model was built for")
 
 
+def training_data(graph: Graph, data_name: str, data_dir, limit: int | None):
+    """(dataset, x_train, y_train, x_test) shaped for the model; `limit` cuts the training set."""
+    from ..runtime.datasets import load_dataset
+
+    data = load_dataset(data_name, data_dir)
+    if data.classes != graph.num_classes:
+        raise DataError(f"{data.name} has {data.classes} classes but model {graph.name!r} outputs "
+                        f"{graph.num_classes}")
+    x_train = fit_to_model(graph, data.x_train, f"{data.name} train")
+    x_test = fit_to_model(graph, data.x_test, f"{data.name} test")
+    y_train = data.y_train
+    if limit is not None:
+        x_train, y_train = x_train[:limit], y_train[:limit]
+    return data, x_train, y_train, x_test
+
+
 def _redundant_flags(algorithm: str, no_binary_dw: bool, no_po2: bool) -> None:
     if algorithm == "standard":
         off = [f for f, on in (("--no-binary-dw", no_binary_dw), ("--no-po2", no_po2)) if on]
@@ -93,20 +109,11 @@ def train_cmd(model: Path, backend: str, data_name: str, data_dir: Path | None, 
               steps: int | None, limit: int | None, save_state: Path | None, **opts) -> None:
     """Train MODEL (ONNX/QONNX) on a dataset with the numpy reference or the emitted C."""
     from ..compiler.frontend import load_model
-    from ..runtime.datasets import load_dataset
 
     cfg = build_config(opts.pop("algorithm"), **opts)
     graph = load_model(model)
     check_config_for_graph(graph, cfg)
-    data = load_dataset(data_name, data_dir)
-    if data.classes != graph.num_classes:
-        raise DataError(f"{data.name} has {data.classes} classes but model {graph.name!r} outputs "
-                        f"{graph.num_classes}")
-    x_train = fit_to_model(graph, data.x_train, f"{data.name} train")
-    x_test = fit_to_model(graph, data.x_test, f"{data.name} test")
-    y_train = data.y_train
-    if limit is not None:
-        x_train, y_train = x_train[:limit], y_train[:limit]
+    data, x_train, y_train, x_test = training_data(graph, data_name, data_dir, limit)
     console = Console(highlight=False, soft_wrap=True)
     console.print(f"{graph.name}: {cfg.algorithm} ({_techniques(cfg)}), {cfg.optimizer} "
                   f"lr {cfg.lr:g}, "
