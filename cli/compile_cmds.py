@@ -20,8 +20,7 @@ from pathlib import Path
 
 import click
 
-from ..compiler.config import (ALGORITHMS,
-                               check_config_for_graph, make_config)
+from ..compiler.config import ALGORITHMS, check_config_for_graph, make_config
 from . import cli
 from .memory_cmds import load_graph, technique_options
 
