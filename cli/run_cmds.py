@@ -17,17 +17,12 @@ from rich.console import Console
 from ..compiler.errors import DataError
 from ..compiler.export import save_state_npz
 from . import cli
+from .train_cmds import data_options
 
 
 @cli.command("run")
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--data", "data_name", required=True, help="dataset: mnist | fashion-mnist | ...")
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="data root [default: $BNNC_DATA, else ~/.cache/bnnc/data]")
-@click.option("--epochs", type=click.IntRange(min=1), default=None,
-              help="passes over the training set [default: 1, or as many as --steps needs]")
-@click.option("--steps", type=click.IntRange(min=1), default=None,
-              help="stop after this many optimizer steps in total")
+@data_options
 @click.option("--limit", type=click.IntRange(min=1), default=None,
               help="use only the first N training examples")
 @click.option("--seed", type=int, default=0, show_default=True,

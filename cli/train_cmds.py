@@ -41,6 +41,23 @@ def fit_to_model(graph: Graph, x: np.ndarray, what: str) -> np.ndarray:
                     f"{graph.input_shape}", hint="pick the dataset the model was built for")
 
 
+def data_options(f):
+    """--data, --data-dir, --epochs, --steps: shared by `bnnc train` and `bnnc run`."""
+    opts = [
+        click.option("--data", "data_name", required=True,
+                     help="dataset: mnist | fashion-mnist | ..."),
+        click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                     help="data root [default: $BNNC_DATA, else ~/.cache/bnnc/data]"),
+        click.option("--epochs", type=click.IntRange(min=1), default=None,
+                     help="passes over the training set [default: 1, or as many as --steps needs]"),
+        click.option("--steps", type=click.IntRange(min=1), default=None,
+                     help="stop after this many optimizer steps in total"),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
 def training_data(graph: Graph, data_name: str, data_dir, limit: int | None):
     """(dataset, x_train, y_train, x_test) shaped for the model; `limit` cuts the training set."""
     from ..runtime.datasets import load_dataset
@@ -82,13 +99,7 @@ def build_config(algorithm: str, **opts) -> TrainConfig:
 @click.option("--backend", type=click.Choice(BACKENDS), default="reference", show_default=True,
               help="reference = numpy host emulation of the training step; c = the emitted C "
                    "for the host (built and loaded through cffi)")
-@click.option("--data", "data_name", required=True, help="dataset: mnist | fashion-mnist | ...")
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="data root [default: $BNNC_DATA, else ~/.cache/bnnc/data]")
-@click.option("--epochs", type=click.IntRange(min=1), default=None,
-              help="passes over the training set [default: 1, or as many as --steps needs]")
-@click.option("--steps", type=click.IntRange(min=1), default=None,
-              help="stop after this many optimizer steps in total")
+@data_options
 @click.option("--batch", type=click.IntRange(min=1), default=None, help="batch size [default: 100]")
 @click.option("--algorithm", type=click.Choice(ALGORITHMS), default="proposed", show_default=True)
 @click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=None, help="[default: adam]")
