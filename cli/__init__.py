@@ -18,9 +18,14 @@ def cli() -> None:
 
     \b
     Typical session:
-      bnnc zoo mlp -o mlp.onnx              write a built-in model
-      bnnc info mlp.onnx                    what the importer sees
-      bnnc train mlp.onnx --data mnist      train with the numpy reference (host emulation)
+      bnnc zoo mlp -o mlp.onnx                     write a built-in model
+      bnnc info mlp.onnx                           what the importer sees
+      bnnc inspect mlp.onnx --compare standard,proposed --html arena.html
+                                                   training memory, planned statically
+      bnnc compile mlp.onnx --target host -o out   emit the C trainer
+      bnnc check mlp.onnx                          its gradients vs the numpy reference
+      bnnc run out --data mnist --epochs 1         train the emitted C (bnnc data fetch mnist)
+      bnnc export out -o trained.onnx              the trained model as inference ONNX
     """
 
 
