@@ -15,7 +15,6 @@ import click
 from rich.console import Console
 
 from ..compiler.errors import DataError
-from ..compiler.export import save_state_npz
 from . import cli
 from .train_cmds import data_options
 
@@ -40,7 +39,8 @@ def run_cmd(out_dir: Path, data_name: str, data_dir: Path | None, epochs: int | 
       bnnc export out/mlp -o mlp_trained.onnx
     """
     from ..runtime.host import HostProgram
-    from ..runtime.outdir import FINAL_STATE, STATE_BLOB, load_init_state, read_compiled
+    from ..runtime.outdir import (FINAL_STATE, STATE_BLOB, load_init_state, read_compiled,
+                                  save_state_atomic, write_atomic)
     from ..runtime.train_loop import HostBackend, fit
     from .train_cmds import training_data
 
@@ -61,7 +61,8 @@ def run_cmd(out_dir: Path, data_name: str, data_dir: Path | None, epochs: int | 
                   f"test {data.name}" + (f"; resumed at step {program.step_count}" if resume else ""))
     fit(backend, x_train, y_train, x_test, data.y_test, epochs=epochs, steps=steps, seed=seed,
         start=program.step_count, console=console)
-    (out_dir / STATE_BLOB).write_bytes(program.get_state())
-    save_state_npz(out_dir / FINAL_STATE, backend.state())
+    # atomic: a run killed while writing leaves the previous checkpoint intact
+    write_atomic(out_dir / STATE_BLOB, program.get_state())
+    save_state_atomic(out_dir / FINAL_STATE, backend.state())
     console.print(f"wrote {out_dir / STATE_BLOB} (step {program.step_count}) and "
                   f"{out_dir / FINAL_STATE}")

@@ -5,11 +5,16 @@ the initial training state, so `bnnc run OUT/` and `bnnc export OUT/` need nothi
     OUT/init_state.npz       every state tensor at step 0 (runtime.reference.init_state)
     OUT/final_state.npz      written by `bnnc run`: the state after training (for `bnnc export`)
     OUT/state.bin            written by `bnnc run`: the C's versioned state blob (resume with --resume)
+
+The two files `bnnc run` writes are replaced atomically (temp file, fsync, rename), so a run killed
+while saving leaves the previous checkpoint intact.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import onnx
@@ -23,6 +28,42 @@ INIT_STATE = "init_state.npz"
 FINAL_STATE = "final_state.npz"
 STATE_BLOB = "state.bin"
 MANIFEST = "bnnc_manifest.json"
+
+
+def _publish(tmp: str, path: Path) -> None:
+    """fsync `tmp`, rename it over `path`, fsync the directory: a crash at any moment leaves the
+    old file or the new one, never a torn one."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def _atomically(path: Path, write) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        _publish(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    _atomically(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def save_state_atomic(path: Path, state) -> None:
+    _atomically(path, lambda tmp: save_state_npz(tmp, state))
 
 
 def model_bytes(model: str, *, width: float | None = None) -> bytes:
