@@ -93,3 +93,22 @@ def test_run_refuses_a_non_compiled_directory(tmp_path, capsys):
     assert main(["run", str(tmp_path), "--data", "mnist"]) == 2
     err = capsys.readouterr().err
     assert "no bnnc_manifest.json" in err and "Traceback" not in err
+
+
+def test_a_failed_checkpoint_write_leaves_the_old_one(tmp_path, monkeypatch):
+    from bnnc.runtime import outdir
+
+    target = tmp_path / "final_state.npz"
+    outdir.save_state_atomic(target, {"a.W": np.ones(3, np.float32)})
+    old = target.read_bytes()
+
+    def dies_halfway(path, state):
+        with open(path, "wb") as f:
+            f.write(b"PK\x03\x04 torn")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(outdir, "save_state_npz", dies_halfway)
+    with pytest.raises(OSError):
+        outdir.save_state_atomic(target, {"a.W": np.zeros(3, np.float32)})
+    assert target.read_bytes() == old
+    assert [p.name for p in tmp_path.iterdir()] == ["final_state.npz"]     # no temp file left
