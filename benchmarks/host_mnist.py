@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from bnnc.cli.compile_cmds import compile_graph
 from bnnc.compiler.codegen import load_target
 from bnnc.compiler.config import make_config
 from bnnc.compiler.frontend import load_model
+from bnnc.compiler.pipeline import compile_to_c
 from bnnc.compiler.zoo import build_zoo_model
 from bnnc.runtime import reference as ref
 from bnnc.runtime.datasets import load_dataset
@@ -94,9 +94,8 @@ def main() -> int:
         for algo in ("standard", "proposed"):
             cfg = make_config(algo, batch=args.batch)
             out = Path(tmp) / algo
-            _, plan, _, _ = compile_graph(graph, cfg, load_target("host"), out,
-                                          f"benchmarks/host_mnist.py {algo}",
-                                          model.SerializeToString(deterministic=True))
+            plan = compile_to_c(graph, cfg, load_target("host"), out,
+                                command=f"benchmarks/host_mnist.py {algo}").plan
             prog = HostProgram(out, debug=False)
             backend = HostBackend(prog, ref.init_state(graph, cfg).tensors, seed=cfg.seed)
             print(f"== {algo}: arena {plan.arena_nbytes:,} B + state {plan.state_nbytes:,} B",

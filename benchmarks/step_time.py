@@ -24,11 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from bnnc.compiler.codegen import emit_c, load_target
+from bnnc.compiler.codegen import load_target
 from bnnc.compiler.config import make_config
 from bnnc.compiler.frontend import load_model
-from bnnc.compiler.planner import plan_schedule
-from bnnc.compiler.schedule import build_schedule
+from bnnc.compiler.pipeline import compile_to_c
 from bnnc.compiler.zoo import build_zoo_model
 from bnnc.runtime import reference as ref
 from bnnc.runtime.host import HostProgram
@@ -54,15 +53,17 @@ def _batches(graph, batch: int, n: int, seed: int = 0):
 
 def time_c(graph, cfg, work: Path, steps: int, warmup: int) -> float:
     tgt = load_target("host")
-    schedule = build_schedule(graph, cfg)
-    _, plan = plan_schedule(schedule, align=tgt.align)
-    emit_c(schedule, plan, tgt, work, command="benchmarks/step_time.py",
-           model_sha256=graph.source_sha256)
+    compile_to_c(graph, cfg, tgt, work, command="benchmarks/step_time.py")
     hp = HostProgram(work, target=tgt, debug=False, cache=work / "cache")
     hp.load_state(ref.init_state(graph, cfg).tensors, step=0, seed=cfg.seed)
     xs, ys = _batches(graph, cfg.batch, 8)
     it = iter(range(1 << 30))
-    return _median_ms(lambda: hp.train_step(xs[next(it) % 8], ys[next(it) % 8]), steps, warmup)
+
+    def step():
+        i = next(it) % 8          # one index per step: batch i with its own labels
+        hp.train_step(xs[i], ys[i])
+
+    return _median_ms(step, steps, warmup)
 
 
 def time_numpy(graph, cfg, steps: int, warmup: int) -> float:

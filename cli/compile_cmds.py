@@ -20,7 +20,7 @@ from pathlib import Path
 
 import click
 
-from ..compiler.config import ALGORITHMS, check_config_for_graph, make_config
+from ..compiler.config import ALGORITHMS, make_config
 from . import cli
 from .memory_cmds import load_graph, technique_options
 
@@ -66,25 +66,18 @@ def _common(f):
 
 
 def compile_graph(graph, cfg, tgt, out_dir: Path, command: str, source: bytes):
-    """frontend output -> schedule -> plan -> C in out_dir, plus what `bnnc run` needs there.
-    Returns (schedule, plan, emitted, files written)."""
-    from ..compiler.codegen import emit_c
-    from ..compiler.planner import plan_schedule
-    from ..compiler.report import dump_plan_json, format_report, plan_to_json
-    from ..compiler.schedule import build_schedule
+    """compiler.pipeline.compile_to_c plus what `bnnc run` and a reader need in out_dir (the model,
+    the initial state, report.txt). Returns (compiled, files written)."""
+    from ..compiler.pipeline import compile_to_c
+    from ..compiler.report import format_report
     from ..runtime.outdir import write_run_inputs
 
-    check_config_for_graph(graph, cfg)
-    schedule = build_schedule(graph, cfg)
-    live, plan = plan_schedule(schedule, align=tgt.align)
-    doc = plan_to_json(schedule, live, plan)
-    emitted = emit_c(schedule, plan, tgt, out_dir, command=command,
-                     model_sha256=graph.source_sha256, plan_json=dump_plan_json(doc))
+    c = compile_to_c(graph, cfg, tgt, out_dir, command=command)
     run_inputs = write_run_inputs(out_dir, graph, cfg, source)
     report = out_dir / "report.txt"
-    report.write_text(f"{command}\n\n" + format_report(doc, tensors=True)
-                      + "\nC kernels:\n" + "".join(f"  {k}\n" for k in emitted.kernels))
-    return schedule, plan, emitted, (*emitted.files, report, *run_inputs)
+    report.write_text(f"{command}\n\n" + format_report(c.plan_doc, tensors=True)
+                      + "\nC kernels:\n" + "".join(f"  {k}\n" for k in c.emitted.kernels))
+    return c, (*c.emitted.files, report, *run_inputs)
 
 
 @cli.command("compile")
@@ -101,12 +94,11 @@ def compile_cmd(model: str, target: str, algorithm: str | None, batch: int | Non
     cfg = _config(algorithm, batch, lr, seed, 100, techniques)
     graph = load_graph(model, width=width)
     command = _canonical_command("compile", model, cfg, tgt.name, width)
-    schedule, plan, emitted, written = compile_graph(graph, cfg, tgt, out_dir, command,
-                                                     model_bytes(model, width=width))
+    c, written = compile_graph(graph, cfg, tgt, out_dir, command, model_bytes(model, width=width))
     click.echo(f"{graph.name}: {cfg.algorithm}, {cfg.optimizer}, batch {cfg.batch}, "
-               f"{len(schedule.steps)} steps, {len(emitted.kernels)} C kernels")
-    click.echo(f"arena {plan.arena_nbytes:,} B (lower bound {plan.lower_bound:,}, efficiency "
-               f"{plan.efficiency:.3f}), state {plan.state_nbytes:,} B")
+               f"{len(c.schedule.steps)} steps, {len(c.emitted.kernels)} C kernels")
+    click.echo(f"arena {c.plan.arena_nbytes:,} B (lower bound {c.plan.lower_bound:,}, efficiency "
+               f"{c.plan.efficiency:.3f}), state {c.plan.state_nbytes:,} B")
     for p in written:
         click.echo(f"wrote {p}")
 

@@ -1,5 +1,5 @@
 """`bnnc train MODEL.onnx --data mnist`: train a model with the numpy reference (host emulation,
-the default) or with the emitted C for the host (`--backend c`, compiled into a temporary directory).
+the default) or with the emitted C for the host (`--backend c`, compiled into a temp directory).
 
 Input: an ONNX/QONNX file (compiler.frontend) and a dataset name (runtime.datasets). Output: a
 progress bar per epoch and one line per epoch with the mean train loss and accuracy of its steps and
@@ -149,14 +149,14 @@ def _c_backend(graph, cfg, model: Path):
     import tempfile
 
     from ..compiler.codegen import load_target
+    from ..compiler.pipeline import compile_to_c
     from ..runtime import reference as ref
     from ..runtime.host import HostProgram
-    from .compile_cmds import compile_graph
 
     tmp = tempfile.TemporaryDirectory(prefix="bnnc-train-")
     out = Path(tmp.name)
-    compile_graph(graph, cfg, load_target("host"), out, f"bnnc train {model.name} --backend c",
-                  model.read_bytes())
+    compile_to_c(graph, cfg, load_target("host"), out,
+                 command=f"bnnc train {model.name} --backend c")
     program = HostProgram(out, debug=False)
     return HostBackend(program, ref.init_state(graph, cfg).tensors, seed=cfg.seed), tmp
 

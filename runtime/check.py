@@ -55,11 +55,10 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from ..compiler.codegen import Target, emit_c, load_target
-from ..compiler.config import TrainConfig, check_config_for_graph
+from ..compiler.codegen import Target, load_target
+from ..compiler.config import TrainConfig
 from ..compiler.ir import Graph, tname
-from ..compiler.planner import plan_schedule
-from ..compiler.schedule import build_schedule
+from ..compiler.pipeline import compile_to_c
 from ..compiler.schedule_ir import DType, Schedule
 from ..compiler.state import state_tensors
 from . import numerics as nx
@@ -385,13 +384,10 @@ def run_check(graph: Graph, cfg: TrainConfig, *, steps: int = 3, data_seed: int 
               extra_cflags: Sequence[str] = (), cache: Path | None = None,
               command: str = "", forcing: bool = True) -> CheckReport:
     """Run `steps` training steps in C and in the reference and compare (module docstring)."""
-    check_config_for_graph(graph, cfg)
     tgt = target if isinstance(target, Target) else load_target(target)
-    schedule = build_schedule(graph, cfg)
-    _, plan = plan_schedule(schedule, align=tgt.align)
     out = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="bnnc-check-"))
-    emit_c(schedule, plan, tgt, out, command=command or f"bnnc check ({graph.name})",
-           model_sha256=graph.source_sha256)
+    schedule = compile_to_c(graph, cfg, tgt, out,
+                            command=command or f"bnnc check ({graph.name})").schedule
     hp = HostProgram(out, target=tgt, debug=True, extra_cflags=extra_cflags, cache=cache)
     chain = _chain_eps(schedule)
     report = CheckReport(graph.name, cfg, steps, forcing, out_dir=out)

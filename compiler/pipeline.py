@@ -1,0 +1,41 @@
+"""The stages chained: (graph, config, target) -> C sources in a directory.
+
+The one place that runs schedule -> liveness + plan (verified) -> codegen in order, for `bnnc
+compile`, `bnnc check`, `bnnc train --backend c` and the benchmarks. Each stage stays its own module
+with its own entry point; this only calls them in sequence and keeps their outputs together.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .codegen import Emitted, Target, emit_c
+from .config import TrainConfig, check_config_for_graph
+from .ir import Graph
+from .liveness import Liveness
+from .planner import ArenaPlan, plan_schedule
+from .report import dump_plan_json, plan_to_json
+from .schedule import build_schedule
+from .schedule_ir import Schedule
+
+
+@dataclass(frozen=True)
+class Compiled:
+    schedule: Schedule
+    liveness: Liveness
+    plan: ArenaPlan
+    plan_doc: dict[str, Any]     # the report document, also written as OUT/plan.json
+    emitted: Emitted
+
+
+def compile_to_c(graph: Graph, cfg: TrainConfig, target: Target, out_dir: str | Path, *,
+                 command: str = "") -> Compiled:
+    check_config_for_graph(graph, cfg)
+    schedule = build_schedule(graph, cfg)
+    live, plan = plan_schedule(schedule, align=target.align)
+    doc = plan_to_json(schedule, live, plan)
+    emitted = emit_c(schedule, plan, target, Path(out_dir), command=command,
+                     model_sha256=graph.source_sha256, plan_json=dump_plan_json(doc))
+    return Compiled(schedule, live, plan, doc, emitted)
