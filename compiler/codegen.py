@@ -35,7 +35,6 @@ import hashlib
 import json
 import math
 import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -46,14 +45,17 @@ import numpy as np
 from .. import __version__
 from .errors import PlanError, TargetError
 from .schedule_ir import DType, Schedule, Step, Tensor
+from .target import TARGETS, Target, load_target  # noqa: F401  (re-exported)
 
 _ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = _ROOT / "templates"
-TARGETS = _ROOT / "targets"
 MANIFEST = "bnnc_manifest.json"
-STATE_BLOB_HEADER_BYTES = 40      # magic, version, model hash, step, seed, reserved, state bytes
+STATE_BLOB_HEADER_BYTES = 40      # magic, version, model hash, step, seed, CRC-32, state bytes
 STATE_BLOB_MAGIC = 0x534E4E42     # "BNNS" little-endian
-STATE_BLOB_VERSION = 1
+STATE_BLOB_VERSION = 2            # 2: the CRC-32 field (was reserved, 0)
+TRAINER_SOURCE = "trainer.c"      # the standalone trainer of host/linux targets
+# u8 pixel -> 2*x/255 - 1, one rounding of the exact rational (runtime/datasets.py scale_pixels)
+PIXEL_LUT = ((2.0 * np.arange(256) - 255.0) / 255.0).astype(np.float32)
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 # dtype -> (C element type, load fn, RNE store fn, stochastic store fn)
@@ -75,43 +77,12 @@ STATUSES = (("OK", "ok"),
             ("ERR_LABEL", "a label is outside [0, classes)"),
             ("ERR_SIZE", "buffer size does not match the model"),
             ("ERR_BLOB", "state blob has a wrong magic, version or model hash"),
+            ("ERR_CRC", "state blob is corrupted (CRC-32 mismatch)"),
             ("ERR_NONFINITE", "loss is not finite (training diverged)"))
 
 
 # --------------------------------------------------------------------------------------------------
 # targets
-
-@dataclass(frozen=True)
-class Target:
-    name: str
-    cc: str
-    cflags: tuple[str, ...]           # portable flags every build of the generated C uses
-    shared_flags: tuple[str, ...]     # added for the host's shared library
-    align: int                        # arena alignment the planner must use
-    description: str = ""
-
-
-def load_target(name: str) -> Target:
-    """targets/<name>.toml (or a path to a .toml) -> Target; TargetError names file and field."""
-    path = Path(name) if name.endswith(".toml") else TARGETS / f"{name}.toml"
-    if not path.is_file():
-        known = sorted(p.stem for p in TARGETS.glob("*.toml"))
-        raise TargetError(f"unknown target {name!r} (no {path})",
-                          hint=f"known targets: {', '.join(known)}")
-    try:
-        doc = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as err:
-        raise TargetError(f"{path}: not valid TOML: {err}") from err
-    missing = [k for k in ("cc", "cflags", "align") if k not in doc]
-    if missing:
-        raise TargetError(f"{path}: missing field(s) {', '.join(missing)}")
-    align = doc["align"]
-    if not isinstance(align, int) or align < 8 or align & (align - 1):
-        raise TargetError(f"{path}: align = {align!r} must be a power of two >= 8")
-    return Target(name=path.stem, cc=str(doc["cc"]), cflags=tuple(doc["cflags"]),
-                  shared_flags=tuple(doc.get("shared_flags", ())), align=align,
-                  description=str(doc.get("description", "")))
-
 
 # --------------------------------------------------------------------------------------------------
 # C literals
@@ -842,11 +813,31 @@ def _model_hash(schedule: Schedule, plan, model_sha256: str) -> int:
     return int.from_bytes(h.digest()[:8], "little")
 
 
+def _crc_table() -> list[int]:
+    """The CRC-32 (IEEE 802.3, reflected 0xEDB88320) byte table, as zlib uses."""
+    out = []
+    for n in range(256):
+        c = n
+        for _ in range(8):
+            c = (c >> 1) ^ (0xEDB88320 if c & 1 else 0)
+        out.append(c)
+    return out
+
+
 def _env() -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)),
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
                              keep_trailing_newline=True, autoescape=False)
     env.filters["cstr"] = c_string
+    return env
+
+
+def target_env(target: Target) -> jinja2.Environment:
+    """The template environment of one target: kernel templates read `simd` (the target's SIMD
+    features, e.g. "neon") to pick an intrinsics variant; the portable C stays the fallback."""
+    env = _env()
+    env.globals["simd"] = tuple(target.simd)
+    env.globals["target_kind"] = target.kind
     return env
 
 
@@ -910,7 +901,7 @@ def emit_c(schedule: Schedule, plan, target: Target | str, out_dir: str | Path, 
     model = c_ident(schedule.graph_name)
     prefix = f"bnnc_{model}"
     ctx = _Ctx(schedule, plan)
-    env = _env()
+    env = target_env(target)
     cfg = schedule.config
 
     # tensor table: every schedule tensor that has storage somewhere
@@ -1014,6 +1005,8 @@ def emit_c(schedule: Schedule, plan, target: Target | str, out_dir: str | Path, 
                      rows=_state_rows(s, ctx), comment=c_comment(s.name)) for s in states],
         steps=steps, infer=infer, predict=predict, kernels=kernel_src,
         dtype_codes=[(d.value.upper(), c) for d, c in DTYPE_CODES.items()],
+        crc_table=[f"0x{v:08X}u" for v in _crc_table()], target=target.name,
+        target_kind=target.kind,
     )
     if any(len(e.shape) > 4 for e in tensors):
         raise TargetError(f"model {model!r} has a tensor of rank > 4; the C tensor table holds "
@@ -1027,8 +1020,16 @@ def emit_c(schedule: Schedule, plan, target: Target | str, out_dir: str | Path, 
     manifest = out / MANIFEST
     header.write_text(env.get_template("model.h.j2").render(**common))
     source.write_text(env.get_template("model.c.j2").render(**common))
+    programs = target.kind in ("host", "linux")
+    extra_files = []
+    if programs:
+        trainer = out / TRAINER_SOURCE
+        trainer.write_text(env.get_template("trainer.c.j2").render(**common, pixel_lut=[
+            c_float(v) for v in PIXEL_LUT]))
+        extra_files.append(trainer)
     makefile.write_text(env.get_template("Makefile.j2").render(
-        **common, cc=target.cc, cflags=" ".join(target.cflags), target=target.name))
+        **common, cc=target.cc, cflags=" ".join(target.cflags),
+        ldflags=" ".join(target.ldflags), programs=programs))
     doc = dict(schema="bnnc-c-manifest", schema_version=1, bnnc_version=__version__, model=model,
                prefix=prefix, model_hash=mhash, model_sha256=model_sha256, target=target.name,
                config=cfg.as_dict(), batch=cfg.batch, input_shape=list(input_t.shape),
@@ -1036,14 +1037,15 @@ def emit_c(schedule: Schedule, plan, target: Target | str, out_dir: str | Path, 
                state_elems=elems, dump_nbytes=dump_nbytes,
                blob_header_nbytes=STATE_BLOB_HEADER_BYTES,
                blob_magic=STATE_BLOB_MAGIC, blob_version=STATE_BLOB_VERSION,
-               header=header.name, source=source.name,
+               header=header.name, source=source.name, target_kind=target.kind,
+               trainer=TRAINER_SOURCE if programs else None, seed=cfg.seed,
                tensors=[dict(e.__dict__, shape=list(e.shape)) for e in tensors],
                state=[dict(s.__dict__, shape=list(s.shape)) for s in states],
                steps=[dict(index=s["index"], kernel=s["kernel"], layer=s["layer"], fn=s["fn"])
                       for s in steps],
                tensor_index=index_of)
     manifest.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
-    files = [header, source, makefile, manifest]
+    files = [header, source, makefile, manifest, *extra_files]
     if plan_json is not None:
         pj = out / "plan.json"
         pj.write_text(plan_json)

@@ -33,12 +33,11 @@ from typing import Mapping, Sequence
 import cffi
 import numpy as np
 
-from ..compiler.codegen import MANIFEST, Target, header_cdef, load_target
+from ..compiler.codegen import MANIFEST, STATUSES, Target, header_cdef, load_target
 from ..compiler.errors import DataError, TargetError
 from .numerics import unpack_bits
 
-_STATUS = ("ok", "a label is outside [0, classes)", "buffer size does not match the model",
-           "state blob has a wrong magic, version or model hash", "loss is not finite")
+_STATUS = tuple(text for _, text in STATUSES)
 
 
 def cache_dir() -> Path:

@@ -14,13 +14,17 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import tempfile
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from ..compiler.config import TrainConfig, make_config
-from ..compiler.errors import ConfigError, ModelError, TargetError
+from ..compiler.errors import ConfigError, DataError, ModelError, TargetError
 from ..compiler.export import load_state_npz, save_state_npz
 
 MODEL_FILE = "model.onnx"
@@ -112,3 +116,67 @@ def read_compiled(out_dir: Path):
 
 def load_init_state(out_dir: Path, graph, cfg):
     return load_state_npz(Path(out_dir) / INIT_STATE, graph, cfg)
+
+
+# --------------------------------------------------------------------------------------------------
+# the C's state blob, read without the C (checkpoints written on a device, `bnnc export OUT/`)
+
+BLOB_HEADER = struct.Struct("<IIQQIIQ")      # magic, version, model hash, step, seed, crc32, bytes
+
+
+@dataclass(frozen=True)
+class StateBlob:
+    step: int
+    seed: int
+    tensors: dict      # state name -> float32 array (bit tensors as +-1), the C's read_state_f32
+
+
+def read_state_blob(path: Path, manifest: dict) -> StateBlob:
+    """Validate a state blob against the compiled model (magic, version, model hash, size, CRC-32)
+    and decode every state tensor; DataError says which check failed."""
+    from ..compiler.codegen import STATE_BLOB_MAGIC, STATE_BLOB_VERSION
+    from .host import decode
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"checkpoint {path} does not exist")
+    raw = path.read_bytes()
+    want = int(manifest["blob_header_nbytes"]) + max(int(manifest["state_nbytes"]), 16)
+    if len(raw) < BLOB_HEADER.size:
+        raise DataError(f"{path}: {len(raw)} bytes is too short for a bnnc state blob")
+    magic, version, mhash, step, seed, crc, nbytes = BLOB_HEADER.unpack_from(raw)
+    if magic != STATE_BLOB_MAGIC:
+        raise DataError(f"{path} is not a bnnc state blob (bad magic)")
+    if version != STATE_BLOB_VERSION:
+        raise DataError(f"{path}: state blob version {version}, this bnnc writes "
+                        f"{STATE_BLOB_VERSION}", hint="train again with this bnnc version")
+    if mhash != int(manifest["model_hash"]):
+        raise DataError(f"{path} belongs to another compiled model (model hash {mhash:#x}, "
+                        f"{manifest['model']} is {int(manifest['model_hash']):#x})")
+    if len(raw) != want or nbytes != max(int(manifest["state_nbytes"]), 16):
+        raise DataError(f"{path}: {len(raw)} bytes, the model's blob has {want} (truncated?)")
+    if zlib.crc32(raw[32:], zlib.crc32(raw[:28])) != crc:
+        raise DataError(f"{path} is corrupted (CRC-32 mismatch)",
+                        hint="use an earlier checkpoint; this one was damaged after writing")
+    payload = raw[BLOB_HEADER.size:]
+    tensors = {}
+    table = {t["name"]: t for t in manifest["tensors"]}
+    for st in manifest["state"]:
+        t = table[st["name"]]
+        v = decode(payload[t["offset"]:t["offset"] + t["nbytes"]], t).astype(np.float32)
+        tensors[st["name"]] = (2 * v - 1) if t["dtype"] == "bit" else v
+    return StateBlob(step, seed, tensors)
+
+
+def state_values_f32(manifest: dict, tensors) -> bytes:
+    """Every state tensor as float32 in state order: what `<model>_load_state_f32` (and the
+    trainer's --init file) reads."""
+    parts = []
+    for st in manifest["state"]:
+        if st["name"] not in tensors:
+            raise DataError(f"state tensor {st['name']} missing")
+        v = np.asarray(tensors[st["name"]], np.float32).reshape(-1)
+        if v.size != int(np.prod(st["shape"])):
+            raise DataError(f"state tensor {st['name']}: {v.size} values, expected {st['shape']}")
+        parts.append(v)
+    return (np.concatenate(parts) if parts else np.zeros(0, np.float32)).astype("<f4").tobytes()

@@ -1,0 +1,97 @@
+"""The packed dataset file the standalone trainer reads (`bnnc data pack`), and its reader.
+
+Format (little-endian), version 1:
+
+    offset  size  field
+    0       4     magic "BNND"
+    4       4     u32 version = 1
+    8       4     u32 count          examples
+    12      4     u32 elems          float inputs per example (the model's input without the batch)
+    16      4     u32 classes
+    20      4     u32 format         0 = u8 pixels p, input = (2p - 255) / 255 rounded once to float32
+                                     (runtime/datasets.scale_pixels); 1 = float32 inputs
+    24      16    u32 c, h, w, 0     the input shape (informational; 1, 1, elems for flat inputs)
+    40      24    zero
+    64      count u8 labels, zero-padded to a multiple of 8 bytes
+    ...     count * elems * (1 or 4)  inputs, example after example, in the model's layout (NCHW)
+
+Examples are read one by one with a seek, so the trainer never holds the set in memory. Packing is
+deterministic (same data, same bytes). u8 is chosen whenever every input is exactly a scaled pixel
+(MNIST, Fashion-MNIST, CIFAR-10 and their padded variants), f32 otherwise.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..compiler.errors import DataError
+from .datasets import scale_pixels
+
+MAGIC = b"BNND"
+VERSION = 1
+HEADER = 64
+U8, F32 = 0, 1
+_LUT = scale_pixels(np.arange(256, dtype=np.uint8))
+
+
+def _as_pixels(x: np.ndarray) -> np.ndarray | None:
+    """uint8 p with scale_pixels(p) == x exactly, or None."""
+    idx = np.clip(np.searchsorted(_LUT, x), 0, 255).astype(np.uint8)
+    return idx if np.array_equal(_LUT[idx], x) else None
+
+
+def pack(path: str | Path, x: np.ndarray, y: np.ndarray, classes: int) -> int:
+    """Write examples `x` (float32, (N, ...) in the model's input layout) with labels `y`; returns
+    the format used (U8 or F32)."""
+    x = np.ascontiguousarray(np.asarray(x, np.float32))
+    y = np.asarray(y)
+    n = len(x)
+    if n == 0 or len(y) != n:
+        raise DataError(f"cannot pack {n} examples with {len(y)} labels")
+    if not 1 < classes <= 256 or y.min() < 0 or y.max() >= classes:
+        raise DataError(f"labels must lie in [0, {classes}) and classes <= 256")
+    shape = x.shape[1:]
+    elems = int(np.prod(shape))
+    chw = (list(shape) if len(shape) == 3 else [1, 1, elems])
+    pixels = _as_pixels(x)
+    fmt = U8 if pixels is not None else F32
+    head = struct.pack("<4sIIIII4I", MAGIC, VERSION, n, elems, classes, fmt, *chw, 0)
+    head += bytes(HEADER - len(head))
+    labels = y.astype(np.uint8).tobytes()
+    labels += bytes(-len(labels) % 8)
+    body = pixels.tobytes() if fmt == U8 else x.astype("<f4").tobytes()
+    Path(path).write_bytes(head + labels + body)
+    return fmt
+
+
+@dataclass(frozen=True)
+class Packed:
+    count: int
+    elems: int
+    classes: int
+    format: int
+    shape: tuple[int, int, int]
+    x: np.ndarray      # float32 (count, elems)
+    y: np.ndarray      # int64 (count,)
+
+
+def read(path: str | Path) -> Packed:
+    """The whole file decoded (tests and tools; the trainer streams instead)."""
+    raw = Path(path).read_bytes()
+    if len(raw) < HEADER or raw[:4] != MAGIC:
+        raise DataError(f"{path} is not a packed bnnc dataset (bnnc data pack)")
+    _, version, n, elems, classes, fmt, c, h, w, _ = struct.unpack_from("<4sIIIII4I", raw)
+    if version != VERSION:
+        raise DataError(f"{path}: dataset format version {version}, this bnnc reads {VERSION}")
+    at = HEADER + -(-n // 8) * 8
+    size = n * elems * (1 if fmt == U8 else 4)
+    if len(raw) != at + size:
+        raise DataError(f"{path}: {len(raw)} bytes, expected {at + size} (truncated?)")
+    y = np.frombuffer(raw, np.uint8, n, HEADER).astype(np.int64)
+    body = np.frombuffer(raw, np.uint8 if fmt == U8 else "<f4", n * elems, at)
+    x = (_LUT[body] if fmt == U8 else body.astype(np.float32)).reshape(n, elems)
+    return Packed(n, elems, classes, fmt, (c, h, w), x, y)
