@@ -6,9 +6,10 @@ frontend -> schedule -> liveness -> planner -> codegen and writes OUT/<model>.h,
 OUT/Makefile, OUT/plan.json (the planner's report document, readable by `bnnc inspect OUT/`),
 OUT/report.txt (the memory tables and the kernels used) and OUT/bnnc_manifest.json.
 
-`bnnc check MODEL [--steps K] [--batch N] ...` compiles into a temporary (or --keep) directory,
-builds the C with the host compiler and compares K steps tensor by tensor with runtime/reference.py
-(runtime/check.py states the rules). Exit 0 when every tensor is within tolerance, 1 when not.
+`bnnc check MODEL [--target T] [--steps K] [--batch N] ...` compiles into a temporary (or --keep)
+directory, builds the C (host: in-process through cffi; cross targets: the debug trainer under QEMU,
+runtime/trace.py) and compares K steps tensor by tensor with runtime/reference.py (runtime/check.py
+states the rules). Exit 0 when every tensor is within tolerance, 1 when not.
 
 MODEL is an ONNX/QONNX file or a zoo name (`bnnc zoo --list`); zoo names take --width.
 """
@@ -35,12 +36,15 @@ def _config(algorithm: str | None, batch: int | None, lr: float | None, seed: in
                        lr=lr, seed=seed, **given)
 
 
-def _canonical_command(verb: str, model: str, cfg, target: str, width: float | None) -> str:
+def _canonical_command(verb: str, model: str, cfg, target: str, width: float | None,
+                       ram: str | None = None, flash: str | None = None) -> str:
     """The command line as written into generated files: only what decides their content."""
     parts = [f"bnnc {verb}", Path(model).name, f"--target {target}", f"--algorithm {cfg.algorithm}",
              f"--batch {cfg.batch}", f"--optimizer {cfg.optimizer}"]
     if width is not None:
         parts.append(f"--width {width:g}")
+    parts += [f"--ram {ram}"] if ram else []
+    parts += [f"--flash {flash}"] if flash else []
     return " ".join(parts)
 
 
@@ -58,11 +62,37 @@ def _common(f):
                      help="seed of the stochastic rounding"),
         click.option("--width", type=float, default=None,
                      help="zoo models: scale every width/channel count"),
+        click.option("--ram", default=None, metavar="SIZE",
+                     help="bare-metal targets: RAM budget, e.g. 256K [default: the target's]"),
+        click.option("--flash", default=None, metavar="SIZE",
+                     help="bare-metal targets: flash budget, e.g. 1M [default: the target's]"),
     ]
     f = technique_options(f)
     for o in reversed(opts):
         f = o(f)
     return f
+
+
+def budget_target(name: str, ram: str | None, flash: str | None):
+    """targets/<name>.toml with --ram/--flash applied (bare-metal targets only)."""
+    import dataclasses
+
+    from ..compiler.codegen import load_target
+    from ..compiler.errors import ConfigError
+    from ..compiler.target import parse_size
+
+    tgt = load_target(name)
+    if ram is None and flash is None:
+        return tgt
+    if tgt.kind != "baremetal":
+        raise ConfigError(f"--ram/--flash set the budget of bare-metal targets; {tgt.name} is "
+                          f"{tgt.kind}", hint="drop them or pick --target cortex-m7/cortex-m4")
+    changes = {}
+    if ram is not None:
+        changes["ram"] = parse_size(ram, "--ram")
+    if flash is not None:
+        changes["flash"] = parse_size(flash, "--flash")
+    return dataclasses.replace(tgt, **changes)
 
 
 def compile_graph(graph, cfg, tgt, out_dir: Path, command: str, source: bytes):
@@ -85,15 +115,25 @@ def compile_graph(graph, cfg, tgt, out_dir: Path, command: str, source: bytes):
 @click.option("-o", "--out", "out_dir", required=True,
               type=click.Path(file_okay=False, path_type=Path), help="output directory")
 def compile_cmd(model: str, target: str, algorithm: str | None, batch: int | None, lr: float | None,
-                seed: int, width: float | None, out_dir: Path, **techniques) -> None:
-    """Compile MODEL into a static, malloc-free C99 training program in OUT."""
-    from ..compiler.codegen import load_target
+                seed: int, width: float | None, out_dir: Path, ram: str | None, flash: str | None,
+                **techniques) -> None:
+    """Compile MODEL into a static, malloc-free C99 training program in OUT.
+
+    
+    Targets (targets/<name>.toml): host (shared library + native trainer), rpi4 / rpi3 (static
+    aarch64 trainer, NEON), cortex-m7 / cortex-m4 (bare-metal ELF, RAM/flash budget checked).
+    
+    Examples:
+      bnnc compile mlp --target host -o out/mlp
+      bnnc compile model.onnx --target rpi4 -o out/pi
+      bnnc compile tfc --target cortex-m7 --ram 256K --batch 10 --optimizer bop -o out/m7
+    """
     from ..runtime.outdir import model_bytes
 
-    tgt = load_target(target)
+    tgt = budget_target(target, ram, flash)
     cfg = _config(algorithm, batch, lr, seed, 100, techniques)
     graph = load_graph(model, width=width)
-    command = _canonical_command("compile", model, cfg, tgt.name, width)
+    command = _canonical_command("compile", model, cfg, tgt.name, width, ram, flash)
     c, written = compile_graph(graph, cfg, tgt, out_dir, command, model_bytes(model, width=width))
     click.echo(f"{graph.name}: {cfg.algorithm}, {cfg.optimizer}, batch {cfg.batch}, "
                f"{len(c.schedule.steps)} steps, {len(c.emitted.kernels)} C kernels")
@@ -117,14 +157,22 @@ def compile_cmd(model: str, target: str, algorithm: str | None, batch: int | Non
 @click.option("--verbose", is_flag=True, help="list every tensor, also the bit-identical ones")
 def check_cmd(model: str, target: str, algorithm: str | None, batch: int | None, lr: float | None,
               seed: int, width: float | None, steps: int, data_seed: int, keep: Path | None,
-              free: bool, verbose: bool, **techniques) -> None:
-    """Train MODEL for K steps in the emitted C and in the numpy reference; compare every tensor."""
+              free: bool, verbose: bool, ram: str | None, flash: str | None,
+              **techniques) -> None:
+    """Train MODEL for K steps in the emitted C and in the numpy reference; compare every tensor.
+
+    
+    --target host builds a debug shared library and drives it in-process; a cross target (rpi4,
+    rpi3, cortex-m7, cortex-m4) runs its debug build under QEMU on the same batches, records every
+    tensor of every step, and the same comparison replays that recording.
+    """
     from ..runtime.check import format_report, run_check
 
     cfg = _config(algorithm, batch, lr, seed, 32, techniques)
     graph = load_graph(model, width=width)
     with tempfile.TemporaryDirectory(prefix="bnnc-check-") as tmp:
-        rep = run_check(graph, cfg, steps=steps, data_seed=data_seed, target=target,
+        rep = run_check(graph, cfg, steps=steps, data_seed=data_seed,
+                        target=budget_target(target, ram, flash),
                         work_dir=keep if keep is not None else tmp,
                         command=_canonical_command("check", model, cfg, target, width),
                         forcing=not free)

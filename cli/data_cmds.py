@@ -78,3 +78,51 @@ def list_cmd(data_dir: Path | None) -> None:
         shape = "x".join(map(str, info.shape))
         click.echo(f"  {info.name:<14} {shape:<8} {info.classes} classes, "
                    f"{info.n_train}/{info.n_test}  {status}")
+
+
+@data.command("pack")
+@click.argument("name")
+@click.option("--model", "model", required=True,
+              help="the model the data feed: an ONNX file, a zoo name or a `bnnc compile` OUT/ "
+                   "(decides the input layout, e.g. MNIST padded to 3x32x32 for CNV)")
+@click.option("--split", type=click.Choice(("train", "test")), default="train", show_default=True)
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="first N examples only")
+@click.option("--width", type=float, default=None, help="zoo models: the --width compiled")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help=_DATA_DIR_HELP)
+def pack_cmd(name: str, model: str, split: str, output: Path, limit: int | None,
+             width: float | None, data_dir: Path | None) -> None:
+    """Write dataset NAME as the packed file the standalone trainer reads (--train/--test).
+
+    \b
+    Format (runtime/packed.py): 64-byte header "BNND", u8 labels, then u8 pixels (or float32)
+    example after example in the model's input layout. `bnnc run` packs on its own; use this to
+    train on a device by hand:
+      bnnc data pack mnist --model out/mlp -o train.bnnd
+      bnnc data pack mnist --model out/mlp --split test -o test.bnnd
+      scp out/mlp/trainer train.bnnd test.bnnd pi@raspberrypi.local:
+    """
+    from ..runtime import packed
+    from .train_cmds import fit_to_model
+
+    if Path(model).is_dir():
+        from ..runtime.outdir import read_compiled
+        _, graph, _ = read_compiled(Path(model))
+    else:
+        from .memory_cmds import load_graph
+        graph = load_graph(model, width=width)
+    d = ds.load_dataset(name, data_dir)
+    if d.classes != graph.num_classes:
+        raise DataError(f"{d.name} has {d.classes} classes but model {graph.name!r} outputs "
+                        f"{graph.num_classes}")
+    x, y = (d.x_train, d.y_train) if split == "train" else (d.x_test, d.y_test)
+    x = fit_to_model(graph, x, f"{d.name} {split}")
+    if limit is not None:
+        x, y = x[:limit], y[:limit]
+    if not output.parent.is_dir():
+        raise DataError(f"cannot write {output}: directory {output.parent} does not exist")
+    fmt = packed.pack(output, x, y, d.classes)
+    click.echo(f"wrote {output}: {len(y)} {d.name} {split} examples, {int(np.prod(x.shape[1:]))} "
+               f"inputs each ({'u8 pixels' if fmt == packed.U8 else 'float32'}), "
+               f"{output.stat().st_size:,} bytes")

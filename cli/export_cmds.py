@@ -48,18 +48,25 @@ def export_cmd(model: str, state_path: Path | None, output: Path, fmt: str, algo
     """Export MODEL with the trained state STATE.npz as an inference ONNX model (probabilities).
 
     MODEL may also be a `bnnc compile` output directory: its model, training options and the state
-    `bnnc run` left there (OUT/final_state.npz) are used.
+    `bnnc run` left there (OUT/final_state.npz, else the checkpoint OUT/state.bin) are used; --state
+    may then also name a checkpoint blob the standalone trainer wrote (e.g. fetched from a device).
 
     \b
     Examples:
       bnnc export mlp.onnx --state mlp_state.npz -o mlp_trained.onnx
       bnnc export cnv.onnx --state s.npz --algorithm standard --format qonnx -o cnv_q.onnx
       bnnc export out/mlp -o mlp_trained.onnx
+      bnnc export out/mlp --state pi_checkpoint.bin -o mlp_trained.onnx
     """
+    manifest = None
     if Path(model).is_dir():
-        from ..runtime.outdir import FINAL_STATE, read_compiled
-        _, graph, cfg = read_compiled(Path(model))
-        state_path = state_path or Path(model) / FINAL_STATE
+        from ..runtime.outdir import FINAL_STATE, STATE_BLOB, read_compiled
+        manifest, graph, cfg = read_compiled(Path(model))
+        if state_path is None:
+            state_path = Path(model) / FINAL_STATE
+            if not state_path.is_file():
+                state_path = Path(model) / STATE_BLOB
+        state_path = Path(state_path)
         if not state_path.is_file():
             raise ConfigError(f"{state_path} does not exist", hint=f"train first: bnnc run {model} "
                               "--data ...")
@@ -67,9 +74,20 @@ def export_cmd(model: str, state_path: Path | None, output: Path, fmt: str, algo
         if state_path is None:
             raise ConfigError("--state is required when MODEL is a model file",
                               hint="pass the .npz written by `bnnc train --save-state`")
+        state_path = Path(state_path)
         cfg = make_config(algorithm, optimizer=optimizer, bn=bn, state_dtype=state_dtype)
         graph = load_graph(model, width=width)
-    state = load_state_npz(state_path, graph, cfg)
+    if state_path.suffix == ".npz":
+        state = load_state_npz(state_path, graph, cfg)
+    elif manifest is not None:
+        # a state blob / checkpoint of the compiled C (the trainer's --checkpoint or --final file)
+        from ..compiler.export import check_state
+        from ..runtime.outdir import read_state_blob
+        state = check_state(graph, cfg, read_state_blob(state_path, manifest).tensors,
+                            source=str(state_path))
+    else:
+        raise ConfigError(f"{state_path}: a state blob (.bin) needs its compiled directory",
+                          hint="pass the `bnnc compile` output directory as MODEL")
     onnx_model = export_onnx(graph, cfg, state, fmt=fmt, name=name)
     if not output.parent.is_dir():
         raise ConfigError(f"cannot write {output}: directory {output.parent} does not exist",

@@ -64,6 +64,7 @@ from ..compiler.state import state_tensors
 from . import numerics as nx
 from . import reference
 from .host import HostProgram
+from .trace import RecordedProgram
 
 F32_RTOL = 1e-5
 _GRAD_FIELD = {"W": "dW", "b": "db", "gamma": "dgamma", "beta": "dbeta"}   # compiler/README.md
@@ -388,17 +389,23 @@ def run_check(graph: Graph, cfg: TrainConfig, *, steps: int = 3, data_seed: int 
     out = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="bnnc-check-"))
     schedule = compile_to_c(graph, cfg, tgt, out,
                             command=command or f"bnnc check ({graph.name})").schedule
-    hp = HostProgram(out, target=tgt, debug=True, extra_cflags=extra_cflags, cache=cache)
     chain = _chain_eps(schedule)
     report = CheckReport(graph.name, cfg, steps, forcing, out_dir=out)
     rng = np.random.default_rng(data_seed)
+    batches = [sample_batch(graph, cfg.batch, rng) for _ in range(steps)]
     init = reference.init_state(graph, cfg)
+    if tgt.kind == "host":
+        hp = HostProgram(out, target=tgt, debug=True, extra_cflags=extra_cflags, cache=cache)
+    else:
+        # a cross target runs all K steps in its debug build first (QEMU); the loop below then
+        # replays the recording exactly as it drives the in-process host program
+        hp = RecordedProgram(out, tgt, batches, init.tensors)
     hp.load_state(init.tensors, step=0, seed=cfg.seed)
     sts = {st.name: st for st in state_tensors(graph, cfg)}
     state_dtypes = {n: t.dtype for n, t in schedule.tensors.items() if t.role.persistent}
     seen_c_only: set[str] = set()
     for k in range(steps):
-        x, y = sample_batch(graph, cfg.batch, rng)
+        x, y = batches[k]
         # the reference takes this step from the C's own state: the C runs free, each step checked
         pre = hp.read_state()
         pre_state = reference.TrainState(

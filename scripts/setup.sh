@@ -14,6 +14,18 @@ command -v chromium >/dev/null || pkgs+=(chromium)
 command -v npm >/dev/null || pkgs+=(npm)
 command -v cc >/dev/null || pkgs+=(gcc libc6-dev)
 command -v clang >/dev/null || pkgs+=(clang)
+# cross targets: Raspberry Pi (aarch64 Linux, QEMU user mode) and Cortex-M (bare metal, QEMU MPS2
+# boards); --no-install-recommends keeps qemu-system-arm from pulling in GTK (3 GB)
+command -v aarch64-linux-gnu-gcc >/dev/null || pkgs+=(gcc-aarch64-linux-gnu)
+[ -f /usr/aarch64-linux-gnu/include/stdio.h ] || pkgs+=(libc6-dev-arm64-cross)
+command -v qemu-aarch64 >/dev/null || pkgs+=(qemu-user)
+command -v arm-none-eabi-gcc >/dev/null || pkgs+=(gcc-arm-none-eabi)
+[ -d /usr/lib/arm-none-eabi/newlib ] || pkgs+=(libnewlib-arm-none-eabi)
+command -v qemu-system-arm >/dev/null || pkgs+=(qemu-system-arm)
+# the --device tests start a throwaway sshd on loopback; valgrind checks the trainer's memory use
+[ -x /usr/sbin/sshd ] || pkgs+=(openssh-server)
+command -v ssh >/dev/null || pkgs+=(openssh-client)
+command -v valgrind >/dev/null || pkgs+=(valgrind)
 if [ ${#pkgs[@]} -gt 0 ]; then
   apt-get install -y -q --no-install-recommends "${pkgs[@]}" >/dev/null
 fi

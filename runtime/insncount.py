@@ -1,0 +1,80 @@
+"""Exact, deterministic instruction counts of programs run under QEMU (qemu-aarch64, qemu-system-arm).
+
+Input: an emulator argv prefix (the target's), a program and its arguments. Output: the number of
+guest instructions executed, from bnnc's own TCG plugin (runtime/qemu_plugin/insncount.c), built
+here with the host C compiler on first use and cached by content hash.
+
+Per-step counts are measured by difference (a run of N steps minus a run of 0 steps, divided by N),
+which cancels start-up, data loading setup and exit. qemu-user counts depend on the environment
+(glibc walks envp), so programs run with a fixed minimal environment; system mode is deterministic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+from ..compiler.errors import TargetError
+from .host import cache_dir
+
+PLUGIN_SOURCE = Path(__file__).resolve().parent / "qemu_plugin" / "insncount.c"
+
+
+def build_plugin(cc: str = "cc", cache: Path | None = None) -> Path:
+    src = PLUGIN_SOURCE.read_bytes()
+    digest = hashlib.sha256(src + cc.encode()).hexdigest()[:16]
+    where = Path(cache) if cache is not None else cache_dir().parent / "plugins"
+    where.mkdir(parents=True, exist_ok=True)
+    lib = where / f"libbnnc_insncount-{digest}.so"
+    if lib.exists():
+        return lib
+    fd, tmp = tempfile.mkstemp(prefix=".insncount-", suffix=".so", dir=where)
+    os.close(fd)
+    cmd = [cc, "-O2", "-shared", "-fPIC", "-Wall", "-Wextra", "-o", tmp, str(PLUGIN_SOURCE)]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True)
+    except OSError as err:
+        os.unlink(tmp)
+        raise TargetError(f"cannot build the QEMU plugin with {cc!r}: {err}",
+                          hint="apt-get install --no-install-recommends gcc") from err
+    if res.returncode != 0:
+        os.unlink(tmp)
+        raise TargetError(f"building the QEMU instruction-count plugin failed:\n{res.stderr}")
+    os.replace(tmp, lib)
+    return lib
+
+
+def count_instructions(emulator: Sequence[str], program_args: Sequence[str], *,
+                       timeout: float = 600.0, cwd: str | Path | None = None,
+                       stdout_path: Path | None = None) -> tuple[int, subprocess.CompletedProcess]:
+    """Run `emulator + ['-plugin', lib] + program_args` and return (instructions, process).
+
+    `emulator` is the target's argv prefix, e.g. ['qemu-aarch64', '-cpu', 'cortex-a72'] or the
+    qemu-system-arm board command (the program then comes as `-kernel ELF` inside program_args)."""
+    if not emulator:
+        raise TargetError("instruction counts need an emulated target (QEMU); the host runs "
+                          "programs natively", hint="use --target rpi4 / cortex-m7")
+    lib = build_plugin()
+    with tempfile.TemporaryDirectory(prefix="bnnc-insns-") as tmp:
+        out = Path(tmp) / "insns.txt"
+        argv = [emulator[0], "-plugin", f"{lib},out={out}", *emulator[1:], *program_args]
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+        try:
+            proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                  timeout=timeout, env=env, cwd=cwd)
+        except FileNotFoundError as err:
+            raise TargetError(f"{emulator[0]!r} is not installed",
+                              hint="apt-get install --no-install-recommends qemu-user "
+                                   "qemu-system-arm") from err
+        if stdout_path is not None:
+            Path(stdout_path).write_text(proc.stdout)
+        m = re.search(r"insns: (\d+)", out.read_text() if out.exists() else "")
+        if m is None:
+            raise TargetError(f"the instruction-count plugin wrote nothing (exit "
+                              f"{proc.returncode}): {proc.stderr.strip()[-800:]}")
+        return int(m.group(1)), proc
