@@ -95,14 +95,15 @@ def budget_target(name: str, ram: str | None, flash: str | None):
     return dataclasses.replace(tgt, **changes)
 
 
-def compile_graph(graph, cfg, tgt, out_dir: Path, command: str, source: bytes):
+def compile_graph(graph, cfg, tgt, out_dir: Path, command: str, source: bytes, *,
+                  guard_bytes: int = 0):
     """compiler.pipeline.compile_to_c plus what `bnnc run` and a reader need in out_dir (the model,
     the initial state, report.txt). Returns (compiled, files written)."""
     from ..compiler.pipeline import compile_to_c
     from ..compiler.report import format_report
     from ..runtime.outdir import write_run_inputs
 
-    c = compile_to_c(graph, cfg, tgt, out_dir, command=command)
+    c = compile_to_c(graph, cfg, tgt, out_dir, command=command, guard_bytes=guard_bytes)
     run_inputs = write_run_inputs(out_dir, graph, cfg, source)
     report = out_dir / "report.txt"
     report.write_text(f"{command}\n\n" + format_report(c.plan_doc, tensors=True)
@@ -114,9 +115,12 @@ def compile_graph(graph, cfg, tgt, out_dir: Path, command: str, source: bytes):
 @_common
 @click.option("-o", "--out", "out_dir", required=True,
               type=click.Path(file_okay=False, path_type=Path), help="output directory")
+@click.option("--guard", is_flag=True,
+              help="debug build: canary bytes around every arena buffer, checked after every "
+                   "kernel (a kernel writing outside its tensors stops the program, naming it)")
 def compile_cmd(model: str, target: str, algorithm: str | None, batch: int | None, lr: float | None,
                 seed: int, width: float | None, out_dir: Path, ram: str | None, flash: str | None,
-                **techniques) -> None:
+                guard: bool, **techniques) -> None:
     """Compile MODEL into a static, malloc-free C99 training program in OUT.
 
     
@@ -128,13 +132,16 @@ def compile_cmd(model: str, target: str, algorithm: str | None, batch: int | Non
       bnnc compile model.onnx --target rpi4 -o out/pi
       bnnc compile tfc --target cortex-m7 --ram 256K --batch 10 --optimizer bop -o out/m7
     """
+    from ..compiler.planner import DEFAULT_GUARD_BYTES
     from ..runtime.outdir import model_bytes
 
     tgt = budget_target(target, ram, flash)
     cfg = _config(algorithm, batch, lr, seed, 100, techniques)
     graph = load_graph(model, width=width)
-    command = _canonical_command("compile", model, cfg, tgt.name, width, ram, flash)
-    c, written = compile_graph(graph, cfg, tgt, out_dir, command, model_bytes(model, width=width))
+    command = _canonical_command("compile", model, cfg, tgt.name, width, ram, flash) \
+        + (" --guard" if guard else "")
+    c, written = compile_graph(graph, cfg, tgt, out_dir, command, model_bytes(model, width=width),
+                               guard_bytes=DEFAULT_GUARD_BYTES if guard else 0)
     click.echo(f"{graph.name}: {cfg.algorithm}, {cfg.optimizer}, batch {cfg.batch}, "
                f"{len(c.schedule.steps)} steps, {len(c.emitted.kernels)} C kernels")
     click.echo(f"arena {c.plan.arena_nbytes:,} B (lower bound {c.plan.lower_bound:,}, efficiency "
@@ -171,8 +178,17 @@ def check_cmd(model: str, target: str, algorithm: str | None, batch: int | None,
     cfg = _config(algorithm, batch, lr, seed, 32, techniques)
     graph = load_graph(model, width=width)
     with tempfile.TemporaryDirectory(prefix="bnnc-check-") as tmp:
-        rep = run_check(graph, cfg, steps=steps, data_seed=data_seed,
-                        target=budget_target(target, ram, flash),
+        tgt = budget_target(target, ram, flash)
+        if tgt.kind == "baremetal":
+            # the debug build runs on the emulated board, which has more memory than the part
+            import dataclasses
+
+            from ..compiler.target import parse_size
+            tgt = dataclasses.replace(
+                tgt, ram=tgt.ram if ram else parse_size(tgt.extra.get("board_ram", tgt.ram), "ram"),
+                flash=tgt.flash if flash else parse_size(tgt.extra.get("board_flash", tgt.flash),
+                                                         "flash"))
+        rep = run_check(graph, cfg, steps=steps, data_seed=data_seed, target=tgt,
                         work_dir=keep if keep is not None else tmp,
                         command=_canonical_command("check", model, cfg, target, width),
                         forcing=not free)

@@ -29,7 +29,7 @@ from .train_cmds import data_options
 TRAIN_FILE, TEST_FILE, INIT_FILE = "train.bnnd", "test.bnnd", "init_state.f32"
 
 
-def _pack_data(out_dir: Path, graph, data_name: str, data_dir, limit: int | None):
+def pack_run_data(out_dir: Path, graph, data_name: str, data_dir, limit: int | None):
     """Pack the train/test splits shaped for the model into OUT/data/ (rewritten only when the
     bytes change, so a device copy can be reused). Returns (train path, test path, train count)."""
     from ..runtime import packed
@@ -51,7 +51,7 @@ def _pack_data(out_dir: Path, graph, data_name: str, data_dir, limit: int | None
     return paths[0], paths[1], len(x_train), data
 
 
-def _until(start: int, per_epoch: int, epochs: int | None, steps: int | None) -> int:
+def until_step(start: int, per_epoch: int, epochs: int | None, steps: int | None) -> int:
     """The absolute step to train to: --steps more steps, or --epochs passes counting the current
     (possibly partial) epoch as the first, as `bnnc train` does."""
     if epochs is not None and steps is not None:
@@ -128,7 +128,7 @@ def run_cmd(out_dir: Path, data_name: str, data_dir: Path | None, epochs: int | 
     start = 0
     if resume is not None:
         start = read_state_blob(resume, manifest).step     # refuses a foreign/corrupt file first
-    train_f, test_f, n_train, data = _pack_data(out_dir, graph, data_name, data_dir, limit)
+    train_f, test_f, n_train, data = pack_run_data(out_dir, graph, data_name, data_dir, limit)
     per_epoch = n_train // cfg.batch
     if per_epoch == 0:
         raise DataError(f"{n_train} training examples do not fill one batch of {cfg.batch}",
@@ -139,7 +139,7 @@ def run_cmd(out_dir: Path, data_name: str, data_dir: Path | None, epochs: int | 
         if resume.resolve() != ckpt.resolve():
             from ..runtime.outdir import write_atomic
             write_atomic(ckpt, resume.read_bytes())
-    until = _until(start, per_epoch, epochs, steps)
+    until = until_step(start, per_epoch, epochs, steps)
     if count:
         _count(out_dir, tgt, train_f, until - start, console)
         return

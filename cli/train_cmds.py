@@ -23,7 +23,6 @@ from rich.console import Console
 from ..compiler.config import ALGORITHMS, BN_KINDS, OPTIMIZERS, STATE_DTYPES, TrainConfig, \
     check_config_for_graph, make_config
 from ..compiler.errors import ConfigError, DataError
-from ..compiler.export import save_state_npz
 from ..compiler.ir import Graph
 from ..runtime.train_loop import HostBackend, ReferenceBackend, fit
 from . import cli
@@ -137,7 +136,8 @@ def train_cmd(model: Path, backend: str, data_name: str, data_dir: Path | None, 
         fit(trainer, x_train, y_train, x_test, data.y_test, epochs=epochs, steps=steps,
             seed=cfg.seed, console=console)
         if save_state is not None:
-            save_state_npz(save_state, trainer.state())
+            from ..runtime.outdir import save_state_atomic
+            save_state_atomic(save_state, trainer.state())     # a crash leaves the old file
             console.print(f"wrote {save_state} (training state; `bnnc export` turns it into ONNX)")
     finally:
         if tmp is not None:

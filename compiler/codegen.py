@@ -24,9 +24,14 @@ stochastic rounding keyed by (seed, step, tensor id, element) via `numerics.sr_b
 and moments stored with RNE/SR as `compiler.state` says; PO2 codes exactly as
 `numerics.po2_quantize`.
 
-Limits: the batch must live in the arena (liveness io="arena"); kernels are portable scalar C
-(64-bit XNOR-popcount for binary forward passes, sign-select add/sub for binary backward passes, no
-SIMD).
+Kernels: portable C (64-bit XNOR-popcount for binary forward passes, sign-select add/sub for binary
+backward passes, PO2 gradients as exact integer sums) with SIMD variants chosen by the target (NEON
+when its toml lists `simd = ["neon"]`) or at run time (AVX2 on x86-64), each adding every output's
+terms in the same order, so every variant is bit-identical to the portable build (-DBNNC_NO_SIMD
+selects it). Stride-1 binary convs on host/Linux targets add by table lookup (the 256 sums of 8
+values' sign patterns, "Four Russians") and keep fixed-size stack scratch per call (at most
+_CONV_SCRATCH_BYTES: sign patterns, tables, partial sums); bare-metal targets keep the portable
+loops. Limits: the batch must live in the arena (liveness io="arena").
 """
 
 from __future__ import annotations
@@ -254,6 +259,19 @@ def _bias(step: Step, ctx: _Ctx, idx: int) -> tuple[dict[str, str], str]:
     return {}, "0"
 
 
+def _pm1_input(ctx: _Ctx, name: str) -> bool:
+    """Whether f32 tensor `name` holds only +-1.0: a SIGN layer's f32 output, seen directly, through
+    views (flatten) or through max pooling (a max of +-1 values is +-1)."""
+    t = ctx.t(name)
+    base = t.alias_of or name
+    prod = ctx.s.producer(base)
+    if t.dtype is not DType.F32 or prod is None:
+        return False
+    if prod.kernel == "sign_fwd_f32":
+        return True
+    return prod.kernel.startswith("maxpool_fwd") and _pm1_input(ctx, prod.inputs[0])
+
+
 def _lower_dense_fwd(step: Step, ctx: _Ctx) -> Call:
     a = step.attrs
     x, w = step.inputs[0], step.inputs[1]
@@ -265,7 +283,11 @@ def _lower_dense_fwd(step: Step, ctx: _Ctx) -> Call:
         words = chw[1] * chw[2] * _words(chw[0]) if chw else _words(k)
         inst = _instance(step, ctx, operands=ops, bias=bool(ops))
         return Call(inst, [ctx.ptr(x, True), ctx.ptr(w, True), bptr, ctx.ptr(y), b, n, words, k])
-    inst = _instance(step, ctx, operands={"w": w, **ops}, bias=bool(ops))
+    # a +-1 input (the standard algorithm keeps sign outputs as f32) multiplies by XNOR-popcount:
+    # the sums are exact integers, the same bits as the sign-select float sum
+    macro = ("dense_fwd_pm1" if step.kernel == "dense_fwd_signw" and _pm1_input(ctx, x)
+             and ctx.t(w).dtype is not DType.BIT else None)
+    inst = _instance(step, ctx, macro, operands={"w": w, **ops}, bias=bool(ops))
     return Call(inst, [ctx.ptr(x, True), ctx.ptr(w, True), bptr, ctx.ptr(y), b, k, n, _words(k)])
 
 
@@ -362,7 +384,7 @@ def _lower_bn_fwd(step: Step, ctx: _Ctx, infer: bool = False) -> Call:
             return Call(inst, [ctx.ptr(x, True), ctx.ptr(gamma, True), ctx.ptr(beta, True),
                                ctx.ptr(rm, True), ctx.ptr(rv, True), ctx.ptr(y), b, c, sp,
                                c_float(a["eps"])])
-        inst = _instance(step, ctx, operands=ops, saved=xh is not None)
+        inst = _instance(step, ctx, operands=ops, saved=xh is not None, rows=sp == 1)
         return Call(inst, [ctx.ptr(x, True), ctx.ptr(gamma, True), ctx.ptr(beta, True),
                            ctx.ptr(rm), ctx.ptr(rv), ctx.ptr(y), ctx.ptr(xh) if xh else "0",
                            ctx.ptr(inv) if inv else "0", b, c, sp, c_float(a["eps"]), c_float(m),
@@ -376,7 +398,7 @@ def _lower_bn_fwd(step: Step, ctx: _Ctx, infer: bool = False) -> Call:
         inst = _instance(step, ctx, "bn_l1_infer", ops)
         return Call(inst, [ctx.ptr(x, True), ctx.ptr(beta, True), ctx.ptr(rm, True),
                            ctx.ptr(rp, True), ctx.ptr(y), b, c, sp])
-    inst = _instance(step, ctx, operands=ops, signs=s is not None)
+    inst = _instance(step, ctx, operands=ops, signs=s is not None, rows=sp == 1)
     return Call(inst, [ctx.ptr(x, True), ctx.ptr(beta, True), ctx.ptr(rm), ctx.ptr(rp), ctx.ptr(y),
                        ctx.ptr(mu), ctx.ptr(psi), ctx.ptr(s) if s else "0", b, c, sp,
                        _words(c * sp), c_float(m), c_float(1 - m)])
@@ -390,7 +412,7 @@ def _lower_bn_bwd(step: Step, ctx: _Ctx) -> Call:
         dgamma, dbeta = step.outputs[:2]
         d_in = step.outputs[2] if len(step.outputs) > 2 else None
         ops = {"g": g, "gamma": gamma} | ({"dx": d_in} if d_in else {})
-        inst = _instance(step, ctx, operands=ops, dx=d_in is not None)
+        inst = _instance(step, ctx, operands=ops, dx=d_in is not None, rows=sp == 1)
         return Call(inst, [ctx.ptr(g, True), ctx.ptr(xh, True), ctx.ptr(inv, True),
                            ctx.ptr(gamma, True), ctx.ptr(dgamma), ctx.ptr(dbeta),
                            ctx.ptr(d_in) if d_in else "0", b, c, sp])
@@ -398,7 +420,7 @@ def _lower_bn_bwd(step: Step, ctx: _Ctx) -> Call:
     dbeta = step.outputs[0]
     d_in = step.outputs[1] if len(step.outputs) > 1 else None
     ops = {"g": g} | ({"dx": d_in} if d_in else {})
-    inst = _instance(step, ctx, operands=ops, dx=d_in is not None)
+    inst = _instance(step, ctx, operands=ops, dx=d_in is not None, rows=sp == 1)
     return Call(inst, [ctx.ptr(g, True), ctx.ptr(s, True), ctx.ptr(psi, True), ctx.ptr(dbeta),
                        ctx.ptr(d_in) if d_in else "0", b, c, sp, _words(c * sp)])
 
@@ -506,7 +528,7 @@ def _lower_adam(step: Step, ctx: _Ctx) -> Call:
     b1, b2 = a["beta1"], a["beta2"]
     return Call(inst, [ctx.ptr(p), ctx.ptr(g, True), ctx.ptr(m), ctx.ptr(v), a["size"]] + gbits + [
         c_float(a["lr"]), c_float(b1), c_float(b2), c_float(1 - b1), c_float(1 - b2),
-        f"(float)(1.0 - pow({b1!r}, (double)t))", f"(float)(1.0 - pow({b2!r}, (double)t))",
+        f"bnnc_one_minus_pow({c_float(b1)}, t)", f"bnnc_one_minus_pow({c_float(b2)}, t)",
         c_float(a["eps"]), f"bnnc_sr_key(seed, t, {a['tensor_id']}u)",
         f"bnnc_sr_key(seed, t, {mid}u)", f"bnnc_sr_key(seed, t, {vid}u)"])
 
@@ -564,79 +586,261 @@ def _pool_geom(a: dict) -> str:
                       _words(c))
 
 
+def _conv_fwd_plan(a: dict, kind: str) -> dict | None:
+    """Scratch sizes of the stride-1 forward kernels (conv_fwd_fast), or None (portable loops).
+
+    kind "bits"/"pm1": XNOR-popcount rows; one sample's packed input ([row][word][column]) and, for
+    "pm1" (f32 +-1 input, latent W), sign(W) packed for the largest block of output channels that
+    fits; a kernel row's words (kw * wc) must fit the 31 per-byte SWAR sums. "signw"/"f32": direct
+    rows over a real input, one sign mask (or weight) per (c, i, j) of an output channel."""
+    if tuple(a["strides"]) != (1, 1):
+        return None
+    c, k, kh, kw, h, w, ow = a["cin"], a["cout"], a["kh"], a["kw"], a["h"], a["w"], a["ow"]
+    taps, wc = kh * kw, _words(c)
+    if kind in ("signw", "f32"):
+        if 4 * (c * taps + 2 * ow) > _CONV_SCRATCH_BYTES:
+            return None
+        # a first layer's few taps (3 x 3 x 3 = 27) are written out as one sum per column
+        unroll = c * taps <= 64
+        # interior columns (every tap inside the image): [pl, OW - pr)
+        pl, pr = a["pads"][1], a["pads"][3]
+        return dict(wn=c * taps, ow=ow, unroll=unroll,
+                    **(dict(cin=c, kh=kh, kw=kw, h=h, w=w, ox0=pl, ox1=ow - pr) if unroll else {}))
+    if kw * wc > 31:
+        return None
+    base = 8 * (h * wc * w) + 12 * ow
+    kb = k if kind == "bits" else (_CONV_SCRATCH_BYTES - base) // (8 * taps * wc)
+    if base > _CONV_SCRATCH_BYTES or kb < 1:
+        return None
+    kb = min(k, kb)
+    # the words of every tap written out per column (<= 31: the per-byte counts fold once)
+    unroll = taps * wc <= 31
+    return dict(xbn=h * wc * w, wbn=kb * taps * wc, kb=kb, ow=ow, unroll=unroll,
+                **(dict(kh=kh, kw=kw, wc=wc, w=w, **_csa_plan(taps * wc)) if unroll else {}))
+
+
+def _csa_plan(words: int) -> dict:
+    """A carry-save adder tree for the popcount of `words` words (u0 .. u{words-1}): while some
+    weight has three words a, b, c, replace them by a ^ b ^ c (same weight) and their majority
+    (twice the weight). Returns csa = a, b, c, sum, carry of each step in order (new words
+    numbered from `words`) and pops = word, weight of each word left to count (popcount = sum of
+    weight * pop), as "x"-joined integers: they become part of the kernel's name, and the
+    template splits them.
+
+    >>> _csa_plan(3)
+    {'csa': '0x1x2x3x4', 'pops': '3x1x4x2'}
+    >>> _csa_plan(2)
+    {'csa': 'none', 'pops': '0x1x1x1'}
+    """
+    level: dict[int, list[int]] = {1: list(range(words))}
+    csa, nxt = [], words
+    weight = 1
+    while weight in level:
+        ws = level[weight]
+        while len(ws) >= 3:
+            a, b, c = ws.pop(0), ws.pop(0), ws.pop(0)
+            csa.append((a, b, c, nxt, nxt + 1))
+            ws.append(nxt)
+            level.setdefault(2 * weight, []).append(nxt + 1)
+            nxt += 2
+        weight *= 2
+    pops = [(u, wt) for wt in sorted(level) for u in level[wt]]
+    return dict(csa="x".join(str(v) for op in csa for v in op) or "none",
+                pops="x".join(str(v) for op in pops for v in op))
+
+
 def _lower_conv_fwd(step: Step, ctx: _Ctx) -> Call:
     x, w = step.inputs[0], step.inputs[1]
     ops, bptr = _bias(step, ctx, 2)
     y = step.outputs[0]
     wops = {} if step.kernel == "conv_fwd_xnor" else {"w": w}
-    inst = _instance(step, ctx, operands={**wops, **ops}, bias=bool(ops))
+    latent = ctx.t(w).dtype is not DType.BIT
+    kind = {"conv_fwd_xnor": "bits", "conv_fwd_f32": "f32"}.get(step.kernel, "signw")
+    if kind == "signw" and latent and _pm1_input(ctx, x):
+        kind = "pm1"      # +-1 input: XNOR-popcount, the same exact integer sums
+    plan = _conv_fwd_plan(step.attrs, kind) if latent or kind == "bits" else None
+    macro = f"conv_fwd_fast_{kind}" if plan else None
+    inst = _instance(step, ctx, macro, operands={**wops, **ops}, bias=bool(ops), **(plan or {}))
     return Call(inst, [ctx.ptr(x, True), ctx.ptr(w, True), bptr, ctx.ptr(y), "&g"],
                 [_conv_geom(step.attrs)])
 
 
+def _conv_dw_direct_plan(a: dict) -> dict | None:
+    """Scratch of the real-input dW kernel (conv_dw_direct): all Cin*kh*kw x Cout sums and one
+    output row of G transposed; None past _CONV_SCRATCH_BYTES or for strides > 1."""
+    if tuple(a["strides"]) != (1, 1):
+        return None
+    accn, gtn = a["cin"] * a["kh"] * a["kw"] * a["cout"], a["ow"] * a["cout"]
+    return (dict(accn=accn, gtn=gtn, k=a["cout"]) if 4 * (accn + gtn) <= _CONV_SCRATCH_BYTES
+            else None)
+
+
+def _conv_dw_plan(a: dict, exact: bool) -> dict | None:
+    """Block sizes of the table-lookup dW kernel (conv_dw_fr), or None when it does not apply
+    (stride > 1) or does not fit _CONV_SCRATCH_BYTES even for 8 input channels at a time.
+
+    Positions go 8 at a time in padded-row order (mode "ox", x from a bit string of the padded
+    input per channel, built from one word per input row: rows up to 64 wide) when rows are at
+    least 8 wide, else 8 samples at one position (mode "img", x from a byte per 8 samples, pixel
+    and channel, built for the whole batch). The largest output-channel
+    block (16, 8 or 4: the vector lanes) that fits with all input channels wins; `exact` (integer
+    PO2 sums) doubles the sums for the carried high halves."""
+    if tuple(a["strides"]) != (1, 1):
+        return None
+    c, k, kh, kw, oh, ow, b = a["cin"], a["cout"], a["kh"], a["kw"], a["oh"], a["ow"], a["batch"]
+    hp, wp, taps = oh + kh - 1, ow + kw - 1, kh * kw
+    mode = "ox" if ow >= 8 and a["w"] <= 64 else "img"
+    fw = -(-(hp * wp) // 64) + 1          # words per channel of the padded bit string (+1 to read)
+    sums = 2 if exact else 1
+    for cb in sorted({c} | {d for d in (256, 128, 64, 32, 16, 8) if d < c}, reverse=True):
+        xrn = fw * cb if mode == "ox" else -(-b // 8) * hp * wp * cb
+        xr_bytes = 8 * (xrn + fw + cb) if mode == "ox" else xrn
+        for kb in (16, 8, 4):
+            total = 4 * (sums * (cb * taps + taps) * kb + 256 * kb + 8 * kb) + xr_bytes
+            if total <= _CONV_SCRATCH_BYTES:
+                return dict(mode=mode, cb=cb, kb=kb, kh=kh, kw=kw, taps=taps, hp=hp,
+                            accn=cb * taps * kb, xrn=xrn, fw=fw)
+    return None
+
+
 def _lower_conv_dw(step: Step, ctx: _Ctx) -> Call:
     x = step.inputs[0]
+    a = step.attrs
     kind = "bits" if ctx.t(x).dtype is DType.BIT else "real"
     ops: dict[str, str] = {} if kind == "bits" else {"x": x}
     dw = step.outputs[0]
-    decl = [_conv_geom(step.attrs)]
+    decl = [_conv_geom(a)]
+    # the table-lookup kernel needs x = +-1: packed bits, or an f32 tensor of sign outputs
+    xk = "bits" if kind == "bits" else ("pm1" if _pm1_input(ctx, x) else None)
     if step.kernel == "conv_dw_bin":
         g = step.inputs[1]
         po2 = ctx.t(g).dtype is DType.PO2
         if not po2:
             ops["g"] = g
-        inst = _instance(step, ctx, f"conv_dw_bin_{kind}", ops, po2=po2)
+        grad = "int" if po2 else "f32"
+        plan = _conv_dw_plan(a, exact=po2) if xk else _conv_dw_direct_plan(a)
+        macro = ((f"conv_dw_fr_{grad}_{xk}" if xk else "conv_dw_direct_bin") if plan
+                 else f"conv_dw_bin_{kind}")
+        inst = _instance(step, ctx, macro, ops, po2=po2, **(dict(plan, out="bin") if plan else {}))
         return Call(inst, [ctx.ptr(x, True), ctx.ptr(g, True), ctx.ptr(dw), "&g"], decl)
     if step.kernel == "conv_dw_po2":
         q, bias = step.inputs[1], step.inputs[2]
         w = step.inputs[3] if len(step.inputs) > 3 else None
         ops |= {"w": w} if w else {}
-        inst = _instance(step, ctx, f"conv_dw_po2_{kind}", ops, mask=w is not None)
+        plan = _conv_dw_plan(a, exact=False) if xk else _conv_dw_direct_plan(a)
+        macro = ((f"conv_dw_fr_po2_{xk}" if xk else "conv_dw_direct_po2") if plan
+                 else f"conv_dw_po2_{kind}")
+        inst = _instance(step, ctx, macro, ops, mask=w is not None,
+                         **(dict(plan, out="f32") if plan else {}))
         return Call(inst, [ctx.ptr(x, True), ctx.ptr(q, True), ctx.ptr(bias, True),
                            ctx.ptr(w, True) if w else "0", ctx.ptr(dw), "&g"], decl)
     dy = step.inputs[1]
     w = step.inputs[2] if len(step.inputs) > 2 else None
     ops["dy"] = dy
     ops |= {"w": w} if w else {}
-    inst = _instance(step, ctx, f"conv_dw_f32_{kind}", ops, mask=w is not None)
+    plan = _conv_dw_plan(a, exact=False) if xk else _conv_dw_direct_plan(a)
+    macro = ((f"conv_dw_fr_f32_{xk}" if xk else "conv_dw_direct_f32") if plan
+             else f"conv_dw_f32_{kind}")
+    inst = _instance(step, ctx, macro, ops, mask=w is not None,
+                     **(dict(plan, out="f32") if plan else {}))
     return Call(inst, [ctx.ptr(x, True), ctx.ptr(dy, True), ctx.ptr(w, True) if w else "0",
                        ctx.ptr(dw), "&g"], decl)
 
 
+# stack scratch a fast conv kernel may declare (sign patterns, tables, partial sums) on host and
+# Linux targets; bare-metal targets keep the portable loops, which need none
+_CONV_SCRATCH_BYTES = 160 * 1024
+
+
+def _conv_dx_plan(a: dict) -> dict | None:
+    """Block sizes of the table-lookup dX kernel (conv_dx_fr) for this geometry, or None when it
+    does not apply (stride > 1) or its scratch would not fit even for 8 channels at a time.
+
+    Lanes are output columns (mode "ox", segments of 8..32 that divide the row) when the row has
+    such a divisor, else 4 samples (mode "img"); the channel block is the largest whose sign
+    patterns (one byte per 8 output channels per tap) and partial sums fit _CONV_SCRATCH_BYTES
+    next to the 256-entry table."""
+    if tuple(a["strides"]) != (1, 1):
+        return None
+    c, k, kh, kw, oh, ow = a["cin"], a["cout"], a["kh"], a["kw"], a["oh"], a["ow"]
+    hp, wp, taps = oh + kh - 1, ow + kw - 1, kh * kw
+    wt_per_c = -(-k // 8) * taps
+    # ox lanes are whole segments of a row (a constant trip count), so a segment must divide OW;
+    # a row pass covers seg + kw - 1 columns, rounded up to whole 4-float vectors (np), and the
+    # largest segment whose 256-row table stays within 24 KiB wins (table and ring rows in L1)
+    def lanes_of(d: int) -> int:
+        return -(-(d + kw - 1) // 4) * 4
+
+    segs = [d for d in range(min(ow, 32), 7, -1) if ow % d == 0]
+    seg = next((d for d in segs if 256 * 4 * (lanes_of(d) + kw - 1) <= 24 * 1024),
+               segs[-1] if segs else 0)
+    # ring rows are ws floats apart so the last segment's extra lanes stay inside its row
+    lanes = lanes_of(seg) if seg else 4
+    ws = ow - seg + lanes
+    if seg:
+        mode, table, acc_per_c = "ox", 256 * (lanes + kw - 1) * 4 + 16 * seg * 4, kh * ws
+    else:
+        seg, mode, table, acc_per_c = 4, "img", 256 * 16 + 16 * 16, 4 * hp * wp
+    cb = min(c, (_CONV_SCRATCH_BYTES - table) // (wt_per_c + 4 * acc_per_c))
+    if cb < min(c, 8):
+        return None
+    return dict(mode=mode, seg=seg, np=lanes, ws=ws, w=a["w"], cb=cb, kh=kh, kw=kw,
+                wtb=wt_per_c * cb, accn=acc_per_c * cb)
+
+
 def _lower_conv_dx(step: Step, ctx: _Ctx) -> Call:
     dx = step.outputs[0]
-    decl = [_conv_geom(step.attrs)]
+    a = step.attrs
+    decl = [_conv_geom(a)]
+    plan = _conv_dx_plan(a) if a["binary"] else None
+    grad = "po2" if step.kernel == "conv_dx_po2" else "f32"
+    macro = f"conv_dx_fr_{grad}" if plan else None
     if step.kernel == "conv_dx_po2":
         q, bias, w = step.inputs
-        inst = _instance(step, ctx, operands={"w": w, "dx": dx}, binary=True)
+        inst = _instance(step, ctx, macro, operands={"w": w, "dx": dx}, binary=True,
+                         **(plan or {}))
         return Call(inst, [ctx.ptr(q, True), ctx.ptr(bias, True), ctx.ptr(w, True), ctx.ptr(dx),
                            "&g"], decl)
     dy, w = step.inputs
-    inst = _instance(step, ctx, operands={"dy": dy, "w": w, "dx": dx},
-                     binary=bool(step.attrs["binary"]))
+    inst = _instance(step, ctx, macro, operands={"dy": dy, "w": w, "dx": dx},
+                     binary=bool(a["binary"]), **(plan or {}))
     return Call(inst, [ctx.ptr(dy, True), ctx.ptr(w, True), ctx.ptr(dx), "&g"], decl)
+
+
+def _pool_p22(a: dict) -> bool:
+    """2x2 windows, stride 2, no padding: the geometry of the row-at-a-time pool kernels."""
+    return (tuple(a["kernel"]) == (2, 2) and tuple(a["strides"]) == (2, 2)
+            and not any(a["pads"]))
 
 
 def _lower_maxpool_fwd(step: Step, ctx: _Ctx) -> Call:
     x, y = step.inputs[0], step.outputs[0]
     am = step.outputs[1] if len(step.outputs) > 1 else None
+    a = step.attrs
     kind = "mask" if step.kernel == "maxpool_fwd_mask" else "widx"
     ops = {"am": am} if am and kind == "widx" else {}
-    inst = _instance(step, ctx, operands=ops, bits=ctx.t(x).dtype is DType.BIT,
-                     argmax=am is not None)
+    bits = ctx.t(x).dtype is DType.BIT
+    # packed input: a window row's argmax bits are assembled in one word per channel
+    fast = _pool_p22(a) and (not bits or a["w"] <= 64)
+    inst = _instance(step, ctx, f"maxpool_p22_fwd_{kind}" if fast else None, operands=ops,
+                     bits=bits, argmax=am is not None, **({"ow": a["ow"]} if fast else {}))
     return Call(inst, [ctx.ptr(x, True), ctx.ptr(y), ctx.ptr(am) if am else "0", "&g"],
-                [_pool_geom(step.attrs)])
+                [_pool_geom(a)])
 
 
 def _lower_pool_bwd(step: Step, ctx: _Ctx) -> Call:
     g, d = step.inputs[0], step.outputs[0]
-    decl = [_pool_geom(step.attrs)]
+    a = step.attrs
+    decl = [_pool_geom(a)]
+    fast = {"w": a["w"]} if _pool_p22(a) else {}
     if step.kernel == "maxpool_bwd_widx":
+        # (the portable scatter of one value per window is already cheap here)
         am = step.inputs[1]
         inst = _instance(step, ctx, operands={"g": g, "am": am, "d": d})
         return Call(inst, [ctx.ptr(g, True), ctx.ptr(am, True), ctx.ptr(d), "&g"], decl)
     if step.kernel == "maxpool_bwd_mask":
-        inst = _instance(step, ctx, operands={"g": g, "d": d})
+        inst = _instance(step, ctx, "maxpool_p22_bwd_mask" if fast else None,
+                         operands={"g": g, "d": d}, **fast)
         return Call(inst, [ctx.ptr(g, True), ctx.ptr(step.inputs[1], True), ctx.ptr(d), "&g"], decl)
     inst = _instance(step, ctx, operands={"g": g, "d": d})
     return Call(inst, [ctx.ptr(g, True), ctx.ptr(d), step.attrs["count_include_pad"], "&g"], decl)
@@ -862,6 +1066,26 @@ def numerics_source() -> str:
     return _env().get_template("kernels/numerics.c.j2").render()
 
 
+def _guard_context(schedule: Schedule, plan) -> dict:
+    """What templates/model.c.j2 needs for a guarded plan (planner guard_bytes > 0): the canary
+    ranges, and per step the arena bytes just past / just before its first output's buffer (the
+    -DBNNC_OOB_STEP test write). Empty for an unguarded plan, which emits no guard code at all."""
+    guards = []
+    for g in getattr(plan, "guards", ()):
+        # the C reports these names in a JSON line without escaping them
+        assert all(re.fullmatch(r"[A-Za-z0-9_.]+", t) for t in g.tensors), g.tensors
+        guards.append(dict(lo=g.lo, offset=g.offset, end=g.end, hi=g.hi, first=g.first,
+                           last=g.last, name=c_string(", ".join(g.tensors))))
+    oob = {}
+    for s in schedule.steps if guards else ():
+        region, off = plan.tensor_offsets.get(s.outputs[0], ("", 0)) if s.outputs else ("", 0)
+        hit = [g for g in plan.guards if region == "arena" and g.offset == off
+               and g.first <= s.index <= g.last]
+        if hit:
+            oob[s.index] = (hit[0].offset - 1, hit[0].end)
+    return dict(guards=guards, guard_oob=oob, guard_bytes=getattr(plan, "guard_bytes", 0))
+
+
 def _perturb_line(step: Step, ctx: _Ctx) -> tuple[str, str]:
     """(macro name, C statement) that corrupts element 0 of the step's first output by "one"."""
     out = step.outputs[0]
@@ -1006,7 +1230,7 @@ def emit_c(schedule: Schedule, plan, target: Target | str, out_dir: str | Path, 
         steps=steps, infer=infer, predict=predict, kernels=kernel_src,
         dtype_codes=[(d.value.upper(), c) for d, c in DTYPE_CODES.items()],
         crc_table=[f"0x{v:08X}u" for v in _crc_table()], target=target.name,
-        target_kind=target.kind,
+        target_kind=target.kind, **_guard_context(schedule, plan),
     )
     if any(len(e.shape) > 4 for e in tensors):
         raise TargetError(f"model {model!r} has a tensor of rank > 4; the C tensor table holds "
@@ -1027,6 +1251,9 @@ def emit_c(schedule: Schedule, plan, target: Target | str, out_dir: str | Path, 
         trainer.write_text(env.get_template("trainer.c.j2").render(**common, pixel_lut=[
             c_float(v) for v in PIXEL_LUT]))
         extra_files.append(trainer)
+    if target.kind == "baremetal":
+        from .baremetal import emit_baremetal
+        extra_files += emit_baremetal(env, common, target, out, schedule, plan)
     makefile.write_text(env.get_template("Makefile.j2").render(
         **common, cc=target.cc, cflags=" ".join(target.cflags),
         ldflags=" ".join(target.ldflags), programs=programs))

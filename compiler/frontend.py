@@ -798,6 +798,15 @@ class _Importer:
             return v.arr
         self._fail(node, f"{what} must be a constant (initializer or constant subgraph)")
 
+    def _int_list(self, v, node, what: str) -> list[int]:
+        """A constant of whole numbers (a shape) as ints; ONNX types shapes int64, so a float one
+        is accepted only when every value is a finite integer (NaN would reach int())."""
+        arr = np.asarray(self._const(v, node, what)).ravel()
+        if arr.dtype.kind not in "iu" and not (arr.dtype.kind == "f" and np.all(np.isfinite(arr))
+                                               and np.all(arr == np.round(arr))):
+            self._fail(node, f"{what} {_short(arr)} is not a list of integers")
+        return [int(d) for d in arr]
+
     def _act(self, v, node, what="its data input") -> _Act:
         if isinstance(v, _Act):
             return v
@@ -1424,7 +1433,7 @@ class _Importer:
     def _op_reshape(self, node, vals):
         x = vals[0]
         if isinstance(x, _Bin):
-            tgt = [int(d) for d in np.asarray(self._const(vals[1], node, "the shape")).ravel()]
+            tgt = self._int_list(vals[1], node, "the shape")
             try:
                 return _Bin(_np_reshape(node, x.latent, tgt), _np_reshape(node, x.scale, tgt),
                             x.src, None if x.shift is None else _np_reshape(node, x.shift, tgt))
@@ -1432,7 +1441,7 @@ class _Importer:
                 self._fail(node, f"cannot reshape the weight of shape {list(x.latent.shape)} to "
                            f"{_short(tgt)} ({printable(e, 100)})")
         x = self._act(x, node)
-        tgt = [int(d) for d in np.asarray(self._const(vals[1], node, "the target shape")).ravel()]
+        tgt = self._int_list(vals[1], node, "the target shape")
         per = x.onnx_shape
         total = int(np.prod(per))
         batch_dims = (1, 0, -1, _BATCH, self._file_batch())

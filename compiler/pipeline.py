@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .budget import check_budget
 from .codegen import Emitted, Target, emit_c
 from .config import TrainConfig, check_config_for_graph
 from .ir import Graph
@@ -31,10 +32,14 @@ class Compiled:
 
 
 def compile_to_c(graph: Graph, cfg: TrainConfig, target: Target, out_dir: str | Path, *,
-                 command: str = "") -> Compiled:
+                 command: str = "", guard_bytes: int = 0) -> Compiled:
+    """`guard_bytes` > 0: canaries around every arena buffer, checked after every kernel (a debug
+    build; planner.py and templates/model.c.j2 say how)."""
     check_config_for_graph(graph, cfg)
     schedule = build_schedule(graph, cfg)
-    live, plan = plan_schedule(schedule, align=target.align)
+    live, plan = plan_schedule(schedule, align=target.align, guard_bytes=guard_bytes)
+    if target.kind == "baremetal":
+        check_budget(schedule, plan, target, graph=graph, liveness=live)
     doc = plan_to_json(schedule, live, plan)
     emitted = emit_c(schedule, plan, target, Path(out_dir), command=command,
                      model_sha256=graph.source_sha256, plan_json=dump_plan_json(doc))

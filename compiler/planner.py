@@ -15,7 +15,11 @@ Invariants of the result:
 - persistent state gets its own region, laid out sequentially in state order (each aligned);
 - the caller's batch buffers (liveness io="caller") are not placed: their tensors are located at
   ("caller", 0), i.e. at the start of the pointer the train-step entry receives;
-- the same liveness gives the same plan, byte for byte: every order breaks ties by buffer name.
+- the same liveness gives the same plan, byte for byte: every order breaks ties by buffer name;
+- with `guard_bytes` G > 0 (debug builds, `bnnc compile --guard`) every arena buffer is placed as
+  [G canary bytes | its bytes rounded up to `align` | G canary bytes]; `ArenaPlan.guards` lists the
+  canary ranges, and no buffer live at a common step touches another's canaries. The lower bound
+  stays the unguarded one, so the reported efficiency shows the cost of the guards.
 
 Algorithm: placement is NP-hard in general (dynamic storage allocation), so several greedy
 heuristics run and the smallest arena wins (glow's `memAllocStrategies`). Each heuristic is an
@@ -45,11 +49,31 @@ from .plan_check import check_liveness, check_plan
 from .schedule_ir import Schedule
 
 
+# `bnnc compile --guard`: canary bytes on each side of every arena buffer. 64 catches a kernel that
+# overruns by up to a few packed 64-bit words or a short float row.
+DEFAULT_GUARD_BYTES = 64
+
+
 @dataclass(frozen=True)
 class Item:
     """What a heuristic sees of a buffer."""
     name: str
     nbytes: int      # already rounded up to the alignment
+    first: int
+    last: int
+
+
+@dataclass(frozen=True)
+class Guard:
+    """Canary bytes around one arena buffer: arena bytes [lo, offset) and [end, hi), where
+    end = offset + nbytes (the exact size, so the alignment padding is guarded too). They mean
+    something only while the buffer lives (steps first..last): other buffers reuse them after."""
+    buffer: str
+    tensors: tuple[str, ...]
+    lo: int
+    offset: int
+    end: int
+    hi: int
     first: int
     last: int
 
@@ -67,6 +91,8 @@ class ArenaPlan:
     # and in-place outputs share it
     tensor_offsets: Mapping[str, tuple[str, int]] = field(default_factory=dict)
     tried: Mapping[str, int] = field(default_factory=dict)          # heuristic -> arena bytes
+    guard_bytes: int = 0                          # canary bytes on each side of an arena buffer
+    guards: tuple[Guard, ...] = ()                # one per arena buffer when guard_bytes > 0
 
     @property
     def efficiency(self) -> float:
@@ -200,10 +226,11 @@ HEURISTICS: dict[str, Heuristic] = {
     f"{o}_{fit}_fit": _heuristic(o, fit == "best") for o in ORDERS for fit in ("best", "first")}
 
 
-def plan_arena(liveness: Liveness, *, align: int = 16,
-               heuristics: Sequence[str] | None = None) -> ArenaPlan:
+def plan_arena(liveness: Liveness, *, align: int = 16, heuristics: Sequence[str] | None = None,
+               guard_bytes: int = 0) -> ArenaPlan:
     """Offsets for every buffer of `liveness` in one arena (the smallest the heuristics find) and
-    in the state region; the result has passed `check_plan`."""
+    in the state region; the result has passed `check_plan`. `guard_bytes` > 0 (rounded up to
+    `align`) surrounds every arena buffer with that many canary bytes on each side."""
     if not isinstance(align, int) or isinstance(align, bool) or align < 1 or align & (align - 1):
         raise PlanError(f"alignment {align!r} is not a power of two; use e.g. --align 16")
     names = sorted(HEURISTICS) if heuristics is None else list(heuristics)
@@ -212,8 +239,13 @@ def plan_arena(liveness: Liveness, *, align: int = 16,
         raise PlanError(f"unknown planner heuristic(s) {', '.join(unknown) or '(none given)'}; "
                         f"choose from: {', '.join(sorted(HEURISTICS))}")
 
-    items = [Item(b.name, align_up(b.nbytes, align), b.first, b.last) for b in liveness.buffers]
-    lower = max(live_bytes(items, liveness.num_steps), default=0)
+    if not isinstance(guard_bytes, int) or isinstance(guard_bytes, bool) or guard_bytes < 0:
+        raise PlanError(f"guard size {guard_bytes!r} is not a byte count >= 0")
+    guard = align_up(guard_bytes, align)
+    bare = [Item(b.name, align_up(b.nbytes, align), b.first, b.last) for b in liveness.buffers]
+    lower = max(live_bytes(bare, liveness.num_steps), default=0)
+    items = [Item(it.name, it.nbytes + 2 * guard, it.first, it.last) for it in bare]
+    reachable = max(live_bytes(items, liveness.num_steps), default=0)
     adj = _conflicts(items)
     size_of = {it.name: it.nbytes for it in items}
 
@@ -225,7 +257,7 @@ def plan_arena(liveness: Liveness, *, align: int = 16,
         tried[name] = size
         if best_size < 0 or size < best_size:
             best_name, best_offsets, best_size = name, offsets, size
-        if size == lower:
+        if size == reachable:
             break
 
     state_offsets: dict[str, int] = {}
@@ -233,6 +265,14 @@ def plan_arena(liveness: Liveness, *, align: int = 16,
     for b in liveness.state:
         state_offsets[b.name] = top
         top += align_up(b.nbytes, align)
+
+    # a heuristic placed each buffer's whole item; its bytes start after the front guard
+    best_offsets = {b: off + guard for b, off in best_offsets.items()}
+    guards = tuple(
+        Guard(b.name, b.tensors, best_offsets[b.name] - guard, best_offsets[b.name],
+              best_offsets[b.name] + b.nbytes,
+              best_offsets[b.name] + align_up(b.nbytes, align) + guard, b.first, b.last)
+        for b in liveness.buffers) if guard else ()
 
     tensor_offsets: dict[str, tuple[str, int]] = {}
     for tensor, buf in liveness.buffer_of.items():
@@ -246,14 +286,15 @@ def plan_arena(liveness: Liveness, *, align: int = 16,
     plan = ArenaPlan(
         align=align, arena_nbytes=best_size, lower_bound=lower, heuristic=best_name,
         offsets={b.name: best_offsets[b.name] for b in liveness.buffers},
-        state_nbytes=top, state_offsets=state_offsets, tensor_offsets=tensor_offsets, tried=tried)
+        state_nbytes=top, state_offsets=state_offsets, tensor_offsets=tensor_offsets, tried=tried,
+        guard_bytes=guard, guards=guards)
     check_plan(liveness, plan)
     return plan
 
 
-def plan_schedule(schedule: Schedule, *, align: int = 16,
-                  io: str = "arena") -> tuple[Liveness, ArenaPlan]:
+def plan_schedule(schedule: Schedule, *, align: int = 16, io: str = "arena",
+                  guard_bytes: int = 0) -> tuple[Liveness, ArenaPlan]:
     """Liveness and arena plan of a schedule, both verified (check_liveness, check_plan)."""
     live = compute_liveness(schedule, io=io)
     check_liveness(schedule, live)
-    return live, plan_arena(live, align=align)
+    return live, plan_arena(live, align=align, guard_bytes=guard_bytes)

@@ -8,6 +8,7 @@ for microcontrollers the RAM/flash budget. Adding a target = adding a file; noth
 
 from __future__ import annotations
 
+import re
 import shutil
 import tomllib
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from .errors import TargetError
 TARGETS = Path(__file__).resolve().parent.parent / "targets"
 KINDS = ("host", "linux", "baremetal")
 SIMD_FEATURES = ("neon",)
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _UNITS = {"": 1, "K": 1024, "KI": 1024, "KIB": 1024, "M": 1 << 20, "MI": 1 << 20, "MIB": 1 << 20}
 
 
@@ -79,6 +81,10 @@ def known_targets() -> list[str]:
 def load_target(name: str) -> Target:
     """targets/<name>.toml (or a path to a .toml) -> Target; TargetError names file and field."""
     path = Path(name) if name.endswith(".toml") else TARGETS / f"{name}.toml"
+    if not _NAME.match(path.stem):
+        # the name is printed into generated C and Makefiles: keep it a plain word
+        raise TargetError(f"target name {path.stem!r} must be letters, digits, '.', '_' or '-'",
+                          hint="rename the .toml file")
     if not path.is_file():
         raise TargetError(f"unknown target {name!r} (no {path})",
                           hint=f"known targets: {', '.join(known_targets())}")

@@ -27,7 +27,7 @@ from typing import Sequence
 
 from ..compiler.codegen import Target
 from ..compiler.errors import TargetError
-from .programs import RunResult, parse_events
+from .programs import RunResult, stream
 
 _SPEC = re.compile(r"^(?P<dest>(?:[A-Za-z0-9._-]+@)?[A-Za-z0-9._:\[\]-]+?)(?::(?P<dir>[^\n\r\0]*))?$")
 
@@ -124,15 +124,9 @@ class SshRunner:
                 self.spec.dest, command]
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
-        with proc:
-            try:
-                events = parse_events(iter(proc.stdout.readline, ""), on_event)
-                stderr = proc.stderr.read()
-                rc = proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired as err:
-                proc.kill()
-                raise TargetError(f"the run on {self.spec.dest} did not finish in {timeout} s") \
-                    from err
+        events, stderr, rc = stream(proc, on_event, timeout)
+        if rc is None:
+            raise TargetError(f"the run on {self.spec.dest} did not finish in {timeout} s")
         if rc == 255 and not events:
             raise TargetError(f"ssh to {self.spec.dest} failed: {stderr.strip()[-1500:]}")
         return RunResult(rc, events, stderr)

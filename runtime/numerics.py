@@ -263,3 +263,16 @@ def unpack_bits(words, n: int, axis: int = -1, *, pm1: bool = True) -> np.ndarra
     bits = np.unpackbits(by, axis=-1, bitorder="little")[..., :n].astype(np.int8)
     out = (2 * bits - 1).astype(np.int8) if pm1 else bits
     return np.moveaxis(out, -1, axis)
+
+
+def one_minus_pow(b: float, t: int) -> np.float32:
+    """Adam's bias correction 1 - b^t in float32 as the C computes it (bnnc_one_minus_pow): b^t by
+    binary powering in float32, low bit of t first, so no target needs doubles."""
+    base, r = np.float32(b), np.float32(1.0)
+    with np.errstate(under="ignore"):
+        while t:
+            if t & 1:
+                r = np.float32(r * base)
+            base = np.float32(base * base)
+            t >>= 1
+    return np.float32(np.float32(1.0) - r)

@@ -21,6 +21,7 @@ import os
 import shlex
 import subprocess
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -124,6 +125,29 @@ def parse_events(lines: Iterator[str], on_event: Callable[[dict], None] | None) 
     return events
 
 
+def stream(proc: subprocess.Popen, on_event, timeout: float | None):
+    """Read a running program's JSON lines as they come; (events, stderr, returncode), returncode
+    None when it was killed after `timeout` seconds (a timer kills it: reading blocks meanwhile)."""
+    fired = []
+
+    def kill() -> None:
+        fired.append(True)
+        proc.kill()
+
+    timer = threading.Timer(timeout, kill) if timeout else None
+    if timer:
+        timer.start()
+    try:
+        with proc:
+            events = parse_events(iter(proc.stdout.readline, ""), on_event)
+            stderr = proc.stderr.read()
+            rc = proc.wait()
+    finally:
+        if timer:
+            timer.cancel()
+    return events, stderr, (None if fired else rc)
+
+
 class LocalRunner:
     """Runs a program of `target` on this machine: natively (host) or under its emulator."""
 
@@ -144,14 +168,9 @@ class LocalRunner:
                                     stderr=subprocess.PIPE, text=True, env=self.env)
         except OSError as err:
             raise TargetError(f"cannot start {argv[0]!r}: {err}") from err
-        with proc:
-            try:
-                events = parse_events(iter(proc.stdout.readline, ""), on_event)
-                stderr = proc.stderr.read()
-                rc = proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired as err:
-                proc.kill()
-                raise TargetError(f"{shlex.join(argv)} did not finish in {timeout} s") from err
+        events, stderr, rc = stream(proc, on_event, timeout)
+        if rc is None:
+            raise TargetError(f"{shlex.join(argv)} did not finish in {timeout} s")
         return RunResult(rc, events, stderr)
 
 
@@ -161,6 +180,8 @@ def check_result(res: RunResult, what: str) -> None:
         return
     msg = res.error()
     if res.returncode < 0 or res.returncode >= 128:
-        msg = msg or f"killed by signal {abs(res.returncode) % 128}"
+        tail = res.stderr.strip()[-1500:]
+        msg = (msg or f"killed by signal {abs(res.returncode) % 128}") + (f"\n{tail}" if tail
+                                                                          else "")
     raise DataError(f"{what} failed (exit {res.returncode}): "
                     f"{msg or res.stderr.strip()[-2000:] or 'no output'}")

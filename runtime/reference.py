@@ -609,10 +609,11 @@ BACKWARD: dict[LayerKind, Callable[..., list]] = {
 def _adam(cfg: TrainConfig, t: int, w: np.ndarray, g: np.ndarray, mom: dict[str, np.ndarray]):
     """PyTorch's Adam formula: m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
     W = W - (lr * (m / bc1)) / (sqrt(v / bc2) + eps), bc1 = 1 - b1^t, bc2 = 1 - b2^t (t after
-    increment).
+    increment; 1 - b^t in float32, numerics.one_minus_pow).
     The W update reads the float32 m, v of this step (before they are rounded for storage)."""
     b1, b2, c1, c2 = _f32(cfg.beta1), _f32(cfg.beta2), _f32(1 - cfg.beta1), _f32(1 - cfg.beta2)
-    bc1, bc2 = _f32(1 - cfg.beta1 ** t), _f32(1 - cfg.beta2 ** t)
+    # float32 binary powering, as the C does it (no doubles on an FPU-less-for-double MCU)
+    bc1, bc2 = nx.one_minus_pow(cfg.beta1, t), nx.one_minus_pow(cfg.beta2, t)
     m = b1 * mom["m"] + c1 * g
     v = b2 * mom["v"] + c2 * (g * g)
     w = w - (_f32(cfg.lr) * (m / bc1)) / (np.sqrt(v / bc2) + _f32(cfg.adam_eps))

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job on the built-in default model (the paper's MNIST MLP, proposed algorithm, batch 100):
 # import it, plan its training memory, emit C, prove the C's gradients against the numpy reference,
-# train the C on MNIST, export the trained model to ONNX and check it with onnxruntime.
+# train the C on MNIST, export the trained model to ONNX and check it with onnxruntime; then the same
+# for a Raspberry Pi 4 under QEMU.
 # Usage: bash scripts/demo.sh [OUT_DIR] [EPOCHS]     (default: out/, 1 epoch)
 set -euo pipefail
 OUT=${1:-out}
@@ -40,3 +41,8 @@ s = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
 p = s.run(None, {s.get_inputs()[0].name: d.x_test})[0]
 print(f"onnxruntime on {sys.argv[1]}: MNIST test accuracy {100 * np.mean(p.argmax(1) == d.y_test):.2f} %")
 PY
+
+say "7. the same model for a Raspberry Pi 4 (static aarch64 trainer, NEON), run under QEMU"
+bnnc compile "$OUT/mlp.onnx" --target rpi4 --batch 100 -o "$OUT/mlp_rpi4"
+bnnc check "$OUT/mlp.onnx" --target rpi4 --batch 100 --steps 1
+bnnc run "$OUT/mlp_rpi4" --emulate --data mnist --steps 20 --log-every 10

@@ -1,6 +1,7 @@
 """Hostile-input fuzzer for the importer and the compile pipeline: mutated ONNX bytes -> outcome.
 
-    python scripts/fuzz.py --examples 5000 --seconds 600 [--seed 0] [--save-failures DIR]
+    python scripts/fuzz.py --examples 20000 --seconds 2700 [--seed 0] [--emit-c]
+                           [--save-failures DIR]
 
 Input: base models (the shipped third-party files in shared/models, three zoo models, five small
 graphs built here with onnx.helper), mutated by one of `MUTATORS`. Bytes-level: truncation, byte
@@ -20,7 +21,10 @@ either succeed with every verifier passing (graph.verify, schedule.verify, check
 line naming where (the file at import, the model or a layer later). Anything else is a failure:
 another exception type or an importer message marked INTERNAL_ERROR (`crash`), a broken result
 (`invalid`), a bad message (`bad-message`), a Python warning (`warning`: garbage went unnoticed),
-no answer within the time limit (`timeout`), or death by a signal (`signal`).
+no answer within the time limit (`timeout`), or death by a signal (`signal`). With `emit_c`
+(`--emit-c`), every planned schedule is also emitted as C for the host (`emit_c`) and the host
+compiler checks the model and trainer sources (`-fsyntax-only` with the target's -Werror flags):
+generated C that does not compile is a failure too (`bad-c`).
 
 `run_isolated` runs one check in a forked child under an address-space limit (the parent's size +
 1 GiB) and a wall-clock limit, so a hang, a huge allocation or a native crash is an outcome, not
@@ -41,6 +45,7 @@ import re
 import resource
 import select
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -54,12 +59,14 @@ import numpy as np
 import onnx
 from onnx import TensorProto, external_data_helper, helper, numpy_helper
 
+from bnnc.compiler.codegen import emit_c as emit_c_sources
 from bnnc.compiler.config import check_config_for_graph, make_config
 from bnnc.compiler.errors import BnncError
 from bnnc.compiler.frontend import INTERNAL_ERROR, load_model
 from bnnc.compiler.plan_check import check_plan
 from bnnc.compiler.planner import plan_schedule
 from bnnc.compiler.schedule import build_schedule
+from bnnc.compiler.target import load_target
 from bnnc.compiler.zoo import build_zoo_model
 from bnnc.runtime.infer import infer, onnx_input_shape
 
@@ -70,7 +77,7 @@ ALGORITHMS = ("standard", "proposed")
 BATCH = 2
 MAX_MESSAGE_CHARS = 2000
 MAX_INFER_ELEMENTS = 1 << 16     # per-sample input size up to which the numpy inference runs too
-FAILURE_KINDS = ("crash", "invalid", "bad-message", "warning", "timeout", "signal")
+FAILURE_KINDS = ("crash", "invalid", "bad-message", "warning", "timeout", "signal", "bad-c")
 
 HOSTILE_NAMES = (
     "*/", "/*", "*/ int x; /*", '"', "'", "\\", "a\nb", "\r\n", "\t", "#include <stdio.h>",
@@ -838,12 +845,12 @@ def _check_identifiers(graph, schedules) -> None:
             assert st.layer is None or st.layer == "" or IDENT.match(st.layer), st.layer
 
 
-def check_bytes(data: bytes, filename: str = "fuzz_model.onnx") -> Outcome:
+def check_bytes(data: bytes, filename: str = "fuzz_model.onnx", *, emit_c: bool = False) -> Outcome:
     """Run the whole property on one file's bytes, in this process (see `run_isolated`). A
     warning (numpy casting, overflow, ...) is a failure too: it means garbage went unnoticed."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        out = _check(data, filename)
+        out = _check(data, filename, emit_c)
     if caught and not out.failed:
         w = caught[0]
         return Outcome("warning", out.stage, w.category.__name__,
@@ -851,7 +858,7 @@ def check_bytes(data: bytes, filename: str = "fuzz_model.onnx") -> Outcome:
     return out
 
 
-def _check(data: bytes, filename: str) -> Outcome:
+def _check(data: bytes, filename: str, emit_c: bool = False) -> Outcome:
     with tempfile.TemporaryDirectory(prefix="bnnc_fuzz_") as d:
         path = Path(d) / filename
         path.write_bytes(data)
@@ -870,7 +877,7 @@ def _check(data: bytes, filename: str) -> Outcome:
             return Outcome("invalid", stage, "AssertionError", str(e)[:500])
         except Exception as e:  # noqa: BLE001 - classifying every escape is the point
             return Outcome("crash", stage, type(e).__name__, str(e)[:500])
-    schedules = []
+    schedules, planned = [], []
     first_reject = None
     try:
         graph.verify()
@@ -898,6 +905,7 @@ def _check(data: bytes, filename: str) -> Outcome:
             live, plan = plan_schedule(sched)
             check_plan(live, plan)
             schedules.append(sched)
+            planned.append((sched, plan))
         except BnncError as e:
             bad = message_problem(e, (f"'{graph.name}'", "layer '"))
             if bad:
@@ -912,7 +920,40 @@ def _check(data: bytes, filename: str) -> Outcome:
         _check_identifiers(graph, schedules)
     except AssertionError as e:
         return Outcome("invalid", "names", "AssertionError", str(e)[:500])
+    for sched, plan in planned if emit_c else ():
+        out = _check_c(graph, sched, plan)
+        if out.failed:
+            return out
+        first_reject = first_reject or (out if out.kind == "rejected" else None)
     return first_reject or Outcome("ok", "", "", "")
+
+
+def _check_c(graph, sched, plan) -> Outcome:
+    """Emit the host C of one planned schedule and have the host compiler check the model and
+    trainer sources (syntax, types and every -Wall -Wextra -pedantic warning, as errors)."""
+    stage = f"c-{sched.config.algorithm}"
+    tgt = load_target("host")
+    with tempfile.TemporaryDirectory(prefix="bnnc_fuzz_c_") as d:
+        try:
+            em = emit_c_sources(sched, plan, tgt, d)
+        except BnncError as e:
+            bad = message_problem(e, (f"'{graph.name}'", "layer '", "model"))
+            if bad:
+                return Outcome("bad-message", stage, type(e).__name__, bad)
+            return Outcome("rejected", stage, type(e).__name__, e.message)
+        except AssertionError as e:
+            return Outcome("invalid", stage, "AssertionError", str(e)[:500])
+        except Exception as e:  # noqa: BLE001
+            return Outcome("crash", stage, type(e).__name__, str(e)[:500])
+        sources = [str(f) for f in em.files if f.suffix == ".c"]
+        try:
+            r = subprocess.run([tgt.cc, *tgt.cflags, "-fsyntax-only", "-I", d, *sources],
+                               capture_output=True, text=True, timeout=120)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            return Outcome("bad-c", stage, type(e).__name__, str(e)[:500])
+        if r.returncode != 0:
+            return Outcome("bad-c", stage, "cc", r.stderr.strip()[-800:])
+    return Outcome("ok", "", "", "")
 
 
 def _vm_bytes() -> int:
@@ -921,11 +962,11 @@ def _vm_bytes() -> int:
 
 
 def run_isolated(data: bytes, *, timeout_s: float = 20.0, headroom_bytes: int = 1 << 30,
-                 filename: str = "fuzz_model.onnx") -> Outcome:
+                 filename: str = "fuzz_model.onnx", emit_c: bool = False) -> Outcome:
     """`check_bytes` in a forked child limited to (current address space + headroom) bytes and
     `timeout_s` seconds; without fork (non-POSIX) it runs in-process, unguarded."""
     if not hasattr(os, "fork") or not os.path.exists("/proc/self/statm"):
-        return check_bytes(data, filename)
+        return check_bytes(data, filename, emit_c=emit_c)
     limit = _vm_bytes() + headroom_bytes
     r, w = os.pipe()
     pid = os.fork()
@@ -936,7 +977,7 @@ def run_isolated(data: bytes, *, timeout_s: float = 20.0, headroom_bytes: int = 
             resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
             sys.setrecursionlimit(max(sys.getrecursionlimit(), 3000))
             try:
-                out = check_bytes(data, filename)
+                out = check_bytes(data, filename, emit_c=emit_c)
             except BaseException as e:  # noqa: BLE001 - e.g. MemoryError outside load_model
                 out = Outcome("crash", "", type(e).__name__, str(e)[:500])
             payload = pickle.dumps(out)
@@ -985,6 +1026,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=20.0, help="per-example limit, seconds")
     ap.add_argument("--save-failures", type=Path, default=None,
                     help="write each failing input to DIR/<n>_<mutator>.onnx")
+    ap.add_argument("--emit-c", action="store_true",
+                    help="also emit the C of every planned schedule and compile-check it")
     args = ap.parse_args(argv)
     bases = base_models()
     names = sorted(bases)
@@ -997,7 +1040,7 @@ def main(argv: list[str] | None = None) -> int:
     while n < args.examples and time.monotonic() - start < args.seconds:
         base, mut = rng.choice(names), rng.choice(MUTATORS)
         data = mutate(random.Random(rng.getrandbits(64)), bases[base], mut)
-        out = run_isolated(data, timeout_s=args.timeout)
+        out = run_isolated(data, timeout_s=args.timeout, emit_c=args.emit_c)
         counts[out.label] += 1
         per_mutator[mut]["failed" if out.failed else out.kind] += 1
         if out.failed:
@@ -1007,7 +1050,8 @@ def main(argv: list[str] | None = None) -> int:
                 (args.save_failures / f"{n:05d}_{mut}.onnx").write_bytes(data)
         n += 1
     elapsed = time.monotonic() - start
-    print(f"{n} examples in {elapsed:.1f} s (seed {args.seed}, {len(bases)} base models)")
+    print(f"{n} examples in {elapsed:.1f} s (seed {args.seed}, {len(bases)} base models"
+          f"{', C emitted and compile-checked' if args.emit_c else ''})")
     print("\noutcome classes:")
     for label, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
         print(f"  {c:6d}  {label}")

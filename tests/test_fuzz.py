@@ -4,9 +4,11 @@ The property (see scripts/fuzz.py): for any file, `load_model` and then, per alg
 `build_schedule` + `plan_schedule` either succeed with every verifier passing, or raise a
 `BnncError` whose message is one printable line naming the file / model / layer. Each example runs
 in a forked child with a wall-clock and an address-space limit, so a hang or a huge allocation
-fails the test instead of stalling it. Hypothesis runs derandomized (same examples on every run);
-`python scripts/fuzz.py --examples 5000` is the long local mode. The corpus in tests/fuzz_corpus
-replays every bug found so far with its exact expected outcome (README.md there).
+fails the test instead of stalling it. A few examples also emit their C and have the host compiler
+check it (`emit_c`). Hypothesis runs derandomized (same examples on every run): this is the CI
+budget; `python scripts/fuzz.py --examples 20000 --seconds 2700` (add `--emit-c` to compile the C
+too) is the long local mode. The corpus in tests/fuzz_corpus replays every bug found so far with
+its exact expected outcome (README.md there).
 """
 
 from __future__ import annotations
@@ -98,17 +100,17 @@ def test_internal_errors_are_bnnc_errors_marked_as_bugs(monkeypatch, tmp_path):
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_harness_catches_hangs_signals_and_memory(monkeypatch):
-    monkeypatch.setattr(fuzz, "check_bytes", lambda data, filename: time.sleep(60))
+    monkeypatch.setattr(fuzz, "check_bytes", lambda data, filename, **kw: time.sleep(60))
     t0 = time.monotonic()
     assert fuzz.run_isolated(b"", timeout_s=0.5).kind == "timeout"
     assert time.monotonic() - t0 < 30
     monkeypatch.setattr(fuzz, "check_bytes",
-                        lambda data, filename: os.kill(os.getpid(), signal.SIGKILL))
+                        lambda data, filename, **kw: os.kill(os.getpid(), signal.SIGKILL))
     out = fuzz.run_isolated(b"")
     assert (out.kind, out.cls) == ("signal", "SIGKILL")
     # 2 GiB more than the parent is over the child's limit (parent + 1 GiB)
     monkeypatch.setattr(fuzz, "check_bytes",
-                        lambda data, filename: np.ones(2**31, np.uint8).sum())
+                        lambda data, filename, **kw: np.ones(2**31, np.uint8).sum())
     out = fuzz.run_isolated(b"")
     assert (out.kind, out.cls) == ("crash", "MemoryError")
 
@@ -165,6 +167,44 @@ def test_mutated_bytes_are_imported_or_rejected_cleanly(base, mutator, rng):
 def test_mutated_models_are_imported_or_rejected_cleanly(base, mutator, rng):
     data = fuzz.mutate(rng, BASES[base], mutator)
     _assert_passes(fuzz.run_isolated(data, timeout_s=TIMEOUT_S), f"{base} {mutator}")
+
+
+# ---------------------------------------------------------------------------------------------
+# the emitted C compiles (scripts/fuzz.py --emit-c; a few examples here, thousands in the long run)
+
+
+def test_harness_reports_generated_c_that_does_not_compile(monkeypatch):
+    real = fuzz.emit_c_sources
+
+    def broken(sched, plan, target, out_dir):
+        em = real(sched, plan, target, out_dir)
+        with open(em.source, "a") as f:
+            f.write("\nint broken = ;\n")
+        return em
+
+    monkeypatch.setattr(fuzz, "emit_c_sources", broken)
+    out = fuzz.check_bytes(BASES["small:mlp"], emit_c=True)
+    assert out.label == "bad-c:c-standard:cc" and "error" in out.message, out
+
+
+@pytest.mark.parametrize("base", ["small:qonnx", "small:nhwc", "zoo:cnv"])
+def test_base_models_emit_c_that_compiles(base):
+    """Residual, GAP and QONNX quantizers; ReLU and a real-only graph (standard); conv/pool."""
+    out = fuzz.run_isolated(BASES[base], timeout_s=120, emit_c=True)
+    expected = "rejected:proposed:ConfigError" if base == "small:nhwc" else "ok"
+    assert out.label == expected, out
+
+
+# mutators whose results often still plan (the C of hostile names, odd values, extra attributes)
+_C_MUTATORS = ["names", "init_values", "scalar_values", "attr_many", "attr", "insert_node"]
+
+
+@settings(max_examples=6, **FUZZ_SETTINGS)
+@given(base=st.sampled_from(SMALL + ["zoo:cnv"]), mutator=st.sampled_from(_C_MUTATORS),
+       rng=st.randoms(use_true_random=False))
+def test_mutated_models_that_plan_emit_c_that_compiles(base, mutator, rng):
+    data = fuzz.mutate(rng, BASES[base], mutator)
+    _assert_passes(fuzz.run_isolated(data, timeout_s=120, emit_c=True), f"{base} {mutator}")
 
 
 def _layers(g):

@@ -1,8 +1,9 @@
-"""The blocked dense kernels (templates/kernels/dense.c.j2) at sizes that leave a partial tile in
-every loop: hidden width 77 (not a multiple of the 4/16/64 tiles over features and outputs), 784
-inputs (a partial 64-bit word when packing sign(W)), batch 67 (one full and one partial 64-sample
-chunk, a remainder after the 8-sample groups). Each configuration selects a different kernel
-variant; the emitted C must pass `bnnc check` against the numpy reference over two steps."""
+"""The tiled dense kernels (templates/kernels/dense.c.j2) at sizes that leave a partial tile in
+every loop: hidden width 77 (not a multiple of the 4-row blocks, 16-column micro-kernels or 64-wide
+tiles), 784 inputs (a partial 64-bit word when packing sign(W), 13 reduction panels of 64), batch 67
+(a partial row block; two reduction panels in dW) and 131 (two row groups of 128). Each
+configuration selects a different kernel variant; the emitted C must pass `bnnc check` against the
+numpy reference over two steps."""
 
 from __future__ import annotations
 
@@ -36,8 +37,14 @@ def mlp77():
     ("proposed", {"binary_dw": False}),
     # binary dW from float G, dX from float dY
     ("proposed", {"po2": False}),
+    # dW = X^T dY as floats with packed X (sign-select)
+    ("proposed", {"po2": False, "binary_dw": False}),
+    # batch 131: two row groups of 128 samples in the forward and dX tiles (per-row sums of PO2
+    # codes are gathered per group)
+    ("proposed", {"batch": 131}),
 ])
 def test_partial_tiles_match_reference(mlp77, tmp_path, algorithm, overrides):
-    cfg = make_config(algorithm, batch=67, **overrides)
+    overrides = {"batch": 67, **overrides}
+    cfg = make_config(algorithm, **overrides)
     rep = run_check(mlp77, cfg, steps=2, work_dir=tmp_path / "c", cache=tmp_path / "so")
     assert rep.ok, format_report(rep)
