@@ -12,7 +12,6 @@ import dataclasses
 import json
 import re
 import shutil
-import struct
 import subprocess
 
 import numpy as np
@@ -29,6 +28,7 @@ from bnnc.compiler.pipeline import compile_to_c
 from bnnc.compiler.planner import plan_schedule
 from bnnc.compiler.schedule import build_schedule
 from bnnc.compiler.target import load_target
+from mnist_like import write_mnist_like
 from bnnc.runtime import baremetal, packed
 from bnnc.runtime.outdir import read_state_blob, state_values_f32, write_run_inputs, model_bytes
 from bnnc.runtime.programs import LocalRunner, build_trainer, read_manifest
@@ -357,18 +357,7 @@ def test_m4_kernels_use_no_doubles(tmp_path):
 def test_bnnc_run_emulate_through_the_cli(tmp_path, capsys):
     """`bnnc run OUT --emulate` on a Cortex-M7 build: epochs printed, state.bin and
     final_state.npz written; `--count` prints instructions per step."""
-    d = tmp_path / "data" / "mnist"
-    d.mkdir(parents=True)
-    rng = np.random.default_rng(1)
-    for prefix, n in (("train", 96), ("t10k", 32)):
-        yy = rng.integers(0, 10, n)
-        img = rng.integers(0, 60, (n, 28, 28))
-        for i, k in enumerate(yy):
-            img[i, 2 * k + 4: 2 * k + 7, 4:24] = 255
-        for suffix, arr in (("images-idx3-ubyte", img), ("labels-idx1-ubyte", yy)):
-            head = struct.pack(">BBBB", 0, 0, 8, arr.ndim) + b"".join(struct.pack(">I", v)
-                                                                      for v in arr.shape)
-            (d / f"{prefix}-{suffix}").write_bytes(head + arr.astype(np.uint8).tobytes())
+    write_mnist_like(tmp_path / "data", 96, 32, seed=1)
     out = tmp_path / "m7"
     assert main(["compile", "tfc", "--width", "0.25", "--target", "cortex-m7", "--ram", "128K",
                  "--batch", "16", "--optimizer", "bop", "-o", str(out)]) == 0

@@ -8,7 +8,6 @@ import os
 import re
 import shutil
 import socket
-import struct
 import subprocess
 import time
 
@@ -18,31 +17,14 @@ import pytest
 from bnnc.cli import main
 from bnnc.runtime.outdir import read_state_blob
 from bnnc.runtime.programs import read_manifest
+from mnist_like import write_mnist_like
 
 BATCH = 10
 
 
-def _idx(arr: np.ndarray) -> bytes:
-    head = struct.pack(">BBBB", 0, 0, 0x08, arr.ndim) + b"".join(struct.pack(">I", d)
-                                                                 for d in arr.shape)
-    return head + arr.astype(np.uint8).tobytes()
-
-
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
-    """A small learnable MNIST look-alike (class k lights up row band k)."""
-    root = tmp_path_factory.mktemp("data")
-    d = root / "mnist"
-    d.mkdir()
-    rng = np.random.default_rng(1)
-    for prefix, n in (("train", 300), ("t10k", 40)):
-        y = rng.integers(0, 10, n)
-        x = rng.integers(0, 60, (n, 28, 28))
-        for i, k in enumerate(y):
-            x[i, 2 * k + 4: 2 * k + 7, 4:24] = 255
-        (d / f"{prefix}-images-idx3-ubyte").write_bytes(_idx(x))
-        (d / f"{prefix}-labels-idx1-ubyte").write_bytes(_idx(y))
-    return root
+    return write_mnist_like(tmp_path_factory.mktemp("data"), 300, 40, seed=1)
 
 
 def _losses(text: str) -> list[float]:

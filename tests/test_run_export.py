@@ -12,36 +12,14 @@ import pytest
 
 from bnnc.cli import main
 from bnnc.runtime.host import HostProgram
+from mnist_like import write_mnist_like
 
 BATCH = 20
 
 
-def _idx(arr: np.ndarray) -> bytes:
-    head = struct.pack(">BBBB", 0, 0, 0x08, arr.ndim) + b"".join(struct.pack(">I", d)
-                                                                 for d in arr.shape)
-    return head + arr.astype(np.uint8).tobytes()
-
-
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
-    """A tiny learnable MNIST look-alike: class k lights up row band k."""
-    root = tmp_path_factory.mktemp("data")
-    d = root / "mnist"
-    d.mkdir()
-    rng = np.random.default_rng(0)
-
-    def make(n):
-        y = rng.integers(0, 10, n)
-        x = rng.integers(0, 60, (n, 28, 28))
-        for i, k in enumerate(y):
-            x[i, 2 * k + 4: 2 * k + 7, 4:24] = 255
-        return x, y
-
-    for prefix, n in (("train", 200), ("t10k", 60)):
-        x, y = make(n)
-        (d / f"{prefix}-images-idx3-ubyte").write_bytes(_idx(x))
-        (d / f"{prefix}-labels-idx1-ubyte").write_bytes(_idx(y))
-    return root
+    return write_mnist_like(tmp_path_factory.mktemp("data"), 200, 60, seed=0)
 
 
 @pytest.fixture(scope="module")
