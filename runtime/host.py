@@ -62,20 +62,31 @@ def build_shared(source: Path, *, target: Target, extra_cflags: Sequence[str] = 
     lib = out_dir / f"{source.stem}-{digest}.so"
     if lib.exists():
         return lib
-    fd, tmp = tempfile.mkstemp(prefix=f".{source.stem}-", suffix=".so", dir=out_dir)
+    return compile_published(
+        lib, lambda tmp: [target.cc, *flags, "-I", str(source.parent), str(source), "-o", tmp, "-lm"],
+        what=f"compiling {source}",
+        missing=TargetError(f"C compiler {target.cc!r} of target {target.name!r} not found",
+                            hint="install gcc or clang, or set cc in the target's .toml"))
+
+
+def compile_published(dest: Path, argv_for, *, what: str, missing: TargetError) -> Path:
+    """Run the compiler argv `argv_for(tmp)` into a temporary file next to `dest`, then rename it
+    into place: concurrent builds of the same content are safe and a failed one leaves nothing.
+    `missing` is raised when the compiler cannot be started."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}-", dir=dest.parent)
     os.close(fd)
-    cmd = [target.cc, *flags, "-I", str(source.parent), str(source), "-o", tmp, "-lm"]
+    cmd = argv_for(tmp)
     try:
         res = subprocess.run(cmd, capture_output=True, text=True)
-    except FileNotFoundError as err:
+    except OSError as err:
         os.unlink(tmp)
-        raise TargetError(f"C compiler {target.cc!r} of target {target.name!r} not found",
-                          hint="install gcc or clang, or set cc in the target's .toml") from err
+        raise missing from err
     if res.returncode != 0:
         os.unlink(tmp)
-        raise TargetError(f"compiling {source} failed ({shlex.join(cmd)}):\n{res.stderr.strip()}")
-    os.replace(tmp, lib)
-    return lib
+        raise TargetError(f"{what} failed ({shlex.join(cmd)}):\n{res.stderr.strip()[-4000:]}")
+    os.chmod(tmp, 0o755)
+    os.replace(tmp, dest)
+    return dest
 
 
 class HostProgram:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..compiler.errors import TargetError
-from .host import cache_dir
+from .host import cache_dir, compile_published
 
 PLUGIN_SOURCE = Path(__file__).resolve().parent / "qemu_plugin" / "insncount.c"
 
@@ -33,20 +33,12 @@ def build_plugin(cc: str = "cc", cache: Path | None = None) -> Path:
     lib = where / f"libbnnc_insncount-{digest}.so"
     if lib.exists():
         return lib
-    fd, tmp = tempfile.mkstemp(prefix=".insncount-", suffix=".so", dir=where)
-    os.close(fd)
-    cmd = [cc, "-O2", "-shared", "-fPIC", "-Wall", "-Wextra", "-o", tmp, str(PLUGIN_SOURCE)]
-    try:
-        res = subprocess.run(cmd, capture_output=True, text=True)
-    except OSError as err:
-        os.unlink(tmp)
-        raise TargetError(f"cannot build the QEMU plugin with {cc!r}: {err}",
-                          hint="apt-get install --no-install-recommends gcc") from err
-    if res.returncode != 0:
-        os.unlink(tmp)
-        raise TargetError(f"building the QEMU instruction-count plugin failed:\n{res.stderr}")
-    os.replace(tmp, lib)
-    return lib
+    return compile_published(
+        lib, lambda tmp: [cc, "-O2", "-shared", "-fPIC", "-Wall", "-Wextra", "-o", tmp,
+                          str(PLUGIN_SOURCE)],
+        what="building the QEMU instruction-count plugin",
+        missing=TargetError(f"cannot build the QEMU plugin with {cc!r}",
+                            hint="apt-get install --no-install-recommends gcc"))
 
 
 def count_instructions(emulator: Sequence[str], program_args: Sequence[str], *,

@@ -20,7 +20,6 @@ import json
 import os
 import shlex
 import subprocess
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import Callable, Iterator, Sequence
 
 from ..compiler.codegen import MANIFEST, Target, load_target
 from ..compiler.errors import DataError, TargetError
-from .host import cache_dir
+from .host import cache_dir, compile_published
 
 
 def read_manifest(out_dir: Path) -> dict:
@@ -71,21 +70,12 @@ def build_trainer(out_dir: Path, target: Target | None = None, *, debug: bool = 
     exe = where / f"{m['model']}-{tgt.name}{'-debug' if debug else ''}-{h.hexdigest()[:20]}"
     if exe.exists():
         return exe
-    fd, tmp = tempfile.mkstemp(prefix=f".{exe.name}-", dir=where)
-    os.close(fd)
-    cmd = [tgt.cc, *flags, "-I", str(out_dir), *map(str, sources), "-o", tmp, *tgt.ldflags]
-    try:
-        res = subprocess.run(cmd, capture_output=True, text=True)
-    except OSError as err:
-        os.unlink(tmp)
-        raise TargetError(f"running {tgt.cc!r} failed: {err}") from err
-    if res.returncode != 0:
-        os.unlink(tmp)
-        raise TargetError(f"building the trainer for {tgt.name} failed ({shlex.join(cmd)}):\n"
-                          f"{res.stderr.strip()[-4000:]}")
-    os.chmod(tmp, 0o755)
-    os.replace(tmp, exe)
-    return exe
+    return compile_published(
+        exe, lambda tmp: [tgt.cc, *flags, "-I", str(out_dir), *map(str, sources), "-o", tmp,
+                          *tgt.ldflags],
+        what=f"building the trainer for {tgt.name}",
+        missing=TargetError(f"running {tgt.cc!r} failed", hint="apt-get install "
+                            f"--no-install-recommends {' '.join(tgt.packages) or 'gcc'}"))
 
 
 def emulator_argv(target: Target) -> list[str]:
