@@ -52,21 +52,28 @@ def build_shared(source: Path, *, target: Target, extra_cflags: Sequence[str] = 
     source = Path(source)
     header = source.with_suffix(".h")
     flags = list(target.cflags) + list(target.shared_flags) + list(extra_cflags)
-    h = hashlib.sha256()
-    for part in (source.read_bytes(), header.read_bytes() if header.exists() else b"",
-                 target.cc.encode(), "\0".join(flags).encode()):
-        h.update(hashlib.sha256(part).digest())
-    digest = h.hexdigest()[:24]
-    out_dir = Path(cache) if cache is not None else cache_dir()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    lib = out_dir / f"{source.stem}-{digest}.so"
-    if lib.exists():
-        return lib
-    return compile_published(
-        lib, lambda tmp: [target.cc, *flags, "-I", str(source.parent), str(source), "-o", tmp, "-lm"],
+    return build_cached(
+        Path(cache) if cache is not None else cache_dir(), source.stem, ".so",
+        (source.read_bytes(), header.read_bytes() if header.exists() else b"",
+         target.cc.encode(), "\0".join(flags).encode()),
+        lambda tmp: [target.cc, *flags, "-I", str(source.parent), str(source), "-o", tmp, "-lm"],
         what=f"compiling {source}",
         missing=TargetError(f"C compiler {target.cc!r} of target {target.name!r} not found",
                             hint="install gcc or clang, or set cc in the target's .toml"))
+
+
+def build_cached(where: Path, stem: str, suffix: str, parts, argv_for, *, what: str,
+                 missing: TargetError) -> Path:
+    """WHERE/<stem>-<digest><suffix>, the digest being the sha256 of `parts` (everything that
+    decides the output's bytes): reused when present, else built by `compile_published`."""
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(hashlib.sha256(part).digest())
+    where.mkdir(parents=True, exist_ok=True)
+    dest = where / f"{stem}-{h.hexdigest()[:24]}{suffix}"
+    if dest.exists():
+        return dest
+    return compile_published(dest, argv_for, what=what, missing=missing)
 
 
 def compile_published(dest: Path, argv_for, *, what: str, missing: TargetError) -> Path:

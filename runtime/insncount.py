@@ -11,7 +11,6 @@ which cancels start-up, data loading setup and exit. qemu-user counts depend on 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import subprocess
@@ -20,22 +19,17 @@ from pathlib import Path
 from typing import Sequence
 
 from ..compiler.errors import TargetError
-from .host import cache_dir, compile_published
+from .host import build_cached, cache_dir
 
 PLUGIN_SOURCE = Path(__file__).resolve().parent / "qemu_plugin" / "insncount.c"
 
 
 def build_plugin(cc: str = "cc", cache: Path | None = None) -> Path:
-    src = PLUGIN_SOURCE.read_bytes()
-    digest = hashlib.sha256(src + cc.encode()).hexdigest()[:16]
-    where = Path(cache) if cache is not None else cache_dir().parent / "plugins"
-    where.mkdir(parents=True, exist_ok=True)
-    lib = where / f"libbnnc_insncount-{digest}.so"
-    if lib.exists():
-        return lib
-    return compile_published(
-        lib, lambda tmp: [cc, "-O2", "-shared", "-fPIC", "-Wall", "-Wextra", "-o", tmp,
-                          str(PLUGIN_SOURCE)],
+    return build_cached(
+        Path(cache) if cache is not None else cache_dir().parent / "plugins", "libbnnc_insncount",
+        ".so", (PLUGIN_SOURCE.read_bytes(), cc.encode()),
+        lambda tmp: [cc, "-O2", "-shared", "-fPIC", "-Wall", "-Wextra", "-o", tmp,
+                     str(PLUGIN_SOURCE)],
         what="building the QEMU instruction-count plugin",
         missing=TargetError(f"cannot build the QEMU plugin with {cc!r}",
                             hint="apt-get install --no-install-recommends gcc"))

@@ -15,7 +15,6 @@ Invariants:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shlex
@@ -27,7 +26,7 @@ from typing import Callable, Iterator, Sequence
 
 from ..compiler.codegen import MANIFEST, Target, load_target
 from ..compiler.errors import DataError, TargetError
-from .host import cache_dir, compile_published
+from .host import build_cached, cache_dir
 
 
 def read_manifest(out_dir: Path) -> dict:
@@ -61,18 +60,13 @@ def build_trainer(out_dir: Path, target: Target | None = None, *, debug: bool = 
     tgt.require()
     sources = [out_dir / m["trainer"], out_dir / m["source"]]
     flags = [*tgt.cflags, *extra_cflags, *(["-DBNNC_DEBUG_DUMP"] if debug else [])]
-    h = hashlib.sha256()
-    for part in (*(p.read_bytes() for p in sources), (out_dir / m["header"]).read_bytes(),
-                 tgt.cc.encode(), "\0".join(flags + list(tgt.ldflags)).encode()):
-        h.update(hashlib.sha256(part).digest())
-    where = Path(cache) if cache is not None else cache_dir().parent / "programs"
-    where.mkdir(parents=True, exist_ok=True)
-    exe = where / f"{m['model']}-{tgt.name}{'-debug' if debug else ''}-{h.hexdigest()[:20]}"
-    if exe.exists():
-        return exe
-    return compile_published(
-        exe, lambda tmp: [tgt.cc, *flags, "-I", str(out_dir), *map(str, sources), "-o", tmp,
-                          *tgt.ldflags],
+    return build_cached(
+        Path(cache) if cache is not None else cache_dir().parent / "programs",
+        f"{m['model']}-{tgt.name}{'-debug' if debug else ''}", "",
+        (*(p.read_bytes() for p in sources), (out_dir / m["header"]).read_bytes(),
+         tgt.cc.encode(), "\0".join(flags + list(tgt.ldflags)).encode()),
+        lambda tmp: [tgt.cc, *flags, "-I", str(out_dir), *map(str, sources), "-o", tmp,
+                     *tgt.ldflags],
         what=f"building the trainer for {tgt.name}",
         missing=TargetError(f"running {tgt.cc!r} failed", hint="apt-get install "
                             f"--no-install-recommends {' '.join(tgt.packages) or 'gcc'}"))
