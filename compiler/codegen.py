@@ -1062,7 +1062,7 @@ def _call_lines(fn: str, args, indent: int = 4) -> list[str]:
 
 def numerics_source() -> str:
     """The C numerics runtime every emitted program starts with (hash, stochastic rounding,
-    f16/bf16, PO2 helpers), for tests that compile it alone against runtime/numerics.py."""
+    f16/bf16, PO2 helpers), for tests that compile it alone against compiler/numerics.py."""
     return _env().get_template("kernels/numerics.c.j2").render()
 
 

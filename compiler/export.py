@@ -66,6 +66,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .. import __version__
 from .config import TrainConfig
+from .numerics import store
 from .errors import ConfigError, DataError
 from .ir import INPUT, Graph, Layer, LayerKind, tname
 from .state import StateTensor, state_tensors
@@ -116,7 +117,6 @@ def _options_hint(graph: Graph, state: Mapping[str, np.ndarray]) -> str:
 
 
 def _representable(v: np.ndarray, dtype: str) -> bool:
-    from ..runtime.numerics import store       # runtime depends on compiler, not the reverse
     return bool(np.array_equal(store(v, dtype), v))
 
 

@@ -61,7 +61,7 @@ from ..compiler.ir import Graph, tname
 from ..compiler.pipeline import compile_to_c
 from ..compiler.schedule_ir import DType, Schedule
 from ..compiler.state import state_tensors
-from . import numerics as nx
+from ..compiler import numerics as nx
 from . import reference
 from .host import HostProgram
 from .trace import RecordedProgram

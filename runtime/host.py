@@ -35,7 +35,7 @@ import numpy as np
 
 from ..compiler.codegen import MANIFEST, STATUSES, Target, header_cdef, load_target
 from ..compiler.errors import DataError, TargetError
-from .numerics import unpack_bits
+from ..compiler.numerics import unpack_bits
 
 _STATUS = tuple(text for _, text in STATUSES)
 

@@ -64,7 +64,7 @@ from ..compiler.config import TrainConfig
 from ..compiler.errors import ConfigError, DataError
 from ..compiler.ir import INPUT, Graph, Layer, LayerKind, tname
 from ..compiler.state import StateTensor, state_tensors
-from . import numerics as nx
+from ..compiler import numerics as nx
 
 __all__ = ["TrainState", "init_state", "train_step", "forward_backward", "predict", "evaluate",
            "FORWARD", "BACKWARD", "UPDATE"]

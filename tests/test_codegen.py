@@ -1,4 +1,4 @@
-"""Codegen and the host runtime: the C numerics against runtime/numerics.py (itself tested against
+"""Codegen and the host runtime: the C numerics against compiler/numerics.py (itself tested against
 torch and pure-Python integers), the emitted program's C hygiene (-Werror, C99, no malloc, includes,
 identifiers), determinism, the C API (state load/read, blob, init, predict) and a sanitizer run.
 
@@ -25,7 +25,7 @@ from bnnc.compiler.kernels import KERNELS
 from bnnc.compiler.planner import plan_schedule
 from bnnc.compiler.schedule import build_schedule
 from bnnc.compiler.zoo import build_zoo_model
-from bnnc.runtime import numerics as nx
+from bnnc.compiler import numerics as nx
 from bnnc.runtime import reference as ref
 from bnnc.runtime.host import HostProgram, build_shared
 

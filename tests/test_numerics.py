@@ -1,4 +1,4 @@
-"""runtime/numerics.py against hand-derived values and independent implementations (pure-Python
+"""compiler/numerics.py against hand-derived values and independent implementations (pure-Python
 ints, struct bit patterns, torch's bfloat16/half casts, float64 log2)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from bnnc.runtime import numerics as nx
+from bnnc.compiler import numerics as nx
 
 
 def _bits(x: float) -> int:

@@ -131,7 +131,7 @@ def test_binary_dw_sign_scale_mask_and_po2_feed():
     x, labels = _batch(g, 8, 1)
     st = ref.init_state(g, cfg)
     out = ref.forward_backward(g, cfg, st.tensors, x, labels)
-    from bnnc.runtime import numerics as nx
+    from bnnc.compiler import numerics as nx
     for i, n_in in ((1, 12), (2, 16), (3, 16)):
         dy = out[f"fc{i}.d_out"]
         codes, b = nx.po2_quantize(dy)
