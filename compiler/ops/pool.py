@@ -1,0 +1,27 @@
+"""Max, average and global average pooling (ONNX MaxPool/AveragePool/GlobalAveragePool)."""
+
+from __future__ import annotations
+
+from .base import KernelFamily, LayerSpec, OpFamily, Phase, kernel  # noqa: F401
+
+# ---- ONNX import ------------------------------------------------------------------------------
+ONNX: dict = {}
+
+# ---- training schedule ------------------------------------------------------------------------
+FORWARD: dict = {}
+BACKWARD: dict = {}
+
+# ---- kernels: contract (dtypes, in-place) + C lowering -----------------------------------------
+KERNELS: tuple = ()
+
+# ---- numpy reference --------------------------------------------------------------------------
+REFERENCE_FORWARD: dict = {}
+REFERENCE_BACKWARD: dict = {}
+
+# ---- export -----------------------------------------------------------------------------------
+EXPORT: dict = {}
+
+FAMILY = OpFamily(
+    name="pool", doc=__doc__, layers=(), onnx=ONNX, kernels=KERNELS, forward=FORWARD,
+    backward=BACKWARD, reference_forward=REFERENCE_FORWARD, reference_backward=REFERENCE_BACKWARD,
+    export=EXPORT)
