@@ -34,6 +34,7 @@ from typing import Callable
 from .baremetal import blob_reserve, board
 from .errors import BudgetError, ConfigError
 from .liveness import Liveness, compute_liveness
+from .ops.base import Phase
 from .planner import ArenaPlan, align_up, plan_schedule
 from .schedule_ir import Role, Schedule
 from .target import Target
@@ -102,13 +103,13 @@ def trainer_buffers_nbytes(schedule: Schedule) -> int:
     batch = schedule.config.batch
     x = schedule.tensors["input"]
     elems = x.size // batch
-    classes = next(s.attrs["classes"] for s in schedule.steps if s.kernel == "softmax_xent")
+    classes = next(s.attrs["classes"] for s in schedule.steps if s.phase is Phase.LOSS)
     return 5 * batch + 4 * batch * classes + align_up(elems, 4) + TRAINER_LINE_NBYTES
 
 
 def code_estimate_nbytes(schedule: Schedule) -> int:
     """Estimated code + read-only data of the bare-metal program (module docstring)."""
-    kernels = {(s.kernel, tuple(schedule.tensors[t].dtype for t in (*s.inputs, *s.outputs)))
+    kernels = {(s.kernel.name, tuple(schedule.tensors[t].dtype for t in (*s.inputs, *s.outputs)))
                for s in schedule.steps}
     state = sum(1 for t in schedule.tensors.values() if t.role.persistent)
     return (CODE_BASE_NBYTES + CODE_PER_KERNEL_NBYTES * len(kernels)

@@ -58,6 +58,8 @@ import numpy as np
 from ..compiler.codegen import Target, load_target
 from ..compiler.config import TrainConfig
 from ..compiler.ir import Graph, tname
+from ..compiler.ops import KERNELS
+from ..compiler.ops.base import KernelFamily
 from ..compiler.pipeline import compile_to_c
 from ..compiler.schedule_ir import DType, Schedule
 from ..compiler.state import state_tensors
@@ -207,6 +209,16 @@ def _abs_conv_dx(dya: np.ndarray, wa: np.ndarray, a: dict) -> np.ndarray:
     return out[:, :, t:t + a["h"], l:l + a["w"]]
 
 
+# the kernels whose outputs are float32 sums of many terms (registry entries, by name)
+_REAL_FWD = tuple(KERNELS[n] for n in ("dense_fwd_signw", "dense_fwd_f32", "conv_fwd_signw",
+                                       "conv_fwd_f32"))
+_DW = tuple(KERNELS[n] for n in ("dense_dw_f32", "dense_dw_po2", "conv_dw_f32", "conv_dw_po2"))
+_DX = tuple(KERNELS[n] for n in ("dense_dx_f32", "dense_dx_po2", "conv_dx_f32", "conv_dx_po2"))
+_BN_FWD = (KERNELS["bn_l2_fwd"], KERNELS["bn_l1_fwd"])
+_BN_BWD = (KERNELS["bn_l2_bwd"], KERNELS["bn_l1_bwd"])
+_SUMS = (KERNELS["grad_add"], KERNELS["add_fwd"])
+
+
 def _magnitudes(schedule: Schedule, step, name: str, val, pre: dict) -> np.ndarray | None:
     """Sum of |terms| behind each element of a reduction output (matmul, conv, BN sums), from the
     C's own operands: the scale a float32 sum's rounding is relative to when terms cancel."""
@@ -220,33 +232,32 @@ def _magnitudes(schedule: Schedule, step, name: str, val, pre: dict) -> np.ndarr
         w = np.abs(np.asarray(pre[t], np.float64)).reshape(wt.shape) if t in pre else absval(t)
         return np.ones_like(w) if a.get("binary") else w
 
-    fam = "conv" if k.startswith("conv_") else "dense" if k.startswith("dense_") else k
-    if fam == "dense" and k.startswith("dense_fwd") and k != "dense_fwd_xnor":
+    dense = k.family is KernelFamily.DENSE
+    if k in _REAL_FWD and dense:
         return absval(step.inputs[0]).reshape(a["batch"], -1) @ w_abs(step.inputs[1])
-    if fam == "conv" and k in ("conv_fwd_signw", "conv_fwd_f32"):
+    if k in _REAL_FWD:
         win = _abs_windows(absval(step.inputs[0]), a)
         return np.einsum("bcyxij,kcij->bkyx", win, w_abs(step.inputs[1]))
-    if k in ("dense_dw_f32", "dense_dw_po2", "dense_dx_f32", "dense_dx_po2", "conv_dw_f32",
-             "conv_dw_po2", "conv_dx_f32", "conv_dx_po2"):
-        dy = absval(step.inputs[0] if "_dx_" in k else step.inputs[1])
-        if "_dw_" in k:
+    if k in _DW or k in _DX:
+        dy = absval(step.inputs[0] if k in _DX else step.inputs[1])
+        if k in _DW:
             x = absval(step.inputs[0])
-            if fam == "dense":
+            if dense:
                 return x.reshape(a["batch"], -1).T @ dy.reshape(a["batch"], -1)
             return np.einsum("bcyxij,bkyx->kcij", _abs_windows(x, a), dy)
         w = w_abs(step.inputs[-1])
-        if fam == "dense":
+        if dense:
             return dy.reshape(a["batch"], -1) @ w.T
         return _abs_conv_dx(dy, w, a)
-    if k in ("bn_l2_bwd", "bn_l1_bwd") and name.endswith((".dbeta", ".dgamma")):
+    if k in _BN_BWD and name.endswith((".dbeta", ".dgamma")):
         g = absval(step.inputs[0]).reshape(a["batch"], a["channels"], -1)
         if name.endswith(".dgamma"):
             g = g * absval(step.inputs[1]).reshape(g.shape)
         return g.sum(axis=(0, 2))
-    if k in ("bn_l2_fwd", "bn_l1_fwd") and name.endswith((".mu", ".running_mean")):
+    if k in _BN_FWD and name.endswith((".mu", ".running_mean")):
         x = absval(step.inputs[0]).reshape(a["batch"], a["channels"], -1)
         return x.mean(axis=(0, 2))
-    if k == "bias_grad":
+    if k is KERNELS["bias_grad"]:
         c = a.get("cout", a.get("out_features"))
         return absval(step.inputs[0]).reshape(a["batch"], c, -1).sum(axis=(0, 2))
     return None
@@ -258,7 +269,7 @@ def _sum_slack(schedule: Schedule, hp: HostProgram, name: str) -> np.ndarray | N
     t = schedule.tensors[name]
     step = schedule.producer(t.alias_of or name)
     if t.dtype not in (DType.F16, DType.BF16) or step is None or \
-            step.kernel not in ("grad_add", "add_fwd"):
+            step.kernel not in _SUMS:
         return None
     return sum(_ulp(hp.tensor(i).reshape(-1), schedule.tensors[i].dtype) for i in step.inputs
                if schedule.tensors[i].dtype in (DType.F16, DType.BF16))

@@ -144,7 +144,7 @@ def _oob_step(g, *, unaligned_end: bool, phase: str) -> tuple[int, object]:
     guards = {x.buffer: x for x in g["plan"].guards}
     for s in g["sched"].steps:
         buf = g["live"].buffer_of.get(s.outputs[0]) if s.outputs else None
-        if s.phase != phase or buf not in guards:
+        if s.phase.value != phase or buf not in guards:
             continue
         if unaligned_end == bool(guards[buf].end % g["plan"].align):
             return s.index, guards[buf]
@@ -162,7 +162,7 @@ def test_out_of_bounds_write_is_caught(guarded, where, unaligned, phase):
     res = _run(guarded, *flags)
     assert res.returncode == -signal.SIGABRT, (res.returncode, res.events, res.stderr)
     step = guarded["sched"].steps[k]
-    fn = f"step_{k:03d}_{step.kernel}" + (f"_{step.layer}" if step.layer else "")
+    fn = f"step_{k:03d}_{step.kernel.name}" + (f"_{step.layer}" if step.layer else "")
     byte, side = ((guard.offset - 1, "before") if where == "before"
                   else (guard.end, "past the end of"))
     want = (f"guard: training step 1, schedule step {k} ({fn}) wrote arena byte {byte}, "
