@@ -431,7 +431,8 @@ def host_case(ws: Workspace, case: Case, args) -> list[Row]:
 
 
 def part_rss(ws: Workspace, cases: list[Case], args) -> Iterator[Row]:
-    from bnnc.runtime.programs import build_trainer, read_manifest
+    from bnnc.compiler.contract import read_manifest
+    from bnnc.runtime.programs import build_trainer
 
     torch_env = {**os.environ, **{v: "1" for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                                                     "MKL_NUM_THREADS")}}
@@ -451,7 +452,7 @@ def part_rss(ws: Workspace, cases: list[Case], args) -> Iterator[Row]:
             exe = build_trainer(out)
             c_rss, _ = run_rss([str(exe), "--train", str(data), "--steps", str(args.rss_steps)],
                                timeout=36000)
-            planned = int(m["arena_nbytes"]) + int(m["state_nbytes"])
+            planned = m.arena_nbytes + m.state_nbytes
             log(f"rss {case.label}:{case.batch} {a}: C {c_rss / MIB:.2f} MiB, PyTorch "
                 f"{t_rss / MIB:.2f} MiB, planned {planned / MIB:.2f} MiB")
             yield Row(PEAK_RSS, case.label, case.batch, a, c_rss / MIB, t_rss / MIB,
@@ -472,7 +473,7 @@ def _count_a72(ws: Workspace, case: Case, algorithm: str, steps: int) -> tuple[i
     from bnnc.compiler.codegen import load_target
     from bnnc.runtime import reference as ref
     from bnnc.runtime.outdir import state_values_f32
-    from bnnc.runtime.programs import read_manifest
+    from bnnc.compiler.contract import read_manifest
 
     tgt = load_target("rpi4")
     out = ws.compiled(case, algorithm, tgt)
@@ -520,6 +521,7 @@ def part_m7(ws: Workspace, args) -> Iterator[Row]:
 
     from bnnc.compiler import baremetal as bm
     from bnnc.compiler.codegen import load_target
+    from bnnc.compiler.contract import read_manifest
     from bnnc.runtime import baremetal
 
     case = Case("tfc", 100)
@@ -543,8 +545,8 @@ def part_m7(ws: Workspace, args) -> Iterator[Row]:
         blob = baremetal.start_state_blob(out)
         n = baremetal.count_step_instructions(out, tgt, train=data, steps=args.insn_steps,
                                               start_blob=blob, timeout=36000).per_step
-        m = json.loads((out / "bnnc_manifest.json").read_text())
-        planned = int(m["arena_nbytes"]) + int(m["state_nbytes"])
+        m = read_manifest(out)
+        planned = m.arena_nbytes + m.state_nbytes
         log(f"m7 {case.label}:{case.batch} {a}: {n:,.0f} instructions/step")
         yield Row(INSNS_M7, case.label, case.batch, a, float(n),
                   detail=f"`qemu-system-arm -M mps2-an500`; includes reading the batch "

@@ -14,7 +14,7 @@ from rich.text import Text
 
 from ..compiler.frontend import load_model, printable
 from ..compiler.ir import WEIGHT_KINDS, Graph, LayerKind
-from . import cli
+from .app import cli
 
 
 def _weights_kind(layer) -> str:

@@ -49,9 +49,12 @@ import jinja2
 import numpy as np
 
 from .. import __version__
+from .contract import (DTYPE_CODES, MANIFEST, REGION_CODES, STATE_BLOB_HEADER_BYTES,
+                       STATE_BLOB_MAGIC, STATE_BLOB_VERSION, STATUSES, TRAINER_SOURCE, Manifest,
+                       StateEntry, StepEntry, TensorEntry)
 from .errors import PlanError, TargetError
 from .lower import CTYPES as _CTYPES
-from .lower import REGION_CODES, Instance, c_comment, c_float, c_ident, c_string  # noqa: F401
+from .lower import Instance, c_comment, c_float, c_ident, c_string  # noqa: F401
 from .lower import LowerCtx as _Ctx
 from .ops.base import Phase
 from .ops.dense import packed_w_geometry
@@ -61,57 +64,12 @@ from .target import TARGETS, Target, load_target  # noqa: F401  (re-exported)
 
 _ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = _ROOT / "templates"
-MANIFEST = "bnnc_manifest.json"
-STATE_BLOB_HEADER_BYTES = 40      # magic, version, model hash, step, seed, CRC-32, state bytes
-STATE_BLOB_MAGIC = 0x534E4E42     # "BNNS" little-endian
-STATE_BLOB_VERSION = 2            # 2: the CRC-32 field (was reserved, 0)
-TRAINER_SOURCE = "trainer.c"      # the standalone trainer of host/linux targets
 # u8 pixel -> 2*x/255 - 1, one rounding of the exact rational (runtime/datasets.py scale_pixels)
 PIXEL_LUT = ((2.0 * np.arange(256) - 255.0) / 255.0).astype(np.float32)
-# the dtype codes of the C tensor table (and the manifest)
-DTYPE_CODES = {d: i for i, d in enumerate((DType.F32, DType.F16, DType.BF16, DType.BIT, DType.PO2,
-                                            DType.U8, DType.I32))}
-# returned by the generated API; the C enum and its string table are generated from this one list
-STATUSES = (("OK", "ok"),
-            ("ERR_LABEL", "a label is outside [0, classes)"),
-            ("ERR_SIZE", "buffer size does not match the model"),
-            ("ERR_BLOB", "state blob has a wrong magic, version or model hash"),
-            ("ERR_CRC", "state blob is corrupted (CRC-32 mismatch)"),
-            ("ERR_NONFINITE", "loss is not finite (training diverged)"))
 
 
 # --------------------------------------------------------------------------------------------------
 # the emitted program
-
-@dataclass(frozen=True)
-class TensorEntry:
-    """One row of the C tensor table / manifest."""
-    index: int
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    region: str         # "arena" | "state"
-    offset: int
-    nbytes: int
-    layout: str
-    dump_offset: int    # in the -DBNNC_DEBUG_DUMP buffer (views: their base's)
-    alias_of: str | None
-    geom: dict | None = None   # packed dense weights behind an NHWC input: {"hw", "wc"}
-
-
-@dataclass(frozen=True)
-class StateEntry:
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    offset: int
-    nbytes: int
-    role: str
-    tensor_id: int
-    layout: str
-    init: str           # "normal" (W), "one" (gamma, running var/psi), "zero"
-    fan_in: int
-
 
 @dataclass(frozen=True)
 class Emitted:
@@ -124,7 +82,7 @@ class Emitted:
     manifest: Path
     files: tuple[Path, ...]
     kernels: tuple[str, ...]          # C kernel function names used
-    doc: dict = field(default_factory=dict, repr=False)
+    doc: Manifest | None = field(default=None, repr=False)
 
 
 def _state_entries(schedule: Schedule, plan) -> list[StateEntry]:
@@ -286,7 +244,6 @@ def emit_c(schedule: Schedule, plan, target: Target | str, out_dir: str | Path, 
         tensors.append(TensorEntry(len(tensors), t.name, t.dtype.value, t.shape, region, off,
                                    t.nbytes, t.layout, dump_off[base], t.alias_of))
     tensors = [_with_geom(e, schedule) for e in tensors]
-    index_of = {e.name: e.index for e in tensors}
     states = _state_entries(schedule, plan)
 
     # kernels and steps
@@ -396,21 +353,16 @@ def emit_c(schedule: Schedule, plan, target: Target | str, out_dir: str | Path, 
     makefile.write_text(env.get_template("Makefile.j2").render(
         **common, cc=target.cc, cflags=" ".join(target.cflags),
         ldflags=" ".join(target.ldflags), programs=programs))
-    doc = dict(schema="bnnc-c-manifest", schema_version=1, bnnc_version=__version__, model=model,
-               prefix=prefix, model_hash=mhash, model_sha256=model_sha256, target=target.name,
-               config=cfg.as_dict(), batch=cfg.batch, input_shape=list(input_t.shape),
-               classes=classes, arena_nbytes=plan.arena_nbytes, state_nbytes=plan.state_nbytes,
-               state_elems=elems, dump_nbytes=dump_nbytes,
-               blob_header_nbytes=STATE_BLOB_HEADER_BYTES,
-               blob_magic=STATE_BLOB_MAGIC, blob_version=STATE_BLOB_VERSION,
-               header=header.name, source=source.name, target_kind=target.kind,
-               trainer=TRAINER_SOURCE if programs else None, seed=cfg.seed,
-               tensors=[dict(e.__dict__, shape=list(e.shape)) for e in tensors],
-               state=[dict(s.__dict__, shape=list(s.shape)) for s in states],
-               steps=[dict(index=s["index"], kernel=s["kernel"], layer=s["layer"], fn=s["fn"])
-                      for s in steps],
-               tensor_index=index_of)
-    manifest.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+    doc = Manifest(bnnc_version=__version__, model=model, prefix=prefix, model_hash=mhash,
+                   model_sha256=model_sha256, target=target.name, target_kind=target.kind,
+                   config=cfg.as_dict(), batch=cfg.batch, input_shape=tuple(input_t.shape),
+                   classes=classes, seed=cfg.seed, arena_nbytes=plan.arena_nbytes,
+                   state_nbytes=plan.state_nbytes, state_elems=elems, dump_nbytes=dump_nbytes,
+                   header=header.name, source=source.name,
+                   trainer=TRAINER_SOURCE if programs else None, tensors=tuple(tensors),
+                   state=tuple(states), steps=tuple(StepEntry(s["index"], s["kernel"], s["layer"],
+                                                              s["fn"]) for s in steps))
+    manifest.write_text(doc.to_json())
     files = [header, source, makefile, manifest, *extra_files]
     if plan_json is not None:
         pj = out / "plan.json"

@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .contract import REGION_CODES
 from .errors import PlanError
 from .schedule_ir import DType, Schedule, Step, Tensor
 
@@ -34,8 +35,6 @@ CTYPES: dict[DType, tuple[str, str, str, str]] = {
     DType.U8: ("uint8_t", "", "", ""),
     DType.I32: ("int32_t", "", "", ""),
 }
-# the storage regions of a plan (the codes of the C tensor table and the manifest)
-REGION_CODES = {"arena": 0, "state": 1}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -46,6 +46,7 @@ values.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import tempfile
 from contextlib import contextmanager
@@ -55,7 +56,6 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from ..compiler.codegen import Target, load_target
 from ..compiler.config import TrainConfig
 from ..compiler.ir import Graph, tname
 from ..compiler.ops import KERNELS
@@ -63,6 +63,7 @@ from ..compiler.ops.base import KernelFamily
 from ..compiler.pipeline import compile_to_c
 from ..compiler.schedule_ir import DType, Schedule
 from ..compiler.state import state_tensors
+from ..compiler.target import Target, load_target, parse_size
 from ..compiler import numerics as nx
 from . import reference
 from .host import HostProgram
@@ -389,6 +390,19 @@ def _expected_update(graph: Graph, cfg: TrainConfig, t: int, pre: dict[str, np.n
         for m, v in moms.items():
             out[f"{st.name}.{m}"] = store(by_name[f"{st.name}.{m}"], v)
     return out
+
+
+def debug_target(target: Target, *, ram: bool, flash: bool) -> Target:
+    """The target a check builds for: a bare-metal debug build runs on the emulated board, which has
+    more memory than the part, so its RAM/flash budget is the board's unless --ram / --flash (`ram`,
+    `flash`) set it."""
+    if target.kind != "baremetal":
+        return target
+    board = target.extra
+    return dataclasses.replace(
+        target, ram=target.ram if ram else parse_size(board.get("board_ram", target.ram), "ram"),
+        flash=target.flash if flash else parse_size(board.get("board_flash", target.flash),
+                                                    "flash"))
 
 
 def run_check(graph: Graph, cfg: TrainConfig, *, steps: int = 3, data_seed: int = 0,

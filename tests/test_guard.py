@@ -26,7 +26,8 @@ from bnnc.compiler.schedule_ir import Role
 from bnnc.compiler.target import load_target
 from bnnc.compiler.zoo import build_zoo_model
 from bnnc.runtime import packed
-from bnnc.runtime.programs import LocalRunner, build_trainer, read_manifest
+from bnnc.compiler.contract import read_manifest
+from bnnc.runtime.programs import LocalRunner, build_trainer
 
 FAST = ["-O0"]      # these builds test logic, not speed: -O0 compiles several times faster
 
@@ -129,7 +130,7 @@ def test_guard_code_only_in_guarded_builds(guarded):
     steps = len(guarded["sched"].steps)
     assert src.count("    BNNC_GUARD_CHECK(") == steps and src.count("    BNNC_GUARD_ARM(") == steps
     assert "BNNC_GUARD" not in plain and "BNNC_OOB" not in plain
-    assert read_manifest(guarded["out"])["arena_nbytes"] == guarded["plan"].arena_nbytes
+    assert read_manifest(guarded["out"]).arena_nbytes == guarded["plan"].arena_nbytes
 
 
 def test_clean_guarded_build_trains(guarded):

@@ -103,9 +103,11 @@ class KernelSpec:
         return (_registered, (self.name,))
 
 
+_DEFINED: dict[str, KernelSpec] = {}     # every spec `kernel()` made, by name (unpickling)
+
+
 def _registered(name: str) -> KernelSpec:
-    from . import KERNELS
-    return KERNELS[name]
+    return _DEFINED[name]
 
 
 def operands(*specs) -> tuple[Operand, ...]:
@@ -120,8 +122,11 @@ def operands(*specs) -> tuple[Operand, ...]:
 def kernel(name: str, phase: Phase, family: KernelFamily, description: str, inputs, outputs,
            inplace=(), *, lower=None, lower_infer=None, pm1_out: bool = False,
            pm1_keep: bool = False) -> KernelSpec:
-    return KernelSpec(name, phase, family, description, operands(*inputs), operands(*outputs),
+    spec = KernelSpec(name, phase, family, description, operands(*inputs), operands(*outputs),
                       tuple(inplace), lower, lower_infer, pm1_out, pm1_keep)
+    assert name not in _DEFINED, f"kernel {name} is defined twice"
+    _DEFINED[name] = spec
+    return spec
 
 
 def _arity(ops: tuple[Operand, ...]) -> tuple[int, int]:
