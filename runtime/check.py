@@ -57,7 +57,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from ..compiler.config import TrainConfig
-from ..compiler.ir import Graph, tname
+from ..compiler.ir import Graph
 from ..compiler.ops import KERNELS
 from ..compiler.ops.base import KernelFamily
 from ..compiler.pipeline import compile_to_c
@@ -70,7 +70,6 @@ from .host import HostProgram
 from .trace import RecordedProgram
 
 F32_RTOL = 1e-5
-_GRAD_FIELD = {"W": "dW", "b": "db", "gamma": "dgamma", "beta": "dbeta"}   # compiler/README.md
 _FMT_EPS = {DType.F32: F32_RTOL, DType.F16: 2.0 ** -10, DType.BF16: 2.0 ** -7}
 _EXACT = (DType.BIT, DType.PO2, DType.I32, DType.U8)
 
@@ -365,31 +364,9 @@ def _r_value(name: str, t_dtype: DType, r: np.ndarray) -> np.ndarray:
 
 def _expected_update(graph: Graph, cfg: TrainConfig, t: int, pre: dict[str, np.ndarray],
                      grads: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The reference's update rules (reference.UPDATE) and stores applied to the C's own gradients:
-    what every parameter and moment must be after step t, given the C's pre-step state."""
-    sts = state_tensors(graph, cfg)
-    by_name = {st.name: st for st in sts}
-    out: dict[str, np.ndarray] = {}
-
-    def store(st, v):
-        if st.dtype == "bit":
-            return np.asarray(v, np.int8)
-        bits = nx.sr_bits(cfg.seed, t, st.tensor_id, int(np.prod(st.shape))) if st.stochastic \
-            else None
-        return nx.store(np.asarray(v, np.float32).reshape(st.shape), st.dtype, bits)
-
-    for st in sts:
-        if st.kind != "param":
-            continue
-        grad = np.asarray(grads[tname(st.layer, _GRAD_FIELD[st.field])], np.float32)
-        moms = {n.split(".")[-1]: pre[n].astype(np.float32) for n in by_name
-                if n.startswith(st.name + ".")}
-        value = pre[st.name].astype(np.int8 if st.dtype == "bit" else np.float32)
-        w, moms = reference.UPDATE[st.optimizer](cfg, t, value, grad.reshape(st.shape), moms)
-        out[st.name] = store(st, w)
-        for m, v in moms.items():
-            out[f"{st.name}.{m}"] = store(by_name[f"{st.name}.{m}"], v)
-    return out
+    """The reference's update rules and stores applied to the C's own gradients: what every
+    parameter and moment must be after step t, given the C's pre-step state."""
+    return reference.update_params(graph, cfg, t, pre, grads)
 
 
 def debug_target(target: Target, *, ram: bool, flash: bool) -> Target:

@@ -60,7 +60,7 @@ no gradient.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 
@@ -118,6 +118,27 @@ def _store(cfg: TrainConfig, st: StateTensor, v: np.ndarray, t: int) -> np.ndarr
         return np.asarray(v, np.int8).copy()
     bits = nx.sr_bits(cfg.seed, t, st.tensor_id, int(np.prod(st.shape))) if st.stochastic else None
     return nx.store(np.asarray(v, np.float32).reshape(st.shape), st.dtype, bits)
+
+
+def update_params(graph: Graph, cfg: TrainConfig, t: int, pre: Mapping[str, np.ndarray],
+                  grads: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Step t's optimizer update of every parameter and its moments, stored in their dtypes: the
+    update rules (`UPDATE`) applied to `grads` (`fc1.dW`, ...) from the pre-step state `pre`."""
+    sts = state_tensors(graph, cfg)
+    by_name = {st.name: st for st in sts}
+    new: dict[str, np.ndarray] = {}
+    for st in sts:
+        if st.kind != "param":
+            continue
+        grad = np.asarray(grads[tname(st.layer, _GRAD_FIELD[st.field])], np.float32)
+        moms = {n.split(".")[-1]: pre[n].astype(np.float32)
+                for n in by_name if n.startswith(st.name + ".")}
+        value = pre[st.name].astype(np.int8 if st.dtype == "bit" else np.float32)
+        w, moms = UPDATE[st.optimizer](cfg, t, value, grad.reshape(st.shape), moms)
+        new[st.name] = _store(cfg, st, w, t)
+        for mname, mv in moms.items():
+            new[f"{st.name}.{mname}"] = _store(cfg, by_name[f"{st.name}.{mname}"], mv, t)
+    return new
 
 
 def _as_batch(graph: Graph, x) -> np.ndarray:
@@ -220,22 +241,11 @@ def train_step(graph: Graph, cfg: TrainConfig, state: TrainState, x,
     out = forward_backward(graph, cfg, state.tensors, x, labels)
     t = state.step + 1
     sts = state_tensors(graph, cfg)
-    by_name = {st.name: st for st in sts}
-    new: dict[str, np.ndarray] = {}
+    new = update_params(graph, cfg, t, state.tensors, out)
     for st in sts:
-        if st.kind == "param":
-            grad = out[tname(st.layer, _GRAD_FIELD[st.field])].astype(np.float32)
-            moms = {n.split(".")[-1]: state.tensors[n].astype(np.float32)
-                    for n in by_name if n.startswith(st.name + ".")}
-            value = state.tensors[st.name]
-            value = value if st.dtype == "bit" else value.astype(np.float32)
-            w, moms = UPDATE[st.optimizer](cfg, t, value, grad, moms)
-            new[st.name] = _store(cfg, st, w, t)
-            for mname, mv in moms.items():
-                new[f"{st.name}.{mname}"] = _store(cfg, by_name[f"{st.name}.{mname}"], mv, t)
-        elif st.kind == "bn_stat":
+        if st.kind == "bn_stat":
             new[st.name] = _store(cfg, st, out[st.name], t)
-    assert new.keys() == by_name.keys()
+    assert new.keys() == {st.name for st in sts}
     out.update(new)
     return TrainState({st.name: new[st.name] for st in sts}, t), out
 
