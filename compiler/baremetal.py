@@ -127,8 +127,6 @@ def build_command(out_dir: Path, model: str, target: Target, output: Path, *,
 def emit_baremetal(env: jinja2.Environment, common: Mapping[str, Any], target: Target, out: Path,
                    schedule: Schedule, plan) -> list[Path]:
     """Render templates/baremetal/*.j2 into `out` (module docstring); returns the files written."""
-    from .codegen import PIXEL_LUT, c_float
-
     check_budgets(target)
     b = board(target)
     tensors = common["tensors"]
@@ -139,7 +137,7 @@ def emit_baremetal(env: jinja2.Environment, common: Mapping[str, Any], target: T
     model = common["model"]
     emu = " ".join(target.emulator)
     ctx = dict(common, cpu=cpu_name(target), input_index=input_index, state_index=state_index,
-               pixel_lut=[c_float(v) for v in PIXEL_LUT], ram=target.ram, flash=target.flash,
+               ram=target.ram, flash=target.flash,
                stack=target.stack, blob_reserve=blob_reserve(common["blob_nbytes"]),
                flash_origin=f"0x{b.flash_origin:08X}", ram_origin=f"0x{b.ram_origin:08X}",
                board_flash=b.flash_nbytes, board_ram=b.ram_nbytes, cc=target.cc,

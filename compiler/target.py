@@ -46,6 +46,13 @@ class Target:
     def native(self) -> bool:
         return self.kind == "host"
 
+    @property
+    def overlays(self) -> tuple[str, ...]:
+        """The template overlays (templates/targets/<name>/) of this target, most specific first:
+        its SIMD features, the microcontroller tiles of bare-metal targets, then the GCC/Clang
+        generic vectors every target's C may use (the portable C is the last resort)."""
+        return (*self.simd, *(("cortex-m",) if self.kind == "baremetal" else ()), "gnu")
+
     def require(self, *tools: str) -> None:
         """TargetError naming the Debian packages when cc (or another tool) is not on PATH."""
         for tool in tools or (self.cc,):
