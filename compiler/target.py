@@ -49,9 +49,11 @@ class Target:
     @property
     def overlays(self) -> tuple[str, ...]:
         """The template overlays (templates/targets/<name>/) of this target, most specific first:
-        its SIMD features, the microcontroller tiles of bare-metal targets, then the GCC/Clang
-        generic vectors every target's C may use (the portable C is the last resort)."""
-        return (*self.simd, *(("cortex-m",) if self.kind == "baremetal" else ()), "gnu")
+        its SIMD features, x86-64's run-time AVX2/popcnt choice for the host, the small tiles of
+        bare-metal targets, then the GCC/Clang generic vectors every target's compiler has (the
+        portable C below them all stays the reference and the -DBNNC_NO_SIMD build)."""
+        kind = {"host": ("x86",), "baremetal": ("cortex-m",)}.get(self.kind, ())
+        return (*self.simd, *kind, "gnu")
 
     def require(self, *tools: str) -> None:
         """TargetError naming the Debian packages when cc (or another tool) is not on PATH."""
