@@ -9,9 +9,13 @@ Invariants of the generated C:
 - C99 with <stdint.h>, <stddef.h>, <string.h>, <math.h> only; no malloc; globals are exactly one
   static arena and one static state object (plus, under -DBNNC_DEBUG_DUMP only, a dump buffer);
 - every schedule step is one `static void step_NNN_<kernel>_<layer>(void)` called straight-line by
-  the train step at the plan's fixed offsets; only the kernels the schedule uses are emitted, one C
-  function per (kernel, operand dtypes, variant);
-- identifiers come from bnnc (layer names are already C identifiers); ONNX names never appear;
+  the train step; its comment names the step's tensors (and, given `onnx_names`, its ONNX node),
+  its call passes each tensor as the pointer macro model.c defines at the plan's fixed offset
+  (`T_fc1_out` in the arena, `S_fc1_W` in the state: compiler/cnames.py); only the kernels the
+  schedule uses are emitted, one C function per (kernel, operand dtypes, variant), each family's
+  shared prelude (the dense vector layer) once;
+- identifiers come from bnnc (layer names are already C identifiers); ONNX names appear only in
+  comments, escaped, when the caller passes them;
 - deterministic: the same (schedule, plan, target, command, hash) gives byte-identical files.
 
 Division of labour: every offset, size, stride and constant is computed here, in Python, and passed
@@ -24,14 +28,20 @@ stochastic rounding keyed by (seed, step, tensor id, element) via `numerics.sr_b
 and moments stored with RNE/SR as `compiler.state` says; PO2 codes exactly as
 `numerics.po2_quantize`.
 
+Stages of `emit_c`: check the plan and kernels; the template context (tensor table, state table,
+step calls, predict calls, guards, tensor macros); the kernel sources (compiler/templating.py);
+the files (model.h/.c, the platform's trainer -- bare-metal: compiler/baremetal.py -- Makefile,
+manifest, plan.json).
+
 Kernels: portable C (64-bit XNOR-popcount for binary forward passes, sign-select add/sub for binary
-backward passes, PO2 gradients as exact integer sums) with SIMD variants chosen by the target (NEON
-when its toml lists `simd = ["neon"]`) or at run time (AVX2 on x86-64), each adding every output's
-terms in the same order, so every variant is bit-identical to the portable build (-DBNNC_NO_SIMD
-selects it). Stride-1 binary convs on host/Linux targets add by table lookup (the 256 sums of 8
-values' sign patterns, "Four Russians") and keep fixed-size stack scratch per call (at most
-_CONV_SCRATCH_BYTES: sign patterns, tables, partial sums); bare-metal targets keep the portable
-loops. Limits: the batch must live in the arena (liveness io="arena").
+backward passes, PO2 gradients as exact integer sums) with SIMD variants from the target's template
+overlays (templates/targets/<overlay>/: NEON when its toml lists `simd = ["neon"]`, GCC/Clang
+vectors, AVX2 on x86-64 chosen at run time; compiler/target.py `overlays`), each adding every
+output's terms in the same order, so every variant is bit-identical to the portable build
+(-DBNNC_NO_SIMD selects it). Stride-1 binary convs on host/Linux targets add by table lookup (the
+256 sums of 8 values' sign patterns, "Four Russians") and keep fixed-size stack scratch per call
+(at most _CONV_SCRATCH_BYTES: sign patterns, tables, partial sums); bare-metal targets keep the
+portable loops. Limits: the batch must live in the arena (liveness io="arena").
 """
 
 from __future__ import annotations
@@ -53,7 +63,7 @@ from .cnames import placed_tensors, tensor_macros
 from .errors import PlanError, TargetError
 from .schedule_ir import DType, Schedule, Step, Tensor
 from .target import TARGETS, Target, load_target  # noqa: F401  (re-exported)
-from .templating import TEMPLATES, numerics_source, render_kernels, target_env  # noqa: F401
+from .templating import numerics_source, render_kernels, target_env  # noqa: F401  (re-exported)
 
 MANIFEST = "bnnc_manifest.json"
 STATE_BLOB_HEADER_BYTES = 40      # magic, version, model hash, step, seed, CRC-32, state bytes
@@ -1191,7 +1201,7 @@ def _template_context(schedule: Schedule, plan, target: Target, ctx: _Ctx, *, co
 
 
 def _render_program(env: jinja2.Environment, common: dict, kernels: list[str], target: Target,
-                    out: Path, schedule: Schedule, plan) -> list[Path]:
+                    out: Path) -> list[Path]:
     """Write <model>.h, <model>.c, the trainer of the target's platform and the Makefile; returns
     them, header and source first."""
     model = common["model"]
@@ -1205,7 +1215,7 @@ def _render_program(env: jinja2.Environment, common: dict, kernels: list[str], t
         trainer.write_text(env.get_template("trainer.c.j2").render(**common))
         extra.append(trainer)
     if target.kind == "baremetal":
-        extra += emit_baremetal(env, common, target, out, schedule, plan)
+        extra += emit_baremetal(env, common, target, out)
     makefile.write_text(env.get_template("Makefile.j2").render(
         **common, cc=target.cc, cflags=" ".join(target.cflags),
         ldflags=" ".join(target.ldflags), programs=programs))
@@ -1229,8 +1239,7 @@ def emit_c(schedule: Schedule, plan, target: Target | str, out_dir: str | Path, 
                                           model_sha256=model_sha256, onnx_names=onnx_names or {})
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    written = _render_program(env, common, render_kernels(env, instances), target, out, schedule,
-                              plan)
+    written = _render_program(env, common, render_kernels(env, instances), target, out)
     header, source, makefile = written[:3]
     manifest = out / MANIFEST
     tensors, states, steps = common["tensor_entries"], common["state_entries"], common["steps"]

@@ -1,13 +1,13 @@
-"""The Jinja side of codegen: the template environment of a target and the kernel source of a program.
+"""The Jinja side of codegen: a target's template environment and the kernel source of a program.
 
 `target_env(target)` loads templates/ with the target's globals (`simd`, `target_kind`) and its
 overlay chain (`Target.overlays`, most specific first): `overlay(path)` names the first
 `targets/<overlay>/<path>` that exists, else the portable `path`, and `overlay_parent(overlay,
 path)` the next one down the chain, so an overlay template `{% extends %}` the variant below it
-and overrides its blocks (calling `super()` for the fallback). `render_kernels(env, instances)` renders
-each kernel instance once, in a fixed order (family, then function name), after the numerics
-runtime and, for every family whose template defines a `prelude` macro, that prelude once before the
-family's first kernel.
+and overrides its blocks (calling `super()` for the fallback). `render_kernels(env, instances)`
+renders each kernel instance once, in a fixed order (family, then function name), after the
+numerics runtime and, for every family whose template defines a `prelude` macro, that prelude
+once before the family's first kernel.
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ that every codegen change shows up as a diff in review.
 Each example is one `bnnc compile` command (`EXAMPLES`); its output directory is compiled into a
 temporary directory and every file it writes is copied to examples/generated/<name>/ (the model's
 .c/.h, the trainer, the Makefile, the manifest, plan.json, report.txt) but the model file and its
-initial state (`LEFT_OUT`: megabytes of weights, not codegen). --check compares instead of writing and exits 1 naming the stale files;
-tests/test_examples.py runs the same comparison.
+initial state (`LEFT_OUT`: megabytes of weights, not codegen). --check compares instead of
+writing and exits 1 naming the stale files; tests/test_examples.py runs the same comparison.
 """
 
 from __future__ import annotations
