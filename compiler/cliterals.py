@@ -43,7 +43,7 @@ def c_string(text: str) -> str:
     >>> c_string('fc1.W')
     '"fc1.W"'
     >>> c_string('a"b')
-    '"a\\"b"'
+    '"a\\\\"b"'
     """
     out = []
     for ch in str(text):

@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 from typing import Iterable
 
+from .schedule_ir import Schedule
+
 _NOT_IDENT = re.compile(r"[^A-Za-z0-9]")
 REGION_PREFIX = {"arena": "T_", "state": "S_"}
 
@@ -35,7 +37,7 @@ def tensor_macros(placed: Iterable[tuple[str, str]]) -> dict[str, str]:
     return out
 
 
-def placed_tensors(schedule, plan) -> list[tuple[str, str]]:
+def placed_tensors(schedule: Schedule, plan) -> list[tuple[str, str]]:
     """(name, region) of every schedule tensor the plan places in the arena or the state, in
     schedule order: what `tensor_macros` names."""
     return [(name, plan.tensor_offsets[name][0]) for name in schedule.tensors

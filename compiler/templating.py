@@ -1,7 +1,7 @@
 """The Jinja side of codegen: a target's template environment and the kernel source of a program.
 
-`target_env(target)` loads templates/ with the target's globals (`simd`, `target_kind`) and its
-overlay chain (`Target.overlays`, most specific first): `overlay(path)` names the first
+`target_env(target)` loads templates/ with the target's kind (`target_kind`) and its overlay
+chain (`Target.overlays`, most specific first): `overlay(path)` names the first
 `targets/<overlay>/<path>` that exists, else the portable `path`, and `overlay_parent(overlay,
 path)` the next one down the chain, so an overlay template `{% extends %}` the variant below it
 and overrides its blocks (calling `super()` for the fallback). `render_kernels(env, instances)`
@@ -38,7 +38,7 @@ def _overlay_names(chain: tuple[str, ...], path: str) -> list[str]:
 
 
 def target_env(target: Target) -> jinja2.Environment:
-    """The template environment of one target (module docstring): kernel templates read `simd` and
+    """The template environment of one target (module docstring): kernel templates read
     `target_kind`; the overlays of `target.overlays` replace portable templates' blocks."""
     env = _env()
     chain = target.overlays
@@ -50,8 +50,7 @@ def target_env(target: Target) -> jinja2.Environment:
         names = _overlay_names(chain, path)
         return names[names.index(f"targets/{name}/{path}") + 1]
 
-    env.globals.update(simd=tuple(target.simd), target_kind=target.kind, overlay=overlay,
-                       overlay_parent=overlay_parent)
+    env.globals.update(target_kind=target.kind, overlay=overlay, overlay_parent=overlay_parent)
     return env
 
 
