@@ -49,11 +49,11 @@ class Target:
     @property
     def overlays(self) -> tuple[str, ...]:
         """The template overlays (templates/targets/<name>/) of this target, most specific first:
-        its SIMD features, x86-64's run-time AVX2/popcnt choice for the host, the small tiles of
-        bare-metal targets, then the GCC/Clang generic vectors every target's compiler has (the
-        portable C below them all stays the reference and the -DBNNC_NO_SIMD build)."""
-        kind = {"host": ("x86",), "baremetal": ("cortex-m",)}.get(self.kind, ())
-        return (*self.simd, *kind, "gnu")
+        its SIMD features; the small tiles of bare-metal targets, or for host and Linux targets
+        x86-64's run-time AVX2/popcnt choice (compiled on x86-64 only); then the GCC/Clang generic
+        vectors every target's compiler has. The portable C below them all stays the reference
+        and the -DBNNC_NO_SIMD build."""
+        return (*self.simd, "cortex-m" if self.kind == "baremetal" else "x86", "gnu")
 
     def require(self, *tools: str) -> None:
         """TargetError naming the Debian packages when cc (or another tool) is not on PATH."""
