@@ -1,8 +1,8 @@
 """The Jinja side of codegen: a target's template environment and the kernel source of a program.
 
-`target_env(target)` loads templates/ with the target's kind (`target_kind`) and its overlay
-chain (`Target.overlays`, most specific first): `overlay(path)` names the first
-`targets/<overlay>/<path>` that exists, else the portable `path`, and `overlay_parent(overlay,
+`target_env(target)` loads templates/ with the target's overlay chain (`Target.overlays`, most
+specific first; kernel templates differ per target only through it): `overlay(path)` names the
+first `targets/<overlay>/<path>` that exists, else the portable `path`, and `overlay_parent(overlay,
 path)` the next one down the chain, so an overlay template `{% extends %}` the variant below it
 and overrides its blocks (calling `super()` for the fallback); `overlays(path)` lists them all.
 `render_kernels(env, instances)` renders each kernel instance once, in a fixed order (family, then
@@ -40,8 +40,8 @@ def _overlay_names(chain: tuple[str, ...], path: str) -> list[str]:
 
 
 def target_env(target: Target) -> jinja2.Environment:
-    """The template environment of one target (module docstring): kernel templates read
-    `target_kind`; the overlays of `target.overlays` replace portable templates' blocks."""
+    """The template environment of one target (module docstring): the overlays of
+    `target.overlays` replace portable templates' blocks and macros."""
     env = _env()
     chain = target.overlays
 
@@ -55,8 +55,7 @@ def target_env(target: Target) -> jinja2.Environment:
         names = _overlay_names(chain, path)
         return names[names.index(f"targets/{name}/{path}") + 1]
 
-    env.globals.update(target_kind=target.kind, overlays=overlays, overlay=overlay,
-                       overlay_parent=overlay_parent)
+    env.globals.update(overlays=overlays, overlay=overlay, overlay_parent=overlay_parent)
     return env
 
 
