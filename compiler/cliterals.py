@@ -1,10 +1,10 @@
 """C literals shared by the Linux and the bare-metal emission: floats, strings, the pixel table.
 
-`codegen.py` (the model and the Linux trainer) and `baremetal.py` (the microcontroller trainer) both
-print float32 constants and the u8-pixel lookup table into C; they import them from here, so neither
-imports the other for them. Values are printed as the double `repr` of what the numpy side uses,
-cast to float in C: C and numpy round the same double to float32.
-"""
+The pixel table (`pixel_lut_c`) is computed once for the template context that both the Linux
+trainer (codegen.py) and the bare-metal one (baremetal.py, which no longer imports codegen) render;
+`c_string` is the templates' `cstr` filter (templating.py); `c_float` prints the lowering's float
+constants. Floats are printed as the double `repr` of what the numpy side uses, cast to float in
+C: C and numpy round the same double to float32."""
 
 from __future__ import annotations
 
