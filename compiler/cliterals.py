@@ -4,7 +4,8 @@ The pixel table (`pixel_lut_c`) is computed once for the template context that b
 trainer (codegen.py) and the bare-metal one (baremetal.py, which no longer imports codegen) render;
 `c_string` is the templates' `cstr` filter (templating.py); `c_float` prints the lowering's float
 constants. Floats are printed as the double `repr` of what the numpy side uses, cast to float in
-C: C and numpy round the same double to float32."""
+C: C and numpy round the same double to float32.
+"""
 
 from __future__ import annotations
 
