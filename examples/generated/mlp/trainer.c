@@ -90,16 +90,16 @@ static const float pixel_lut[256] = {
 };
 
 typedef struct {
-    FILE *f;
+    FILE * io;
     const char *path;
     uint32_t count, elems, classes, format;
     long labels_at, pixels_at;
 } dataset_t;
 
-static float x_batch[BNNC_MLP_INPUT_ELEMS];
 static int32_t y_batch[BATCH];
 static float probs[BATCH * CLASSES];
 static uint8_t row_u8[EXAMPLE_ELEMS];
+static float x_batch[BNNC_MLP_INPUT_ELEMS];
 static uint8_t blob[BNNC_MLP_STATE_BLOB_BYTES];
 
 static void json_error(const char *what, const char *detail)
@@ -119,6 +119,19 @@ static void json_error(const char *what, const char *detail)
 
 /* ---- the packed dataset, read example by example ---- */
 
+static int io_open(FILE **f, const char *path)
+{
+    *f = fopen(path, "rb");
+    return *f != 0;
+}
+
+static int io_read(FILE *f, void *buf, size_t n) { return fread(buf, 1, n, f) == n; }
+
+static int read_at(FILE *f, long at, void *buf, size_t n)
+{
+    return fseek(f, at, SEEK_SET) == 0 && io_read(f, buf, n);
+}
+
 static uint32_t rd32(const uint8_t *p)
 {
     return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
@@ -129,9 +142,8 @@ static int data_open(dataset_t *d, const char *path)
     uint8_t h[DATA_HEADER];
     memset(d, 0, sizeof *d);
     d->path = path;
-    d->f = fopen(path, "rb");
-    if (!d->f) { json_error("cannot open dataset", path); return 0; }
-    if (fread(h, 1, DATA_HEADER, d->f) != DATA_HEADER || rd32(h) != DATA_MAGIC) {
+    if (!io_open(&d->io, path)) { json_error("cannot open dataset", path); return 0; }
+    if (!io_read(d->io, h, DATA_HEADER) || rd32(h) != DATA_MAGIC) {
         json_error("not a bnnc dataset (bnnc data pack)", path);
         return 0;
     }
@@ -140,8 +152,10 @@ static int data_open(dataset_t *d, const char *path)
     d->elems = rd32(h + 12);
     d->classes = rd32(h + 16);
     d->format = rd32(h + 20);
-    if (d->elems != EXAMPLE_ELEMS || d->classes != CLASSES || d->format > PIX_F32 || d->count == 0) {
-        json_error("dataset does not match the model (elements per example, classes or format)", path);
+    if (d->elems != EXAMPLE_ELEMS || d->classes != CLASSES || d->format > PIX_F32
+        || d->count == 0) {
+        json_error("dataset does not match the model (elements per example, classes or format)",
+                   path);
         return 0;
     }
     d->labels_at = DATA_HEADER;
@@ -152,17 +166,15 @@ static int data_open(dataset_t *d, const char *path)
 static int data_example(const dataset_t *d, uint32_t i, float *x, int32_t *y)
 {
     uint8_t label;
-    size_t k;
-    if (fseek(d->f, d->labels_at + (long)i, SEEK_SET) != 0 || fread(&label, 1, 1, d->f) != 1)
-        goto bad;
+    uint32_t k;
+    if (!read_at(d->io, d->labels_at + i, &label, 1u)) goto bad;
     *y = label;
     if (d->format == PIX_U8) {
-        if (fseek(d->f, d->pixels_at + (long)i * EXAMPLE_ELEMS, SEEK_SET) != 0
-            || fread(row_u8, 1, EXAMPLE_ELEMS, d->f) != EXAMPLE_ELEMS)
+        if (!read_at(d->io, d->pixels_at + (long)i * EXAMPLE_ELEMS, row_u8, EXAMPLE_ELEMS))
             goto bad;
         for (k = 0; k < EXAMPLE_ELEMS; k++) x[k] = pixel_lut[row_u8[k]];
-    } else if (fseek(d->f, d->pixels_at + (long)i * EXAMPLE_ELEMS * 4, SEEK_SET) != 0
-               || fread(x, 4, EXAMPLE_ELEMS, d->f) != EXAMPLE_ELEMS) {
+    } else if (!read_at(d->io, d->pixels_at + (long)i * EXAMPLE_ELEMS * 4u, x,
+                        EXAMPLE_ELEMS * 4u)) {
         goto bad;
     }
     return 1;
