@@ -125,7 +125,17 @@ static int io_open(FILE **f, const char *path)
     return *f != 0;
 }
 
+static int io_create(FILE **f, const char *path)
+{
+    *f = fopen(path, "wb");
+    return *f != 0;
+}
+
 static int io_read(FILE *f, void *buf, size_t n) { return fread(buf, 1, n, f) == n; }
+
+static int io_write(FILE *f, const void *buf, size_t n) { return fwrite(buf, 1, n, f) == n; }
+
+static int io_close(FILE *f) { return fclose(f) == 0; }
 
 static int read_at(FILE *f, long at, void *buf, size_t n)
 {
@@ -313,14 +323,64 @@ static int parse_u(const char *s, unsigned long *out)
     return *end == 0 && errno == 0;
 }
 
+/* ---- `bnnc check` trace (debug builds) ----
+ * in:  u32 magic "BNCI", u32 steps, float32[STATE_ELEMS] initial state, then per step
+ *      float32[INPUT_ELEMS] input and int32[BATCH] labels
+ * out: u32 magic "BNCO", u32 steps, then per step: int32 status, float32 loss, float32 accuracy,
+ *      float32[STATE_ELEMS] state before the step, every tensor's bytes in table order after the
+ *      step, float32[STATE_ELEMS] state after the step */
+static float check_state[BNNC_MLP_STATE_ELEMS + 1];
+
+static int check_trace(const char *in_path, const char *out_path)
+{
+    FILE * in;
+    FILE * out;
+    uint32_t head[2], k;
+    int32_t t;
+    int ok;
+    if (!io_open(&in, in_path)) { json_error("cannot open", in_path); return 1; }
+    if (!bnnc_mlp_debug_dump_enabled()) { json_error("--check-in needs the debug build", 0); return 2; }
+    if (!io_read(in, head, 8u) || head[0] != 0x49434E42u
+        || !io_read(in, check_state, BNNC_MLP_STATE_ELEMS * 4u)) {
+        json_error("bad check input", in_path);
+        return 1;
+    }
+    bnnc_mlp_load_state_f32(check_state, BNNC_MLP_STATE_ELEMS, 0, 0u);
+    if (!io_create(&out, out_path)) { json_error("cannot write", out_path); return 1; }
+    head[0] = 0x4F434E42u;
+    ok = io_write(out, head, 8u);
+    for (k = 0; ok && k < head[1]; k++) {
+        int32_t status;
+        float la[2] = {0.0f, 0.0f};
+        if (!io_read(in, x_batch, BNNC_MLP_INPUT_ELEMS * 4u)
+            || !io_read(in, y_batch, BATCH * 4u)) {
+            json_error("check input is truncated", in_path);
+            return 1;
+        }
+        bnnc_mlp_read_state_f32(check_state, BNNC_MLP_STATE_ELEMS);
+        status = bnnc_mlp_train_step(x_batch, y_batch, &la[0], &la[1]);
+        ok = io_write(out, &status, 4u) && io_write(out, la, 8u)
+             && io_write(out, check_state, BNNC_MLP_STATE_ELEMS * 4u);
+        for (t = 0; ok && t < bnnc_mlp_num_tensors(); t++)
+            ok = io_write(out, bnnc_mlp_tensor(t), bnnc_mlp_tensor_info(t)->nbytes);
+        bnnc_mlp_read_state_f32(check_state, BNNC_MLP_STATE_ELEMS);
+        ok = ok && io_write(out, check_state, BNNC_MLP_STATE_ELEMS * 4u);
+    }
+    (void)io_close(in);
+    if (!io_close(out) || !ok) {
+        json_error("writing the check output failed", out_path);
+        return 1;
+    }
+    printf("{\"event\": \"done\", \"steps\": %lu}\n", (unsigned long)head[1]);
+    return 0;
+}
+
 static double now_s(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
-
-static int check_trace(const char *in_path, const char *out_path);
 
 int main(int argc, char **argv)
 {
@@ -440,54 +500,5 @@ int main(int argc, char **argv)
     }
     if (final && !save_state(final)) return 1;
     printf("{\"event\": \"done\", \"step\": %llu}\n", (unsigned long long)step);
-    return 0;
-}
-
-/* ---- `bnnc check` trace (debug builds) ----
- * in:  u32 magic "BNCI", u32 steps, float32[STATE_ELEMS] initial state, then per step
- *      float32[INPUT_ELEMS] input and int32[BATCH] labels
- * out: u32 magic "BNCO", u32 steps, then per step: int32 status, float32 loss, float32 accuracy,
- *      float32[STATE_ELEMS] state before the step, every tensor's bytes in table order after the step,
- *      float32[STATE_ELEMS] state after the step */
-static float check_state[BNNC_MLP_STATE_ELEMS + 1];
-
-static int check_trace(const char *in_path, const char *out_path)
-{
-    FILE *in = fopen(in_path, "rb"), *out;
-    uint32_t head[2], k;
-    int32_t t;
-    if (!in) { json_error("cannot open", in_path); return 1; }
-    if (!bnnc_mlp_debug_dump_enabled()) { json_error("--check-in needs the debug build", 0); return 2; }
-    if (fread(head, 4, 2, in) != 2 || head[0] != 0x49434E42u
-        || fread(check_state, sizeof(float), BNNC_MLP_STATE_ELEMS, in) != BNNC_MLP_STATE_ELEMS) {
-        json_error("bad check input", in_path);
-        return 1;
-    }
-    bnnc_mlp_load_state_f32(check_state, BNNC_MLP_STATE_ELEMS, 0, 0u);
-    out = fopen(out_path, "wb");
-    if (!out) { json_error("cannot write", out_path); return 1; }
-    head[0] = 0x4F434E42u;
-    fwrite(head, 4, 2, out);
-    for (k = 0; k < head[1]; k++) {
-        int32_t status;
-        float la[2] = {0.0f, 0.0f};
-        if (fread(x_batch, sizeof(float), BNNC_MLP_INPUT_ELEMS, in) != BNNC_MLP_INPUT_ELEMS
-            || fread(y_batch, sizeof(int32_t), BATCH, in) != BATCH) {
-            json_error("check input is truncated", in_path);
-            return 1;
-        }
-        bnnc_mlp_read_state_f32(check_state, BNNC_MLP_STATE_ELEMS);
-        status = bnnc_mlp_train_step(x_batch, y_batch, &la[0], &la[1]);
-        fwrite(&status, 4, 1, out);
-        fwrite(la, 4, 2, out);
-        fwrite(check_state, sizeof(float), BNNC_MLP_STATE_ELEMS, out);
-        for (t = 0; t < bnnc_mlp_num_tensors(); t++)
-            fwrite(bnnc_mlp_tensor(t), 1, bnnc_mlp_tensor_info(t)->nbytes, out);
-        bnnc_mlp_read_state_f32(check_state, BNNC_MLP_STATE_ELEMS);
-        fwrite(check_state, sizeof(float), BNNC_MLP_STATE_ELEMS, out);
-    }
-    fclose(in);
-    if (fclose(out) != 0) { json_error("writing the check output failed", out_path); return 1; }
-    printf("{\"event\": \"done\", \"steps\": %lu}\n", (unsigned long)head[1]);
     return 0;
 }
