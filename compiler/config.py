@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 
 from .errors import ConfigError
+from .ir import WEIGHT_KINDS, Graph, LayerKind
 
 ALGORITHMS = ("standard", "proposed")
 OPTIMIZERS = ("adam", "sgd", "bop")
@@ -83,15 +84,13 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"learning rate must be positive, got {cfg.lr}")
 
 
-def check_config_for_graph(graph, cfg: TrainConfig) -> None:
+def check_config_for_graph(graph: Graph, cfg: TrainConfig) -> None:
     """Raise ConfigError when a technique of `cfg` cannot act on `graph` (an ir.Graph).
 
     Nonsense, decided here: Bop, PO2 gradients or binary dW on a model without a binary dense/conv
     layer (they only ever touch binary layers); training BN on vectors with batch < 2 (every
     normalized value would be 0).
     """
-    from .ir import WEIGHT_KINDS, LayerKind   # local: ir is not needed by the rest of this module
-
     binary = [lay.name for lay in graph.layers
               if lay.kind in WEIGHT_KINDS and lay.binary]
     if not binary:
