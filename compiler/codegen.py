@@ -563,9 +563,9 @@ def _lower_bop(step: Step, ctx: _Ctx) -> Call:
     ops = {"m": m} | ({} if gt.dtype is DType.BIT else {"g": g})
     inst = _instance(step, ctx, operands=ops, gbit=gt.dtype is DType.BIT)
     (mid,) = a["moment_ids"]
-    return Call(inst, [ctx.ptr(p), ctx.ptr(g, True), ctx.ptr(m), a["size"],
-                       c_float(a.get("g_scale", 1.0)), c_float(1 - a["gamma"]), c_float(a["gamma"]),
-                       c_float(a["tau"]), f"bnnc_sr_key(seed, t, {mid}u)"] + _bop_geometry(ctx, p))
+    return Call(inst, [ctx.ptr(p), ctx.ptr(g, True), ctx.ptr(m), a["size"], c_float(a["inv_scale"]),
+                       c_float(1 - a["gamma"]), c_float(a["threshold"]),
+                       f"bnnc_sr_key(seed, t, {mid}u)"] + _bop_geometry(ctx, p))
 
 
 def _geom_decl(B, C, H, W, K, kh, kw, sh, sw, pt, pl, OH, OW, wc) -> str:

@@ -35,8 +35,8 @@ class TrainConfig:
     beta2: float = 0.999
     adam_eps: float = 1e-7
     sgd_momentum: float = 0.9
-    bop_gamma: float = 1e-4
-    bop_tau: float = 1e-8
+    bop_gamma: float = 1e-4         # Bop's momentum rate (Larq's gamma)
+    bop_threshold: float = 8.0      # flip threshold on the scaled momentum, in 1-bit gradient steps
     bn_momentum: float = 0.9        # running = momentum * running + (1 - momentum) * batch
     # (l2 BN eps is a property of the model: each BATCHNORM layer's `eps` attr, e.g. 1e-4 for the
     # paper's nets in the zoo, Larq's own values for ResNetE/Bi-Real)
@@ -81,6 +81,12 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("--po2-bias has no effect with --no-po2; drop one of them")
     if cfg.lr <= 0:
         raise ConfigError(f"learning rate must be positive, got {cfg.lr}")
+    if not 0 < cfg.bop_gamma < 1:
+        raise ConfigError(f"--bop-gamma must lie in (0, 1), got {cfg.bop_gamma}")
+    if cfg.bop_threshold < 0:
+        raise ConfigError(f"--bop-threshold must be >= 0, got {cfg.bop_threshold}")
+    if not 0 <= cfg.bn_momentum < 1:
+        raise ConfigError(f"--bn-momentum must lie in [0, 1), got {cfg.bn_momentum}")
 
 
 def check_config_for_graph(graph, cfg: TrainConfig) -> None:

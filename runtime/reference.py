@@ -627,11 +627,17 @@ def _sgd(cfg: TrainConfig, t: int, w: np.ndarray, g: np.ndarray, mom: dict[str, 
 
 
 def _bop(cfg: TrainConfig, t: int, w: np.ndarray, g: np.ndarray, mom: dict[str, np.ndarray]):
-    """Bop (Helwegen et al. 2019) on +-1 weights: m = (1-gamma) m + gamma g; w = -w where
-    |m| > tau and sign(m) == sign(w) (the gradient agrees with the weight, so flipping lowers the
-    loss)."""
-    m = _f32(1 - cfg.bop_gamma) * mom["m"] + _f32(cfg.bop_gamma) * g
-    flip = (np.abs(m) > _f32(cfg.bop_tau)) & ((m >= 0) == (w > 0))
+    """Bop (Helwegen et al. 2019) on +-1 weights with a scaled momentum (compiler/README.md,
+    "Bop"): u = g / s in units of the 1-bit gradient magnitude s = 1/sqrt(N_W) (exactly +-1 for a
+    1-bit gradient, g * float32(sqrt(N_W)) for a float one); m = (1-gamma) m + u, which is Larq's
+    momentum divided by gamma s; w = -w where |m| > threshold and sign(m) == sign(w) (the gradient
+    agrees with the weight, so flipping lowers the loss)."""
+    if cfg.binary_dw:
+        u = np.where(g >= 0, 1, -1).astype(np.float32)
+    else:
+        u = g * _f32(math.sqrt(g.size))
+    m = _f32(1 - cfg.bop_gamma) * mom["m"] + u
+    flip = (np.abs(m) > _f32(cfg.bop_threshold)) & ((m >= 0) == (w > 0))
     return np.where(flip, -w, w).astype(np.int8), {"m": m}
 
 
