@@ -24,9 +24,11 @@ import click
 from ..compiler.config import ALGORITHMS, make_config
 from . import cli
 from .memory_cmds import load_graph, technique_options
+from .train_cmds import optimizer_options
 
 # the technique switches of `bnnc inspect` / `bnnc train` (unset = the algorithm's default)
-_TECHNIQUES = ("optimizer", "binary_dw", "po2", "po2_bias", "bn", "state_dtype", "save_bits")
+_TECHNIQUES = ("optimizer", "binary_dw", "po2", "po2_bias", "bn", "state_dtype", "save_bits",
+               "bop_gamma", "bop_threshold", "bn_momentum")
 
 
 def _config(algorithm: str | None, batch: int | None, lr: float | None, seed: int,
@@ -67,7 +69,7 @@ def _common(f):
         click.option("--flash", default=None, metavar="SIZE",
                      help="bare-metal targets: flash budget, e.g. 1M [default: the target's]"),
     ]
-    f = technique_options(f)
+    f = technique_options(optimizer_options(f))
     for o in reversed(opts):
         f = o(f)
     return f

@@ -57,6 +57,26 @@ def data_options(f):
     return f
 
 
+def optimizer_options(f):
+    """--bop-gamma, --bop-threshold, --bn-momentum: shared by `bnnc train`, `compile` and `check`
+    (unset = TrainConfig's defaults, which the help states)."""
+    d = TrainConfig()
+    opts = [
+        click.option("--bop-gamma", type=float, default=None,
+                     help=f"Bop: momentum rate gamma [default: {d.bop_gamma:g}]"),
+        click.option("--bop-threshold", type=float, default=None,
+                     help="Bop: flip a weight when its momentum, counted in 1-bit gradient steps, "
+                          f"exceeds this (Larq's tau / (gamma/sqrt(N_W))) "
+                          f"[default: {d.bop_threshold:g}]"),
+        click.option("--bn-momentum", type=float, default=None,
+                     help="BN running statistics r = m r + (1 - m) batch "
+                          f"[default: {d.bn_momentum:g}]"),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
 def training_data(graph: Graph, data_name: str, data_dir, limit: int | None):
     """(dataset, x_train, y_train, x_test) shaped for the model; `limit` cuts the training set."""
     from ..runtime.datasets import load_dataset
@@ -110,6 +130,7 @@ def build_config(algorithm: str, **opts) -> TrainConfig:
               help="storage of weights/moments/BN [default: bf16 proposed, f32 standard]")
 @click.option("--po2-bias", type=int, default=None, help="PO2 exponent bias [default: 8]")
 @click.option("--lr", type=float, default=None, help="learning rate [default: 1e-3]")
+@optimizer_options
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--limit", type=click.IntRange(min=1), default=None,
               help="use only the first N training examples")
