@@ -563,8 +563,8 @@ def _lower_bop(step: Step, ctx: _Ctx) -> Call:
     ops = {"m": m} | ({} if gt.dtype is DType.BIT else {"g": g})
     inst = _instance(step, ctx, operands=ops, gbit=gt.dtype is DType.BIT)
     (mid,) = a["moment_ids"]
-    return Call(inst, [ctx.ptr(p), ctx.ptr(g, True), ctx.ptr(m), a["size"], c_float(a["inv_scale"]),
-                       c_float(1 - a["gamma"]), c_float(a["threshold"]),
+    return Call(inst, [ctx.ptr(p), ctx.ptr(g, True), ctx.ptr(m), a["size"], c_float(1 - a["gamma"]),
+                       c_float(a["threshold"]),
                        f"bnnc_sr_key(seed, t, {mid}u)"] + _bop_geometry(ctx, p))
 
 

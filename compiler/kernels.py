@@ -191,8 +191,8 @@ _SPECS: tuple[KernelSpec, ...] = (
        [("p", STATE), ("g", (F32, BIT)), ("m", STATE)], [("p", STATE), ("m", STATE)],
        [(0, 0), (1, 2)]),
     _k("bop_update", "update",
-       "Bop, scaled momentum: m = (1-gamma) m + g/s (s = 1/sqrt(N_W)); flip w where "
-       "|m| > threshold and sign(m) == sign(w)",
+       "Bop, scaled momentum: m = (1-gamma) m + g / mean|g|; flip w where |m| > threshold and "
+       "sign(m) == sign(w)",
        [("p", BIT), ("g", (F32, BIT)), ("m", STATE)], [("p", BIT), ("m", STATE)], [(0, 0), (1, 2)]),
 )
 

@@ -734,8 +734,7 @@ class _Lowering:
         elif st.optimizer == "sgd":
             attrs.update(lr=cfg.lr, momentum=cfg.sgd_momentum)
         else:
-            attrs.update(gamma=cfg.bop_gamma, threshold=cfg.bop_threshold,
-                         inv_scale=float(np.float32(math.sqrt(_prod(st.shape)))))
+            attrs.update(gamma=cfg.bop_gamma, threshold=cfg.bop_threshold)
         self._emit(f"{st.optimizer}_update", lay.name, "update", (st.name, grad) + moms,
                    (st.name,) + moms, **attrs)
 

@@ -626,17 +626,24 @@ def _sgd(cfg: TrainConfig, t: int, w: np.ndarray, g: np.ndarray, mom: dict[str, 
     return w - _f32(cfg.lr) * m, {"m": m}
 
 
+def _bop_unit_gradient(cfg: TrainConfig, g: np.ndarray) -> np.ndarray:
+    """g / mean|g|: exactly +-1 for a 1-bit gradient (all of magnitude 1/sqrt(N_W)); a float one
+    times count / sum|g|, the float32 sum taken in element order as the C loop does (cumsum is
+    sequential), 0 for an all-zero gradient."""
+    if cfg.binary_dw:
+        return np.where(g >= 0, 1, -1).astype(np.float32)
+    total = np.cumsum(np.abs(g).ravel(), dtype=np.float32)[-1]
+    inv = _f32(g.size) / total if total > 0 else _f32(0)
+    return g * inv
+
+
 def _bop(cfg: TrainConfig, t: int, w: np.ndarray, g: np.ndarray, mom: dict[str, np.ndarray]):
     """Bop (Helwegen et al. 2019) on +-1 weights with a scaled momentum (compiler/README.md,
-    "Bop"): u = g / s in units of the 1-bit gradient magnitude s = 1/sqrt(N_W) (exactly +-1 for a
-    1-bit gradient, g * float32(sqrt(N_W)) for a float one); m = (1-gamma) m + u, which is Larq's
-    momentum divided by gamma s; w = -w where |m| > threshold and sign(m) == sign(w) (the gradient
-    agrees with the weight, so flipping lowers the loss)."""
-    if cfg.binary_dw:
-        u = np.where(g >= 0, 1, -1).astype(np.float32)
-    else:
-        u = g * _f32(math.sqrt(g.size))
-    m = _f32(1 - cfg.bop_gamma) * mom["m"] + u
+    "Bop"): m = (1-gamma) m + u, u = the gradient in units of its mean magnitude
+    (`_bop_unit_gradient`), which is Larq's momentum divided by gamma mean|g|; w = -w where
+    |m| > threshold and sign(m) == sign(w) (the gradient agrees with the weight, so flipping lowers
+    the loss)."""
+    m = _f32(1 - cfg.bop_gamma) * mom["m"] + _bop_unit_gradient(cfg, g)
     flip = (np.abs(m) > _f32(cfg.bop_threshold)) & ((m >= 0) == (w > 0))
     return np.where(flip, -w, w).astype(np.int8), {"m": m}
 

@@ -270,30 +270,33 @@ def test_bop_flip_rule_by_hand():
     assert np.array_equal(mom["m"], want)
 
 
-def test_bop_float_gradients_are_scaled_by_sqrt_n():
+def test_bop_float_gradients_are_scaled_by_their_mean_magnitude():
     cfg = make_config("proposed", optimizer="bop", binary_dw=False, bop_threshold=0.75)
     w = np.array([1, -1, -1, 1], np.int8)
-    g = np.array([0.5, -0.25, 0.25, -0.5], np.float32)       # N_W = 4: u = 2 g
+    g = np.array([0.5, -0.25, 0.25, -0.5], np.float32)       # mean |g| = 0.375
     new_w, mom = ref.UPDATE["bop"](cfg, 1, w, g, {"m": np.zeros(4, np.float32)})
-    assert mom["m"].tolist() == [1.0, -0.5, 0.5, -1.0]
-    assert new_w.tolist() == [-1, -1, -1, 1]                 # only |m| = 1 with sign(m) == w
+    np.testing.assert_allclose(mom["m"], g / 0.375, rtol=1e-6)
+    assert new_w.tolist() == [-1, -1, -1, 1]                 # only |m| = 4/3 with sign(m) == w
+    _, zero = ref.UPDATE["bop"](cfg, 1, w, 0 * g, {"m": np.ones(4, np.float32)})
+    assert np.array_equal(zero["m"], np.full(4, 0.9999, np.float32))      # no NaN from 0 / 0
 
 
 def test_bop_scaled_momentum_is_larqs_bop():
-    """m = Larq's momentum / (gamma s), threshold = tau / (gamma s): the same flips step by step
-    (float64 Larq form vs the float32 reference, float gradients, no ties at these values)."""
-    cfg = make_config("proposed", optimizer="bop", binary_dw=False, bop_gamma=0.05,
-                      bop_threshold=3.0)
+    """With 1-bit gradients (+-s, s = 1/sqrt(N_W)), m = Larq's momentum / (gamma s) and
+    threshold = tau / (gamma s): the same flips step by step (float64 Larq form vs the float32
+    reference)."""
+    gamma, thr = 0.05, 2.5
+    cfg = make_config("proposed", optimizer="bop", bop_gamma=gamma, bop_threshold=thr)
     rng = np.random.default_rng(0)
     n = 400
-    s, gamma = 1 / np.sqrt(n), 0.05
+    s = np.float32(1 / np.sqrt(n))
     w = np.where(rng.standard_normal(n) >= 0, 1, -1).astype(np.int8)
     w_larq, m_larq, mom = w.astype(np.float64), np.zeros(n), {"m": np.zeros(n, np.float32)}
     flips = 0
     for t in range(1, 60):
-        g = (s * (rng.standard_normal(n) + 0.3 * w_larq)).astype(np.float32)
-        m_larq = (1 - gamma) * m_larq + gamma * g
-        flip = (np.abs(m_larq) > 3.0 * gamma * s) & (np.sign(m_larq) == w_larq)
+        g = s * np.where(rng.standard_normal(n) + 0.3 * w_larq >= 0, 1, -1).astype(np.float32)
+        m_larq = (1 - gamma) * m_larq + gamma * g.astype(np.float64)
+        flip = (np.abs(m_larq) > thr * gamma * float(s)) & (np.sign(m_larq) == w_larq)
         w_larq = np.where(flip, -w_larq, w_larq)
         w, mom = ref.UPDATE["bop"](cfg, t, w, g, mom)
         flips += int(flip.sum())
