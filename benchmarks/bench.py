@@ -42,10 +42,11 @@ Method, and why:
   rotating who goes first, so a burst of load from another process hits all of them alike; the
   median of the timed repetitions is the number. The garbage collector is off while timing.
 - The PyTorch network is built from the same bnnc graph (compiler/ir.py) with the same initial
-  parameters, so shapes match exactly: binary layers use sign(W) (sign(0) = +1) with the STE mask
-  1[|W| <= 1], activations sign with 1[|x| <= 1], `F.batch_norm` in training mode (each model's eps;
-  momentum 0.1, which is bnnc's 0.9 in Keras' convention), cross-entropy on the logits and
-  `torch.optim.Adam` with bnnc's lr, betas and eps, all with PyTorch's defaults otherwise. The
+  parameters, so shapes match exactly; it is tests/torch_oracle.py's `TorchNet` in float32: binary
+  layers use sign(W) (sign(0) = +1) with the STE mask 1[|W| <= 1], activations sign with
+  1[|x| <= 1], `F.batch_norm` in training mode (each model's eps; momentum 0.1, which is bnnc's 0.9
+  in Keras' convention), cross-entropy on the logits and `torch.optim.Adam` with bnnc's lr, betas
+  and eps, all with PyTorch's defaults otherwise. The
   first step of C-standard and PyTorch sees the same batch from the same parameters; both losses go
   into the table: equal losses show that the two train the same network.
 - Inputs are random pixels scaled like the datasets (`2p/255 - 1`, so they pack as u8) and random
@@ -92,7 +93,7 @@ import torch.nn.functional as F
 from bnnc import __version__
 from bnnc.compiler.config import TrainConfig, make_config
 from bnnc.compiler.errors import BnncError, ConfigError, TargetError
-from bnnc.compiler.ir import INPUT, Graph, LayerKind, tname
+from bnnc.compiler.ir import Graph, LayerKind
 from bnnc.runtime import packed
 
 # The compiler, cffi loader and program builders (onnx, jinja2, cffi) are imported inside the
@@ -114,6 +115,20 @@ PEAK_RSS = "peak RSS (MiB)"
 PLANNED = "planned arena+state (MiB)"
 INSNS_A72 = "instructions/step, Cortex-A72 (QEMU)"
 INSNS_M7 = "instructions/step, Cortex-M7 (QEMU)"
+
+
+def _load_module(path: Path, name: str):
+    """A .py file as a module (benchmarks/ and tests/ are not packages)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod        # dataclasses look their module up while decorating
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# the PyTorch contender is the oracle's network (tests/torch_oracle.py imports torch and bnnc's IR
+# and config only, never bnnc's numpy math), so the benchmark times what the oracle tests check
+torch_net = _load_module(REPO / "tests" / "torch_oracle.py", "bnnc_bench_torch_oracle")
 
 
 def log(msg: str) -> None:
@@ -213,106 +228,22 @@ def random_data(graph: Graph, n: int, seed: int) -> tuple[np.ndarray, np.ndarray
 
 # ---- the PyTorch network -------------------------------------------------------------------------
 
-class SignSTE(torch.autograd.Function):
-    """sign with sign(0) = +1; backward g * 1[|x| <= 1] (the standard algorithm's STE)."""
+class TorchBNN(torch_net.TorchNet):
+    """The standard BNN of `graph` in PyTorch, float32, trained by `step(x, y)` -> loss: the torch
+    network of tests/torch_oracle.py (`TorchNet`), which the oracle tests train in float64.
 
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        return g * (x.abs() <= 1).to(g.dtype)
-
-
-def _symmetric(pads) -> int | None:
-    """IR pads (top, left, bottom, right) -> one torch `padding` int, or None if uneven."""
-    top, left, bottom, right = (int(p) for p in pads)
-    return top if top == left == bottom == right else None
-
-
-class TorchBNN:
-    """The standard BNN of `graph` in PyTorch, float32, trained by `step(x, y)` -> loss.
-
-    Every layer kind of the zoo models; INPUT_QUANT and uneven pooling pads are ConfigErrors."""
+    Every layer kind of the zoo models; INPUT_QUANT is a ConfigError."""
 
     def __init__(self, graph: Graph, cfg: TrainConfig):
-        self.graph = graph
-        self.params: dict[str, torch.Tensor] = {}
-        self.running: dict[str, torch.Tensor] = {}
-        self.consts: dict[str, torch.Tensor] = {}
-        self.momentum = 1.0 - cfg.bn_momentum       # torch's convention is Keras' 1 - m
         for lay in graph.layers:
             if lay.kind is LayerKind.INPUT_QUANT:
                 raise ConfigError(f"model {graph.name!r}: layer {lay.name} (input_quant) has no "
                                   "PyTorch counterpart in the benchmark; use a zoo model")
-            store = self.consts if lay.kind is LayerKind.AFFINE else self.params
-            for f in ("W", "b", "gamma", "beta", "scale", "bias"):
-                if f in lay.params:
-                    t = torch.tensor(np.array(lay.params[f], np.float32))
-                    store[tname(lay.name, f)] = t if store is self.consts else t.requires_grad_()
-            if lay.kind is LayerKind.BATCHNORM:
-                self.running[tname(lay.name, "mean")] = torch.tensor(lay.params["mean"])
-                self.running[tname(lay.name, "var")] = torch.tensor(lay.params["var"])
-        self.opt = torch.optim.Adam(list(self.params.values()), lr=cfg.lr,
-                                    betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps)
-
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        outs = {INPUT: x}
-        last = self.graph.output
-        for lay in self.graph.layers:
-            if lay is last and lay.kind is LayerKind.SOFTMAX:
-                return outs[lay.inputs[0]].reshape(x.shape[0], -1)   # CE takes the logits
-            outs[lay.name] = self._layer(lay, *(outs[i] for i in lay.inputs))
-        return outs[last.name].reshape(x.shape[0], -1)
-
-    def _layer(self, lay, x: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
-        k, a, n = lay.kind, lay.attrs, lay.name
-        p = self.params.get
-        if k is LayerKind.DENSE:
-            w = SignSTE.apply(p(tname(n, "W"))) if lay.binary else p(tname(n, "W"))
-            y = x.reshape(x.shape[0], -1) @ w
-            return y + p(tname(n, "b")) if "b" in lay.params else y
-        if k is LayerKind.CONV:
-            w = SignSTE.apply(p(tname(n, "W"))) if lay.binary else p(tname(n, "W"))
-            pad = _symmetric(a["pads"])
-            if pad is None:
-                top, left, bottom, right = (int(v) for v in a["pads"])
-                x, pad = F.pad(x, (left, right, top, bottom)), 0
-            return F.conv2d(x, w, p(tname(n, "b")), stride=tuple(a["strides"]), padding=pad)
-        if k is LayerKind.BATCHNORM:
-            return F.batch_norm(x, self.running[tname(n, "mean")], self.running[tname(n, "var")],
-                                p(tname(n, "gamma")), p(tname(n, "beta")), training=True,
-                                momentum=self.momentum, eps=float(a["eps"]))
-        if k is LayerKind.SIGN:
-            return SignSTE.apply(x)
-        if k is LayerKind.RELU:
-            return F.relu(x)
-        if k in (LayerKind.MAXPOOL, LayerKind.AVGPOOL):
-            pad = _symmetric(a["pads"])
-            if pad is None or (k is LayerKind.AVGPOOL and pad and not a.get("count_include_pad")):
-                raise ConfigError(f"layer {n}: uneven or uncounted pooling pads are not in the "
-                                  "benchmark's PyTorch network; use a zoo model")
-            pool = F.max_pool2d if k is LayerKind.MAXPOOL else F.avg_pool2d
-            return pool(x, tuple(a["kernel"]), tuple(a["strides"]), pad)
-        if k is LayerKind.GLOBAL_AVGPOOL:
-            return x.mean(dim=(2, 3))
-        if k is LayerKind.FLATTEN:
-            return x.reshape(x.shape[0], -1)
-        if k is LayerKind.ADD:
-            return x + rest[0]
-        if k is LayerKind.AFFINE:     # constants per channel ([C]) or per tensor ([1])
-            scale, bias = (self.consts[tname(n, f)] for f in ("scale", "bias"))
-            shape = (1, -1) + (1,) * (x.dim() - 2)
-            return (x * (scale.reshape(shape) if scale.numel() > 1 else scale.reshape(()))
-                    + (bias.reshape(shape) if bias.numel() > 1 else bias.reshape(())))
-        raise ConfigError(f"layer {n}: {k.value} has no PyTorch counterpart in the benchmark")
+        super().__init__(graph, cfg, dtype=torch.float32)
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         self.opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(self.logits(x), y)
+        loss = F.cross_entropy(self.forward(x)[1], y)
         loss.backward()
         self.opt.step()
         return float(loss.detach())
@@ -500,7 +431,8 @@ def host_case(ws: Workspace, case: Case, args) -> list[Row]:
 
 
 def part_rss(ws: Workspace, cases: list[Case], args) -> Iterator[Row]:
-    from bnnc.runtime.programs import build_trainer, read_manifest
+    from bnnc.compiler.contract import read_manifest
+    from bnnc.runtime.programs import build_trainer
 
     torch_env = {**os.environ, **{v: "1" for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                                                     "MKL_NUM_THREADS")}}
@@ -520,7 +452,7 @@ def part_rss(ws: Workspace, cases: list[Case], args) -> Iterator[Row]:
             exe = build_trainer(out)
             c_rss, _ = run_rss([str(exe), "--train", str(data), "--steps", str(args.rss_steps)],
                                timeout=36000)
-            planned = int(m["arena_nbytes"]) + int(m["state_nbytes"])
+            planned = m.arena_nbytes + m.state_nbytes
             log(f"rss {case.label}:{case.batch} {a}: C {c_rss / MIB:.2f} MiB, PyTorch "
                 f"{t_rss / MIB:.2f} MiB, planned {planned / MIB:.2f} MiB")
             yield Row(PEAK_RSS, case.label, case.batch, a, c_rss / MIB, t_rss / MIB,
@@ -531,13 +463,8 @@ def part_rss(ws: Workspace, cases: list[Case], args) -> Iterator[Row]:
 
 
 def _sibling(name: str):
-    """benchmarks/<name>.py as a module (benchmarks/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(f"bnnc_bench_{name}",
-                                                  Path(__file__).resolve().with_name(f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod        # dataclasses look their module up while decorating
-    spec.loader.exec_module(mod)
-    return mod
+    """benchmarks/<name>.py as a module."""
+    return _load_module(Path(__file__).resolve().with_name(f"{name}.py"), f"bnnc_bench_{name}")
 
 
 def _count_a72(ws: Workspace, case: Case, algorithm: str, steps: int) -> tuple[int, str]:
@@ -546,7 +473,7 @@ def _count_a72(ws: Workspace, case: Case, algorithm: str, steps: int) -> tuple[i
     from bnnc.compiler.codegen import load_target
     from bnnc.runtime import reference as ref
     from bnnc.runtime.outdir import state_values_f32
-    from bnnc.runtime.programs import read_manifest
+    from bnnc.compiler.contract import read_manifest
 
     tgt = load_target("rpi4")
     out = ws.compiled(case, algorithm, tgt)
@@ -594,6 +521,7 @@ def part_m7(ws: Workspace, args) -> Iterator[Row]:
 
     from bnnc.compiler import baremetal as bm
     from bnnc.compiler.codegen import load_target
+    from bnnc.compiler.contract import read_manifest
     from bnnc.runtime import baremetal
 
     case = Case("tfc", 100)
@@ -617,8 +545,8 @@ def part_m7(ws: Workspace, args) -> Iterator[Row]:
         blob = baremetal.start_state_blob(out)
         n = baremetal.count_step_instructions(out, tgt, train=data, steps=args.insn_steps,
                                               start_blob=blob, timeout=36000).per_step
-        m = json.loads((out / "bnnc_manifest.json").read_text())
-        planned = int(m["arena_nbytes"]) + int(m["state_nbytes"])
+        m = read_manifest(out)
+        planned = m.arena_nbytes + m.state_nbytes
         log(f"m7 {case.label}:{case.batch} {a}: {n:,.0f} instructions/step")
         yield Row(INSNS_M7, case.label, case.batch, a, float(n),
                   detail=f"`qemu-system-arm -M mps2-an500`; includes reading the batch "

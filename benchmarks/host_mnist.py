@@ -22,6 +22,7 @@ import numpy as np
 
 from bnnc.compiler.codegen import load_target
 from bnnc.compiler.config import make_config
+from bnnc.compiler.contract import Manifest
 from bnnc.compiler.frontend import load_model
 from bnnc.compiler.pipeline import compile_to_c
 from bnnc.compiler.zoo import build_zoo_model
@@ -60,9 +61,9 @@ def peak_rss_kib(exe: Path, *args: str) -> int:
     return int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", res.stderr).group(1))
 
 
-def c_process_rss(out: Path, manifest: dict) -> tuple[int, int]:
+def c_process_rss(out: Path, manifest: Manifest) -> tuple[int, int]:
     """(peak RSS KiB of the trainer process, of an empty C program built the same way)."""
-    prefix, model = manifest["prefix"], manifest["model"]
+    prefix, model = manifest.prefix, manifest.model
     src = out / "driver.c"
     src.write_text("#include <stdlib.h>\n" + DRIVER.format(h=f"{model}.h", p=prefix,
                                                             P=prefix.upper()))

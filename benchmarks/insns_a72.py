@@ -33,7 +33,8 @@ from bnnc.runtime import packed
 from bnnc.runtime import reference as ref
 from bnnc.runtime.insncount import count_instructions
 from bnnc.runtime.outdir import state_values_f32
-from bnnc.runtime.programs import build_trainer, emulator_argv, read_manifest
+from bnnc.compiler.contract import read_manifest
+from bnnc.runtime.programs import build_trainer, emulator_argv
 
 VARIANTS = (("NEON", ()), ("portable", ("-DBNNC_NO_SIMD",)))
 
@@ -55,7 +56,7 @@ def insns_per_step(out_dir: Path, target, data: Path, init: Path, steps: int,
     exe = build_trainer(out_dir, target, extra_cflags=extra_cflags, cache=cache)
     base = [str(exe), "--train", str(data), "--init", str(init)]
     # a trainer that reads the clock would execute a time-dependent number of instructions
-    if "--no-clock" in (out_dir / read_manifest(out_dir)["trainer"]).read_text():
+    if "--no-clock" in (out_dir / read_manifest(out_dir).trainer).read_text():
         base.append("--no-clock")
     counts = []
     for n in (0, steps):

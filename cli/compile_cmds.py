@@ -16,14 +16,20 @@ MODEL is an ONNX/QONNX file or a zoo name (`bnnc zoo --list`); zoo names take --
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from pathlib import Path
 
 import click
 
 from ..compiler.config import ALGORITHMS, make_config
-from . import cli
-from .memory_cmds import load_graph, technique_options
+from ..compiler.errors import ConfigError
+from ..compiler.planner import DEFAULT_GUARD_BYTES
+from ..compiler.target import Target, load_target, parse_size
+from ..runtime.check import debug_target, format_report, run_check
+from ..runtime.outdir import compile_graph, load_graph, model_bytes
+from .app import cli
+from .memory_cmds import technique_options
 from .train_cmds import optimizer_options
 
 # the technique switches of `bnnc inspect` / `bnnc train` (unset = the algorithm's default)
@@ -75,14 +81,8 @@ def _common(f):
     return f
 
 
-def budget_target(name: str, ram: str | None, flash: str | None):
+def budget_target(name: str, ram: str | None, flash: str | None) -> Target:
     """targets/<name>.toml with --ram/--flash applied (bare-metal targets only)."""
-    import dataclasses
-
-    from ..compiler.codegen import load_target
-    from ..compiler.errors import ConfigError
-    from ..compiler.target import parse_size
-
     tgt = load_target(name)
     if ram is None and flash is None:
         return tgt
@@ -95,22 +95,6 @@ def budget_target(name: str, ram: str | None, flash: str | None):
     if flash is not None:
         changes["flash"] = parse_size(flash, "--flash")
     return dataclasses.replace(tgt, **changes)
-
-
-def compile_graph(graph, cfg, tgt, out_dir: Path, command: str, source: bytes, *,
-                  guard_bytes: int = 0):
-    """compiler.pipeline.compile_to_c plus what `bnnc run` and a reader need in out_dir (the model,
-    the initial state, report.txt). Returns (compiled, files written)."""
-    from ..compiler.pipeline import compile_to_c
-    from ..compiler.report import format_report
-    from ..runtime.outdir import write_run_inputs
-
-    c = compile_to_c(graph, cfg, tgt, out_dir, command=command, guard_bytes=guard_bytes)
-    run_inputs = write_run_inputs(out_dir, graph, cfg, source)
-    report = out_dir / "report.txt"
-    report.write_text(f"{command}\n\n" + format_report(c.plan_doc, tensors=True)
-                      + "\nC kernels:\n" + "".join(f"  {k}\n" for k in c.emitted.kernels))
-    return c, (*c.emitted.files, report, *run_inputs)
 
 
 @cli.command("compile")
@@ -134,9 +118,6 @@ def compile_cmd(model: str, target: str, algorithm: str | None, batch: int | Non
       bnnc compile model.onnx --target rpi4 -o out/pi
       bnnc compile tfc --target cortex-m7 --ram 256K --batch 10 --optimizer bop -o out/m7
     """
-    from ..compiler.planner import DEFAULT_GUARD_BYTES
-    from ..runtime.outdir import model_bytes
-
     tgt = budget_target(target, ram, flash)
     cfg = _config(algorithm, batch, lr, seed, 100, techniques)
     graph = load_graph(model, width=width)
@@ -175,21 +156,11 @@ def check_cmd(model: str, target: str, algorithm: str | None, batch: int | None,
     rpi3, cortex-m7, cortex-m4) runs its debug build under QEMU on the same batches, records every
     tensor of every step, and the same comparison replays that recording.
     """
-    from ..runtime.check import format_report, run_check
-
     cfg = _config(algorithm, batch, lr, seed, 32, techniques)
     graph = load_graph(model, width=width)
     with tempfile.TemporaryDirectory(prefix="bnnc-check-") as tmp:
-        tgt = budget_target(target, ram, flash)
-        if tgt.kind == "baremetal":
-            # the debug build runs on the emulated board, which has more memory than the part
-            import dataclasses
-
-            from ..compiler.target import parse_size
-            tgt = dataclasses.replace(
-                tgt, ram=tgt.ram if ram else parse_size(tgt.extra.get("board_ram", tgt.ram), "ram"),
-                flash=tgt.flash if flash else parse_size(tgt.extra.get("board_flash", tgt.flash),
-                                                         "flash"))
+        tgt = debug_target(budget_target(target, ram, flash), ram=ram is not None,
+                           flash=flash is not None)
         rep = run_check(graph, cfg, steps=steps, data_seed=data_seed, target=tgt,
                         work_dir=keep if keep is not None else tmp,
                         command=_canonical_command("check", model, cfg, target, width),

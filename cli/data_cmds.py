@@ -14,7 +14,9 @@ import numpy as np
 
 from ..compiler.errors import DataError
 from ..runtime import datasets as ds
-from . import cli
+from ..runtime import packed
+from ..runtime.outdir import load_graph, read_compiled
+from .app import cli
 
 _DATA_DIR_HELP = "data root holding <name>/ folders, or the dataset folder itself " \
                  "[default: $BNNC_DATA, else ~/.cache/bnnc/data]"
@@ -103,21 +105,13 @@ def pack_cmd(name: str, model: str, split: str, output: Path, limit: int | None,
       bnnc data pack mnist --model out/mlp --split test -o test.bnnd
       scp out/mlp/trainer train.bnnd test.bnnd pi@raspberrypi.local:
     """
-    from ..runtime import packed
-    from .train_cmds import fit_to_model
-
     if Path(model).is_dir():
-        from ..runtime.outdir import read_compiled
         _, graph, _ = read_compiled(Path(model))
     else:
-        from .memory_cmds import load_graph
         graph = load_graph(model, width=width)
-    d = ds.load_dataset(name, data_dir)
-    if d.classes != graph.num_classes:
-        raise DataError(f"{d.name} has {d.classes} classes but model {graph.name!r} outputs "
-                        f"{graph.num_classes}")
+    d = ds.model_dataset(graph, name, data_dir)
     x, y = (d.x_train, d.y_train) if split == "train" else (d.x_test, d.y_test)
-    x = fit_to_model(graph, x, f"{d.name} {split}")
+    x = ds.fit_to_model(graph, x, f"{d.name} {split}")
     if limit is not None:
         x, y = x[:limit], y[:limit]
     if not output.parent.is_dir():

@@ -17,9 +17,9 @@ import click
 
 from ..compiler.config import ALGORITHMS, BN_KINDS, OPTIMIZERS, STATE_DTYPES, make_config
 from ..compiler.errors import ConfigError
-from ..compiler.export import FORMATS, export_onnx, load_state_npz
-from . import cli
-from .memory_cmds import load_graph
+from ..compiler.export import FORMATS, export_onnx
+from ..runtime.outdir import load_graph, read_compiled, saved_state_path, trained_state
+from .app import cli
 
 
 @cli.command("export", short_help="Write trained parameters as an inference ONNX/QONNX model.")
@@ -60,13 +60,8 @@ def export_cmd(model: str, state_path: Path | None, output: Path, fmt: str, algo
     """
     manifest = None
     if Path(model).is_dir():
-        from ..runtime.outdir import FINAL_STATE, STATE_BLOB, read_compiled
         manifest, graph, cfg = read_compiled(Path(model))
-        if state_path is None:
-            state_path = Path(model) / FINAL_STATE
-            if not state_path.is_file():
-                state_path = Path(model) / STATE_BLOB
-        state_path = Path(state_path)
+        state_path = Path(state_path) if state_path is not None else saved_state_path(Path(model))
         if not state_path.is_file():
             raise ConfigError(f"{state_path} does not exist", hint=f"train first: bnnc run {model} "
                               "--data ...")
@@ -77,17 +72,7 @@ def export_cmd(model: str, state_path: Path | None, output: Path, fmt: str, algo
         state_path = Path(state_path)
         cfg = make_config(algorithm, optimizer=optimizer, bn=bn, state_dtype=state_dtype)
         graph = load_graph(model, width=width)
-    if state_path.suffix == ".npz":
-        state = load_state_npz(state_path, graph, cfg)
-    elif manifest is not None:
-        # a state blob / checkpoint of the compiled C (the trainer's --checkpoint or --final file)
-        from ..compiler.export import check_state
-        from ..runtime.outdir import read_state_blob
-        state = check_state(graph, cfg, read_state_blob(state_path, manifest).tensors,
-                            source=str(state_path))
-    else:
-        raise ConfigError(f"{state_path}: a state blob (.bin) needs its compiled directory",
-                          hint="pass the `bnnc compile` output directory as MODEL")
+    state = trained_state(graph, cfg, state_path, manifest)
     onnx_model = export_onnx(graph, cfg, state, fmt=fmt, name=name)
     if not output.parent.is_dir():
         raise ConfigError(f"cannot write {output}: directory {output.parent} does not exist",

@@ -3,8 +3,7 @@
 
 MODEL is an ONNX file or a zoo name (`bnnc zoo --list`); `bnnc inspect` also reads a compiled output
 directory (or its plan.json) and re-verifies the plan before showing it. The pipeline is
-frontend -> schedule -> liveness -> planner -> report; the heavy modules are imported when a command
-runs so `bnnc --help` stays fast.
+frontend -> schedule -> liveness -> planner -> report.
 """
 
 from __future__ import annotations
@@ -15,39 +14,22 @@ from typing import Any
 import click
 
 from ..compiler.config import ALGORITHMS, BN_KINDS, OPTIMIZERS, STATE_DTYPES, make_config
-from ..compiler.errors import ConfigError, ModelError
+from ..compiler.errors import ConfigError
 from ..compiler.liveness import IO_MODES
-from . import cli
+from ..compiler.memory_model import spreadsheet
+from ..compiler.plan_check import check_plan
+from ..compiler.planner import plan_schedule
+from ..compiler.report import (describe_config, dump_plan_json, format_report, format_timeline,
+                               load_plan_json, plan_from_json, plan_to_html, plan_to_json)
+from ..compiler.schedule import build_schedule
+from ..runtime.outdir import load_graph
+from .app import cli
 
 MIB = float(1 << 20)
 
 
-def load_graph(model: str, *, width: float | None = None, image_size: int | None = None):
-    """An ir.Graph from an ONNX file or a zoo name (zoo names take --width / --image-size)."""
-    from ..compiler.frontend import load_model
-    from ..compiler.zoo import ZOO, build_zoo_model
-
-    path = Path(model)
-    if path.is_file():
-        if width is not None or image_size is not None:
-            raise ConfigError(f"--width/--image-size shape zoo models only; {model} is a file",
-                              hint="drop them, or pass a zoo name such as 'cnv'")
-        return load_model(path)
-    if model in ZOO:
-        kw: dict[str, Any] = {} if width is None else {"width": width}
-        if image_size is not None:
-            kw["image_size"] = image_size
-        return load_model(build_zoo_model(model, **kw))
-    raise ModelError(f"{model}: no such file, and not a zoo model name",
-                     hint=f"zoo models: {', '.join(ZOO)}")
-
-
 def plan_document(graph, cfg, align: int, io: str = "arena") -> dict[str, Any]:
     """The verified plan of one training step of `graph` under `cfg`, as a report document."""
-    from ..compiler.planner import plan_schedule
-    from ..compiler.report import plan_to_json
-    from ..compiler.schedule import build_schedule
-
     schedule = build_schedule(graph, cfg)
     live, plan = plan_schedule(schedule, align=align, io=io)
     return plan_to_json(schedule, live, plan)
@@ -132,10 +114,6 @@ def inspect(model: str, algorithm: str | None, batch: int | None, align: int | N
       bnnc inspect binarynet --compare standard,proposed --html plan.html
       bnnc inspect out/mlp
     """
-    from ..compiler.plan_check import check_plan
-    from ..compiler.report import (dump_plan_json, format_report, format_timeline, load_plan_json,
-                                   plan_from_json, plan_to_html)
-
     given = {k: v for k, v in techniques.items() if v is not None}
     if _is_plan_path(model):
         extra = [n for n, v in (("--algorithm", algorithm), ("--batch", batch), ("--align", align),
@@ -188,8 +166,6 @@ def inspect(model: str, algorithm: str | None, batch: int | None, align: int | N
 
 
 def _comparison(docs: list[dict[str, Any]]) -> str:
-    from ..compiler.report import describe_config
-
     base = docs[0]["total_nbytes"]
     lines = [f"bnnc memory plans: {docs[0]['model']}"]
     for d in docs:
@@ -248,8 +224,6 @@ def memory(model: str, batch_text: str, optimizer: str, align: int, width: float
       bnnc memory mlp --batch 100,200
       bnnc memory binarynet --batch 10,100,1000 --optimizer bop
     """
-    from ..compiler.memory_model import spreadsheet
-
     batches = _batches(batch_text)
     graph = load_graph(model, width=width, image_size=image_size)
     head = ("batch", "sheet std", "sheet prop", "ratio", "bnnc std", "bnnc prop", "ratio",

@@ -13,12 +13,12 @@ from rich.table import Table
 from rich.text import Text
 
 from ..compiler.frontend import load_model, printable
-from ..compiler.ir import Graph, LayerKind
-from . import cli
+from ..compiler.ir import WEIGHT_KINDS, Graph, LayerKind
+from .app import cli
 
 
 def _weights_kind(layer) -> str:
-    if layer.kind in (LayerKind.DENSE, LayerKind.CONV):
+    if layer.kind in WEIGHT_KINDS:
         return "binary" if layer.binary else "real"
     if layer.kind is LayerKind.BATCHNORM:
         return "real"

@@ -1,64 +1,21 @@
 """`bnnc run OUT/ --data mnist`: train with the standalone trainer compiled into OUT/ — natively
 (host target), under QEMU (`--emulate`) or on a device over ssh (`--device user@host[:dir]`).
 
-Input: a `bnnc compile` directory and a dataset. The data are packed for the model
-(runtime/packed.py) into OUT/data/, the initial state (OUT/init_state.npz) is written as the
-trainer's float32 --init file, and the trainer (runtime/programs.py builds it, cached) runs with
-absolute targets: --epochs E / --steps N here count from where the run starts (a resumed run
-continues the same batch sequence; see templates/trainer.c.j2). Its JSON lines are shown as epoch
-lines. Output: OUT/state.bin (the checkpoint, written atomically at every epoch end, every --every
-steps and at the end) and OUT/final_state.npz (decoded from it, for `bnnc export OUT/`).
-
-`--count` (emulated targets): instead of training for keeps, measure the guest instructions per
-training step with bnnc's QEMU plugin: one run of N steps and one of 0 steps of the same program,
-without checkpoints or test evaluation, (I_N - I_0) / N.
+This module parses the options and prints the run's events (epoch lines, the instruction count, the
+files written); runtime/run.py does the run and states what it reads and writes.
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import click
 from rich.console import Console
 
-from ..compiler.errors import ConfigError, DataError, TargetError
-from . import cli
+from ..runtime.run import (Counted, Event, RunOptions, Saved, Started, TrainerEvent,
+                           run_compiled)
+from .app import cli
 from .train_cmds import data_options
-
-TRAIN_FILE, TEST_FILE, INIT_FILE = "train.bnnd", "test.bnnd", "init_state.f32"
-
-
-def pack_run_data(out_dir: Path, graph, data_name: str, data_dir, limit: int | None):
-    """Pack the train/test splits shaped for the model into OUT/data/ (rewritten only when the
-    bytes change, so a device copy can be reused). Returns (train path, test path, train count)."""
-    from ..runtime import packed
-    from .train_cmds import training_data
-
-    data, x_train, y_train, x_test = training_data(graph, data_name, data_dir, limit)
-    where = out_dir / "data"
-    where.mkdir(exist_ok=True)
-    paths = []
-    for fname, x, y in ((TRAIN_FILE, x_train, y_train), (TEST_FILE, x_test, data.y_test)):
-        tmp = where / f".{fname}.new"
-        packed.pack(tmp, x.reshape(len(x), -1) if x.ndim == 2 else x, y, data.classes)
-        dest = where / fname
-        if dest.is_file() and dest.read_bytes() == tmp.read_bytes():
-            tmp.unlink()
-        else:
-            tmp.replace(dest)
-        paths.append(dest)
-    return paths[0], paths[1], len(x_train), data
-
-
-def until_step(start: int, per_epoch: int, epochs: int | None, steps: int | None) -> int:
-    """The absolute step to train to: --steps more steps, or --epochs passes counting the current
-    (possibly partial) epoch as the first, as `bnnc train` does."""
-    if epochs is not None and steps is not None:
-        raise ConfigError("give --epochs or --steps, not both")
-    if steps is not None:
-        return start + steps
-    return (start // per_epoch + (epochs or 1)) * per_epoch
 
 
 @cli.command("run")
@@ -85,11 +42,7 @@ def until_step(start: int, per_epoch: int, epochs: int | None, steps: int | None
 @click.option("--count", is_flag=True,
               help="--emulate: report guest instructions per training step instead of training")
 @click.option("--timeout", type=float, default=None, help="give up after this many seconds")
-def run_cmd(out_dir: Path, data_name: str, data_dir: Path | None, epochs: int | None,
-            steps: int | None, limit: int | None, resume: Path | None, every: int | None,
-            log_every: int | None, emulate: bool, device: str | None, port: int | None,
-            identity: Path | None, ssh_options: tuple[str, ...], count: bool,
-            timeout: float | None) -> None:
+def run_cmd(out_dir: Path, ssh_options: tuple[str, ...], **options) -> None:
     """Train with the program compiled into OUT_DIR on a dataset.
 
     \b
@@ -103,135 +56,51 @@ def run_cmd(out_dir: Path, data_name: str, data_dir: Path | None, epochs: int | 
       bnnc run out/mlp --device pi@raspberrypi.local --data mnist --epochs 1
       bnnc export out/mlp -o mlp_trained.onnx
     """
-    from ..runtime.outdir import FINAL_STATE, STATE_BLOB, read_compiled, read_state_blob
-    from ..runtime.programs import target_of
+    run_compiled(out_dir, RunOptions(ssh_options=tuple(ssh_options), **options),
+                 _Printer(Console(highlight=False, soft_wrap=True)))
 
-    manifest, graph, cfg = read_compiled(out_dir)
-    tgt = target_of(out_dir)
-    if emulate and device:
-        raise ConfigError("--emulate and --device exclude each other")
-    if tgt.kind == "baremetal":
-        if not emulate:
-            raise ConfigError(f"{out_dir} is a bare-metal {tgt.name} program",
-                              hint="run it under QEMU with --emulate (flash a board yourself)")
-        return _run_baremetal(out_dir, tgt, manifest, graph, data_name, data_dir, epochs, steps,
-                              limit, log_every, count, timeout)
-    if tgt.kind == "linux" and not (emulate or device):
-        raise ConfigError(f"{out_dir} was compiled for {tgt.name} ({tgt.arch})",
-                          hint="add --emulate (QEMU) or --device USER@HOST[:DIR]")
-    if tgt.kind == "host" and emulate:
-        raise ConfigError("the host target runs natively; --emulate is for cross targets")
-    if count and not emulate:
-        raise ConfigError("--count measures instructions under QEMU; add --emulate")
 
-    console = Console(highlight=False, soft_wrap=True)
-    start = 0
-    if resume is not None:
-        start = read_state_blob(resume, manifest).step     # refuses a foreign/corrupt file first
-    train_f, test_f, n_train, data = pack_run_data(out_dir, graph, data_name, data_dir, limit)
-    per_epoch = n_train // cfg.batch
-    if per_epoch == 0:
-        raise DataError(f"{n_train} training examples do not fill one batch of {cfg.batch}",
-                        hint="lower --batch at compile time or raise --limit")
-    _write_init(out_dir, manifest, graph, cfg)
-    ckpt = out_dir / STATE_BLOB
-    if resume is not None:
-        if resume.resolve() != ckpt.resolve():
-            from ..runtime.outdir import write_atomic
-            write_atomic(ckpt, resume.read_bytes())
-    until = until_step(start, per_epoch, epochs, steps)
-    if count:
-        _count(out_dir, tgt, train_f, until - start, console)
-        return
+class _Printer:
+    """The run's events as lines: the trainer's epochs (and steps with --log-every), the count."""
 
-    args = ["--train", TRAIN_FILE, "--test", TEST_FILE, "--init", INIT_FILE,
-            "--checkpoint", STATE_BLOB, "--steps", str(until), "--limit", str(n_train)]
-    args += ["--resume"] if resume is not None else []
-    args += ["--every", str(every)] if every else []
-    args += ["--log-every", str(log_every)] if log_every else []
-    epochs_total = math.ceil(until / per_epoch)
+    def __init__(self, console: Console):
+        self.console = console
+        self.started: Started | None = None
 
-    def show(ev: dict) -> None:
-        kind = ev.get("event")
-        if kind == "start":
-            console.print(f"{graph.name}: {tgt.name} trainer ({where}), {cfg.algorithm}, "
-                          f"{cfg.optimizer}, batch {cfg.batch}, arena {ev['arena_bytes']:,} B + "
-                          f"state {ev['state_bytes']:,} B; {ev['train']} train / {ev['test']} test "
-                          f"{data.name}; step {ev['step']} -> {ev['until']}")
+    def __call__(self, ev: Event) -> None:
+        say = self.console.print
+        if isinstance(ev, Started):
+            self.started = ev
+            if ev.elf is not None:
+                tgt = ev.target
+                say(f"{ev.model}: {tgt.name} bare-metal trainer ({ev.where}), RAM "
+                    f"{ev.elf.ram_nbytes:,} of {tgt.ram:,} B, flash {ev.elf.flash_nbytes:,} of "
+                    f"{tgt.flash:,} B")
+        elif isinstance(ev, TrainerEvent) and self.started is not None:
+            self._trainer(self.started, ev.fields)
+        elif isinstance(ev, Counted):
+            say(f"{ev.target.name} ({ev.emulator}): {ev.instructions:,} instructions for "
+                f"{ev.steps} steps, {ev.instructions_zero:,} for 0 steps -> {ev.per_step:,.0f} "
+                "instructions per training step")
+        elif isinstance(ev, Saved):
+            say(f"wrote {ev.checkpoint} (step {ev.step}) and {ev.final}")
+
+    def _trainer(self, run: Started, ev: dict) -> None:
+        say, kind, baremetal = self.console.print, ev.get("event"), run.elf is not None
+        if kind == "start" and baremetal:
+            say(f"{ev['train']} train / {ev['test']} test {run.data}, batch {ev['batch']}; "
+                f"step {ev['step']} -> {ev['until']}")
+        elif kind == "start":
+            cfg = run.config
+            say(f"{run.model}: {run.target.name} trainer ({run.where}), {cfg.algorithm}, "
+                f"{cfg.optimizer}, batch {cfg.batch}, arena {ev['arena_bytes']:,} B + "
+                f"state {ev['state_bytes']:,} B; {ev['train']} train / {ev['test']} test "
+                f"{run.data}; step {ev['step']} -> {ev['until']}")
         elif kind == "step":
-            console.print(f"  step {ev['step']}  loss {ev['loss']:.4f}  acc {100 * ev['acc']:.1f} %")
+            say(f"  step {ev['step']}  loss {ev['loss']:.4f}  acc {100 * ev['acc']:.1f} %")
         elif kind == "epoch":
-            console.print(f"epoch {ev['epoch']}/{epochs_total}  steps {ev['step']}  "
-                          f"train loss {ev['train_loss']:.4f}  train acc "
-                          f"{100 * ev['train_acc']:.2f} %  test acc {100 * ev['test_acc']:.2f} %  "
-                          f"({ev['seconds']:.1f} s, {ev['ms_per_step']:.2f} ms/step)")
-
-    from ..runtime.programs import build_trainer, check_result
-    exe = build_trainer(out_dir, tgt)
-    if device:
-        from ..runtime.device import SshRunner, parse_device
-        runner = SshRunner(parse_device(device, f"bnnc-{graph.name}"), tgt, port=port,
-                           identity=identity, options=ssh_options)
-        where = runner.describe()
-        runner.check()
-        files = [(exe, "trainer"), (train_f, TRAIN_FILE), (test_f, TEST_FILE),
-                 (out_dir / INIT_FILE, INIT_FILE)]
-        files += [(ckpt, STATE_BLOB)] if resume is not None else []
-        runner.put(files)
-        res = runner.run("trainer", args, on_event=show, timeout=timeout)
-        fetched = runner.get(STATE_BLOB, ckpt)
-        check_result(res, f"the trainer on {device}")
-        if not fetched:
-            raise TargetError(f"could not fetch {STATE_BLOB} from {device}")
-    else:
-        from ..runtime.programs import LocalRunner
-        runner = LocalRunner(tgt)
-        where = runner.describe()
-        res = _run_local(runner, exe, out_dir, args, show, timeout)
-        check_result(res, f"the {tgt.name} trainer")
-    blob = read_state_blob(ckpt, manifest)
-    from ..runtime.outdir import save_state_atomic
-    save_state_atomic(out_dir / FINAL_STATE, blob.tensors)
-    console.print(f"wrote {ckpt} (step {blob.step}) and {out_dir / FINAL_STATE}")
-
-
-def _run_local(runner, exe: Path, out_dir: Path, args: list[str], show, timeout):
-    """Local runs name the files by their paths under OUT/ (a device run by bare names)."""
-    where = {TRAIN_FILE: out_dir / "data" / TRAIN_FILE, TEST_FILE: out_dir / "data" / TEST_FILE,
-             INIT_FILE: out_dir / INIT_FILE, "state.bin": out_dir / "state.bin"}
-    return runner.run(exe, [str(where.get(a, a)) for a in args], on_event=show, timeout=timeout)
-
-
-def _write_init(out_dir: Path, manifest: dict, graph, cfg) -> None:
-    from ..runtime.outdir import load_init_state, state_values_f32, write_atomic
-
-    write_atomic(out_dir / INIT_FILE, state_values_f32(manifest,
-                                                       load_init_state(out_dir, graph, cfg)))
-
-
-def _count(out_dir: Path, tgt, train_f: Path, n: int, console: Console) -> None:
-    from ..runtime.insncount import count_instructions
-    from ..runtime.programs import build_trainer, emulator_argv
-
-    exe = build_trainer(out_dir, tgt)
-    emu = emulator_argv(tgt)
-    base = ["--train", str(train_f), "--init", str(out_dir / INIT_FILE), "--no-clock"]
-    i0, p0 = count_instructions(emu, [str(exe), *base, "--steps", "0"])
-    i1, p1 = count_instructions(emu, [str(exe), *base, "--steps", str(n)])
-    for p in (p0, p1):
-        if p.returncode != 0:
-            raise DataError(f"the counting run failed (exit {p.returncode}): "
-                            f"{p.stdout.strip()[-500:]} {p.stderr.strip()[-500:]}")
-    console.print(f"{tgt.name} ({' '.join(emu)}): {i1:,} instructions for {n} steps, {i0:,} for 0 "
-                  f"steps -> {(i1 - i0) / n:,.0f} instructions per training step")
-
-
-def _run_baremetal(out_dir, tgt, manifest, graph, data_name, data_dir, epochs, steps, limit,
-                   log_every, count, timeout) -> None:
-    try:
-        from ..runtime import baremetal
-    except ImportError as err:      # pragma: no cover - the module ships with bnnc
-        raise TargetError(f"bare-metal runs are not available: {err}") from err
-    baremetal.run_cli(out_dir, tgt, manifest, graph, data_name=data_name, data_dir=data_dir,
-                      epochs=epochs, steps=steps, limit=limit, log_every=log_every, count=count,
-                      timeout=timeout)
+            timing = (f"{ev['seconds']:.1f} s host time" if baremetal else
+                      f"{ev['seconds']:.1f} s, {ev['ms_per_step']:.2f} ms/step")
+            say(f"epoch {ev['epoch']}/{run.epochs}  steps {ev['step']}  train loss "
+                f"{ev['train_loss']:.4f}  train acc {100 * ev['train_acc']:.2f} %  test acc "
+                f"{100 * ev['test_acc']:.2f} %  ({timing})")

@@ -17,27 +17,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-import numpy as np
 from rich.console import Console
 
 from ..compiler.config import ALGORITHMS, BN_KINDS, OPTIMIZERS, STATE_DTYPES, TrainConfig, \
     check_config_for_graph, make_config
-from ..compiler.errors import ConfigError, DataError
-from ..compiler.ir import Graph
-from ..runtime.train_loop import HostBackend, ReferenceBackend, fit
-from . import cli
+from ..compiler.errors import ConfigError
+from ..compiler.frontend import load_model
+from ..runtime.datasets import training_data
+from ..runtime.outdir import save_state_atomic
+from ..runtime.train_loop import ReferenceBackend, c_backend, fit
+from .app import cli
 
 BACKENDS = ("reference", "c")
-
-
-def fit_to_model(graph: Graph, x: np.ndarray, what: str) -> np.ndarray:
-    """Reshape dataset images to the model's per-sample input shape when element counts agree."""
-    if x.shape[1:] == graph.input_shape:
-        return x
-    if int(np.prod(x.shape[1:])) == int(np.prod(graph.input_shape)):
-        return x.reshape((len(x),) + graph.input_shape)
-    raise DataError(f"{what} images are {x.shape[1:]} but model {graph.name!r} expects input "
-                    f"{graph.input_shape}", hint="pick the dataset the model was built for")
 
 
 def data_options(f):
@@ -65,8 +56,8 @@ def optimizer_options(f):
         click.option("--bop-gamma", type=float, default=None,
                      help=f"Bop: momentum rate gamma [default: {d.bop_gamma:g}]"),
         click.option("--bop-threshold", type=float, default=None,
-                     help="Bop: flip a weight when its momentum, counted in 1-bit gradient steps, "
-                          f"exceeds this (Larq's tau / (gamma/sqrt(N_W))) "
+                     help="Bop: flip a weight when its momentum, counted in gradient steps of "
+                          "mean magnitude (Larq's tau / (gamma mean|g|)), exceeds this "
                           f"[default: {d.bop_threshold:g}]"),
         click.option("--bn-momentum", type=float, default=None,
                      help="BN running statistics r = m r + (1 - m) batch "
@@ -75,22 +66,6 @@ def optimizer_options(f):
     for o in reversed(opts):
         f = o(f)
     return f
-
-
-def training_data(graph: Graph, data_name: str, data_dir, limit: int | None):
-    """(dataset, x_train, y_train, x_test) shaped for the model; `limit` cuts the training set."""
-    from ..runtime.datasets import load_dataset
-
-    data = load_dataset(data_name, data_dir)
-    if data.classes != graph.num_classes:
-        raise DataError(f"{data.name} has {data.classes} classes but model {graph.name!r} outputs "
-                        f"{graph.num_classes}")
-    x_train = fit_to_model(graph, data.x_train, f"{data.name} train")
-    x_test = fit_to_model(graph, data.x_test, f"{data.name} test")
-    y_train = data.y_train
-    if limit is not None:
-        x_train, y_train = x_train[:limit], y_train[:limit]
-    return data, x_train, y_train, x_test
 
 
 def _redundant_flags(algorithm: str, no_binary_dw: bool, no_po2: bool) -> None:
@@ -139,8 +114,6 @@ def build_config(algorithm: str, **opts) -> TrainConfig:
 def train_cmd(model: Path, backend: str, data_name: str, data_dir: Path | None, epochs: int | None,
               steps: int | None, limit: int | None, save_state: Path | None, **opts) -> None:
     """Train MODEL (ONNX/QONNX) on a dataset with the numpy reference or the emitted C."""
-    from ..compiler.frontend import load_model
-
     cfg = build_config(opts.pop("algorithm"), **opts)
     graph = load_model(model)
     check_config_for_graph(graph, cfg)
@@ -150,36 +123,18 @@ def train_cmd(model: Path, backend: str, data_name: str, data_dir: Path | None, 
                   f"lr {cfg.lr:g}, "
                   f"batch {cfg.batch}, {len(x_train)} train / {len(x_test)} test {data.name}")
     if backend == "c":
-        trainer, tmp = _c_backend(graph, cfg, model)
+        trainer, tmp = c_backend(graph, cfg, f"bnnc train {model.name} --backend c")
     else:
         trainer, tmp = ReferenceBackend(graph, cfg), None
     try:
         fit(trainer, x_train, y_train, x_test, data.y_test, epochs=epochs, steps=steps,
             seed=cfg.seed, console=console)
         if save_state is not None:
-            from ..runtime.outdir import save_state_atomic
             save_state_atomic(save_state, trainer.state())     # a crash leaves the old file
             console.print(f"wrote {save_state} (training state; `bnnc export` turns it into ONNX)")
     finally:
         if tmp is not None:
             tmp.cleanup()
-
-
-def _c_backend(graph, cfg, model: Path):
-    """Emit the C for the host into a temporary directory and load it (built once per content)."""
-    import tempfile
-
-    from ..compiler.codegen import load_target
-    from ..compiler.pipeline import compile_to_c
-    from ..runtime import reference as ref
-    from ..runtime.host import HostProgram
-
-    tmp = tempfile.TemporaryDirectory(prefix="bnnc-train-")
-    out = Path(tmp.name)
-    compile_to_c(graph, cfg, load_target("host"), out,
-                 command=f"bnnc train {model.name} --backend c")
-    program = HostProgram(out, debug=False)
-    return HostBackend(program, ref.init_state(graph, cfg).tensors, seed=cfg.seed), tmp
 
 
 def _techniques(cfg: TrainConfig) -> str:

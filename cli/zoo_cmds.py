@@ -14,7 +14,7 @@ import click
 
 from ..compiler.errors import ConfigError
 from ..compiler.zoo import FORMATS, ZOO, build_zoo_model, zoo_weight_count
-from . import cli
+from .app import cli
 
 
 def _listing(width: float, classes: int | None) -> str:

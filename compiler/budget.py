@@ -32,9 +32,13 @@ from dataclasses import dataclass, replace
 from typing import Callable
 
 from .baremetal import blob_reserve, board
+from .config import check_config_for_graph, make_config
 from .errors import BudgetError, ConfigError
 from .liveness import Liveness, compute_liveness
+from .ops.base import Phase
 from .planner import ArenaPlan, align_up, plan_schedule
+from .report import peak_breakdown
+from .schedule import build_schedule
 from .schedule_ir import Role, Schedule
 from .target import Target
 
@@ -102,13 +106,13 @@ def trainer_buffers_nbytes(schedule: Schedule) -> int:
     batch = schedule.config.batch
     x = schedule.tensors["input"]
     elems = x.size // batch
-    classes = next(s.attrs["classes"] for s in schedule.steps if s.kernel == "softmax_xent")
+    classes = next(s.attrs["classes"] for s in schedule.steps if s.phase is Phase.LOSS)
     return 5 * batch + 4 * batch * classes + align_up(elems, 4) + TRAINER_LINE_NBYTES
 
 
 def code_estimate_nbytes(schedule: Schedule) -> int:
     """Estimated code + read-only data of the bare-metal program (module docstring)."""
-    kernels = {(s.kernel, tuple(schedule.tensors[t].dtype for t in (*s.inputs, *s.outputs)))
+    kernels = {(s.kernel.name, tuple(schedule.tensors[t].dtype for t in (*s.inputs, *s.outputs)))
                for s in schedule.steps}
     state = sum(1 for t in schedule.tensors.values() if t.role.persistent)
     return (CODE_BASE_NBYTES + CODE_PER_KERNEL_NBYTES * len(kernels)
@@ -119,8 +123,6 @@ def budget_report(schedule: Schedule, plan: ArenaPlan, target: Target, *, data_b
                   liveness: Liveness | None = None) -> BudgetReport:
     """Every RAM and flash contributor of the bare-metal program of `schedule` (see the module
     docstring)."""
-    from .report import peak_breakdown
-
     live = liveness if liveness is not None else compute_liveness(schedule)
     ram: list[Contributor] = []
     peak = peak_breakdown(live, plan)
@@ -163,9 +165,6 @@ def budget_report(schedule: Schedule, plan: ArenaPlan, target: Target, *, data_b
 def _alternatives(graph, schedule: Schedule, target: Target,
                   fits_with: Callable[[Schedule, ArenaPlan], BudgetReport]) -> list[str]:
     """The ways out, each with the RAM/flash it would need (real plans of the changed config)."""
-    from .config import check_config_for_graph
-    from .schedule import build_schedule
-
     cfg = schedule.config
     out: list[str] = []
     cache: dict = {}
@@ -188,7 +187,6 @@ def _alternatives(graph, schedule: Schedule, target: Target,
                        + (" (fits)" if r.fits else " (does not fit either)"))
 
     if cfg.algorithm == "standard":
-        from .config import make_config
         keep = {k: getattr(cfg, k) for k in ("batch", "optimizer", "lr", "seed")}
         say("--algorithm proposed", make_config("proposed", **keep))
         if cfg.optimizer != "bop":

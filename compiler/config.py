@@ -96,10 +96,10 @@ def check_config_for_graph(graph, cfg: TrainConfig) -> None:
     layer (they only ever touch binary layers); training BN on vectors with batch < 2 (every
     normalized value would be 0).
     """
-    from .ir import LayerKind   # local: ir is not needed by the rest of this module
+    from .ir import WEIGHT_KINDS, LayerKind   # local: ir is not needed by the rest of this module
 
     binary = [lay.name for lay in graph.layers
-              if lay.kind in (LayerKind.DENSE, LayerKind.CONV) and lay.binary]
+              if lay.kind in WEIGHT_KINDS and lay.binary]
     if not binary:
         used = [flag for flag, on in (("--optimizer bop", cfg.optimizer == "bop"),
                                       ("PO2 gradients", cfg.po2),

@@ -32,6 +32,11 @@ class DataError(BnncError):
     """A dataset file/directory is missing or malformed, or labels are out of range."""
 
 
+class ManifestError(DataError):
+    """A compile output's bnnc_manifest.json lacks a field or holds one of the wrong type (written
+    by another bnnc version, or edited)."""
+
+
 class PlanError(BnncError):
     """The memory plan could not be built or failed verification."""
 

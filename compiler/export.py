@@ -6,7 +6,9 @@ every `compiler.state.state_tensors(graph, cfg)` name to its value, as
 +-1). `save_state_npz` / `load_state_npz` keep such a state in an .npz file; `check_state`
 validates one, whatever its source (the npz, the reference trainer, or the compiled program's state
 blob), so an exporter of the C state is a thin wrapper: read the blob into a dict, call
-`export_onnx`.
+`export_onnx`. The nodes of each layer kind come from its op family (the `# ---- export` section
+of `compiler/ops/<family>.py`, registry view `ops.EXPORT`), written through
+`compiler/ops/exportctx.Emitter`; this module walks the graph and adds the model's frame.
 
 Invariants of the result:
 - inference semantics = `runtime.reference.predict(graph, cfg, TrainState(state, k), x)`: the graph
@@ -58,17 +60,19 @@ import os
 import re
 import zipfile
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Mapping
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from .. import __version__
+from . import ops
 from .config import TrainConfig
-from .numerics import store
 from .errors import ConfigError, DataError
-from .ir import INPUT, Graph, Layer, LayerKind, tname
+from .ir import INPUT, Graph, LayerKind
+from .numerics import store
+from .ops.exportctx import Emitter
 from .state import StateTensor, state_tensors
 from .zoo import IR_VERSION, OPSET, QONNX_DOMAIN
 
@@ -220,183 +224,6 @@ def load_state_npz(path: str | os.PathLike, graph: Graph,
 # --------------------------------------------------------------------------------------------------
 # ONNX emission
 
-class _Emitter:
-    """Accumulates the nodes and initializers of the exported graph."""
-
-    def __init__(self, graph: Graph, cfg: TrainConfig, state: dict[str, np.ndarray], fmt: str):
-        self.graph, self.cfg, self.state, self.fmt = graph, cfg, state, fmt
-        self.nodes: list[onnx.NodeProto] = []
-        self.inits: list[TensorProto] = []
-        self.consts: dict[str, str] = {}
-
-    def node(self, op: str, inputs: list[str], out: str, *, name: str | None = None,
-             domain: str = "", **attrs) -> str:
-        self.nodes.append(helper.make_node(op, inputs, [out], name=name or out, domain=domain,
-                                           **attrs))
-        return out
-
-    def init(self, name: str, value) -> str:
-        self.inits.append(numpy_helper.from_array(np.asarray(value, np.float32), name))
-        return name
-
-    def const(self, value: float) -> str:
-        """A shared float32 scalar initializer."""
-        tag = {0.0: "zero", 1.0: "one", -1.0: "minus_one"}[value]
-        if tag not in self.consts:
-            self.consts[tag] = self.init(f"const.{tag}", np.float32(value))
-        return self.consts[tag]
-
-    def value(self, lay: Layer, f: str) -> np.ndarray:
-        """A parameter as the trained network uses it: the state tensor, else the constant."""
-        v = self.state.get(tname(lay.name, f))
-        return np.asarray(lay.params[f] if v is None else v, np.float32)
-
-    def binarize(self, x: str, out: str) -> str:
-        """bnnc's sign (+1 at 0) of tensor x."""
-        if self.fmt == "qonnx":
-            return self.node("BipolarQuant", [x, self.const(1.0)], out, domain=QONNX_DOMAIN)
-        ge = self.node("GreaterOrEqual", [x, self.const(0.0)], f"{out}.ge")
-        return self.node("Where", [ge, self.const(1.0), self.const(-1.0)], out)
-
-    def weight(self, lay: Layer) -> str:
-        """The tensor a dense/conv layer multiplies with: W, sign(W) folded, or BipolarQuant(W)."""
-        w = self.value(lay, "W")
-        if not lay.binary:
-            return self.init(tname(lay.name, "W"), w)
-        if self.fmt == "qonnx":
-            return self.binarize(self.init(tname(lay.name, "W"), w), tname(lay.name, "Wb"))
-        return self.init(tname(lay.name, "Wb"), np.where(w >= 0, 1, -1))
-
-    def bias(self, lay: Layer) -> list[str]:
-        return [self.init(tname(lay.name, "b"), self.value(lay, "b"))] if "b" in lay.params else []
-
-
-def _chan_shape(v: np.ndarray, ndim: int) -> np.ndarray:
-    """A per-channel constant [C] shaped to broadcast over (N, C, ...) activations of `ndim`
-    per-sample dims ([C] for vectors, [C, 1, 1] for images); a per-tensor [1] stays [1]."""
-    return v.reshape((-1,) + (1,) * (ndim - 1)) if v.size > 1 else v.reshape(1)
-
-
-def _dense(em: _Emitter, lay: Layer, xs: list[str], out: str) -> None:
-    x = xs[0]
-    if len(em.graph.shape_of(lay.inputs[0])) != 1:
-        # the IR's dense flattens its input implicitly (reference: x.reshape(B, -1)); Gemm is 2-D
-        x = em.node("Flatten", [x], f"{out}.flatten", axis=1)
-    em.node("Gemm", [x, em.weight(lay)] + em.bias(lay), out)
-
-
-def _conv(em: _Emitter, lay: Layer, xs: list[str], out: str) -> None:
-    w = lay.params["W"]
-    em.node("Conv", [xs[0], em.weight(lay)] + em.bias(lay), out,
-            kernel_shape=list(w.shape[2:]), strides=list(lay.attrs["strides"]),
-            pads=list(lay.attrs["pads"]))
-
-
-def _batchnorm(em: _Emitter, lay: Layer, xs: list[str], out: str) -> None:
-    eps = float(np.float32(lay.attrs["eps"]))
-    n = lay.name
-    beta = em.value(lay, "beta")
-    mean = em.value(lay, "running_mean")
-    if em.cfg.bn == "l2":
-        gamma, var = em.value(lay, "gamma"), em.value(lay, "running_var")
-        if np.any(var.astype(np.float64) + eps <= 0):
-            raise DataError(f"state tensor '{tname(n, 'running_var')}' has entries <= -eps "
-                            f"({eps:g}); batch norm {n!r} cannot be exported",
-                            hint="the state is corrupt or the training run diverged")
-    else:
-        gamma, psi = np.ones_like(beta), em.value(lay, "running_psi")
-        if np.any((psi <= 0) | (psi * psi == 0)):
-            raise DataError(f"state tensor '{tname(n, 'running_psi')}' has entries that are <= 0 "
-                            f"or so small their square underflows float32 (about 2.6e-23); l1 "
-                            f"batch norm {n!r} divides by it, ONNX BatchNormalization by "
-                            f"sqrt(var + eps)",
-                            hint="the state is corrupt, or a channel never varied in training")
-        var = (psi.astype(np.float64) ** 2 - eps).astype(np.float32)
-        if np.any(var < 0):
-            eps, var = 0.0, psi * psi
-    em.node("BatchNormalization",
-            [xs[0], em.init(f"{n}.gamma", gamma), em.init(f"{n}.beta", beta),
-             em.init(f"{n}.running_mean", mean), em.init(f"{n}.running_var", var)], out,
-            epsilon=eps, momentum=float(np.float32(lay.attrs["momentum"])))
-
-
-def _sign(em: _Emitter, lay: Layer, xs: list[str], out: str) -> None:
-    em.binarize(xs[0], out)
-
-
-def _pool(op: str) -> Callable[..., None]:
-    def emit(em: _Emitter, lay: Layer, xs: list[str], out: str) -> None:
-        a = lay.attrs
-        extra = {"count_include_pad": int(bool(a.get("count_include_pad", False)))} \
-            if op == "AveragePool" else {}
-        em.node(op, [xs[0]], out, kernel_shape=list(a["kernel"]), strides=list(a["strides"]),
-                pads=list(a["pads"]), **extra)
-    return emit
-
-
-def _simple(op: str, **attrs) -> Callable[..., None]:
-    def emit(em: _Emitter, lay: Layer, xs: list[str], out: str) -> None:
-        em.node(op, list(xs), out, **attrs)
-    return emit
-
-
-def _affine(em: _Emitter, lay: Layer, xs: list[str], out: str) -> None:
-    nd = len(lay.shape)
-    scale = em.init(f"{lay.name}.scale", _chan_shape(em.value(lay, "scale"), nd))
-    bias = em.init(f"{lay.name}.bias", _chan_shape(em.value(lay, "bias"), nd))
-    em.node("Add", [em.node("Mul", [xs[0], scale], f"{out}.mul"), bias], out)
-
-
-def _input_quant(em: _Emitter, lay: Layer, xs: list[str], out: str) -> None:
-    a, n = lay.attrs, lay.name
-    bits, signed, narrow = int(a["bits"]), bool(a["signed"]), bool(a["narrow"])
-    scale = em.init(f"{n}.scale", np.float32(a["scale"]))
-    zp = em.init(f"{n}.zero_point", np.float32(a["zero_point"]))
-    if em.fmt == "qonnx":
-        em.node("Quant", [xs[0], scale, zp, em.init(f"{n}.bit_width", np.float32(bits))], out,
-                domain=QONNX_DOMAIN, signed=int(signed), narrow=int(narrow),
-                rounding_mode="ROUND")
-        return
-    if signed:
-        lo, hi = -(2 ** (bits - 1)) + int(narrow), 2 ** (bits - 1) - 1
-    else:
-        lo, hi = 0, 2 ** bits - 1 - int(narrow)
-    # QONNX Quant: (round(clip(x / scale + zp, lo, hi)) - zp) * scale, ROUND = half to even
-    y = em.node("Div", [xs[0], scale], f"{out}.div")
-    y = em.node("Add", [y, zp], f"{out}.add_zp")
-    y = em.node("Clip", [y, em.init(f"{n}.qmin", np.float32(lo)),
-                         em.init(f"{n}.qmax", np.float32(hi))], f"{out}.clip")
-    y = em.node("Round", [y], f"{out}.round")
-    y = em.node("Sub", [y, zp], f"{out}.sub_zp")
-    em.node("Mul", [y, scale], out)
-
-
-def _softmax(em: _Emitter, lay: Layer, xs: list[str], out: str) -> None:
-    x = xs[0]
-    if len(em.graph.shape_of(lay.inputs[0])) != 1:
-        # ONNX Softmax normalizes one axis; the reference normalizes over the whole sample
-        x = em.node("Flatten", [x], f"{out}.flatten", axis=1)
-    em.node("Softmax", [x], out, axis=-1)
-
-
-_EMIT: dict[LayerKind, Callable[[_Emitter, Layer, list[str], str], None]] = {
-    LayerKind.DENSE: _dense,
-    LayerKind.CONV: _conv,
-    LayerKind.BATCHNORM: _batchnorm,
-    LayerKind.SIGN: _sign,
-    LayerKind.RELU: _simple("Relu"),
-    LayerKind.MAXPOOL: _pool("MaxPool"),
-    LayerKind.AVGPOOL: _pool("AveragePool"),
-    LayerKind.GLOBAL_AVGPOOL: _simple("GlobalAveragePool"),
-    LayerKind.FLATTEN: _simple("Flatten", axis=1),
-    LayerKind.ADD: _simple("Add"),
-    LayerKind.AFFINE: _affine,
-    LayerKind.INPUT_QUANT: _input_quant,
-    LayerKind.SOFTMAX: _softmax,
-}
-assert set(_EMIT) == set(LayerKind), "every layer kind needs an exporter"
-
-
 def export_onnx(graph: Graph, cfg: TrainConfig, state: Mapping[str, np.ndarray], *,
                 fmt: str = "onnx", name: str | None = None) -> onnx.ModelProto:
     """The trained network as an inference ONNX model (see the module docstring).
@@ -409,7 +236,7 @@ def export_onnx(graph: Graph, cfg: TrainConfig, state: Mapping[str, np.ndarray],
     gname = graph.name if name is None else name
     if not _IDENT.match(gname):
         raise ConfigError(f"model name {gname!r} is not a C identifier [a-z][a-z0-9_]*")
-    em = _Emitter(graph, cfg, check_state(graph, cfg, state), fmt)
+    em = Emitter(graph, cfg, check_state(graph, cfg, state), fmt)
     out_name = OUTPUT_NAME if all(lay.name != OUTPUT_NAME for lay in graph.layers) \
         else f"{OUTPUT_NAME}.out"
     tensor = {INPUT: INPUT_NAME}
@@ -418,14 +245,12 @@ def export_onnx(graph: Graph, cfg: TrainConfig, state: Mapping[str, np.ndarray],
     last = graph.output
     for lay in graph.layers:
         out = out_name if lay is last and lay.kind is LayerKind.SOFTMAX else lay.name
-        _EMIT[lay.kind](em, lay, [tensor[i] for i in lay.inputs], out)
+        ops.EXPORT[lay.kind](em, lay, [tensor[i] for i in lay.inputs], out)
         tensor[lay.name] = out
     if last.kind is not LayerKind.SOFTMAX:
         # predict() reports probabilities: softmax over the flattened logits
-        x = tensor[last.name]
-        if len(last.shape) != 1:
-            x = em.node("Flatten", [x], f"{out_name}.flatten", axis=1)
-        em.node("Softmax", [x], out_name, name=f"{out_name}.softmax", axis=-1)
+        em.node("Softmax", [em.flat(tensor[last.name], last.name, out_name)], out_name,
+                name=f"{out_name}.softmax", axis=-1)
 
     in_shape = graph.input_shape
     if graph.input_layout == "NHWC":

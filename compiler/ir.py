@@ -4,7 +4,9 @@ A `Graph` is a topologically ordered tuple of `Layer`s. Shapes are *per sample* 
 the batch size is a compile parameter, never read from the model file. Activations are NCHW inside bnnc
 (`(C, H, W)` for images, `(F,)` for vectors) whatever the layout of the ONNX input was.
 
-Invariants (checked by `Graph.verify()`):
+Invariants (structure checked by `Graph.verify()`; what each kind requires -- its number of
+inputs, attrs and params, whether it may end a graph -- by `compiler.ops.check_graph(graph)`, from
+the kind's `LayerSpec` in the op registry):
 - layer names are unique C identifiers (`[a-z][a-z0-9_]*`), assigned by bnnc, never taken from ONNX;
 - every input of a layer is `INPUT` or the name of an earlier layer (so the graph is acyclic);
 - every parameter array is float32, finite, and has the shape its kind requires;
@@ -34,6 +36,7 @@ _IDENT = re.compile(r"^[a-z][a-z0-9_]*$")
 class LayerKind(Enum):
     DENSE = "dense"            # x @ W (+ b); binary when W is binarized
     CONV = "conv"              # 2-D correlation, group 1
+    GROUP_CONV = "group_conv"  # 2-D correlation, group > 1 (grouped / depthwise)
     BATCHNORM = "batchnorm"    # per-channel; training recomputes batch statistics
     SIGN = "sign"              # activation binarization, sign(0) = +1, STE in backward
     RELU = "relu"              # real-valued nets (ResNetE/Bi-Real stems)
@@ -47,25 +50,9 @@ class LayerKind(Enum):
     SOFTMAX = "softmax"        # last layer only
 
 
-# which attrs each kind must carry; checked by verify()
-REQUIRED_ATTRS: dict[LayerKind, tuple[str, ...]] = {
-    LayerKind.DENSE: ("binary",),
-    LayerKind.CONV: ("binary", "strides", "pads"),          # pads = (top, left, bottom, right)
-    LayerKind.BATCHNORM: ("eps", "momentum"),
-    LayerKind.MAXPOOL: ("kernel", "strides", "pads"),
-    LayerKind.AVGPOOL: ("kernel", "strides", "pads"),
-    LayerKind.INPUT_QUANT: ("scale", "zero_point", "bits", "signed", "narrow"),
-}
-
-# which params each kind must carry (optional ones in OPTIONAL_PARAMS)
-REQUIRED_PARAMS: dict[LayerKind, tuple[str, ...]] = {
-    LayerKind.DENSE: ("W",),
-    LayerKind.CONV: ("W",),
-    LayerKind.BATCHNORM: ("gamma", "beta", "mean", "var"),
-    LayerKind.AFFINE: ("scale", "bias"),
-}
-OPTIONAL_PARAMS: dict[LayerKind, tuple[str, ...]] = {LayerKind.DENSE: ("b",), LayerKind.CONV: ("b",)}
-
+# the weight layers: W [+ b] trained by the optimizer, binary when attrs["binary"]; the state, the
+# reference, the memory model and the config checks read this one list
+WEIGHT_KINDS = (LayerKind.DENSE, LayerKind.CONV, LayerKind.GROUP_CONV)
 
 def tname(layer: str, fieldname: str) -> str:
     """The name of a training-step tensor: `tname("fc1", "dW") == "fc1.dW"`."""
@@ -124,7 +111,8 @@ class Graph:
                    if lay.kind is not LayerKind.AFFINE)
 
     def verify(self) -> None:
-        """Raise AssertionError on a broken invariant (a bnnc bug, not a user error)."""
+        """Raise AssertionError on a broken structural invariant (a bnnc bug, not a user error);
+        `compiler.ops.check_graph` adds the per-kind checks."""
         assert _IDENT.match(self.name), f"graph name {self.name!r} is not a C identifier"
         assert self.layers, "empty graph"
         assert all(isinstance(d, int) and d > 0 for d in self.input_shape), self.input_shape
@@ -134,18 +122,6 @@ class Graph:
             assert lay.name not in seen, f"duplicate layer name {lay.name}"
             for i in lay.inputs:
                 assert i in seen, f"{lay.name} reads {i!r} before it is produced"
-            assert len(lay.inputs) == (2 if lay.kind is LayerKind.ADD else 1), lay
+            assert lay.inputs, lay
             assert all(isinstance(d, int) and d > 0 for d in lay.shape), lay
-            for a in REQUIRED_ATTRS.get(lay.kind, ()):
-                assert a in lay.attrs, f"{lay.name} lacks attr {a}"
-            allowed = REQUIRED_PARAMS.get(lay.kind, ()) + OPTIONAL_PARAMS.get(lay.kind, ())
-            for p in REQUIRED_PARAMS.get(lay.kind, ()):
-                assert p in lay.params, f"{lay.name} lacks param {p}"
-            for p, v in lay.params.items():
-                assert p in allowed, f"{lay.name} has unexpected param {p}"
-                assert isinstance(v, np.ndarray) and v.dtype == np.float32, f"{lay.name}.{p}"
-                assert np.all(np.isfinite(v)), f"{lay.name}.{p} is not finite"
             seen.add(lay.name)
-        assert self.output.kind in (LayerKind.SOFTMAX, LayerKind.BATCHNORM, LayerKind.DENSE,
-                                    LayerKind.AFFINE, LayerKind.GLOBAL_AVGPOOL, LayerKind.FLATTEN), \
-            f"output layer {self.output.name} is a {self.output.kind.value}"

@@ -31,7 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import ConfigError
-from .ir import Graph, LayerKind
+from .ir import WEIGHT_KINDS, Graph
 
 MIB = float(1 << 20)
 CLASSES = ("model", "optimizer", "activation")
@@ -63,10 +63,10 @@ def dims_from_graph(graph: Graph) -> SheetDims:
     per-sample input size."""
     layers = []
     for lay in graph.layers:
-        if lay.kind not in (LayerKind.DENSE, LayerKind.CONV):
+        if lay.kind not in WEIGHT_KINDS:
             continue
         w = lay.params["W"]
-        channels = w.shape[0] if lay.kind is LayerKind.CONV else w.shape[1]
+        channels = w.shape[0] if w.ndim == 4 else w.shape[1]
         in_elems = 1
         for d in graph.shape_of(lay.inputs[0]):
             in_elems *= d

@@ -138,7 +138,8 @@ def plan_to_json(schedule: Schedule, liveness: Liveness, plan: ArenaPlan) -> dic
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "bnnc_version": __version__,
         "model": schedule.graph_name, "config": schedule.config.as_dict(),
         "num_steps": liveness.num_steps,
-        "steps": [{"index": s.index, "kernel": s.kernel, "layer": s.layer, "phase": s.phase}
+        "steps": [{"index": s.index, "kernel": s.kernel.name, "layer": s.layer,
+                   "phase": s.phase.value}
                   for s in schedule.steps],
         "arena": {"nbytes": plan.arena_nbytes, "lower_bound": plan.lower_bound,
                   "efficiency": plan.efficiency, "align": plan.align, "heuristic": plan.heuristic,

@@ -15,9 +15,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from .config import TrainConfig
+
+if TYPE_CHECKING:
+    from .ops.base import KernelSpec, Phase
 
 
 class DType(Enum):
@@ -66,15 +69,19 @@ class Tensor:
 @dataclass(frozen=True)
 class Step:
     index: int
-    kernel: str                      # kernel name in compiler.kernels.KERNELS
+    kernel: KernelSpec               # an entry of the kernel registry (compiler.ops.KERNELS)
     layer: str                       # IR layer this step belongs to ("" for loss/global steps)
-    phase: str                       # "forward" | "loss" | "backward" | "update"
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     attrs: Mapping[str, Any] = field(default_factory=dict)
     # (output, input) pairs this kernel may write over (same offset) when the input dies here;
     # declared by the kernel registry, never guessed by the planner
     inplace: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def phase(self) -> Phase:
+        """Where the step sits in the training step: its kernel's phase."""
+        return self.kernel.phase
 
 
 @dataclass(frozen=True)

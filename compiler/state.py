@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .config import TrainConfig
-from .ir import Graph, LayerKind, tname
+from .ir import WEIGHT_KINDS, Graph, LayerKind, tname
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ def trainable_fields(graph: Graph, cfg: TrainConfig) -> list[tuple[str, str]]:
     """(layer, field) of every trainable tensor, in state order."""
     out = []
     for lay in graph.layers:
-        if lay.kind in (LayerKind.DENSE, LayerKind.CONV):
+        if lay.kind in WEIGHT_KINDS:
             out += [(lay.name, f) for f in ("W", "b") if f in lay.params]
         elif lay.kind is LayerKind.BATCHNORM:
             out += [(lay.name, f) for f in (("gamma", "beta") if cfg.bn == "l2" else ("beta",))]
@@ -54,7 +54,7 @@ def state_tensors(graph: Graph, cfg: TrainConfig) -> list[StateTensor]:
                                optimizer, stochastic and dtype in ("bf16", "f16")))
 
     for lay in graph.layers:
-        if lay.kind in (LayerKind.DENSE, LayerKind.CONV):
+        if lay.kind in WEIGHT_KINDS:
             for f in ("W", "b"):
                 if f not in lay.params:
                     continue

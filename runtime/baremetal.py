@@ -6,7 +6,8 @@ compiler/baremetal.py), packed datasets (runtime/packed.py) and optionally a sta
 Output: `build_elf` -> `Elf` (the program, cached by content hash, with its section sizes and its
 worst-case stack from the compiler's call graph); `run` -> `BaremetalRun` (the trainer's JSON
 events, exit status, final checkpoint); `count_step_instructions` -> `StepCount`; `check_trace` ->
-the `--check-out` bytes of the debug build; `run_cli` is `bnnc run OUT --emulate [--count]`.
+the `--check-out` bytes of the debug build. `bnnc run OUT --emulate` drives these through
+runtime/run.py.
 
 Invariants:
 - the ELF is built with compiler/baremetal.build_command (what baremetal.mk spells) and named by the
@@ -43,12 +44,16 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ..compiler import baremetal as bm
-from ..compiler.codegen import Target
+from ..compiler.contract import Manifest, read_manifest
 from ..compiler.errors import BudgetError, DataError, TargetError
-from .programs import RunResult, emulator_argv, parse_events, read_manifest, target_of
+from ..compiler.target import Target
+from .host import HostProgram, cache_dir
+from .insncount import count_instructions
+from .outdir import load_init_state, read_compiled
+from .packed import TEST_FILE, TRAIN_FILE
+from .programs import RunResult, emulator_argv, parse_events, target_of
 
 LIB_STACK_NBYTES = 512      # stack charged for a library function the call graph cannot see into
-TRAIN_FILE, TEST_FILE = "train.bnnd", "test.bnnd"
 BLOB_FILE, CHECKPOINT_FILE = "start_state.bin", "state.bin"
 CHECK_IN, CHECK_OUT = "check.in", "check.out"
 
@@ -86,13 +91,15 @@ def _tool(target: Target, name: str) -> str:
     return tool
 
 
-def _check_target(out_dir: Path, target: Target | str | None) -> tuple[dict, Target]:
+def compiled_program(out_dir: Path, target: Target | str | None) -> tuple[Manifest, Target]:
+    """The manifest of a bare-metal output directory and its target with the RAM/flash budget it
+    was compiled with; TargetError when it is not one or lacks a file."""
     m = read_manifest(out_dir)
     tgt = target_of(out_dir, target)
     if tgt.kind != "baremetal":
         raise TargetError(f"{out_dir} was compiled for {tgt.name} ({tgt.kind}), not for a "
                           "microcontroller", hint="compile with --target cortex-m7 or cortex-m4")
-    missing = [f for f in (*bm.TEMPLATES, bm.BUDGET, m["source"], m["header"])
+    missing = [f for f in (*bm.TEMPLATES, bm.BUDGET, m.source, m.header)
                if not (out_dir / f).is_file()]
     if missing:
         raise TargetError(f"{out_dir} lacks {', '.join(missing)}",
@@ -155,7 +162,6 @@ def _sizes(target: Target, elf: Path) -> tuple[int, int, int, int]:
 
 
 def _cache_where(cache: Path | None) -> Path:
-    from .host import cache_dir
     where = Path(cache) if cache is not None else cache_dir().parent / "programs"
     where.mkdir(parents=True, exist_ok=True)
     return where
@@ -167,9 +173,9 @@ def build_elf(out_dir: str | Path, target: Target | str | None = None, *, debug:
     cached by content hash; TargetError when the toolchain is missing or the build fails,
     BudgetError when the link exceeds the budget or the stack reserve is too small."""
     out_dir = Path(out_dir)
-    m, tgt = _check_target(out_dir, target)
+    m, tgt = compiled_program(out_dir, target)
     tgt.require()
-    model = m["model"]
+    model = m.model
     h = hashlib.sha256()
     names = sorted({*bm.sources(model), *bm.headers(model), bm.LINKER})
     for name in names:
@@ -204,7 +210,7 @@ def build_elf(out_dir: str | Path, target: Target | str | None = None, *, debug:
         stack, chain = stack_from_callgraph([p.read_text() for p in sorted(Path(tmp).glob("*.ci"))])
         text, data, bss, blob_addr = _sizes(tgt, tmp_elf)
         elf = Elf(exe, debug, text, data, bss, tgt.stack, blob_addr,
-                  bm.blob_reserve(int(m["blob_header_nbytes"]) + max(int(m["state_nbytes"]), 16)),
+                  bm.blob_reserve(m.blob_nbytes),
                   stack, chain)
         if stack > tgt.stack:
             raise BudgetError(
@@ -226,9 +232,6 @@ def start_state_blob(out_dir: str | Path, tensors=None, *, step: int = 0,
                      seed: int | None = None, cache: Path | None = None) -> bytes:
     """The state blob of `tensors` (name -> float32 values; default OUT/init_state.npz, the
     compiled model's own weights), encoded by `<model>.c` built for the host."""
-    from .host import HostProgram
-    from .outdir import load_init_state, read_compiled
-
     out_dir = Path(out_dir)
     manifest, graph, cfg = read_compiled(out_dir)
     if tensors is None:
@@ -319,7 +322,7 @@ def run(out_dir: str | Path, target: Target | str | None = None, *, train: str |
     `every` steps); the last one is returned. `count=True` measures instructions per step instead
     (count_step_instructions) and returns its StepCount."""
     out_dir = Path(out_dir)
-    m, tgt = _check_target(out_dir, target)
+    m, tgt = compiled_program(out_dir, target)
     if count:
         return count_step_instructions(out_dir, tgt, train=train, steps=steps or 4,
                                        start_blob=start_blob, timeout=timeout, cache=cache)
@@ -361,10 +364,8 @@ def count_step_instructions(out_dir: str | Path, target: Target | str | None = N
                             timeout: float = 600.0, cache: Path | None = None) -> StepCount:
     """Guest instructions per training step (bnnc's QEMU plugin, runtime/insncount.py): a run of
     `steps` steps minus a run of 0 steps, both --quiet, divided by `steps`."""
-    from .insncount import count_instructions
-
     out_dir = Path(out_dir)
-    _, tgt = _check_target(out_dir, target)
+    _, tgt = compiled_program(out_dir, target)
     if steps < 1:
         raise DataError(f"count instructions over at least one step, not {steps}")
     elf = build_elf(out_dir, tgt, cache=cache)
@@ -387,7 +388,7 @@ def check_trace(out_dir: str | Path, target: Target | str | None, trace_in: byte
     """Run the debug build on a `--check-in` trace (templates/trainer.c.j2 documents the format)
     and return its `--check-out` bytes."""
     out_dir = Path(out_dir)
-    _, tgt = _check_target(out_dir, target)
+    _, tgt = compiled_program(out_dir, target)
     elf = build_elf(out_dir, tgt, debug=True, cache=cache)
     argv = qemu_argv(tgt, elf, ["--check-in", CHECK_IN, "--check-out", CHECK_OUT])
     with _run_dir({CHECK_IN: trace_in}) as where:
@@ -398,77 +399,3 @@ def check_trace(out_dir: str | Path, target: Target | str | None, trace_in: byte
             raise TargetError(f"the {tgt.name} check trace failed (exit {rc}): "
                               f"{msgs[-1] if msgs else stderr.strip()[-800:] or 'no output'}")
         return result.read_bytes()
-
-
-# --------------------------------------------------------------------------------------------------
-# `bnnc run OUT --emulate [--count]`
-
-def run_cli(out_dir: Path, tgt: Target, manifest: dict, graph, *, data_name: str, data_dir,
-            epochs: int | None, steps: int | None, limit: int | None, log_every: int | None,
-            count: bool, timeout: float | None, resume: Path | None = None) -> None:
-    """Pack the data into OUT/data, start from OUT/init_state.npz (or the checkpoint `resume`),
-    train under QEMU printing the epochs, then write OUT/state.bin and OUT/final_state.npz; with
-    `count`, print the instructions per training step instead."""
-    import math
-
-    from rich.console import Console
-
-    from ..cli.run_cmds import pack_run_data, until_step
-    from .outdir import FINAL_STATE, STATE_BLOB, read_state_blob, save_state_atomic, write_atomic
-
-    out_dir = Path(out_dir)
-    _, tgt = _check_target(out_dir, tgt)          # with the budget it was compiled with
-    console = Console(highlight=False, soft_wrap=True)
-    batch = int(manifest["batch"])
-    train_f, test_f, n_train, data = pack_run_data(out_dir, graph, data_name, data_dir, limit)
-    per_epoch = n_train // batch
-    if per_epoch == 0:
-        raise DataError(f"{n_train} training examples do not fill one batch of {batch}",
-                        hint="lower --batch at compile time or raise --limit")
-    if resume is not None:
-        start = read_state_blob(resume, manifest).step      # refuses a foreign/corrupt file
-        blob = Path(resume).read_bytes()
-    else:
-        start, blob = 0, start_state_blob(out_dir)
-    limit_s = timeout if timeout is not None else 24 * 3600.0
-    if count:
-        n = steps or 4
-        c = count_step_instructions(out_dir, tgt, train=train_f, steps=n, start_blob=blob,
-                                    timeout=limit_s)
-        console.print(f"{tgt.name} ({' '.join(tgt.emulator[:3])}): {c.instructions:,} instructions "
-                      f"for {n} steps, {c.instructions_zero:,} for 0 steps -> {c.per_step:,.0f} "
-                      "instructions per training step")
-        return
-    until = until_step(start, per_epoch, epochs, steps)
-    total = math.ceil(until / per_epoch)
-    elf = build_elf(out_dir, tgt)
-    console.print(f"{graph.name}: {tgt.name} bare-metal trainer ({bm.cpu_name(tgt)}, QEMU), RAM "
-                  f"{elf.ram_nbytes:,} of {tgt.ram:,} B, flash {elf.flash_nbytes:,} of "
-                  f"{tgt.flash:,} B")
-
-    def show(ev: dict) -> None:
-        kind = ev.get("event")
-        if kind == "start":
-            console.print(f"{ev['train']} train / {ev['test']} test {data.name}, batch "
-                          f"{ev['batch']}; step {ev['step']} -> {ev['until']}")
-        elif kind == "step":
-            console.print(f"  step {ev['step']}  loss {ev['loss']:.4f}  acc "
-                          f"{100 * ev['acc']:.1f} %")
-        elif kind == "epoch":
-            console.print(f"epoch {ev['epoch']}/{total}  steps {ev['step']}  train loss "
-                          f"{ev['train_loss']:.4f}  train acc {100 * ev['train_acc']:.2f} %  test "
-                          f"acc {100 * ev['test_acc']:.2f} %  ({ev['seconds']:.1f} s host time)")
-
-    res = run(out_dir, tgt, train=train_f, test=test_f, start_blob=blob, steps=until,
-              limit=n_train, log_every=log_every or 0, checkpoint=True, on_event=show,
-              timeout=limit_s)
-    if res.returncode != 0:
-        raise DataError(f"the {tgt.name} trainer failed (exit {res.returncode}): "
-                        f"{res.error() or res.stderr.strip()[-800:] or 'no output'}")
-    if res.checkpoint is None:
-        raise DataError(f"the {tgt.name} trainer wrote no checkpoint")
-    ckpt = out_dir / STATE_BLOB
-    write_atomic(ckpt, res.checkpoint)
-    final = read_state_blob(ckpt, manifest)
-    save_state_atomic(out_dir / FINAL_STATE, final.tensors)
-    console.print(f"wrote {ckpt} (step {final.step}) and {out_dir / FINAL_STATE}")

@@ -46,6 +46,7 @@ values.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import tempfile
 from contextlib import contextmanager
@@ -55,19 +56,20 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from ..compiler.codegen import Target, load_target
 from ..compiler.config import TrainConfig
-from ..compiler.ir import Graph, tname
+from ..compiler.ir import Graph
+from ..compiler.ops import KERNELS
+from ..compiler.ops.base import KernelFamily
 from ..compiler.pipeline import compile_to_c
 from ..compiler.schedule_ir import DType, Schedule
 from ..compiler.state import state_tensors
+from ..compiler.target import Target, load_target, parse_size
 from ..compiler import numerics as nx
 from . import reference
 from .host import HostProgram
 from .trace import RecordedProgram
 
 F32_RTOL = 1e-5
-_GRAD_FIELD = {"W": "dW", "b": "db", "gamma": "dgamma", "beta": "dbeta"}   # compiler/README.md
 _FMT_EPS = {DType.F32: F32_RTOL, DType.F16: 2.0 ** -10, DType.BF16: 2.0 ** -7}
 _EXACT = (DType.BIT, DType.PO2, DType.I32, DType.U8)
 
@@ -207,6 +209,16 @@ def _abs_conv_dx(dya: np.ndarray, wa: np.ndarray, a: dict) -> np.ndarray:
     return out[:, :, t:t + a["h"], l:l + a["w"]]
 
 
+# the kernels whose outputs are float32 sums of many terms (registry entries, by name)
+_REAL_FWD = tuple(KERNELS[n] for n in ("dense_fwd_signw", "dense_fwd_f32", "conv_fwd_signw",
+                                       "conv_fwd_f32"))
+_DW = tuple(KERNELS[n] for n in ("dense_dw_f32", "dense_dw_po2", "conv_dw_f32", "conv_dw_po2"))
+_DX = tuple(KERNELS[n] for n in ("dense_dx_f32", "dense_dx_po2", "conv_dx_f32", "conv_dx_po2"))
+_BN_FWD = (KERNELS["bn_l2_fwd"], KERNELS["bn_l1_fwd"])
+_BN_BWD = (KERNELS["bn_l2_bwd"], KERNELS["bn_l1_bwd"])
+_SUMS = (KERNELS["grad_add"], KERNELS["add_fwd"])
+
+
 def _magnitudes(schedule: Schedule, step, name: str, val, pre: dict) -> np.ndarray | None:
     """Sum of |terms| behind each element of a reduction output (matmul, conv, BN sums), from the
     C's own operands: the scale a float32 sum's rounding is relative to when terms cancel."""
@@ -220,33 +232,32 @@ def _magnitudes(schedule: Schedule, step, name: str, val, pre: dict) -> np.ndarr
         w = np.abs(np.asarray(pre[t], np.float64)).reshape(wt.shape) if t in pre else absval(t)
         return np.ones_like(w) if a.get("binary") else w
 
-    fam = "conv" if k.startswith("conv_") else "dense" if k.startswith("dense_") else k
-    if fam == "dense" and k.startswith("dense_fwd") and k != "dense_fwd_xnor":
+    dense = k.family is KernelFamily.DENSE
+    if k in _REAL_FWD and dense:
         return absval(step.inputs[0]).reshape(a["batch"], -1) @ w_abs(step.inputs[1])
-    if fam == "conv" and k in ("conv_fwd_signw", "conv_fwd_f32"):
+    if k in _REAL_FWD:
         win = _abs_windows(absval(step.inputs[0]), a)
         return np.einsum("bcyxij,kcij->bkyx", win, w_abs(step.inputs[1]))
-    if k in ("dense_dw_f32", "dense_dw_po2", "dense_dx_f32", "dense_dx_po2", "conv_dw_f32",
-             "conv_dw_po2", "conv_dx_f32", "conv_dx_po2"):
-        dy = absval(step.inputs[0] if "_dx_" in k else step.inputs[1])
-        if "_dw_" in k:
+    if k in _DW or k in _DX:
+        dy = absval(step.inputs[0] if k in _DX else step.inputs[1])
+        if k in _DW:
             x = absval(step.inputs[0])
-            if fam == "dense":
+            if dense:
                 return x.reshape(a["batch"], -1).T @ dy.reshape(a["batch"], -1)
             return np.einsum("bcyxij,bkyx->kcij", _abs_windows(x, a), dy)
         w = w_abs(step.inputs[-1])
-        if fam == "dense":
+        if dense:
             return dy.reshape(a["batch"], -1) @ w.T
         return _abs_conv_dx(dy, w, a)
-    if k in ("bn_l2_bwd", "bn_l1_bwd") and name.endswith((".dbeta", ".dgamma")):
+    if k in _BN_BWD and name.endswith((".dbeta", ".dgamma")):
         g = absval(step.inputs[0]).reshape(a["batch"], a["channels"], -1)
         if name.endswith(".dgamma"):
             g = g * absval(step.inputs[1]).reshape(g.shape)
         return g.sum(axis=(0, 2))
-    if k in ("bn_l2_fwd", "bn_l1_fwd") and name.endswith((".mu", ".running_mean")):
+    if k in _BN_FWD and name.endswith((".mu", ".running_mean")):
         x = absval(step.inputs[0]).reshape(a["batch"], a["channels"], -1)
         return x.mean(axis=(0, 2))
-    if k == "bias_grad":
+    if k is KERNELS["bias_grad"]:
         c = a.get("cout", a.get("out_features"))
         return absval(step.inputs[0]).reshape(a["batch"], c, -1).sum(axis=(0, 2))
     return None
@@ -258,7 +269,7 @@ def _sum_slack(schedule: Schedule, hp: HostProgram, name: str) -> np.ndarray | N
     t = schedule.tensors[name]
     step = schedule.producer(t.alias_of or name)
     if t.dtype not in (DType.F16, DType.BF16) or step is None or \
-            step.kernel not in ("grad_add", "add_fwd"):
+            step.kernel not in _SUMS:
         return None
     return sum(_ulp(hp.tensor(i).reshape(-1), schedule.tensors[i].dtype) for i in step.inputs
                if schedule.tensors[i].dtype in (DType.F16, DType.BF16))
@@ -353,31 +364,22 @@ def _r_value(name: str, t_dtype: DType, r: np.ndarray) -> np.ndarray:
 
 def _expected_update(graph: Graph, cfg: TrainConfig, t: int, pre: dict[str, np.ndarray],
                      grads: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The reference's update rules (reference.UPDATE) and stores applied to the C's own gradients:
-    what every parameter and moment must be after step t, given the C's pre-step state."""
-    sts = state_tensors(graph, cfg)
-    by_name = {st.name: st for st in sts}
-    out: dict[str, np.ndarray] = {}
+    """The reference's update rules and stores applied to the C's own gradients: what every
+    parameter and moment must be after step t, given the C's pre-step state."""
+    return reference.update_params(graph, cfg, t, pre, grads)
 
-    def store(st, v):
-        if st.dtype == "bit":
-            return np.asarray(v, np.int8)
-        bits = nx.sr_bits(cfg.seed, t, st.tensor_id, int(np.prod(st.shape))) if st.stochastic \
-            else None
-        return nx.store(np.asarray(v, np.float32).reshape(st.shape), st.dtype, bits)
 
-    for st in sts:
-        if st.kind != "param":
-            continue
-        grad = np.asarray(grads[tname(st.layer, _GRAD_FIELD[st.field])], np.float32)
-        moms = {n.split(".")[-1]: pre[n].astype(np.float32) for n in by_name
-                if n.startswith(st.name + ".")}
-        value = pre[st.name].astype(np.int8 if st.dtype == "bit" else np.float32)
-        w, moms = reference.UPDATE[st.optimizer](cfg, t, value, grad.reshape(st.shape), moms)
-        out[st.name] = store(st, w)
-        for m, v in moms.items():
-            out[f"{st.name}.{m}"] = store(by_name[f"{st.name}.{m}"], v)
-    return out
+def debug_target(target: Target, *, ram: bool, flash: bool) -> Target:
+    """The target a check builds for: a bare-metal debug build runs on the emulated board, which has
+    more memory than the part, so its RAM/flash budget is the board's unless --ram / --flash (`ram`,
+    `flash`) set it."""
+    if target.kind != "baremetal":
+        return target
+    board = target.extra
+    return dataclasses.replace(
+        target, ram=target.ram if ram else parse_size(board.get("board_ram", target.ram), "ram"),
+        flash=target.flash if flash else parse_size(board.get("board_flash", target.flash),
+                                                    "flash"))
 
 
 def run_check(graph: Graph, cfg: TrainConfig, *, steps: int = 3, data_seed: int = 0,

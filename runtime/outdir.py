@@ -1,8 +1,10 @@
 """What a `bnnc compile` output directory holds besides the C: the model it was compiled from and
-the initial training state, so `bnnc run OUT/` and `bnnc export OUT/` need nothing else.
+the initial training state, so `bnnc run OUT/` and `bnnc export OUT/` need nothing else; and the
+MODEL argument of every command (an ONNX/QONNX file or a zoo name) as bytes or as an `ir.Graph`.
 
     OUT/model.onnx           the source model (a zoo model serialized deterministically)
     OUT/init_state.npz       every state tensor at step 0 (runtime.reference.init_state)
+    OUT/report.txt           the memory tables and the C kernels used (`compile_graph`)
     OUT/final_state.npz      written by `bnnc run`: the state after training (for `bnnc export`)
     OUT/state.bin            written by `bnnc run`: the C's versioned state blob (resume with --resume)
 
@@ -12,26 +14,35 @@ while saving leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
-import json
 import os
 import struct
 import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 
 from ..compiler.config import TrainConfig, make_config
+from ..compiler.contract import (MANIFEST, STATE_BLOB_MAGIC, STATE_BLOB_VERSION, Manifest,
+                                 read_manifest)
 from ..compiler.errors import ConfigError, DataError, ModelError, TargetError
-from ..compiler.export import load_state_npz, save_state_npz
+from ..compiler.export import check_state, load_state_npz, save_state_npz
+from ..compiler.frontend import load_model
+from ..compiler.ir import Graph
+from ..compiler.pipeline import Compiled, compile_to_c
+from ..compiler.report import format_report
+from ..compiler.target import Target
+from ..compiler.zoo import ZOO, build_zoo_model
+from . import reference as ref
+from .host import decode
 
 MODEL_FILE = "model.onnx"
 INIT_STATE = "init_state.npz"
 FINAL_STATE = "final_state.npz"
 STATE_BLOB = "state.bin"
-MANIFEST = "bnnc_manifest.json"
 
 
 def _publish(tmp: str, path: Path) -> None:
@@ -72,8 +83,6 @@ def save_state_atomic(path: Path, state) -> None:
 
 def model_bytes(model: str, *, width: float | None = None) -> bytes:
     """The bytes of an ONNX file, or of a zoo model built with `width`."""
-    from ..compiler.zoo import ZOO, build_zoo_model
-
     path = Path(model)
     if path.is_file():
         return path.read_bytes()
@@ -83,32 +92,54 @@ def model_bytes(model: str, *, width: float | None = None) -> bytes:
     raise ModelError(f"{model}: no such file, and not a zoo model name")
 
 
-def write_run_inputs(out_dir: Path, graph, cfg: TrainConfig, source: bytes) -> list[Path]:
-    from . import reference as ref
+def load_graph(model: str, *, width: float | None = None, image_size: int | None = None) -> Graph:
+    """An ir.Graph from an ONNX file or a zoo name (zoo names take --width / --image-size)."""
+    path = Path(model)
+    if path.is_file():
+        if width is not None or image_size is not None:
+            raise ConfigError(f"--width/--image-size shape zoo models only; {model} is a file",
+                              hint="drop them, or pass a zoo name such as 'cnv'")
+        return load_model(path)
+    if model in ZOO:
+        kw: dict[str, Any] = {} if width is None else {"width": width}
+        if image_size is not None:
+            kw["image_size"] = image_size
+        return load_model(build_zoo_model(model, **kw))
+    raise ModelError(f"{model}: no such file, and not a zoo model name",
+                     hint=f"zoo models: {', '.join(ZOO)}")
 
+
+def write_run_inputs(out_dir: Path, graph, cfg: TrainConfig, source: bytes) -> list[Path]:
     out_dir = Path(out_dir)
     (out_dir / MODEL_FILE).write_bytes(source)
     save_state_npz(out_dir / INIT_STATE, ref.init_state(graph, cfg).tensors)
     return [out_dir / MODEL_FILE, out_dir / INIT_STATE]
 
 
-def read_compiled(out_dir: Path):
-    """(manifest, graph, cfg) of a compiled output directory; BnncError if it is not one."""
-    from ..compiler.frontend import load_model
+def compile_graph(graph: Graph, cfg: TrainConfig, tgt: Target, out_dir: Path, command: str,
+                  source: bytes, *, guard_bytes: int = 0) -> tuple[Compiled, tuple[Path, ...]]:
+    """compiler.pipeline.compile_to_c plus what `bnnc run` and a reader need in out_dir (the model,
+    the initial state, report.txt). Returns (compiled, files written)."""
+    c = compile_to_c(graph, cfg, tgt, out_dir, command=command, guard_bytes=guard_bytes)
+    run_inputs = write_run_inputs(out_dir, graph, cfg, source)
+    report = out_dir / "report.txt"
+    report.write_text(f"{command}\n\n" + format_report(c.plan_doc, tensors=True)
+                      + "\nC kernels:\n" + "".join(f"  {k}\n" for k in c.emitted.kernels))
+    return c, (*c.emitted.files, report, *run_inputs)
 
+
+def read_compiled(out_dir: Path) -> tuple[Manifest, Graph, TrainConfig]:
+    """(manifest, graph, cfg) of a compiled output directory; BnncError if it is not one."""
     out_dir = Path(out_dir)
-    if not (out_dir / MANIFEST).is_file():
-        raise TargetError(f"{out_dir} is not a bnnc compile output (no {MANIFEST})",
-                          hint="run `bnnc compile MODEL -o DIR` first")
-    manifest = json.loads((out_dir / MANIFEST).read_text())
+    manifest = read_manifest(out_dir)
     if not (out_dir / MODEL_FILE).is_file():
         raise TargetError(f"{out_dir} has no {MODEL_FILE}; it was written by an older bnnc",
                           hint="compile again")
     graph = load_model(onnx.load_model_from_string((out_dir / MODEL_FILE).read_bytes()),
-                       name=manifest["model"])
-    known = {k: v for k, v in manifest["config"].items() if k != "algorithm"}
+                       name=manifest.model)
+    known = {k: v for k, v in manifest.config.items() if k != "algorithm"}
     try:
-        cfg = make_config(manifest["config"]["algorithm"], **known)
+        cfg = make_config(manifest.config["algorithm"], **known)
     except (KeyError, TypeError) as err:
         raise ConfigError(f"{out_dir / MANIFEST}: unreadable training config ({err})") from err
     return manifest, graph, cfg
@@ -116,6 +147,24 @@ def read_compiled(out_dir: Path):
 
 def load_init_state(out_dir: Path, graph, cfg):
     return load_state_npz(Path(out_dir) / INIT_STATE, graph, cfg)
+
+
+def saved_state_path(out_dir: Path) -> Path:
+    """The state `bnnc run` left in OUT/: final_state.npz, else the checkpoint state.bin."""
+    final = Path(out_dir) / FINAL_STATE
+    return final if final.is_file() else Path(out_dir) / STATE_BLOB
+
+
+def trained_state(graph: Graph, cfg: TrainConfig, path: Path,
+                  manifest: Manifest | None) -> dict[str, np.ndarray]:
+    """The state tensors in `path`: an .npz by name, or a state blob of the compiled program
+    `manifest` (the trainer's checkpoint, e.g. fetched from a device)."""
+    if path.suffix == ".npz":
+        return load_state_npz(path, graph, cfg)
+    if manifest is not None:
+        return check_state(graph, cfg, read_state_blob(path, manifest).tensors, source=str(path))
+    raise ConfigError(f"{path}: a state blob (.bin) needs its compiled directory",
+                      hint="pass the `bnnc compile` output directory as MODEL")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -131,17 +180,14 @@ class StateBlob:
     tensors: dict      # state name -> float32 array (bit tensors as +-1), the C's read_state_f32
 
 
-def read_state_blob(path: Path, manifest: dict) -> StateBlob:
+def read_state_blob(path: Path, manifest: Manifest) -> StateBlob:
     """Validate a state blob against the compiled model (magic, version, model hash, size, CRC-32)
     and decode every state tensor; DataError says which check failed."""
-    from ..compiler.codegen import STATE_BLOB_MAGIC, STATE_BLOB_VERSION
-    from .host import decode
-
     path = Path(path)
     if not path.is_file():
         raise DataError(f"checkpoint {path} does not exist")
     raw = path.read_bytes()
-    want = int(manifest["blob_header_nbytes"]) + max(int(manifest["state_nbytes"]), 16)
+    want = manifest.blob_nbytes
     if len(raw) < BLOB_HEADER.size:
         raise DataError(f"{path}: {len(raw)} bytes is too short for a bnnc state blob")
     magic, version, mhash, step, seed, crc, nbytes = BLOB_HEADER.unpack_from(raw)
@@ -150,33 +196,32 @@ def read_state_blob(path: Path, manifest: dict) -> StateBlob:
     if version != STATE_BLOB_VERSION:
         raise DataError(f"{path}: state blob version {version}, this bnnc writes "
                         f"{STATE_BLOB_VERSION}", hint="train again with this bnnc version")
-    if mhash != int(manifest["model_hash"]):
+    if mhash != manifest.model_hash:
         raise DataError(f"{path} belongs to another compiled model (model hash {mhash:#x}, "
-                        f"{manifest['model']} is {int(manifest['model_hash']):#x})")
-    if len(raw) != want or nbytes != max(int(manifest["state_nbytes"]), 16):
+                        f"{manifest.model} is {manifest.model_hash:#x})")
+    if len(raw) != want or nbytes != max(manifest.state_nbytes, 16):
         raise DataError(f"{path}: {len(raw)} bytes, the model's blob has {want} (truncated?)")
     if zlib.crc32(raw[32:], zlib.crc32(raw[:28])) != crc:
         raise DataError(f"{path} is corrupted (CRC-32 mismatch)",
                         hint="use an earlier checkpoint; this one was damaged after writing")
     payload = raw[BLOB_HEADER.size:]
     tensors = {}
-    table = {t["name"]: t for t in manifest["tensors"]}
-    for st in manifest["state"]:
-        t = table[st["name"]]
-        v = decode(payload[t["offset"]:t["offset"] + t["nbytes"]], t).astype(np.float32)
-        tensors[st["name"]] = (2 * v - 1) if t["dtype"] == "bit" else v
+    for st in manifest.state:
+        t = manifest.tensor_by_name[st.name]
+        v = decode(payload[t.offset:t.offset + t.nbytes], t).astype(np.float32)
+        tensors[st.name] = (2 * v - 1) if t.dtype == "bit" else v
     return StateBlob(step, seed, tensors)
 
 
-def state_values_f32(manifest: dict, tensors) -> bytes:
+def state_values_f32(manifest: Manifest, tensors) -> bytes:
     """Every state tensor as float32 in state order: what `<model>_load_state_f32` (and the
     trainer's --init file) reads."""
     parts = []
-    for st in manifest["state"]:
-        if st["name"] not in tensors:
-            raise DataError(f"state tensor {st['name']} missing")
-        v = np.asarray(tensors[st["name"]], np.float32).reshape(-1)
-        if v.size != int(np.prod(st["shape"])):
-            raise DataError(f"state tensor {st['name']}: {v.size} values, expected {st['shape']}")
+    for st in manifest.state:
+        if st.name not in tensors:
+            raise DataError(f"state tensor {st.name} missing")
+        v = np.asarray(tensors[st.name], np.float32).reshape(-1)
+        if v.size != int(np.prod(st.shape)):
+            raise DataError(f"state tensor {st.name}: {v.size} values, expected {list(st.shape)}")
         parts.append(v)
     return (np.concatenate(parts) if parts else np.zeros(0, np.float32)).astype("<f4").tobytes()

@@ -32,6 +32,9 @@ from ..compiler.errors import DataError
 from .datasets import scale_pixels
 
 MAGIC = b"BNND"
+# the packed splits' names where a trainer runs (OUT/data/, a device's directory, QEMU's working
+# directory of the bare-metal trainer)
+TRAIN_FILE, TEST_FILE = "train.bnnd", "test.bnnd"
 VERSION = 1
 HEADER = 64
 U8, F32 = 0, 1

@@ -24,25 +24,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from ..compiler.codegen import MANIFEST, Target, load_target
+from ..compiler.contract import read_manifest
 from ..compiler.errors import DataError, TargetError
+from ..compiler.target import Target, load_target
 from .host import build_cached, cache_dir
-
-
-def read_manifest(out_dir: Path) -> dict:
-    path = Path(out_dir) / MANIFEST
-    if not path.is_file():
-        raise TargetError(f"{out_dir} is not a bnnc compile output (no {MANIFEST})",
-                          hint="run `bnnc compile MODEL -o DIR` first")
-    return json.loads(path.read_text())
 
 
 def target_of(out_dir: Path, target: str | Target | None = None) -> Target:
     """The target `out_dir` was compiled for (or `target`, which must match it)."""
     m = read_manifest(out_dir)
-    tgt = target if isinstance(target, Target) else load_target(target or m["target"])
-    if tgt.name != m["target"]:
-        raise TargetError(f"{out_dir} was compiled for target {m['target']!r}, not {tgt.name!r}",
+    tgt = target if isinstance(target, Target) else load_target(target or m.target)
+    if tgt.name != m.target:
+        raise TargetError(f"{out_dir} was compiled for target {m.target!r}, not {tgt.name!r}",
                           hint=f"compile again with --target {tgt.name}")
     return tgt
 
@@ -54,16 +47,16 @@ def build_trainer(out_dir: Path, target: Target | None = None, *, debug: bool = 
     out_dir = Path(out_dir)
     m = read_manifest(out_dir)
     tgt = target or target_of(out_dir)
-    if not m.get("trainer"):
+    if not m.trainer:
         raise TargetError(f"{out_dir}: target {tgt.name!r} ({tgt.kind}) has no standalone Linux "
                           "trainer", hint="bare-metal targets build with `bnnc run --emulate`")
     tgt.require()
-    sources = [out_dir / m["trainer"], out_dir / m["source"]]
+    sources = [out_dir / m.trainer, out_dir / m.source]
     flags = [*tgt.cflags, *extra_cflags, *(["-DBNNC_DEBUG_DUMP"] if debug else [])]
     return build_cached(
         Path(cache) if cache is not None else cache_dir().parent / "programs",
-        f"{m['model']}-{tgt.name}{'-debug' if debug else ''}", "",
-        (*(p.read_bytes() for p in sources), (out_dir / m["header"]).read_bytes(),
+        f"{m.model}-{tgt.name}{'-debug' if debug else ''}", "",
+        (*(p.read_bytes() for p in sources), (out_dir / m.header).read_bytes(),
          tgt.cc.encode(), "\0".join(flags + list(tgt.ldflags)).encode()),
         lambda tmp: [tgt.cc, *flags, "-I", str(out_dir), *map(str, sources), "-o", tmp,
                      *tgt.ldflags],

@@ -22,16 +22,18 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from ..compiler.codegen import STATUSES, Target
+from ..compiler.contract import STATUSES, Manifest, read_manifest
 from ..compiler.errors import DataError, TargetError
+from ..compiler.target import Target
+from . import baremetal
 from .host import decode
 from .outdir import state_values_f32
-from .programs import LocalRunner, build_trainer, check_result, read_manifest
+from .programs import LocalRunner, build_trainer, check_result
 
 IN_MAGIC, OUT_MAGIC = 0x49434E42, 0x4F434E42        # "BNCI", "BNCO"
 
 
-def trace_input(manifest: Mapping, init: Mapping[str, np.ndarray],
+def trace_input(manifest: Manifest, init: Mapping[str, np.ndarray],
                 batches: Sequence[tuple[np.ndarray, np.ndarray]]) -> bytes:
     parts = [struct.pack("<II", IN_MAGIC, len(batches)), state_values_f32(manifest, init)]
     for x, y in batches:
@@ -50,24 +52,24 @@ class StepRecord:
     post: dict[str, np.ndarray]
 
 
-def _split_state(manifest: Mapping, flat: np.ndarray) -> dict[str, np.ndarray]:
+def _split_state(manifest: Manifest, flat: np.ndarray) -> dict[str, np.ndarray]:
     out, at = {}, 0
-    for st in manifest["state"]:
-        k = int(np.prod(st["shape"]))
-        out[st["name"]] = flat[at:at + k].reshape(st["shape"]).copy()
+    for st in manifest.state:
+        k = int(np.prod(st.shape))
+        out[st.name] = flat[at:at + k].reshape(st.shape).copy()
         at += k
     return out
 
 
-def parse_trace(manifest: Mapping, raw: bytes) -> list[StepRecord]:
-    n_state = int(manifest["state_elems"])
+def parse_trace(manifest: Manifest, raw: bytes) -> list[StepRecord]:
+    n_state = manifest.state_elems
     if len(raw) < 8:
         raise DataError("the check trace is empty (the program wrote nothing)")
     magic, steps = struct.unpack_from("<II", raw)
     if magic != OUT_MAGIC:
         raise DataError("the check trace has a wrong magic number")
     at, records = 8, []
-    table = manifest["tensors"]
+    table = manifest.tensors
     for _ in range(steps):
         status, loss, acc = struct.unpack_from("<iff", raw, at)
         at += 12
@@ -75,8 +77,8 @@ def parse_trace(manifest: Mapping, raw: bytes) -> list[StepRecord]:
         at += 4 * n_state
         tensors = {}
         for t in table:
-            tensors[t["name"]] = raw[at:at + t["nbytes"]]
-            at += t["nbytes"]
+            tensors[t.name] = raw[at:at + t.nbytes]
+            at += t.nbytes
         post = np.frombuffer(raw, "<f4", n_state, at).astype(np.float32)
         at += 4 * n_state
         records.append(StepRecord(status, loss, acc, _split_state(manifest, pre), tensors,
@@ -89,7 +91,6 @@ def parse_trace(manifest: Mapping, raw: bytes) -> list[StepRecord]:
 def run_trace(out_dir: Path, target: Target, trace_in: bytes, *, timeout: float = 1800) -> bytes:
     """Run the target's debug build on `trace_in`; return the --check-out bytes."""
     if target.kind == "baremetal":
-        from . import baremetal
         return baremetal.check_trace(out_dir, target, trace_in)
     exe = build_trainer(out_dir, target, debug=True)
     with tempfile.TemporaryDirectory(prefix="bnnc-trace-") as tmp:
@@ -107,8 +108,8 @@ class RecordedProgram:
     def __init__(self, out_dir: Path, target: Target, batches, init: Mapping[str, np.ndarray]):
         self.out_dir = Path(out_dir)
         self.manifest = m = read_manifest(out_dir)
-        self.batch = int(m["batch"])
-        self.tensors = {t["name"]: t for t in m["tensors"]}
+        self.batch = m.batch
+        self.tensors = m.tensor_by_name
         self.batches = list(batches)
         self.records = parse_trace(m, run_trace(self.out_dir, target,
                                                 trace_input(m, init, self.batches)))
@@ -151,6 +152,6 @@ class RecordedProgram:
 
     def tensor(self, name: str) -> np.ndarray:
         t = self.tensors[name]
-        if t["alias_of"]:
-            return decode(self.raw(name), self.tensors[t["alias_of"]]).reshape(t["shape"])
+        if t.alias_of:
+            return decode(self.raw(name), self.tensors[t.alias_of]).reshape(t.shape)
         return decode(self.raw(name), t)

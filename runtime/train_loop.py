@@ -1,5 +1,5 @@
-"""The epoch loop shared by `bnnc train` (numpy reference or emitted C) and `bnnc run` (a compiled
-output directory): batches, progress bar, per-epoch metrics.
+"""The epoch loop of `bnnc train` (numpy reference or emitted C for the host): batches, progress
+bar, per-epoch metrics; and its two backends.
 
 Input: a backend (anything with `batch`, `step(x, y) -> (loss, acc)`, `predict(x) -> probs`,
 `state() -> dict`), training and test arrays already shaped for the model. Output: one
@@ -13,14 +13,22 @@ test set is evaluated in whole batches, the last one zero-padded and its padding
 from __future__ import annotations
 
 import math
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from ..compiler.config import TrainConfig
 from ..compiler.errors import ConfigError, DataError
+from ..compiler.ir import Graph
+from ..compiler.pipeline import compile_to_c
+from ..compiler.target import load_target
+from . import reference as ref
+from .host import HostProgram
 
 
 @dataclass(frozen=True)
@@ -40,16 +48,15 @@ class ReferenceBackend:
     name = "reference"
 
     def __init__(self, graph, cfg, state=None):
-        from . import reference as ref
-        self.ref, self.graph, self.cfg, self.batch = ref, graph, cfg, cfg.batch
+        self.graph, self.cfg, self.batch = graph, cfg, cfg.batch
         self.st = state if state is not None else ref.init_state(graph, cfg)
 
     def step(self, x, y) -> tuple[float, float]:
-        self.st, out = self.ref.train_step(self.graph, self.cfg, self.st, x, y)
+        self.st, out = ref.train_step(self.graph, self.cfg, self.st, x, y)
         return float(out["loss"]), float(out["accuracy"])
 
     def predict(self, x) -> np.ndarray:
-        return self.ref.predict(self.graph, self.cfg, self.st, x)
+        return ref.predict(self.graph, self.cfg, self.st, x)
 
     def state(self) -> dict[str, np.ndarray]:
         return dict(self.st.tensors)
@@ -72,6 +79,17 @@ class HostBackend:
 
     def state(self) -> dict[str, np.ndarray]:
         return self.prog.read_state()
+
+
+def c_backend(graph: Graph, cfg: TrainConfig, command: str
+              ) -> tuple[HostBackend, tempfile.TemporaryDirectory]:
+    """Emit the C for the host into a temporary directory (the caller cleans it up) and load it,
+    built once per content, started from the reference's initial state."""
+    tmp = tempfile.TemporaryDirectory(prefix="bnnc-train-")
+    out = Path(tmp.name)
+    compile_to_c(graph, cfg, load_target("host"), out, command=command)
+    program = HostProgram(out, debug=False)
+    return HostBackend(program, ref.init_state(graph, cfg).tensors, seed=cfg.seed), tmp
 
 
 def evaluate(backend, x: np.ndarray, y: np.ndarray) -> float:

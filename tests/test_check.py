@@ -13,6 +13,7 @@ from graphs import binarynet, cnv, residual
 from bnnc.cli import main
 from bnnc.compiler.config import make_config
 from bnnc.compiler.frontend import load_model
+from bnnc.compiler.ops.base import Phase
 from bnnc.compiler.schedule import build_schedule
 from bnnc.compiler.schedule_ir import DType
 from bnnc.compiler.zoo import build_zoo_model
@@ -74,12 +75,12 @@ def test_conv_nets_pass_check(cache, tmp_path, make, algorithm, optimizer, batch
     rep = run_check(g, make_config(algorithm, batch=batch, optimizer=optimizer), steps=2,
                     work_dir=tmp_path, cache=cache)
     assert rep.ok, format_report(rep)
-    kernels = {s.kernel for s in build_schedule(g, rep.config).steps}
+    kernels = {s.kernel.name for s in build_schedule(g, rep.config).steps}
     assert any(k.startswith("conv_") for k in kernels)
 
 
 def _layers_of(schedule, kernel):
-    return {s.layer for s in schedule.steps if s.kernel == kernel}
+    return {s.layer for s in schedule.steps if s.kernel.name == kernel}
 
 
 @pytest.mark.parametrize("algorithm,kernel", [
@@ -93,7 +94,7 @@ def test_check_fails_on_a_perturbed_kernel(mlp, cache, tmp_path, algorithm, kern
     # layer by layer, the failures stay with the layers that run the perturbed kernel
     schedule = build_schedule(mlp, cfg)
     layers = _layers_of(schedule, kernel)
-    loss_step = next(s for s in schedule.steps if s.kernel == "softmax_xent")
+    loss_step = next(s for s in schedule.steps if s.phase is Phase.LOSS)
     logits_layer = schedule.producer(loss_step.inputs[0]).layer
     for r in rep.failures:
         if r.name in ("loss", "accuracy") or r.name in loss_step.outputs:

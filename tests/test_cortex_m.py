@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 
 from bnnc.cli import main
-from bnnc.cli.memory_cmds import load_graph
 from bnnc.compiler import baremetal as bm
 from bnnc.compiler.budget import budget_report, check_budget, code_estimate_nbytes
 from bnnc.compiler.codegen import emit_c
@@ -30,8 +29,10 @@ from bnnc.compiler.schedule import build_schedule
 from bnnc.compiler.target import load_target
 from mnist_like import write_mnist_like
 from bnnc.runtime import baremetal, packed
-from bnnc.runtime.outdir import read_state_blob, state_values_f32, write_run_inputs, model_bytes
-from bnnc.runtime.programs import LocalRunner, build_trainer, read_manifest
+from bnnc.runtime.outdir import (load_graph, model_bytes, read_state_blob, state_values_f32,
+                                 write_run_inputs)
+from bnnc.compiler.contract import read_manifest
+from bnnc.runtime.programs import LocalRunner, build_trainer
 
 KIB = 1024
 BATCH = 32

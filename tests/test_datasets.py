@@ -21,6 +21,7 @@ import pytest
 
 from bnnc.cli import main
 from bnnc.compiler.errors import DataError
+from bnnc.runtime import dataset_formats as dsf
 from bnnc.runtime import datasets as ds
 
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
@@ -66,7 +67,7 @@ def write_mnist(d: Path, *, gz: bool = False, override: dict | None = None) -> d
 def test_read_idx_roundtrip(tmp_path, gz):
     arr = np.arange(2 * 3 * 5, dtype=np.uint8).reshape(2, 3, 5)
     p = write(tmp_path / ("a.idx.gz" if gz else "a.idx"), idx_bytes(arr))
-    got = ds.read_idx(p)
+    got = dsf.read_idx(p)
     assert got.shape == (2, 3, 5) and got.dtype == np.uint8
     np.testing.assert_array_equal(got, arr)
     got[0, 0, 0] = 9        # callers may normalise in place
@@ -76,7 +77,7 @@ def test_read_idx_roundtrip(tmp_path, gz):
 @pytest.mark.parametrize("type_code,values", [(0x0B, [-2, 300, 7]), (0x0D, [0.5, -1.25, 3.0])])
 def test_read_idx_other_element_types(tmp_path, type_code, values):
     arr = np.array(values)
-    got = ds.read_idx(write(tmp_path / "v.idx", idx_bytes(arr, type_code)))
+    got = dsf.read_idx(write(tmp_path / "v.idx", idx_bytes(arr, type_code)))
     np.testing.assert_array_equal(got, arr)
     assert got.dtype.isnative
 
@@ -107,7 +108,7 @@ def test_read_idx_rejects_damaged_files(tmp_path, case):
     else:
         p.write_bytes(data)
     with pytest.raises(DataError) as e:
-        ds.read_idx(p)
+        dsf.read_idx(p)
     assert str(p) in str(e.value) and words in str(e.value)
 
 

@@ -33,7 +33,8 @@ from bnnc.compiler.target import load_target
 from bnnc.compiler.zoo import build_zoo_model
 from bnnc.runtime import packed
 from bnnc.runtime.outdir import read_state_blob
-from bnnc.runtime.programs import LocalRunner, build_trainer, read_manifest
+from bnnc.compiler.contract import read_manifest
+from bnnc.runtime.programs import LocalRunner, build_trainer
 
 COMPILES = [
     ["tfc", "--width", "0.125", "--target", "host", "--algorithm", "proposed"],

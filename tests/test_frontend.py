@@ -719,10 +719,10 @@ def _reject_two_outputs():
 
 
 def _reject_group_conv():
-    return _simple([N("Conv", ["x", "w"], ["c"], name="/dw/Conv", group=2, kernel_shape=[1, 1]),
+    return _simple([N("Conv", ["x", "w"], ["c"], name="/dw/Conv", group=3, kernel_shape=[1, 1]),
                     N("Flatten", ["c"], ["y"], name="f")],
                    {"w": np.ones((4, 1, 1, 1), np.float32)}, (1, 2, 3, 3)), ["'/dw/Conv'", "Conv",
-                                                                              "group=2"]
+                                                                              "group=3"]
 
 
 def _reject_nan_weight():

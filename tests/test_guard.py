@@ -26,7 +26,8 @@ from bnnc.compiler.schedule_ir import Role
 from bnnc.compiler.target import load_target
 from bnnc.compiler.zoo import build_zoo_model
 from bnnc.runtime import packed
-from bnnc.runtime.programs import LocalRunner, build_trainer, read_manifest
+from bnnc.compiler.contract import read_manifest
+from bnnc.runtime.programs import LocalRunner, build_trainer
 
 FAST = ["-O0"]      # these builds test logic, not speed: -O0 compiles several times faster
 
@@ -129,7 +130,7 @@ def test_guard_code_only_in_guarded_builds(guarded):
     steps = len(guarded["sched"].steps)
     assert src.count("    BNNC_GUARD_CHECK(") == steps and src.count("    BNNC_GUARD_ARM(") == steps
     assert "BNNC_GUARD" not in plain and "BNNC_OOB" not in plain
-    assert read_manifest(guarded["out"])["arena_nbytes"] == guarded["plan"].arena_nbytes
+    assert read_manifest(guarded["out"]).arena_nbytes == guarded["plan"].arena_nbytes
 
 
 def test_clean_guarded_build_trains(guarded):
@@ -144,7 +145,7 @@ def _oob_step(g, *, unaligned_end: bool, phase: str) -> tuple[int, object]:
     guards = {x.buffer: x for x in g["plan"].guards}
     for s in g["sched"].steps:
         buf = g["live"].buffer_of.get(s.outputs[0]) if s.outputs else None
-        if s.phase != phase or buf not in guards:
+        if s.phase.value != phase or buf not in guards:
             continue
         if unaligned_end == bool(guards[buf].end % g["plan"].align):
             return s.index, guards[buf]
@@ -162,7 +163,7 @@ def test_out_of_bounds_write_is_caught(guarded, where, unaligned, phase):
     res = _run(guarded, *flags)
     assert res.returncode == -signal.SIGABRT, (res.returncode, res.events, res.stderr)
     step = guarded["sched"].steps[k]
-    fn = f"step_{k:03d}_{step.kernel}" + (f"_{step.layer}" if step.layer else "")
+    fn = f"step_{k:03d}_{step.kernel.name}" + (f"_{step.layer}" if step.layer else "")
     byte, side = ((guard.offset - 1, "before") if where == "before"
                   else (guard.end, "past the end of"))
     want = (f"guard: training step 1, schedule step {k} ({fn}) wrote arena byte {byte}, "

@@ -27,6 +27,7 @@ import pytest
 from bnnc.cli import main
 from bnnc.compiler import codegen
 from bnnc.compiler.config import make_config
+from bnnc.compiler.contract import MANIFEST
 from bnnc.compiler.frontend import load_model
 from bnnc.compiler.planner import plan_schedule
 from bnnc.compiler.schedule import build_schedule
@@ -79,7 +80,7 @@ def _hostile(model: onnx.ModelProto, canary: str) -> onnx.ModelProto:
 
 def _normalized(out: Path, *, skip=("model.onnx",)) -> dict[str, bytes]:
     """Every file of `out`, with the model's hashes (the only model-dependent bytes) blanked."""
-    man = json.loads((out / codegen.MANIFEST).read_text())
+    man = json.loads((out / MANIFEST).read_text())
     sha, mhash = man["model_sha256"], man["model_hash"]
     files = {}
     for p in sorted(out.iterdir()):

@@ -10,6 +10,7 @@ import pytest
 from bnnc.compiler.config import make_config
 from bnnc.compiler.errors import PlanError
 from bnnc.compiler.liveness import Buffer, compute_liveness
+from bnnc.compiler.ops import KERNELS
 from bnnc.compiler.plan_check import check_liveness
 from bnnc.compiler.schedule_ir import DType, Role, Schedule, Step, Tensor
 
@@ -17,8 +18,9 @@ F32 = DType.F32
 
 
 def _schedule(tensors: list[Tensor], steps: list[tuple]) -> Schedule:
-    """steps: (kernel, inputs, outputs[, inplace])"""
-    sts = tuple(Step(i, s[0], "", "forward", tuple(s[1]), tuple(s[2]), {},
+    """steps: (kernel, inputs, outputs[, inplace]). Liveness reads no kernel, so a label that is no
+    registry kernel name ("f", "use") stands for any kernel (affine_fwd)."""
+    sts = tuple(Step(i, KERNELS.get(s[0], KERNELS["affine_fwd"]), "", tuple(s[1]), tuple(s[2]), {},
                      tuple(s[3]) if len(s) > 3 else ()) for i, s in enumerate(steps))
     return Schedule("tiny", make_config("standard"), {t.name: t for t in tensors}, sts)
 
@@ -44,14 +46,15 @@ def tiny() -> Schedule:
         T("never.used", F32, (3,), Role.SCRATCH, 12),
     ]
     steps = [
-        ("dense", ["input", "fc1.W"], ["fc1.out"]),                                          # 0
-        ("bn", ["fc1.out", "bn1.running_mean"], ["bn1.out", "bn1.running_mean"],
+        ("dense_fwd_f32", ["input", "fc1.W"], ["fc1.out"]),                                  # 0
+        ("bn_l2_fwd", ["fc1.out", "bn1.running_mean"], ["bn1.out", "bn1.running_mean"],
          [("bn1.out", "fc1.out")]),                                                           # 1
-        ("softmax_ce", ["flat.out", "labels"], ["sm.out", "loss"]),                           # 2
-        ("softmax_ce_bwd", ["sm.out", "labels"], ["bn1.d_out"], [("bn1.d_out", "sm.out")]),   # 3
-        ("bn_bwd", ["bn1.d_out", "bn1.out"], ["fc1.d_out"], [("fc1.d_out", "bn1.d_out")]),    # 4
-        ("dense_dw", ["input", "fc1.d_out"], ["fc1.dW"]),                                     # 5
-        ("adam", ["fc1.W", "fc1.dW", "fc1.W.m", "fc1.W.v"], ["fc1.W", "fc1.W.m", "fc1.W.v"]),  # 6
+        ("softmax_xent", ["flat.out", "labels"], ["sm.out", "loss"]),                         # 2
+        ("affine_bwd", ["sm.out", "labels"], ["bn1.d_out"], [("bn1.d_out", "sm.out")]),       # 3
+        ("bn_l2_bwd", ["bn1.d_out", "bn1.out"], ["fc1.d_out"], [("fc1.d_out", "bn1.d_out")]),  # 4
+        ("dense_dw_f32", ["input", "fc1.d_out"], ["fc1.dW"]),                                 # 5
+        ("adam_update", ["fc1.W", "fc1.dW", "fc1.W.m", "fc1.W.v"],
+         ["fc1.W", "fc1.W.m", "fc1.W.v"]),                                                    # 6
     ]
     return _schedule(tensors, steps)
 
@@ -61,11 +64,11 @@ def test_tiny_intervals_buffers_and_state():
     assert live.num_steps == 7
     assert live.intervals == {
         "fc1.W": (0, 6), "fc1.W.m": (0, 6), "fc1.W.v": (0, 6), "bn1.running_mean": (0, 6),
-        "input": (0, 5),          # copied in by the entry before step 0, last read by dense_dw
+        "input": (0, 5),          # copied in by the entry before step 0, last read by dense_dw_f32
         "labels": (0, 3),
         "fc1.out": (0, 1),
-        "bn1.out": (1, 4),        # read by bn_bwd
-        "flat.out": (1, 2),       # a view: born with its base, read by softmax_ce
+        "bn1.out": (1, 4),        # read by bn_l2_bwd
+        "flat.out": (1, 2),       # a view: born with its base, read by softmax_xent
         "sm.out": (2, 3), "loss": (2, 2),
         "bn1.d_out": (3, 4), "fc1.d_out": (4, 5), "fc1.dW": (5, 6),
     }
@@ -95,7 +98,7 @@ def _with_steps(sched: Schedule, steps: list[Step]) -> Schedule:
 def test_inplace_refused_when_input_is_read_later():
     s = tiny()
     steps = list(s.steps)
-    # bn_bwd also reads fc1.out, so bn1.out may not overwrite it at step 1
+    # bn_l2_bwd also reads fc1.out, so bn1.out may not overwrite it at step 1
     steps[4] = dataclasses.replace(steps[4], inputs=("bn1.d_out", "bn1.out", "fc1.out"))
     live = compute_liveness(_with_steps(s, steps))
     assert live.buffer_of["bn1.out"] == "bn1.out" and live.buffer_of["fc1.out"] == "fc1.out"

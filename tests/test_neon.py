@@ -27,7 +27,8 @@ from bnnc.compiler.frontend import load_model
 from bnnc.compiler.pipeline import compile_to_c
 from bnnc.compiler.zoo import build_zoo_model
 from bnnc.runtime import reference as ref
-from bnnc.runtime.programs import LocalRunner, build_trainer, check_result, read_manifest
+from bnnc.compiler.contract import read_manifest
+from bnnc.runtime.programs import LocalRunner, build_trainer, check_result
 from bnnc.runtime.trace import trace_input
 
 TOOLS = ("cc", "aarch64-linux-gnu-gcc", "qemu-aarch64", "aarch64-linux-gnu-objdump")
@@ -75,7 +76,7 @@ def _run(case, algorithm, root):
                 rng.integers(0, graph.num_classes, batch).astype(np.int32)) for _ in range(STEPS)]
     # the same state layout on every target, so one input file serves all
     manifests = {t: read_manifest(root / t) for _, t, _ in BUILDS}
-    assert len({repr(m["state"]) for m in manifests.values()}) == 1
+    assert len({repr(m.state) for m in manifests.values()}) == 1
     trace_in = trace_input(manifests["host"], ref.init_state(graph, cfg).tensors, batches)
     builds = BUILDS + (HOST_VARIANTS if name == "mlp" else ())
     with ThreadPoolExecutor(max_workers=2) as pool:    # builds dominate; two cores
@@ -106,7 +107,7 @@ def _disassemble(exe):
 
 def test_neon_kernels_are_compiled_in(tmp_path_factory):
     root, outs = _run("mlp", "proposed", tmp_path_factory.mktemp("mlp-proposed"))
-    model = read_manifest(root / "host")["source"]
+    model = read_manifest(root / "host").source
     arm, host = (root / "rpi4" / model).read_text(), (root / "host" / model).read_text()
     for needle in ("#include <arm_neon.h>", "vcntq_u8", "vandq_s32", "veorq_u32",
                    "#if defined(__ARM_NEON) && !defined(BNNC_NO_SIMD)"):

@@ -301,4 +301,4 @@ def test_text_timeline():
     assert sorted(cells[5]) == sorted("i" * 8 + "G" * 8 + "x" * 4)
     # step 6: only fc1.dW
     assert sorted(cells[6]) == sorted("G" * 8 + "." * 12)
-    assert lines[6].rstrip().endswith("320  dense_dw")
+    assert lines[6].rstrip().endswith("320  dense_dw_f32")

@@ -16,7 +16,7 @@ import pytest
 
 from bnnc.cli import main
 from bnnc.runtime.outdir import read_state_blob
-from bnnc.runtime.programs import read_manifest
+from bnnc.compiler.contract import read_manifest
 from mnist_like import write_mnist_like
 
 BATCH = 10

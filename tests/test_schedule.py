@@ -1,4 +1,4 @@
-"""Tests of compiler/schedule.py (the lowered training step) and compiler/kernels.py (the registry).
+"""Tests of compiler/schedule.py (the lowered training step) and the kernel registry (compiler/ops).
 
 Graphs are built by hand here (module-local factories), so every expected size below is derived from
 the layer dims in this file, not from the schedule. Zoo/frontend models are exercised when present.
@@ -16,8 +16,9 @@ import pytest
 
 from bnnc.compiler.config import make_config
 from bnnc.compiler.errors import ModelError, UnsupportedModelError
-from bnnc.compiler.ir import INPUT, Graph, Layer, LayerKind
-from bnnc.compiler.kernels import KERNELS, check_registry, check_step
+from bnnc.compiler.ir import INPUT, WEIGHT_KINDS, Graph, Layer, LayerKind
+from bnnc.compiler.ops import KERNELS, check_registry, check_step
+from bnnc.compiler.ops.base import Phase
 from bnnc.compiler.schedule import build_schedule, schedule_table
 from bnnc.compiler.schedule_ir import DType, Role
 from bnnc.compiler.state import state_tensors
@@ -157,8 +158,24 @@ def brevitas_like() -> Graph:
     return g.build()
 
 
+def grouped() -> Graph:
+    """Grouped convs (compiler/ops/gconv.py): a real group-2 first layer with a bias, then sign ->
+    max-pool -> a binary depthwise conv, whose input is never packed."""
+    g = _G("grouped", (4, 8, 8))
+    w1, w2 = g.rng.standard_normal((8, 2, 3, 3)) / 4, g.rng.standard_normal((8, 1, 3, 3)) / 3
+    x = g.add("gconv1", K.GROUP_CONV, INPUT, (8, 8, 8), {"binary": False, "group": 2,
+              "strides": (1, 1), "pads": (1,) * 4}, {"W": w1, "b": np.zeros(8)})
+    x = g.pool("pool1", g.unary("sign1", K.SIGN, g.bn("bn1", x)))                     # 8x4x4
+    x = g.add("gconv2", K.GROUP_CONV, x, (8, 2, 2), {"binary": True, "group": 8,
+              "strides": (2, 2), "pads": (1, 1, 0, 0)}, {"W": w2})
+    x = g.bn("bn3", g.dense("fc3", g.flatten("flatten2", g.unary("sign2", K.SIGN,
+                                                                g.bn("bn2", x))), 10))
+    g.unary("softmax", K.SOFTMAX, x)
+    return g.build()
+
+
 GRAPHS = {"mlp": mlp, "convnet": convnet, "residual": residual, "bireal": bireal,
-          "brevitas_like": brevitas_like}
+          "brevitas_like": brevitas_like, "grouped": grouped}
 ALGOS = ("standard", "proposed")
 OPTS = ("adam", "sgd", "bop")
 _ITEM = {DType.F32: 4, DType.F16: 2, DType.BF16: 2, DType.I32: 4, DType.U8: 1, DType.PO2: 1}
@@ -169,12 +186,12 @@ def _sched(graph, algorithm="proposed", **kw):
 
 
 def _steps(s, kernel=None, layer=None, phase=None):
-    return [t for t in s.steps if (kernel is None or t.kernel == kernel)
-            and (layer is None or t.layer == layer) and (phase is None or t.phase == phase)]
+    return [t for t in s.steps if (kernel is None or t.kernel.name == kernel)
+            and (layer is None or t.layer == layer) and (phase is None or t.phase.value == phase)]
 
 
 def _dw_step(s, layer):
-    (st,) = [t for t in s.steps if t.layer == layer and "_dw_" in t.kernel]
+    (st,) = [t for t in s.steps if t.layer == layer and "_dw_" in t.kernel.name]
     return st
 
 
@@ -187,7 +204,7 @@ def _check_invariants(s, graph, cfg):
     assert (t["labels"].dtype, t["labels"].shape, t["labels"].role) == (DType.I32, (b,), Role.LABEL)
     # kernels exist, phases agree, operand dtypes follow the registry
     for st in s.steps:
-        assert KERNELS[st.kernel].phase == st.phase
+        assert KERNELS[st.kernel.name] is st.kernel and st.kernel.phase is st.phase
         check_step(st.kernel, tuple(t[n].dtype for n in st.inputs),
                    tuple(t[n].dtype for n in st.outputs))
     # the persistent tensors are exactly compiler.state's
@@ -212,7 +229,7 @@ def _check_invariants(s, graph, cfg):
     # every parameter is updated once, after its gradient, and nothing reads it after its update
     updates = {}
     for st in s.steps:
-        if st.phase == "update":
+        if st.phase is Phase.UPDATE:
             p = st.inputs[0]
             assert p not in updates, f"{p} updated twice"
             updates[p] = st
@@ -233,10 +250,10 @@ def _check_invariants(s, graph, cfg):
         prod = s.producer(x.name)
         if x.role is Role.SAVED:
             views = [x.name] + [v.name for v in t.values() if v.alias_of == x.name]
-            assert prod.phase == "forward"
-            assert any(c.phase == "backward" for v in views for c in s.consumers(v)), x.name
+            assert prod.phase is Phase.FORWARD
+            assert any(c.phase is Phase.BACKWARD for v in views for c in s.consumers(v)), x.name
         if x.role is Role.GRAD:
-            assert prod.phase in ("loss", "backward"), x.name
+            assert prod.phase in (Phase.LOSS, Phase.BACKWARD), x.name
 
 
 @pytest.mark.parametrize("opt", OPTS)
@@ -258,12 +275,12 @@ def test_registry_is_consistent():
     for k in KERNELS.values():
         assert k.description and k.name.replace("_", "").isalnum()
         for oi, ii in k.inplace:    # element-wise pairs: never a packed (BIT) operand
-            assert DType.BIT not in k.outputs[oi].dtypes or k.phase == "update"
-            assert DType.BIT not in k.inputs[ii].dtypes or k.phase == "update"
+            assert DType.BIT not in k.outputs[oi].dtypes or k.phase is Phase.UPDATE
+            assert DType.BIT not in k.inputs[ii].dtypes or k.phase is Phase.UPDATE
     with pytest.raises(AssertionError):
-        check_step("dense_fwd_xnor", (DType.F32, DType.BIT), (DType.F32,))
+        check_step(KERNELS["dense_fwd_xnor"], (DType.F32, DType.BIT), (DType.F32,))
     with pytest.raises(AssertionError):
-        check_step("po2_quantize", (DType.F16,), (DType.PO2,))          # bias output missing
+        check_step(KERNELS["po2_quantize"], (DType.F16,), (DType.PO2,))   # bias output missing
 
 
 # ---------------------------------------------------------------------------------- policies
@@ -314,11 +331,11 @@ def test_standard_is_all_f32():
 def test_no_dx_for_the_first_weight_layer():
     for f in GRAPHS.values():
         g = f()
-        first = next(lay.name for lay in g.layers if lay.kind in (K.DENSE, K.CONV))
+        first = next(lay.name for lay in g.layers if lay.kind in WEIGHT_KINDS)
         for algorithm in ALGOS:
             s = _sched(g, algorithm)
             assert _dw_step(s, first)
-            assert not [st for st in s.steps if st.layer == first and "_dx_" in st.kernel]
+            assert not [st for st in s.steps if st.layer == first and "_dx_" in st.kernel.name]
             # and no gradient at all for the layers before it
             assert not [n for n in s.tensors if n.startswith(("quant0.", "affine0.", "sign0."))
                         and ".d_" in n]
@@ -338,7 +355,7 @@ def test_switch_no_po2_removes_exactly_the_po2_steps():
     assert only_base == {f"{n}.{f}" for n in binary for f in ("d_out_q", "po2_bias")}
     assert only_var == set() and changed == set()
     assert len(_steps(base, "po2_quantize")) == 3 and not _steps(var, "po2_quantize")
-    assert {st.kernel for st in var.steps if "_dx_" in st.kernel} == {"dense_dx_f32"}
+    assert {st.kernel.name for st in var.steps if "_dx_" in st.kernel.name} == {"dense_dx_f32"}
     assert _dw_step(var, "fc2").inputs == ("sign1.out", "fc2.d_out")
     assert len(var.steps) == len(base.steps) - 3
 
@@ -386,7 +403,7 @@ def test_switch_no_binary_dw_gives_masked_f32_dw():
     dw = var.tensors["fc2.dW"]
     assert dw.dtype is DType.F32 and dw.nbytes == 256 * 256 * 4
     st = _dw_step(var, "fc2")
-    assert st.kernel == "dense_dw_po2" and st.inputs == ("sign1.out", "fc2.d_out_q",
+    assert st.kernel.name == "dense_dw_po2" and st.inputs == ("sign1.out", "fc2.d_out_q",
                                                          "fc2.po2_bias", "fc2.W")
     (up,) = _steps(var, "adam_update", "fc2")
     assert "g_scale" not in up.attrs
@@ -445,7 +462,8 @@ def test_conv_bit_layouts():
     assert _dw_step(s, "conv1").inputs[0] == "affine0.out"
     assert t["affine0.out"].dtype is DType.F32 and t["affine0.out"].role is Role.SAVED
     # the input quantizer and the affine have no backward
-    assert not [st for st in s.steps if st.layer in ("quant0", "affine0") and st.phase != "forward"]
+    assert not [st for st in s.steps
+                if st.layer in ("quant0", "affine0") and st.phase is not Phase.FORWARD]
     # conv geometry reaches the kernels
     (c3,) = _steps(s, "conv_fwd_xnor", "conv3")
     assert (c3.attrs["strides"], c3.attrs["pads"], c3.attrs["oh"]) == ((2, 2), (1, 1, 1, 1), 3)
@@ -465,7 +483,7 @@ def test_mixed_graph_real_layers_save_f16_and_gradients_fan_out():
     assert dw.inputs == ("fc3.x_saved", "fc3.d_out")              # no STE mask on a real layer
     # relu0.out feeds sign1 and pool1s: its gradient is the sum of two contributions
     (acc,) = [st for st in s.steps if st.outputs == ("relu0.d_out",)]
-    assert acc.kernel == "grad_add" and set(acc.inputs) == {"sign1.d_in", "pool1s.d_in"}
+    assert acc.kernel.name == "grad_add" and set(acc.inputs) == {"sign1.d_in", "pool1s.d_in"}
     # add2 = bn2 + add1: identity contributions are views, add1 sums its two
     assert t["bn2.d_out"].alias_of == "add2.d_out"
     (acc,) = [st for st in s.steps if st.outputs == ("add1.d_out",)]
@@ -488,7 +506,7 @@ def test_three_way_fanout_accumulates_eagerly():
     y = g.add("add2", K.ADD, (y, c), (16,))
     g.unary("softmax", K.SOFTMAX, y)
     s = _sched(g.build())
-    adds = [st for st in s.steps if st.kernel == "grad_add"]
+    adds = [st for st in s.steps if st.kernel.name == "grad_add"]
     assert [st.outputs for st in adds] == [("bn0.d_out_acc2",), ("bn0.d_out",)]
     assert adds[0].inputs == ("fc.d_in", "fb.d_in") and adds[1].inputs == ("bn0.d_out_acc2",
                                                                            "fa.d_in")
@@ -503,7 +521,7 @@ def test_weight_gradients_die_at_the_update_right_after_their_layer():
             if name.endswith((".dW", ".db", ".dbeta", ".dgamma")):
                 prod = s.producer(name)
                 (cons,) = s.consumers(name)
-                assert cons.phase == "update" and cons.layer == prod.layer
+                assert cons.phase is Phase.UPDATE and cons.layer == prod.layer
                 assert cons.index - prod.index <= 3, (name, prod.index, cons.index)
 
 
@@ -520,7 +538,7 @@ def test_dx_reads_pre_update_weights_and_update_follows():
 def test_loss_step_and_logits_without_softmax():
     s = _sched(brevitas_like())
     (loss,) = _steps(s, "softmax_xent")
-    assert loss.phase == "loss" and loss.inputs == ("affine3.out", "labels")
+    assert loss.phase is Phase.LOSS and loss.inputs == ("affine3.out", "labels")
     assert loss.outputs == ("loss", "probs", "affine3.d_out")
     assert s.tensors["probs"].shape == (B, 10) and s.tensors["loss"].nbytes == 4
     (ab,) = _steps(s, "affine_bwd")

@@ -22,7 +22,8 @@ from bnnc.compiler.target import load_target, parse_size
 from bnnc.runtime import packed
 from bnnc.runtime.datasets import scale_pixels
 from bnnc.runtime.outdir import read_state_blob
-from bnnc.runtime.programs import LocalRunner, build_trainer, read_manifest
+from bnnc.compiler.contract import read_manifest
+from bnnc.runtime.programs import LocalRunner, build_trainer
 
 BATCH = 10
 
@@ -88,7 +89,7 @@ def test_trainer_learns_and_reports_json(compiled, data_file, tmp_path):
     assert kinds[0] == "start" and kinds[-1] == "done" and kinds.count("epoch") == 4
     start = res.events[0]
     m = read_manifest(compiled)
-    assert start["steps_per_epoch"] == 12 and start["arena_bytes"] == m["arena_nbytes"]
+    assert start["steps_per_epoch"] == 12 and start["arena_bytes"] == m.arena_nbytes
     epochs = [e for e in res.events if e["event"] == "epoch"]
     assert epochs[-1]["train_loss"] < epochs[0]["train_loss"]
     assert epochs[-1]["test_acc"] > 0.3            # chance is 0.1

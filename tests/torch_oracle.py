@@ -1,5 +1,8 @@
 """PyTorch oracle for bnnc's standard algorithm (ALGORITHM.md §1): ir.Graph -> torch training steps.
 
+`TorchNet(graph, cfg)` is the graph as a torch network (parameters, BN buffers, one forward rule
+per LayerKind, `torch.optim.Adam`); benchmarks/bench.py times it in float32 as its PyTorch
+contender, so the network the benchmark measures is the one the numpy reference is tested against.
 `TorchOracle(graph, cfg)` loads the graph's parameters into torch tensors; `step(x, labels)` runs
 the forward pass, `F.cross_entropy` + autograd backward and one `torch.optim.Adam` update, and
 returns every tensor under the names `runtime/reference.py` uses (compiler/README.md): `loss`,
@@ -74,13 +77,23 @@ def _pad4(pads) -> tuple[int, int, int, int]:
     return left, right, top, bottom
 
 
+def _symmetric(pads, kernel=None) -> int | None:
+    """IR pads -> one torch `padding` int when all four are equal (and, for a pool of `kernel`,
+    at most half of it, torch's limit), else None: pad explicitly with F.pad."""
+    top, left, bottom, right = (int(p) for p in pads)
+    if not top == left == bottom == right:
+        return None
+    return top if kernel is None or top <= min(int(k) for k in kernel) // 2 else None
+
+
 def _channel_view(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """A per-channel [C] or per-tensor [1] constant shaped to broadcast over x [B, C, ...]."""
     return v.reshape((1, -1) + (1,) * (x.dim() - 2)) if v.numel() > 1 else v.reshape(())
 
 
-class TorchOracle:
-    """A torch copy of `graph`'s trainable state plus the forward rules of each LayerKind.
+class TorchNet:
+    """A torch copy of `graph`'s trainable state plus the forward rules of each LayerKind, and
+    `torch.optim.Adam` over its parameters.
 
     `init` optionally overrides the graph's parameters / running statistics by bnnc state name
     (e.g. a reference `TrainState.tensors`); Adam starts from zero moments either way."""
@@ -88,7 +101,6 @@ class TorchOracle:
     def __init__(self, graph: Graph, cfg: TrainConfig,
                  init: Mapping[str, np.ndarray] | None = None, *,
                  dtype: torch.dtype = torch.float64):
-        assert cfg.algorithm == "standard" and cfg.optimizer == "adam" and cfg.bn == "l2", cfg
         self.graph = graph
         self.cfg = cfg
         self.dtype = dtype
@@ -97,7 +109,8 @@ class TorchOracle:
         self.running: dict[str, torch.Tensor] = {}    # "bn1.running_mean" -> buffer
         self.consts: dict[str, torch.Tensor] = {}     # AFFINE scale/bias
         for lay in graph.layers:
-            if lay.kind in (LayerKind.DENSE, LayerKind.CONV, LayerKind.BATCHNORM):
+            if lay.kind in (LayerKind.DENSE, LayerKind.CONV, LayerKind.GROUP_CONV,
+                            LayerKind.BATCHNORM):
                 for f in ("W", "b", "gamma", "beta"):
                     if f in lay.params:
                         value = init.get(tname(lay.name, f), lay.params[f])
@@ -139,10 +152,14 @@ class TorchOracle:
             w = binarize_weight(p("W")) if lay.binary else p("W")
             y = x.reshape(x.shape[0], -1) @ w
             return y + p("b") if "b" in lay.params else y
-        if k is LayerKind.CONV:
+        if k in (LayerKind.CONV, LayerKind.GROUP_CONV):
             w = binarize_weight(p("W")) if lay.binary else p("W")
             b = p("b") if "b" in lay.params else None
-            return F.conv2d(F.pad(x, _pad4(a["pads"])), w, b, stride=tuple(a["strides"]))
+            pad = _symmetric(a["pads"])
+            if pad is None:
+                x, pad = F.pad(x, _pad4(a["pads"])), 0
+            return F.conv2d(x, w, b, stride=tuple(a["strides"]), padding=pad,
+                            groups=int(a.get("group", 1)))
         if k is LayerKind.BATCHNORM:
             return F.batch_norm(x, self.running[tname(lay.name, "running_mean")],
                                 self.running[tname(lay.name, "running_var")], p("gamma"), p("beta"),
@@ -153,8 +170,10 @@ class TorchOracle:
         if k is LayerKind.RELU:
             return F.relu(x)
         if k is LayerKind.MAXPOOL:
-            x = F.pad(x, _pad4(a["pads"]), value=-float("inf"))
-            return F.max_pool2d(x, tuple(a["kernel"]), tuple(a["strides"]))
+            pad = _symmetric(a["pads"], a["kernel"])      # torch pads a max-pool with -inf too
+            if pad is None:
+                x, pad = F.pad(x, _pad4(a["pads"]), value=-float("inf")), 0
+            return F.max_pool2d(x, tuple(a["kernel"]), tuple(a["strides"]), pad)
         if k is LayerKind.AVGPOOL:
             return self._avgpool(x, a)
         if k is LayerKind.GLOBAL_AVGPOOL:
@@ -173,8 +192,9 @@ class TorchOracle:
     @staticmethod
     def _avgpool(x: torch.Tensor, a: Mapping) -> torch.Tensor:
         kernel, strides = tuple(a["kernel"]), tuple(a["strides"])
-        if not any(a["pads"]):
-            return F.avg_pool2d(x, kernel, strides)
+        pad = _symmetric(a["pads"], kernel)
+        if pad == 0 or (pad is not None and a.get("count_include_pad", 0)):
+            return F.avg_pool2d(x, kernel, strides, pad)      # torch counts the padding
         xp = F.pad(x, _pad4(a["pads"]))
         if a.get("count_include_pad", 0):
             return F.avg_pool2d(xp, kernel, strides)
@@ -182,7 +202,16 @@ class TorchOracle:
         ones = F.pad(torch.ones_like(x[:1, :1]), _pad4(a["pads"]))
         return F.avg_pool2d(xp, kernel, strides) / F.avg_pool2d(ones, kernel, strides)
 
-    # -- one training step -------------------------------------------------------------------------
+
+
+class TorchOracle(TorchNet):
+    """The oracle: `TorchNet` (float64 by default) whose step returns every tensor by bnnc name."""
+
+    def __init__(self, graph: Graph, cfg: TrainConfig,
+                 init: Mapping[str, np.ndarray] | None = None, *,
+                 dtype: torch.dtype = torch.float64):
+        assert cfg.algorithm == "standard" and cfg.optimizer == "adam" and cfg.bn == "l2", cfg
+        super().__init__(graph, cfg, init, dtype=dtype)
 
     def step(self, x: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
         """Forward, backward and one Adam update: every tensor by its bnnc name, as numpy arrays

@@ -3,16 +3,39 @@
 Every per-op table of the pipeline is a view derived here from `FAMILIES`; nothing else keeps a
 table keyed by layer kind, ONNX op type or kernel name. Adding an op = adding (or extending) one
 family module and listing it in `FAMILIES` (compiler/README.md walks through an example).
+
+Kernels (`KERNELS: dict[str, KernelSpec]`) are read by the schedule (which kernel to call, which
+dtypes are legal, which outputs may overwrite which inputs) and by codegen (a kernel's template
+family and its lowering; a kernel is the granularity of one C function, specialized per operand
+dtype where one admits more). Invariants (checked by `check_registry()` at import and by
+`check_step()` for every scheduled step):
+- operands are positional; optional operands only trail the required ones, so a step lists its
+  required operands first and may omit any suffix of the optional ones;
+- `inplace` pairs `(output index, input index)` are DECLARED per kernel, never guessed
+  downstream: a pair means the kernel streams element-wise (or row-wise after per-channel reductions
+  that finish before the first write) in ascending element order, and the output has as many
+  elements as the input with an element size no larger than the input's. Writing output element i
+  then never clobbers an input element still to be read, so the output may start at the input's
+  address when the input dies at that step (the liveness pass decides that).
+
+Operand dtype conventions (compiler/schedule.py documents the storage layouts):
+- activations are F32; the activation-gradient path is F32 or F16 (`GRADS`); PO2 codes are one u8
+  per element with an I32 per-tensor bias; BIT tensors are packed into 64-bit words;
+- weights are stored in the state dtype (`STATE`: F32/BF16/F16), or as BIT for Bop's latent-free
+  binary weights (`WEIGHTS`);
+- every kernel accumulates in float32 (or exactly in integers for XNOR-popcount and PO2 sums).
 """
 
 from __future__ import annotations
 
-from ..ir import LayerKind
-from . import activation, batchnorm, conv, dense, loss, optim, pool, structural
-from .base import KernelSpec, LayerSpec, OpFamily
+import numpy as np
+
+from ..ir import WEIGHT_KINDS, Graph, LayerKind
+from . import activation, batchnorm, conv, dense, gconv, loss, optim, pool, structural
+from .base import Bits, KernelSpec, LayerSpec, OpFamily, check_kernel, check_step  # noqa: F401
 
 FAMILIES: tuple[OpFamily, ...] = tuple(m.FAMILY for m in (
-    dense, conv, batchnorm, activation, pool, structural, loss, optim))
+    dense, conv, gconv, batchnorm, activation, pool, structural, loss, optim))
 
 
 def _merge(field: str) -> dict:
@@ -33,3 +56,53 @@ REFERENCE_FORWARD = _merge("reference_forward")
 REFERENCE_BACKWARD = _merge("reference_backward")
 REFERENCE_UPDATE = _merge("reference_update")
 EXPORT = _merge("export")
+
+
+def check_registry() -> None:
+    """Raise AssertionError if the registry is incomplete or inconsistent (a bnnc bug): every
+    layer kind has exactly one LayerSpec and a schedule forward rule, a backward rule exactly
+    where a gradient flows through it (not the input quantizer, not the loss-fused softmax);
+    every ONNX op type has one handler; kernel names are unique and every kernel is well formed
+    (a C lowering, in-place indices in range, optional operands trailing)."""
+    specs = [s for fam in FAMILIES for s in fam.layers]
+    assert len(LAYERS) == len(specs), "a layer kind has two LayerSpecs"
+    assert set(LAYERS) == set(LayerKind), f"no LayerSpec for {set(LayerKind) - set(LAYERS)}"
+    assert set(SCHEDULE_FORWARD) == set(LayerKind), \
+        f"no schedule forward rule for {set(LayerKind) - set(SCHEDULE_FORWARD)}"
+    for kind, spec in LAYERS.items():
+        has_grad = not (spec.stops_gradient or spec.loss)
+        assert (kind in SCHEDULE_BACKWARD) == has_grad, f"{kind}: backward rule iff a gradient"
+        assert not spec.trainable or has_grad, kind
+        assert spec.bits is not Bits.READ or spec.packed_weights is not None, kind
+        # ir.WEIGHT_KINDS (read where the registry cannot be imported) agrees with the specs
+        assert (kind in WEIGHT_KINDS) == ("W" in spec.params), f"{kind}: WEIGHT_KINDS"
+    owners = [op for fam in FAMILIES for op in fam.onnx]
+    assert len(owners) == len(ONNX_HANDLERS), "an ONNX op type has two handlers"
+    kernels = [k for fam in FAMILIES for k in fam.kernels]
+    assert len(KERNELS) == len(kernels), "a kernel name is declared twice"
+    for k in kernels:
+        check_kernel(k)
+
+
+def check_graph(graph: Graph) -> None:
+    """`graph.verify()` (structure) plus what each layer's kind requires (LayerSpec): its number
+    of inputs, attrs and params (float32, finite), and that the output layer may end a graph.
+    Raises AssertionError on a broken invariant (a bnnc bug, not a user error)."""
+    graph.verify()
+    for lay in graph.layers:
+        spec = LAYERS[lay.kind]
+        assert len(lay.inputs) == spec.arity, lay
+        for a in spec.attrs:
+            assert a in lay.attrs, f"{lay.name} lacks attr {a}"
+        allowed = spec.params + spec.optional_params
+        for p in spec.params:
+            assert p in lay.params, f"{lay.name} lacks param {p}"
+        for p, v in lay.params.items():
+            assert p in allowed, f"{lay.name} has unexpected param {p}"
+            assert isinstance(v, np.ndarray) and v.dtype == np.float32, f"{lay.name}.{p}"
+            assert np.all(np.isfinite(v)), f"{lay.name}.{p} is not finite"
+    assert LAYERS[graph.output.kind].output, \
+        f"output layer {graph.output.name} is a {graph.output.kind.value}"
+
+
+check_registry()

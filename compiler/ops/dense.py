@@ -2,26 +2,305 @@
 
 from __future__ import annotations
 
-from .base import KernelFamily, LayerSpec, OpFamily, Phase, kernel  # noqa: F401
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..ir import Layer, LayerKind
+from ..lower import Call, LowerCtx, bias_operand, instance, pm1_input, words64
+from ..onnx_values import Act, node_attrs, node_label
+from ..schedule_ir import DType, Schedule, Step
+from . import weights
+from .base import (BIT, F32, GRADS, I32, PO2, SAVED_X, STATE, WEIGHTS, Bits, KernelFamily,
+                   LayerSpec, OnnxOp, OpFamily, Phase, kernel, prod)
+from .exportctx import Emitter
+from .refctx import RefRun
+from .refmath import matmul, save_weight_input, weight_grads
+from .weights import WeightKernels
+
+if TYPE_CHECKING:
+    from ..schedule import ScheduleBuilder
+
 
 # ---- ONNX import ------------------------------------------------------------------------------
-ONNX: dict = {}
+
+def _dense(imp, node, x, w, *, trans_b=False, alpha=1.0, bias=None):
+    x = imp._nchw(imp._act(x, node), node)
+    if len(x.shape) != 1:
+        imp._fail(node, f"reads an activation of per-sample shape {list(x.shape)}",
+                  hint="flatten before MatMul/Gemm")
+    W, binary, scale = weights.weight(imp, w, node, x)
+    if W.ndim != 2:
+        imp._fail(node, f"weight has shape {list(W.shape)}; expected 2-D")
+    if trans_b:
+        W = W.T
+        scale = None if scale is None else scale.T
+    if W.shape[0] != x.shape[0]:
+        imp._fail(node, f"weight shape {list(W.shape)} does not match the input's "
+                  f"{x.shape[0]} features")
+    out = W.shape[1]
+    sc = weights.out_scale(imp, scale, node, 1)
+    params = {}
+    if binary:
+        params["W"] = imp._param(W, node, "the weight")
+        sc = alpha * (np.ones(1) if sc is None else sc)
+    else:
+        params["W"] = imp._param(np.asarray(W, np.float64) * alpha, node, "the weight")
+        if bias is not None:
+            params["b"] = imp._param(imp._bcast(bias, (out,), node, "the bias"), node,
+                                     "the bias")
+            bias = None
+    name = imp._add(LayerKind.DENSE, [x.layer], (out,), node_label(node),
+                    attrs={"binary": binary}, params=params)
+    y = Act(name, (out,))
+    return weights.layer_affine(imp, y, node, sc, bias)
+
+
+def _op_matmul(imp, node, vals):
+    return _dense(imp, node, vals[0], vals[1])
+
+
+def _op_gemm(imp, node, vals):
+    at = node_attrs(node)
+    if at.get("transA", 0):
+        imp._fail(node, "transA=1 is not supported", hint="export x @ W with transA=0")
+    alpha, beta = float(at.get("alpha", 1.0)), float(at.get("beta", 1.0))
+    bias = None
+    if len(vals) > 2 and vals[2] is not None:
+        bias = np.asarray(imp._const(vals[2], node, "the bias C"), np.float64) * beta
+        if bias.ndim == 2:
+            if bias.shape[0] != 1:
+                imp._fail(node, f"bias C of shape {list(bias.shape)} varies over the batch")
+            bias = bias[0]
+    return _dense(imp, node, vals[0], vals[1], trans_b=bool(at.get("transB", 0)),
+                  alpha=alpha, bias=bias)
+
+
+ONNX = {
+    "MatMul": OnnxOp(_op_matmul, (2, 2)),
+    "Gemm": OnnxOp(_op_gemm, (2, 3)),
+}
+
 
 # ---- training schedule ------------------------------------------------------------------------
-FORWARD: dict = {}
-BACKWARD: dict = {}
+
+def _geometry(b: ScheduleBuilder, lay: Layer) -> dict:
+    w = lay.params["W"].shape
+    geom = dict(in_features=w[0], out_features=w[1])
+    chw = b.packed.get(lay.inputs[0])
+    if chw:
+        geom["x_chw"] = chw
+    return geom
+
+
+def _packed_weights(b: ScheduleBuilder, lay: Layer) -> tuple[int, str]:
+    """Rows of W^T in the input's bit order (pixel-major NHWC behind a packed image)."""
+    w = lay.params["W"].shape
+    chw = b.packed.get(lay.inputs[0])
+    words = chw[1] * chw[2] * words64(chw[0]) if chw else words64(w[0])
+    order = "pixel-major NHWC" if chw else "feature"
+    return w[1] * words * 8, f"bits W^T: {w[1]} rows x {words} words64 in {order} bit order"
+
+
+def _check_shapes(lay: Layer, ins) -> str | None:
+    w = lay.params["W"]
+    kin, nout = w.shape if w.ndim == 2 else (-1, -1)
+    bad = None
+    if (kin, (nout,)) != (prod(ins[0]), lay.shape):
+        bad = f"W {list(w.shape)} does not map {ins[0]} to {lay.shape}"
+    return weights.bias_shape(lay) or bad
+
+
+def _forward(b: ScheduleBuilder, lay: Layer) -> None:
+    weights.forward(b, lay, WEIGHT_KERNELS)
+
+
+def _backward(b: ScheduleBuilder, lay: Layer) -> None:
+    weights.backward(b, lay, WEIGHT_KERNELS)
+
+
+FORWARD = {LayerKind.DENSE: _forward}
+BACKWARD = {LayerKind.DENSE: _backward}
+LAYER_SPECS = (LayerSpec(LayerKind.DENSE, "fc", attrs=("binary",), params=("W",),
+                         optional_params=("b",), check_shapes=_check_shapes, trainable=True,
+                         bits=Bits.READ, output=True, packed_weights=_packed_weights),)
+
 
 # ---- kernels: contract (dtypes, in-place) + C lowering -----------------------------------------
-KERNELS: tuple = ()
+
+def _lower_dense_fwd(step: Step, ctx: LowerCtx) -> Call:
+    a = step.attrs
+    x, w = step.inputs[0], step.inputs[1]
+    ops, bptr = bias_operand(step, ctx, 2)
+    y = step.outputs[0]
+    k, n, b = a["in_features"], a["out_features"], a["batch"]
+    if step.kernel is DENSE_FWD_XNOR:
+        chw = a.get("x_chw")
+        words = chw[1] * chw[2] * words64(chw[0]) if chw else words64(k)
+        inst = instance(step, ctx, operands=ops, bias=bool(ops))
+        return Call(inst, [ctx.ptr(x, True), ctx.ptr(w, True), bptr, ctx.ptr(y), b, n, words, k])
+    # a +-1 input (the standard algorithm keeps sign outputs as f32) multiplies by XNOR-popcount:
+    # the sums are exact integers, the same bits as the sign-select float sum
+    macro = ("dense_fwd_pm1" if step.kernel is DENSE_FWD_SIGNW and pm1_input(ctx, x)
+             and ctx.t(w).dtype is not DType.BIT else None)
+    inst = instance(step, ctx, macro, operands={"w": w, **ops}, bias=bool(ops))
+    return Call(inst, [ctx.ptr(x, True), ctx.ptr(w, True), bptr, ctx.ptr(y), b, k, n, words64(k)])
+
+
+def _x_operand(step: Step, ctx: LowerCtx, x: str, a: dict) -> tuple[str, list]:
+    """How a dense kernel reads its saved input: macro suffix and (words/row, HW, wc) args."""
+    xt = ctx.t(x)
+    k = a["in_features"]
+    if xt.dtype is DType.BIT:
+        chw = a.get("x_chw")
+        if chw:
+            wc = words64(chw[0])
+            return "bits", [chw[1] * chw[2] * wc, chw[1] * chw[2], wc]
+        return "bits", [words64(k), 1, 0]
+    return "real", [0, 1, 0]
+
+
+def _lower_dense_dw(step: Step, ctx: LowerCtx) -> Call:
+    a = step.attrs
+    x = step.inputs[0]
+    kind, xargs = _x_operand(step, ctx, x, a)
+    b, k, n = a["batch"], a["in_features"], a["out_features"]
+    dw = step.outputs[0]
+    ops: dict[str, str] = {} if kind == "bits" else {"x": x}
+    if step.kernel is DENSE_DW_BIN:
+        g = step.inputs[1]
+        po2 = ctx.t(g).dtype is DType.PO2
+        if not po2:
+            ops["g"] = g
+        inst = instance(step, ctx, f"dense_dw_bin_{kind}", ops, po2=po2)
+        return Call(inst, [ctx.ptr(x, True), ctx.ptr(g, True), ctx.ptr(dw), b, k, n] + xargs)
+    if step.kernel is DENSE_DW_PO2:
+        q, bias = step.inputs[1], step.inputs[2]
+        w = step.inputs[3] if len(step.inputs) > 3 else None
+        if w:
+            ops["w"] = w
+        inst = instance(step, ctx, f"dense_dw_po2_{kind}", ops, mask=w is not None)
+        return Call(inst, [ctx.ptr(x, True), ctx.ptr(q, True), ctx.ptr(bias, True),
+                           ctx.ptr(w, True) if w else "0", ctx.ptr(dw), b, k, n] + xargs)
+    dy = step.inputs[1]
+    w = step.inputs[2] if len(step.inputs) > 2 else None
+    ops["dy"] = dy
+    if w:
+        ops["w"] = w
+    inst = instance(step, ctx, f"dense_dw_f32_{kind}", ops, mask=w is not None)
+    return Call(inst, [ctx.ptr(x, True), ctx.ptr(dy, True), ctx.ptr(w, True) if w else "0",
+                       ctx.ptr(dw), b, k, n] + xargs)
+
+
+def packed_w_geometry(schedule: Schedule, w: str) -> tuple[int, int]:
+    """(hw, wc) of the NHWC input bit order a packed dense weight uses; (1, 0) for feature order."""
+    for s in schedule.steps:
+        if s.kernel is DENSE_FWD_XNOR and s.inputs[1] == w and s.attrs.get("x_chw"):
+            c, h, wd = s.attrs["x_chw"]
+            return h * wd, words64(c)
+    return 1, 0
+
+
+def _w_sign_args(ctx: LowerCtx, w: str, k: int) -> list:
+    """Bop's packed W^T rows: words per row and the bit order; zeros for a W read element-wise."""
+    if ctx.t(w).dtype is not DType.BIT:
+        return [0, 1, 0]
+    hw, wc = packed_w_geometry(ctx.s, w)
+    return [hw * wc if wc else words64(k), hw, wc]
+
+
+def _lower_dense_dx(step: Step, ctx: LowerCtx) -> Call:
+    a = step.attrs
+    b, k, n = a["batch"], a["in_features"], a["out_features"]
+    dx = step.outputs[0]
+    if step.kernel is DENSE_DX_PO2:
+        q, bias, w = step.inputs
+        inst = instance(step, ctx, operands={"w": w, "dx": dx})
+        return Call(inst, [ctx.ptr(q, True), ctx.ptr(bias, True), ctx.ptr(w, True), ctx.ptr(dx),
+                           b, k, n] + _w_sign_args(ctx, w, k))
+    dy, w = step.inputs
+    inst = instance(step, ctx, operands={"dy": dy, "w": w, "dx": dx}, binary=bool(a["binary"]))
+    return Call(inst, [ctx.ptr(dy, True), ctx.ptr(w, True), ctx.ptr(dx), b, k, n]
+                + _w_sign_args(ctx, w, k))
+
+
+DENSE_FWD_XNOR = kernel(
+    "dense_fwd_xnor", Phase.FORWARD, KernelFamily.DENSE,
+    "Y = X Wb by XNOR-popcount over packed rows (+ b)",
+    [("x", BIT), ("wb", BIT), ("b?", STATE)], [("y", F32)], lower=_lower_dense_fwd)
+DENSE_FWD_SIGNW = kernel(
+    "dense_fwd_signw", Phase.FORWARD, KernelFamily.DENSE,
+    "Y = X sign(W), real X, signs read from W on the fly (+ b)",
+    [("x", F32), ("w", WEIGHTS), ("b?", STATE)], [("y", F32)], lower=_lower_dense_fwd)
+DENSE_FWD_F32 = kernel(
+    "dense_fwd_f32", Phase.FORWARD, KernelFamily.DENSE, "Y = X W (+ b), real layer",
+    [("x", F32), ("w", STATE), ("b?", STATE)], [("y", F32)], lower=_lower_dense_fwd)
+DENSE_DW_F32 = kernel(
+    "dense_dw_f32", Phase.BACKWARD, KernelFamily.DENSE,
+    "dW = X^T dY (times 1[|W| <= 1] when W is given: binary STE)",
+    [("x", SAVED_X), ("dy", GRADS), ("w?", STATE)], [("dw", F32)], lower=_lower_dense_dw)
+DENSE_DW_PO2 = kernel(
+    "dense_dw_po2", Phase.BACKWARD, KernelFamily.DENSE,
+    "dW = X^T Q with PO2 Q (times 1[|W| <= 1] when W is given)",
+    [("x", SAVED_X), ("q", PO2), ("bias", I32), ("w?", STATE)], [("dw", F32)],
+    lower=_lower_dense_dw)
+DENSE_DW_BIN = kernel(
+    "dense_dw_bin", Phase.BACKWARD, KernelFamily.DENSE,
+    "sign bits of X^T G (sign(0) = +1); the update applies scale 1/sqrt(N_W) and mask |W| <= 1",
+    [("x", SAVED_X), ("g", GRADS + (PO2,))], [("dw", BIT)], lower=_lower_dense_dw)
+DENSE_DX_F32 = kernel(
+    "dense_dx_f32", Phase.BACKWARD, KernelFamily.DENSE,
+    "dX = dY W^T (sign(W) for binary layers)",
+    [("dy", GRADS), ("w", WEIGHTS)], [("dx", GRADS)], lower=_lower_dense_dx)
+DENSE_DX_PO2 = kernel(
+    "dense_dx_po2", Phase.BACKWARD, KernelFamily.DENSE,
+    "dX = Q sign(W)^T with PO2 Q: sums of signed powers of two",
+    [("q", PO2), ("bias", I32), ("w", WEIGHTS)], [("dx", GRADS)], lower=_lower_dense_dx)
+
+WEIGHT_KERNELS = WeightKernels(
+    fwd_xnor=DENSE_FWD_XNOR, fwd_signw=DENSE_FWD_SIGNW, fwd_f32=DENSE_FWD_F32,
+    dw_f32=DENSE_DW_F32, dw_po2=DENSE_DW_PO2, dw_bin=DENSE_DW_BIN, dx_f32=DENSE_DX_F32,
+    dx_po2=DENSE_DX_PO2, geometry=_geometry, packed_weights=_packed_weights)
+KERNELS = WEIGHT_KERNELS.all + weights.KERNELS     # + the weight-layer kernels conv shares
+
 
 # ---- numpy reference --------------------------------------------------------------------------
-REFERENCE_FORWARD: dict = {}
-REFERENCE_BACKWARD: dict = {}
+
+def _ref_forward(run: RefRun, lay: Layer, x: np.ndarray) -> np.ndarray:
+    x2 = x.reshape(len(x), -1)
+    y = matmul(x2, run.weight(lay))
+    if "b" in lay.params:
+        y = y + run.param(lay, "b")
+    if run.training:
+        run.saved[lay.name] = {"x": save_weight_input(run, lay, x2)}
+    return y
+
+
+def _ref_backward(run: RefRun, lay: Layer, dy: np.ndarray, need) -> list:
+    x = run.saved[lay.name]["x"]
+    q = weight_grads(run, lay, dy, x)
+    if not need[0]:
+        return [None]
+    dx = matmul(q, run.weight(lay).T)
+    return [dx.reshape((len(dy),) + run.graph.shape_of(lay.inputs[0]))]
+
+
+REFERENCE_FORWARD: dict = {LayerKind.DENSE: _ref_forward}
+REFERENCE_BACKWARD: dict = {LayerKind.DENSE: _ref_backward}
+
 
 # ---- export -----------------------------------------------------------------------------------
-EXPORT: dict = {}
+
+def _export(em: Emitter, lay: Layer, xs: list[str], out: str) -> None:
+    # the IR's dense flattens its input implicitly (reference: x.reshape(B, -1)); Gemm is 2-D
+    x = em.flat(xs[0], lay.inputs[0], out)
+    em.node("Gemm", [x, em.weight(lay)] + em.bias(lay), out)
+
+
+EXPORT: dict = {LayerKind.DENSE: _export}
+
 
 FAMILY = OpFamily(
-    name="dense", doc=__doc__, layers=(), onnx=ONNX, kernels=KERNELS, forward=FORWARD,
+    name="dense", doc=__doc__, layers=LAYER_SPECS, onnx=ONNX, kernels=KERNELS, forward=FORWARD,
     backward=BACKWARD, reference_forward=REFERENCE_FORWARD, reference_backward=REFERENCE_BACKWARD,
     export=EXPORT)

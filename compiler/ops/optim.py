@@ -2,21 +2,167 @@
 
 from __future__ import annotations
 
-from .base import KernelFamily, LayerSpec, OpFamily, Phase, kernel  # noqa: F401
+import numpy as np
+
+from .. import numerics as nx
+from ..config import TrainConfig
+from ..lower import Call, LowerCtx, c_float, instance, words64
+from ..schedule_ir import DType, Step
+from .base import BIT, F32, STATE, KernelFamily, OpFamily, Phase, kernel
+from .dense import packed_w_geometry
+
 
 # ---- ONNX import ------------------------------------------------------------------------------
+
 ONNX: dict = {}
 
+
 # ---- training schedule ------------------------------------------------------------------------
+
 FORWARD: dict = {}
 BACKWARD: dict = {}
 
+
 # ---- kernels: contract (dtypes, in-place) + C lowering -----------------------------------------
-KERNELS: tuple = ()
+
+def _update_common(step: Step, ctx: LowerCtx) -> tuple[dict, list]:
+    a = step.attrs
+    p, g = step.inputs[0], step.inputs[1]
+    gt = ctx.t(g)
+    ops = {"p": p}
+    if gt.dtype is not DType.BIT:
+        ops["g"] = g
+    gbits = [c_float(a.get("g_scale", 1.0)), int(bool(a.get("ste_mask", False)))]
+    return ops, gbits
+
+
+def _lower_adam(step: Step, ctx: LowerCtx) -> Call:
+    a = step.attrs
+    p, g, m, v = step.inputs
+    ops, gbits = _update_common(step, ctx)
+    ops.update(m=m, v=v)
+    inst = instance(step, ctx, operands=ops, gbit=ctx.t(g).dtype is DType.BIT)
+    mid, vid = a["moment_ids"]
+    b1, b2 = a["beta1"], a["beta2"]
+    return Call(inst, [ctx.ptr(p), ctx.ptr(g, True), ctx.ptr(m), ctx.ptr(v), a["size"]] + gbits + [
+        c_float(a["lr"]), c_float(b1), c_float(b2), c_float(1 - b1), c_float(1 - b2),
+        f"bnnc_one_minus_pow({c_float(b1)}, t)", f"bnnc_one_minus_pow({c_float(b2)}, t)",
+        c_float(a["eps"]), f"bnnc_sr_key(seed, t, {a['tensor_id']}u)",
+        f"bnnc_sr_key(seed, t, {mid}u)", f"bnnc_sr_key(seed, t, {vid}u)"])
+
+
+def _lower_sgd(step: Step, ctx: LowerCtx) -> Call:
+    a = step.attrs
+    p, g, m = step.inputs
+    ops, gbits = _update_common(step, ctx)
+    ops.update(m=m)
+    inst = instance(step, ctx, operands=ops, gbit=ctx.t(g).dtype is DType.BIT)
+    (mid,) = a["moment_ids"]
+    return Call(inst, [ctx.ptr(p), ctx.ptr(g, True), ctx.ptr(m), a["size"]] + gbits + [
+        c_float(a["lr"]), c_float(a["momentum"]), f"bnnc_sr_key(seed, t, {a['tensor_id']}u)",
+        f"bnnc_sr_key(seed, t, {mid}u)"])
+
+
+def bop_geometry(ctx: LowerCtx, p: str) -> list:
+    """Where element i (row-major W) of a Bop weight lives in its packed rows (wbit_pos args)."""
+    pt = ctx.t(p)
+    if len(pt.shape) == 4:
+        co, ci, kh, kw = pt.shape
+        return [1, ci, kh * kw, words64(ci), 1, 0]
+    k, n = pt.shape
+    hw, wc = packed_w_geometry(ctx.s, p)
+    return [0, k, n, hw * wc if wc else words64(k), hw, wc]
+
+
+def _lower_bop(step: Step, ctx: LowerCtx) -> Call:
+    a = step.attrs
+    p, g, m = step.inputs
+    gt = ctx.t(g)
+    ops = {"m": m} | ({} if gt.dtype is DType.BIT else {"g": g})
+    inst = instance(step, ctx, operands=ops, gbit=gt.dtype is DType.BIT)
+    (mid,) = a["moment_ids"]
+    return Call(inst, [ctx.ptr(p), ctx.ptr(g, True), ctx.ptr(m), a["size"], c_float(1 - a["gamma"]),
+                       c_float(a["threshold"]), f"bnnc_sr_key(seed, t, {mid}u)"]
+                + bop_geometry(ctx, p))
+
+
+# one kernel call per parameter tensor; state stored back with stochastic rounding for 16-bit
+# dtypes, keyed by (seed, step, tensor id, element)
+ADAM_UPDATE = kernel(
+    "adam_update", Phase.UPDATE, KernelFamily.OPTIM,
+    "Adam with bias correction; a BIT gradient is decoded as +-scale * 1[|W| <= 1]",
+    [("p", STATE), ("g", (F32, BIT)), ("m", STATE), ("v", STATE)],
+    [("p", STATE), ("m", STATE), ("v", STATE)], [(0, 0), (1, 2), (2, 3)], lower=_lower_adam)
+SGD_UPDATE = kernel(
+    "sgd_update", Phase.UPDATE, KernelFamily.OPTIM, "SGD with momentum: m = mu m + g; p -= lr m",
+    [("p", STATE), ("g", (F32, BIT)), ("m", STATE)], [("p", STATE), ("m", STATE)],
+    [(0, 0), (1, 2)], lower=_lower_sgd)
+BOP_UPDATE = kernel(
+    "bop_update", Phase.UPDATE, KernelFamily.OPTIM,
+    "Bop, scaled momentum: m = (1-gamma) m + g / mean|g|; flip w where |m| > threshold and "
+    "sign(m) == sign(w)",
+    [("p", BIT), ("g", (F32, BIT)), ("m", STATE)], [("p", BIT), ("m", STATE)], [(0, 0), (1, 2)],
+    lower=_lower_bop)
+
+KERNELS = (ADAM_UPDATE, SGD_UPDATE, BOP_UPDATE)
+UPDATE_KERNELS = {"adam": ADAM_UPDATE, "sgd": SGD_UPDATE, "bop": BOP_UPDATE}   # by cfg.optimizer
+
 
 # ---- numpy reference --------------------------------------------------------------------------
+
+# (cfg, t, value, grad, moments) -> (new value, new moments), all float32, before storing
+
+
+def _ref_adam(cfg: TrainConfig, t: int, w: np.ndarray, g: np.ndarray,
+              mom: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """PyTorch's Adam formula: m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
+    W = W - (lr * (m / bc1)) / (sqrt(v / bc2) + eps), bc1 = 1 - b1^t, bc2 = 1 - b2^t (t after
+    increment; 1 - b^t in float32, numerics.one_minus_pow).
+    The W update reads the float32 m, v of this step (before they are rounded for storage)."""
+    b1, b2 = np.float32(cfg.beta1), np.float32(cfg.beta2)
+    c1, c2 = np.float32(1 - cfg.beta1), np.float32(1 - cfg.beta2)
+    # float32 binary powering, as the C does it (no doubles on an FPU-less-for-double MCU)
+    bc1, bc2 = nx.one_minus_pow(cfg.beta1, t), nx.one_minus_pow(cfg.beta2, t)
+    m = b1 * mom["m"] + c1 * g
+    v = b2 * mom["v"] + c2 * (g * g)
+    w = w - (np.float32(cfg.lr) * (m / bc1)) / (np.sqrt(v / bc2) + np.float32(cfg.adam_eps))
+    return w, {"m": m, "v": v}
+
+
+def _ref_sgd(cfg: TrainConfig, t: int, w: np.ndarray, g: np.ndarray,
+             mom: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """SGD with momentum (PyTorch, no dampening): m = mu m + g; W = W - lr m."""
+    m = np.float32(cfg.sgd_momentum) * mom["m"] + g
+    return w - np.float32(cfg.lr) * m, {"m": m}
+
+
+def _bop_unit_gradient(cfg: TrainConfig, g: np.ndarray) -> np.ndarray:
+    """g / mean|g|: exactly +-1 for a 1-bit gradient (all of magnitude 1/sqrt(N_W)); a float one
+    times count / sum|g|, the float32 sum taken in element order as the C loop does (cumsum is
+    sequential), 0 for an all-zero gradient."""
+    if cfg.binary_dw:
+        return np.where(g >= 0, 1, -1).astype(np.float32)
+    total = np.cumsum(np.abs(g).ravel(), dtype=np.float32)[-1]
+    inv = np.float32(g.size) / total if total > 0 else np.float32(0)
+    return g * inv
+
+
+def _ref_bop(cfg: TrainConfig, t: int, w: np.ndarray, g: np.ndarray,
+             mom: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Bop (Helwegen et al. 2019) on +-1 weights with a scaled momentum (compiler/README.md,
+    "Bop"): m = (1-gamma) m + u, u = the gradient in units of its mean magnitude
+    (`_bop_unit_gradient`), which is Larq's momentum divided by gamma mean|g|; w = -w where
+    |m| > threshold and sign(m) == sign(w) (the gradient agrees with the weight, so flipping lowers
+    the loss)."""
+    m = np.float32(1 - cfg.bop_gamma) * mom["m"] + _bop_unit_gradient(cfg, g)
+    flip = (np.abs(m) > np.float32(cfg.bop_threshold)) & ((m >= 0) == (w > 0))
+    return np.where(flip, -w, w).astype(np.int8), {"m": m}
+
+
 REFERENCE_FORWARD: dict = {}
 REFERENCE_BACKWARD: dict = {}
+REFERENCE_UPDATE: dict = {"adam": _ref_adam, "sgd": _ref_sgd, "bop": _ref_bop}
+
 
 # ---- export -----------------------------------------------------------------------------------
 EXPORT: dict = {}
@@ -24,4 +170,4 @@ EXPORT: dict = {}
 FAMILY = OpFamily(
     name="optim", doc=__doc__, layers=(), onnx=ONNX, kernels=KERNELS, forward=FORWARD,
     backward=BACKWARD, reference_forward=REFERENCE_FORWARD, reference_backward=REFERENCE_BACKWARD,
-    export=EXPORT)
+    reference_update=REFERENCE_UPDATE, export=EXPORT)

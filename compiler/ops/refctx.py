@@ -1,0 +1,98 @@
+"""The run context of the numpy reference: what a family's reference forward/backward reads and
+writes while the driver (`runtime/reference.py`, `runtime/infer.py`) walks a graph.
+
+`RefRun` holds the graph, the config, the state tensors and the run's mode; the per-kind functions
+(`OpFamily.reference_forward`/`reference_backward`, signatures in `base.py`) read parameters through
+it (`param`, `weight`), publish intermediates under their compiler/README.md names (`emit`) and keep
+their private backward state in `saved[layer]`. Training mode uses batch statistics and saves what
+the backward needs; inference mode (training=False) uses the running statistics and saves nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import numpy as np
+
+from ..config import TrainConfig
+from ..ir import INPUT, WEIGHT_KINDS, Graph, Layer, LayerKind, tname
+
+TRAINABLE_KINDS = WEIGHT_KINDS + (LayerKind.BATCHNORM,)
+
+
+def initial_value(lay: Layer, f: str) -> np.ndarray:
+    """A state tensor's value as the graph defines it: BN running statistics from the file's
+    mean/var (l1: running_psi = sqrt(var + eps) in float32), anything else the layer's parameter."""
+    if f == "running_mean":
+        return lay.params["mean"]
+    if f == "running_var":
+        return lay.params["var"]
+    if f == "running_psi":
+        return np.sqrt(lay.params["var"].astype(np.float32) + np.float32(float(lay.attrs["eps"])))
+    return lay.params[f]
+
+
+def needs_grad(graph: Graph) -> dict[str, bool]:
+    """A layer's output gradient is needed iff it or some layer upstream of it is trainable."""
+    ng = {INPUT: False}
+    for lay in graph.layers:
+        ng[lay.name] = lay.kind in TRAINABLE_KINDS or (
+            lay.kind is not LayerKind.INPUT_QUANT and any(ng[i] for i in lay.inputs))
+    return ng
+
+
+@dataclass
+class RefRun:
+    """One run (forward, optionally backward) of the reference over `graph`.
+
+    `graph` is None only for a single layer evaluated on its own in inference mode
+    (`runtime.infer.forward_layer`)."""
+    graph: Graph | None
+    cfg: TrainConfig
+    tensors: Mapping[str, np.ndarray]
+    dtype: np.dtype
+    training: bool
+    out: dict[str, np.ndarray] = field(default_factory=dict)     # named intermediates (public)
+    saved: dict[str, dict] = field(default_factory=dict)         # per layer, private backward state
+    acts: dict[str, np.ndarray] = field(default_factory=dict)    # forward outputs by layer name
+    needs_grad: dict[str, bool] = field(default_factory=dict)    # see needs_grad()
+
+    def __post_init__(self) -> None:
+        if self.graph is not None:
+            self.needs_grad = needs_grad(self.graph)
+
+    def param(self, lay: Layer, f: str) -> np.ndarray:
+        """A parameter as the step sees it: the state tensor if there is one, else its value in
+        the graph (`initial_value`)."""
+        v = self.tensors.get(tname(lay.name, f))
+        if v is None:
+            v = initial_value(lay, f)
+        return np.asarray(v).astype(self.dtype, copy=False)
+
+    def weight(self, lay: Layer) -> np.ndarray:
+        """W as used by the forward: sign(W) (sign(0) = +1) for binary layers."""
+        w = self.param(lay, "W")
+        if not lay.binary:
+            return w
+        wb = np.where(w >= 0, 1, -1).astype(np.int8)
+        self.emit(lay, "Wb", wb)
+        return wb.astype(self.dtype)
+
+    def emit(self, lay: Layer, f: str, v) -> None:
+        self.out[tname(lay.name, f)] = v
+
+    def pm1_input(self, name: str) -> bool:
+        """True when `name`'s output is +-1 by construction (a SIGN, maybe via flatten/max-pool)."""
+        return pm1_output(self.graph, name)
+
+
+def pm1_output(graph: Graph, name: str) -> bool:
+    """True when `name`'s output is +-1 by construction (a SIGN, maybe via flatten/max-pool); the
+    reference's rule, which schedule rules deciding a 1-bit saved input share."""
+    if name == INPUT:
+        return False
+    lay = graph.layer(name)
+    if lay.kind is LayerKind.SIGN:
+        return True
+    return lay.kind in (LayerKind.FLATTEN, LayerKind.MAXPOOL) and pm1_output(graph, lay.inputs[0])

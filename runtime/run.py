@@ -1,0 +1,309 @@
+"""Train with the standalone trainer compiled into OUT/: `run_compiled(out_dir, options, on_event)`,
+the one run entry behind `bnnc run` for every target.
+
+Where it runs: the host target natively; a Linux target (rpi4, rpi3, ...) under its emulator
+(`emulate`, qemu-aarch64: runtime/programs.py) or on a device over ssh (`device`,
+runtime/device.py); a bare-metal target (cortex-m7, cortex-m4) under qemu-system-arm (`emulate`,
+runtime/baremetal.py). Options that do not fit the target are ConfigErrors before anything runs.
+
+Procedure: the data are packed for the model (runtime/packed.py) into OUT/data/ (rewritten only
+when the bytes change, so a device copy can be reused); the start state is OUT/init_state.npz
+(Linux: the trainer's float32 --init file; bare metal: the state blob loaded into flash) or the
+checkpoint `resume`; the trainer runs to an absolute step (`until_step`: --epochs E / --steps N
+count from where the run starts, so a resumed run continues the same batch sequence; see
+templates/trainer.c.j2). Output: OUT/state.bin (the checkpoint, written atomically at every epoch
+end, every `every` steps and at the end) and OUT/final_state.npz (decoded from it, for
+`bnnc export OUT/`).
+
+`count` (emulated targets): instead of training for keeps, measure the guest instructions per
+training step with bnnc's QEMU plugin: one run of N steps and one of 0 steps of the same program,
+without checkpoints or test evaluation, (I_N - I_0) / N.
+
+Events, in order: `Started` (just before the trainer runs), one `TrainerEvent` per JSON line the
+trainer prints, then `Saved`; or a single `Counted`. The caller decides how to show them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Union
+
+from ..compiler import baremetal as bm
+from ..compiler.config import TrainConfig
+from ..compiler.contract import Manifest
+from ..compiler.errors import ConfigError, DataError, TargetError
+from ..compiler.ir import Graph
+from ..compiler.target import Target
+from . import baremetal, packed
+from .datasets import Dataset, training_data
+from .device import SshRunner, parse_device
+from .insncount import count_instructions
+from .outdir import (FINAL_STATE, STATE_BLOB, load_init_state, read_compiled, read_state_blob,
+                     save_state_atomic, state_values_f32, write_atomic)
+from .programs import LocalRunner, RunResult, build_trainer, check_result, emulator_argv, target_of
+
+INIT_FILE = "init_state.f32"
+BAREMETAL_TIMEOUT_S = 24 * 3600.0     # a bare-metal run without --timeout
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    data_name: str
+    data_dir: Path | None = None
+    epochs: int | None = None
+    steps: int | None = None
+    limit: int | None = None             # the first N training examples only
+    resume: Path | None = None           # a checkpoint (state blob) of an earlier run
+    every: int | None = None             # also checkpoint every K steps
+    log_every: int | None = None         # a "step" event every K steps
+    emulate: bool = False
+    device: str | None = None            # user@host[:dir]
+    port: int | None = None              # device: ssh port, key, extra -o options
+    identity: Path | None = None
+    ssh_options: tuple[str, ...] = ()
+    count: bool = False
+    timeout: float | None = None
+
+
+@dataclass(frozen=True)
+class Started:
+    model: str
+    target: Target
+    config: TrainConfig
+    data: str                            # the dataset's name
+    where: str                           # "native", the emulator command, the device, the CPU
+    epochs: int                          # the (absolute) epoch the run ends in
+    elf: baremetal.Elf | None = None     # bare metal: the program's RAM and flash use
+
+
+@dataclass(frozen=True)
+class TrainerEvent:
+    """One JSON line of the trainer (`event`: "start", "step", "epoch", ...), as it printed it."""
+    fields: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str | None:
+        return self.fields.get("event")
+
+
+@dataclass(frozen=True)
+class Counted:
+    target: Target
+    emulator: str                        # the QEMU command, for the report
+    steps: int
+    instructions: int                    # the run of `steps` steps
+    instructions_zero: int               # the same program and data, 0 steps
+
+    @property
+    def per_step(self) -> float:
+        return (self.instructions - self.instructions_zero) / self.steps
+
+
+@dataclass(frozen=True)
+class Saved:
+    checkpoint: Path
+    step: int
+    final: Path
+
+
+Event = Union[Started, TrainerEvent, Counted, Saved]
+OnEvent = Callable[[Event], None]
+
+
+def until_step(start: int, per_epoch: int, epochs: int | None, steps: int | None) -> int:
+    """The absolute step to train to: `steps` more steps, or `epochs` passes counting the current
+    (possibly partial) epoch as the first, as `bnnc train` does."""
+    if epochs is not None and steps is not None:
+        raise ConfigError("give --epochs or --steps, not both")
+    if steps is not None:
+        return start + steps
+    return (start // per_epoch + (epochs or 1)) * per_epoch
+
+
+def pack_run_data(out_dir: Path, graph: Graph, data_name: str, data_dir: Path | None,
+                  limit: int | None) -> tuple[Path, Path, int, Dataset]:
+    """Pack the train/test splits shaped for the model into OUT/data/ (rewritten only when the
+    bytes change). Returns (train path, test path, train count, dataset)."""
+    data, x_train, y_train, x_test = training_data(graph, data_name, data_dir, limit)
+    where = out_dir / "data"
+    where.mkdir(exist_ok=True)
+    paths = []
+    for fname, x, y in ((packed.TRAIN_FILE, x_train, y_train),
+                        (packed.TEST_FILE, x_test, data.y_test)):
+        tmp = where / f".{fname}.new"
+        packed.pack(tmp, x.reshape(len(x), -1) if x.ndim == 2 else x, y, data.classes)
+        dest = where / fname
+        if dest.is_file() and dest.read_bytes() == tmp.read_bytes():
+            tmp.unlink()
+        else:
+            tmp.replace(dest)
+        paths.append(dest)
+    return paths[0], paths[1], len(x_train), data
+
+
+def run_compiled(out_dir: Path, opts: RunOptions, on_event: OnEvent) -> None:
+    """Train the program compiled into `out_dir` as `opts` says (module docstring)."""
+    out_dir = Path(out_dir)
+    manifest, graph, cfg = read_compiled(out_dir)
+    tgt = target_of(out_dir)
+    _check_mode(out_dir, tgt, opts)
+    run = _run_baremetal if tgt.kind == "baremetal" else _run_linux
+    run(out_dir, tgt, manifest, graph, cfg, opts, on_event)
+
+
+def _check_mode(out_dir: Path, tgt: Target, opts: RunOptions) -> None:
+    """ConfigError when --emulate / --device / --count do not fit the target."""
+    if opts.emulate and opts.device:
+        raise ConfigError("--emulate and --device exclude each other")
+    if tgt.kind == "baremetal":
+        if not opts.emulate:
+            raise ConfigError(f"{out_dir} is a bare-metal {tgt.name} program",
+                              hint="run it under QEMU with --emulate (flash a board yourself)")
+        return
+    if tgt.kind == "linux" and not (opts.emulate or opts.device):
+        raise ConfigError(f"{out_dir} was compiled for {tgt.name} ({tgt.arch})",
+                          hint="add --emulate (QEMU) or --device USER@HOST[:DIR]")
+    if tgt.kind == "host" and opts.emulate:
+        raise ConfigError("the host target runs natively; --emulate is for cross targets")
+    if opts.count and not opts.emulate:
+        raise ConfigError("--count measures instructions under QEMU; add --emulate")
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """A run's data and step range."""
+    train: Path
+    test: Path
+    n_train: int
+    data: Dataset
+    start: int
+    until: int
+    epochs: int
+
+
+def _plan(out_dir: Path, manifest: Manifest, graph: Graph, batch: int, opts: RunOptions) -> _Plan:
+    start = 0
+    if opts.resume is not None:
+        start = read_state_blob(opts.resume, manifest).step   # refuses a foreign/corrupt file first
+    train_f, test_f, n_train, data = pack_run_data(out_dir, graph, opts.data_name, opts.data_dir,
+                                                   opts.limit)
+    per_epoch = n_train // batch
+    if per_epoch == 0:
+        raise DataError(f"{n_train} training examples do not fill one batch of {batch}",
+                        hint="lower --batch at compile time or raise --limit")
+    until = until_step(start, per_epoch, opts.epochs, opts.steps)
+    return _Plan(train_f, test_f, n_train, data, start, until, math.ceil(until / per_epoch))
+
+
+def _save(out_dir: Path, manifest: Manifest, on_event: OnEvent) -> None:
+    """OUT/final_state.npz decoded from the checkpoint OUT/state.bin."""
+    ckpt = out_dir / STATE_BLOB
+    blob = read_state_blob(ckpt, manifest)
+    save_state_atomic(out_dir / FINAL_STATE, blob.tensors)
+    on_event(Saved(ckpt, blob.step, out_dir / FINAL_STATE))
+
+
+# --------------------------------------------------------------------------------------------------
+# host and Linux targets: the standalone trainer, here, under QEMU or over ssh
+
+def _run_linux(out_dir: Path, tgt: Target, manifest: Manifest, graph: Graph, cfg: TrainConfig,
+               opts: RunOptions, on_event: OnEvent) -> None:
+    plan = _plan(out_dir, manifest, graph, cfg.batch, opts)
+    write_atomic(out_dir / INIT_FILE,
+                 state_values_f32(manifest, load_init_state(out_dir, graph, cfg)))
+    ckpt = out_dir / STATE_BLOB
+    if opts.resume is not None and opts.resume.resolve() != ckpt.resolve():
+        write_atomic(ckpt, opts.resume.read_bytes())
+    if opts.count:
+        on_event(_count_linux(out_dir, tgt, plan.train, plan.until - plan.start))
+        return
+    args = ["--train", packed.TRAIN_FILE, "--test", packed.TEST_FILE, "--init", INIT_FILE,
+            "--checkpoint", STATE_BLOB, "--steps", str(plan.until), "--limit", str(plan.n_train)]
+    args += ["--resume"] if opts.resume is not None else []
+    args += ["--every", str(opts.every)] if opts.every else []
+    args += ["--log-every", str(opts.log_every)] if opts.log_every else []
+    exe = build_trainer(out_dir, tgt)
+
+    def started(where: str) -> None:
+        on_event(Started(graph.name, tgt, cfg, plan.data.name, where, plan.epochs))
+
+    def show(ev: dict) -> None:
+        on_event(TrainerEvent(ev))
+
+    if opts.device:
+        runner = SshRunner(parse_device(opts.device, f"bnnc-{graph.name}"), tgt, port=opts.port,
+                           identity=opts.identity, options=opts.ssh_options)
+        where = runner.describe()
+        runner.check()
+        files = [(exe, "trainer"), (plan.train, packed.TRAIN_FILE),
+                 (plan.test, packed.TEST_FILE), (out_dir / INIT_FILE, INIT_FILE)]
+        files += [(ckpt, STATE_BLOB)] if opts.resume is not None else []
+        runner.put(files)
+        started(where)
+        res = runner.run("trainer", args, on_event=show, timeout=opts.timeout)
+        fetched = runner.get(STATE_BLOB, ckpt)
+        check_result(res, f"the trainer on {opts.device}")
+        if not fetched:
+            raise TargetError(f"could not fetch {STATE_BLOB} from {opts.device}")
+    else:
+        local = LocalRunner(tgt)
+        started(local.describe())
+        res = _run_local(local, exe, out_dir, args, show, opts.timeout)
+        check_result(res, f"the {tgt.name} trainer")
+    _save(out_dir, manifest, on_event)
+
+
+def _run_local(runner: LocalRunner, exe: Path, out_dir: Path, args: list[str],
+               show: Callable[[dict], None], timeout: float | None) -> RunResult:
+    """Local runs name the files by their paths under OUT/ (a device run by bare names)."""
+    where = {packed.TRAIN_FILE: out_dir / "data" / packed.TRAIN_FILE,
+             packed.TEST_FILE: out_dir / "data" / packed.TEST_FILE,
+             INIT_FILE: out_dir / INIT_FILE, STATE_BLOB: out_dir / STATE_BLOB}
+    return runner.run(exe, [str(where.get(a, a)) for a in args], on_event=show, timeout=timeout)
+
+
+def _count_linux(out_dir: Path, tgt: Target, train_f: Path, n: int) -> Counted:
+    exe = build_trainer(out_dir, tgt)
+    emu = emulator_argv(tgt)
+    base = ["--train", str(train_f), "--init", str(out_dir / INIT_FILE), "--no-clock"]
+    i0, p0 = count_instructions(emu, [str(exe), *base, "--steps", "0"])
+    i1, p1 = count_instructions(emu, [str(exe), *base, "--steps", str(n)])
+    for p in (p0, p1):
+        if p.returncode != 0:
+            raise DataError(f"the counting run failed (exit {p.returncode}): "
+                            f"{p.stdout.strip()[-500:]} {p.stderr.strip()[-500:]}")
+    return Counted(tgt, " ".join(emu), n, i1, i0)
+
+
+# --------------------------------------------------------------------------------------------------
+# bare-metal targets: the ELF under qemu-system-arm
+
+def _run_baremetal(out_dir: Path, tgt: Target, manifest: Manifest, graph: Graph, cfg: TrainConfig,
+                   opts: RunOptions, on_event: OnEvent) -> None:
+    _, tgt = baremetal.compiled_program(out_dir, tgt)     # with the budget it was compiled with
+    plan = _plan(out_dir, manifest, graph, manifest.batch, opts)
+    blob = (opts.resume.read_bytes() if opts.resume is not None
+            else baremetal.start_state_blob(out_dir))
+    timeout = opts.timeout if opts.timeout is not None else BAREMETAL_TIMEOUT_S
+    if opts.count:
+        n = opts.steps or 4
+        c = baremetal.count_step_instructions(out_dir, tgt, train=plan.train, steps=n,
+                                              start_blob=blob, timeout=timeout)
+        on_event(Counted(tgt, " ".join(tgt.emulator[:3]), n, c.instructions, c.instructions_zero))
+        return
+    elf = baremetal.build_elf(out_dir, tgt)
+    on_event(Started(graph.name, tgt, cfg, plan.data.name, f"{bm.cpu_name(tgt)}, QEMU",
+                     plan.epochs, elf))
+    res = baremetal.run(out_dir, tgt, train=plan.train, test=plan.test, start_blob=blob,
+                        steps=plan.until, limit=plan.n_train, log_every=opts.log_every or 0,
+                        every=opts.every or 0, checkpoint=True,
+                        on_event=lambda ev: on_event(TrainerEvent(ev)), timeout=timeout)
+    if res.returncode != 0:
+        raise DataError(f"the {tgt.name} trainer failed (exit {res.returncode}): "
+                        f"{res.error() or res.stderr.strip()[-800:] or 'no output'}")
+    if res.checkpoint is None:
+        raise DataError(f"the {tgt.name} trainer wrote no checkpoint")
+    write_atomic(out_dir / STATE_BLOB, res.checkpoint)
+    _save(out_dir, manifest, on_event)
