@@ -30,7 +30,7 @@ from ..runtime.check import debug_target, format_report, run_check
 from ..runtime.outdir import compile_graph, load_graph, model_bytes
 from .app import cli
 from .memory_cmds import technique_options
-from .train_cmds import optimizer_options
+from .train_cmds import lr_help, optimizer_options
 
 # the technique switches of `bnnc inspect` / `bnnc train` (unset = the algorithm's default)
 _TECHNIQUES = ("optimizer", "binary_dw", "po2", "po2_bias", "bn", "state_dtype", "save_bits",
@@ -65,7 +65,7 @@ def _common(f):
                      help="training algorithm [default: proposed]"),
         click.option("--batch", type=click.IntRange(min=1), default=None,
                      help="batch size compiled into the program"),
-        click.option("--lr", type=float, default=None, help="learning rate [default: 1e-3]"),
+        click.option("--lr", type=float, default=None, help=lr_help()),
         click.option("--seed", type=int, default=0, show_default=True,
                      help="seed of the stochastic rounding"),
         click.option("--width", type=float, default=None,

@@ -36,7 +36,7 @@ class TrainConfig:
     adam_eps: float = 1e-7
     sgd_momentum: float = 0.9
     bop_gamma: float = 1e-4         # Bop's momentum rate (Larq's gamma)
-    bop_threshold: float = 8.0      # flip threshold on the scaled momentum, in 1-bit gradient steps
+    bop_threshold: float = 32.0     # flip when |momentum| > this many mean gradient steps
     bn_momentum: float = 0.9        # running = momentum * running + (1 - momentum) * batch
     # (l2 BN eps is a property of the model: each BATCHNORM layer's `eps` attr, e.g. 1e-4 for the
     # paper's nets in the zoo, Larq's own values for ResNetE/Bi-Real)
@@ -52,15 +52,23 @@ _DEFAULTS = {
 }
 
 
+# an optimizer's own defaults over TrainConfig's (compiler/README.md, "Bop"): Bop trains the
+# real-valued tensors (BN beta, ...) with Adam at 1e-2, as Larq pairs them
+OPTIMIZER_DEFAULTS = {"bop": dict(lr=1e-2)}
+
+
 def make_config(algorithm: str = "proposed", **overrides) -> TrainConfig:
-    """The algorithm's defaults with `overrides` applied; raises ConfigError on nonsense."""
+    """The algorithm's and the optimizer's defaults with `overrides` applied; raises ConfigError on
+    nonsense."""
     if algorithm not in ALGORITHMS:
         raise ConfigError(f"unknown algorithm {algorithm!r}; choose one of: {', '.join(ALGORITHMS)}")
     unknown = set(overrides) - set(TrainConfig.__dataclass_fields__)
     if unknown:
         raise ConfigError(f"unknown training option(s): {', '.join(sorted(unknown))}")
+    given = {k: v for k, v in overrides.items() if v is not None}
     cfg = replace(TrainConfig(algorithm=algorithm, **_DEFAULTS[algorithm]),
-                  **{k: v for k, v in overrides.items() if v is not None})
+                  **{**OPTIMIZER_DEFAULTS.get(given.get("optimizer", TrainConfig.optimizer), {}),
+                     **given})
     validate(cfg)
     return cfg
 

@@ -68,16 +68,20 @@ def test_bop_check_is_bit_exact(target, extra, capsys):
 
 def test_defaults_are_what_help_says(capsys):
     d = TrainConfig()
-    assert (d.bop_gamma, d.bop_threshold, d.bn_momentum) == (1e-4, 8.0, 0.9)
+    assert (d.bop_gamma, d.bop_threshold, d.bn_momentum, d.lr) == (1e-4, 32.0, 0.9, 1e-3)
     for cmd in ("compile", "check", "train"):
         assert main([cmd, "--help"]) == 0
         text = " ".join(capsys.readouterr().out.split())
         assert "--bop-gamma FLOAT Bop: momentum rate gamma [default: 0.0001]" in text, cmd
-        assert re.search(r"--bop-threshold FLOAT .*\[default: 8\]", text), cmd
+        assert re.search(r"--bop-threshold FLOAT .*\[default: 32\]", text), cmd
         assert re.search(r"--bn-momentum FLOAT .*\[default: 0.9\]", text), cmd
-    # every target compiles the same defaults: the flags are the only way to change them
-    cfg = make_config("proposed", optimizer="bop")
-    assert (cfg.bop_gamma, cfg.bop_threshold, cfg.bn_momentum) == (1e-4, 8.0, 0.9)
+        assert re.search(r"--lr FLOAT .*\[default: 0.001; bop: 0.01\]", text), cmd
+    # the optimizer's defaults, the same for every target: the flags are the only way to change them
+    for alg in ("proposed", "standard"):
+        cfg = make_config(alg, optimizer="bop")
+        assert (cfg.bop_gamma, cfg.bop_threshold, cfg.bn_momentum, cfg.lr) == (1e-4, 32.0, 0.9, 1e-2)
+        assert make_config(alg).lr == make_config(alg, optimizer="sgd").lr == 1e-3
+    assert make_config("proposed", optimizer="bop", lr=0.5).lr == 0.5
 
 
 def test_flags_reach_the_compiled_config(tmp_path, capsys):
