@@ -42,7 +42,7 @@ from bnnc.compiler.zoo import build_zoo_model
 from bnnc.runtime import baremetal
 from bnnc.runtime import reference as ref
 from bnnc.runtime.host import HostProgram
-from bnnc.runtime.outdir import read_state_blob, state_values_f32
+from bnnc.runtime.outdir import compile_graph, model_bytes, read_state_blob, state_values_f32
 from bnnc.runtime.programs import LocalRunner, build_trainer, check_result
 from bnnc.runtime.run import pack_run_data
 
@@ -129,25 +129,37 @@ def train(model: str, cfg: TrainConfig, epochs: int, work: Path) -> Result:
                   plan.state_nbytes)
 
 
-def m7_vs_host(steps: int, work: Path) -> tuple[list[float], list[float], int]:
+@dataclass(frozen=True)
+class M7Run:
+    m7: list[float]            # losses per step under QEMU
+    host: list[float]          # the host trainer's
+    differing: list[str]       # state tensors that differ after the last step
+    ram_nbytes: int            # the ELF's RAM (data + bss + stack reserve)
+
+
+def m7_vs_host(steps: int, work: Path) -> M7Run:
     """TFC, Bop, B=32 for cortex-m7 in 256 KiB: `steps` steps under QEMU and on the host from the
-    same start state and data. Returns (M7 losses, host losses, the M7 RAM bytes)."""
+    same start state and data; losses step by step and the final states tensor by tensor."""
     graph = load_model(build_zoo_model("tfc"))
     cfg = make_config("proposed", batch=32, optimizer="bop")
     m7, host = work / "m7", work / "m7-host"
-    compile_to_c(graph, cfg, dataclasses.replace(load_target("cortex-m7"), ram=256 * 1024), m7,
-                 command="benchmarks/bop.py m7")
+    compile_graph(graph, cfg, dataclasses.replace(load_target("cortex-m7"), ram=256 * 1024), m7,
+                  "benchmarks/bop.py m7", model_bytes("tfc"))
     compile_to_c(graph, cfg, load_target("host"), host, command="benchmarks/bop.py m7 host")
     train_f, _, _ = _data(host, graph)
     init = ref.init_state(graph, cfg).tensors
     run = baremetal.run(m7, train=train_f, start_blob=baremetal.start_state_blob(m7, init),
-                        steps=steps, log_every=1, timeout=3600)
-    if run.returncode != 0:
+                        steps=steps, log_every=1, checkpoint=True, every=steps, timeout=3600)
+    if run.returncode != 0 or run.checkpoint is None:
         raise RuntimeError(f"the M7 run failed: {run.error()}")
     events = _run_trainer(host, init, ["--train", str(train_f), "--steps", str(steps),
-                                       "--log-every", "1"])
+                                       "--log-every", "1", "--checkpoint", str(host / "state.bin")])
+    (work / "m7.bin").write_bytes(run.checkpoint)
+    a = read_state_blob(work / "m7.bin", read_manifest(m7)).tensors
+    b = read_state_blob(host / "state.bin", read_manifest(host)).tensors
     loss = lambda evs: [e["loss"] for e in evs if e["event"] == "step"]   # noqa: E731
-    return loss(run.events), loss(events), baremetal.build_elf(m7).ram_nbytes
+    return M7Run(loss(run.events), loss(events), [n for n in a if not np.array_equal(a[n], b[n])],
+                 baremetal.build_elf(m7).ram_nbytes)
 
 
 def _row(label: str, r: Result) -> str:
@@ -217,14 +229,16 @@ def main() -> int:
                 cfg = make_config("proposed", batch=batch, **{"optimizer": optimizer or None, **kw})
                 print(_row(label, train(model, cfg, epochs, work)), flush=True)
         if args.m7_steps:
-            m7, host, ram = m7_vs_host(args.m7_steps, work)
-            same = sum(a == b for a, b in zip(m7, host))
-            rel = max(abs(a - b) / abs(b) for a, b in zip(m7, host))
-            print(f"\nTFC, Bop, B=32, cortex-m7 with 256 KiB (ELF RAM {ram:,} B): {len(m7)} steps "
-                  f"under QEMU vs the host trainer: {same}/{len(m7)} losses identical as printed "
-                  f"(%.6g), max relative difference {rel:.2e}; losses at steps 1/100/{len(m7)}: "
-                  f"M7 {m7[0]:.6g} / {m7[min(99, len(m7) - 1)]:.6g} / {m7[-1]:.6g}, host "
-                  f"{host[0]:.6g} / {host[min(99, len(host) - 1)]:.6g} / {host[-1]:.6g}")
+            r = m7_vs_host(args.m7_steps, work)
+            same = sum(a == b for a, b in zip(r.m7, r.host))
+            rel = max(abs(a - b) / abs(b) for a, b in zip(r.m7, r.host))
+            n, mid = len(r.m7), min(99, len(r.m7) - 1)
+            print(f"\nTFC, Bop, B=32, cortex-m7 with 256 KiB (ELF RAM {r.ram_nbytes:,} B): {n} "
+                  f"steps under QEMU vs the host trainer: {same}/{n} losses identical as printed "
+                  f"(%.6g), max relative difference {rel:.2e}; final state: "
+                  f"{'bit-identical' if not r.differing else 'differs in ' + ', '.join(r.differing)}"
+                  f"; losses at steps 1/{mid + 1}/{n}: M7 {r.m7[0]:.6g} / {r.m7[mid]:.6g} / "
+                  f"{r.m7[-1]:.6g}, host {r.host[0]:.6g} / {r.host[mid]:.6g} / {r.host[-1]:.6g}")
     return 0
 
 
