@@ -233,12 +233,12 @@ def main() -> int:
             same = sum(a == b for a, b in zip(r.m7, r.host))
             rel = max(abs(a - b) / abs(b) for a, b in zip(r.m7, r.host))
             n, mid = len(r.m7), min(99, len(r.m7) - 1)
+            final = "bit-identical" if not r.differing else "differs in " + ", ".join(r.differing)
             print(f"\nTFC, Bop, B=32, cortex-m7 with 256 KiB (ELF RAM {r.ram_nbytes:,} B): {n} "
                   f"steps under QEMU vs the host trainer: {same}/{n} losses identical as printed "
-                  f"(%.6g), max relative difference {rel:.2e}; final state: "
-                  f"{'bit-identical' if not r.differing else 'differs in ' + ', '.join(r.differing)}"
-                  f"; losses at steps 1/{mid + 1}/{n}: M7 {r.m7[0]:.6g} / {r.m7[mid]:.6g} / "
-                  f"{r.m7[-1]:.6g}, host {r.host[0]:.6g} / {r.host[mid]:.6g} / {r.host[-1]:.6g}")
+                  f"(%.6g), max relative difference {rel:.2e}; final state: {final}; losses at "
+                  f"steps 1/{mid + 1}/{n}: M7 {r.m7[0]:.6g} / {r.m7[mid]:.6g} / {r.m7[-1]:.6g}, "
+                  f"host {r.host[0]:.6g} / {r.host[mid]:.6g} / {r.host[-1]:.6g}")
     return 0
 
 
