@@ -79,8 +79,9 @@ class _Printer:
         elif isinstance(ev, TrainerEvent) and self.started is not None:
             self._trainer(self.started, ev.fields)
         elif isinstance(ev, Counted):
-            say(f"{ev.target.name} ({ev.emulator}): {ev.instructions:,} instructions for "
-                f"{ev.steps} steps, {ev.instructions_zero:,} for 0 steps -> {ev.per_step:,.0f} "
+            c = ev.count
+            say(f"{ev.target.name} ({ev.emulator}): {c.instructions:,} instructions for "
+                f"{c.steps} steps, {c.instructions_zero:,} for 0 steps -> {c.per_step:,.0f} "
                 "instructions per training step")
         elif isinstance(ev, Saved):
             say(f"wrote {ev.checkpoint} (step {ev.step}) and {ev.final}")

@@ -1,15 +1,15 @@
-"""Bare-metal output: `emit_baremetal(env, common, target, out, schedule, plan) -> [Path]`, the
+"""Bare-metal output: `emit_baremetal(env, common, target, out) -> [Path]`, the
 files that turn the emitted `<model>.c` into a microcontroller program (Cortex-M, QEMU MPS2 boards).
 
 Input: the Jinja environment and the template context `common` that codegen.emit_c rendered
-`<model>.c`/`.h` with, a `Target` of kind "baremetal", the output directory, the `Schedule` and its
-`ArenaPlan`. Output, in `out`: `baremetal_startup.c` (vector table, FPU enable, .data/.bss init,
-fault report), `baremetal_semihost.h` (the semihosting calls: the program's only I/O),
-`baremetal_fmt.h` (JSON numbers without printf or doubles), `baremetal_trainer.c` (the trainer:
-packed data streamed through semihosting, the Linux trainer's JSON lines, checkpoints, the `bnnc
-check` trace in debug builds), `baremetal.ld` (the linker script: the target's RAM/flash/stack
-budget, enforced by ASSERTs), `baremetal.mk` (the Makefile section that builds `trainer.elf`)
-and `baremetal.json` (that budget, for the runtime's messages).
+`<model>.c`/`.h` with, a `Target` of kind "baremetal" and the output directory. Output, in `out`:
+`baremetal_startup.c` (vector table, FPU enable, .data/.bss init, fault report),
+`baremetal_semihost.h` (the semihosting calls: the program's only I/O), `baremetal_fmt.h` (JSON
+numbers without printf or doubles), `baremetal_trainer.c` (the trainer skeleton's bare-metal
+platform part: packed data streamed through semihosting, the Linux trainer's JSON lines,
+checkpoints, the `bnnc check` trace in debug builds), `baremetal.ld` (the linker script: the
+target's RAM/flash/stack budget, enforced by ASSERTs), `baremetal.mk` (the Makefile section that
+builds `trainer.elf`) and `baremetal.json` (that budget, for the runtime's messages).
 
 Invariants: every file is rendered from templates/baremetal/*.j2 with values computed here (the
 templates only substitute); the same inputs give byte-identical files; `build_command` is the one
@@ -36,7 +36,6 @@ import jinja2
 
 from .errors import TargetError
 from .planner import align_up
-from .schedule_ir import Schedule
 from .target import Target, parse_size
 
 STARTUP, SEMIHOST, FMT = "baremetal_startup.c", "baremetal_semihost.h", "baremetal_fmt.h"
@@ -124,28 +123,31 @@ def build_command(out_dir: Path, model: str, target: Target, output: Path, *,
     return cmd + list(debug_ldflags(target)) if debug else cmd
 
 
-def emit_baremetal(env: jinja2.Environment, common: Mapping[str, Any], target: Target, out: Path,
-                   schedule: Schedule, plan) -> list[Path]:
-    """Render templates/baremetal/*.j2 into `out` (module docstring); returns the files written."""
-    from .codegen import PIXEL_LUT, c_float
-
-    check_budgets(target)
+def _context(common: Mapping[str, Any], target: Target) -> dict:
+    """`common` plus what the bare-metal templates add: the board, the budget, the build line and
+    the tensor-table rows of the batch input and of one state tensor."""
     b = board(target)
     tensors = common["tensors"]
-    input_index = next(t["index"] for t in tensors if t["name"] == "input")
     state_index = next((t["index"] for t in tensors if t["region"] == "state"), None)
     if state_index is None:
         raise TargetError(f"model {common['model']!r} has no training state to train")
     model = common["model"]
-    emu = " ".join(target.emulator)
-    ctx = dict(common, cpu=cpu_name(target), input_index=input_index, state_index=state_index,
-               pixel_lut=[c_float(v) for v in PIXEL_LUT], ram=target.ram, flash=target.flash,
-               stack=target.stack, blob_reserve=blob_reserve(common["blob_nbytes"]),
-               flash_origin=f"0x{b.flash_origin:08X}", ram_origin=f"0x{b.ram_origin:08X}",
-               board_flash=b.flash_nbytes, board_ram=b.ram_nbytes, cc=target.cc,
-               cflags=" ".join(target.cflags), ldflags=" ".join(target.ldflags),
-               sources=sources(model), headers=headers(model),
-               debug_ldflags=debug_ldflags(target), emulator=emu)
+    return dict(common, cpu=cpu_name(target),
+                input_index=next(t["index"] for t in tensors if t["name"] == "input"),
+                state_index=state_index, ram=target.ram, flash=target.flash, stack=target.stack,
+                blob_reserve=blob_reserve(common["blob_nbytes"]),
+                flash_origin=f"0x{b.flash_origin:08X}", ram_origin=f"0x{b.ram_origin:08X}",
+                board_flash=b.flash_nbytes, board_ram=b.ram_nbytes, cc=target.cc,
+                cflags=" ".join(target.cflags), ldflags=" ".join(target.ldflags),
+                sources=sources(model), headers=headers(model),
+                debug_ldflags=debug_ldflags(target), emulator=" ".join(target.emulator))
+
+
+def emit_baremetal(env: jinja2.Environment, common: Mapping[str, Any], target: Target,
+                   out: Path) -> list[Path]:
+    """Render templates/baremetal/*.j2 into `out` (module docstring); returns the files written."""
+    check_budgets(target)
+    ctx = _context(common, target)
     out = Path(out)
     written = []
     for name, template in TEMPLATES.items():

@@ -49,27 +49,20 @@ import jinja2
 import numpy as np
 
 from .. import __version__
+from .baremetal import emit_baremetal
+from .cliterals import c_comment, c_ident, c_string, pixel_lut_c
 from .contract import (DTYPE_CODES, MANIFEST, REGION_CODES, STATE_BLOB_HEADER_BYTES,
                        STATE_BLOB_MAGIC, STATE_BLOB_VERSION, STATUSES, TRAINER_SOURCE, Manifest,
                        StateEntry, StepEntry, TensorEntry)
 from .errors import PlanError, TargetError
-from .lower import CTYPES as _CTYPES
-from .lower import Instance, c_comment, c_float, c_ident, c_string  # noqa: F401
-from .lower import LowerCtx as _Ctx
+from .lower import CTYPES, Instance, LowerCtx
 from .ops.base import Phase
 from .ops.dense import packed_w_geometry
-from .ops.optim import bop_geometry as _bop_geometry
+from .ops.optim import bop_geometry
 from .schedule_ir import DType, Schedule, Step
 from .target import TARGETS, Target, load_target  # noqa: F401  (re-exported)
+from .templating import render_kernels, target_env
 
-_ROOT = Path(__file__).resolve().parent.parent
-TEMPLATES = _ROOT / "templates"
-# u8 pixel -> 2*x/255 - 1, one rounding of the exact rational (runtime/datasets.py scale_pixels)
-PIXEL_LUT = ((2.0 * np.arange(256) - 255.0) / 255.0).astype(np.float32)
-
-
-# --------------------------------------------------------------------------------------------------
-# the emitted program
 
 @dataclass(frozen=True)
 class Emitted:
@@ -129,23 +122,6 @@ def _crc_table() -> list[int]:
     return out
 
 
-def _env() -> jinja2.Environment:
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)),
-                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
-                             keep_trailing_newline=True, autoescape=False)
-    env.filters["cstr"] = c_string
-    return env
-
-
-def target_env(target: Target) -> jinja2.Environment:
-    """The template environment of one target: kernel templates read `simd` (the target's SIMD
-    features, e.g. "neon") to pick an intrinsics variant; the portable C stays the fallback."""
-    env = _env()
-    env.globals["simd"] = tuple(target.simd)
-    env.globals["target_kind"] = target.kind
-    return env
-
-
 def _call_lines(fn: str, args, indent: int = 4) -> list[str]:
     """`fn(a, b, ...);` wrapped at 100 columns, continuation lines indented 8 more."""
     lines, cur = [], " " * indent + f"{fn}("
@@ -159,12 +135,6 @@ def _call_lines(fn: str, args, indent: int = 4) -> list[str]:
         cur += ");"
     lines.append(cur.rstrip())
     return lines
-
-
-def numerics_source() -> str:
-    """The C numerics runtime every emitted program starts with (hash, stochastic rounding,
-    f16/bf16, PO2 helpers), for tests that compile it alone against compiler/numerics.py."""
-    return _env().get_template("kernels/numerics.c.j2").render()
 
 
 def _guard_context(schedule: Schedule, plan) -> dict:
@@ -187,7 +157,7 @@ def _guard_context(schedule: Schedule, plan) -> dict:
     return dict(guards=guards, guard_oob=oob, guard_bytes=getattr(plan, "guard_bytes", 0))
 
 
-def _perturb_line(step: Step, ctx: _Ctx) -> tuple[str, str]:
+def _perturb_line(step: Step, ctx: LowerCtx) -> tuple[str, str]:
     """(macro name, C statement) that corrupts element 0 of the step's first output by "one"."""
     out = step.outputs[0]
     dt = ctx.t(out).dtype
@@ -204,35 +174,24 @@ def _perturb_line(step: Step, ctx: _Ctx) -> tuple[str, str]:
     return f"BNNC_PERTURB_{step.kernel.name.upper()}", stmt
 
 
-def emit_c(schedule: Schedule, plan, target: Target | str, out_dir: str | Path, *, command: str = "",
-           model_sha256: str = "", plan_json: str | None = None,
-           onnx_names: Mapping[str, str] | None = None) -> Emitted:
-    """Write the C program of one training step of `schedule` placed by `plan` into `out_dir`
-    (`target`: a Target or a targets/ name; `command`, `model_sha256`: front matter; `plan_json`:
-    written as plan.json when given; `onnx_names`: layer -> ONNX node name, quoted (escaped) in the
-    comment above each step function and nowhere else)."""
-    if isinstance(target, str):
-        target = load_target(target)
+def _check_emittable(schedule: Schedule, plan, target: Target) -> None:
+    """PlanError/TargetError when the plan's alignment or a kernel is beyond this codegen."""
     schedule.verify()
     if plan.align % 8 or plan.align < target.align:
         raise PlanError(f"plan alignment {plan.align} is below target {target.name}'s "
                         f"{target.align}", hint=f"plan with --align {target.align}")
-    model = c_ident(schedule.graph_name)
-    prefix = f"bnnc_{model}"
-    ctx = _Ctx(schedule, plan)
-    env = target_env(target)
-    cfg = schedule.config
 
-    # tensor table: every schedule tensor that has storage somewhere
-    tensors: list[TensorEntry] = []
+
+def _tensor_table(schedule: Schedule, plan) -> tuple[list[TensorEntry], dict[str, int], int]:
+    """Every schedule tensor that has storage somewhere: the table rows, each stored tensor's
+    offset in the -DBNNC_DEBUG_DUMP buffer (views share their base's) and that buffer's size."""
     dump_off: dict[str, int] = {}
     top = 0
     for t in schedule.tensors.values():
-        if t.name not in plan.tensor_offsets or t.alias_of is not None:
-            continue
-        dump_off[t.name] = top
-        top += -(-t.nbytes // 16) * 16
-    dump_nbytes = max(top, 16)
+        if t.name in plan.tensor_offsets and t.alias_of is None:
+            dump_off[t.name] = top
+            top += -(-t.nbytes // 16) * 16
+    tensors: list[TensorEntry] = []
     for t in schedule.tensors.values():
         if t.name not in plan.tensor_offsets:
             continue
@@ -240,65 +199,91 @@ def emit_c(schedule: Schedule, plan, target: Target | str, out_dir: str | Path, 
         if region not in REGION_CODES:
             raise PlanError(f"tensor {t.name} lives in region {region!r}; codegen needs the "
                             "batch in the arena", hint="plan with io='arena' (the default)")
-        base = t.alias_of or t.name
-        tensors.append(TensorEntry(len(tensors), t.name, t.dtype.value, t.shape, region, off,
-                                   t.nbytes, t.layout, dump_off[base], t.alias_of))
-    tensors = [_with_geom(e, schedule) for e in tensors]
-    states = _state_entries(schedule, plan)
+        tensors.append(_with_geom(TensorEntry(
+            len(tensors), t.name, t.dtype.value, t.shape, region, off, t.nbytes, t.layout,
+            dump_off[t.alias_of or t.name], t.alias_of), schedule))
+    if any(len(e.shape) > 4 for e in tensors):
+        raise TargetError(f"model {schedule.graph_name!r} has a tensor of rank > 4; the C tensor "
+                          "table holds 4 dims")
+    return tensors, dump_off, max(top, 16)
 
-    # kernels and steps
-    instances: dict[str, Instance] = {}
+
+def _use(instances: dict[str, Instance], inst: Instance) -> None:
+    """Record a kernel instance the program calls (one C function per name)."""
+    instances.setdefault(inst.fn, inst)
+    assert instances[inst.fn] == inst, inst.fn
+
+
+def _step_calls(schedule: Schedule, ctx: LowerCtx, dump_off: Mapping[str, int],
+                instances: dict[str, Instance], onnx_names: Mapping[str, str]) -> list[dict]:
+    """One static step function per schedule step: its name, comment, kernel call, debug dumps
+    and test hooks (what templates/model.c.j2 renders)."""
     steps = []
     for s in schedule.steps:
         call = s.kernel.lower(s, ctx)
-        instances.setdefault(call.inst.fn, call.inst)
-        assert instances[call.inst.fn] == call.inst, call.inst.fn
-        dumps = [(dump_off[o], ctx.ptr(o, True), ctx.t(o).nbytes) for o in s.outputs]
+        _use(instances, call.inst)
         macro, stmt = _perturb_line(s, ctx)
         name = c_ident(f"step_{s.index:03d}_{s.kernel.name}"
                        + (f"_{s.layer}" if s.layer else ""))
         steps.append(dict(index=s.index, name=name, kernel=s.kernel.name, layer=s.layer,
                           phase=s.phase.value,
                           comment=c_comment(f"{', '.join(s.inputs)} -> {', '.join(s.outputs)}"),
-                          onnx=c_comment((onnx_names or {}).get(s.layer, "")),
+                          onnx=c_comment(onnx_names.get(s.layer, "")),
                           fn=call.inst.fn, call=_call_lines(call.inst.fn, call.args),
-                          decls=call.decls, dumps=dumps,
+                          decls=call.decls,
+                          dumps=[(dump_off[o], ctx.ptr(o, True), ctx.t(o).nbytes)
+                                 for o in s.outputs],
                           perturb_macro=macro, perturb=stmt,
                           uses_t=s.phase is Phase.UPDATE, uses_acc=s.phase is Phase.LOSS,
                           loss_ptr=(ctx.ptr(s.outputs[0], True) if s.phase is Phase.LOSS
                                     else "")))
-    # predict: the forward steps with BN in inference mode, then a softmax into the probabilities
-    loss_step = next(s for s in schedule.steps if s.phase is Phase.LOSS)
+    return steps
+
+
+def _predict_calls(schedule: Schedule, ctx: LowerCtx, steps: list[dict],
+                   instances: dict[str, Instance]) -> tuple[list[dict], dict]:
+    """The predict entry: the forward steps with BN in inference mode, then a softmax of the
+    logits into the probabilities."""
     infer = []
     for s in schedule.steps:
         if s.phase is not Phase.FORWARD:
             continue
         if s.kernel.lower_infer is not None:
             call = s.kernel.lower_infer(s, ctx)
-            instances.setdefault(call.inst.fn, call.inst)
+            _use(instances, call.inst)
             infer.append(dict(kind="call", call=_call_lines(call.inst.fn, call.args, indent=4)))
         else:
             infer.append(dict(kind="step", name=steps[s.index]["name"], index=s.index))
-    sm_inst = Instance("loss", "softmax_rows", "k_softmax_rows", ())
-    instances.setdefault(sm_inst.fn, sm_inst)
-    logits, _ = loss_step.inputs
-    probs = loss_step.outputs[1]
-    classes = loss_step.attrs["classes"]
-    predict = dict(logits=ctx.ptr(logits, True), probs=ctx.ptr(probs),
-                   probs_const=ctx.ptr(probs, True), classes=classes)
+    _use(instances, Instance("loss", "softmax_rows", "k_softmax_rows", ()))
+    loss_step = next(s for s in schedule.steps if s.phase is Phase.LOSS)
+    logits, probs = loss_step.inputs[0], loss_step.outputs[1]
+    return infer, dict(logits=ctx.ptr(logits, True), probs=ctx.ptr(probs),
+                       probs_const=ctx.ptr(probs, True), classes=loss_step.attrs["classes"])
 
-    # render kernels in a fixed order: family, then function name
-    kernel_src = [numerics_source()]
-    for inst in sorted(instances.values(), key=lambda i: (i.family, i.fn)):
-        module = env.get_template(f"kernels/{inst.family}.c.j2").module
-        macro = getattr(module, inst.macro, None)
-        assert macro is not None, f"templates/kernels/{inst.family}.c.j2 lacks macro {inst.macro}"
-        kernel_src.append(str(macro(inst.fn, dict(inst.types), dict(inst.flags))))
 
-    input_t = schedule.tensors["input"]
-    labels_t = schedule.tensors["labels"]
+def _tensor_macros(tensors: list[TensorEntry], ctx: LowerCtx) -> list[dict]:
+    """The `#define T_<tensor>` / `S_<tensor>` lines of model.c: a typed pointer into the arena or
+    the state per table row."""
+    return [dict(name=ctx.ptr(e.name), ctype=CTYPES[DType(e.dtype)][0], offset=e.offset,
+                 base="BNNC_A" if e.region == "arena" else "BNNC_S",
+                 comment=c_comment(f"{e.name} {list(e.shape)} {e.dtype}"))
+            for e in tensors]
+
+
+def _template_context(schedule: Schedule, plan, target: Target, ctx: LowerCtx, *, command: str,
+                      model_sha256: str, onnx_names: Mapping[str, str]) -> tuple[dict, list[str]]:
+    """Everything the templates substitute (model.c/.h, trainer, Makefile, bare-metal files) and
+    the names of the kernel functions the program uses."""
+    cfg = schedule.config
+    model = c_ident(schedule.graph_name)
+    prefix = f"bnnc_{model}"
+    tensors, dump_off, dump_nbytes = _tensor_table(schedule, plan)
+    states = _state_entries(schedule, plan)
+    instances: dict[str, Instance] = {}
+    steps = _step_calls(schedule, ctx, dump_off, instances, onnx_names)
+    infer, predict = _predict_calls(schedule, ctx, steps, instances)
+    input_t, labels_t = schedule.tensors["input"], schedule.tensors["labels"]
     mhash = _model_hash(schedule, plan, model_sha256)
-    elems = sum(int(np.prod(st.shape)) for st in states)
     common = dict(
         version=__version__, command=c_comment(command or "(emit_c called from Python)"),
         model=model, prefix=prefix, PREFIX=prefix.upper(), model_sha256=model_sha256 or "(unknown)",
@@ -306,53 +291,80 @@ def emit_c(schedule: Schedule, plan, target: Target | str, out_dir: str | Path, 
             ", ".join(f"{k}={v}" for k, v in cfg.as_dict().items())),
         arena_nbytes=max(plan.arena_nbytes, 16), lower_bound=plan.lower_bound,
         efficiency=f"{plan.efficiency:.3f}", align=plan.align, heuristic=plan.heuristic,
-        state_nbytes=max(plan.state_nbytes, 16), state_elems=elems,
+        state_nbytes=max(plan.state_nbytes, 16),
+        state_elems=sum(int(np.prod(st.shape)) for st in states),
         blob_nbytes=STATE_BLOB_HEADER_BYTES + max(plan.state_nbytes, 16),
         blob_header=STATE_BLOB_HEADER_BYTES, blob_magic=f"0x{STATE_BLOB_MAGIC:08X}u",
-        blob_version=STATE_BLOB_VERSION, model_hash=f"UINT64_C(0x{mhash:016X})",
+        blob_version=STATE_BLOB_VERSION, model_hash=f"UINT64_C(0x{mhash:016X})", mhash=mhash,
         batch=cfg.batch, input_shape=list(input_t.shape), input_elems=input_t.size,
-        input_ptr=ctx.ptr("input"), labels_ptr=ctx.ptr("labels"), classes=classes,
+        input_ptr=ctx.ptr("input"), labels_ptr=ctx.ptr("labels"), classes=predict["classes"],
         seed=cfg.seed, num_tensors=len(tensors), num_steps=len(steps), dump_nbytes=dump_nbytes,
         input_dump=dump_off["input"], labels_dump=dump_off["labels"],
         input_nbytes=input_t.nbytes, labels_nbytes=labels_t.nbytes,
         statuses=[(f"BNNC_{k}", v) for k, v in STATUSES],
+        tensor_entries=tensors, state_entries=states, tensor_macros=_tensor_macros(tensors, ctx),
         tensors=[dict(e.__dict__, dtype_code=DTYPE_CODES[DType(e.dtype)],
                       region_code=REGION_CODES[e.region], ndim=len(e.shape),
-                      shape=list(e.shape) + [0] * (4 - len(e.shape)) if len(e.shape) <= 4 else None,
-                      comment=c_comment(e.name)) for e in tensors],
-        states=[dict(s.__dict__, elems=int(np.prod(s.shape)), ctype=_CTYPES[DType(s.dtype)][0],
+                      shape=list(e.shape) + [0] * (4 - len(e.shape)), comment=c_comment(e.name))
+                 for e in tensors],
+        states=[dict(s.__dict__, elems=int(np.prod(s.shape)), ctype=CTYPES[DType(s.dtype)][0],
                      ptr=ctx.ptr(s.name), dtype_code=DTYPE_CODES[DType(s.dtype)],
                      rows=_state_rows(s, ctx), comment=c_comment(s.name)) for s in states],
-        steps=steps, infer=infer, predict=predict, kernels=kernel_src,
+        steps=steps, infer=infer, predict=predict,
         dtype_codes=[(d.value.upper(), c) for d, c in DTYPE_CODES.items()],
         crc_table=[f"0x{v:08X}u" for v in _crc_table()], target=target.name,
-        target_kind=target.kind, **_guard_context(schedule, plan),
+        target_kind=target.kind, pixel_lut=pixel_lut_c(), **_guard_context(schedule, plan),
     )
-    if any(len(e.shape) > 4 for e in tensors):
-        raise TargetError(f"model {model!r} has a tensor of rank > 4; the C tensor table holds "
-                          "4 dims")
+    return common, sorted(instances.values(), key=lambda i: (i.family, i.fn))
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    header = out / f"{model}.h"
-    source = out / f"{model}.c"
-    makefile = out / "Makefile"
-    manifest = out / MANIFEST
+
+def _render_program(env: jinja2.Environment, common: dict, kernels: list[str], target: Target,
+                    out: Path) -> list[Path]:
+    """Write <model>.h, <model>.c, the trainer of the target's platform and the Makefile; returns
+    them, header and source first."""
+    model = common["model"]
+    header, source, makefile = out / f"{model}.h", out / f"{model}.c", out / "Makefile"
     header.write_text(env.get_template("model.h.j2").render(**common))
-    source.write_text(env.get_template("model.c.j2").render(**common))
+    source.write_text(env.get_template("model.c.j2").render(**common, kernels=kernels))
     programs = target.kind in ("host", "linux")
-    extra_files = []
+    extra: list[Path] = []
     if programs:
         trainer = out / TRAINER_SOURCE
-        trainer.write_text(env.get_template("trainer.c.j2").render(**common, pixel_lut=[
-            c_float(v) for v in PIXEL_LUT]))
-        extra_files.append(trainer)
+        trainer.write_text(env.get_template("trainer.c.j2").render(**common))
+        extra.append(trainer)
     if target.kind == "baremetal":
-        from .baremetal import emit_baremetal
-        extra_files += emit_baremetal(env, common, target, out, schedule, plan)
+        extra += emit_baremetal(env, common, target, out)
     makefile.write_text(env.get_template("Makefile.j2").render(
         **common, cc=target.cc, cflags=" ".join(target.cflags),
         ldflags=" ".join(target.ldflags), programs=programs))
+    return [header, source, makefile, *extra]
+
+
+def emit_c(schedule: Schedule, plan, target: Target | str, out_dir: str | Path, *, command: str = "",
+           model_sha256: str = "", plan_json: str | None = None,
+           onnx_names: Mapping[str, str] | None = None) -> Emitted:
+    """Write the C program of one training step of `schedule` placed by `plan` into `out_dir`
+    (`target`: a Target or a targets/ name; `command`, `model_sha256`: front matter; `plan_json`:
+    written as plan.json when given; `onnx_names`: layer -> ONNX node name, quoted (escaped) in the
+    comment above each step function and nowhere else). Stages: check, template context (tensor
+    table, state table, step calls, predict, guards), kernel sources, files."""
+    if isinstance(target, str):
+        target = load_target(target)
+    _check_emittable(schedule, plan, target)
+    ctx = LowerCtx(schedule, plan)
+    env = target_env(target)
+    common, instances = _template_context(schedule, plan, target, ctx, command=command,
+                                          model_sha256=model_sha256, onnx_names=onnx_names or {})
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = _render_program(env, common, render_kernels(env, instances), target, out)
+    header, source, makefile = written[:3]
+    manifest = out / MANIFEST
+    tensors, states, steps = common["tensor_entries"], common["state_entries"], common["steps"]
+    programs = target.kind in ("host", "linux")
+    cfg, mhash, model, prefix = schedule.config, common["mhash"], common["model"], common["prefix"]
+    input_t = schedule.tensors["input"]
+    classes, elems, dump_nbytes = common["classes"], common["state_elems"], common["dump_nbytes"]
     doc = Manifest(bnnc_version=__version__, model=model, prefix=prefix, model_hash=mhash,
                    model_sha256=model_sha256, target=target.name, target_kind=target.kind,
                    config=cfg.as_dict(), batch=cfg.batch, input_shape=tuple(input_t.shape),
@@ -363,13 +375,13 @@ def emit_c(schedule: Schedule, plan, target: Target | str, out_dir: str | Path, 
                    state=tuple(states), steps=tuple(StepEntry(s["index"], s["kernel"], s["layer"],
                                                               s["fn"]) for s in steps))
     manifest.write_text(doc.to_json())
-    files = [header, source, makefile, manifest, *extra_files]
+    files = [header, source, makefile, manifest, *written[3:]]
     if plan_json is not None:
         pj = out / "plan.json"
         pj.write_text(plan_json)
         files.append(pj)
     return Emitted(out, model, prefix, header, source, makefile, manifest, tuple(files),
-                   tuple(sorted(instances)), doc)
+                   tuple(sorted(i.fn for i in instances)), doc)
 
 
 def _with_geom(e: TensorEntry, schedule: Schedule) -> TensorEntry:
@@ -380,11 +392,11 @@ def _with_geom(e: TensorEntry, schedule: Schedule) -> TensorEntry:
     return TensorEntry(**{**e.__dict__, "geom": {"hw": hw, "wc": wc}}) if wc else e
 
 
-def _state_rows(s: StateEntry, ctx: _Ctx) -> dict:
+def _state_rows(s: StateEntry, ctx: LowerCtx) -> dict:
     """Geometry of a packed (Bop) state weight for the element <-> bit mapping of init/load/read."""
     if s.dtype != "bit":
         return dict(kind=-1, a=0, b=0, words=0, hw=1, wc=0)
-    kind, a, b, words, hw, wc = _bop_geometry(ctx, s.name)
+    kind, a, b, words, hw, wc = bop_geometry(ctx, s.name)
     return dict(kind=kind, a=a, b=b, words=words, hw=hw, wc=wc)
 
 

@@ -11,19 +11,17 @@ kernels' scratch plans).
 
 from __future__ import annotations
 
-import math
-import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .cliterals import c_float, c_ident
+from .cnames import placed_tensors, tensor_macros
 from .contract import REGION_CODES
 from .errors import PlanError
 from .schedule_ir import DType, Schedule, Step, Tensor
 
 if TYPE_CHECKING:
     from .ops.base import KernelFamily
-
-_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 # dtype -> (C element type, load fn, RNE store fn, stochastic store fn)
 CTYPES: dict[DType, tuple[str, str, str, str]] = {
@@ -35,65 +33,6 @@ CTYPES: dict[DType, tuple[str, str, str, str]] = {
     DType.U8: ("uint8_t", "", "", ""),
     DType.I32: ("int32_t", "", "", ""),
 }
-
-
-# --------------------------------------------------------------------------------------------------
-# C literals
-
-def c_float(v: float) -> str:
-    """A float32 constant as C: the double's repr cast to float (what np.float32(v) rounds).
-
-    >>> c_float(0.9)
-    '(float)0.9'
-    >>> c_float(1e-07)
-    '(float)1e-07'
-    >>> c_float(2.0)
-    '(float)2.0'
-    """
-    v = float(v)
-    if not math.isfinite(v):
-        raise ValueError(f"non-finite constant {v}")
-    return f"(float){v!r}"
-
-
-def c_comment(text: str) -> str:
-    """Text made safe inside a /* */ comment (no comment terminators, printable ASCII).
-
-    >>> c_comment("a */ b\\n")
-    'a * / b '
-    """
-    s = "".join(ch if 32 <= ord(ch) < 127 else " " for ch in str(text))
-    return s.replace("*/", "* /").replace("/*", "/ *")
-
-
-def c_string(text: str) -> str:
-    """A C string literal for `text` (ASCII; anything else escaped).
-
-    >>> c_string('fc1.W')
-    '"fc1.W"'
-    >>> c_string('a"b')
-    '"a\\"b"'
-    """
-    out = []
-    for ch in str(text):
-        if ch in '"\\':
-            out.append("\\" + ch)
-        elif 32 <= ord(ch) < 127 and ch != "?":
-            out.append(ch)
-        else:
-            out.append(f"\\{ord(ch) & 0xFF:03o}")
-    return '"' + "".join(out) + '"'
-
-
-def c_ident(text: str) -> str:
-    """Check that `text` is a C identifier (bnnc chooses them; this guards against a bug).
-
-    >>> c_ident("fc1")
-    'fc1'
-    """
-    if not _IDENT.match(text):
-        raise AssertionError(f"{text!r} is not a C identifier")
-    return text
 
 
 # --------------------------------------------------------------------------------------------------
@@ -131,23 +70,24 @@ class Call:
 
 
 class LowerCtx:
-    """Offsets and dtypes of a schedule's tensors as C pointer expressions."""
+    """A schedule's tensors as C: dtypes, and pointers named by the tensor macros of model.c."""
 
     def __init__(self, schedule: Schedule, plan):
         self.s = schedule
         self.plan = plan
+        self.macros = tensor_macros(placed_tensors(schedule, plan))
 
     def t(self, name: str) -> Tensor:
         return self.s.tensors[name]
 
     def ptr(self, name: str, const: bool = False) -> str:
-        region, off = self.plan.tensor_offsets[name]
+        """`T_fc1_out` / `S_fc1_W`: a pointer of the tensor's C type (`const` marks read-only
+        operands at the call site; the plain pointer converts to the kernel's const parameter)."""
+        region, _ = self.plan.tensor_offsets[name]
         if region not in REGION_CODES:
             raise PlanError(f"tensor {name} lives in region {region!r}; codegen needs the batch "
                             "in the arena", hint="plan with io='arena' (the default)")
-        base = "BNNC_A" if region == "arena" else "BNNC_S"
-        ct = CTYPES[self.t(name).dtype][0]
-        return f"(({'const ' if const else ''}{ct} *)({base} + {off}u))"
+        return self.macros[name]
 
 
 def instance(step: Step, ctx: LowerCtx, macro: str | None = None,

@@ -46,6 +46,15 @@ class Target:
     def native(self) -> bool:
         return self.kind == "host"
 
+    @property
+    def overlays(self) -> tuple[str, ...]:
+        """The template overlays (templates/targets/<name>/) of this target, most specific first:
+        its SIMD features; the small tiles of bare-metal targets, or for host and Linux targets
+        x86-64's run-time AVX2/popcnt choice (compiled on x86-64 only); then the GCC/Clang generic
+        vectors every target's compiler has. The portable C below them all stays the reference
+        and the -DBNNC_NO_SIMD build."""
+        return (*self.simd, "cortex-m" if self.kind == "baremetal" else "x86", "gnu")
+
     def require(self, *tools: str) -> None:
         """TargetError naming the Debian packages when cc (or another tool) is not on PATH."""
         for tool in tools or (self.cc,):

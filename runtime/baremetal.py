@@ -48,7 +48,7 @@ from ..compiler.contract import Manifest, read_manifest
 from ..compiler.errors import BudgetError, DataError, TargetError
 from ..compiler.target import Target
 from .host import HostProgram, cache_dir
-from .insncount import count_instructions
+from .insncount import StepCount, count_instructions
 from .outdir import load_init_state, read_compiled
 from .packed import TEST_FILE, TRAIN_FILE
 from .programs import RunResult, emulator_argv, parse_events, target_of
@@ -346,17 +346,6 @@ def run(out_dir: str | Path, target: Target | str | None = None, *, train: str |
         ck = Path(where) / CHECKPOINT_FILE
         blob = ck.read_bytes() if checkpoint and ck.is_file() else None
     return BaremetalRun(rc, events, stderr, checkpoint=blob, argv=argv)
-
-
-@dataclass(frozen=True)
-class StepCount:
-    steps: int
-    instructions: int           # the run of `steps` steps
-    instructions_zero: int      # the same program and data, 0 steps
-
-    @property
-    def per_step(self) -> float:
-        return (self.instructions - self.instructions_zero) / self.steps
 
 
 def count_step_instructions(out_dir: str | Path, target: Target | str | None = None, *,

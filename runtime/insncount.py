@@ -15,6 +15,7 @@ import os
 import re
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -22,6 +23,18 @@ from ..compiler.errors import TargetError
 from .host import build_cached, cache_dir
 
 PLUGIN_SOURCE = Path(__file__).resolve().parent / "qemu_plugin" / "insncount.c"
+
+
+@dataclass(frozen=True)
+class StepCount:
+    """Instructions of a run of `steps` training steps and of the same run with 0 steps."""
+    steps: int
+    instructions: int
+    instructions_zero: int
+
+    @property
+    def per_step(self) -> float:
+        return (self.instructions - self.instructions_zero) / self.steps
 
 
 def build_plugin(cc: str = "cc", cache: Path | None = None) -> Path:

@@ -39,7 +39,7 @@ from ..compiler.target import Target
 from . import baremetal, packed
 from .datasets import Dataset, training_data
 from .device import SshRunner, parse_device
-from .insncount import count_instructions
+from .insncount import StepCount, count_instructions
 from .outdir import (FINAL_STATE, STATE_BLOB, load_init_state, read_compiled, read_state_blob,
                      save_state_atomic, state_values_f32, write_atomic)
 from .programs import LocalRunner, RunResult, build_trainer, check_result, emulator_argv, target_of
@@ -92,13 +92,7 @@ class TrainerEvent:
 class Counted:
     target: Target
     emulator: str                        # the QEMU command, for the report
-    steps: int
-    instructions: int                    # the run of `steps` steps
-    instructions_zero: int               # the same program and data, 0 steps
-
-    @property
-    def per_step(self) -> float:
-        return (self.instructions - self.instructions_zero) / self.steps
+    count: StepCount
 
 
 @dataclass(frozen=True)
@@ -274,7 +268,7 @@ def _count_linux(out_dir: Path, tgt: Target, train_f: Path, n: int) -> Counted:
         if p.returncode != 0:
             raise DataError(f"the counting run failed (exit {p.returncode}): "
                             f"{p.stdout.strip()[-500:]} {p.stderr.strip()[-500:]}")
-    return Counted(tgt, " ".join(emu), n, i1, i0)
+    return Counted(tgt, " ".join(emu), StepCount(n, i1, i0))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -291,7 +285,7 @@ def _run_baremetal(out_dir: Path, tgt: Target, manifest: Manifest, graph: Graph,
         n = opts.steps or 4
         c = baremetal.count_step_instructions(out_dir, tgt, train=plan.train, steps=n,
                                               start_blob=blob, timeout=timeout)
-        on_event(Counted(tgt, " ".join(tgt.emulator[:3]), n, c.instructions, c.instructions_zero))
+        on_event(Counted(tgt, " ".join(tgt.emulator[:3]), c))
         return
     elf = baremetal.build_elf(out_dir, tgt)
     on_event(Started(graph.name, tgt, cfg, plan.data.name, f"{bm.cpu_name(tgt)}, QEMU",

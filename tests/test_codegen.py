@@ -16,8 +16,10 @@ import numpy as np
 import pytest
 
 from graphs import cnv
-from bnnc.compiler.codegen import (Target, c_comment, c_float, c_string, emit_c, load_target,
-                                   numerics_source)
+from bnnc.compiler.cliterals import c_comment, c_float, c_string
+from bnnc.compiler.codegen import emit_c
+from bnnc.compiler.target import Target, load_target
+from bnnc.compiler.templating import numerics_source
 from bnnc.compiler.config import make_config
 from bnnc.compiler.errors import DataError, TargetError
 from bnnc.compiler.frontend import load_model

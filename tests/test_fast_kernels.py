@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 
 from bnnc.compiler import codegen
-from bnnc.compiler.codegen import load_target, numerics_source
+from bnnc.compiler.target import load_target
+from bnnc.compiler.templating import numerics_source
 from bnnc.compiler.config import make_config
 from bnnc.compiler.ir import LayerKind
 from bnnc.runtime.check import format_report, run_check

@@ -9,7 +9,8 @@ import numpy as np
 from .. import numerics as nx
 from ..errors import DataError
 from ..ir import Layer, LayerKind, tname
-from ..lower import Call, LowerCtx, c_float, instance, words64
+from ..cliterals import c_float
+from ..lower import Call, LowerCtx, instance, words64
 from ..onnx_values import Act, node_attrs, node_label
 from ..schedule_ir import Role, Step
 from .base import (BIT, F32, GRADS, STATE, KernelFamily, LayerSpec, OnnxOp, OpFamily, Phase, kernel,

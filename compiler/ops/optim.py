@@ -6,7 +6,8 @@ import numpy as np
 
 from .. import numerics as nx
 from ..config import TrainConfig
-from ..lower import Call, LowerCtx, c_float, instance, words64
+from ..cliterals import c_float
+from ..lower import Call, LowerCtx, instance, words64
 from ..schedule_ir import DType, Step
 from .base import BIT, F32, STATE, KernelFamily, OpFamily, Phase, kernel
 from .dense import packed_w_geometry

@@ -1,0 +1,80 @@
+"""C literals shared by the Linux and the bare-metal emission: floats, strings, the pixel table.
+
+The pixel table (`pixel_lut_c`) is computed once for the template context that both the Linux
+trainer (codegen.py) and the bare-metal one (baremetal.py, which no longer imports codegen) render;
+`c_string` is the templates' `cstr` filter (templating.py); `c_float` prints the lowering's float
+constants. Floats are printed as the double `repr` of what the numpy side uses, cast to float in
+C: C and numpy round the same double to float32.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# u8 pixel -> 2*x/255 - 1, one rounding of the exact rational (runtime/datasets.py scale_pixels)
+PIXEL_LUT = ((2.0 * np.arange(256) - 255.0) / 255.0).astype(np.float32)
+
+
+def c_float(v: float) -> str:
+    """A float32 constant as C: the double's repr cast to float (what np.float32(v) rounds).
+
+    >>> c_float(0.9)
+    '(float)0.9'
+    >>> c_float(1e-07)
+    '(float)1e-07'
+    >>> c_float(2.0)
+    '(float)2.0'
+    """
+    v = float(v)
+    if not math.isfinite(v):
+        raise ValueError(f"non-finite constant {v}")
+    return f"(float){v!r}"
+
+
+def pixel_lut_c() -> list[str]:
+    """The 256 entries of the trainers' `pixel_lut` table as C float constants."""
+    return [c_float(v) for v in PIXEL_LUT]
+
+
+def c_string(text: str) -> str:
+    """A C string literal for `text` (ASCII; anything else escaped).
+
+    >>> c_string('fc1.W')
+    '"fc1.W"'
+    >>> c_string('a"b')
+    '"a\\\\"b"'
+    """
+    out = []
+    for ch in str(text):
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif 32 <= ord(ch) < 127 and ch != "?":
+            out.append(ch)
+        else:
+            out.append(f"\\{ord(ch) & 0xFF:03o}")
+    return '"' + "".join(out) + '"'
+
+
+def c_comment(text: str) -> str:
+    """Text made safe inside a /* */ comment (no comment terminators, printable ASCII).
+
+    >>> c_comment("a */ b\\n")
+    'a * / b '
+    """
+    s = "".join(ch if 32 <= ord(ch) < 127 else " " for ch in str(text))
+    return s.replace("*/", "* /").replace("/*", "/ *")
+
+
+def c_ident(text: str) -> str:
+    """Check that `text` is a C identifier (bnnc chooses them; this guards against a bug).
+
+    >>> c_ident("fc1")
+    'fc1'
+    """
+    if not _IDENT.match(text):
+        raise AssertionError(f"{text!r} is not a C identifier")
+    return text

@@ -1,0 +1,92 @@
+"""The Jinja side of codegen: a target's template environment and the kernel source of a program.
+
+`target_env(target)` loads templates/ with the target's overlay chain (`Target.overlays`, most
+specific first; kernel templates differ per target only through it): `overlay(path)` names the
+first `targets/<overlay>/<path>` that exists, else the portable `path`, and `overlay_parent(overlay,
+path)` the next one down the chain, so an overlay template `{% extends %}` the variant below it
+and overrides its blocks (calling `super()` for the fallback); `overlays(path)` lists them all.
+`render_kernels(env, instances)` renders each kernel instance once, in a fixed order (family, then
+function name), after the numerics runtime and, for every family whose template defines a
+`prelude` macro, that prelude once before the family's first kernel; a kernel macro is taken from
+the most specific overlay of kernels/<family>.c.j2 that defines one of that name (an overlay
+overrides the portable macro of the same name), else from the portable template.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+import jinja2
+
+from .cliterals import c_string
+from .target import Target
+
+TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+
+
+def _env() -> jinja2.Environment:
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)),
+                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
+                             keep_trailing_newline=True, autoescape=False)
+    env.filters["cstr"] = c_string
+    return env
+
+
+def _overlay_names(chain: tuple[str, ...], path: str) -> list[str]:
+    """The templates that implement `path` under `chain`, most specific first, portable last."""
+    return [*(f"targets/{o}/{path}" for o in chain if (TEMPLATES / "targets" / o / path).is_file()),
+            path]
+
+
+def target_env(target: Target) -> jinja2.Environment:
+    """The template environment of one target (module docstring): the overlays of
+    `target.overlays` replace portable templates' blocks and macros."""
+    env = _env()
+    chain = target.overlays
+
+    def overlays(path: str) -> list[str]:
+        return _overlay_names(chain, path)
+
+    def overlay(path: str) -> str:
+        return overlays(path)[0]
+
+    def overlay_parent(name: str, path: str) -> str:
+        names = _overlay_names(chain, path)
+        return names[names.index(f"targets/{name}/{path}") + 1]
+
+    env.globals.update(overlays=overlays, overlay=overlay, overlay_parent=overlay_parent)
+    return env
+
+
+def numerics_source() -> str:
+    """The C numerics runtime every emitted program starts with (hash, stochastic rounding,
+    f16/bf16, PO2 helpers), for tests that compile it alone against compiler/numerics.py."""
+    return _env().get_template("kernels/numerics.c.j2").render()
+
+
+def _macro(env: jinja2.Environment, family: str, name: str):
+    """Macro `name` of kernel family `family`: from the most specific overlay of
+    kernels/<family>.c.j2 that defines it, else from the portable template; None if none does."""
+    for template in env.globals["overlays"](f"kernels/{family}.c.j2"):
+        macro = getattr(env.get_template(template).module, name, None)
+        if macro is not None:
+            return macro
+    return None
+
+
+def render_kernels(env: jinja2.Environment, instances: Iterable) -> list[str]:
+    """The C of a program's kernels (module docstring): numerics, then per family its prelude and
+    its kernel instances (objects with `family`, `macro`, `fn`, `types`, `flags`), each macro
+    taken from the target's overlays first."""
+    out = [numerics_source()]
+    seen: set[str] = set()
+    for inst in sorted(instances, key=lambda i: (i.family, i.fn)):
+        prelude = _macro(env, inst.family, "prelude")
+        if inst.family not in seen and prelude is not None:
+            out.append(str(prelude()))
+        seen.add(inst.family)
+        macro = _macro(env, inst.family, inst.macro)
+        assert macro is not None, f"templates/kernels/{inst.family}.c.j2 lacks macro {inst.macro}"
+        out.append(str(macro(inst.fn, dict(inst.types), dict(inst.flags))))
+    return out
