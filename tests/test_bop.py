@@ -1,5 +1,5 @@
 """Bop (issue 21): the scaled-momentum update is the same bits in the C on every target as in the
-numpy reference, weights do flip in those checks, and the defaults are the ones `--help` states."""
+numpy reference (host, rpi4, Cortex-M7 and -M4), weights do flip in those checks, and the defaults are the ones `--help` states."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from bnnc.runtime import reference as ref
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler (cc) installed")
 
 _NEEDS = {"rpi4": ("aarch64-linux-gnu-gcc", "qemu-aarch64"),
-          "cortex-m7": ("arm-none-eabi-gcc", "qemu-system-arm")}
+          "cortex-m7": ("arm-none-eabi-gcc", "qemu-system-arm"),
+          "cortex-m4": ("arm-none-eabi-gcc", "qemu-system-arm")}
 # threshold 1: the first step only builds momentum (|m| = 1), later steps flip
 _CHECK = ["--width", "0.25", "--batch", "8", "--optimizer", "bop", "--bop-threshold", "1",
           "--steps", "3", "--verbose"]
@@ -53,7 +54,7 @@ def _reference_flips(opts: list[str]) -> int:
     return sum(int((st.tensors[k] != v).sum()) for k, v in w0.items())
 
 
-@pytest.mark.parametrize("target", [_target("host"), _target("rpi4"), _target("cortex-m7")])
+@pytest.mark.parametrize("target", [_target(t) for t in ("host", "rpi4", "cortex-m7", "cortex-m4")])
 @pytest.mark.parametrize("extra", [[], ["--state-dtype", "f16", "--no-binary-dw"]])
 def test_bop_check_is_bit_exact(target, extra, capsys):
     rc = main(["check", "mlp", "--target", target, *_CHECK, *extra])
