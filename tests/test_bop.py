@@ -1,5 +1,6 @@
-"""Bop (issue 21): the scaled-momentum update is the same bits in the C on every target as in the
-numpy reference (host, rpi4, Cortex-M7 and -M4), weights do flip in those checks, and the defaults are the ones `--help` states."""
+"""Bop (issue 21): the scaled-momentum update is the same bits in the C on every target (host,
+rpi4, Cortex-M7 and -M4) as in the numpy reference, weights do flip in those checks, and the
+defaults are the ones `--help` states."""
 
 from __future__ import annotations
 
@@ -80,7 +81,8 @@ def test_defaults_are_what_help_says(capsys):
     # the optimizer's defaults, the same for every target: the flags are the only way to change them
     for alg in ("proposed", "standard"):
         cfg = make_config(alg, optimizer="bop")
-        assert (cfg.bop_gamma, cfg.bop_threshold, cfg.bn_momentum, cfg.lr) == (1e-4, 32.0, 0.9, 1e-2)
+        want = (1e-4, 32.0, 0.9, 1e-2)
+        assert (cfg.bop_gamma, cfg.bop_threshold, cfg.bn_momentum, cfg.lr) == want
         assert make_config(alg).lr == make_config(alg, optimizer="sgd").lr == 1e-3
     assert make_config("proposed", optimizer="bop", lr=0.5).lr == 0.5
 
