@@ -459,7 +459,7 @@ def part_rss(ws: Workspace, cases: list[Case], args) -> Iterator[Row]:
                       f"{args.rss_steps} steps from a packed file; python + import torch alone "
                       f"{base / MIB:.1f} MiB")
             yield Row(PLANNED, case.label, case.batch, a, planned / MIB, None,
-                      f"arena {int(m['arena_nbytes']):,} B + state {int(m['state_nbytes']):,} B")
+                      f"arena {m.arena_nbytes:,} B + state {m.state_nbytes:,} B")
 
 
 def _sibling(name: str):

@@ -10,7 +10,7 @@ Output: a frozen `BudgetReport`: every RAM and flash contributor with its bytes,
 - RAM, as the emitted C declares it: the arena (uint64 words: the plan's bytes rounded down to 8,
   plus 8), the training state (a 16-byte step/seed header plus its words), the bare-metal trainer's
   buffers (labels, probabilities, one pixel row, the output line and the command line: sizes of
-  templates/baremetal/trainer.c.j2), the C library's data (newlib-nano's reentrancy struct) and the
+  templates/trainer/skeleton.c.j2 and baremetal/trainer.c.j2), the C library's data (newlib-nano's reentrancy struct) and the
   stack reserve. The arena is itemized by role as it stands at its peak step (what is live there),
   plus the planner's padding above that lower bound; the state by role.
 - Flash: the vector table, code and constants (estimated: see CODE_*), the tensor table, the .data
@@ -102,7 +102,8 @@ def _words(nbytes: int) -> int:
 
 
 def trainer_buffers_nbytes(schedule: Schedule) -> int:
-    """Static buffers of templates/baremetal/trainer.c.j2 besides the arena and the state."""
+    """Static buffers of the bare-metal trainer (templates/trainer/skeleton.c.j2 and
+    templates/baremetal/trainer.c.j2) besides the arena and the state."""
     batch = schedule.config.batch
     x = schedule.tensors["input"]
     elems = x.size // batch

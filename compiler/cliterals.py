@@ -15,6 +15,8 @@ import re
 import numpy as np
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_NOT_WORD = re.compile(r"[^A-Za-z0-9_]")
+LABEL_CHARS = 60                  # c_label keeps at most this many characters
 # u8 pixel -> 2*x/255 - 1, one rounding of the exact rational (runtime/datasets.py scale_pixels)
 PIXEL_LUT = ((2.0 * np.arange(256) - 255.0) / 255.0).astype(np.float32)
 
@@ -78,3 +80,14 @@ def c_ident(text: str) -> str:
     if not _IDENT.match(text):
         raise AssertionError(f"{text!r} is not a C identifier")
     return text
+
+
+def c_label(text: str) -> str:
+    """A name from a model file as it may appear in a generated comment: every character that is
+    not a letter, digit or `_` becomes `_`, cut to LABEL_CHARS (nothing of the file reaches the C
+    raw; the name stays recognizable: `/conv1/Conv` -> `_conv1_Conv`).
+
+    >>> c_label('*/ #include "x" /*')
+    '____include__x____'
+    """
+    return _NOT_WORD.sub("_", str(text))[:LABEL_CHARS]

@@ -50,7 +50,7 @@ import numpy as np
 
 from .. import __version__
 from .baremetal import emit_baremetal
-from .cliterals import c_comment, c_ident, c_string, pixel_lut_c
+from .cliterals import c_comment, c_ident, c_label, c_string, pixel_lut_c
 from .contract import (DTYPE_CODES, MANIFEST, REGION_CODES, STATE_BLOB_HEADER_BYTES,
                        STATE_BLOB_MAGIC, STATE_BLOB_VERSION, STATUSES, TRAINER_SOURCE, Manifest,
                        StateEntry, StepEntry, TensorEntry)
@@ -228,7 +228,7 @@ def _step_calls(schedule: Schedule, ctx: LowerCtx, dump_off: Mapping[str, int],
         steps.append(dict(index=s.index, name=name, kernel=s.kernel.name, layer=s.layer,
                           phase=s.phase.value,
                           comment=c_comment(f"{', '.join(s.inputs)} -> {', '.join(s.outputs)}"),
-                          onnx=c_comment(onnx_names.get(s.layer, "")),
+                          onnx=c_label(onnx_names.get(s.layer, "")),
                           fn=call.inst.fn, call=_call_lines(call.inst.fn, call.args),
                           decls=call.decls,
                           dumps=[(dump_off[o], ctx.ptr(o, True), ctx.t(o).nbytes)
@@ -345,8 +345,9 @@ def emit_c(schedule: Schedule, plan, target: Target | str, out_dir: str | Path, 
            onnx_names: Mapping[str, str] | None = None) -> Emitted:
     """Write the C program of one training step of `schedule` placed by `plan` into `out_dir`
     (`target`: a Target or a targets/ name; `command`, `model_sha256`: front matter; `plan_json`:
-    written as plan.json when given; `onnx_names`: layer -> ONNX node name, quoted (escaped) in the
-    comment above each step function and nowhere else). Stages: check, template context (tensor
+    written as plan.json when given; `onnx_names`: layer -> ONNX node name, named (reduced to
+    identifier characters, `cliterals.c_label`) in the comment above each step function and
+    nowhere else). Stages: check, template context (tensor
     table, state table, step calls, predict, guards), kernel sources, files."""
     if isinstance(target, str):
         target = load_target(target)

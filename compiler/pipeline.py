@@ -42,5 +42,6 @@ def compile_to_c(graph: Graph, cfg: TrainConfig, target: Target, out_dir: str | 
         check_budget(schedule, plan, target, graph=graph, liveness=live)
     doc = plan_to_json(schedule, live, plan)
     emitted = emit_c(schedule, plan, target, Path(out_dir), command=command,
-                     model_sha256=graph.source_sha256, plan_json=dump_plan_json(doc))
+                     model_sha256=graph.source_sha256, plan_json=dump_plan_json(doc),
+                     onnx_names={lay.name: lay.onnx_name for lay in graph.layers})
     return Compiled(schedule, live, plan, doc, emitted)

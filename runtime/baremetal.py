@@ -374,7 +374,7 @@ def count_step_instructions(out_dir: str | Path, target: Target | str | None = N
 
 def check_trace(out_dir: str | Path, target: Target | str | None, trace_in: bytes, *,
                 timeout: float = 600.0, cache: Path | None = None) -> bytes:
-    """Run the debug build on a `--check-in` trace (templates/trainer.c.j2 documents the format)
+    """Run the debug build on a `--check-in` trace (templates/trainer/skeleton.c.j2 documents the format)
     and return its `--check-out` bytes."""
     out_dir = Path(out_dir)
     _, tgt = compiled_program(out_dir, target)

@@ -11,7 +11,7 @@ when the bytes change, so a device copy can be reused); the start state is OUT/i
 (Linux: the trainer's float32 --init file; bare metal: the state blob loaded into flash) or the
 checkpoint `resume`; the trainer runs to an absolute step (`until_step`: --epochs E / --steps N
 count from where the run starts, so a resumed run continues the same batch sequence; see
-templates/trainer.c.j2). Output: OUT/state.bin (the checkpoint, written atomically at every epoch
+templates/trainer/skeleton.c.j2). Output: OUT/state.bin (the checkpoint, written atomically at every epoch
 end, every `every` steps and at the end) and OUT/final_state.npz (decoded from it, for
 `bnnc export OUT/`).
 

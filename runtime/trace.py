@@ -2,7 +2,7 @@
 and replay its recorded tensors through the same comparison as the in-process host check.
 
 Input: a compiled output directory for a Linux or bare-metal target, the initial state and K
-batches. The trace formats are the ones documented at the bottom of templates/trainer.c.j2
+batches. The trace formats are the ones documented in templates/trainer/skeleton.c.j2
 (`--check-in` / `--check-out`): the program loads the state, and for each batch records the state
 before the step, the status, loss and accuracy, every tensor of the tensor table after the step
 (the -DBNNC_DEBUG_DUMP copies, so in-place reuse hides nothing) and the state after the step.

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from graphs import cnv
-from bnnc.compiler.cliterals import c_comment, c_float, c_string
+from bnnc.compiler.cliterals import c_comment, c_float, c_label, c_string
 from bnnc.compiler.codegen import emit_c
 from bnnc.compiler.target import Target, load_target
 from bnnc.compiler.templating import numerics_source
@@ -228,7 +228,7 @@ def test_emitted_c_is_strict_c99(tmp_path, mlp_graph, algorithm, optimizer):
         mlp_graph, make_config(algorithm, batch=8, optimizer=optimizer)).steps)
     code = re.sub(r"/\*.*?\*/", "", src, flags=re.S)
     named = [lay.onnx_name for lay in mlp_graph.layers if lay.onnx_name]
-    assert named and any(f'ONNX node "{n}"' in src for n in named)
+    assert named and any(f'ONNX node "{c_label(n)}"' in src for n in named)
     for n in named:                      # ONNX node names appear in comments only
         assert n not in code, n
     hdr = e.header.read_text()

@@ -20,7 +20,7 @@ import cffi
 import numpy as np
 import pytest
 
-from bnnc.compiler import codegen
+from bnnc.compiler import lower
 from bnnc.compiler.target import load_target
 from bnnc.compiler.templating import numerics_source
 from bnnc.compiler.config import make_config
@@ -115,7 +115,7 @@ def test_padded_convs_and_bop_match_reference(tmp_path):
 def test_small_scratch_forces_blocks(tmp_path, monkeypatch):
     # 6 KiB: channel blocks below the layer width, 4-wide output blocks, output-channel blocks of
     # the packed forward, some layers left to the portable loops -- all must agree
-    monkeypatch.setattr(codegen, "_CONV_SCRATCH_BYTES", 6 * 1024)
+    monkeypatch.setattr(lower, "CONV_SCRATCH_BYTES", 6 * 1024)
     kernels = _check(_valid_net(), make_config("standard", batch=7), tmp_path,
                      (r"_cb(8|16|32)_", r"_kb4_", r"^k_conv_fwd_fast_pm1.*_kb([1-9]|[1-5][0-9])_"))
     assert any(re.search(r"^k_conv_(dw|dx)_f32_", k) for k in kernels), kernels

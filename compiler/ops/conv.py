@@ -34,6 +34,8 @@ def _op_conv(imp, node, vals):
     if len(x.shape) != 3:
         imp._fail(node, f"reads an activation of per-sample shape {list(x.shape)}; "
                   "expected (C, H, W)")
+    if group < 1:
+        imp._fail(node, f"group={group} is not supported (group must be a positive integer)")
     W, binary, scale = weights.weight(imp, vals[1], node, x)
     kind, extra = (LayerKind.CONV, {}) if group == 1 else \
         gconv.group_layer(imp, node, x, W, group)

@@ -59,7 +59,7 @@ def group_layer(imp, node, x, W, group: int) -> tuple[LayerKind, dict]:
     attrs to add to the ones it builds for group 1, after checking W [Cout, Cin/group, kh, kw]
     against the input activation `x` (C, H, W)."""
     cin = x.shape[0]
-    if group < 1 or W.ndim != 4 or cin % group or W.shape[0] % group or W.shape[1] * group != cin:
+    if W.ndim != 4 or cin % group or W.shape[0] % group or W.shape[1] * group != cin:
         imp._fail(node, f"weight shape {list(W.shape)} with group={group} does not fit "
                   f"{cin} input channels",
                   hint="ONNX Conv: W is [Cout, Cin/group, kh, kw], Cin and Cout divisible by group")

@@ -1624,7 +1624,8 @@ static void k_po2_quantize_f16(const uint16_t *g, uint8_t *q, int32_t *bias_out,
 
 /* ---- the training step ---- */
 
-/* step 0: dense_fwd_signw fc1 (forward): flatten1.out, fc1.W -> fc1.out */
+/* step 0: dense_fwd_signw fc1 (forward): flatten1.out, fc1.W -> fc1.out
+ * ONNX node "_fc1_MatMul" */
 static void step_000_dense_fwd_signw_fc1(void)
 {
     k_dense_fwd_signw_bf16_bias0(T_flatten1_out, S_fc1_W, 0, T_fc1_out, 100, 784, 256, 13);
@@ -1634,7 +1635,8 @@ static void step_000_dense_fwd_signw_fc1(void)
     BNNC_DUMP_OUT(2723632u, T_fc1_out, 102400u);
 }
 
-/* step 1: bn_l1_fwd bn1 (forward): fc1.out, bn1.beta, bn1.running_mean, bn1.running_psi -> bn1.out, bn1.running_mean, bn1.running_psi, bn1.mu, bn1.psi, bn1.s */
+/* step 1: bn_l1_fwd bn1 (forward): fc1.out, bn1.beta, bn1.running_mean, bn1.running_psi -> bn1.out, bn1.running_mean, bn1.running_psi, bn1.mu, bn1.psi, bn1.s
+ * ONNX node "_bn1_BatchNormalization" */
 static void step_001_bn_l1_fwd_bn1(void)
 {
     k_bn_l1_fwd_bf16_bf16_rows1_signs1(T_fc1_out, S_bn1_beta, S_bn1_running_mean, S_bn1_running_psi,
@@ -1651,7 +1653,8 @@ static void step_001_bn_l1_fwd_bn1(void)
     BNNC_DUMP_OUT(2930480u, T_bn1_s, 3200u);
 }
 
-/* step 2: sign_fwd_pack sign1 (forward): bn1.out -> sign1.out, sign1.mask */
+/* step 2: sign_fwd_pack sign1 (forward): bn1.out -> sign1.out, sign1.mask
+ * ONNX node "_sign1_Where" */
 static void step_002_sign_fwd_pack_sign1(void)
 {
     k_sign_fwd_pack_rows_mask1(T_bn1_out, T_sign1_out, T_sign1_mask, 100, 256, 4);
@@ -1662,7 +1665,8 @@ static void step_002_sign_fwd_pack_sign1(void)
     BNNC_DUMP_OUT(2936880u, T_sign1_mask, 3200u);
 }
 
-/* step 3: pack_sign_w fc2 (forward): fc2.W -> fc2.Wb */
+/* step 3: pack_sign_w fc2 (forward): fc2.W -> fc2.Wb
+ * ONNX node "_fc2_MatMul" */
 static void step_003_pack_sign_w_fc2(void)
 {
     k_pack_sign_w_dense_bf16(S_fc2_W, T_fc2_Wb, 256, 256, 4, 1, 0);
@@ -1672,7 +1676,8 @@ static void step_003_pack_sign_w_fc2(void)
     BNNC_DUMP_OUT(3042480u, T_fc2_Wb, 8192u);
 }
 
-/* step 4: dense_fwd_xnor fc2 (forward): sign1.out, fc2.Wb -> fc2.out */
+/* step 4: dense_fwd_xnor fc2 (forward): sign1.out, fc2.Wb -> fc2.out
+ * ONNX node "_fc2_MatMul" */
 static void step_004_dense_fwd_xnor_fc2(void)
 {
     k_dense_fwd_xnor_bias0(T_sign1_out, T_fc2_Wb, 0, T_fc2_out, 100, 256, 4, 256);
@@ -1682,7 +1687,8 @@ static void step_004_dense_fwd_xnor_fc2(void)
     BNNC_DUMP_OUT(2940080u, T_fc2_out, 102400u);
 }
 
-/* step 5: bn_l1_fwd bn2 (forward): fc2.out, bn2.beta, bn2.running_mean, bn2.running_psi -> bn2.out, bn2.running_mean, bn2.running_psi, bn2.mu, bn2.psi, bn2.s */
+/* step 5: bn_l1_fwd bn2 (forward): fc2.out, bn2.beta, bn2.running_mean, bn2.running_psi -> bn2.out, bn2.running_mean, bn2.running_psi, bn2.mu, bn2.psi, bn2.s
+ * ONNX node "_bn2_BatchNormalization" */
 static void step_005_bn_l1_fwd_bn2(void)
 {
     k_bn_l1_fwd_bf16_bf16_rows1_signs1(T_fc2_out, S_bn2_beta, S_bn2_running_mean, S_bn2_running_psi,
@@ -1699,7 +1705,8 @@ static void step_005_bn_l1_fwd_bn2(void)
     BNNC_DUMP_OUT(3155120u, T_bn2_s, 3200u);
 }
 
-/* step 6: sign_fwd_pack sign2 (forward): bn2.out -> sign2.out, sign2.mask */
+/* step 6: sign_fwd_pack sign2 (forward): bn2.out -> sign2.out, sign2.mask
+ * ONNX node "_sign2_Where" */
 static void step_006_sign_fwd_pack_sign2(void)
 {
     k_sign_fwd_pack_rows_mask1(T_bn2_out, T_sign2_out, T_sign2_mask, 100, 256, 4);
@@ -1710,7 +1717,8 @@ static void step_006_sign_fwd_pack_sign2(void)
     BNNC_DUMP_OUT(3161520u, T_sign2_mask, 3200u);
 }
 
-/* step 7: pack_sign_w fc3 (forward): fc3.W -> fc3.Wb */
+/* step 7: pack_sign_w fc3 (forward): fc3.W -> fc3.Wb
+ * ONNX node "_fc3_MatMul" */
 static void step_007_pack_sign_w_fc3(void)
 {
     k_pack_sign_w_dense_bf16(S_fc3_W, T_fc3_Wb, 256, 256, 4, 1, 0);
@@ -1720,7 +1728,8 @@ static void step_007_pack_sign_w_fc3(void)
     BNNC_DUMP_OUT(3267120u, T_fc3_Wb, 8192u);
 }
 
-/* step 8: dense_fwd_xnor fc3 (forward): sign2.out, fc3.Wb -> fc3.out */
+/* step 8: dense_fwd_xnor fc3 (forward): sign2.out, fc3.Wb -> fc3.out
+ * ONNX node "_fc3_MatMul" */
 static void step_008_dense_fwd_xnor_fc3(void)
 {
     k_dense_fwd_xnor_bias0(T_sign2_out, T_fc3_Wb, 0, T_fc3_out, 100, 256, 4, 256);
@@ -1730,7 +1739,8 @@ static void step_008_dense_fwd_xnor_fc3(void)
     BNNC_DUMP_OUT(3164720u, T_fc3_out, 102400u);
 }
 
-/* step 9: bn_l1_fwd bn3 (forward): fc3.out, bn3.beta, bn3.running_mean, bn3.running_psi -> bn3.out, bn3.running_mean, bn3.running_psi, bn3.mu, bn3.psi, bn3.s */
+/* step 9: bn_l1_fwd bn3 (forward): fc3.out, bn3.beta, bn3.running_mean, bn3.running_psi -> bn3.out, bn3.running_mean, bn3.running_psi, bn3.mu, bn3.psi, bn3.s
+ * ONNX node "_bn3_BatchNormalization" */
 static void step_009_bn_l1_fwd_bn3(void)
 {
     k_bn_l1_fwd_bf16_bf16_rows1_signs1(T_fc3_out, S_bn3_beta, S_bn3_running_mean, S_bn3_running_psi,
@@ -1747,7 +1757,8 @@ static void step_009_bn_l1_fwd_bn3(void)
     BNNC_DUMP_OUT(3379760u, T_bn3_s, 3200u);
 }
 
-/* step 10: sign_fwd_pack sign3 (forward): bn3.out -> sign3.out, sign3.mask */
+/* step 10: sign_fwd_pack sign3 (forward): bn3.out -> sign3.out, sign3.mask
+ * ONNX node "_sign3_Where" */
 static void step_010_sign_fwd_pack_sign3(void)
 {
     k_sign_fwd_pack_rows_mask1(T_bn3_out, T_sign3_out, T_sign3_mask, 100, 256, 4);
@@ -1758,7 +1769,8 @@ static void step_010_sign_fwd_pack_sign3(void)
     BNNC_DUMP_OUT(3386160u, T_sign3_mask, 3200u);
 }
 
-/* step 11: pack_sign_w fc4 (forward): fc4.W -> fc4.Wb */
+/* step 11: pack_sign_w fc4 (forward): fc4.W -> fc4.Wb
+ * ONNX node "_fc4_MatMul" */
 static void step_011_pack_sign_w_fc4(void)
 {
     k_pack_sign_w_dense_bf16(S_fc4_W, T_fc4_Wb, 256, 256, 4, 1, 0);
@@ -1768,7 +1780,8 @@ static void step_011_pack_sign_w_fc4(void)
     BNNC_DUMP_OUT(3491760u, T_fc4_Wb, 8192u);
 }
 
-/* step 12: dense_fwd_xnor fc4 (forward): sign3.out, fc4.Wb -> fc4.out */
+/* step 12: dense_fwd_xnor fc4 (forward): sign3.out, fc4.Wb -> fc4.out
+ * ONNX node "_fc4_MatMul" */
 static void step_012_dense_fwd_xnor_fc4(void)
 {
     k_dense_fwd_xnor_bias0(T_sign3_out, T_fc4_Wb, 0, T_fc4_out, 100, 256, 4, 256);
@@ -1778,7 +1791,8 @@ static void step_012_dense_fwd_xnor_fc4(void)
     BNNC_DUMP_OUT(3389360u, T_fc4_out, 102400u);
 }
 
-/* step 13: bn_l1_fwd bn4 (forward): fc4.out, bn4.beta, bn4.running_mean, bn4.running_psi -> bn4.out, bn4.running_mean, bn4.running_psi, bn4.mu, bn4.psi, bn4.s */
+/* step 13: bn_l1_fwd bn4 (forward): fc4.out, bn4.beta, bn4.running_mean, bn4.running_psi -> bn4.out, bn4.running_mean, bn4.running_psi, bn4.mu, bn4.psi, bn4.s
+ * ONNX node "_bn4_BatchNormalization" */
 static void step_013_bn_l1_fwd_bn4(void)
 {
     k_bn_l1_fwd_bf16_bf16_rows1_signs1(T_fc4_out, S_bn4_beta, S_bn4_running_mean, S_bn4_running_psi,
@@ -1795,7 +1809,8 @@ static void step_013_bn_l1_fwd_bn4(void)
     BNNC_DUMP_OUT(3604400u, T_bn4_s, 3200u);
 }
 
-/* step 14: sign_fwd_pack sign4 (forward): bn4.out -> sign4.out, sign4.mask */
+/* step 14: sign_fwd_pack sign4 (forward): bn4.out -> sign4.out, sign4.mask
+ * ONNX node "_sign4_Where" */
 static void step_014_sign_fwd_pack_sign4(void)
 {
     k_sign_fwd_pack_rows_mask1(T_bn4_out, T_sign4_out, T_sign4_mask, 100, 256, 4);
@@ -1806,7 +1821,8 @@ static void step_014_sign_fwd_pack_sign4(void)
     BNNC_DUMP_OUT(3610800u, T_sign4_mask, 3200u);
 }
 
-/* step 15: pack_sign_w fc5 (forward): fc5.W -> fc5.Wb */
+/* step 15: pack_sign_w fc5 (forward): fc5.W -> fc5.Wb
+ * ONNX node "_fc5_MatMul" */
 static void step_015_pack_sign_w_fc5(void)
 {
     k_pack_sign_w_dense_bf16(S_fc5_W, T_fc5_Wb, 256, 10, 4, 1, 0);
@@ -1816,7 +1832,8 @@ static void step_015_pack_sign_w_fc5(void)
     BNNC_DUMP_OUT(3618000u, T_fc5_Wb, 320u);
 }
 
-/* step 16: dense_fwd_xnor fc5 (forward): sign4.out, fc5.Wb -> fc5.out */
+/* step 16: dense_fwd_xnor fc5 (forward): sign4.out, fc5.Wb -> fc5.out
+ * ONNX node "_fc5_MatMul" */
 static void step_016_dense_fwd_xnor_fc5(void)
 {
     k_dense_fwd_xnor_bias0(T_sign4_out, T_fc5_Wb, 0, T_fc5_out, 100, 10, 4, 256);
@@ -1826,7 +1843,8 @@ static void step_016_dense_fwd_xnor_fc5(void)
     BNNC_DUMP_OUT(3614000u, T_fc5_out, 4000u);
 }
 
-/* step 17: bn_l1_fwd bn5 (forward): fc5.out, bn5.beta, bn5.running_mean, bn5.running_psi -> bn5.out, bn5.running_mean, bn5.running_psi, bn5.mu, bn5.psi, bn5.s */
+/* step 17: bn_l1_fwd bn5 (forward): fc5.out, bn5.beta, bn5.running_mean, bn5.running_psi -> bn5.out, bn5.running_mean, bn5.running_psi, bn5.mu, bn5.psi, bn5.s
+ * ONNX node "_bn5_BatchNormalization" */
 static void step_017_bn_l1_fwd_bn5(void)
 {
     k_bn_l1_fwd_bf16_bf16_rows1_signs1(T_fc5_out, S_bn5_beta, S_bn5_running_mean, S_bn5_running_psi,
@@ -1856,7 +1874,8 @@ static void step_018_softmax_xent(float *accuracy, float *loss)
     *loss = T_loss[0];
 }
 
-/* step 19: bn_l1_bwd bn5 (backward): bn5.d_out, bn5.s, bn5.psi -> bn5.dbeta, fc5.d_out */
+/* step 19: bn_l1_bwd bn5 (backward): bn5.d_out, bn5.s, bn5.psi -> bn5.dbeta, fc5.d_out
+ * ONNX node "_bn5_BatchNormalization" */
 static void step_019_bn_l1_bwd_bn5(void)
 {
     k_bn_l1_bwd_f16_f16_dx1_rows1(T_bn5_d_out, T_bn5_s, T_bn5_psi, T_bn5_dbeta, T_fc5_d_out, 100,
@@ -1868,7 +1887,8 @@ static void step_019_bn_l1_bwd_bn5(void)
     BNNC_DUMP_OUT(3629280u, T_fc5_d_out, 2000u);
 }
 
-/* step 20: adam_update bn5 (update): bn5.beta, bn5.dbeta, bn5.beta.m, bn5.beta.v -> bn5.beta, bn5.beta.m, bn5.beta.v */
+/* step 20: adam_update bn5 (update): bn5.beta, bn5.dbeta, bn5.beta.m, bn5.beta.v -> bn5.beta, bn5.beta.m, bn5.beta.v
+ * ONNX node "_bn5_BatchNormalization" */
 static void step_020_adam_update_bn5(void)
 {
     const uint32_t seed = bnnc_state.seed, t = (uint32_t)bnnc_state.step;
@@ -1885,7 +1905,8 @@ static void step_020_adam_update_bn5(void)
     BNNC_DUMP_OUT(2723536u, S_bn5_beta_v, 20u);
 }
 
-/* step 21: po2_quantize fc5 (backward): fc5.d_out -> fc5.d_out_q, fc5.po2_bias */
+/* step 21: po2_quantize fc5 (backward): fc5.d_out -> fc5.d_out_q, fc5.po2_bias
+ * ONNX node "_fc5_MatMul" */
 static void step_021_po2_quantize_fc5(void)
 {
     k_po2_quantize_f16(T_fc5_d_out, T_fc5_d_out_q, T_fc5_po2_bias, 1000, 8, 1);
@@ -1896,7 +1917,8 @@ static void step_021_po2_quantize_fc5(void)
     BNNC_DUMP_OUT(3632288u, T_fc5_po2_bias, 4u);
 }
 
-/* step 22: dense_dw_bin fc5 (backward): sign4.out, fc5.d_out_q -> fc5.dW */
+/* step 22: dense_dw_bin fc5 (backward): sign4.out, fc5.d_out_q -> fc5.dW
+ * ONNX node "_fc5_MatMul" */
 static void step_022_dense_dw_bin_fc5(void)
 {
     k_dense_dw_bin_bits_po21(T_sign4_out, T_fc5_d_out_q, T_fc5_dW, 100, 256, 10, 4, 1, 0);
@@ -1906,7 +1928,8 @@ static void step_022_dense_dw_bin_fc5(void)
     BNNC_DUMP_OUT(3632304u, T_fc5_dW, 320u);
 }
 
-/* step 23: dense_dx_po2 fc5 (backward): fc5.d_out_q, fc5.po2_bias, fc5.W -> sign4.d_out */
+/* step 23: dense_dx_po2 fc5 (backward): fc5.d_out_q, fc5.po2_bias, fc5.W -> sign4.d_out
+ * ONNX node "_fc5_MatMul" */
 static void step_023_dense_dx_po2_fc5(void)
 {
     k_dense_dx_po2_bf16_f16(T_fc5_d_out_q, T_fc5_po2_bias, S_fc5_W, T_sign4_d_out, 100, 256, 10, 0,
@@ -1917,7 +1940,8 @@ static void step_023_dense_dx_po2_fc5(void)
     BNNC_DUMP_OUT(3632624u, T_sign4_d_out, 51200u);
 }
 
-/* step 24: adam_update fc5 (update): fc5.W, fc5.dW, fc5.W.m, fc5.W.v -> fc5.W, fc5.W.m, fc5.W.v */
+/* step 24: adam_update fc5 (update): fc5.W, fc5.dW, fc5.W.m, fc5.W.v -> fc5.W, fc5.W.m, fc5.W.v
+ * ONNX node "_fc5_MatMul" */
 static void step_024_adam_update_fc5(void)
 {
     const uint32_t seed = bnnc_state.seed, t = (uint32_t)bnnc_state.step;
@@ -1934,7 +1958,8 @@ static void step_024_adam_update_fc5(void)
     BNNC_DUMP_OUT(2718352u, S_fc5_W_v, 5120u);
 }
 
-/* step 25: sign_bwd_mask sign4 (backward): sign4.d_out, sign4.mask -> bn4.d_out */
+/* step 25: sign_bwd_mask sign4 (backward): sign4.d_out, sign4.mask -> bn4.d_out
+ * ONNX node "_sign4_Where" */
 static void step_025_sign_bwd_mask_sign4(void)
 {
     k_sign_bwd_mask_f16_f16(T_sign4_d_out, T_sign4_mask, T_bn4_d_out, 100, 256, 4);
@@ -1944,7 +1969,8 @@ static void step_025_sign_bwd_mask_sign4(void)
     BNNC_DUMP_OUT(3683824u, T_bn4_d_out, 51200u);
 }
 
-/* step 26: bn_l1_bwd bn4 (backward): bn4.d_out, bn4.s, bn4.psi -> bn4.dbeta, fc4.d_out */
+/* step 26: bn_l1_bwd bn4 (backward): bn4.d_out, bn4.s, bn4.psi -> bn4.dbeta, fc4.d_out
+ * ONNX node "_bn4_BatchNormalization" */
 static void step_026_bn_l1_bwd_bn4(void)
 {
     k_bn_l1_bwd_f16_f16_dx1_rows1(T_bn4_d_out, T_bn4_s, T_bn4_psi, T_bn4_dbeta, T_fc4_d_out, 100,
@@ -1956,7 +1982,8 @@ static void step_026_bn_l1_bwd_bn4(void)
     BNNC_DUMP_OUT(3736048u, T_fc4_d_out, 51200u);
 }
 
-/* step 27: adam_update bn4 (update): bn4.beta, bn4.dbeta, bn4.beta.m, bn4.beta.v -> bn4.beta, bn4.beta.m, bn4.beta.v */
+/* step 27: adam_update bn4 (update): bn4.beta, bn4.dbeta, bn4.beta.m, bn4.beta.v -> bn4.beta, bn4.beta.m, bn4.beta.v
+ * ONNX node "_bn4_BatchNormalization" */
 static void step_027_adam_update_bn4(void)
 {
     const uint32_t seed = bnnc_state.seed, t = (uint32_t)bnnc_state.step;
@@ -1973,7 +2000,8 @@ static void step_027_adam_update_bn4(void)
     BNNC_DUMP_OUT(2706576u, S_bn4_beta_v, 512u);
 }
 
-/* step 28: po2_quantize fc4 (backward): fc4.d_out -> fc4.d_out_q, fc4.po2_bias */
+/* step 28: po2_quantize fc4 (backward): fc4.d_out -> fc4.d_out_q, fc4.po2_bias
+ * ONNX node "_fc4_MatMul" */
 static void step_028_po2_quantize_fc4(void)
 {
     k_po2_quantize_f16(T_fc4_d_out, T_fc4_d_out_q, T_fc4_po2_bias, 25600, 8, 1);
@@ -1984,7 +2012,8 @@ static void step_028_po2_quantize_fc4(void)
     BNNC_DUMP_OUT(3812848u, T_fc4_po2_bias, 4u);
 }
 
-/* step 29: dense_dw_bin fc4 (backward): sign3.out, fc4.d_out_q -> fc4.dW */
+/* step 29: dense_dw_bin fc4 (backward): sign3.out, fc4.d_out_q -> fc4.dW
+ * ONNX node "_fc4_MatMul" */
 static void step_029_dense_dw_bin_fc4(void)
 {
     k_dense_dw_bin_bits_po21(T_sign3_out, T_fc4_d_out_q, T_fc4_dW, 100, 256, 256, 4, 1, 0);
@@ -1994,7 +2023,8 @@ static void step_029_dense_dw_bin_fc4(void)
     BNNC_DUMP_OUT(3812864u, T_fc4_dW, 8192u);
 }
 
-/* step 30: dense_dx_po2 fc4 (backward): fc4.d_out_q, fc4.po2_bias, fc4.W -> sign3.d_out */
+/* step 30: dense_dx_po2 fc4 (backward): fc4.d_out_q, fc4.po2_bias, fc4.W -> sign3.d_out
+ * ONNX node "_fc4_MatMul" */
 static void step_030_dense_dx_po2_fc4(void)
 {
     k_dense_dx_po2_bf16_f16(T_fc4_d_out_q, T_fc4_po2_bias, S_fc4_W, T_sign3_d_out, 100, 256, 256, 0,
@@ -2005,7 +2035,8 @@ static void step_030_dense_dx_po2_fc4(void)
     BNNC_DUMP_OUT(3821056u, T_sign3_d_out, 51200u);
 }
 
-/* step 31: adam_update fc4 (update): fc4.W, fc4.dW, fc4.W.m, fc4.W.v -> fc4.W, fc4.W.m, fc4.W.v */
+/* step 31: adam_update fc4 (update): fc4.W, fc4.dW, fc4.W.m, fc4.W.v -> fc4.W, fc4.W.m, fc4.W.v
+ * ONNX node "_fc4_MatMul" */
 static void step_031_adam_update_fc4(void)
 {
     const uint32_t seed = bnnc_state.seed, t = (uint32_t)bnnc_state.step;
@@ -2022,7 +2053,8 @@ static void step_031_adam_update_fc4(void)
     BNNC_DUMP_OUT(2574480u, S_fc4_W_v, 131072u);
 }
 
-/* step 32: sign_bwd_mask sign3 (backward): sign3.d_out, sign3.mask -> bn3.d_out */
+/* step 32: sign_bwd_mask sign3 (backward): sign3.d_out, sign3.mask -> bn3.d_out
+ * ONNX node "_sign3_Where" */
 static void step_032_sign_bwd_mask_sign3(void)
 {
     k_sign_bwd_mask_f16_f16(T_sign3_d_out, T_sign3_mask, T_bn3_d_out, 100, 256, 4);
@@ -2032,7 +2064,8 @@ static void step_032_sign_bwd_mask_sign3(void)
     BNNC_DUMP_OUT(3872256u, T_bn3_d_out, 51200u);
 }
 
-/* step 33: bn_l1_bwd bn3 (backward): bn3.d_out, bn3.s, bn3.psi -> bn3.dbeta, fc3.d_out */
+/* step 33: bn_l1_bwd bn3 (backward): bn3.d_out, bn3.s, bn3.psi -> bn3.dbeta, fc3.d_out
+ * ONNX node "_bn3_BatchNormalization" */
 static void step_033_bn_l1_bwd_bn3(void)
 {
     k_bn_l1_bwd_f16_f16_dx1_rows1(T_bn3_d_out, T_bn3_s, T_bn3_psi, T_bn3_dbeta, T_fc3_d_out, 100,
@@ -2044,7 +2077,8 @@ static void step_033_bn_l1_bwd_bn3(void)
     BNNC_DUMP_OUT(3924480u, T_fc3_d_out, 51200u);
 }
 
-/* step 34: adam_update bn3 (update): bn3.beta, bn3.dbeta, bn3.beta.m, bn3.beta.v -> bn3.beta, bn3.beta.m, bn3.beta.v */
+/* step 34: adam_update bn3 (update): bn3.beta, bn3.dbeta, bn3.beta.m, bn3.beta.v -> bn3.beta, bn3.beta.m, bn3.beta.v
+ * ONNX node "_bn3_BatchNormalization" */
 static void step_034_adam_update_bn3(void)
 {
     const uint32_t seed = bnnc_state.seed, t = (uint32_t)bnnc_state.step;
@@ -2061,7 +2095,8 @@ static void step_034_adam_update_bn3(void)
     BNNC_DUMP_OUT(2310800u, S_bn3_beta_v, 512u);
 }
 
-/* step 35: po2_quantize fc3 (backward): fc3.d_out -> fc3.d_out_q, fc3.po2_bias */
+/* step 35: po2_quantize fc3 (backward): fc3.d_out -> fc3.d_out_q, fc3.po2_bias
+ * ONNX node "_fc3_MatMul" */
 static void step_035_po2_quantize_fc3(void)
 {
     k_po2_quantize_f16(T_fc3_d_out, T_fc3_d_out_q, T_fc3_po2_bias, 25600, 8, 1);
@@ -2072,7 +2107,8 @@ static void step_035_po2_quantize_fc3(void)
     BNNC_DUMP_OUT(4001280u, T_fc3_po2_bias, 4u);
 }
 
-/* step 36: dense_dw_bin fc3 (backward): sign2.out, fc3.d_out_q -> fc3.dW */
+/* step 36: dense_dw_bin fc3 (backward): sign2.out, fc3.d_out_q -> fc3.dW
+ * ONNX node "_fc3_MatMul" */
 static void step_036_dense_dw_bin_fc3(void)
 {
     k_dense_dw_bin_bits_po21(T_sign2_out, T_fc3_d_out_q, T_fc3_dW, 100, 256, 256, 4, 1, 0);
@@ -2082,7 +2118,8 @@ static void step_036_dense_dw_bin_fc3(void)
     BNNC_DUMP_OUT(4001296u, T_fc3_dW, 8192u);
 }
 
-/* step 37: dense_dx_po2 fc3 (backward): fc3.d_out_q, fc3.po2_bias, fc3.W -> sign2.d_out */
+/* step 37: dense_dx_po2 fc3 (backward): fc3.d_out_q, fc3.po2_bias, fc3.W -> sign2.d_out
+ * ONNX node "_fc3_MatMul" */
 static void step_037_dense_dx_po2_fc3(void)
 {
     k_dense_dx_po2_bf16_f16(T_fc3_d_out_q, T_fc3_po2_bias, S_fc3_W, T_sign2_d_out, 100, 256, 256, 0,
@@ -2093,7 +2130,8 @@ static void step_037_dense_dx_po2_fc3(void)
     BNNC_DUMP_OUT(4009488u, T_sign2_d_out, 51200u);
 }
 
-/* step 38: adam_update fc3 (update): fc3.W, fc3.dW, fc3.W.m, fc3.W.v -> fc3.W, fc3.W.m, fc3.W.v */
+/* step 38: adam_update fc3 (update): fc3.W, fc3.dW, fc3.W.m, fc3.W.v -> fc3.W, fc3.W.m, fc3.W.v
+ * ONNX node "_fc3_MatMul" */
 static void step_038_adam_update_fc3(void)
 {
     const uint32_t seed = bnnc_state.seed, t = (uint32_t)bnnc_state.step;
@@ -2110,7 +2148,8 @@ static void step_038_adam_update_fc3(void)
     BNNC_DUMP_OUT(2178704u, S_fc3_W_v, 131072u);
 }
 
-/* step 39: sign_bwd_mask sign2 (backward): sign2.d_out, sign2.mask -> bn2.d_out */
+/* step 39: sign_bwd_mask sign2 (backward): sign2.d_out, sign2.mask -> bn2.d_out
+ * ONNX node "_sign2_Where" */
 static void step_039_sign_bwd_mask_sign2(void)
 {
     k_sign_bwd_mask_f16_f16(T_sign2_d_out, T_sign2_mask, T_bn2_d_out, 100, 256, 4);
@@ -2120,7 +2159,8 @@ static void step_039_sign_bwd_mask_sign2(void)
     BNNC_DUMP_OUT(4060688u, T_bn2_d_out, 51200u);
 }
 
-/* step 40: bn_l1_bwd bn2 (backward): bn2.d_out, bn2.s, bn2.psi -> bn2.dbeta, fc2.d_out */
+/* step 40: bn_l1_bwd bn2 (backward): bn2.d_out, bn2.s, bn2.psi -> bn2.dbeta, fc2.d_out
+ * ONNX node "_bn2_BatchNormalization" */
 static void step_040_bn_l1_bwd_bn2(void)
 {
     k_bn_l1_bwd_f16_f16_dx1_rows1(T_bn2_d_out, T_bn2_s, T_bn2_psi, T_bn2_dbeta, T_fc2_d_out, 100,
@@ -2132,7 +2172,8 @@ static void step_040_bn_l1_bwd_bn2(void)
     BNNC_DUMP_OUT(4112912u, T_fc2_d_out, 51200u);
 }
 
-/* step 41: adam_update bn2 (update): bn2.beta, bn2.dbeta, bn2.beta.m, bn2.beta.v -> bn2.beta, bn2.beta.m, bn2.beta.v */
+/* step 41: adam_update bn2 (update): bn2.beta, bn2.dbeta, bn2.beta.m, bn2.beta.v -> bn2.beta, bn2.beta.m, bn2.beta.v
+ * ONNX node "_bn2_BatchNormalization" */
 static void step_041_adam_update_bn2(void)
 {
     const uint32_t seed = bnnc_state.seed, t = (uint32_t)bnnc_state.step;
@@ -2149,7 +2190,8 @@ static void step_041_adam_update_bn2(void)
     BNNC_DUMP_OUT(1915024u, S_bn2_beta_v, 512u);
 }
 
-/* step 42: po2_quantize fc2 (backward): fc2.d_out -> fc2.d_out_q, fc2.po2_bias */
+/* step 42: po2_quantize fc2 (backward): fc2.d_out -> fc2.d_out_q, fc2.po2_bias
+ * ONNX node "_fc2_MatMul" */
 static void step_042_po2_quantize_fc2(void)
 {
     k_po2_quantize_f16(T_fc2_d_out, T_fc2_d_out_q, T_fc2_po2_bias, 25600, 8, 1);
@@ -2160,7 +2202,8 @@ static void step_042_po2_quantize_fc2(void)
     BNNC_DUMP_OUT(4189712u, T_fc2_po2_bias, 4u);
 }
 
-/* step 43: dense_dw_bin fc2 (backward): sign1.out, fc2.d_out_q -> fc2.dW */
+/* step 43: dense_dw_bin fc2 (backward): sign1.out, fc2.d_out_q -> fc2.dW
+ * ONNX node "_fc2_MatMul" */
 static void step_043_dense_dw_bin_fc2(void)
 {
     k_dense_dw_bin_bits_po21(T_sign1_out, T_fc2_d_out_q, T_fc2_dW, 100, 256, 256, 4, 1, 0);
@@ -2170,7 +2213,8 @@ static void step_043_dense_dw_bin_fc2(void)
     BNNC_DUMP_OUT(4189728u, T_fc2_dW, 8192u);
 }
 
-/* step 44: dense_dx_po2 fc2 (backward): fc2.d_out_q, fc2.po2_bias, fc2.W -> sign1.d_out */
+/* step 44: dense_dx_po2 fc2 (backward): fc2.d_out_q, fc2.po2_bias, fc2.W -> sign1.d_out
+ * ONNX node "_fc2_MatMul" */
 static void step_044_dense_dx_po2_fc2(void)
 {
     k_dense_dx_po2_bf16_f16(T_fc2_d_out_q, T_fc2_po2_bias, S_fc2_W, T_sign1_d_out, 100, 256, 256, 0,
@@ -2181,7 +2225,8 @@ static void step_044_dense_dx_po2_fc2(void)
     BNNC_DUMP_OUT(4197920u, T_sign1_d_out, 51200u);
 }
 
-/* step 45: adam_update fc2 (update): fc2.W, fc2.dW, fc2.W.m, fc2.W.v -> fc2.W, fc2.W.m, fc2.W.v */
+/* step 45: adam_update fc2 (update): fc2.W, fc2.dW, fc2.W.m, fc2.W.v -> fc2.W, fc2.W.m, fc2.W.v
+ * ONNX node "_fc2_MatMul" */
 static void step_045_adam_update_fc2(void)
 {
     const uint32_t seed = bnnc_state.seed, t = (uint32_t)bnnc_state.step;
@@ -2198,7 +2243,8 @@ static void step_045_adam_update_fc2(void)
     BNNC_DUMP_OUT(1782928u, S_fc2_W_v, 131072u);
 }
 
-/* step 46: sign_bwd_mask sign1 (backward): sign1.d_out, sign1.mask -> bn1.d_out */
+/* step 46: sign_bwd_mask sign1 (backward): sign1.d_out, sign1.mask -> bn1.d_out
+ * ONNX node "_sign1_Where" */
 static void step_046_sign_bwd_mask_sign1(void)
 {
     k_sign_bwd_mask_f16_f16(T_sign1_d_out, T_sign1_mask, T_bn1_d_out, 100, 256, 4);
@@ -2208,7 +2254,8 @@ static void step_046_sign_bwd_mask_sign1(void)
     BNNC_DUMP_OUT(4249120u, T_bn1_d_out, 51200u);
 }
 
-/* step 47: bn_l1_bwd bn1 (backward): bn1.d_out, bn1.s, bn1.psi -> bn1.dbeta, fc1.d_out */
+/* step 47: bn_l1_bwd bn1 (backward): bn1.d_out, bn1.s, bn1.psi -> bn1.dbeta, fc1.d_out
+ * ONNX node "_bn1_BatchNormalization" */
 static void step_047_bn_l1_bwd_bn1(void)
 {
     k_bn_l1_bwd_f16_f16_dx1_rows1(T_bn1_d_out, T_bn1_s, T_bn1_psi, T_bn1_dbeta, T_fc1_d_out, 100,
@@ -2220,7 +2267,8 @@ static void step_047_bn_l1_bwd_bn1(void)
     BNNC_DUMP_OUT(4301344u, T_fc1_d_out, 51200u);
 }
 
-/* step 48: adam_update bn1 (update): bn1.beta, bn1.dbeta, bn1.beta.m, bn1.beta.v -> bn1.beta, bn1.beta.m, bn1.beta.v */
+/* step 48: adam_update bn1 (update): bn1.beta, bn1.dbeta, bn1.beta.m, bn1.beta.v -> bn1.beta, bn1.beta.m, bn1.beta.v
+ * ONNX node "_bn1_BatchNormalization" */
 static void step_048_adam_update_bn1(void)
 {
     const uint32_t seed = bnnc_state.seed, t = (uint32_t)bnnc_state.step;
@@ -2237,7 +2285,8 @@ static void step_048_adam_update_bn1(void)
     BNNC_DUMP_OUT(1519248u, S_bn1_beta_v, 512u);
 }
 
-/* step 49: po2_quantize fc1 (backward): fc1.d_out -> fc1.d_out_q, fc1.po2_bias */
+/* step 49: po2_quantize fc1 (backward): fc1.d_out -> fc1.d_out_q, fc1.po2_bias
+ * ONNX node "_fc1_MatMul" */
 static void step_049_po2_quantize_fc1(void)
 {
     k_po2_quantize_f16(T_fc1_d_out, T_fc1_d_out_q, T_fc1_po2_bias, 25600, 8, 1);
@@ -2248,7 +2297,8 @@ static void step_049_po2_quantize_fc1(void)
     BNNC_DUMP_OUT(4378144u, T_fc1_po2_bias, 4u);
 }
 
-/* step 50: dense_dw_bin fc1 (backward): flatten1.out, fc1.d_out_q -> fc1.dW */
+/* step 50: dense_dw_bin fc1 (backward): flatten1.out, fc1.d_out_q -> fc1.dW
+ * ONNX node "_fc1_MatMul" */
 static void step_050_dense_dw_bin_fc1(void)
 {
     k_dense_dw_bin_real_f32_po21(T_flatten1_out, T_fc1_d_out_q, T_fc1_dW, 100, 784, 256, 0, 1, 0);
@@ -2258,7 +2308,8 @@ static void step_050_dense_dw_bin_fc1(void)
     BNNC_DUMP_OUT(4378160u, T_fc1_dW, 25088u);
 }
 
-/* step 51: adam_update fc1 (update): fc1.W, fc1.dW, fc1.W.m, fc1.W.v -> fc1.W, fc1.W.m, fc1.W.v */
+/* step 51: adam_update fc1 (update): fc1.W, fc1.dW, fc1.W.m, fc1.W.v -> fc1.W, fc1.W.m, fc1.W.v
+ * ONNX node "_fc1_MatMul" */
 static void step_051_adam_update_fc1(void)
 {
     const uint32_t seed = bnnc_state.seed, t = (uint32_t)bnnc_state.step;
