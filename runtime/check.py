@@ -58,8 +58,6 @@ import numpy as np
 
 from ..compiler.config import TrainConfig
 from ..compiler.ir import Graph
-from ..compiler.ops import KERNELS
-from ..compiler.ops.base import KernelFamily
 from ..compiler.pipeline import compile_to_c
 from ..compiler.schedule_ir import DType, Schedule
 from ..compiler.state import state_tensors
@@ -189,78 +187,23 @@ def _chain_eps(schedule: Schedule) -> dict[str, float]:
     return chain
 
 
-def _abs_windows(xa: np.ndarray, a: dict) -> np.ndarray:
-    """(B, C, H, W) -> (B, C, OH, OW, kh, kw) windows of the zero-padded input (conv geometry)."""
-    t, l, b, r = a["pads"]
-    xp = np.pad(xa, ((0, 0), (0, 0), (t, b), (l, r)))
-    v = np.lib.stride_tricks.sliding_window_view(xp, (a["kh"], a["kw"]), axis=(2, 3))
-    sh, sw = a["strides"]
-    return v[:, :, ::sh, ::sw][:, :, :a["oh"], :a["ow"]]
+class _Abs:
+    """|values| of the C's own operands of one step, for a kernel's `magnitude` (ops/base.py):
+    `value(t)` as float64 in t's shape; `weight(t)`: |W| before the step's update, ones for a
+    binary layer (its +-1 signs)."""
 
+    def __init__(self, schedule: Schedule, step, val, pre: dict):
+        self.schedule, self.binary, self.val, self.pre = schedule, bool(step.attrs.get("binary")), \
+            val, pre
 
-def _abs_conv_dx(dya: np.ndarray, wa: np.ndarray, a: dict) -> np.ndarray:
-    t, l, b, r = a["pads"]
-    sh, sw = a["strides"]
-    out = np.zeros((dya.shape[0], a["cin"], a["h"] + t + b, a["w"] + l + r))
-    for i in range(a["kh"]):
-        for j in range(a["kw"]):
-            out[:, :, i:i + sh * (a["oh"] - 1) + 1:sh, j:j + sw * (a["ow"] - 1) + 1:sw] += \
-                np.einsum("bkyx,kc->bcyx", dya, wa[:, :, i, j])
-    return out[:, :, t:t + a["h"], l:l + a["w"]]
+    def value(self, t: str) -> np.ndarray:
+        return np.abs(np.asarray(self.val(t), np.float64)).reshape(self.schedule.tensors[t].shape)
 
-
-# the kernels whose outputs are float32 sums of many terms (registry entries, by name)
-_REAL_FWD = tuple(KERNELS[n] for n in ("dense_fwd_signw", "dense_fwd_f32", "conv_fwd_signw",
-                                       "conv_fwd_f32"))
-_DW = tuple(KERNELS[n] for n in ("dense_dw_f32", "dense_dw_po2", "conv_dw_f32", "conv_dw_po2"))
-_DX = tuple(KERNELS[n] for n in ("dense_dx_f32", "dense_dx_po2", "conv_dx_f32", "conv_dx_po2"))
-_BN_FWD = (KERNELS["bn_l2_fwd"], KERNELS["bn_l1_fwd"])
-_BN_BWD = (KERNELS["bn_l2_bwd"], KERNELS["bn_l1_bwd"])
-_SUMS = (KERNELS["grad_add"], KERNELS["add_fwd"])
-
-
-def _magnitudes(schedule: Schedule, step, name: str, val, pre: dict) -> np.ndarray | None:
-    """Sum of |terms| behind each element of a reduction output (matmul, conv, BN sums), from the
-    C's own operands: the scale a float32 sum's rounding is relative to when terms cancel."""
-    k, a = step.kernel, step.attrs
-
-    def absval(t: str) -> np.ndarray:
-        return np.abs(np.asarray(val(t), np.float64)).reshape(schedule.tensors[t].shape)
-
-    def w_abs(t: str) -> np.ndarray:
-        wt = schedule.tensors[t]
-        w = np.abs(np.asarray(pre[t], np.float64)).reshape(wt.shape) if t in pre else absval(t)
-        return np.ones_like(w) if a.get("binary") else w
-
-    dense = k.family is KernelFamily.DENSE
-    if k in _REAL_FWD and dense:
-        return absval(step.inputs[0]).reshape(a["batch"], -1) @ w_abs(step.inputs[1])
-    if k in _REAL_FWD:
-        win = _abs_windows(absval(step.inputs[0]), a)
-        return np.einsum("bcyxij,kcij->bkyx", win, w_abs(step.inputs[1]))
-    if k in _DW or k in _DX:
-        dy = absval(step.inputs[0] if k in _DX else step.inputs[1])
-        if k in _DW:
-            x = absval(step.inputs[0])
-            if dense:
-                return x.reshape(a["batch"], -1).T @ dy.reshape(a["batch"], -1)
-            return np.einsum("bcyxij,bkyx->kcij", _abs_windows(x, a), dy)
-        w = w_abs(step.inputs[-1])
-        if dense:
-            return dy.reshape(a["batch"], -1) @ w.T
-        return _abs_conv_dx(dy, w, a)
-    if k in _BN_BWD and name.endswith((".dbeta", ".dgamma")):
-        g = absval(step.inputs[0]).reshape(a["batch"], a["channels"], -1)
-        if name.endswith(".dgamma"):
-            g = g * absval(step.inputs[1]).reshape(g.shape)
-        return g.sum(axis=(0, 2))
-    if k in _BN_FWD and name.endswith((".mu", ".running_mean")):
-        x = absval(step.inputs[0]).reshape(a["batch"], a["channels"], -1)
-        return x.mean(axis=(0, 2))
-    if k is KERNELS["bias_grad"]:
-        c = a.get("cout", a.get("out_features"))
-        return absval(step.inputs[0]).reshape(a["batch"], c, -1).sum(axis=(0, 2))
-    return None
+    def weight(self, t: str) -> np.ndarray:
+        shape = self.schedule.tensors[t].shape
+        w = np.abs(np.asarray(self.pre[t], np.float64)).reshape(shape) if t in self.pre \
+            else self.value(t)
+        return np.ones_like(w) if self.binary else w
 
 
 def _sum_slack(schedule: Schedule, hp: HostProgram, name: str) -> np.ndarray | None:
@@ -269,7 +212,7 @@ def _sum_slack(schedule: Schedule, hp: HostProgram, name: str) -> np.ndarray | N
     t = schedule.tensors[name]
     step = schedule.producer(t.alias_of or name)
     if t.dtype not in (DType.F16, DType.BF16) or step is None or \
-            step.kernel not in _SUMS:
+            not step.kernel.sums_stored:
         return None
     return sum(_ulp(hp.tensor(i).reshape(-1), schedule.tensors[i].dtype) for i in step.inputs
                if schedule.tensors[i].dtype in (DType.F16, DType.BF16))
@@ -290,7 +233,9 @@ def _slack(schedule: Schedule, hp: HostProgram, name: str, t, pre: dict) -> np.n
             if schedule.tensors[n].dtype is DType.BIT:
                 v = np.where(v > 0, 1.0, -1.0)
             return v
-        mag = _magnitudes(schedule, step, t.alias_of or name, val, pre)
+        k = step.kernel
+        mag = k.magnitude(step, t.alias_of or name, _Abs(schedule, step, val, pre)) \
+            if k.magnitude is not None else None
         if mag is not None:
             return F32_RTOL * mag.reshape(-1)
     return extra

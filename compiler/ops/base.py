@@ -82,7 +82,11 @@ class KernelSpec:
     `lower_infer(step, ctx) -> Call`, where given, is the call the inference entry (predict) makes
     instead of the training step's (BN with running statistics). `pm1_out`: output 0 holds only
     +-1.0 (sign); `pm1_keep`: it does when input 0 does (max pool) -- a layer reading such an f32
-    tensor may multiply by XNOR-popcount."""
+    tensor may multiply by XNOR-popcount. For `bnnc check`'s tolerance (runtime/check.py):
+    `magnitude(step, name, mag) -> array | None` is, for a float32 reduction, the sum of |terms|
+    behind each element of output `name` (`mag.value(t)`: |t| as float64 in t's shape,
+    `mag.weight(t)`: |W|, ones for a binary layer) -- the scale its rounding is relative to when
+    terms cancel; `sums_stored`: the output adds 16-bit stored terms (one ulp of each is slack)."""
     name: str
     phase: Phase
     family: KernelFamily
@@ -94,6 +98,8 @@ class KernelSpec:
     lower_infer: Callable[..., Any] | None = field(default=None, compare=False, repr=False)
     pm1_out: bool = False
     pm1_keep: bool = False
+    magnitude: Callable[..., Any] | None = field(default=None, compare=False, repr=False)
+    sums_stored: bool = False
 
     def __str__(self) -> str:
         return self.name
@@ -121,9 +127,10 @@ def operands(*specs) -> tuple[Operand, ...]:
 
 def kernel(name: str, phase: Phase, family: KernelFamily, description: str, inputs, outputs,
            inplace=(), *, lower=None, lower_infer=None, pm1_out: bool = False,
-           pm1_keep: bool = False) -> KernelSpec:
+           pm1_keep: bool = False, magnitude=None, sums_stored: bool = False) -> KernelSpec:
     spec = KernelSpec(name, phase, family, description, operands(*inputs), operands(*outputs),
-                      tuple(inplace), lower, lower_infer, pm1_out, pm1_keep)
+                      tuple(inplace), lower, lower_infer, pm1_out, pm1_keep, magnitude,
+                      sums_stored)
     assert name not in _DEFINED, f"kernel {name} is defined twice"
     _DEFINED[name] = spec
     return spec

@@ -197,6 +197,25 @@ def _lower_bn_infer(step: Step, ctx: LowerCtx) -> Call:
     return _lower_bn_fwd(step, ctx, infer=True)
 
 
+def _magnitude_fwd(step: Step, name: str, mag) -> np.ndarray | None:
+    """The batch mean's terms (runtime/check.py's tolerance of `mu` and `running_mean`)."""
+    if not name.endswith((".mu", ".running_mean")):
+        return None
+    a = step.attrs
+    return mag.value(step.inputs[0]).reshape(a["batch"], a["channels"], -1).mean(axis=(0, 2))
+
+
+def _magnitude_bwd(step: Step, name: str, mag) -> np.ndarray | None:
+    """The terms of the dbeta (sum G) and dgamma (sum G xh) sums."""
+    if not name.endswith((".dbeta", ".dgamma")):
+        return None
+    a = step.attrs
+    g = mag.value(step.inputs[0]).reshape(a["batch"], a["channels"], -1)
+    if name.endswith(".dgamma"):
+        g = g * mag.value(step.inputs[1]).reshape(g.shape)
+    return g.sum(axis=(0, 2))
+
+
 # forward: training statistics; running statistics updated in the same pass
 BN_L2_FWD = kernel(
     "bn_l2_fwd", Phase.FORWARD, KernelFamily.BN,
@@ -204,23 +223,26 @@ BN_L2_FWD = kernel(
     [("x", F32), ("gamma", STATE), ("beta", STATE), ("running_mean", STATE),
      ("running_var", STATE)],
     [("y", F32), ("running_mean", STATE), ("running_var", STATE), ("xh?", F32),
-     ("inv_std?", F32)], [(0, 0)], lower=_lower_bn_fwd, lower_infer=_lower_bn_infer)
+     ("inv_std?", F32)], [(0, 0)], lower=_lower_bn_fwd, lower_infer=_lower_bn_infer,
+    magnitude=_magnitude_fwd)
 BN_L1_FWD = kernel(
     "bn_l1_fwd", Phase.FORWARD, KernelFamily.BN,
     "l1 BN: psi = mean|y - mu|, out = (y - mu)/psi + beta; sign bits of xh; running stats",
     [("x", F32), ("beta", STATE), ("running_mean", STATE), ("running_psi", STATE)],
     [("y", F32), ("running_mean", STATE), ("running_psi", STATE), ("mu", F32), ("psi", F32),
-     ("s?", BIT)], [(0, 0)], lower=_lower_bn_fwd, lower_infer=_lower_bn_infer)
+     ("s?", BIT)], [(0, 0)], lower=_lower_bn_fwd, lower_infer=_lower_bn_infer,
+    magnitude=_magnitude_fwd)
 BN_L2_BWD = kernel(
     "bn_l2_bwd", Phase.BACKWARD, KernelFamily.BN,
     "dgamma = sum G xh, dbeta = sum G, dY = inv_std (gG - mean(gG) - xh mean(gG xh)), g = gamma",
     [("d_out", GRADS), ("xh", F32), ("inv_std", F32), ("gamma", STATE)],
-    [("dgamma", F32), ("dbeta", F32), ("d_in?", GRADS)], [(2, 0)], lower=_lower_bn_bwd)
+    [("dgamma", F32), ("dbeta", F32), ("d_in?", GRADS)], [(2, 0)], lower=_lower_bn_bwd,
+    magnitude=_magnitude_bwd)
 BN_L1_BWD = kernel(
     "bn_l1_bwd", Phase.BACKWARD, KernelFamily.BN,
     "dbeta = sum G; H = f16(G)/psi; dY = H - mean(H) - s mean(H s)",
     [("d_out", GRADS), ("s", BIT), ("psi", F32)], [("dbeta", F32), ("d_in?", GRADS)], [(1, 0)],
-    lower=_lower_bn_bwd)
+    lower=_lower_bn_bwd, magnitude=_magnitude_bwd)
 
 KERNELS = (BN_L2_FWD, BN_L1_FWD, BN_L2_BWD, BN_L1_BWD)
 

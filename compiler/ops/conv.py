@@ -16,7 +16,8 @@ from .base import (BIT, F32, GRADS, I32, PO2, SAVED_X, STATE, WEIGHTS, Bits, Ker
                    LayerSpec, OnnxOp, OpFamily, Phase, kernel, out_hw, pads4, pair)
 from .exportctx import Emitter
 from .refctx import RefRun
-from .refmath import chan, crop, matmul, pad, save_weight_input, unwindow, weight_grads, windows
+from .refmath import (chan, conv_magnitude, crop, matmul, pad, save_weight_input, unwindow,
+                      weight_grads, windows)
 from .weights import WeightKernels
 
 if TYPE_CHECKING:
@@ -235,6 +236,12 @@ def _lower_conv_dx(step: Step, ctx: LowerCtx) -> Call:
     return Call(inst, [ctx.ptr(dy, True), ctx.ptr(w, True), ctx.ptr(dx), "&g"], decl)
 
 
+def _magnitude(kind: str):
+    def magnitude(step: Step, name: str, mag) -> np.ndarray:
+        return conv_magnitude(kind, step, mag)
+    return magnitude
+
+
 CONV_FWD_XNOR = kernel(
     "conv_fwd_xnor", Phase.FORWARD, KernelFamily.CONV,
     "Y = X * Wb: XNOR-popcount over NHWC-packed channels per tap, padded taps add 0 (+ b)",
@@ -242,19 +249,22 @@ CONV_FWD_XNOR = kernel(
 CONV_FWD_SIGNW = kernel(
     "conv_fwd_signw", Phase.FORWARD, KernelFamily.CONV,
     "Y = X * sign(W), real NCHW X, signs read from W (+ b)",
-    [("x", F32), ("w", WEIGHTS), ("b?", STATE)], [("y", F32)], lower=_lower_conv_fwd)
+    [("x", F32), ("w", WEIGHTS), ("b?", STATE)], [("y", F32)], lower=_lower_conv_fwd,
+    magnitude=_magnitude("fwd"))
 CONV_FWD_F32 = kernel(
     "conv_fwd_f32", Phase.FORWARD, KernelFamily.CONV, "Y = X * W (+ b), real layer, NCHW",
-    [("x", F32), ("w", STATE), ("b?", STATE)], [("y", F32)], lower=_lower_conv_fwd)
+    [("x", F32), ("w", STATE), ("b?", STATE)], [("y", F32)], lower=_lower_conv_fwd,
+    magnitude=_magnitude("fwd"))
 CONV_DW_F32 = kernel(
     "conv_dw_f32", Phase.BACKWARD, KernelFamily.CONV,
     "dW = correlation of X and dY over n,h,w (* 1[|W| <= 1] if W)",
-    [("x", SAVED_X), ("dy", GRADS), ("w?", STATE)], [("dw", F32)], lower=_lower_conv_dw)
+    [("x", SAVED_X), ("dy", GRADS), ("w?", STATE)], [("dw", F32)], lower=_lower_conv_dw,
+    magnitude=_magnitude("dw"))
 CONV_DW_PO2 = kernel(
     "conv_dw_po2", Phase.BACKWARD, KernelFamily.CONV,
     "dW = correlation of X and PO2 Q over n,h,w (* 1[|W| <= 1] if W)",
     [("x", SAVED_X), ("q", PO2), ("bias", I32), ("w?", STATE)], [("dw", F32)],
-    lower=_lower_conv_dw)
+    lower=_lower_conv_dw, magnitude=_magnitude("dw"))
 CONV_DW_BIN = kernel(
     "conv_dw_bin", Phase.BACKWARD, KernelFamily.CONV,
     "sign bits of the X/G correlation (sign(0) = +1); scale and mask applied by the update",
@@ -262,11 +272,13 @@ CONV_DW_BIN = kernel(
 CONV_DX_F32 = kernel(
     "conv_dx_f32", Phase.BACKWARD, KernelFamily.CONV,
     "dX = full correlation of dY with rotated W (sign(W) if binary)",
-    [("dy", GRADS), ("w", WEIGHTS)], [("dx", GRADS)], lower=_lower_conv_dx)
+    [("dy", GRADS), ("w", WEIGHTS)], [("dx", GRADS)], lower=_lower_conv_dx,
+    magnitude=_magnitude("dx"))
 CONV_DX_PO2 = kernel(
     "conv_dx_po2", Phase.BACKWARD, KernelFamily.CONV,
     "dX = full correlation of PO2 Q with rotated sign(W)",
-    [("q", PO2), ("bias", I32), ("w", WEIGHTS)], [("dx", GRADS)], lower=_lower_conv_dx)
+    [("q", PO2), ("bias", I32), ("w", WEIGHTS)], [("dx", GRADS)], lower=_lower_conv_dx,
+    magnitude=_magnitude("dx"))
 
 WEIGHT_KERNELS = WeightKernels(
     fwd_xnor=CONV_FWD_XNOR, fwd_signw=CONV_FWD_SIGNW, fwd_f32=CONV_FWD_F32, dw_f32=CONV_DW_F32,

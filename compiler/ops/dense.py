@@ -224,6 +224,20 @@ def _lower_dense_dx(step: Step, ctx: LowerCtx) -> Call:
                 + _w_sign_args(ctx, w, k))
 
 
+def _magnitude_fwd(step: Step, name: str, mag) -> np.ndarray:
+    return mag.value(step.inputs[0]).reshape(step.attrs["batch"], -1) @ mag.weight(step.inputs[1])
+
+
+def _magnitude_dw(step: Step, name: str, mag) -> np.ndarray:
+    b = step.attrs["batch"]
+    return mag.value(step.inputs[0]).reshape(b, -1).T @ mag.value(step.inputs[1]).reshape(b, -1)
+
+
+def _magnitude_dx(step: Step, name: str, mag) -> np.ndarray:
+    b = step.attrs["batch"]
+    return mag.value(step.inputs[0]).reshape(b, -1) @ mag.weight(step.inputs[-1]).T
+
+
 DENSE_FWD_XNOR = kernel(
     "dense_fwd_xnor", Phase.FORWARD, KernelFamily.DENSE,
     "Y = X Wb by XNOR-popcount over packed rows (+ b)",
@@ -231,19 +245,22 @@ DENSE_FWD_XNOR = kernel(
 DENSE_FWD_SIGNW = kernel(
     "dense_fwd_signw", Phase.FORWARD, KernelFamily.DENSE,
     "Y = X sign(W), real X, signs read from W on the fly (+ b)",
-    [("x", F32), ("w", WEIGHTS), ("b?", STATE)], [("y", F32)], lower=_lower_dense_fwd)
+    [("x", F32), ("w", WEIGHTS), ("b?", STATE)], [("y", F32)], lower=_lower_dense_fwd,
+    magnitude=_magnitude_fwd)
 DENSE_FWD_F32 = kernel(
     "dense_fwd_f32", Phase.FORWARD, KernelFamily.DENSE, "Y = X W (+ b), real layer",
-    [("x", F32), ("w", STATE), ("b?", STATE)], [("y", F32)], lower=_lower_dense_fwd)
+    [("x", F32), ("w", STATE), ("b?", STATE)], [("y", F32)], lower=_lower_dense_fwd,
+    magnitude=_magnitude_fwd)
 DENSE_DW_F32 = kernel(
     "dense_dw_f32", Phase.BACKWARD, KernelFamily.DENSE,
     "dW = X^T dY (times 1[|W| <= 1] when W is given: binary STE)",
-    [("x", SAVED_X), ("dy", GRADS), ("w?", STATE)], [("dw", F32)], lower=_lower_dense_dw)
+    [("x", SAVED_X), ("dy", GRADS), ("w?", STATE)], [("dw", F32)], lower=_lower_dense_dw,
+    magnitude=_magnitude_dw)
 DENSE_DW_PO2 = kernel(
     "dense_dw_po2", Phase.BACKWARD, KernelFamily.DENSE,
     "dW = X^T Q with PO2 Q (times 1[|W| <= 1] when W is given)",
     [("x", SAVED_X), ("q", PO2), ("bias", I32), ("w?", STATE)], [("dw", F32)],
-    lower=_lower_dense_dw)
+    lower=_lower_dense_dw, magnitude=_magnitude_dw)
 DENSE_DW_BIN = kernel(
     "dense_dw_bin", Phase.BACKWARD, KernelFamily.DENSE,
     "sign bits of X^T G (sign(0) = +1); the update applies scale 1/sqrt(N_W) and mask |W| <= 1",
@@ -251,11 +268,13 @@ DENSE_DW_BIN = kernel(
 DENSE_DX_F32 = kernel(
     "dense_dx_f32", Phase.BACKWARD, KernelFamily.DENSE,
     "dX = dY W^T (sign(W) for binary layers)",
-    [("dy", GRADS), ("w", WEIGHTS)], [("dx", GRADS)], lower=_lower_dense_dx)
+    [("dy", GRADS), ("w", WEIGHTS)], [("dx", GRADS)], lower=_lower_dense_dx,
+    magnitude=_magnitude_dx)
 DENSE_DX_PO2 = kernel(
     "dense_dx_po2", Phase.BACKWARD, KernelFamily.DENSE,
     "dX = Q sign(W)^T with PO2 Q: sums of signed powers of two",
-    [("q", PO2), ("bias", I32), ("w", WEIGHTS)], [("dx", GRADS)], lower=_lower_dense_dx)
+    [("q", PO2), ("bias", I32), ("w", WEIGHTS)], [("dx", GRADS)], lower=_lower_dense_dx,
+    magnitude=_magnitude_dx)
 
 WEIGHT_KERNELS = WeightKernels(
     fwd_xnor=DENSE_FWD_XNOR, fwd_signw=DENSE_FWD_SIGNW, fwd_f32=DENSE_FWD_F32,

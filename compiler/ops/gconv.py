@@ -43,7 +43,8 @@ from .base import (BIT, F16, F32, GRADS, I32, PO2, SAVED_X, STATE, WEIGHTS, Kern
                    LayerSpec, OpFamily, Phase, kernel, out_hw, pads4, pair, prod)
 from .exportctx import Emitter
 from .refctx import RefRun, pm1_output
-from .refmath import crop, matmul, pad, save_weight_input, unwindow, weight_grads, windows
+from .refmath import (abs_conv_dx, abs_windows, crop, matmul, pad, save_weight_input, unwindow,
+                      weight_grads, windows)
 from .weights import CAST_F16, WeightKernels
 
 if TYPE_CHECKING:
@@ -116,25 +117,51 @@ def _lower_dx(step: Step, ctx: LowerCtx) -> Call:
                                                            step.attrs["group"]], _decl(step.attrs))
 
 
+def _magnitude(kind: str):
+    """Sum of |terms| behind each output of the grouped forward ("fwd"), dW ("dw") or dX ("dx"):
+    the conv family's measure, group by group (runtime/check.py's tolerance)."""
+    def magnitude(step: Step, name: str, mag) -> np.ndarray:
+        a, ins, g = step.attrs, step.inputs, int(step.attrs["group"])
+        cg, kg = a["cin"] // g, a["cout"] // g
+        if kind == "dx":
+            dy, w = mag.value(ins[0]), mag.weight(ins[-1])
+            parts = [abs_conv_dx(dy[:, i * kg:(i + 1) * kg], w[i * kg:(i + 1) * kg], a)
+                     for i in range(g)]
+            return np.concatenate(parts, axis=1)
+        win = abs_windows(mag.value(ins[0]), a)
+        if kind == "fwd":
+            w = mag.weight(ins[1])
+            return np.concatenate([np.einsum("bcyxij,kcij->bkyx", win[:, i * cg:(i + 1) * cg],
+                                             w[i * kg:(i + 1) * kg]) for i in range(g)], axis=1)
+        dy = mag.value(ins[1])
+        return np.concatenate([np.einsum("bcyxij,bkyx->kcij", win[:, i * cg:(i + 1) * cg],
+                                         dy[:, i * kg:(i + 1) * kg]) for i in range(g)], axis=0)
+    return magnitude
+
+
 _B = Phase.BACKWARD
 GCONV_FWD = kernel(
     "gconv_fwd", Phase.FORWARD, GK, "grouped Y = X * W (sign(W) for binary layers; + b), real X",
-    [("x", F32), ("w", WEIGHTS), ("b?", STATE)], [("y", F32)], lower=_lower_fwd)
+    [("x", F32), ("w", WEIGHTS), ("b?", STATE)], [("y", F32)], lower=_lower_fwd,
+    magnitude=_magnitude("fwd"))
 GCONV_DW = {
     "f32": kernel("gconv_dw_f32", _B, GK, "grouped dW = correlation of X and dY (* 1[|W| <= 1])",
-                  [("x", SAVED_X), ("dy", GRADS), ("w?", STATE)], [("dw", F32)], lower=_lower_dw),
+                  [("x", SAVED_X), ("dy", GRADS), ("w?", STATE)], [("dw", F32)], lower=_lower_dw,
+                  magnitude=_magnitude("dw")),
     "po2": kernel("gconv_dw_po2", _B, GK, "grouped dW = correlation of X and PO2 Q (* 1[|W| <= 1])",
                   [("x", SAVED_X), ("q", PO2), ("bias", I32), ("w?", STATE)], [("dw", F32)],
-                  lower=_lower_dw),
+                  lower=_lower_dw, magnitude=_magnitude("dw")),
     "bin": kernel("gconv_dw_bin", _B, GK,
                   "sign bits of the grouped X/G correlation; scale and mask applied by the update",
                   [("x", SAVED_X), ("g", GRADS + (PO2,))], [("dw", BIT)], lower=_lower_dw),
 }
 GCONV_DX = {
     "f32": kernel("gconv_dx_f32", _B, GK, "grouped dX = full correlation of dY with rotated W",
-                  [("dy", GRADS), ("w", WEIGHTS)], [("dx", GRADS)], lower=_lower_dx),
+                  [("dy", GRADS), ("w", WEIGHTS)], [("dx", GRADS)], lower=_lower_dx,
+                  magnitude=_magnitude("dx")),
     "po2": kernel("gconv_dx_po2", _B, GK, "grouped dX = full correlation of PO2 Q, rotated sign(W)",
-                  [("q", PO2), ("bias", I32), ("w", WEIGHTS)], [("dx", GRADS)], lower=_lower_dx),
+                  [("q", PO2), ("bias", I32), ("w", WEIGHTS)], [("dx", GRADS)], lower=_lower_dx,
+                  magnitude=_magnitude("dx")),
 }
 KERNELS = (GCONV_FWD, *GCONV_DW.values(), *GCONV_DX.values())
 

@@ -91,6 +91,38 @@ def unwindow(dwin: np.ndarray, padded_shape, sh: int, sw: int) -> np.ndarray:
     return out
 
 
+def abs_windows(xa: np.ndarray, a: dict) -> np.ndarray:
+    """(B, C, H, W) -> (B, C, OH, OW, kh, kw) windows of the zero-padded input (a conv step's
+    attrs `a` give the geometry)."""
+    t, l, b, r = a["pads"]
+    xp = np.pad(xa, ((0, 0), (0, 0), (t, b), (l, r)))
+    v = np.lib.stride_tricks.sliding_window_view(xp, (a["kh"], a["kw"]), axis=(2, 3))
+    sh, sw = a["strides"]
+    return v[:, :, ::sh, ::sw][:, :, :a["oh"], :a["ow"]]
+
+
+def abs_conv_dx(dya: np.ndarray, wa: np.ndarray, a: dict) -> np.ndarray:
+    """|dY| (B, K, OH, OW) through |W| (K, C, kh, kw) back to the input positions (B, C, H, W)."""
+    t, l, b, r = a["pads"]
+    sh, sw = a["strides"]
+    out = np.zeros((dya.shape[0], wa.shape[1], a["h"] + t + b, a["w"] + l + r))
+    for i in range(a["kh"]):
+        for j in range(a["kw"]):
+            out[:, :, i:i + sh * (a["oh"] - 1) + 1:sh, j:j + sw * (a["ow"] - 1) + 1:sw] += \
+                np.einsum("bkyx,kc->bcyx", dya, wa[:, :, i, j])
+    return out[:, :, t:t + a["h"], l:l + a["w"]]
+
+
+def conv_magnitude(kind: str, step, mag) -> np.ndarray:
+    """Sum of |terms| of a conv step's forward ("fwd"), dW ("dw") or dX ("dx") outputs."""
+    a, ins = step.attrs, step.inputs
+    if kind == "fwd":
+        return np.einsum("bcyxij,kcij->bkyx", abs_windows(mag.value(ins[0]), a), mag.weight(ins[1]))
+    if kind == "dw":
+        return np.einsum("bcyxij,bkyx->kcij", abs_windows(mag.value(ins[0]), a), mag.value(ins[1]))
+    return abs_conv_dx(mag.value(ins[0]), mag.weight(ins[-1]), a)
+
+
 def crop(xp: np.ndarray, pads) -> np.ndarray:
     t, l, b, r = (int(p) for p in pads)
     return xp[:, :, t:xp.shape[2] - b, l:xp.shape[3] - r]

@@ -317,7 +317,8 @@ def _lower_input_quant(step: Step, ctx: LowerCtx) -> Call:
 
 ADD_FWD = kernel(
     "add_fwd", Phase.FORWARD, KernelFamily.ACT, "y = a + b (residual)",
-    [("a", F32), ("b", F32)], [("y", F32)], [(0, 0), (0, 1)], lower=_lower_binary_ew)
+    [("a", F32), ("b", F32)], [("y", F32)], [(0, 0), (0, 1)], lower=_lower_binary_ew,
+    sums_stored=True)
 AFFINE_FWD = kernel(
     "affine_fwd", Phase.FORWARD, KernelFamily.ACT,
     "y = x * scale + bias, constants per channel or per tensor",
@@ -332,7 +333,8 @@ AFFINE_BWD = kernel(
 GRAD_ADD = kernel(
     "grad_add", Phase.BACKWARD, KernelFamily.ACT,
     "y = a + b: sums gradient contributions of a fanned-out tensor",
-    [("a", GRADS), ("b", GRADS)], [("y", GRADS)], [(0, 0), (0, 1)], lower=_lower_binary_ew)
+    [("a", GRADS), ("b", GRADS)], [("y", GRADS)], [(0, 0), (0, 1)], lower=_lower_binary_ew,
+    sums_stored=True)
 
 KERNELS = (ADD_FWD, AFFINE_FWD, INPUT_QUANT_FWD, AFFINE_BWD, GRAD_ADD)
 

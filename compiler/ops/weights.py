@@ -171,6 +171,13 @@ def _lower_bias_grad(step: Step, ctx: LowerCtx) -> Call:
                                                            ch, sp])
 
 
+def _magnitude_bias(step: Step, name: str, mag) -> np.ndarray:
+    """The terms of db: dY summed over the batch (and positions)."""
+    a = step.attrs
+    c = a.get("cout", a.get("out_features"))
+    return mag.value(step.inputs[0]).reshape(a["batch"], c, -1).sum(axis=(0, 2))
+
+
 PACK_SIGN_W = kernel(
     "pack_sign_w", Phase.FORWARD, KernelFamily.DENSE,
     "sign(W) of latent weights packed in the XNOR kernel's bit layout",
@@ -185,7 +192,7 @@ PO2_QUANTIZE = kernel(
     [("g", GRADS)], [("q", PO2), ("bias", I32)], [(0, 0)], lower=_lower_po2_quantize)
 BIAS_GRAD = kernel(
     "bias_grad", Phase.BACKWARD, KernelFamily.PO2, "db = sum of dY over batch (and positions)",
-    [("dy", GRADS)], [("db", F32)], lower=_lower_bias_grad)
+    [("dy", GRADS)], [("db", F32)], lower=_lower_bias_grad, magnitude=_magnitude_bias)
 
 # listed by the dense family (compiler/ops/dense.py); conv schedules them too
 KERNELS = (PACK_SIGN_W, CAST_F16, PO2_QUANTIZE, BIAS_GRAD)
