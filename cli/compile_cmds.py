@@ -30,9 +30,11 @@ from ..runtime.check import debug_target, format_report, run_check
 from ..runtime.outdir import compile_graph, load_graph, model_bytes
 from .app import cli
 from .memory_cmds import technique_options
+from .train_cmds import lr_help, optimizer_options
 
 # the technique switches of `bnnc inspect` / `bnnc train` (unset = the algorithm's default)
-_TECHNIQUES = ("optimizer", "binary_dw", "po2", "po2_bias", "bn", "state_dtype", "save_bits")
+_TECHNIQUES = ("optimizer", "binary_dw", "po2", "po2_bias", "bn", "state_dtype", "save_bits",
+               "bop_gamma", "bop_threshold", "bn_momentum")
 
 
 def _config(algorithm: str | None, batch: int | None, lr: float | None, seed: int,
@@ -63,7 +65,7 @@ def _common(f):
                      help="training algorithm [default: proposed]"),
         click.option("--batch", type=click.IntRange(min=1), default=None,
                      help="batch size compiled into the program"),
-        click.option("--lr", type=float, default=None, help="learning rate [default: 1e-3]"),
+        click.option("--lr", type=float, default=None, help=lr_help()),
         click.option("--seed", type=int, default=0, show_default=True,
                      help="seed of the stochastic rounding"),
         click.option("--width", type=float, default=None,
@@ -73,7 +75,7 @@ def _common(f):
         click.option("--flash", default=None, metavar="SIZE",
                      help="bare-metal targets: flash budget, e.g. 1M [default: the target's]"),
     ]
-    f = technique_options(f)
+    f = technique_options(optimizer_options(f))
     for o in reversed(opts):
         f = o(f)
     return f

@@ -19,8 +19,8 @@ from pathlib import Path
 import click
 from rich.console import Console
 
-from ..compiler.config import ALGORITHMS, BN_KINDS, OPTIMIZERS, STATE_DTYPES, TrainConfig, \
-    check_config_for_graph, make_config
+from ..compiler.config import ALGORITHMS, BN_KINDS, OPTIMIZER_DEFAULTS, OPTIMIZERS, STATE_DTYPES, \
+    TrainConfig, check_config_for_graph, make_config
 from ..compiler.errors import ConfigError
 from ..compiler.frontend import load_model
 from ..runtime.datasets import training_data
@@ -42,6 +42,32 @@ def data_options(f):
                      help="passes over the training set [default: 1, or as many as --steps needs]"),
         click.option("--steps", type=click.IntRange(min=1), default=None,
                      help="stop after this many optimizer steps in total"),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def lr_help() -> str:
+    """The --lr help of `train`, `compile` and `check`, with the defaults from compiler.config."""
+    return (f"learning rate of Adam/SGD (with Bop: Adam's, on the real-valued tensors) "
+            f"[default: {TrainConfig().lr:g}; bop: {OPTIMIZER_DEFAULTS['bop']['lr']:g}]")
+
+
+def optimizer_options(f):
+    """--bop-gamma, --bop-threshold, --bn-momentum: shared by `bnnc train`, `compile` and `check`
+    (unset = TrainConfig's defaults, which the help states)."""
+    d = TrainConfig()
+    opts = [
+        click.option("--bop-gamma", type=float, default=None,
+                     help=f"Bop: momentum rate gamma [default: {d.bop_gamma:g}]"),
+        click.option("--bop-threshold", type=float, default=None,
+                     help="Bop: flip a weight when its momentum, counted in gradient steps of "
+                          "mean magnitude (Larq's tau / (gamma mean|g|)), exceeds this "
+                          f"[default: {d.bop_threshold:g}]"),
+        click.option("--bn-momentum", type=float, default=None,
+                     help="BN running statistics r = m r + (1 - m) batch "
+                          f"[default: {d.bn_momentum:g}]"),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -84,7 +110,8 @@ def build_config(algorithm: str, **opts) -> TrainConfig:
 @click.option("--state-dtype", type=click.Choice(STATE_DTYPES), default=None,
               help="storage of weights/moments/BN [default: bf16 proposed, f32 standard]")
 @click.option("--po2-bias", type=int, default=None, help="PO2 exponent bias [default: 8]")
-@click.option("--lr", type=float, default=None, help="learning rate [default: 1e-3]")
+@click.option("--lr", type=float, default=None, help=lr_help())
+@optimizer_options
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--limit", type=click.IntRange(min=1), default=None,
               help="use only the first N training examples")

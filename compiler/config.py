@@ -36,8 +36,8 @@ class TrainConfig:
     beta2: float = 0.999
     adam_eps: float = 1e-7
     sgd_momentum: float = 0.9
-    bop_gamma: float = 1e-4
-    bop_tau: float = 1e-8
+    bop_gamma: float = 1e-4         # Bop's momentum rate (Larq's gamma)
+    bop_threshold: float = 32.0     # flip when |momentum| > this many mean gradient steps
     bn_momentum: float = 0.9        # running = momentum * running + (1 - momentum) * batch
     # (l2 BN eps is a property of the model: each BATCHNORM layer's `eps` attr, e.g. 1e-4 for the
     # paper's nets in the zoo, Larq's own values for ResNetE/Bi-Real)
@@ -53,15 +53,23 @@ _DEFAULTS = {
 }
 
 
+# an optimizer's own defaults over TrainConfig's (compiler/README.md, "Bop"): Bop trains the
+# real-valued tensors (BN beta, ...) with Adam at 1e-2, as Larq pairs them
+OPTIMIZER_DEFAULTS = {"bop": dict(lr=1e-2)}
+
+
 def make_config(algorithm: str = "proposed", **overrides) -> TrainConfig:
-    """The algorithm's defaults with `overrides` applied; raises ConfigError on nonsense."""
+    """The algorithm's and the optimizer's defaults with `overrides` applied; raises ConfigError on
+    nonsense."""
     if algorithm not in ALGORITHMS:
         raise ConfigError(f"unknown algorithm {algorithm!r}; choose one of: {', '.join(ALGORITHMS)}")
     unknown = set(overrides) - set(TrainConfig.__dataclass_fields__)
     if unknown:
         raise ConfigError(f"unknown training option(s): {', '.join(sorted(unknown))}")
+    given = {k: v for k, v in overrides.items() if v is not None}
     cfg = replace(TrainConfig(algorithm=algorithm, **_DEFAULTS[algorithm]),
-                  **{k: v for k, v in overrides.items() if v is not None})
+                  **{**OPTIMIZER_DEFAULTS.get(given.get("optimizer", TrainConfig.optimizer), {}),
+                     **given})
     validate(cfg)
     return cfg
 
@@ -82,6 +90,12 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("--po2-bias has no effect with --no-po2; drop one of them")
     if cfg.lr <= 0:
         raise ConfigError(f"learning rate must be positive, got {cfg.lr}")
+    if not 0 < cfg.bop_gamma < 1:
+        raise ConfigError(f"--bop-gamma must lie in (0, 1), got {cfg.bop_gamma}")
+    if cfg.bop_threshold < 0:
+        raise ConfigError(f"--bop-threshold must be >= 0, got {cfg.bop_threshold}")
+    if not 0 <= cfg.bn_momentum < 1:
+        raise ConfigError(f"--bn-momentum must lie in [0, 1), got {cfg.bn_momentum}")
 
 
 def check_config_for_graph(graph: Graph, cfg: TrainConfig) -> None:

@@ -411,6 +411,6 @@ class ScheduleBuilder:
         elif st.optimizer == "sgd":
             attrs.update(lr=cfg.lr, momentum=cfg.sgd_momentum)
         else:
-            attrs.update(gamma=cfg.bop_gamma, tau=cfg.bop_tau)
+            attrs.update(gamma=cfg.bop_gamma, threshold=cfg.bop_threshold)
         self.emit(UPDATE_KERNELS[st.optimizer], lay.name, (st.name, grad) + moms,
                   (st.name,) + moms, **attrs)

@@ -52,7 +52,9 @@ def _graph(model: str) -> Graph:
 def _trained(model: str, algorithm: str, optimizer: str, state_dtype: str | None = None):
     """(graph, cfg, state after 3 reference steps on batches of 8)."""
     g = _graph(model)
-    cfg = make_config(algorithm, optimizer=optimizer, batch=8, state_dtype=state_dtype)
+    # Bop threshold 1: 3 steps flip weights (the default 32 flips none before step 33)
+    cfg = make_config(algorithm, optimizer=optimizer, batch=8, state_dtype=state_dtype,
+                      bop_threshold=1.0 if optimizer == "bop" else None)
     init = ref.init_state(g, cfg)
     st = init
     for i in range(3):

@@ -256,32 +256,66 @@ def test_stochastic_rounding_is_reproducible():
 
 
 def test_bop_flip_rule_by_hand():
-    cfg = make_config("proposed", optimizer="bop")     # gamma 1e-4, tau 1e-8
+    """Scaled momentum: a 1-bit gradient adds exactly +-1; flips need |m| > threshold."""
+    cfg = make_config("proposed", optimizer="bop", bop_threshold=1.5)      # gamma 1e-4
+    s = np.float32(1 / np.sqrt(5))
     w = np.array([1, 1, -1, -1, 1], np.int8)
-    g = np.array([1e-3, -1e-3, -1e-3, 1e-3, 1e-5], np.float32)
-    # m = 0.9999 * 0 + 1e-4 g = [1e-7, -1e-7, -1e-7, 1e-7, 1e-9]; |m| > 1e-8 for the first four;
-    # flip where sign(m) == sign(w): elements 0 and 2
-    new_w, mom = ref.UPDATE["bop"](cfg, 1, w, g, {"m": np.zeros(5, np.float32)})
+    g = s * np.array([1, -1, -1, 1, 1], np.float32)
+    m0 = np.array([1, 0, -1, 0.9, 0], np.float32)
+    # m = 0.9999 m0 + [1, -1, -1, 1, 1] = [1.9999, -1, -1.9999, 1.89991, 1]; |m| > 1.5 for
+    # elements 0, 2, 3; flip where sign(m) == sign(w): elements 0 and 2
+    new_w, mom = ref.UPDATE["bop"](cfg, 1, w, g, {"m": m0})
     assert new_w.tolist() == [-1, 1, 1, -1, 1] and new_w.dtype == np.int8
-    np.testing.assert_allclose(mom["m"], [1e-7, -1e-7, -1e-7, 1e-7, 1e-9], rtol=1e-6)
-    # momentum carries over: 0.9999 * 2e-8 + 1e-4 * (-1e-5) = 1.9998e-8 - 1e-9 > tau, same sign as
-    # w=+1
-    new_w, _ = ref.UPDATE["bop"](cfg, 2, np.array([1], np.int8), np.array([-1e-5], np.float32),
-                                 {"m": np.array([2e-8], np.float32)})
-    assert new_w.tolist() == [-1]
+    want = np.float32(0.9999) * m0 + np.array([1, -1, -1, 1, 1], np.float32)
+    assert np.array_equal(mom["m"], want)
+
+
+def test_bop_float_gradients_are_scaled_by_their_mean_magnitude():
+    cfg = make_config("proposed", optimizer="bop", binary_dw=False, bop_threshold=0.75)
+    w = np.array([1, -1, -1, 1], np.int8)
+    g = np.array([0.5, -0.25, 0.25, -0.5], np.float32)       # mean |g| = 0.375
+    new_w, mom = ref.UPDATE["bop"](cfg, 1, w, g, {"m": np.zeros(4, np.float32)})
+    np.testing.assert_allclose(mom["m"], g / 0.375, rtol=1e-6)
+    assert new_w.tolist() == [-1, -1, -1, 1]                 # only |m| = 4/3 with sign(m) == w
+    _, zero = ref.UPDATE["bop"](cfg, 1, w, 0 * g, {"m": np.ones(4, np.float32)})
+    assert np.array_equal(zero["m"], np.full(4, 0.9999, np.float32))      # no NaN from 0 / 0
+
+
+def test_bop_scaled_momentum_is_larqs_bop():
+    """With 1-bit gradients (+-s, s = 1/sqrt(N_W)), m = Larq's momentum / (gamma s) and
+    threshold = tau / (gamma s): the same flips step by step (float64 Larq form vs the float32
+    reference)."""
+    gamma, thr = 0.05, 2.5
+    cfg = make_config("proposed", optimizer="bop", bop_gamma=gamma, bop_threshold=thr)
+    rng = np.random.default_rng(0)
+    n = 400
+    s = np.float32(1 / np.sqrt(n))
+    w = np.where(rng.standard_normal(n) >= 0, 1, -1).astype(np.int8)
+    w_larq, m_larq, mom = w.astype(np.float64), np.zeros(n), {"m": np.zeros(n, np.float32)}
+    flips = 0
+    for t in range(1, 60):
+        g = s * np.where(rng.standard_normal(n) + 0.3 * w_larq >= 0, 1, -1).astype(np.float32)
+        m_larq = (1 - gamma) * m_larq + gamma * g.astype(np.float64)
+        flip = (np.abs(m_larq) > thr * gamma * float(s)) & (np.sign(m_larq) == w_larq)
+        w_larq = np.where(flip, -w_larq, w_larq)
+        w, mom = ref.UPDATE["bop"](cfg, t, w, g, mom)
+        flips += int(flip.sum())
+        assert np.array_equal(w, w_larq), t
+    assert flips > 50
 
 
 def test_bop_training_step_keeps_bits_and_applies_rule():
     g = small_mlp()
-    cfg = make_config("proposed", batch=8, optimizer="bop", bop_tau=1e-9)
+    cfg = make_config("proposed", batch=8, optimizer="bop", bop_threshold=0.0)
     st = ref.init_state(g, cfg)
     assert st.tensors["fc2.W"].dtype == np.int8
     assert np.array_equal(st.tensors["fc2.W"], np.where(g.layer("fc2").params["W"] >= 0, 1, -1))
     new, out = ref.train_step(g, cfg, st, *_batch(g, 8, 5))
     w0, w1 = st.tensors["fc2.W"], new.tensors["fc2.W"]
     assert w1.dtype == np.int8 and set(np.unique(w1).tolist()) <= {-1, 1}
-    m = 1e-4 * out["fc2.dW"].astype(np.float64)
-    flip = (np.abs(m) > 1e-9) & (np.sign(m) == w0)
+    m = np.where(out["fc2.dW"] >= 0, 1, -1)                    # one step from 0: m = +-1
+    assert np.array_equal(new.tensors["fc2.W.m"], m)
+    flip = m == w0
     assert flip.any() and np.array_equal(w1, np.where(flip, -w0, w0))
     assert "fc2.W.v" not in new.tensors and "bn2.beta.v" in new.tensors   # BN params stay on Adam
 

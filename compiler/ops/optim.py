@@ -82,9 +82,9 @@ def _lower_bop(step: Step, ctx: LowerCtx) -> Call:
     ops = {"m": m} | ({} if gt.dtype is DType.BIT else {"g": g})
     inst = instance(step, ctx, operands=ops, gbit=gt.dtype is DType.BIT)
     (mid,) = a["moment_ids"]
-    return Call(inst, [ctx.ptr(p), ctx.ptr(g, True), ctx.ptr(m), a["size"],
-                       c_float(a.get("g_scale", 1.0)), c_float(1 - a["gamma"]), c_float(a["gamma"]),
-                       c_float(a["tau"]), f"bnnc_sr_key(seed, t, {mid}u)"] + bop_geometry(ctx, p))
+    return Call(inst, [ctx.ptr(p), ctx.ptr(g, True), ctx.ptr(m), a["size"], c_float(1 - a["gamma"]),
+                       c_float(a["threshold"]), f"bnnc_sr_key(seed, t, {mid}u)"]
+                + bop_geometry(ctx, p))
 
 
 # one kernel call per parameter tensor; state stored back with stochastic rounding for 16-bit
@@ -100,7 +100,8 @@ SGD_UPDATE = kernel(
     [(0, 0), (1, 2)], lower=_lower_sgd)
 BOP_UPDATE = kernel(
     "bop_update", Phase.UPDATE, KernelFamily.OPTIM,
-    "Bop: m = (1-gamma) m + gamma g; flip w where |m| > tau and sign(m) == sign(w)",
+    "Bop, scaled momentum: m = (1-gamma) m + g / mean|g|; flip w where |m| > threshold and "
+    "sign(m) == sign(w)",
     [("p", BIT), ("g", (F32, BIT)), ("m", STATE)], [("p", BIT), ("m", STATE)], [(0, 0), (1, 2)],
     lower=_lower_bop)
 
@@ -136,13 +137,26 @@ def _ref_sgd(cfg: TrainConfig, t: int, w: np.ndarray, g: np.ndarray,
     return w - np.float32(cfg.lr) * m, {"m": m}
 
 
+def _bop_unit_gradient(cfg: TrainConfig, g: np.ndarray) -> np.ndarray:
+    """g / mean|g|: exactly +-1 for a 1-bit gradient (all of magnitude 1/sqrt(N_W)); a float one
+    times count / sum|g|, the float32 sum taken in element order as the C loop does (cumsum is
+    sequential), 0 for an all-zero gradient."""
+    if cfg.binary_dw:
+        return np.where(g >= 0, 1, -1).astype(np.float32)
+    total = np.cumsum(np.abs(g).ravel(), dtype=np.float32)[-1]
+    inv = np.float32(g.size) / total if total > 0 else np.float32(0)
+    return g * inv
+
+
 def _ref_bop(cfg: TrainConfig, t: int, w: np.ndarray, g: np.ndarray,
              mom: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Bop (Helwegen et al. 2019) on +-1 weights: m = (1-gamma) m + gamma g; w = -w where
-    |m| > tau and sign(m) == sign(w) (the gradient agrees with the weight, so flipping lowers the
-    loss)."""
-    m = np.float32(1 - cfg.bop_gamma) * mom["m"] + np.float32(cfg.bop_gamma) * g
-    flip = (np.abs(m) > np.float32(cfg.bop_tau)) & ((m >= 0) == (w > 0))
+    """Bop (Helwegen et al. 2019) on +-1 weights with a scaled momentum (compiler/README.md,
+    "Bop"): m = (1-gamma) m + u, u = the gradient in units of its mean magnitude
+    (`_bop_unit_gradient`), which is Larq's momentum divided by gamma mean|g|; w = -w where
+    |m| > threshold and sign(m) == sign(w) (the gradient agrees with the weight, so flipping lowers
+    the loss)."""
+    m = np.float32(1 - cfg.bop_gamma) * mom["m"] + _bop_unit_gradient(cfg, g)
+    flip = (np.abs(m) > np.float32(cfg.bop_threshold)) & ((m >= 0) == (w > 0))
     return np.where(flip, -w, w).astype(np.int8), {"m": m}
 
 

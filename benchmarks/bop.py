@@ -1,0 +1,246 @@
+"""Adam vs Bop on MNIST with the emitted C, side by side in one run (issue 21).
+
+Main table: the MLP (B=100) and TFC (B=32, the configuration that fits a 256 KiB Cortex-M7) trained
+the same number of epochs by the host's standalone trainer (what `bnnc run OUT --data mnist` runs):
+proposed + Adam (the default), Bop with bf16 state and Bop with f32 state (bnnc's Bop defaults), and
+Bop as it was before issue 21: threshold 0 (Larq's tau = 1e-8 is 0.003-0.05 of one 1-bit step
+here, so it acted as 0) and lr 1e-3. Per row: test accuracy per epoch, the last epoch's mean
+training accuracy (batch statistics, as the trainer reports it) and its gap to the test accuracy,
+the test accuracy after re-estimating the BN running statistics from 20 training batches at the
+final weights (numpy reference; isolates lagging statistics), the share of binary weights flipping
+per step over 10 further steps, and the bytes of persistent state.
+
+Then the Cortex-M7 run: TFC compiled for cortex-m7 with 256 KiB of RAM, `--m7-steps` steps under
+qemu-system-arm from the model's start state, compared with the host trainer of the same
+configuration on the same data: the losses step by step and the final state tensor by tensor.
+
+`--ablate` adds the MLP ablations (one change at a time from the pre-issue behaviour and from
+bnnc's Bop defaults): state dtype, gradient form, gamma, threshold, lr, BN kind, BN momentum;
+`--ablate-tfc` the TFC ones (threshold and lr, B=32); `--skip-main` leaves out the main tables.
+
+    python benchmarks/bop.py [--mlp-epochs 3] [--tfc-epochs 2] [--m7-steps 200] [--ablate]
+                             [--ablate-tfc] [--skip-main]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bnnc.compiler.config import TrainConfig, make_config
+from bnnc.compiler.contract import read_manifest
+from bnnc.compiler.frontend import load_model
+from bnnc.compiler.pipeline import compile_to_c
+from bnnc.compiler.target import load_target
+from bnnc.compiler.zoo import build_zoo_model
+from bnnc.runtime import baremetal
+from bnnc.runtime import reference as ref
+from bnnc.runtime.host import HostProgram
+from bnnc.runtime.outdir import compile_graph, model_bytes, read_state_blob, state_values_f32
+from bnnc.runtime.programs import LocalRunner, build_trainer, check_result
+from bnnc.runtime.run import pack_run_data
+
+RESTAT_BATCHES = 20
+FLIP_STEPS = 10
+
+
+@dataclass(frozen=True)
+class Result:
+    test: list[float]          # test accuracy after each epoch (running statistics)
+    train: float               # mean training accuracy of the last epoch's steps
+    restat: float              # test accuracy after re-estimating the BN statistics
+    flips: float               # share of binary weights flipped per step, after training
+    state_nbytes: int
+
+
+def _data(out: Path, graph):
+    train_f, test_f, _, data = pack_run_data(out, graph, "mnist", None, None)
+    return train_f, test_f, data
+
+
+def _run_trainer(out: Path, init: dict, args: list[str]) -> list[dict]:
+    """The host's standalone trainer of OUT from the state `init`; its JSON events."""
+    (out / "init.f32").write_bytes(state_values_f32(read_manifest(out), init))
+    tgt = load_target("host")
+    res = LocalRunner(tgt).run(build_trainer(out, tgt), ["--init", str(out / "init.f32"), *args])
+    check_result(res, "the host trainer")
+    return res.events
+
+
+def _restat(graph, cfg: TrainConfig, tensors: dict, x: np.ndarray, y: np.ndarray) -> dict:
+    """`tensors` with every BN running statistic replaced by the mean of its batch statistics over
+    RESTAT_BATCHES training batches (numpy reference, training-mode forward at these weights)."""
+    sums: dict[str, list] = {}
+    order = np.random.default_rng(1).permutation(len(x))
+    for i in range(RESTAT_BATCHES):
+        idx = order[i * cfg.batch:(i + 1) * cfg.batch]
+        out = ref.forward_backward(graph, cfg, tensors, x[idx].astype(np.float32), y[idx])
+        for name, v in out.items():
+            if name.endswith((".mu", ".psi", ".var")):
+                sums.setdefault(name, []).append(v)
+    field = {"mu": "running_mean", "psi": "running_psi", "var": "running_var"}
+    new = dict(tensors)
+    for name, vs in sums.items():
+        layer, f = name.rsplit(".", 1)
+        new[f"{layer}.{field[f]}"] = np.mean(vs, axis=0).astype(np.float32)
+    return new
+
+
+def _flip_rate(out: Path, tensors: dict, step: int, seed: int, x, y) -> float:
+    """Mean share of binary weights whose sign changes per step over FLIP_STEPS more steps."""
+    prog = HostProgram(out, debug=False)
+    prog.load_state(tensors, step=step, seed=seed)
+    names = [st.name for st in prog.state if st.name.endswith(".W")]
+    before, shares = prog.read_state(), []
+    for i in range(FLIP_STEPS):
+        sl = slice(i * prog.batch, (i + 1) * prog.batch)
+        prog.train_step(x[sl].reshape((prog.batch,) + prog.input_shape[1:]), y[sl])
+        after = prog.read_state()
+        changed = sum(int(np.sum((before[n] >= 0) != (after[n] >= 0))) for n in names)
+        shares.append(changed / sum(before[n].size for n in names))
+        before = after
+    return float(np.mean(shares))
+
+
+def train(model: str, cfg: TrainConfig, epochs: int, work: Path) -> Result:
+    """Compile `model` for the host under `cfg`, train `epochs` epochs on MNIST with the standalone
+    trainer, then measure the re-estimated-statistics accuracy and the flip rate."""
+    graph = load_model(build_zoo_model(model))
+    out = work / f"{model}-{abs(hash(cfg)) % 10**8}"
+    plan = compile_to_c(graph, cfg, load_target("host"), out, command="benchmarks/bop.py").plan
+    train_f, test_f, data = _data(out, graph)
+    init = ref.init_state(graph, cfg).tensors
+    events = _run_trainer(out, init, ["--train", str(train_f), "--test", str(test_f), "--epochs",
+                                      str(epochs), "--checkpoint", str(out / "state.bin")])
+    ep = [e for e in events if e["event"] == "epoch"]
+    blob = read_state_blob(out / "state.bin", read_manifest(out))
+    x = data.x_train.reshape((len(data.x_train),) + graph.input_shape)
+    xt = data.x_test.reshape((len(data.x_test),) + graph.input_shape)
+    fixed = ref.TrainState(_restat(graph, cfg, blob.tensors, x, data.y_train.astype(np.int64)))
+    return Result([e["test_acc"] for e in ep], ep[-1]["train_acc"],
+                  ref.evaluate(graph, cfg, fixed, xt, data.y_test),
+                  _flip_rate(out, blob.tensors, blob.step, blob.seed, x, data.y_train),
+                  plan.state_nbytes)
+
+
+@dataclass(frozen=True)
+class M7Run:
+    m7: list[float]            # losses per step under QEMU
+    host: list[float]          # the host trainer's
+    differing: list[str]       # state tensors that differ after the last step
+    ram_nbytes: int            # the ELF's RAM (data + bss + stack reserve)
+
+
+def m7_vs_host(steps: int, work: Path) -> M7Run:
+    """TFC, Bop, B=32 for cortex-m7 in 256 KiB: `steps` steps under QEMU and on the host from the
+    same start state and data; losses step by step and the final states tensor by tensor."""
+    graph = load_model(build_zoo_model("tfc"))
+    cfg = make_config("proposed", batch=32, optimizer="bop")
+    m7, host = work / "m7", work / "m7-host"
+    compile_graph(graph, cfg, dataclasses.replace(load_target("cortex-m7"), ram=256 * 1024), m7,
+                  "benchmarks/bop.py m7", model_bytes("tfc"))
+    compile_to_c(graph, cfg, load_target("host"), host, command="benchmarks/bop.py m7 host")
+    train_f, _, _ = _data(host, graph)
+    init = ref.init_state(graph, cfg).tensors
+    run = baremetal.run(m7, train=train_f, start_blob=baremetal.start_state_blob(m7, init),
+                        steps=steps, log_every=1, checkpoint=True, every=steps, timeout=3600)
+    if run.returncode != 0 or run.checkpoint is None:
+        raise RuntimeError(f"the M7 run failed: {run.error()}")
+    events = _run_trainer(host, init, ["--train", str(train_f), "--steps", str(steps),
+                                       "--log-every", "1", "--checkpoint", str(host / "state.bin")])
+    (work / "m7.bin").write_bytes(run.checkpoint)
+    a = read_state_blob(work / "m7.bin", read_manifest(m7)).tensors
+    b = read_state_blob(host / "state.bin", read_manifest(host)).tensors
+    loss = lambda evs: [e["loss"] for e in evs if e["event"] == "step"]   # noqa: E731
+    return M7Run(loss(run.events), loss(events), [n for n in a if not np.array_equal(a[n], b[n])],
+                 baremetal.build_elf(m7).ram_nbytes)
+
+
+def _row(label: str, r: Result) -> str:
+    accs = " / ".join(f"{100 * a:.2f}" for a in r.test)
+    return (f"| {label} | {accs} | {100 * r.train:.2f} | {100 * (r.train - r.test[-1]):+.2f} | "
+            f"{100 * r.restat:.2f} | {100 * r.flips:.3f} | {r.state_nbytes:,} |")
+
+
+HEADER = ("| configuration | test acc per epoch (%) | train acc, last epoch (%) "
+          "| train - test (pp) | test acc, BN statistics re-estimated (%) "
+          "| weights flipped per step (%) | state bytes |\n|---|---|---|---|---|---|---|")
+
+PRE_ISSUE = {"bop_threshold": 0.0, "lr": 1e-3}
+MAIN = [("Adam (proposed default)", {}),
+        ("Bop, bf16 state (bnnc defaults)", {"optimizer": "bop"}),
+        ("Bop, f32 state", {"optimizer": "bop", "state_dtype": "f32"}),
+        ("Bop, bf16, threshold 0, lr 1e-3 (before issue 21)", {"optimizer": "bop", **PRE_ISSUE})]
+
+ABLATIONS = [("before: threshold 0, lr 1e-3", PRE_ISSUE),
+             ("before + f32 state", {**PRE_ISSUE, "state_dtype": "f32"}),
+             ("before + float dW (--no-binary-dw)", {**PRE_ISSUE, "binary_dw": False}),
+             ("before + l2 BN", {**PRE_ISSUE, "bn": "l2"}),
+             ("before + BN momentum 0.5", {**PRE_ISSUE, "bn_momentum": 0.5}),
+             ("before + gamma 1e-3", {**PRE_ISSUE, "bop_gamma": 1e-3}),
+             ("defaults: threshold 32, lr 1e-2", {}),
+             ("defaults + threshold 2", {"bop_threshold": 2.0}),
+             ("defaults + threshold 8", {"bop_threshold": 8.0}),
+             ("defaults + threshold 128", {"bop_threshold": 128.0}),
+             ("defaults + lr 1e-3", {"lr": 1e-3}),
+             ("defaults + f16 state", {"state_dtype": "f16"}),
+             ("defaults + float dW (--no-binary-dw)", {"binary_dw": False}),
+             ("defaults + l2 BN", {"bn": "l2"}),
+             ("defaults + BN momentum 0.5", {"bn_momentum": 0.5}),
+             ("defaults + gamma 1e-3", {"bop_gamma": 1e-3}),
+             ("defaults + gamma 1e-5", {"bop_gamma": 1e-5})]
+
+TFC_ABLATIONS = [("before: threshold 0, lr 1e-3", PRE_ISSUE),
+                 ("defaults: threshold 32, lr 1e-2", {}),
+                 ("defaults + threshold 8", {"bop_threshold": 8.0}),
+                 ("defaults + threshold 16", {"bop_threshold": 16.0}),
+                 ("defaults + threshold 64", {"bop_threshold": 64.0}),
+                 ("defaults + lr 1e-3", {"lr": 1e-3}),
+                 ("defaults + lr 3e-2", {"lr": 3e-2}),
+                 ("defaults + f32 state", {"state_dtype": "f32"})]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mlp-epochs", type=int, default=3)
+    ap.add_argument("--tfc-epochs", type=int, default=2)
+    ap.add_argument("--m7-steps", type=int, default=200, help="0 skips the Cortex-M7 run")
+    ap.add_argument("--ablate", action="store_true", help="also the MLP ablation table")
+    ap.add_argument("--ablate-tfc", action="store_true", help="also the TFC ablation table")
+    ap.add_argument("--skip-main", action="store_true", help="leave out the main tables")
+    args = ap.parse_args()
+    models = {"mlp": (100, args.mlp_epochs), "tfc": (32, args.tfc_epochs)}
+    tables = [] if args.skip_main else [(m, "proposed algorithm", "", MAIN) for m in models]
+    tables += [("mlp", "ablations", "bop", ABLATIONS)] if args.ablate else []
+    tables += [("tfc", "ablations", "bop", TFC_ABLATIONS)] if args.ablate_tfc else []
+    with tempfile.TemporaryDirectory(prefix="bnnc-bop-") as tmp:
+        work = Path(tmp)
+        for model, what, optimizer, rows in tables:
+            batch, epochs = models[model]
+            print(f"\n{model.upper()} / MNIST, {what}, batch {batch}, {epochs} epoch(s), host "
+                  "standalone trainer\n\n" + HEADER, flush=True)
+            for label, kw in rows:
+                cfg = make_config("proposed", batch=batch, **{"optimizer": optimizer or None, **kw})
+                print(_row(label, train(model, cfg, epochs, work)), flush=True)
+        if args.m7_steps:
+            r = m7_vs_host(args.m7_steps, work)
+            # the M7 prints 9 significant digits (the float32 exactly), the host trainer %.6g
+            same = sum(float(f"{float(np.float32(a)):.6g}") == b for a, b in zip(r.m7, r.host))
+            n, mid = len(r.m7), min(99, len(r.m7) - 1)
+            final = "bit-identical" if not r.differing else "differs in " + ", ".join(r.differing)
+            print(f"\nTFC, Bop, B=32, cortex-m7 with 256 KiB (ELF RAM {r.ram_nbytes:,} B): {n} "
+                  f"steps under QEMU vs the host trainer: {same}/{n} losses equal to the host's "
+                  f"6 printed digits; final state: {final}; losses at "
+                  f"steps 1/{mid + 1}/{n}: M7 {r.m7[0]:.6g} / {r.m7[mid]:.6g} / {r.m7[-1]:.6g}, "
+                  f"host {r.host[0]:.6g} / {r.host[mid]:.6g} / {r.host[-1]:.6g}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
