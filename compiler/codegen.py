@@ -50,7 +50,7 @@ import numpy as np
 
 from .. import __version__
 from .baremetal import emit_baremetal
-from .cliterals import c_comment, c_ident, c_label, c_string, pixel_lut_c
+from .c_literals import c_comment, c_ident, c_label, c_string, pixel_lut_c
 from .contract import (DTYPE_CODES, MANIFEST, REGION_CODES, STATE_BLOB_HEADER_BYTES,
                        STATE_BLOB_MAGIC, STATE_BLOB_VERSION, STATUSES, TRAINER_SOURCE, Manifest,
                        StateEntry, StepEntry, TensorEntry)
@@ -346,7 +346,7 @@ def emit_c(schedule: Schedule, plan, target: Target | str, out_dir: str | Path, 
     """Write the C program of one training step of `schedule` placed by `plan` into `out_dir`
     (`target`: a Target or a targets/ name; `command`, `model_sha256`: front matter; `plan_json`:
     written as plan.json when given; `onnx_names`: layer -> ONNX node name, named (reduced to
-    identifier characters, `cliterals.c_label`) in the comment above each step function and
+    identifier characters, `c_literals.c_label`) in the comment above each step function and
     nowhere else). Stages: check, template context (tensor
     table, state table, step calls, predict, guards), kernel sources, files."""
     if isinstance(target, str):

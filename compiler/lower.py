@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .cliterals import c_float, c_ident
+from .c_literals import c_float, c_ident
 from .cnames import placed_tensors, tensor_macros
 from .contract import REGION_CODES
 from .errors import PlanError

@@ -19,7 +19,7 @@ from typing import Iterable
 
 import jinja2
 
-from .cliterals import c_string
+from .c_literals import c_string
 from .target import Target
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"

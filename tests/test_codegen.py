@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from graphs import cnv
-from bnnc.compiler.cliterals import c_comment, c_float, c_label, c_string
+from bnnc.compiler.c_literals import c_comment, c_float, c_label, c_string
 from bnnc.compiler.codegen import emit_c
 from bnnc.compiler.target import Target, load_target
 from bnnc.compiler.templating import numerics_source

@@ -4,7 +4,7 @@ Every node, tensor, initializer, input/output and graph name of a model (and its
 metadata, producer and symbolic batch dimension) is replaced by C / Jinja / make / shell payloads.
 `bnnc compile` must then write exactly the bytes it writes for the same model with plain names,
 except the model's hash and the one place meant to name ONNX nodes: the comment above each step
-function, where the node name appears reduced to identifier characters (`cliterals.c_label`), so
+function, where the node name appears reduced to identifier characters (`c_literals.c_label`), so
 no payload survives. That place and the command line in the file headers (which holds the user's
 file name) are also checked separately: escaped, inside comments.
 The hostile output directory is then built with its own Makefile (make runs recipes through

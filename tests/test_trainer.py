@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from bnnc.cli import main
-from bnnc.compiler.cliterals import PIXEL_LUT
+from bnnc.compiler.c_literals import PIXEL_LUT
 from bnnc.compiler.errors import DataError, TargetError
 from bnnc.compiler.target import load_target, parse_size
 from bnnc.runtime import packed

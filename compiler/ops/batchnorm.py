@@ -9,7 +9,7 @@ import numpy as np
 from .. import numerics as nx
 from ..errors import DataError
 from ..ir import Layer, LayerKind, tname
-from ..cliterals import c_float
+from ..c_literals import c_float
 from ..lower import Call, LowerCtx, instance, words64
 from ..onnx_values import Act, node_attrs, node_label
 from ..schedule_ir import Role, Step

@@ -6,7 +6,7 @@ import numpy as np
 
 from .. import numerics as nx
 from ..config import TrainConfig
-from ..cliterals import c_float
+from ..c_literals import c_float
 from ..lower import Call, LowerCtx, instance, words64
 from ..schedule_ir import DType, Step
 from .base import BIT, F32, STATE, KernelFamily, OpFamily, Phase, kernel

@@ -9,7 +9,7 @@ import onnx
 
 from ..errors import TargetError
 from ..ir import Layer, LayerKind, tname
-from ..cliterals import c_float
+from ..c_literals import c_float
 from ..lower import Call, LowerCtx, const_array, instance
 from ..onnx_fold import np_reshape
 from ..onnx_values import BATCH, Act, Bin, Const, SteRes, node_attrs, node_label, printable, short
