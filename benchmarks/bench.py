@@ -201,7 +201,7 @@ class Workspace:
     def compiled(self, case: Case, algorithm: str, target: str | Any = "host") -> Path:
         """`bnnc compile` of the case for a target (a name or a Target): the C, the manifest and
         the run inputs (model.onnx, init_state.npz) that the runners read."""
-        from bnnc.compiler.codegen import load_target
+        from bnnc.compiler.target import load_target
         from bnnc.compiler.pipeline import compile_to_c
         from bnnc.runtime.outdir import model_bytes, write_run_inputs
 
@@ -470,7 +470,7 @@ def _sibling(name: str):
 def _count_a72(ws: Workspace, case: Case, algorithm: str, steps: int) -> tuple[int, str]:
     """Instructions per step of the rpi4 trainer under qemu-aarch64 -cpu cortex-a72, counted by
     benchmarks/insns_a72.py (the NEON work's measurement), so the two tables count alike."""
-    from bnnc.compiler.codegen import load_target
+    from bnnc.compiler.target import load_target
     from bnnc.runtime import reference as ref
     from bnnc.runtime.outdir import state_values_f32
     from bnnc.compiler.contract import read_manifest
@@ -493,7 +493,7 @@ def _how(n: int) -> str:
 
 
 def part_qemu(ws: Workspace, cases: list[Case], args) -> Iterator[Row]:
-    from bnnc.compiler.codegen import load_target
+    from bnnc.compiler.target import load_target
     from bnnc.runtime.insncount import build_plugin
     from bnnc.runtime.programs import emulator_argv
 
@@ -520,7 +520,7 @@ def part_m7(ws: Workspace, args) -> Iterator[Row]:
     import dataclasses
 
     from bnnc.compiler import baremetal as bm
-    from bnnc.compiler.codegen import load_target
+    from bnnc.compiler.target import load_target
     from bnnc.compiler.contract import read_manifest
     from bnnc.runtime import baremetal
 

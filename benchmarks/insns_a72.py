@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bnnc.compiler.codegen import load_target
+from bnnc.compiler.target import load_target
 from bnnc.compiler.config import make_config
 from bnnc.compiler.frontend import load_model
 from bnnc.compiler.pipeline import compile_to_c

@@ -1,7 +1,7 @@
 """C literals shared by the Linux and the bare-metal emission: floats, strings, the pixel table.
 
-The pixel table (`pixel_lut_c`) is computed once for the template context that both the Linux
-trainer (codegen.py) and the bare-metal one (baremetal.py, which no longer imports codegen) render;
+The pixel table (`pixel_lut_c`) is computed once for the template context (codegen.py) that both
+the Linux trainer and the bare-metal one (baremetal.py) render;
 `c_string` is the templates' `cstr` filter (templating.py); `c_float` prints the lowering's float
 constants. Floats are printed as the double `repr` of what the numpy side uses, cast to float in
 C: C and numpy round the same double to float32.

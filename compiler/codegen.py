@@ -19,7 +19,8 @@ literal argument -- per step by its kernel's lowering (`KernelSpec.lower`, in th
 owns the kernel, compiler/ops/; shared helpers in compiler/lower.py), which this module calls;
 the templates in templates/ only loop and substitute. Float constants are printed as the double
 `repr` of the value the numpy reference uses, then cast to float in C, so C and numpy round the
-same double to float32 (`_f32(...)` in runtime/reference.py).
+same double to float32 (`c_literals.c_float`; the op families' reference sections use
+`np.float32(v)` of the same double).
 
 Numerics the C must share with runtime/reference.py (tests compare them): sign(0) = +1 everywhere;
 stochastic rounding keyed by (seed, step, tensor id, element) via `numerics.sr_bits`; BN statistics
@@ -60,7 +61,7 @@ from .ops.base import Phase
 from .ops.dense import packed_w_geometry
 from .ops.optim import bop_geometry
 from .schedule_ir import DType, Schedule, Step
-from .target import TARGETS, Target, load_target  # noqa: F401  (re-exported)
+from .target import Target, load_target
 from .templating import render_kernels, target_env
 
 
@@ -175,7 +176,7 @@ def _perturb_line(step: Step, ctx: LowerCtx) -> tuple[str, str]:
 
 
 def _check_emittable(schedule: Schedule, plan, target: Target) -> None:
-    """PlanError/TargetError when the plan's alignment or a kernel is beyond this codegen."""
+    """PlanError when the schedule is broken or the plan's alignment is below the target's."""
     schedule.verify()
     if plan.align % 8 or plan.align < target.align:
         raise PlanError(f"plan alignment {plan.align} is below target {target.name}'s "
@@ -231,11 +232,11 @@ def _step_calls(schedule: Schedule, ctx: LowerCtx, dump_off: Mapping[str, int],
                           onnx=c_label(onnx_names.get(s.layer, "")),
                           fn=call.inst.fn, call=_call_lines(call.inst.fn, call.args),
                           decls=call.decls,
-                          dumps=[(dump_off[o], ctx.ptr(o, True), ctx.t(o).nbytes)
+                          dumps=[(dump_off[o], ctx.ptr(o), ctx.t(o).nbytes)
                                  for o in s.outputs],
                           perturb_macro=macro, perturb=stmt,
                           uses_t=s.phase is Phase.UPDATE, uses_acc=s.phase is Phase.LOSS,
-                          loss_ptr=(ctx.ptr(s.outputs[0], True) if s.phase is Phase.LOSS
+                          loss_ptr=(ctx.ptr(s.outputs[0]) if s.phase is Phase.LOSS
                                     else "")))
     return steps
 
@@ -257,8 +258,8 @@ def _predict_calls(schedule: Schedule, ctx: LowerCtx, steps: list[dict],
     _use(instances, Instance("loss", "softmax_rows", "k_softmax_rows", ()))
     loss_step = next(s for s in schedule.steps if s.phase is Phase.LOSS)
     logits, probs = loss_step.inputs[0], loss_step.outputs[1]
-    return infer, dict(logits=ctx.ptr(logits, True), probs=ctx.ptr(probs),
-                       probs_const=ctx.ptr(probs, True), classes=loss_step.attrs["classes"])
+    return infer, dict(logits=ctx.ptr(logits), probs=ctx.ptr(probs),
+                       probs_const=ctx.ptr(probs), classes=loss_step.attrs["classes"])
 
 
 def _tensor_macros(tensors: list[TensorEntry], ctx: LowerCtx) -> list[dict]:

@@ -19,7 +19,8 @@ markers for the STE idioms (`x >= 0`, `B(x) - x`). Each op type's handler lives 
 (`compiler/ops/<family>.py`, ONNX import section; `ops.ONNX_HANDLERS`); this module keeps the
 dispatch and what every handler shares. Layers appear when a value is consumed:
 - Binarizers (every idiom: compiler/ops/activation.py, ONNX import) become one SIGN layer on an
-  activation; on a constant they set `binary=True` on the DENSE/CONV that consumes it, whose W is
+  activation; on a constant they set `binary=True` on the weight layer (DENSE/CONV/GROUP_CONV)
+  that consumes it, whose W is
   the latent initializer (dense [in, out], conv [Cout, Cin, kh, kw]). sign(0) = +1, also for ONNX
   `Sign` (whose Sign(0) is 0: a plain-`Sign` file differs from onnxruntime exactly there).
 - Folded weights (decision): a MatMul/Gemm/Conv weight whose entries are all exactly +-1 is binary,
@@ -43,7 +44,7 @@ dispatch and what every handler shares. Layers appear when a value is consumed:
   the transpose is absorbed, `input_layout="NHWC"`, `input_shape` is (C, H, W). Any other Transpose
   of an activation is rejected.
 Limits: one graph input (initializers listed as inputs are constants), one output, float32 input,
-Conv group 1 and dilation 1, pooling whose ceil_mode does not change the size, no control flow.
+Conv dilation 1 (group > 1 becomes a GROUP_CONV layer), pooling whose ceil_mode does not change the size, no control flow.
 Every rejection is a `ModelError` / `UnsupportedModelError` naming the file, the node, its op type
 and the reason, with a hint.
 
@@ -493,7 +494,7 @@ class _Importer:
         real_base = (base is not None and base.kind in WEIGHT_KINDS
                      and not base.attrs["binary"])
         # an identity chain vanishes, except a bias Add on a real layer: a trainable `b` even
-        # when it is all zeros (an untrained export); _fold_biases turns it into that `b`
+        # when it is all zeros (an untrained export); weights.fold_biases turns it into that `b`
         if np.all(scale == 1) and np.all(bias == 0) and not (real_base and aff.add):
             res = Act(x.layer, x.shape, x.nhwc)
         elif (base is not None and base.kind in WEIGHT_KINDS and aff.pc_mul

@@ -2,11 +2,11 @@
 into a C function instance and its argument expressions.
 
 The lowerings themselves live with their op family (`compiler/ops/<family>.py`, `KernelSpec.lower`);
-codegen (`compiler/codegen.py`) calls them and renders the instances' template macros. Here: C
-literal helpers, the operand dtype table, `Instance`/`Call`, `LowerCtx` (pointer expressions of a
-planned schedule's tensors), `instance` (the C function of a step's operand dtypes), and helpers
-more than one family uses (bit-packing words, +-1 inputs, geometry constants, the fast conv
-kernels' scratch plans).
+codegen (`compiler/codegen.py`) calls them and renders the instances' template macros. Here: the
+operand dtype table, `Instance`/`Call`, `LowerCtx` (pointer expressions of a
+planned schedule's tensors), `instance` (the C function of a step's operand dtypes), and the
+lowering helpers of the families (bit-packing words, +-1 inputs, geometry constants, the fast conv
+kernels' scratch plans); C literals come from c_literals.py.
 """
 
 from __future__ import annotations
@@ -16,8 +16,6 @@ from typing import TYPE_CHECKING, Any
 
 from .c_literals import c_float, c_ident
 from .cnames import placed_tensors, tensor_macros
-from .contract import REGION_CODES
-from .errors import PlanError
 from .schedule_ir import DType, Schedule, Step, Tensor
 
 if TYPE_CHECKING:
@@ -80,13 +78,9 @@ class LowerCtx:
     def t(self, name: str) -> Tensor:
         return self.s.tensors[name]
 
-    def ptr(self, name: str, const: bool = False) -> str:
-        """`T_fc1_out` / `S_fc1_W`: a pointer of the tensor's C type (`const` marks read-only
-        operands at the call site; the plain pointer converts to the kernel's const parameter)."""
-        region, _ = self.plan.tensor_offsets[name]
-        if region not in REGION_CODES:
-            raise PlanError(f"tensor {name} lives in region {region!r}; codegen needs the batch "
-                            "in the arena", hint="plan with io='arena' (the default)")
+    def ptr(self, name: str) -> str:
+        """`T_fc1_out` / `S_fc1_W`: the pointer macro of a tensor the plan places in the arena or
+        the state (a pointer of the tensor's C type; it converts to a kernel's const parameter)."""
         return self.macros[name]
 
 
@@ -115,7 +109,7 @@ def words64(n: int) -> int:
 
 def bias_operand(step: Step, ctx: LowerCtx, idx: int) -> tuple[dict[str, str], str]:
     if len(step.inputs) > idx:
-        return {"b": step.inputs[idx]}, ctx.ptr(step.inputs[idx], True)
+        return {"b": step.inputs[idx]}, ctx.ptr(step.inputs[idx])
     return {}, "0"
 
 
@@ -240,7 +234,7 @@ def conv_dw_plan(a: dict, exact: bool) -> dict | None:
     PO2 sums) doubles the sums for the carried high halves."""
     if tuple(a["strides"]) != (1, 1):
         return None
-    c, k, kh, kw, oh, ow, b = a["cin"], a["cout"], a["kh"], a["kw"], a["oh"], a["ow"], a["batch"]
+    c, kh, kw, oh, ow, b = a["cin"], a["kh"], a["kw"], a["oh"], a["ow"], a["batch"]
     hp, wp, taps = oh + kh - 1, ow + kw - 1, kh * kw
     mode = "ox" if ow >= 8 and a["w"] <= 64 else "img"
     fw = -(-(hp * wp) // 64) + 1          # words per channel of the padded bit string (+1 to read)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .budget import check_budget
-from .codegen import Emitted, Target, emit_c
+from .codegen import Emitted, emit_c
 from .config import TrainConfig, check_config_for_graph
 from .ir import Graph
 from .liveness import Liveness
@@ -20,6 +20,7 @@ from .planner import ArenaPlan, plan_schedule
 from .report import dump_plan_json, plan_to_json
 from .schedule import build_schedule
 from .schedule_ir import Schedule
+from .target import Target
 
 
 @dataclass(frozen=True)

@@ -85,20 +85,20 @@ import numpy as np
 from .config import TrainConfig, validate
 from .errors import ModelError, UnsupportedModelError
 from .ir import INPUT, Graph, Layer, tname
+from .lower import words64
 from .ops import KERNELS, LAYERS, SCHEDULE_BACKWARD, SCHEDULE_FORWARD, check_graph, check_step
 from .ops.base import Bits, KernelSpec, Phase, prod
 from .ops.loss import SOFTMAX_XENT
 from .ops.optim import UPDATE_KERNELS
 from .ops.structural import GRAD_ADD
 from .schedule_ir import DType, Role, Schedule, Step, Tensor
-from .state import state_tensors
+from .state import MOMENTS, state_tensors
 
 F32, F16, BF16, BIT = DType.F32, DType.F16, DType.BF16, DType.BIT
 PO2, U8, I32 = DType.PO2, DType.U8, DType.I32
 _ITEMSIZE = {F32: 4, F16: 2, BF16: 2, I32: 4, U8: 1, PO2: 1}
 _STATE_DTYPE = {"f32": F32, "bf16": BF16, "f16": F16, "bit": BIT}
 _STATE_ROLE = {"param": Role.PARAM, "opt": Role.OPT_STATE, "bn_stat": Role.BN_STAT}
-_MOMENTS = {"adam": ("m", "v"), "sgd": ("m",), "bop": ("m",)}
 _MAX_TENSOR_NBYTES = 2**31 - 1    # int32 byte offsets/indices in the generated C
 
 
@@ -124,10 +124,6 @@ def schedule_table(schedule: Schedule) -> str:
             line += "  [" + ", ".join(f"{o}<-{i}" for o, i in s.inplace) + "]"
         lines.append(line)
     return "\n".join(lines) + "\n"
-
-
-def words64(nbits: int) -> int:
-    return -(-nbits // 64)
 
 
 def _plain(v):
@@ -399,7 +395,7 @@ class ScheduleBuilder:
         """The optimizer step of parameter `<lay>.<fieldname>` from its gradient `grad`."""
         cfg = self.cfg
         st = self.state[tname(lay.name, fieldname)]
-        moms = tuple(f"{st.name}.{m}" for m in _MOMENTS[st.optimizer])
+        moms = tuple(f"{st.name}.{m}" for m in MOMENTS[st.optimizer])
         attrs: dict = dict(size=prod(st.shape), tensor_id=st.tensor_id, seed=cfg.seed,
                            stochastic=st.stochastic,
                            moment_ids=tuple(self.state[m].tensor_id for m in moms))

@@ -34,17 +34,6 @@ class StateTensor:
     stochastic: bool        # stores use stochastic rounding (16-bit dtypes only)
 
 
-def trainable_fields(graph: Graph, cfg: TrainConfig) -> list[tuple[str, str]]:
-    """(layer, field) of every trainable tensor, in state order."""
-    out = []
-    for lay in graph.layers:
-        if lay.kind in WEIGHT_KINDS:
-            out += [(lay.name, f) for f in ("W", "b") if f in lay.params]
-        elif lay.kind is LayerKind.BATCHNORM:
-            out += [(lay.name, f) for f in (("gamma", "beta") if cfg.bn == "l2" else ("beta",))]
-    return out
-
-
 def state_tensors(graph: Graph, cfg: TrainConfig) -> list[StateTensor]:
     sd, is16 = cfg.state_dtype, cfg.state_dtype != "f32"
     out: list[StateTensor] = []
@@ -77,5 +66,8 @@ def state_tensors(graph: Graph, cfg: TrainConfig) -> list[StateTensor]:
     return out
 
 
+MOMENTS = {"adam": ("m", "v"), "sgd": ("m",), "bop": ("m",)}   # optimizer -> moment fields
+
+
 def _moments(optimizer: str) -> tuple[str, ...]:
-    return {"adam": ("m", "v"), "sgd": ("m",), "bop": ("m",)}[optimizer]
+    return MOMENTS[optimizer]

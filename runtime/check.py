@@ -31,8 +31,8 @@ Tolerances (per element; r = reference, c = C; floor = e * max|r| over the tenso
   f16 gradient), then e = 2^-10 (f16) or 2^-7 (bf16). A 16-bit sum of 16-bit terms (a fan-out's
   gradient, a residual add) also gets one ulp of each term (cancellation).
 - parameters and optimizer moments after the update: compared with the reference's update rule
-  (`reference.UPDATE`, stored with the same stochastic-rounding bits) applied to the C's pre-step
-  state and gradient, which passed its own comparison; near g ~ eps Adam amplifies any gradient
+  (`reference.update_params`, stored with the same stochastic-rounding bits) applied to the C's
+  pre-step state and gradient, which passed its own comparison; near g ~ eps Adam amplifies any gradient
   rounding by lr/eps, so an independent update would test that amplifier, not the C. BN running
   statistics are compared with the reference's directly.
 
@@ -307,13 +307,6 @@ def _r_value(name: str, t_dtype: DType, r: np.ndarray) -> np.ndarray:
     return r
 
 
-def _expected_update(graph: Graph, cfg: TrainConfig, t: int, pre: dict[str, np.ndarray],
-                     grads: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The reference's update rules and stores applied to the C's own gradients: what every
-    parameter and moment must be after step t, given the C's pre-step state."""
-    return reference.update_params(graph, cfg, t, pre, grads)
-
-
 def debug_target(target: Target, *, ram: bool, flash: bool) -> Target:
     """The target a check builds for: a bare-metal debug build runs on the emulated board, which has
     more memory than the part, so its RAM/flash budget is the board's unless --ram / --flash (`ram`,
@@ -393,7 +386,7 @@ def run_check(graph: Graph, cfg: TrainConfig, *, steps: int = 3, data_seed: int 
             report.rows.append(compare(k, name, t.dtype, c, r, chain.get(name, 0.0),
                                        _slack(schedule, hp, name, t, pre)))
         after = hp.read_state()
-        expected = _expected_update(graph, cfg, pre_state.step + 1, pre, c_vals)
+        expected = reference.update_params(graph, cfg, pre_state.step + 1, pre, c_vals)
         for name, v in state.tensors.items():
             ref_v = expected.get(name, v)      # parameters and moments: update of the C gradient
             report.rows.append(compare(k, name, state_dtypes[name], after[name], ref_v,

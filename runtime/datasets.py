@@ -37,6 +37,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..compiler.c_literals import PIXEL_LUT
 from ..compiler.errors import DataError
 from ..compiler.ir import Graph
 from .dataset_formats import (Split, Splits, check_labels, cifar_splits, load_cifar_batch,
@@ -119,7 +120,6 @@ def dataset_info(name: str) -> DatasetInfo:
 
 # One rounding from the exact rational (2x - 255) / 255, so every caller (and the C side, which
 # can copy this table) gets bit-identical inputs whatever float32 operation order it would use.
-_SCALE_LUT = ((2.0 * np.arange(256) - 255.0) / 255.0).astype(np.float32)
 
 
 def scale_pixels(x: np.ndarray) -> np.ndarray:
@@ -127,7 +127,7 @@ def scale_pixels(x: np.ndarray) -> np.ndarray:
     if x.dtype != np.uint8:
         raise DataError(f"scale_pixels expects uint8 pixels, got {x.dtype}; "
                         "scale raw data only once")
-    return _SCALE_LUT[x]
+    return PIXEL_LUT[x]
 
 
 def pad_to_cifar(x: np.ndarray, *, fill: float | None = None) -> np.ndarray:

@@ -33,7 +33,7 @@ import cffi
 import numpy as np
 
 from ..compiler.codegen import header_cdef
-from ..compiler.contract import MANIFEST, STATUSES, TensorEntry, read_manifest
+from ..compiler.contract import STATUSES, TensorEntry, read_manifest
 from ..compiler.errors import DataError, TargetError
 from ..compiler.numerics import unpack_bits
 from ..compiler.target import Target, load_target
@@ -103,8 +103,6 @@ class HostProgram:
     def __init__(self, out_dir: str | Path, *, target: str | Target = "host", debug: bool = True,
                  extra_cflags: Sequence[str] = (), cache: Path | None = None):
         self.out_dir = Path(out_dir)
-        if not (self.out_dir / MANIFEST).is_file():
-            raise TargetError(f"{self.out_dir} has no {MANIFEST}; run `bnnc compile` into it first")
         self.manifest = m = read_manifest(self.out_dir)
         self.target = target if isinstance(target, Target) else load_target(target)
         self.debug = debug

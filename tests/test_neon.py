@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from bnnc.compiler.codegen import load_target
+from bnnc.compiler.target import load_target
 from bnnc.compiler.config import make_config
 from bnnc.compiler.frontend import load_model
 from bnnc.compiler.pipeline import compile_to_c

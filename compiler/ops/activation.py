@@ -271,16 +271,16 @@ def _lower_sign_fwd(step: Step, ctx: LowerCtx) -> Call:
     b, size = a["batch"], a["size"]
     if step.kernel is SIGN_FWD_F32:
         inst = instance(step, ctx, mask=mask is not None)
-        return Call(inst, [ctx.ptr(x, True), ctx.ptr(y), ctx.ptr(mask) if mask else "0", b, size,
+        return Call(inst, [ctx.ptr(x), ctx.ptr(y), ctx.ptr(mask) if mask else "0", b, size,
                            words64(size)])
     yt = ctx.t(y)
     if bits_nhwc(yt):
         _, c, h, w = yt.shape
         inst = instance(step, ctx, "sign_fwd_pack_nhwc", mask=mask is not None)
-        return Call(inst, [ctx.ptr(x, True), ctx.ptr(y), ctx.ptr(mask) if mask else "0", b, c,
+        return Call(inst, [ctx.ptr(x), ctx.ptr(y), ctx.ptr(mask) if mask else "0", b, c,
                            h * w, words64(c), words64(size)])
     inst = instance(step, ctx, "sign_fwd_pack_rows", mask=mask is not None)
-    return Call(inst, [ctx.ptr(x, True), ctx.ptr(y), ctx.ptr(mask) if mask else "0", b, size,
+    return Call(inst, [ctx.ptr(x), ctx.ptr(y), ctx.ptr(mask) if mask else "0", b, size,
                        words64(size)])
 
 
@@ -290,7 +290,7 @@ def _lower_unary_bwd(step: Step, ctx: LowerCtx) -> Call:
     g, keep = step.inputs
     d = step.outputs[0]
     inst = instance(step, ctx, operands={"g": g, "d": d})
-    return Call(inst, [ctx.ptr(g, True), ctx.ptr(keep, True), ctx.ptr(d), a["batch"], a["size"],
+    return Call(inst, [ctx.ptr(g), ctx.ptr(keep), ctx.ptr(d), a["batch"], a["size"],
                        words64(a["size"])])
 
 
@@ -298,7 +298,7 @@ def _lower_relu_fwd(step: Step, ctx: LowerCtx) -> Call:
     a = step.attrs
     mask = step.outputs[1] if len(step.outputs) > 1 else None
     inst = instance(step, ctx, mask=mask is not None)
-    return Call(inst, [ctx.ptr(step.inputs[0], True), ctx.ptr(step.outputs[0]),
+    return Call(inst, [ctx.ptr(step.inputs[0]), ctx.ptr(step.outputs[0]),
                        ctx.ptr(mask) if mask else "0", a["batch"], a["size"], words64(a["size"])])
 
 

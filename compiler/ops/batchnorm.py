@@ -149,11 +149,11 @@ def _lower_bn_fwd(step: Step, ctx: LowerCtx, infer: bool = False) -> Call:
         ops = {"gamma": gamma, "beta": beta, "rm": rm}
         if infer:
             inst = instance(step, ctx, "bn_l2_infer", ops)
-            return Call(inst, [ctx.ptr(x, True), ctx.ptr(gamma, True), ctx.ptr(beta, True),
-                               ctx.ptr(rm, True), ctx.ptr(rv, True), ctx.ptr(y), b, c, sp,
+            return Call(inst, [ctx.ptr(x), ctx.ptr(gamma), ctx.ptr(beta),
+                               ctx.ptr(rm), ctx.ptr(rv), ctx.ptr(y), b, c, sp,
                                c_float(a["eps"])])
         inst = instance(step, ctx, operands=ops, saved=xh is not None, rows=sp == 1)
-        return Call(inst, [ctx.ptr(x, True), ctx.ptr(gamma, True), ctx.ptr(beta, True),
+        return Call(inst, [ctx.ptr(x), ctx.ptr(gamma), ctx.ptr(beta),
                            ctx.ptr(rm), ctx.ptr(rv), ctx.ptr(y), ctx.ptr(xh) if xh else "0",
                            ctx.ptr(inv) if inv else "0", b, c, sp, c_float(a["eps"]), c_float(m),
                            c_float(1 - m)])
@@ -164,10 +164,10 @@ def _lower_bn_fwd(step: Step, ctx: LowerCtx, infer: bool = False) -> Call:
     ops = {"beta": beta, "rm": rm}
     if infer:
         inst = instance(step, ctx, "bn_l1_infer", ops)
-        return Call(inst, [ctx.ptr(x, True), ctx.ptr(beta, True), ctx.ptr(rm, True),
-                           ctx.ptr(rp, True), ctx.ptr(y), b, c, sp])
+        return Call(inst, [ctx.ptr(x), ctx.ptr(beta), ctx.ptr(rm),
+                           ctx.ptr(rp), ctx.ptr(y), b, c, sp])
     inst = instance(step, ctx, operands=ops, signs=s is not None, rows=sp == 1)
-    return Call(inst, [ctx.ptr(x, True), ctx.ptr(beta, True), ctx.ptr(rm), ctx.ptr(rp), ctx.ptr(y),
+    return Call(inst, [ctx.ptr(x), ctx.ptr(beta), ctx.ptr(rm), ctx.ptr(rp), ctx.ptr(y),
                        ctx.ptr(mu), ctx.ptr(psi), ctx.ptr(s) if s else "0", b, c, sp,
                        words64(c * sp), c_float(m), c_float(1 - m)])
 
@@ -181,15 +181,15 @@ def _lower_bn_bwd(step: Step, ctx: LowerCtx) -> Call:
         d_in = step.outputs[2] if len(step.outputs) > 2 else None
         ops = {"g": g, "gamma": gamma} | ({"dx": d_in} if d_in else {})
         inst = instance(step, ctx, operands=ops, dx=d_in is not None, rows=sp == 1)
-        return Call(inst, [ctx.ptr(g, True), ctx.ptr(xh, True), ctx.ptr(inv, True),
-                           ctx.ptr(gamma, True), ctx.ptr(dgamma), ctx.ptr(dbeta),
+        return Call(inst, [ctx.ptr(g), ctx.ptr(xh), ctx.ptr(inv),
+                           ctx.ptr(gamma), ctx.ptr(dgamma), ctx.ptr(dbeta),
                            ctx.ptr(d_in) if d_in else "0", b, c, sp])
     g, s, psi = step.inputs
     dbeta = step.outputs[0]
     d_in = step.outputs[1] if len(step.outputs) > 1 else None
     ops = {"g": g} | ({"dx": d_in} if d_in else {})
     inst = instance(step, ctx, operands=ops, dx=d_in is not None, rows=sp == 1)
-    return Call(inst, [ctx.ptr(g, True), ctx.ptr(s, True), ctx.ptr(psi, True), ctx.ptr(dbeta),
+    return Call(inst, [ctx.ptr(g), ctx.ptr(s), ctx.ptr(psi), ctx.ptr(dbeta),
                        ctx.ptr(d_in) if d_in else "0", b, c, sp, words64(c * sp)])
 
 

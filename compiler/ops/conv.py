@@ -169,7 +169,7 @@ def _lower_conv_fwd(step: Step, ctx: LowerCtx) -> Call:
     plan = conv_fwd_plan(step.attrs, kind) if latent or kind == "bits" else None
     macro = f"conv_fwd_fast_{kind}" if plan else None
     inst = instance(step, ctx, macro, operands={**wops, **ops}, bias=bool(ops), **(plan or {}))
-    return Call(inst, [ctx.ptr(x, True), ctx.ptr(w, True), bptr, ctx.ptr(y), "&g"],
+    return Call(inst, [ctx.ptr(x), ctx.ptr(w), bptr, ctx.ptr(y), "&g"],
                 [conv_geom(step.attrs)])
 
 
@@ -192,7 +192,7 @@ def _lower_conv_dw(step: Step, ctx: LowerCtx) -> Call:
         macro = ((f"conv_dw_fr_{grad}_{xk}" if xk else "conv_dw_direct_bin") if plan
                  else f"conv_dw_bin_{kind}")
         inst = instance(step, ctx, macro, ops, po2=po2, **(dict(plan, out="bin") if plan else {}))
-        return Call(inst, [ctx.ptr(x, True), ctx.ptr(g, True), ctx.ptr(dw), "&g"], decl)
+        return Call(inst, [ctx.ptr(x), ctx.ptr(g), ctx.ptr(dw), "&g"], decl)
     if step.kernel is CONV_DW_PO2:
         q, bias = step.inputs[1], step.inputs[2]
         w = step.inputs[3] if len(step.inputs) > 3 else None
@@ -202,8 +202,8 @@ def _lower_conv_dw(step: Step, ctx: LowerCtx) -> Call:
                  else f"conv_dw_po2_{kind}")
         inst = instance(step, ctx, macro, ops, mask=w is not None,
                         **(dict(plan, out="f32") if plan else {}))
-        return Call(inst, [ctx.ptr(x, True), ctx.ptr(q, True), ctx.ptr(bias, True),
-                           ctx.ptr(w, True) if w else "0", ctx.ptr(dw), "&g"], decl)
+        return Call(inst, [ctx.ptr(x), ctx.ptr(q), ctx.ptr(bias),
+                           ctx.ptr(w) if w else "0", ctx.ptr(dw), "&g"], decl)
     dy = step.inputs[1]
     w = step.inputs[2] if len(step.inputs) > 2 else None
     ops["dy"] = dy
@@ -213,7 +213,7 @@ def _lower_conv_dw(step: Step, ctx: LowerCtx) -> Call:
              else f"conv_dw_f32_{kind}")
     inst = instance(step, ctx, macro, ops, mask=w is not None,
                     **(dict(plan, out="f32") if plan else {}))
-    return Call(inst, [ctx.ptr(x, True), ctx.ptr(dy, True), ctx.ptr(w, True) if w else "0",
+    return Call(inst, [ctx.ptr(x), ctx.ptr(dy), ctx.ptr(w) if w else "0",
                        ctx.ptr(dw), "&g"], decl)
 
 
@@ -228,12 +228,12 @@ def _lower_conv_dx(step: Step, ctx: LowerCtx) -> Call:
         q, bias, w = step.inputs
         inst = instance(step, ctx, macro, operands={"w": w, "dx": dx}, binary=True,
                         **(plan or {}))
-        return Call(inst, [ctx.ptr(q, True), ctx.ptr(bias, True), ctx.ptr(w, True), ctx.ptr(dx),
+        return Call(inst, [ctx.ptr(q), ctx.ptr(bias), ctx.ptr(w), ctx.ptr(dx),
                            "&g"], decl)
     dy, w = step.inputs
     inst = instance(step, ctx, macro, operands={"dy": dy, "w": w, "dx": dx},
                     binary=bool(a["binary"]), **(plan or {}))
-    return Call(inst, [ctx.ptr(dy, True), ctx.ptr(w, True), ctx.ptr(dx), "&g"], decl)
+    return Call(inst, [ctx.ptr(dy), ctx.ptr(w), ctx.ptr(dx), "&g"], decl)
 
 
 def _magnitude(kind: str):

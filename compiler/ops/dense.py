@@ -138,13 +138,13 @@ def _lower_dense_fwd(step: Step, ctx: LowerCtx) -> Call:
         chw = a.get("x_chw")
         words = chw[1] * chw[2] * words64(chw[0]) if chw else words64(k)
         inst = instance(step, ctx, operands=ops, bias=bool(ops))
-        return Call(inst, [ctx.ptr(x, True), ctx.ptr(w, True), bptr, ctx.ptr(y), b, n, words, k])
+        return Call(inst, [ctx.ptr(x), ctx.ptr(w), bptr, ctx.ptr(y), b, n, words, k])
     # a +-1 input (the standard algorithm keeps sign outputs as f32) multiplies by XNOR-popcount:
     # the sums are exact integers, the same bits as the sign-select float sum
     macro = ("dense_fwd_pm1" if step.kernel is DENSE_FWD_SIGNW and pm1_input(ctx, x)
              and ctx.t(w).dtype is not DType.BIT else None)
     inst = instance(step, ctx, macro, operands={"w": w, **ops}, bias=bool(ops))
-    return Call(inst, [ctx.ptr(x, True), ctx.ptr(w, True), bptr, ctx.ptr(y), b, k, n, words64(k)])
+    return Call(inst, [ctx.ptr(x), ctx.ptr(w), bptr, ctx.ptr(y), b, k, n, words64(k)])
 
 
 def _x_operand(step: Step, ctx: LowerCtx, x: str, a: dict) -> tuple[str, list]:
@@ -173,22 +173,22 @@ def _lower_dense_dw(step: Step, ctx: LowerCtx) -> Call:
         if not po2:
             ops["g"] = g
         inst = instance(step, ctx, f"dense_dw_bin_{kind}", ops, po2=po2)
-        return Call(inst, [ctx.ptr(x, True), ctx.ptr(g, True), ctx.ptr(dw), b, k, n] + xargs)
+        return Call(inst, [ctx.ptr(x), ctx.ptr(g), ctx.ptr(dw), b, k, n] + xargs)
     if step.kernel is DENSE_DW_PO2:
         q, bias = step.inputs[1], step.inputs[2]
         w = step.inputs[3] if len(step.inputs) > 3 else None
         if w:
             ops["w"] = w
         inst = instance(step, ctx, f"dense_dw_po2_{kind}", ops, mask=w is not None)
-        return Call(inst, [ctx.ptr(x, True), ctx.ptr(q, True), ctx.ptr(bias, True),
-                           ctx.ptr(w, True) if w else "0", ctx.ptr(dw), b, k, n] + xargs)
+        return Call(inst, [ctx.ptr(x), ctx.ptr(q), ctx.ptr(bias),
+                           ctx.ptr(w) if w else "0", ctx.ptr(dw), b, k, n] + xargs)
     dy = step.inputs[1]
     w = step.inputs[2] if len(step.inputs) > 2 else None
     ops["dy"] = dy
     if w:
         ops["w"] = w
     inst = instance(step, ctx, f"dense_dw_f32_{kind}", ops, mask=w is not None)
-    return Call(inst, [ctx.ptr(x, True), ctx.ptr(dy, True), ctx.ptr(w, True) if w else "0",
+    return Call(inst, [ctx.ptr(x), ctx.ptr(dy), ctx.ptr(w) if w else "0",
                        ctx.ptr(dw), b, k, n] + xargs)
 
 
@@ -216,11 +216,11 @@ def _lower_dense_dx(step: Step, ctx: LowerCtx) -> Call:
     if step.kernel is DENSE_DX_PO2:
         q, bias, w = step.inputs
         inst = instance(step, ctx, operands={"w": w, "dx": dx})
-        return Call(inst, [ctx.ptr(q, True), ctx.ptr(bias, True), ctx.ptr(w, True), ctx.ptr(dx),
+        return Call(inst, [ctx.ptr(q), ctx.ptr(bias), ctx.ptr(w), ctx.ptr(dx),
                            b, k, n] + _w_sign_args(ctx, w, k))
     dy, w = step.inputs
     inst = instance(step, ctx, operands={"dy": dy, "w": w, "dx": dx}, binary=bool(a["binary"]))
-    return Call(inst, [ctx.ptr(dy, True), ctx.ptr(w, True), ctx.ptr(dx), b, k, n]
+    return Call(inst, [ctx.ptr(dy), ctx.ptr(w), ctx.ptr(dx), b, k, n]
                 + _w_sign_args(ctx, w, k))
 
 

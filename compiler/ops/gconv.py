@@ -80,7 +80,7 @@ def _lower_fwd(step: Step, ctx: LowerCtx) -> Call:
     x, w = step.inputs[0], step.inputs[1]
     ops, bptr = bias_operand(step, ctx, 2)
     inst = instance(step, ctx, operands={"w": w, **ops}, bias=bool(ops), binary=bool(a["binary"]))
-    return Call(inst, [ctx.ptr(x, True), ctx.ptr(w, True), bptr, ctx.ptr(step.outputs[0]), "&g",
+    return Call(inst, [ctx.ptr(x), ctx.ptr(w), bptr, ctx.ptr(step.outputs[0]), "&g",
                        a["group"]], _decl(a))
 
 
@@ -95,15 +95,15 @@ def _lower_dw(step: Step, ctx: LowerCtx) -> Call:
         po2 = ctx.t(g).dtype is DType.PO2
         ops |= {} if po2 else {"g": g}
         inst = instance(step, ctx, operands=ops, x=xk, po2=po2)
-        return Call(inst, [ctx.ptr(x, True), ctx.ptr(g, True)] + tail, _decl(a))
+        return Call(inst, [ctx.ptr(x), ctx.ptr(g)] + tail, _decl(a))
     po2 = step.kernel.name == "gconv_dw_po2"
     grads = step.inputs[1:3] if po2 else step.inputs[1:2]
     w = step.inputs[len(grads) + 1] if len(step.inputs) > len(grads) + 1 else None
     ops |= ({} if po2 else {"dy": grads[0]}) | ({"w": w} if w else {})
     inst = instance(step, ctx, "gconv_dw", ops, x=xk, grad="po2" if po2 else "f32",
                     mask=w is not None)
-    return Call(inst, [ctx.ptr(x, True)] + [ctx.ptr(t, True) for t in grads]
-                + [ctx.ptr(w, True) if w else "0"] + tail, _decl(a))
+    return Call(inst, [ctx.ptr(x)] + [ctx.ptr(t) for t in grads]
+                + [ctx.ptr(w) if w else "0"] + tail, _decl(a))
 
 
 def _lower_dx(step: Step, ctx: LowerCtx) -> Call:
@@ -113,7 +113,7 @@ def _lower_dx(step: Step, ctx: LowerCtx) -> Call:
     ops = ({} if po2 else {"dy": grads[0]}) | {"w": w, "dx": dx}
     inst = instance(step, ctx, "gconv_dx", ops, grad="po2" if po2 else "f32",
                     binary=bool(step.attrs["binary"]))
-    return Call(inst, [ctx.ptr(t, True) for t in grads] + [ctx.ptr(w, True), ctx.ptr(dx), "&g",
+    return Call(inst, [ctx.ptr(t) for t in grads] + [ctx.ptr(w), ctx.ptr(dx), "&g",
                                                            step.attrs["group"]], _decl(step.attrs))
 
 

@@ -59,7 +59,7 @@ def _lower_softmax_xent(step: Step, ctx: LowerCtx) -> Call:
     logits, labels = step.inputs
     loss, probs, d = step.outputs
     inst = instance(step, ctx, operands={"d": d})
-    return Call(inst, [ctx.ptr(logits, True), ctx.ptr(labels, True), ctx.ptr(loss), ctx.ptr(probs),
+    return Call(inst, [ctx.ptr(logits), ctx.ptr(labels), ctx.ptr(loss), ctx.ptr(probs),
                        ctx.ptr(d), "accuracy", a["batch"], a["classes"]])
 # softmax_xent's step also hands the loss to the train-step entry: the arena slot of `loss` is dead
 # (and may be reused) once the step is over

@@ -45,7 +45,7 @@ def _lower_adam(step: Step, ctx: LowerCtx) -> Call:
     inst = instance(step, ctx, operands=ops, gbit=ctx.t(g).dtype is DType.BIT)
     mid, vid = a["moment_ids"]
     b1, b2 = a["beta1"], a["beta2"]
-    return Call(inst, [ctx.ptr(p), ctx.ptr(g, True), ctx.ptr(m), ctx.ptr(v), a["size"]] + gbits + [
+    return Call(inst, [ctx.ptr(p), ctx.ptr(g), ctx.ptr(m), ctx.ptr(v), a["size"]] + gbits + [
         c_float(a["lr"]), c_float(b1), c_float(b2), c_float(1 - b1), c_float(1 - b2),
         f"bnnc_one_minus_pow({c_float(b1)}, t)", f"bnnc_one_minus_pow({c_float(b2)}, t)",
         c_float(a["eps"]), f"bnnc_sr_key(seed, t, {a['tensor_id']}u)",
@@ -59,7 +59,7 @@ def _lower_sgd(step: Step, ctx: LowerCtx) -> Call:
     ops.update(m=m)
     inst = instance(step, ctx, operands=ops, gbit=ctx.t(g).dtype is DType.BIT)
     (mid,) = a["moment_ids"]
-    return Call(inst, [ctx.ptr(p), ctx.ptr(g, True), ctx.ptr(m), a["size"]] + gbits + [
+    return Call(inst, [ctx.ptr(p), ctx.ptr(g), ctx.ptr(m), a["size"]] + gbits + [
         c_float(a["lr"]), c_float(a["momentum"]), f"bnnc_sr_key(seed, t, {a['tensor_id']}u)",
         f"bnnc_sr_key(seed, t, {mid}u)"])
 
@@ -82,7 +82,7 @@ def _lower_bop(step: Step, ctx: LowerCtx) -> Call:
     ops = {"m": m} | ({} if gt.dtype is DType.BIT else {"g": g})
     inst = instance(step, ctx, operands=ops, gbit=gt.dtype is DType.BIT)
     (mid,) = a["moment_ids"]
-    return Call(inst, [ctx.ptr(p), ctx.ptr(g, True), ctx.ptr(m), a["size"], c_float(1 - a["gamma"]),
+    return Call(inst, [ctx.ptr(p), ctx.ptr(g), ctx.ptr(m), a["size"], c_float(1 - a["gamma"]),
                        c_float(a["threshold"]), f"bnnc_sr_key(seed, t, {mid}u)"]
                 + bop_geometry(ctx, p))
 

@@ -183,7 +183,7 @@ def _lower_maxpool_fwd(step: Step, ctx: LowerCtx) -> Call:
     fast = _pool_p22(a) and (not bits or a["w"] <= 64)
     inst = instance(step, ctx, f"maxpool_p22_fwd_{kind}" if fast else None, operands=ops,
                     bits=bits, argmax=am is not None, **({"ow": a["ow"]} if fast else {}))
-    return Call(inst, [ctx.ptr(x, True), ctx.ptr(y), ctx.ptr(am) if am else "0", "&g"],
+    return Call(inst, [ctx.ptr(x), ctx.ptr(y), ctx.ptr(am) if am else "0", "&g"],
                 [pool_geom(a)])
 
 
@@ -196,17 +196,17 @@ def _lower_pool_bwd(step: Step, ctx: LowerCtx) -> Call:
         # (the portable scatter of one value per window is already cheap here)
         am = step.inputs[1]
         inst = instance(step, ctx, operands={"g": g, "am": am, "d": d})
-        return Call(inst, [ctx.ptr(g, True), ctx.ptr(am, True), ctx.ptr(d), "&g"], decl)
+        return Call(inst, [ctx.ptr(g), ctx.ptr(am), ctx.ptr(d), "&g"], decl)
     if step.kernel is MAXPOOL_BWD_MASK:
         inst = instance(step, ctx, "maxpool_p22_bwd_mask" if fast else None,
                         operands={"g": g, "d": d}, **fast)
-        return Call(inst, [ctx.ptr(g, True), ctx.ptr(step.inputs[1], True), ctx.ptr(d), "&g"], decl)
+        return Call(inst, [ctx.ptr(g), ctx.ptr(step.inputs[1]), ctx.ptr(d), "&g"], decl)
     inst = instance(step, ctx, operands={"g": g, "d": d})
-    return Call(inst, [ctx.ptr(g, True), ctx.ptr(d), step.attrs["count_include_pad"], "&g"], decl)
+    return Call(inst, [ctx.ptr(g), ctx.ptr(d), step.attrs["count_include_pad"], "&g"], decl)
 
 
 def _lower_avgpool_fwd(step: Step, ctx: LowerCtx) -> Call:
-    return Call(instance(step, ctx), [ctx.ptr(step.inputs[0], True), ctx.ptr(step.outputs[0]),
+    return Call(instance(step, ctx), [ctx.ptr(step.inputs[0]), ctx.ptr(step.outputs[0]),
                                       step.attrs["count_include_pad"], "&g"],
                 [pool_geom(step.attrs)])
 
@@ -215,7 +215,7 @@ def _lower_gap(step: Step, ctx: LowerCtx) -> Call:
     a = step.attrs
     i, o = step.inputs[0], step.outputs[0]
     ops = {} if step.kernel is GAP_FWD else {"g": i, "d": o}
-    return Call(instance(step, ctx, operands=ops), [ctx.ptr(i, True), ctx.ptr(o), a["batch"],
+    return Call(instance(step, ctx, operands=ops), [ctx.ptr(i), ctx.ptr(o), a["batch"],
                                                     a["channels"], a["spatial"]])
 
 

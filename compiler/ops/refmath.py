@@ -128,7 +128,7 @@ def crop(xp: np.ndarray, pads) -> np.ndarray:
     return xp[:, :, t:xp.shape[2] - b, l:xp.shape[3] - r]
 
 
-# ---- weight layers (dense, conv) -----------------------------------------------------------------
+# ---- weight layers (dense, conv, gconv) -----------------------------------------------------------------
 
 def save_weight_input(run: RefRun, lay: Layer, x: np.ndarray) -> np.ndarray:
     """What a dense/conv layer keeps of its input for dW (runtime/reference.py's docstring)."""

@@ -271,7 +271,7 @@ def _lower_binary_ew(step: Step, ctx: LowerCtx) -> Call:
     a, b = step.inputs
     y = step.outputs[0]
     inst = instance(step, ctx, "ew_add", {"a": a, "b": b, "y": y})
-    return Call(inst, [ctx.ptr(a, True), ctx.ptr(b, True), ctx.ptr(y), ctx.t(y).size])
+    return Call(inst, [ctx.ptr(a), ctx.ptr(b), ctx.ptr(y), ctx.t(y).size])
 
 
 def _lower_affine(step: Step, ctx: LowerCtx) -> Call:
@@ -284,10 +284,10 @@ def _lower_affine(step: Step, ctx: LowerCtx) -> Call:
                           "or one")
     dims = [len(scale), a["batch"], a["channels"], a["spatial"]]
     if step.kernel is AFFINE_FWD:
-        return Call(instance(step, ctx), [ctx.ptr(i, True), ctx.ptr(o), "scale", "bias"] + dims,
+        return Call(instance(step, ctx), [ctx.ptr(i), ctx.ptr(o), "scale", "bias"] + dims,
                     [const_array("scale", scale), const_array("bias", bias)])
     inst = instance(step, ctx, operands={"g": i, "d": o})
-    return Call(inst, [ctx.ptr(i, True), ctx.ptr(o), "scale"] + dims,
+    return Call(inst, [ctx.ptr(i), ctx.ptr(o), "scale"] + dims,
                 [const_array("scale", scale)])
 
 
@@ -309,7 +309,7 @@ def _lower_input_quant(step: Step, ctx: LowerCtx) -> Call:
         qmin, qmax = -(2 ** (bits - 1)) + narrow, 2 ** (bits - 1) - 1
     else:
         qmin, qmax = 0, 2 ** bits - 1 - narrow
-    return Call(instance(step, ctx), [ctx.ptr(x, True), ctx.ptr(y), "scale", "zp", nc, a["batch"],
+    return Call(instance(step, ctx), [ctx.ptr(x), ctx.ptr(y), "scale", "zp", nc, a["batch"],
                                       c, sp, c_float(qmin), c_float(qmax)],
                 [const_array("scale", [float(np.float32(v)) for v in scale]),
                  const_array("zp", [float(np.float32(v)) for v in zp])])

@@ -1,4 +1,4 @@
-"""What the weight layers (dense and conv) share: the kernels both schedule (packing sign(W), the
+"""What the weight layers (dense, conv and, for the backward, gconv) share: the kernels both schedule (packing sign(W), the
 f16 copy of a real layer's input, PO2 gradient quantization, the bias gradient) with their C
 lowerings, and the training-schedule rules of a weight layer, parametrized by the family's own
 kernels and geometry (`WeightKernels`).
@@ -134,7 +134,7 @@ def _lower_pack_sign_w(step: Step, ctx: LowerCtx) -> Call:
     w, wb = step.inputs[0], step.outputs[0]
     if "cout" in a:
         inst = instance(step, ctx, "pack_sign_w_conv", {"w": w}, family=KernelFamily.CONV)
-        args = [ctx.ptr(w, True), ctx.ptr(wb), a["cout"], a["cin"], a["kh"] * a["kw"],
+        args = [ctx.ptr(w), ctx.ptr(wb), a["cout"], a["cin"], a["kh"] * a["kw"],
                 words64(a["cin"])]
     else:
         chw = a.get("x_chw")
@@ -142,13 +142,13 @@ def _lower_pack_sign_w(step: Step, ctx: LowerCtx) -> Call:
         c, hw = (chw[0], chw[1] * chw[2]) if chw else (k, 1)
         words = hw * words64(c) if chw else words64(k)
         inst = instance(step, ctx, "pack_sign_w_dense", {"w": w})
-        args = [ctx.ptr(w, True), ctx.ptr(wb), k, n, words, hw, words64(c) if chw else 0]
+        args = [ctx.ptr(w), ctx.ptr(wb), k, n, words, hw, words64(c) if chw else 0]
     return Call(inst, args)
 
 
 def _lower_cast_f16(step: Step, ctx: LowerCtx) -> Call:
     n = ctx.t(step.inputs[0]).size
-    return Call(instance(step, ctx), [ctx.ptr(step.inputs[0], True), ctx.ptr(step.outputs[0]), n])
+    return Call(instance(step, ctx), [ctx.ptr(step.inputs[0]), ctx.ptr(step.outputs[0]), n])
 
 
 def _lower_po2_quantize(step: Step, ctx: LowerCtx) -> Call:
@@ -156,7 +156,7 @@ def _lower_po2_quantize(step: Step, ctx: LowerCtx) -> Call:
     g = step.inputs[0]
     q, bias = step.outputs
     inst = instance(step, ctx, operands={"g": g})
-    return Call(inst, [ctx.ptr(g, True), ctx.ptr(q), ctx.ptr(bias), ctx.t(g).size, a["po2_bias"],
+    return Call(inst, [ctx.ptr(g), ctx.ptr(q), ctx.ptr(bias), ctx.t(g).size, a["po2_bias"],
                        int(bool(a["zero_to_min"]))])
 
 
@@ -167,7 +167,7 @@ def _lower_bias_grad(step: Step, ctx: LowerCtx) -> Call:
         rows, ch, sp = a["batch"], a["cout"], a["oh"] * a["ow"]
     else:
         rows, ch, sp = a["batch"], a["out_features"], 1
-    return Call(instance(step, ctx, operands={"dy": dy}), [ctx.ptr(dy, True), ctx.ptr(db), rows,
+    return Call(instance(step, ctx, operands={"dy": dy}), [ctx.ptr(dy), ctx.ptr(db), rows,
                                                            ch, sp])
 
 
