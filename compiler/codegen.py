@@ -59,6 +59,7 @@ from .errors import PlanError, TargetError
 from .lower import CTYPES, Instance, LowerCtx
 from .ops.base import Phase
 from .ops.dense import packed_w_geometry
+from .ops.loss import SOFTMAX_ROWS
 from .ops.optim import bop_geometry
 from .schedule_ir import DType, Schedule, Step
 from .target import Target, load_target
@@ -255,7 +256,7 @@ def _predict_calls(schedule: Schedule, ctx: LowerCtx, steps: list[dict],
             infer.append(dict(kind="call", call=_call_lines(call.inst.fn, call.args, indent=4)))
         else:
             infer.append(dict(kind="step", name=steps[s.index]["name"], index=s.index))
-    _use(instances, Instance("loss", "softmax_rows", "k_softmax_rows", ()))
+    _use(instances, SOFTMAX_ROWS)
     loss_step = next(s for s in schedule.steps if s.phase is Phase.LOSS)
     logits, probs = loss_step.inputs[0], loss_step.outputs[1]
     return infer, dict(logits=ctx.ptr(logits), probs=ctx.ptr(probs),

@@ -33,7 +33,7 @@ import cffi
 import numpy as np
 
 from ..compiler.codegen import header_cdef
-from ..compiler.contract import STATUSES, TensorEntry, read_manifest
+from ..compiler.contract import STATUSES, Manifest, TensorEntry, read_manifest
 from ..compiler.errors import DataError, TargetError
 from ..compiler.numerics import unpack_bits
 from ..compiler.target import Target, load_target
@@ -134,16 +134,7 @@ class HostProgram:
     def load_state(self, tensors: Mapping[str, np.ndarray], *, step: int = 0,
                    seed: int = 0) -> None:
         """Set every state tensor from float32 values (bit tensors: +-1) in state order."""
-        parts = []
-        for st in self.state:
-            if st.name not in tensors:
-                raise DataError(f"state tensor {st.name} missing from the values to load")
-            v = np.asarray(tensors[st.name], np.float32)
-            if v.size != int(np.prod(st.shape)):
-                raise DataError(f"state tensor {st.name}: {v.size} values, expected shape "
-                                f"{list(st.shape)}")
-            parts.append(v.reshape(-1))
-        flat = np.ascontiguousarray(np.concatenate(parts) if parts else np.zeros(0, np.float32))
+        flat = flat_state(self.manifest, tensors)
         ptr = self.ffi.cast("float *", self.ffi.from_buffer(flat))
         self._check(self._fn("load_state_f32")(ptr, flat.size, step, seed & 0xFFFFFFFF),
                     "load_state_f32")
@@ -153,12 +144,7 @@ class HostProgram:
         flat = np.zeros(n, np.float32)
         self._check(self._fn("read_state_f32")(self.ffi.cast("float *", self.ffi.from_buffer(flat)),
                                                n), "read_state_f32")
-        out, at = {}, 0
-        for st in self.state:
-            k = int(np.prod(st.shape))
-            out[st.name] = flat[at:at + k].reshape(st.shape).copy()
-            at += k
-        return out
+        return split_state(self.manifest, flat)
 
     @property
     def step_count(self) -> int:
@@ -220,6 +206,31 @@ class HostProgram:
         if t.alias_of:     # a view: the base's bytes in the base's layout, reshaped
             return decode(self.raw(name), self.tensors[t.alias_of]).reshape(t.shape)
         return decode(self.raw(name), t)
+
+
+def flat_state(manifest: Manifest, tensors: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Every state tensor as float32 in state order (bit tensors: +-1): what
+    `<model>_load_state_f32` and the trainer's --init file read."""
+    parts = []
+    for st in manifest.state:
+        if st.name not in tensors:
+            raise DataError(f"state tensor {st.name} missing from the values to load")
+        v = np.asarray(tensors[st.name], np.float32).reshape(-1)
+        if v.size != int(np.prod(st.shape)):
+            raise DataError(f"state tensor {st.name}: {v.size} values, expected shape "
+                            f"{list(st.shape)}")
+        parts.append(v)
+    return np.ascontiguousarray(np.concatenate(parts) if parts else np.zeros(0, np.float32))
+
+
+def split_state(manifest: Manifest, flat: np.ndarray) -> dict[str, np.ndarray]:
+    """The inverse of `flat_state`: state order float32 values -> tensor name -> array."""
+    out, at = {}, 0
+    for st in manifest.state:
+        k = int(np.prod(st.shape))
+        out[st.name] = flat[at:at + k].reshape(st.shape).copy()
+        at += k
+    return out
 
 
 def decode(raw: bytes, t: TensorEntry) -> np.ndarray:

@@ -37,7 +37,7 @@ from ..compiler.report import format_report
 from ..compiler.target import Target
 from ..compiler.zoo import ZOO, build_zoo_model
 from . import reference as ref
-from .host import decode
+from .host import decode, flat_state
 
 MODEL_FILE = "model.onnx"
 INIT_STATE = "init_state.npz"
@@ -214,14 +214,7 @@ def read_state_blob(path: Path, manifest: Manifest) -> StateBlob:
 
 
 def state_values_f32(manifest: Manifest, tensors) -> bytes:
-    """Every state tensor as float32 in state order: what `<model>_load_state_f32` (and the
-    trainer's --init file) reads."""
-    parts = []
-    for st in manifest.state:
-        if st.name not in tensors:
-            raise DataError(f"state tensor {st.name} missing")
-        v = np.asarray(tensors[st.name], np.float32).reshape(-1)
-        if v.size != int(np.prod(st.shape)):
-            raise DataError(f"state tensor {st.name}: {v.size} values, expected {list(st.shape)}")
-        parts.append(v)
-    return (np.concatenate(parts) if parts else np.zeros(0, np.float32)).astype("<f4").tobytes()
+    """The trainer's --init file: `host.flat_state` as little-endian float32 bytes."""
+    return flat_state(manifest, tensors).astype("<f4").tobytes()
+
+

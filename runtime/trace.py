@@ -26,7 +26,7 @@ from ..compiler.contract import STATUSES, Manifest, read_manifest
 from ..compiler.errors import DataError, TargetError
 from ..compiler.target import Target
 from . import baremetal
-from .host import decode
+from .host import decode, split_state
 from .outdir import state_values_f32
 from .programs import LocalRunner, build_trainer, check_result
 
@@ -52,15 +52,6 @@ class StepRecord:
     post: dict[str, np.ndarray]
 
 
-def _split_state(manifest: Manifest, flat: np.ndarray) -> dict[str, np.ndarray]:
-    out, at = {}, 0
-    for st in manifest.state:
-        k = int(np.prod(st.shape))
-        out[st.name] = flat[at:at + k].reshape(st.shape).copy()
-        at += k
-    return out
-
-
 def parse_trace(manifest: Manifest, raw: bytes) -> list[StepRecord]:
     n_state = manifest.state_elems
     if len(raw) < 8:
@@ -81,8 +72,8 @@ def parse_trace(manifest: Manifest, raw: bytes) -> list[StepRecord]:
             at += t.nbytes
         post = np.frombuffer(raw, "<f4", n_state, at).astype(np.float32)
         at += 4 * n_state
-        records.append(StepRecord(status, loss, acc, _split_state(manifest, pre), tensors,
-                                  _split_state(manifest, post)))
+        records.append(StepRecord(status, loss, acc, split_state(manifest, pre), tensors,
+                                  split_state(manifest, post)))
     if at != len(raw):
         raise DataError(f"the check trace has {len(raw)} bytes, expected {at}")
     return records

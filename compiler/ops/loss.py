@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..ir import Layer, LayerKind
-from ..lower import Call, LowerCtx, instance
+from ..lower import Call, Instance, LowerCtx, instance
 from ..onnx_values import Act, node_attrs, node_label
 from ..schedule_ir import Step
 from .base import (F32, GRADS, I32, KernelFamily, LayerSpec, OnnxOp, OpFamily, Phase, kernel,
@@ -65,6 +65,8 @@ def _lower_softmax_xent(step: Step, ctx: LowerCtx) -> Call:
 # (and may be reused) once the step is over
 
 
+# the predict entry's softmax of the logits into the probabilities (codegen adds it to every program)
+SOFTMAX_ROWS = Instance(KernelFamily.LOSS.value, "softmax_rows", "k_softmax_rows", ())
 SOFTMAX_XENT = kernel(
     "softmax_xent", Phase.LOSS, KernelFamily.LOSS,
     "probabilities, mean softmax cross-entropy, and G = (p - onehot(labels)) / B",
