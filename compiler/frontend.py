@@ -76,8 +76,8 @@ from .errors import BnncError, ConfigError, ModelError, UnsupportedModelError
 from .ir import INPUT, WEIGHT_KINDS, LayerKind
 from .onnx_fold import FOLD, FOLD_ARITY, MAX_FOLD_ELEMENTS, constant_attr, fold_elements
 from .onnx_values import (MAX_RANK, Act, Aff, Bin, Cmp, Const, Named, NodeError, Spec, SteRes,
-                          dtype_name, node_attrs, node_label, node_where, printable, proto_text,
-                          sanitize_name, short, tensor_array)
+                          dtype_name, node_label, node_where, printable, proto_text,
+                          nhwc_input, sanitize_name, short, tensor_array)
 from .ops import LAYERS, ONNX_HANDLERS, check_graph, weights
 
 INTERNAL_ERROR = "this is a bnnc bug"     # ends the message of an unexpected exception
@@ -262,8 +262,11 @@ class _Importer:
             shown = ", ".join(str(d.dim_value) if d.HasField("dim_value") else
                               f"'{printable(d.dim_param, 20)}'" if d.dim_param else "?"
                               for d in tt.shape.dim)
+            zero = [i for i, d in enumerate(dims) if i and d == 0]
+            why = (f"dimension {zero[0]} is 0; every per-sample dimension needs a positive size"
+                   if zero else "only the batch (first) dimension may be symbolic")
             raise UnsupportedModelError(
-                f"{where} has shape [{shown}]; only the batch (first) dimension may be symbolic",
+                f"{where} has shape [{shown}]; {why}",
                 hint="export with fixed per-sample dimensions (e.g. 1x28x28 or 3x32x32)")
         per = tuple(int(d) for d in per)
         if math.prod(per) > _MAX_ACT_ELEMENTS:
@@ -271,27 +274,13 @@ class _Importer:
                 f"{where} has {math.prod(per):,} elements per sample (shape {list(per)}); the "
                 f"generated C indexes tensors with 32-bit ints",
                 hint="bnnc targets small inputs (e.g. 1x28x28 or 3x32x32)")
-        # tf2onnx: an NHWC input whose first layout-sensitive use is Transpose(perm=[0,3,1,2])
-        if len(per) == 3 and self._first_transpose_is_nchw(order):
+        # tf2onnx: an NHWC input whose first layout-sensitive use is Transpose(perm=[0,3,1,2]),
+        # or, with one channel, a Reshape to [N, 1, H, W]
+        if len(per) == 3 and nhwc_input(self.input_name, per, order, self.inits):
             self.nhwc = True
             per = (per[2], per[0], per[1])
         self.env[self.input_name] = Act(INPUT, per, nhwc=self.nhwc)
         return per
-
-    def _first_transpose_is_nchw(self, order) -> bool:
-        elementwise = {"Mul", "Add", "Sub", "Div", "Identity", "Dropout", "Cast", "Quant",
-                       "BipolarQuant", "Sign", "Relu", "MultiThreshold"}
-        frontier = {self.input_name}
-        for n in order:
-            if not any(i in frontier for i in n.input):
-                continue
-            if n.op_type == "Transpose":
-                if list(node_attrs(n).get("perm", [])) == [0, 3, 1, 2]:
-                    return True
-                continue
-            if n.op_type in elementwise:
-                frontier.update(n.output)
-        return False
 
     def _reachable(self, out: str) -> list[Spec]:
         need, stack = set(), [out]

@@ -528,6 +528,45 @@ def test_nhwc_input_transpose_is_absorbed():
     np.testing.assert_array_equal(g.layer("affine1").params["scale"], inits["s"])
 
 
+@pytest.mark.parametrize("target_as", ["initializer", "constant"])
+def test_nhwc_one_channel_input_reshaped_to_nchw_imports(target_as):
+    """tf2onnx writes the NHWC -> NCHW change of a one-channel input (a Larq CNN on MNIST) as
+    Reshape [N, 28, 28, 1] -> [-1, 1, 28, 28]: a layout no-op that must import like Transpose."""
+    rng = np.random.default_rng(21)
+    shape = np.array([-1, 1, 6, 5], np.int64)
+    nodes = [N("Reshape", ["x", "shape"], ["xt"],
+               name="sequential_1/quant_conv2d/QuantConv2D__13"),
+             N("Conv", ["xt", "w"], ["c"], name="conv", kernel_shape=[3, 3]),
+             N("Flatten", ["c"], ["y"], name="flat")]
+    inits = {"w": rng.normal(0, 1, (2, 1, 3, 3)).astype(np.float32)}
+    if target_as == "initializer":
+        inits["shape"] = shape
+    else:
+        nodes.insert(0, N("Constant", [], ["shape"], name="shape_const",
+                          value=numpy_helper.from_array(shape)))
+    g = check_ort(build(nodes, inits, ["N", 6, 5, 1]), randn(rng, 2, 6, 5, 1))
+    assert g.input_layout == "NHWC" and g.input_shape == (1, 6, 5)
+    assert kinds(g) == ["conv", "flatten"]
+
+
+def test_reshape_moving_a_non_unit_axis_is_still_refused():
+    rng = np.random.default_rng(22)
+    nodes = [N("Reshape", ["x", "shape"], ["xt"], name="/bad/Reshape"),
+             N("Conv", ["xt", "w"], ["c"], name="conv", kernel_shape=[3, 3]),
+             N("Flatten", ["c"], ["y"], name="flat")]
+    inits = {"shape": np.array([-1, 2, 6, 5], np.int64),
+             "w": rng.normal(0, 1, (2, 2, 3, 3)).astype(np.float32)}
+    with pytest.raises(UnsupportedModelError, match=r"'/bad/Reshape'.*not a flatten"):
+        load_model(build(nodes, inits, ["N", 6, 5, 2]))
+
+
+def test_zero_sized_input_dimension_is_named():
+    m = build([N("MatMul", ["x", "w"], ["y"], name="mm")],
+              {"w": np.ones((4, 4), np.float32)}, ["N", 0])
+    with pytest.raises(UnsupportedModelError, match=r"dimension 1 is 0"):
+        load_model(m)
+
+
 @pytest.mark.parametrize("file_batch,target", [(4, [4, -1]), ("N", [0, -1]), ("N", [-1, 18]),
                                                (2, [1, 18])])
 def test_reshape_flatten_targets_run_at_batch_3(file_batch, target):

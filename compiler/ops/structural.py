@@ -156,6 +156,20 @@ def _op_flatten(imp, node, vals):
     return _flatten(imp, node, x)
 
 
+def _per_sample(dims: list[int], per: tuple[int, ...], total: int) -> tuple[int, ...] | None:
+    """A Reshape target's per-sample dims with ONNX's 0 (copy the input's dim at that index) and
+    one -1 (the rest) resolved; None when they do not resolve."""
+    out = [per[i] if d == 0 and i < len(per) else d for i, d in enumerate(dims)]
+    if out.count(-1) > 1 or any(d == 0 or d < -1 for d in out):
+        return None
+    known = int(np.prod([d for d in out if d != -1]))
+    if -1 in out:
+        if known == 0 or total % known:
+            return None
+        out[out.index(-1)] = total // known
+    return tuple(out) if int(np.prod(out)) == total else None
+
+
 def _op_reshape(imp, node, vals):
     x = vals[0]
     if isinstance(x, Bin):
@@ -177,8 +191,16 @@ def _op_reshape(imp, node, vals):
     if len(tgt) == len(per) + 1 and tgt[0] in batch_dims and tgt.count(-1) <= 1 and \
             all(d in (s, 0, -1) for d, s in zip(tgt[1:], per)):
         return x      # keeps the per-sample shape
+    if x.nhwc and x.shape[0] == 1 and tgt[0] in batch_dims and \
+            _per_sample(tgt[1:], per, total) == x.shape:
+        # (H, W, 1) -> (1, H, W) moves only a size-1 axis: the bytes are already in NCHW order
+        # (how tf2onnx writes the NHWC -> NCHW change of a one-channel input, instead of a
+        # Transpose)
+        m = imp._mat(x)
+        return Act(m.layer, m.shape)
     imp._fail(node, f"reshapes per-sample shape {list(per)} to {short(tgt)}, which is not a "
-              "flatten", hint="bnnc supports Reshape only as flatten ([N,-1]) or identity")
+              "flatten", hint="bnnc supports Reshape as flatten ([N,-1]), identity, or the [N,H,W,1] -> "
+              "[N,1,H,W] layout change of a one-channel NHWC input")
 
 
 ONNX = {
