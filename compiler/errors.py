@@ -16,6 +16,11 @@ class BnncError(Exception):
         return self.message
 
 
+class BnncWarning(UserWarning):
+    """Something bnnc did to the user's input that they should know about, though it is no error
+    (a node nothing reads, dropped). The CLI prints `warning: <message>`, one line each."""
+
+
 class ModelError(BnncError):
     """The ONNX file cannot be read, or holds something bnnc cannot compile."""
 

@@ -64,6 +64,7 @@ import hashlib
 import math
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +73,7 @@ import onnx
 from onnx import TensorProto
 
 from . import ir
-from .errors import BnncError, ConfigError, ModelError, UnsupportedModelError
+from .errors import BnncError, BnncWarning, ConfigError, ModelError, UnsupportedModelError
 from .ir import INPUT, WEIGHT_KINDS, LayerKind
 from .onnx_fold import FOLD, FOLD_ARITY, MAX_FOLD_ELEMENTS, constant_attr, fold_elements
 from .onnx_values import (MAX_RANK, Act, Aff, Bin, Cmp, Const, Named, NodeError, Spec, SteRes,
@@ -116,6 +117,7 @@ class _Importer:
         self.consumers: dict[str, int] = {}
         self.quant_file = False
         self.nhwc = False
+        self.dropped: list[str] = []       # nodes on no path to the output (warned on success)
         self.input_name = ""
         self.output_name = ""
 
@@ -179,6 +181,10 @@ class _Importer:
                                 s.shape, s.attrs, s.params, s.onnx_name) for s in specs)
         graph = ir.Graph(self.name, input_shape, layers, "NHWC" if self.nhwc else "NCHW", self.sha)
         check_graph(graph)
+        for n in self.dropped:
+            warnings.warn(BnncWarning(f"{self.label}: {n} is on no path to the output "
+                                      f"'{printable(self.output_name)}'; it is dropped"),
+                          stacklevel=3)
         return graph
 
     def _live_nodes(self, inits) -> list[onnx.NodeProto]:
@@ -243,6 +249,7 @@ class _Importer:
                 if s:
                     self.consumers[s] = self.consumers.get(s, 0) + 1
         self.consumers[self.output_name] = self.consumers.get(self.output_name, 0) + 1
+        self.dropped = [node_where(n) for i, n in enumerate(nodes) if i not in live]
         return [nodes[i] for i in order]
 
     def _input(self, vi: onnx.ValueInfoProto, order) -> tuple[int, ...]:

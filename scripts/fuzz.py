@@ -61,7 +61,7 @@ from onnx import TensorProto, external_data_helper, helper, numpy_helper
 
 from bnnc.compiler.codegen import emit_c as emit_c_sources
 from bnnc.compiler.config import check_config_for_graph, make_config
-from bnnc.compiler.errors import BnncError
+from bnnc.compiler.errors import BnncError, BnncWarning
 from bnnc.compiler.frontend import INTERNAL_ERROR, load_model
 from bnnc.compiler.plan_check import check_plan
 from bnnc.compiler.planner import plan_schedule
@@ -847,10 +847,12 @@ def _check_identifiers(graph, schedules) -> None:
 
 def check_bytes(data: bytes, filename: str = "fuzz_model.onnx", *, emit_c: bool = False) -> Outcome:
     """Run the whole property on one file's bytes, in this process (see `run_isolated`). A
-    warning (numpy casting, overflow, ...) is a failure too: it means garbage went unnoticed."""
+    warning (numpy casting, overflow, ...) is a failure too: it means garbage went unnoticed; a
+    BnncWarning (a dropped node) is bnnc telling the user, not a failure."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = _check(data, filename, emit_c)
+    caught = [w for w in caught if not issubclass(w.category, BnncWarning)]
     if caught and not out.failed:
         w = caught[0]
         return Outcome("warning", out.stage, w.category.__name__,

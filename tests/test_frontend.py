@@ -20,7 +20,8 @@ from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 
 from bnnc.compiler import ir
-from bnnc.compiler.errors import ConfigError, ModelError, UnsupportedModelError
+from bnnc.cli import main
+from bnnc.compiler.errors import BnncWarning, ConfigError, ModelError, UnsupportedModelError
 from bnnc.compiler.frontend import QUANT_DOMAINS, load_model, sanitize_name
 from bnnc.compiler.ir import LayerKind
 from bnnc.runtime.infer import infer
@@ -558,6 +559,30 @@ def test_reshape_moving_a_non_unit_axis_is_still_refused():
              "w": rng.normal(0, 1, (2, 2, 3, 3)).astype(np.float32)}
     with pytest.raises(UnsupportedModelError, match=r"'/bad/Reshape'.*not a flatten"):
         load_model(build(nodes, inits, ["N", 6, 5, 2]))
+
+
+def test_a_dropped_node_is_named_in_one_warning_line(tmp_path, capsys):
+    """A node nothing on the way to the output reads (here an LSTM branch) is dropped, and the user
+    is told: a BnncWarning from load_model, one `warning:` line from the CLI."""
+    rng = np.random.default_rng(23)
+    nodes = [N("MatMul", ["x", "w"], ["y"], name="mm"),
+             N("LSTM", ["x3", "lw", "lr"], ["lstm_y"], name="unused_lstm", hidden_size=2),
+             N("Unsqueeze", ["x", "ax"], ["x3"], name="to_seq")]
+    inits = {"w": randn(rng, 4, 3), "lw": randn(rng, 1, 8, 4), "lr": randn(rng, 1, 8, 2),
+             "ax": np.array([0], np.int64)}
+    m = build(nodes, inits, ["N", 4])
+    with pytest.warns(BnncWarning) as rec:
+        g = load_model(m)
+    assert kinds(g) == ["dense"]
+    msgs = [str(r.message) for r in rec]           # in file order
+    assert msgs == [f"model 'test': node {n} is on no path to the output 'y'; it is dropped"
+                    for n in ("'unused_lstm' (LSTM)", "'to_seq' (Unsqueeze)")]
+    path = tmp_path / "m.onnx"
+    path.write_bytes(m.SerializeToString())
+    assert main(["info", str(path)]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert [ln for ln in err if ln.startswith("warning: ")] == [
+        f"warning: {x}".replace("model 'test'", path.name) for x in msgs]
 
 
 def test_zero_sized_input_dimension_is_named():
