@@ -86,7 +86,8 @@ from .config import TrainConfig, validate
 from .errors import ModelError, UnsupportedModelError
 from .ir import INPUT, Graph, Layer, tname
 from .lower import words64
-from .ops import KERNELS, LAYERS, SCHEDULE_BACKWARD, SCHEDULE_FORWARD, check_graph, check_step
+from .ops import (KERNELS, LAYERS, SCHEDULE_BACKWARD, SCHEDULE_FORWARD, check_graph, check_step,
+                  needs_grad)
 from .ops.base import Bits, KernelSpec, Phase, prod
 from .ops.loss import SOFTMAX_XENT
 from .ops.optim import UPDATE_KERNELS
@@ -177,16 +178,12 @@ class ScheduleBuilder:
                     f"{_err_where(lay)}: {lay.kind.value} is only supported as the last layer",
                     hint=f"the loss fuses the final {lay.kind.value}; remove inner ones")
             self._check_shapes(lay)
-        ng = {INPUT: False}
+        self.ng = ng = needs_grad(g)
         for lay in g.layers:
-            spec = LAYERS[lay.kind]
-            up = any(ng[i] for i in lay.inputs)
-            if spec.stops_gradient and up:
+            if LAYERS[lay.kind].stops_gradient and any(ng[i] for i in lay.inputs):
                 raise UnsupportedModelError(
                     f"{_err_where(lay)}: an input quantizer after trainable layers has no gradient",
                     hint="bnnc quantizes the network input only")
-            ng[lay.name] = spec.trainable or (not spec.stops_gradient and up)
-        self.ng = ng
         out = g.output
         self.logits = out.inputs[0] if LAYERS[out.kind].loss else out.name
         if not ng[self.logits]:
@@ -399,7 +396,7 @@ class ScheduleBuilder:
         attrs: dict = dict(size=prod(st.shape), tensor_id=st.tensor_id, seed=cfg.seed,
                            stochastic=st.stochastic,
                            moment_ids=tuple(self.state[m].tensor_id for m in moms))
-        if self.tensors[grad].dtype is BIT:
+        if self.tensors[grad].dtype is BIT and st.optimizer != "bop":   # Bop reads the signs only
             attrs.update(g_scale=float(np.float32(1 / math.sqrt(prod(st.shape)))),
                          ste_mask=st.dtype != "bit")
         if st.optimizer == "adam":

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..ir import WEIGHT_KINDS, Graph, LayerKind
+from ..ir import INPUT, WEIGHT_KINDS, Graph, LayerKind
 from . import activation, batchnorm, conv, dense, gconv, loss, optim, pool, structural
 from .base import Bits, KernelSpec, LayerSpec, OpFamily, check_kernel, check_step  # noqa: F401
 
@@ -82,6 +82,18 @@ def check_registry() -> None:
     assert len(KERNELS) == len(kernels), "a kernel name is declared twice"
     for k in kernels:
         check_kernel(k)
+
+
+def needs_grad(graph: Graph) -> dict[str, bool]:
+    """Per layer (and INPUT): is the gradient of its output needed? Iff the layer is trainable, or
+    a gradient flows through it (its LayerSpec does not stop one) from a layer that needs one --
+    the one rule the schedule and the numpy reference share."""
+    ng = {INPUT: False}
+    for lay in graph.layers:
+        spec = LAYERS[lay.kind]
+        ng[lay.name] = spec.trainable or (not spec.stops_gradient and
+                                          any(ng[i] for i in lay.inputs))
+    return ng
 
 
 def check_graph(graph: Graph) -> None:

@@ -16,10 +16,7 @@ from typing import Mapping
 import numpy as np
 
 from ..config import TrainConfig
-from ..ir import INPUT, WEIGHT_KINDS, Graph, Layer, LayerKind, tname
-
-TRAINABLE_KINDS = WEIGHT_KINDS + (LayerKind.BATCHNORM,)
-
+from ..ir import INPUT, Graph, Layer, LayerKind, tname
 
 def initial_value(lay: Layer, f: str) -> np.ndarray:
     """A state tensor's value as the graph defines it: BN running statistics from the file's
@@ -31,15 +28,6 @@ def initial_value(lay: Layer, f: str) -> np.ndarray:
     if f == "running_psi":
         return np.sqrt(lay.params["var"].astype(np.float32) + np.float32(float(lay.attrs["eps"])))
     return lay.params[f]
-
-
-def needs_grad(graph: Graph) -> dict[str, bool]:
-    """A layer's output gradient is needed iff it or some layer upstream of it is trainable."""
-    ng = {INPUT: False}
-    for lay in graph.layers:
-        ng[lay.name] = lay.kind in TRAINABLE_KINDS or (
-            lay.kind is not LayerKind.INPUT_QUANT and any(ng[i] for i in lay.inputs))
-    return ng
 
 
 @dataclass
@@ -56,11 +44,7 @@ class RefRun:
     out: dict[str, np.ndarray] = field(default_factory=dict)     # named intermediates (public)
     saved: dict[str, dict] = field(default_factory=dict)         # per layer, private backward state
     acts: dict[str, np.ndarray] = field(default_factory=dict)    # forward outputs by layer name
-    needs_grad: dict[str, bool] = field(default_factory=dict)    # see needs_grad()
-
-    def __post_init__(self) -> None:
-        if self.graph is not None:
-            self.needs_grad = needs_grad(self.graph)
+    needs_grad: dict[str, bool] = field(default_factory=dict)    # ops.needs_grad (training runs)
 
     def param(self, lay: Layer, f: str) -> np.ndarray:
         """A parameter as the step sees it: the state tensor if there is one, else its value in
