@@ -7,7 +7,9 @@ Input: the Jinja environment and the template context `common` that codegen.emit
 `baremetal_semihost.h` (the semihosting calls: the program's only I/O), `baremetal_fmt.h` (JSON
 numbers without printf or doubles), `baremetal_trainer.c` (the trainer skeleton's bare-metal
 platform part: packed data streamed through semihosting, the Linux trainer's JSON lines,
-checkpoints, the `bnnc check` trace in debug builds), `baremetal.ld` (the linker script: the
+checkpoints, the `bnnc check` trace in debug builds), `<model>_fw.c`/`.h` (the firmware API of
+compiler/library.py, which the trainer trains through: one training loop for the library and
+the standalone trainer), `baremetal.ld` (the linker script: the
 target's RAM/flash/stack budget, enforced by ASSERTs), `baremetal.mk` (the Makefile section that
 builds `trainer.elf`) and `baremetal.json` (that budget, for the runtime's messages).
 
@@ -35,6 +37,7 @@ from typing import Any, Mapping
 import jinja2
 
 from .errors import TargetError
+from .library import fw_files, render_fw
 from .planner import align_up
 from .target import Target, parse_size
 
@@ -99,11 +102,11 @@ def check_budgets(target: Target) -> None:
 
 
 def sources(model: str) -> tuple[str, ...]:
-    return (STARTUP, TRAINER, f"{model}.c")
+    return (STARTUP, TRAINER, f"{model}.c", fw_files(model)[1])
 
 
 def headers(model: str) -> tuple[str, ...]:
-    return (f"{model}.h", SEMIHOST, FMT)
+    return (f"{model}.h", fw_files(model)[0], SEMIHOST, FMT)
 
 
 def debug_ldflags(target: Target) -> tuple[str, ...]:
@@ -154,6 +157,7 @@ def emit_baremetal(env: jinja2.Environment, common: Mapping[str, Any], target: T
         path = out / name
         path.write_text(env.get_template(f"baremetal/{template}").render(**ctx))
         written.append(path)
+    written += render_fw(env, ctx, out)
     doc = dict(target=target.name, cpu=ctx["cpu"], ram=target.ram, flash=target.flash,
                stack=target.stack, blob_reserve=ctx["blob_reserve"])
     (out / BUDGET).write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
