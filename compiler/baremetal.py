@@ -37,7 +37,7 @@ from typing import Any, Mapping
 import jinja2
 
 from .errors import TargetError
-from .library import fw_files, render_fw
+from .firmware_api import fw_files, render_fw
 from .planner import align_up
 from .target import Target, parse_size
 

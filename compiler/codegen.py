@@ -51,7 +51,8 @@ import numpy as np
 
 from .. import __version__
 from .baremetal import emit_baremetal
-from .library import emit_library, fw_context
+from .firmware_api import fw_context
+from .library import emit_library
 from .c_literals import c_comment, c_ident, c_label, c_string, pixel_lut_c
 from .contract import (DTYPE_CODES, MANIFEST, REGION_CODES, STATE_BLOB_HEADER_BYTES,
                        STATE_BLOB_MAGIC, STATE_BLOB_VERSION, STATUSES, TRAINER_SOURCE, Manifest,

@@ -33,61 +33,18 @@ from typing import Any, Mapping
 
 import jinja2
 
+from .baremetal import board, check_budgets
 from .errors import TargetError
-from .planner import ArenaPlan, align_up
-from .schedule_ir import Schedule
+from .firmware_api import FLASH_ALIGN, SLOT_RECORD, render_fw
+from .planner import align_up
 from .target import Target, parse_size
 
 FLASH_DRIVERS = ("nrf52-nvmc", "stm32f7", "stm32h7")   # templates/library/board_part.c.j2
-FLASH_ALIGN = 32            # templates/library/fw.h.j2 {PREFIX}_FLASH_ALIGN
-SLOT_RECORD = 32            # {PREFIX}_SLOT_RECORD_BYTES
 CPU_FLAG_PREFIXES = ("-mcpu=", "-mthumb", "-mfpu=", "-mfloat-abi=")
 # the target's cflags a consumer's build keeps for the library: bit-identical floats and dead-code
 # removal (warnings, -std and -O are the consumer's)
 LIB_FLAG_PREFIXES = ("-ffp-contract=", "-fno-strict-aliasing", "-fno-math-errno",
                      "-ffunction-sections", "-fdata-sections")
-
-
-def fw_files(model: str) -> tuple[str, str]:
-    """(header, source) of the firmware API."""
-    return f"{model}_fw.h", f"{model}_fw.c"
-
-
-def predict_keeps_input(schedule: Schedule, plan: ArenaPlan) -> bool:
-    """True when no other arena tensor overlaps the input buffer, so predict cannot overwrite
-    queued samples (conservative: any overlap in the plan counts)."""
-    region, lo = plan.tensor_offsets["input"]
-    if region != "arena":
-        return True
-    hi = lo + schedule.tensors["input"].nbytes
-    for name, (reg, off) in plan.tensor_offsets.items():
-        t = schedule.tensors.get(name)
-        if name == "input" or reg != "arena" or t is None:
-            continue
-        if off < hi and lo < off + t.nbytes:
-            return False
-    return True
-
-
-def fw_context(schedule: Schedule, plan: ArenaPlan, common: Mapping[str, Any]) -> dict:
-    """What templates/library/fw.*.j2 substitute besides `common`."""
-    classes = common["classes"]
-    batch = schedule.config.batch
-    return dict(example_elems=schedule.tensors["input"].size // batch,
-                predict_keeps=int(predict_keeps_input(schedule, plan)),
-                fw_static_bytes=4 + 4 * batch * classes,
-                slot_min=align_up(SLOT_RECORD + common["blob_nbytes"], FLASH_ALIGN))
-
-
-def render_fw(env: jinja2.Environment, common: Mapping[str, Any], where: Path) -> list[Path]:
-    """<model>_fw.h and <model>_fw.c into `where`."""
-    header, source = fw_files(common["model"])
-    out = []
-    for name, template in ((header, "fw.h.j2"), (source, "fw.c.j2")):
-        path = Path(where) / name
-        path.write_text(env.get_template(f"library/{template}").render(**common))
-        out.append(path)
-    return out
 
 
 def cpu_flags(target: Target) -> list[str]:
@@ -101,7 +58,6 @@ def lib_flags(target: Target) -> list[str]:
 def board_context(target: Target, common: Mapping[str, Any]) -> dict:
     """The board of the example application: name, memory map and the checkpoint region (two
     slots at the top of the flash budget, each rounded up to the erase unit)."""
-    from .baremetal import board, check_budgets   # one home for the memory map
     check_budgets(target)
     ex = target.extra
     where = f"targets/{target.name}.toml"
