@@ -127,6 +127,10 @@ def compile_cmd(model: str, target: str, algorithm: str | None, batch: int | Non
     tgt = budget_target(target, ram, flash)
     cfg = _config(algorithm, batch, lr, seed, 100, techniques)
     graph = load_graph(model, width=width)
+    if emit == "library" and guard:
+        raise ConfigError("--guard builds report through stdio, which the firmware library has "
+                          "none of", hint="drop --guard, or check the standalone trainer "
+                                          "(without --emit library) with it")
     if emit == "library" and tgt.kind != "baremetal":
         raise ConfigError(f"--emit library needs a bare-metal target; {tgt.name} is {tgt.kind}",
                           hint="pick --target cortex-m4, cortex-m7, cortex-m33, cortex-m55, "

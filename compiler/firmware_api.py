@@ -39,13 +39,19 @@ def predict_keeps_input(schedule: Schedule, plan: ArenaPlan) -> bool:
     return True
 
 
+def fw_static_nbytes(batch: int, classes: int) -> int:
+    """RAM the firmware API adds to the model's (fw.c.j2: the queued-sample count and
+    predict_one's probabilities of a whole batch)."""
+    return 4 + 4 * batch * classes
+
+
 def fw_context(schedule: Schedule, plan: ArenaPlan, common: Mapping[str, Any]) -> dict:
     """What templates/library/fw.*.j2 substitute besides `common`."""
     classes = common["classes"]
     batch = schedule.config.batch
     return dict(example_elems=schedule.tensors["input"].size // batch,
                 predict_keeps=int(predict_keeps_input(schedule, plan)),
-                fw_static_bytes=4 + 4 * batch * classes,
+                fw_static_bytes=fw_static_nbytes(batch, classes),
                 slot_min=align_up(SLOT_RECORD + common["blob_nbytes"], FLASH_ALIGN))
 
 

@@ -47,6 +47,21 @@ LIB_FLAG_PREFIXES = ("-ffp-contract=", "-fno-strict-aliasing", "-fno-math-errno"
                      "-ffunction-sections", "-fdata-sections")
 
 
+def _erase_unit(target: Target) -> int:
+    where = f"targets/{target.name}.toml"
+    erase = parse_size(target.extra.get("flash_erase", "4K"), f"{where}: flash_erase")
+    if erase <= 0 or erase % FLASH_ALIGN:
+        raise TargetError(f"{where}: flash_erase = {erase} must be a positive multiple of "
+                          f"{FLASH_ALIGN}")
+    return erase
+
+
+def checkpoint_slot_nbytes(target: Target, blob_nbytes: int) -> int:
+    """One checkpoint slot of the example firmware: the record and the state blob, rounded up
+    to the flash's erase unit (`flash_erase`)."""
+    return align_up(align_up(SLOT_RECORD + blob_nbytes, FLASH_ALIGN), _erase_unit(target))
+
+
 def cpu_flags(target: Target) -> list[str]:
     return [f for f in target.cflags if f.startswith(CPU_FLAG_PREFIXES)]
 
@@ -65,11 +80,8 @@ def board_context(target: Target, common: Mapping[str, Any]) -> dict:
     if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum():
         raise TargetError(f"{where}: `board` (the board's name, letters, digits, '-') is needed "
                           "for --emit library", hint="add e.g. board = \"nucleo-f746zg\"")
-    erase = parse_size(ex.get("flash_erase", "4K"), f"{where}: flash_erase")
-    if erase <= 0 or erase % FLASH_ALIGN:
-        raise TargetError(f"{where}: flash_erase = {erase} must be a positive multiple of "
-                          f"{FLASH_ALIGN}")
-    slot = align_up(align_up(SLOT_RECORD + common["blob_nbytes"], FLASH_ALIGN), erase)
+    slot = checkpoint_slot_nbytes(target, common["blob_nbytes"])
+    erase = _erase_unit(target)
     b = board(target)
     if 2 * slot >= target.flash:
         raise TargetError(f"two checkpoint slots of {slot:,} B do not fit in the {target.flash:,} B "
@@ -87,6 +99,7 @@ def board_context(target: Target, common: Mapping[str, Any]) -> dict:
     return dict(board=name, board_qemu=bool(ex.get("board_qemu", False)),
                 flash_driver=driver, flash_sectors=[f"0x{v:X}u" for v in sectors],
                 flash_origin=f"0x{b.flash_origin:08X}", ram_origin=f"0x{b.ram_origin:08X}",
+                vector_origin=None if b.vector_origin is None else f"0x{b.vector_origin:08X}",
                 ram=target.ram, flash=target.flash, stack=target.stack, slot_nbytes=slot,
                 ckpt_nbytes=2 * slot, flash_erase=erase,
                 cpu_flags=" ".join(cpu_flags(target)), lib_flags=" ".join(lib_flags(target)),

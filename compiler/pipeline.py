@@ -41,7 +41,7 @@ def compile_to_c(graph: Graph, cfg: TrainConfig, target: Target, out_dir: str | 
     schedule = build_schedule(graph, cfg)
     live, plan = plan_schedule(schedule, align=target.align, guard_bytes=guard_bytes)
     if target.kind == "baremetal":
-        check_budget(schedule, plan, target, graph=graph, liveness=live)
+        check_budget(schedule, plan, target, graph=graph, liveness=live, emit=emit)
     doc = plan_to_json(schedule, live, plan)
     emitted = emit_c(schedule, plan, target, Path(out_dir), command=command,
                      model_sha256=graph.source_sha256, plan_json=dump_plan_json(doc),
