@@ -116,7 +116,9 @@ def compile_cmd(model: str, target: str, algorithm: str | None, batch: int | Non
 
     
     Targets (targets/<name>.toml): host (shared library + native trainer), rpi4 / rpi3 (static
-    aarch64 trainer, NEON), cortex-m7 / cortex-m4 (bare-metal ELF, RAM/flash budget checked).
+    aarch64 trainer, NEON), cortex-m7 / cortex-m4 / cortex-m33 / cortex-m55 (bare-metal ELF under
+    QEMU, RAM/flash budget checked), stm32f746 / stm32h743 / nrf52840 (real parts: budget and
+    --emit library firmware).
     
     Examples:
       bnnc compile mlp --target host -o out/mlp
