@@ -241,6 +241,24 @@ def test_real_board_example_builds(tmp_path, target, board):
     ld = (out / "firmware" / "boards" / board / "link.ld").read_text()
     ram = int(re.search(r"RAM +\(rwx\) : ORIGIN = \w+, LENGTH = (\d+)", ld)[1])
     assert data + bss <= ram
+    if target != "stm32f746":
+        return
+    # the installable package: cmake --install, then a consumer finds it with find_package
+    prefix = tmp_path / "prefix"
+    subprocess.run(["cmake", "--install", str(out / "build"), "--prefix", str(prefix)], check=True,
+                   capture_output=True)
+    assert (prefix / "include" / "tfc_fw.h").is_file() and (prefix / "lib" / "libbnnc_tfc.a").is_file()
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "CMakeLists.txt").write_text(
+        "cmake_minimum_required(VERSION 3.13)\nproject(app C)\nfind_package(bnnc_tfc REQUIRED)\n"
+        "add_library(app STATIC app.c)\ntarget_link_libraries(app PRIVATE bnnc::tfc)\n")
+    (app / "app.c").write_text('#include "tfc_fw.h"\nint app(void) { return bnnc_tfc_pending(); }\n')
+    subprocess.run(["cmake", "-S", str(app), "-B", str(app / "build"), f"-DCMAKE_PREFIX_PATH={prefix}",
+                    f"-DCMAKE_TOOLCHAIN_FILE={out}/cmake/toolchain-{board}.cmake"], check=True,
+                   capture_output=True)
+    res = subprocess.run(["cmake", "--build", str(app / "build")], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
 
 
 # --------------------------------------------------------------------------------------------------
