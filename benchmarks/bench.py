@@ -28,9 +28,10 @@ Parts (`--only`, comma separated; default all four):
   (count of --insn-steps steps - count of 0 steps) / --insn-steps, which cancels start-up; a step
   includes reading its batch from the packed file. Counts are exact and repeatable, so one step is
   the default.
-- m7: the same for TFC B=100 on Cortex-M7 (qemu-system-arm mps2-an500) through runtime/baremetal.py
-  `count_step_instructions`. Neither algorithm's plan fits the part's 512 KiB SRAM at B=100, so the
-  RAM budget is the board's 4 MiB (the count does not depend on it); the detail says so.
+- m7, m33, m55: the same for TFC B=100 on Cortex-M7 (qemu-system-arm mps2-an500), Cortex-M33
+  (mps2-an505) and Cortex-M55 (mps3-an547) through runtime/baremetal.py `count_step_instructions`.
+  Neither algorithm's plan fits a part's SRAM at B=100, so the RAM budget is the board's (the
+  count does not depend on it); the detail says so.
 A missing toolchain turns its rows into "not measured: <what to install>"; a part that fails
 becomes a "failed" row and exit status 1, and everything measured before it is still written.
 
@@ -105,7 +106,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 MIB = float(1 << 20)
 TIME = "/usr/bin/time"
 ALGORITHMS = ("standard", "proposed")
-PARTS = ("host", "rss", "qemu", "m7")
+PARTS = ("host", "rss", "qemu", "m7", "m33", "m55")
 DEFAULT_CASES = "mlp:100,mlp:200,cnv:100,binarynet:40?"
 QUICK_CASES = "tfc:100,cnv@0.125:10"
 COLUMNS = ("metric", "model", "batch", "algorithm", "bnnc", "PyTorch (standard)",
@@ -115,6 +116,11 @@ PEAK_RSS = "peak RSS (MiB)"
 PLANNED = "planned arena+state (MiB)"
 INSNS_A72 = "instructions/step, Cortex-A72 (QEMU)"
 INSNS_M7 = "instructions/step, Cortex-M7 (QEMU)"
+INSNS_M33 = "instructions/step, Cortex-M33 (QEMU)"
+INSNS_M55 = "instructions/step, Cortex-M55 (QEMU)"
+# part -> (target, metric): the bare-metal instruction counts
+MCU_PARTS = {"m7": ("cortex-m7", INSNS_M7), "m33": ("cortex-m33", INSNS_M33),
+             "m55": ("cortex-m55", INSNS_M55)}
 
 
 def _load_module(path: Path, name: str):
@@ -515,8 +521,9 @@ def part_qemu(ws: Workspace, cases: list[Case], args) -> Iterator[Row]:
                       detail=f"`{emu}`, NEON build; includes reading the batch from the file")
 
 
-def part_m7(ws: Workspace, args) -> Iterator[Row]:
-    """TFC on the Cortex-M7 target (QEMU mps2-an500) through runtime/baremetal.py."""
+def part_mcu(ws: Workspace, args, part: str) -> Iterator[Row]:
+    """TFC on a bare-metal target (MCU_PARTS: Cortex-M7, M33, M55 under QEMU system mode)
+    through runtime/baremetal.py."""
     import dataclasses
 
     from bnnc.compiler import baremetal as bm
@@ -524,22 +531,24 @@ def part_m7(ws: Workspace, args) -> Iterator[Row]:
     from bnnc.compiler.contract import read_manifest
     from bnnc.runtime import baremetal
 
+    name, metric = MCU_PARTS[part]
     case = Case("tfc", 100)
-    tgt = load_target("cortex-m7")
+    tgt = load_target(name)
     try:
         tgt.require(tgt.cc, *tgt.emulator[:1])
     except TargetError as err:
         why = f"not measured: {err}" + (f" ({err.hint})" if err.hint else "")
-        yield from (Row(INSNS_M7, case.label, case.batch, a, None, detail=why)
+        yield from (Row(metric, case.label, case.batch, a, None, detail=why)
                     for a in ALGORITHMS)
         return
     # B = 100 as on the other rows; neither plan fits the part's RAM budget, so the budget becomes
     # the emulated board's RAM (the instruction count does not depend on it)
-    board_ram = bm.board(tgt).ram_nbytes
-    tgt = dataclasses.replace(tgt, ram=board_ram)
+    board = bm.board(tgt)
+    tgt = dataclasses.replace(tgt, ram=board.ram_nbytes)
     graph = ws.graph(case)
-    data = ws.root / f"{case.key}-m7.bnnd"
+    data = ws.root / f"{case.key}-{part}.bnnd"
     packed.pack(data, *random_data(graph, case.batch, 3), graph.num_classes)
+    machine = tgt.emulator[tgt.emulator.index("-M") + 1]
     for a in ALGORITHMS:
         out = ws.compiled(case, a, tgt)
         blob = baremetal.start_state_blob(out)
@@ -547,11 +556,11 @@ def part_m7(ws: Workspace, args) -> Iterator[Row]:
                                               start_blob=blob, timeout=36000).per_step
         m = read_manifest(out)
         planned = m.arena_nbytes + m.state_nbytes
-        log(f"m7 {case.label}:{case.batch} {a}: {n:,.0f} instructions/step")
-        yield Row(INSNS_M7, case.label, case.batch, a, float(n),
-                  detail=f"`qemu-system-arm -M mps2-an500`; includes reading the batch "
+        log(f"{part} {case.label}:{case.batch} {a}: {n:,.0f} instructions/step")
+        yield Row(metric, case.label, case.batch, a, float(n),
+                  detail=f"`qemu-system-arm -M {machine}`; includes reading the batch "
                          f"(semihosting); plan {planned / MIB:.2f} MiB > "
-                         f"{load_target('cortex-m7').ram // 1024} KiB of SRAM, so the RAM budget "
+                         f"{load_target(name).ram // 1024} KiB of SRAM, so the RAM budget "
                          f"is the board's {tgt.ram // 1024} KiB")
 
 
@@ -605,7 +614,7 @@ def machine_facts() -> dict[str, Any]:
 def fmt_value(metric: str, v: float | None) -> str:
     if v is None:
         return "–"
-    if metric in (INSNS_A72, INSNS_M7):
+    if metric in (INSNS_A72, INSNS_M7, INSNS_M33, INSNS_M55):
         return f"{v:,.0f}"
     if v >= 1000:
         return f"{v:,.0f}"
@@ -713,7 +722,8 @@ def run(args, parts: list[str], cases: list[Case], command: str) -> int:
 
         makers = {"probe": probe, "host": lambda: part_host(ws, kept, args),
                   "rss": lambda: part_rss(ws, kept, args),
-                  "qemu": lambda: part_qemu(ws, kept, args), "m7": lambda: part_m7(ws, args)}
+                  "qemu": lambda: part_qemu(ws, kept, args),
+                  **{p: (lambda p=p: part_mcu(ws, args, p)) for p in MCU_PARTS}}
         steps = (["probe"] if set(parts) & {"host", "rss", "qemu"} else []) + parts
         for part in steps:
             # a long run keeps what it measured when a later part breaks (a kernel being edited,

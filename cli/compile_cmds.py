@@ -101,30 +101,46 @@ def budget_target(name: str, ram: str | None, flash: str | None) -> Target:
 @_common
 @click.option("-o", "--out", "out_dir", required=True,
               type=click.Path(file_okay=False, path_type=Path), help="output directory")
+@click.option("--emit", type=click.Choice(["program", "library"]), default="program",
+              show_default=True,
+              help="program: the C and the target's trainer; library (bare-metal targets): a "
+                   "firmware library -- CMake project + package, Arduino library, Zephyr module, "
+                   "example firmware for the target's board (README: \"Use it in your firmware\")")
 @click.option("--guard", is_flag=True,
               help="debug build: canary bytes around every arena buffer, checked after every "
                    "kernel (a kernel writing outside its tensors stops the program, naming it)")
 def compile_cmd(model: str, target: str, algorithm: str | None, batch: int | None, lr: float | None,
                 seed: int, width: float | None, out_dir: Path, ram: str | None, flash: str | None,
-                guard: bool, **techniques) -> None:
+                guard: bool, emit: str, **techniques) -> None:
     """Compile MODEL into a static, malloc-free C99 training program in OUT.
 
     
     Targets (targets/<name>.toml): host (shared library + native trainer), rpi4 / rpi3 (static
-    aarch64 trainer, NEON), cortex-m7 / cortex-m4 (bare-metal ELF, RAM/flash budget checked).
+    aarch64 trainer, NEON), cortex-m7 / cortex-m4 / cortex-m33 / cortex-m55 (bare-metal ELF under
+    QEMU, RAM/flash budget checked), stm32f746 / stm32h743 / nrf52840 (real parts: budget and
+    --emit library firmware).
     
     Examples:
       bnnc compile mlp --target host -o out/mlp
       bnnc compile model.onnx --target rpi4 -o out/pi
       bnnc compile tfc --target cortex-m7 --ram 256K --batch 10 --optimizer bop -o out/m7
+      bnnc compile tfc --target cortex-m4 --optimizer bop --batch 8 --emit library -o out/lib
     """
     tgt = budget_target(target, ram, flash)
     cfg = _config(algorithm, batch, lr, seed, 100, techniques)
     graph = load_graph(model, width=width)
+    if emit == "library" and guard:
+        raise ConfigError("--guard builds report through stdio, which the firmware library has "
+                          "none of", hint="drop --guard, or check the standalone trainer "
+                                          "(without --emit library) with it")
+    if emit == "library" and tgt.kind != "baremetal":
+        raise ConfigError(f"--emit library needs a bare-metal target; {tgt.name} is {tgt.kind}",
+                          hint="pick --target cortex-m4, cortex-m7, cortex-m33, cortex-m55, "
+                               "stm32f746, stm32h743 or nrf52840")
     command = _canonical_command("compile", model, cfg, tgt.name, width, ram, flash) \
-        + (" --guard" if guard else "")
+        + (" --guard" if guard else "") + (" --emit library" if emit == "library" else "")
     c, written = compile_graph(graph, cfg, tgt, out_dir, command, model_bytes(model, width=width),
-                               guard_bytes=DEFAULT_GUARD_BYTES if guard else 0)
+                               guard_bytes=DEFAULT_GUARD_BYTES if guard else 0, emit=emit)
     click.echo(f"{graph.name}: {cfg.algorithm}, {cfg.optimizer}, batch {cfg.batch}, "
                f"{len(c.schedule.steps)} steps, {len(c.emitted.kernels)} C kernels")
     click.echo(f"arena {c.plan.arena_nbytes:,} B (lower bound {c.plan.lower_bound:,}, efficiency "

@@ -7,7 +7,9 @@ Input: the Jinja environment and the template context `common` that codegen.emit
 `baremetal_semihost.h` (the semihosting calls: the program's only I/O), `baremetal_fmt.h` (JSON
 numbers without printf or doubles), `baremetal_trainer.c` (the trainer skeleton's bare-metal
 platform part: packed data streamed through semihosting, the Linux trainer's JSON lines,
-checkpoints, the `bnnc check` trace in debug builds), `baremetal.ld` (the linker script: the
+checkpoints, the `bnnc check` trace in debug builds), `<model>_fw.c`/`.h` (the firmware API of
+compiler/library.py, which the trainer trains through: one training loop for the library and
+the standalone trainer), `baremetal.ld` (the linker script: the
 target's RAM/flash/stack budget, enforced by ASSERTs), `baremetal.mk` (the Makefile section that
 builds `trainer.elf`) and `baremetal.json` (that budget, for the runtime's messages).
 
@@ -35,6 +37,7 @@ from typing import Any, Mapping
 import jinja2
 
 from .errors import TargetError
+from .firmware_api import fw_files, render_fw
 from .planner import align_up
 from .target import Target, parse_size
 
@@ -48,23 +51,30 @@ BLOB_ALIGN = 1024          # the start-state blob's flash reservation is rounded
 
 @dataclass(frozen=True)
 class Board:
-    """The emulated board's memory map (targets/<name>.toml `board_*` keys)."""
+    """The emulated board's memory map (targets/<name>.toml `board_*` keys). `vector_origin`:
+    where the core reads its vector table at reset when that is not the start of the flash region
+    (QEMU's mps3-an547 boots from its 512 KiB ITCM; the code and the state blob go to the 2 MiB
+    SRAM); None = the start of flash."""
     flash_origin: int
     ram_origin: int
     flash_nbytes: int
     ram_nbytes: int
+    vector_origin: int | None = None
 
 
 def board(target: Target) -> Board:
     ex = target.extra
     where = f"targets/{target.name}.toml"
     try:
+        vec = ex.get("board_vector_origin")
         return Board(int(ex.get("board_flash_origin", 0)),
                      int(ex.get("board_ram_origin", 0x20000000)),
                      parse_size(ex.get("board_flash", "4M"), f"{where}: board_flash"),
-                     parse_size(ex.get("board_ram", "4M"), f"{where}: board_ram"))
+                     parse_size(ex.get("board_ram", "4M"), f"{where}: board_ram"),
+                     None if vec is None else int(vec))
     except (TypeError, ValueError) as err:
-        raise TargetError(f"{where}: board_flash_origin / board_ram_origin must be integers "
+        raise TargetError(f"{where}: board_flash_origin / board_ram_origin / board_vector_origin "
+                          f"must be integers "
                           f"({err})") from err
 
 
@@ -99,11 +109,11 @@ def check_budgets(target: Target) -> None:
 
 
 def sources(model: str) -> tuple[str, ...]:
-    return (STARTUP, TRAINER, f"{model}.c")
+    return (STARTUP, TRAINER, f"{model}.c", fw_files(model)[1])
 
 
 def headers(model: str) -> tuple[str, ...]:
-    return (f"{model}.h", SEMIHOST, FMT)
+    return (f"{model}.h", fw_files(model)[0], SEMIHOST, FMT)
 
 
 def debug_ldflags(target: Target) -> tuple[str, ...]:
@@ -137,6 +147,7 @@ def _context(common: Mapping[str, Any], target: Target) -> dict:
                 state_index=state_index, ram=target.ram, flash=target.flash, stack=target.stack,
                 blob_reserve=blob_reserve(common["blob_nbytes"]),
                 flash_origin=f"0x{b.flash_origin:08X}", ram_origin=f"0x{b.ram_origin:08X}",
+                vector_origin=None if b.vector_origin is None else f"0x{b.vector_origin:08X}",
                 board_flash=b.flash_nbytes, board_ram=b.ram_nbytes, cc=target.cc,
                 cflags=" ".join(target.cflags), ldflags=" ".join(target.ldflags),
                 sources=sources(model), headers=headers(model),
@@ -154,6 +165,7 @@ def emit_baremetal(env: jinja2.Environment, common: Mapping[str, Any], target: T
         path = out / name
         path.write_text(env.get_template(f"baremetal/{template}").render(**ctx))
         written.append(path)
+    written += render_fw(env, ctx, out)
     doc = dict(target=target.name, cpu=ctx["cpu"], ram=target.ram, flash=target.flash,
                stack=target.stack, blob_reserve=ctx["blob_reserve"])
     (out / BUDGET).write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")

@@ -32,6 +32,8 @@ from dataclasses import dataclass, replace
 from typing import Callable
 
 from .baremetal import blob_reserve, board
+from .firmware_api import fw_static_nbytes
+from .library import checkpoint_slot_nbytes
 from .config import check_config_for_graph, make_config
 from .errors import BudgetError, ConfigError
 from .liveness import Liveness, compute_liveness
@@ -121,9 +123,11 @@ def code_estimate_nbytes(schedule: Schedule) -> int:
 
 
 def budget_report(schedule: Schedule, plan: ArenaPlan, target: Target, *, data_bytes: int = 0,
-                  liveness: Liveness | None = None) -> BudgetReport:
+                  liveness: Liveness | None = None, emit: str = "program") -> BudgetReport:
     """Every RAM and flash contributor of the bare-metal program of `schedule` (see the module
-    docstring)."""
+    docstring). emit "library" (`--emit library`): the firmware API's buffers instead of the
+    trainer's, and the two checkpoint slots (compiler/library.py) instead of the start-state
+    blob."""
     live = liveness if liveness is not None else compute_liveness(schedule)
     ram: list[Contributor] = []
     peak = peak_breakdown(live, plan)
@@ -140,8 +144,13 @@ def budget_report(schedule: Schedule, plan: ArenaPlan, target: Target, *, data_b
         ram.append(Contributor(f"{_ROLE_WORDS[role]} (state)", nbytes))
     state_pad = 16 + _words(plan.state_nbytes) - sum(by_role.values())
     ram.append(Contributor("state header and padding", state_pad))
-    ram.append(Contributor("trainer buffers (labels, probabilities, I/O)",
-                           trainer_buffers_nbytes(schedule)))
+    if emit == "library":
+        classes = next(s.attrs["classes"] for s in schedule.steps if s.phase is Phase.LOSS)
+        ram.append(Contributor("firmware API buffers (probabilities of predict_one)",
+                               fw_static_nbytes(schedule.config.batch, classes)))
+    else:
+        ram.append(Contributor("trainer buffers (labels, probabilities, I/O)",
+                               trainer_buffers_nbytes(schedule)))
     ram.append(Contributor("C library data", LIBC_RAM_NBYTES))
     ram.append(Contributor("stack reserve", target.stack))
 
@@ -152,7 +161,9 @@ def budget_report(schedule: Schedule, plan: ArenaPlan, target: Target, *, data_b
              Contributor("tensor table", n_tensors * TABLE_ENTRY_NBYTES + align_up(names, 4)),
              Contributor("constants (CRC table, pixel LUT, strings)", CONST_NBYTES),
              Contributor(".data load image", LIBC_RAM_NBYTES),
-             Contributor("start-state blob (reserved)", blob_reserve(blob))]
+             (Contributor("checkpoint slots (2, CRC'd, in the last flash sectors)",
+                          2 * checkpoint_slot_nbytes(target, blob)) if emit == "library"
+              else Contributor("start-state blob (reserved)", blob_reserve(blob)))]
     if data_bytes:
         flash.append(Contributor("training data (embedded)", data_bytes))
 
@@ -213,10 +224,12 @@ def _alternatives(graph, schedule: Schedule, target: Target,
 
 
 def check_budget(schedule: Schedule, plan: ArenaPlan, target: Target, *, data_bytes: int = 0,
-                 graph=None, liveness: Liveness | None = None) -> BudgetReport:
+                 graph=None, liveness: Liveness | None = None,
+                 emit: str = "program") -> BudgetReport:
     """The budget report of the bare-metal program; BudgetError when it does not fit, listing the
     largest contributors and the ways out (computed with real plans when `graph` is given)."""
-    rep = budget_report(schedule, plan, target, data_bytes=data_bytes, liveness=liveness)
+    rep = budget_report(schedule, plan, target, data_bytes=data_bytes, liveness=liveness,
+                        emit=emit)
     if rep.fits:
         return rep
     cfg = schedule.config
@@ -234,7 +247,7 @@ def check_budget(schedule: Schedule, plan: ArenaPlan, target: Target, *, data_by
     ways = []
     if graph is not None:
         ways = _alternatives(graph, schedule, target, lambda s, p: budget_report(
-            s, p, target, data_bytes=data_bytes))
+            s, p, target, data_bytes=data_bytes, emit=emit))
     else:
         ways = [w for w, on in (
             ("--algorithm proposed (1-bit saved activations, 16-bit state)",
@@ -243,7 +256,9 @@ def check_budget(schedule: Schedule, plan: ArenaPlan, target: Target, *, data_by
             ("--state-dtype f16", cfg.state_dtype == "f32"),
             ("a smaller --batch", cfg.batch > 1)) if on]
     b = board(target)
-    ways.append(f"a part with more memory: --ram / --flash (QEMU's {target.name} board has "
+    where = (f"QEMU's {target.name} board has" if target.emulator
+             else f"the {target.name} part's memory map has")
+    ways.append(f"a part with more memory: --ram / --flash ({where} "
                 f"{b.ram_nbytes // 1024}K RAM, {b.flash_nbytes // 1024}K flash)")
     raise BudgetError(f"{what}. " + "; ".join(parts),
                       hint="ways out: " + "; ".join(ways))

@@ -51,6 +51,8 @@ import numpy as np
 
 from .. import __version__
 from .baremetal import emit_baremetal
+from .firmware_api import fw_context
+from .library import emit_library
 from .c_literals import c_comment, c_ident, c_label, c_string, pixel_lut_c
 from .contract import (DTYPE_CODES, MANIFEST, REGION_CODES, STATE_BLOB_HEADER_BYTES,
                        STATE_BLOB_MAGIC, STATE_BLOB_VERSION, STATUSES, TRAINER_SOURCE, Manifest,
@@ -321,13 +323,21 @@ def _template_context(schedule: Schedule, plan, target: Target, ctx: LowerCtx, *
 
 
 def _render_program(env: jinja2.Environment, common: dict, kernels: list[str], target: Target,
-                    out: Path) -> list[Path]:
-    """Write <model>.h, <model>.c, the trainer of the target's platform and the Makefile; returns
-    them, header and source first."""
+                    out: Path, emit: str = "program") -> list[Path]:
+    """Write <model>.h, <model>.c, the trainer of the target's platform and the Makefile (emit
+    "library": <model>.h/.c in src/ and the library layout of compiler/library.py instead of the
+    trainer; its CMakeLists.txt stands in the Makefile's place); returns them, header and source
+    first."""
     model = common["model"]
-    header, source, makefile = out / f"{model}.h", out / f"{model}.c", out / "Makefile"
+    src = out / "src" if emit == "library" else out
+    src.mkdir(parents=True, exist_ok=True)
+    header, source, makefile = src / f"{model}.h", src / f"{model}.c", out / "Makefile"
     header.write_text(env.get_template("model.h.j2").render(**common))
     source.write_text(env.get_template("model.c.j2").render(**common, kernels=kernels))
+    if emit == "library":
+        extra = emit_library(env, common, target, out)
+        cmake = out / "CMakeLists.txt"
+        return [header, source, cmake, *(p for p in extra if p != cmake)]
     programs = target.kind in ("host", "linux")
     extra: list[Path] = []
     if programs:
@@ -342,9 +352,12 @@ def _render_program(env: jinja2.Environment, common: dict, kernels: list[str], t
     return [header, source, makefile, *extra]
 
 
+EMITS = ("program", "library")
+
+
 def emit_c(schedule: Schedule, plan, target: Target | str, out_dir: str | Path, *, command: str = "",
            model_sha256: str = "", plan_json: str | None = None,
-           onnx_names: Mapping[str, str] | None = None) -> Emitted:
+           onnx_names: Mapping[str, str] | None = None, emit: str = "program") -> Emitted:
     """Write the C program of one training step of `schedule` placed by `plan` into `out_dir`
     (`target`: a Target or a targets/ name; `command`, `model_sha256`: front matter; `plan_json`:
     written as plan.json when given; `onnx_names`: layer -> ONNX node name, named (reduced to
@@ -353,18 +366,21 @@ def emit_c(schedule: Schedule, plan, target: Target | str, out_dir: str | Path, 
     table, state table, step calls, predict, guards), kernel sources, files."""
     if isinstance(target, str):
         target = load_target(target)
+    if emit not in EMITS:
+        raise TargetError(f"--emit {emit!r} is not one of {', '.join(EMITS)}")
     _check_emittable(schedule, plan, target)
     ctx = LowerCtx(schedule, plan)
     env = target_env(target)
     common, instances = _template_context(schedule, plan, target, ctx, command=command,
                                           model_sha256=model_sha256, onnx_names=onnx_names or {})
+    common.update(fw_context(schedule, plan, common))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    written = _render_program(env, common, render_kernels(env, instances), target, out)
+    written = _render_program(env, common, render_kernels(env, instances), target, out, emit)
     header, source, makefile = written[:3]
     manifest = out / MANIFEST
     tensors, states, steps = common["tensor_entries"], common["state_entries"], common["steps"]
-    programs = target.kind in ("host", "linux")
+    programs = target.kind in ("host", "linux") and emit == "program"
     cfg, mhash, model, prefix = schedule.config, common["mhash"], common["model"], common["prefix"]
     input_t = schedule.tensors["input"]
     classes, elems, dump_nbytes = common["classes"], common["state_elems"], common["dump_nbytes"]
@@ -373,7 +389,8 @@ def emit_c(schedule: Schedule, plan, target: Target | str, out_dir: str | Path, 
                    config=cfg.as_dict(), batch=cfg.batch, input_shape=tuple(input_t.shape),
                    classes=classes, seed=cfg.seed, arena_nbytes=plan.arena_nbytes,
                    state_nbytes=plan.state_nbytes, state_elems=elems, dump_nbytes=dump_nbytes,
-                   header=header.name, source=source.name,
+                   header=header.relative_to(out).as_posix(),
+                   source=source.relative_to(out).as_posix(),
                    trainer=TRAINER_SOURCE if programs else None, tensors=tuple(tensors),
                    state=tuple(states), steps=tuple(StepEntry(s["index"], s["kernel"], s["layer"],
                                                               s["fn"]) for s in steps))

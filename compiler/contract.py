@@ -40,7 +40,9 @@ STATUSES = (("OK", "ok"),
             ("ERR_SIZE", "buffer size does not match the model"),
             ("ERR_BLOB", "state blob has a wrong magic, version or model hash"),
             ("ERR_CRC", "state blob is corrupted (CRC-32 mismatch)"),
-            ("ERR_NONFINITE", "loss is not finite (training diverged)"))
+            ("ERR_NONFINITE", "loss is not finite (training diverged)"),
+            ("ERR_IO", "a read or write callback failed"),
+            ("ERR_BUSY", "samples are pending: train or discard them first"))
 
 
 @dataclass(frozen=True)

@@ -33,16 +33,17 @@ class Compiled:
 
 
 def compile_to_c(graph: Graph, cfg: TrainConfig, target: Target, out_dir: str | Path, *,
-                 command: str = "", guard_bytes: int = 0) -> Compiled:
+                 command: str = "", guard_bytes: int = 0, emit: str = "program") -> Compiled:
     """`guard_bytes` > 0: canaries around every arena buffer, checked after every kernel (a debug
-    build; planner.py and templates/model.c.j2 say how)."""
+    build; planner.py and templates/model.c.j2 say how). `emit`: "program" (the C and the
+    target's trainer) or "library" (compiler/library.py: a firmware library layout)."""
     check_config_for_graph(graph, cfg)
     schedule = build_schedule(graph, cfg)
     live, plan = plan_schedule(schedule, align=target.align, guard_bytes=guard_bytes)
     if target.kind == "baremetal":
-        check_budget(schedule, plan, target, graph=graph, liveness=live)
+        check_budget(schedule, plan, target, graph=graph, liveness=live, emit=emit)
     doc = plan_to_json(schedule, live, plan)
     emitted = emit_c(schedule, plan, target, Path(out_dir), command=command,
                      model_sha256=graph.source_sha256, plan_json=dump_plan_json(doc),
-                     onnx_names={lay.name: lay.onnx_name for lay in graph.layers})
+                     onnx_names={lay.name: lay.onnx_name for lay in graph.layers}, emit=emit)
     return Compiled(schedule, live, plan, doc, emitted)

@@ -99,6 +99,11 @@ def compiled_program(out_dir: Path, target: Target | str | None) -> tuple[Manife
     if tgt.kind != "baremetal":
         raise TargetError(f"{out_dir} was compiled for {tgt.name} ({tgt.kind}), not for a "
                           "microcontroller", hint="compile with --target cortex-m7 or cortex-m4")
+    if m.source.startswith("src/"):
+        raise TargetError(f"{out_dir} is a firmware library (bnnc compile --emit library), not a "
+                          "program `bnnc run` can start",
+                          hint=f"build its example with CMake ({out_dir}/README.md), or compile "
+                               "without --emit library for the standalone trainer")
     missing = [f for f in (*bm.TEMPLATES, bm.BUDGET, m.source, m.header)
                if not (out_dir / f).is_file()]
     if missing:

@@ -117,10 +117,11 @@ def write_run_inputs(out_dir: Path, graph, cfg: TrainConfig, source: bytes) -> l
 
 
 def compile_graph(graph: Graph, cfg: TrainConfig, tgt: Target, out_dir: Path, command: str,
-                  source: bytes, *, guard_bytes: int = 0) -> tuple[Compiled, tuple[Path, ...]]:
+                  source: bytes, *, guard_bytes: int = 0,
+                  emit: str = "program") -> tuple[Compiled, tuple[Path, ...]]:
     """compiler.pipeline.compile_to_c plus what `bnnc run` and a reader need in out_dir (the model,
     the initial state, report.txt). Returns (compiled, files written)."""
-    c = compile_to_c(graph, cfg, tgt, out_dir, command=command, guard_bytes=guard_bytes)
+    c = compile_to_c(graph, cfg, tgt, out_dir, command=command, guard_bytes=guard_bytes, emit=emit)
     run_inputs = write_run_inputs(out_dir, graph, cfg, source)
     report = out_dir / "report.txt"
     report.write_text(f"{command}\n\n" + format_report(c.plan_doc, tensors=True)

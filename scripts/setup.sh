@@ -22,6 +22,8 @@ command -v qemu-aarch64 >/dev/null || pkgs+=(qemu-user)
 command -v arm-none-eabi-gcc >/dev/null || pkgs+=(gcc-arm-none-eabi)
 [ -d /usr/lib/arm-none-eabi/newlib ] || pkgs+=(libnewlib-arm-none-eabi)
 command -v qemu-system-arm >/dev/null || pkgs+=(qemu-system-arm)
+# `bnnc compile --emit library` writes a CMake project; the tests configure and build it
+command -v cmake >/dev/null || pkgs+=(cmake)
 # the --device tests start a throwaway sshd on loopback; valgrind checks the trainer's memory use
 [ -x /usr/sbin/sshd ] || pkgs+=(openssh-server)
 command -v ssh >/dev/null || pkgs+=(openssh-client)

@@ -2335,7 +2335,8 @@ int bnnc_mlp_train_step(const float *input, const int32_t *labels, float *loss, 
     /* a caller may fill the arena's input buffer in place (bnnc_mlp_tensor): no self-copy */
     if (input != (const float *)T_input)
         memcpy(T_input, input, 313600u);
-    memcpy(T_labels, labels, 400u);
+    if (labels != (const int32_t *)T_labels)
+        memcpy(T_labels, labels, 400u);
     BNNC_DUMP_OUT(0u, input, 313600u);
     BNNC_DUMP_OUT(313600u, labels, 400u);
     bnnc_state.step++;
@@ -3118,23 +3119,39 @@ static uint32_t bnnc_crc32(uint32_t crc, const uint8_t *p, size_t n)
 
 uint32_t bnnc_mlp_seed(void) { return bnnc_state.seed; }
 
-int bnnc_mlp_get_state(void *blob, size_t nbytes)
+/* the blob header with its CRC-32 over the header and `state` (step and seed from bnnc_state) */
+static void bnnc_blob_header(uint8_t *b, const uint8_t *state)
 {
-    uint8_t *b = (uint8_t *)blob;
     const uint32_t magic = 0x534E4E42u, version = 2u;
     const uint64_t hash = BNNC_MLP_MODEL_HASH, size = 2409632u;
     uint32_t crc;
-    if (nbytes != 2409672u) return BNNC_ERR_SIZE;
+    memset(b, 0, 40u);
     memcpy(b, &magic, 4);
     memcpy(b + 4, &version, 4);
     memcpy(b + 8, &hash, 8);
     memcpy(b + 16, &bnnc_state.step, 8);
     memcpy(b + 24, &bnnc_state.seed, 4);
     memcpy(b + 32, &size, 8);
-    memcpy(b + 40, bnnc_state.data, 2409632u);
-    crc = bnnc_crc32(bnnc_crc32(0u, b, 28), b + 32, 2409640u);
+    crc = bnnc_crc32(bnnc_crc32(0u, b, 28), b + 32, 8u);
+    crc = bnnc_crc32(crc, state, 2409632u);
     memcpy(b + 28, &crc, 4);
+}
+
+int bnnc_mlp_get_state(void *blob, size_t nbytes)
+{
+    uint8_t *b = (uint8_t *)blob;
+    if (nbytes != 2409672u) return BNNC_ERR_SIZE;
+    memcpy(b + 40, bnnc_state.data, 2409632u);
+    bnnc_blob_header(b, b + 40);
     return BNNC_OK;
+}
+
+int bnnc_mlp_write_state(bnnc_write_fn write, void *ctx)
+{
+    uint8_t head[40];
+    bnnc_blob_header(head, (const uint8_t *)bnnc_state.data);
+    return write(ctx, 0u, head, 40u)
+           && write(ctx, 40u, bnnc_state.data, 2409632u) ? BNNC_OK : BNNC_ERR_IO;
 }
 
 int bnnc_mlp_set_state(const void *blob, size_t nbytes)
@@ -3158,6 +3175,53 @@ int bnnc_mlp_set_state(const void *blob, size_t nbytes)
     memcpy(bnnc_state.data, b + 40, 2409632u);
     return BNNC_OK;
 }
+
+/* header fields of a blob; BNNC_OK when they name this model and state size */
+static int bnnc_blob_check(const uint8_t *b, uint64_t *step, uint32_t *seed, uint32_t *crc)
+{
+    uint32_t magic, version;
+    uint64_t hash, size;
+    memcpy(&magic, b, 4);
+    memcpy(&version, b + 4, 4);
+    memcpy(&hash, b + 8, 8);
+    memcpy(step, b + 16, 8);
+    memcpy(seed, b + 24, 4);
+    memcpy(crc, b + 28, 4);
+    memcpy(&size, b + 32, 8);
+    return (magic != 0x534E4E42u || version != 2u
+            || hash != BNNC_MLP_MODEL_HASH || size != 2409632u) ? BNNC_ERR_BLOB : BNNC_OK;
+}
+
+int bnnc_mlp_read_state(bnnc_read_fn read, void *ctx)
+{
+    uint8_t head[40], chunk[64];
+    uint64_t step;
+    uint32_t seed, crc, sum;
+    size_t done, n;
+    int pass, st;
+    for (pass = 0; pass < 2; pass++) {
+        if (!read(ctx, 0u, head, 40u)) return BNNC_ERR_IO;
+        st = bnnc_blob_check(head, &step, &seed, &crc);
+        if (st != BNNC_OK) return st;
+        sum = bnnc_crc32(bnnc_crc32(0u, head, 28), head + 32, 8u);
+        for (done = 0; done < 2409632u; done += n) {
+            /* pass 2 reads straight into the state (a blob pads a state below 16 bytes) */
+            const size_t end = pass && done < 2409632u ? 2409632u : 2409632u;
+            uint8_t *dst = pass && done < 2409632u ? (uint8_t *)bnnc_state.data + done : chunk;
+            n = end - done < sizeof chunk ? end - done : sizeof chunk;
+            if (!read(ctx, 40u + done, dst, n)) return BNNC_ERR_IO;
+            sum = bnnc_crc32(sum, dst, n);
+        }
+        if (sum != crc) return BNNC_ERR_CRC;
+    }
+    bnnc_state.step = step;
+    bnnc_state.seed = seed;
+    return BNNC_OK;
+}
+
+float *bnnc_mlp_input_buffer(void) { return T_input; }
+
+int32_t *bnnc_mlp_label_buffer(void) { return T_labels; }
 
 /* ---- debug hook: every tensor of the schedule ---- */
 
@@ -3436,6 +3500,8 @@ const char *bnnc_mlp_status_str(int status)
         "state blob has a wrong magic, version or model hash",
         "state blob is corrupted (CRC-32 mismatch)",
         "loss is not finite (training diverged)",
+        "a read or write callback failed",
+        "samples are pending: train or discard them first",
     };
-    return (status < 0 || status >= 6) ? "unknown status" : text[status];
+    return (status < 0 || status >= 8) ? "unknown status" : text[status];
 }

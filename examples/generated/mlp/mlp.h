@@ -30,6 +30,8 @@
 #define BNNC_ERR_BLOB 3
 #define BNNC_ERR_CRC 4
 #define BNNC_ERR_NONFINITE 5
+#define BNNC_ERR_IO 6
+#define BNNC_ERR_BUSY 7
 /* tensor table dtype and region codes */
 #define BNNC_DTYPE_F32 0
 #define BNNC_DTYPE_F16 1
@@ -40,6 +42,10 @@
 #define BNNC_DTYPE_I32 6
 #define BNNC_REGION_ARENA 0
 #define BNNC_REGION_STATE 1
+#endif
+
+#ifdef __cplusplus
+extern "C" {
 #endif
 
 /* BEGIN CDEF */
@@ -81,6 +87,27 @@ const bnnc_mlp_tensor_info_t *bnnc_mlp_tensor_info(int32_t index);
 const void *bnnc_mlp_tensor(int32_t index);
 int32_t bnnc_mlp_debug_dump_enabled(void);
 const char *bnnc_mlp_status_str(int status);
+/* Streaming the state blob (the bytes of get_state / set_state) through callbacks, with no
+ * blob-sized buffer: `offset` is the position in the blob; a callback returns 1 on success, 0 on
+ * failure (BNNC_ERR_IO). write_state writes the header, then the state, in increasing offsets.
+ * read_state reads the blob twice -- once to check magic, version, model hash, size and CRC-32,
+ * then into the state (checked again) -- so a refused blob (BNNC_ERR_BLOB, BNNC_ERR_CRC, or a
+ * failed read on the first pass) leaves the current state untouched. */
+#ifndef BNNC_STREAM_DEFINED
+#define BNNC_STREAM_DEFINED
+typedef int (*bnnc_write_fn)(void *ctx, size_t offset, const void *data, size_t nbytes);
+typedef int (*bnnc_read_fn)(void *ctx, size_t offset, void *data, size_t nbytes);
+#endif
+int bnnc_mlp_write_state(bnnc_write_fn write, void *ctx);
+int bnnc_mlp_read_state(bnnc_read_fn read, void *ctx);
+/* The arena's own batch buffers: float32 [BNNC_MLP_INPUT_ELEMS] inputs and int32 [100]
+ * labels. Fill them in place and pass them to train_step / predict: nothing is copied. */
+float *bnnc_mlp_input_buffer(void);
+int32_t *bnnc_mlp_label_buffer(void);
 /* END CDEF */
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif /* BNNC_MLP_H */

@@ -224,14 +224,23 @@ static uint32_t permute(uint32_t i, uint32_t n, uint32_t key)
     return i;
 }
 
+/* the dataset index of example b of training step `step` (0-based): epoch e visits
+ * permute(j, count, hash(seed, e)) at position j */
+static uint32_t batch_example(uint32_t count, uint64_t step, uint32_t spe, uint32_t seed,
+                              uint32_t b)
+{
+    uint32_t epoch = (uint32_t)(step / spe), j = (uint32_t)(step % spe);
+    uint32_t key = mix32(seed ^ mix32(epoch + 0x632BE5ABu));
+    return permute(j * BATCH + b, count, key);
+}
+
 static int load_batch(const dataset_t *d, uint32_t count, uint64_t step, uint32_t spe,
                       uint32_t seed)
 {
-    uint32_t epoch = (uint32_t)(step / spe), j = (uint32_t)(step % spe), b;
-    uint32_t key = mix32(seed ^ mix32(epoch + 0x632BE5ABu));
+    uint32_t b;
     float *x = x_batch;
     for (b = 0; b < BATCH; b++) {
-        uint32_t idx = permute(j * BATCH + b, count, key);
+        uint32_t idx = batch_example(count, step, spe, seed, b);
         if (!data_example(d, idx, x + (size_t)b * EXAMPLE_ELEMS, &y_batch[b])) return 0;
     }
     return 1;
