@@ -30,10 +30,11 @@ import numpy as np
 ARCHS = {"tfc": (64, 64, 64), "tiny": (32,)}
 
 
-def mnist01(limit: int | None = None):
-    """MNIST as float32 (N, 1, 28, 28) in [0, 1] and int64 labels, from bnnc's data directory."""
+def mnist01(limit: int | None = None, root=None):
+    """MNIST as float32 (N, 1, 28, 28) in [0, 1] and int64 labels, from bnnc's data directory
+    (or `root`, laid out as `bnnc data fetch` does)."""
     from bnnc.runtime.datasets import load_raw
-    raw = load_raw("mnist", limit=limit)
+    raw = load_raw("mnist", root, limit=limit)
     return (raw.x_train.astype(np.float32) / 255, raw.y_train,
             raw.x_test.astype(np.float32) / 255, raw.y_test)
 
@@ -46,7 +47,7 @@ def build(arch: str):
 
 def train_and_export(path: Path, *, arch: str = "tfc", epochs: int = 3, steps: int | None = None,
                      seed: int = 0, lr: float = 1e-2, batch: int = 100, limit: int | None = None,
-                     log=print) -> dict:
+                     root=None, log=print) -> dict:
     """Train, export to `path` (QONNX), return {"torch_acc", "ort_acc", "steps", "seconds"} on
     the MNIST test set (onnxruntime runs the exported file one sample at a time in batches of 1)."""
     import torch
@@ -54,7 +55,7 @@ def train_and_export(path: Path, *, arch: str = "tfc", epochs: int = 3, steps: i
 
     torch.manual_seed(seed)
     torch.set_num_threads(1)
-    x_tr, y_tr, x_te, y_te = mnist01(limit)
+    x_tr, y_tr, x_te, y_te = mnist01(limit, root)
     model = build(arch)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched_steps = steps if steps is not None else epochs * (len(y_tr) // batch)
@@ -76,7 +77,7 @@ def train_and_export(path: Path, *, arch: str = "tfc", epochs: int = 3, steps: i
             done += 1
             if done >= sched_steps:
                 break
-        log(f"  step {done}: loss {float(loss):.3f}, test {100 * _torch_acc(model, x_te, y_te):.2f} %")
+        log(f"  step {done}: loss {loss.item():.3f}, test {100 * _torch_acc(model, x_te, y_te):.2f} %")
     model.eval()
     torch_acc = _torch_acc(model, x_te, y_te)
     path = Path(path)
