@@ -4,7 +4,8 @@
     python scripts/brevitas_mnist.py -o tiny.onnx --arch tiny --steps 300
 
 Architectures (Brevitas' own `brevitas_examples.bnn_pynq` FC, 1-bit weights, activations and input):
-`tfc` = 784-64-64-64-10 (FINN's TFC), `tiny` = 784-32-10. Each hidden layer is QuantLinear (no bias)
+`tfc` = 784-64-64-64-10 (FINN's TFC), `tfc_bnhead` = the same with a per-class BatchNorm1d in place
+of TensorNorm (the head's BN feeds the softmax), `tiny` = 784-32-10. Each hidden layer is QuantLinear (no bias)
 -> BatchNorm1d -> 1-bit QuantIdentity; the head ends in Brevitas' TensorNorm. Training: Adam,
 cross-entropy, latent weights clipped to [-1, 1] after every step (as bnn_pynq trains), seeded
 (torch.manual_seed and the batch order), on MNIST from bnnc's data directory (`bnnc data fetch
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-ARCHS = {"tfc": (64, 64, 64), "tiny": (32,)}
+ARCHS = {"tfc": (64, 64, 64), "tfc_bnhead": (64, 64, 64), "tiny": (32,)}
 
 
 def mnist01(limit: int | None = None, root=None):
@@ -40,9 +41,13 @@ def mnist01(limit: int | None = None, root=None):
 
 
 def build(arch: str):
+    import torch
     from brevitas_examples.bnn_pynq.models.FC import FC
-    return FC(num_classes=10, weight_bit_width=1, act_bit_width=1, in_bit_width=1, in_channels=1,
-              out_features=ARCHS[arch])
+    net = FC(num_classes=10, weight_bit_width=1, act_bit_width=1, in_bit_width=1, in_channels=1,
+             out_features=ARCHS[arch])
+    if arch == "tfc_bnhead":       # a per-class BatchNorm1d instead of TensorNorm before the logits
+        net.features[-1] = torch.nn.BatchNorm1d(10)
+    return net
 
 
 def train_and_export(path: Path, *, arch: str = "tfc", epochs: int = 3, steps: int | None = None,
