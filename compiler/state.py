@@ -219,19 +219,32 @@ def initial_values(graph: Graph, cfg: TrainConfig) -> Conversion:
 _NUDGE = 8            # ulps `_fit_thresholds` tries in each direction, for running_mean and beta
 
 
-def _integer_input_fan_in(graph: Graph, bn: Layer) -> int | None:
-    """The fan-in n of a binary weight layer without bias that feeds `bn` and reads +-1 inputs:
-    its outputs are integers in [-n, n] (zero padding only removes terms)."""
+def _input_grid(graph: Graph, bn: Layer) -> tuple[float, float] | None:
+    """(q, bound) when `bn` reads a binary weight layer without bias whose inputs lie on a grid:
+    +-1 (a SIGN, maybe via flatten/max-pool: q = 1) or a per-tensor input quantizer with an integer
+    zero point (q = its scale). The layer's outputs are then multiples of q with |y| <= bound
+    (zero padding only removes terms)."""
     from .ops.refctx import pm1_output
     src = bn.inputs[0]
     if src == INPUT:
         return None
     lay = graph.layer(src)
-    if (lay.kind not in WEIGHT_KINDS or not lay.binary or "b" in lay.params
-            or not pm1_output(graph, lay.inputs[0])):
+    if lay.kind not in WEIGHT_KINDS or not lay.binary or "b" in lay.params:
         return None
     w = lay.params["W"]
-    return int(w.shape[0]) if lay.kind is LayerKind.DENSE else int(np.prod(w.shape[1:]))
+    fan_in = int(w.shape[0]) if lay.kind is LayerKind.DENSE else int(np.prod(w.shape[1:]))
+    if pm1_output(graph, lay.inputs[0]):
+        return 1.0, float(fan_in)
+    if lay.inputs[0] == INPUT:
+        return None
+    quant = graph.layer(lay.inputs[0])
+    if quant.kind is not LayerKind.INPUT_QUANT:
+        return None
+    scale, zp = (np.asarray(quant.attrs[k], np.float64).reshape(-1)
+                 for k in ("scale", "zero_point"))
+    if scale.size != 1 or zp.size != 1 or zp[0] != np.round(zp[0]) or not scale[0] > 0:
+        return None
+    return float(scale[0]), float(fan_in * scale[0] * 2.0 ** int(quant.attrs["bits"]))
 
 
 def _z(x: float, rm: np.ndarray, inv: np.ndarray, beta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -245,25 +258,27 @@ def _z(x: float, rm: np.ndarray, inv: np.ndarray, beta: np.ndarray) -> tuple[np.
 
 
 def _fit_thresholds(graph: Graph, bn: Layer, vals: dict[str, np.ndarray], dtype: str) -> None:
-    """Where `bn` (l1) feeds only signs and reads integers (`_integer_input_fan_in`), choose its
-    16-bit running_mean and beta among the few nearest representable values so the stored state
-    decides sign(z) for every integer input as the unrounded conversion does.
+    """Where `bn` (l1) feeds only signs and reads values on a grid (`_input_grid`: integers, or
+    multiples of an input quantizer's scale), choose its 16-bit running_mean and beta among the few
+    nearest representable values so the stored state decides sign(z) for every grid input as the
+    unrounded conversion does.
 
-    The decision z >= 0 flips at t = running_mean - beta * running_psi; for integer inputs only
-    the two integers around t matter (z is monotone in x, also in float arithmetic). Round to
-    nearest keeps it unless t lies within a rounding error of an integer; then running_mean and
-    beta move by up to _NUDGE ulps each (the smallest total move that decides both integers right,
+    The decision z >= 0 flips at t = running_mean - beta * running_psi; for grid inputs only the
+    two grid points around t matter (z is monotone in x, also in float arithmetic). Round to
+    nearest keeps it unless t lies within a rounding error of a grid point; then running_mean and
+    beta move by up to _NUDGE ulps each (the smallest total move that decides both points right,
     plain and fused multiply-add alike). A channel none fits keeps round to nearest."""
-    n = _integer_input_fan_in(graph, bn)
-    if n is None or not sign_only(graph, bn.name):
+    grid = _input_grid(graph, bn)
+    if grid is None or not sign_only(graph, bn.name):
         return
+    q, n = grid
     rm_n, ps_n, be_n = (tname(bn.name, f) for f in ("running_mean", "running_psi", "beta"))
     rm, psi, beta = (vals[k].astype(np.float64) for k in (rm_n, ps_n, be_n))
     store = lambda v: nx.store(np.asarray(v, np.float32), dtype)    # noqa: E731
     rm16, psi16, be16 = store(rm), store(psi), store(beta)
     inv = (np.float32(1) / psi16).astype(np.float32)
     t = rm - beta * psi
-    hi = np.clip(np.ceil(t), -n, n + 1)
+    hi = np.clip(np.ceil(t / q) * q, -n, n + q)
     ks = np.arange(-_NUDGE, _NUDGE + 1)
     order = np.argsort(np.abs(ks)[:, None] + np.abs(ks)[None, :], axis=None, kind="stable")
     mant = 7 if dtype == "bf16" else 10
@@ -277,8 +292,8 @@ def _fit_thresholds(graph: Graph, bn: Layer, vals: dict[str, np.ndarray], dtype:
         ok = np.ones(r.shape, bool)
         if hi[c] <= n:                                  # x = hi must give z >= 0
             ok &= np.all([z >= 0 for z in _z(hi[c], r, inv[c], b)], axis=0)
-        if hi[c] - 1 >= -n:                             # x = hi - 1 must give z < 0
-            ok &= np.all([z < 0 for z in _z(hi[c] - 1, r, inv[c], b)], axis=0)
+        if hi[c] - q >= -n:                             # the grid point below must give z < 0
+            ok &= np.all([z < 0 for z in _z(hi[c] - q, r, inv[c], b)], axis=0)
         good = [i for i in order if ok[i]]
         if good:
             rm16[c], be16[c] = r[good[0]], b[good[0]]

@@ -5,6 +5,8 @@ conversion exists, one BnncWarning gives the measured difference."""
 
 from __future__ import annotations
 
+import glob
+import os
 import warnings
 
 import numpy as np
@@ -197,3 +199,35 @@ def test_conversion_moves_the_sign_into_the_weights():
     np.testing.assert_array_equal(np.sign(st["fc1.W"][:, neg]), -np.sign(w[:, neg]))
     np.testing.assert_array_equal(st["fc1.W"][:, ~neg], w[:, ~neg])
     np.testing.assert_array_equal(st["bn1.running_mean"][neg], -graph.layer("bn1").params["mean"][neg])
+
+
+SHARED = "/work/shared/models"
+SHARED_FILES = sorted(glob.glob(f"{SHARED}/*/*.onnx"))
+
+
+def _reference_output(path):
+    d = os.path.dirname(path)
+    stem = os.path.basename(path).split("_qonnx")[0].split("_ts_fold")[0].split("_finn")[0]
+    io = np.load(os.path.join(d, stem + ".io.npz"))
+    return io["input"], io["output"].reshape(len(io["input"]), -1)
+
+
+@pytest.mark.parametrize("path", SHARED_FILES, ids=os.path.basename)
+@pytest.mark.parametrize("dtype", ["f32", "bf16", "f16"])
+def test_third_party_files_at_step0_under_proposed(path, dtype):
+    # the numpy reference (which `bnnc check` holds the C to) at step 0 under l1 BN, against the
+    # source framework's output: the Brevitas files' hidden BNs read +-1 or 8-bit-quantized inputs
+    # (thresholds fitted even in 16 bits) and end in a constant TensorNorm, so they are exact; the
+    # PyTorch files' first layer reads real pixels and their last BN feeds the softmax, so 16-bit
+    # state rounds those (top-1 kept)
+    x, want = _reference_output(path)
+    graph = load_model(path)
+    cfg = make_config("proposed", batch=len(x), state_dtype=dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BnncWarning)
+        got = ref.predict(graph, cfg, ref.init_state(graph, cfg), x)
+    want = np.exp(want - want.max(1, keepdims=True))
+    want /= want.sum(1, keepdims=True)
+    assert (got.argmax(1) == want.argmax(1)).all()
+    if dtype == "f32" or "brevitas" in path:
+        np.testing.assert_allclose(got, want, atol=1e-5)
