@@ -41,7 +41,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("brevitas_mnist", ROOT / "scripts" / "brevitas_mnist.py")
+    spec = importlib.util.spec_from_file_location("brevitas_mnist",
+                                                  ROOT / "scripts" / "brevitas_mnist.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

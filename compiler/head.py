@@ -8,8 +8,9 @@ to gamma 1, beta 0, running mean 0, running var 1; a per-channel AFFINE to scale
 per-tensor one is kept). Every layer before the head keeps its trained values.
 
 Only per-class layers may follow the head: BATCHNORM, AFFINE, GLOBAL_AVGPOOL, FLATTEN, SOFTMAX.
-Anything else there (a sign, a residual add, another weight layer), a grouped conv head, or no weight
-layer at all raises ConfigError naming the layer: such a model has no dense/conv head to replace.
+Anything else there (a sign, a residual add, another weight layer), a grouped conv head, or no
+weight layer at all raises ConfigError naming the layer: such a model has no dense/conv head to
+replace.
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ def head_layer(graph: Graph) -> Layer:
                           f"head")
     head = graph.layers[idx[-1]]
     if head.kind not in (LayerKind.DENSE, LayerKind.CONV):
-        raise ConfigError(f"--classes: the last weight layer of model {graph.name!r}, {head.name!r}, "
-                          f"is a {head.kind.value}, not a dense/conv head")
+        raise ConfigError(f"--classes: the last weight layer of model {graph.name!r}, "
+                          f"{head.name!r}, is a {head.kind.value}, not a dense/conv head")
     prev = head.name
     for lay in graph.layers[idx[-1] + 1:]:
         if lay.kind not in _AFTER_HEAD or lay.inputs != (prev,) or len(graph.consumers(prev)) != 1:

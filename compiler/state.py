@@ -182,9 +182,10 @@ def _l1_from_l2(graph: Graph, bn: Layer, vals: dict[str, np.ndarray], inexact: l
 
 def initial_values(graph: Graph, cfg: TrainConfig) -> Conversion:
     """The step-0 value of every "param" and "bn_stat" state tensor of (graph, cfg): the file's
-    values, its l2 batch norms converted under `--bn l1` (`_l1_from_l2`); under f16 state binary
-    latent weights are kept at |W| >= LATENT_FLOOR so their signs survive the storage. Optimizer moments start at
-    0 and are not listed."""
+    values, its l2 batch norms converted under `--bn l1` (`_l1_from_l2`) with 16-bit thresholds
+    fitted (`_fit_thresholds`); under f16 state binary latent weights are kept at
+    |W| >= LATENT_FLOOR so their signs survive the storage. Optimizer moments start at 0 and are
+    not listed."""
     vals: dict[str, np.ndarray] = {}
     for lay in graph.layers:
         for f, v in lay.params.items():
@@ -247,7 +248,8 @@ def _input_grid(graph: Graph, bn: Layer) -> tuple[float, float] | None:
     return float(scale[0]), float(fan_in * scale[0] * 2.0 ** int(quant.attrs["bits"]))
 
 
-def _z(x: float, rm: np.ndarray, inv: np.ndarray, beta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _z(x: float, rm: np.ndarray, inv: np.ndarray,
+       beta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The l1 inference output at input x, as the C computes it (`(x - rm) * inv + beta` in float32)
     and with the multiply-add fused (what a compiler contracting to FMA computes)."""
     f32 = np.float32

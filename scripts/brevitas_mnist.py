@@ -1,19 +1,21 @@
 """Train a binary MLP with Brevitas on MNIST and export it to QONNX: a model trained *outside* bnnc.
 
-    python scripts/brevitas_mnist.py -o tfc.onnx                  # TFC 1w1a, 3 epochs (a few minutes)
+    python scripts/brevitas_mnist.py -o tfc.onnx --epochs 5       # TFC 1w1a (about 2-3 minutes)
     python scripts/brevitas_mnist.py -o tiny.onnx --arch tiny --steps 300
 
-Architectures (Brevitas' own `brevitas_examples.bnn_pynq` FC, 1-bit weights, activations and input):
-`tfc` = 784-64-64-64-10 (FINN's TFC), `tfc_bnhead` = the same with a per-class BatchNorm1d in place
-of TensorNorm (the head's BN feeds the softmax), `tiny` = 784-32-10. Each hidden layer is QuantLinear (no bias)
--> BatchNorm1d -> 1-bit QuantIdentity; the head ends in Brevitas' TensorNorm. Training: Adam,
-cross-entropy, latent weights clipped to [-1, 1] after every step (as bnn_pynq trains), seeded
-(torch.manual_seed and the batch order), on MNIST from bnnc's data directory (`bnnc data fetch
-mnist`). The model reads pixels in **[0, 1]** (torchvision's ToTensor convention), not bnnc's
-`2x/255 - 1`: whoever feeds it bnnc's pixels rescales them, `(x + 1) / 2`.
+Architectures (Brevitas' own `brevitas_examples.bnn_pynq` FC, 1-bit weights, activations and
+input): `tfc` = 784-64-64-64-10 (FINN's TFC), `tfc_bnhead` = the same with a per-class BatchNorm1d
+in place of TensorNorm (the head's BN feeds the softmax), `tiny` = 784-32-10. Each hidden layer is
+QuantLinear (no bias) -> BatchNorm1d -> 1-bit QuantIdentity; the head ends in Brevitas' TensorNorm.
+Training: Adam (lr 1e-2, cosine schedule), cross-entropy, latent weights clipped to [-1, 1] after
+every step (as bnn_pynq trains), seeded (torch.manual_seed and the batch order), on MNIST from
+bnnc's data directory (`bnnc data fetch mnist`). The model reads pixels in **[0, 1]**
+(torchvision's ToTensor convention), not bnnc's `2x/255 - 1`: whoever feeds it bnnc's pixels
+rescales them, `(x + 1) / 2`.
 
 Export: `brevitas.export.export_qonnx(model, example_input, path)` in eval mode, batch 1. The
-script prints the test accuracy of the PyTorch model and of onnxruntime on the exported file.
+script prints the test accuracy of the PyTorch model and of onnxruntime on the exported file
+(`ort_runnable`: QONNX's BipolarQuant written as the standard ONNX it stands for).
 
 `train_and_export(path, arch=..., epochs=..., steps=..., seed=...)` is what the test fixture
 (tests/test_pretrained.py) and benchmarks/pretrained_brevitas.py call.
@@ -82,7 +84,8 @@ def train_and_export(path: Path, *, arch: str = "tfc", epochs: int = 3, steps: i
             done += 1
             if done >= sched_steps:
                 break
-        log(f"  step {done}: loss {loss.item():.3f}, test {100 * _torch_acc(model, x_te, y_te):.2f} %")
+        acc = _torch_acc(model, x_te, y_te)
+        log(f"  step {done}: loss {loss.item():.3f}, test {100 * acc:.2f} %")
     model.eval()
     torch_acc = _torch_acc(model, x_te, y_te)
     path = Path(path)

@@ -62,7 +62,8 @@ class _Onnx:
 
     def model(self, x_shape, out, classes):
         g = helper.make_graph(
-            self.nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", *x_shape])],
+            self.nodes, "m",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", *x_shape])],
             [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["N", classes])], self.inits)
         return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
 
@@ -198,7 +199,8 @@ def test_conversion_moves_the_sign_into_the_weights():
     assert neg.any() and (~neg).any()
     np.testing.assert_array_equal(np.sign(st["fc1.W"][:, neg]), -np.sign(w[:, neg]))
     np.testing.assert_array_equal(st["fc1.W"][:, ~neg], w[:, ~neg])
-    np.testing.assert_array_equal(st["bn1.running_mean"][neg], -graph.layer("bn1").params["mean"][neg])
+    np.testing.assert_array_equal(st["bn1.running_mean"][neg],
+                                  -graph.layer("bn1").params["mean"][neg])
 
 
 SHARED = "/work/shared/models"
