@@ -4,6 +4,7 @@ for each algorithm in one run.
 
     python benchmarks/pretrained_brevitas.py [--model FILE.onnx] [--algorithms standard,proposed]
                                              [--epochs 1] [--seeds 0,1,2] [--limit N]
+                                             [--set lr=1e-4,state_dtype=f32]
 
 Without --model the model is trained first (scripts/brevitas_mnist.py: TFC 1w1a, 5 epochs) and
 cached in $BNNC_CACHE_DIR (or ~/.cache/bnnc)/brevitas/. For each algorithm (`bnnc compile` defaults
@@ -66,6 +67,9 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--seeds", default="0,1,2", help="batch orders of the fine-tuning runs")
     ap.add_argument("--limit", type=int, default=None, help="first N train/test images only")
+    ap.add_argument("--set", dest="overrides", default="", metavar="K=V,...",
+                    help="training options over the algorithm's defaults, e.g. lr=1e-4,bn=l2 "
+                         "(compiler/config.py TrainConfig fields)")
     a = ap.parse_args(argv)
     bm = _script()
     path = a.model or default_model(bm)
@@ -73,11 +77,13 @@ def main(argv=None) -> int:
     ort_pred = bm.ort_logits(path, x_te).argmax(1)
     ort_acc = float(np.mean(ort_pred == y_te))
     graph = load_model(path)
-    print(f"model {path} ({graph.name}), MNIST test {len(y_te)} images, inputs x/255 in [0, 1]")
+    print(f"model {path} ({graph.name}), MNIST test {len(y_te)} images, inputs x/255 in [0, 1]"
+          + (f", options {a.overrides}" if a.overrides else ""))
     print(f"onnxruntime on the source file: {100 * ort_acc:.2f} %")
     rows = []
+    overrides = dict(_parse(kv) for kv in a.overrides.split(",") if kv)
     for alg in a.algorithms.split(","):
-        cfg = make_config(alg)
+        cfg = make_config(alg, **overrides)
         with tempfile.TemporaryDirectory(prefix="bnnc-pretrained-") as tmp:
             compile_to_c(graph, cfg, load_target("host"), Path(tmp), command="pretrained_brevitas")
             prog = HostProgram(tmp, debug=False)
@@ -103,6 +109,16 @@ def main(argv=None) -> int:
               f"{' / '.join(f'{100 * v:.2f}' for v in after)} % | "
               f"{100 * (min(after) - acc0):+.2f} pp |")
     return 0
+
+
+def _parse(kv: str) -> tuple[str, object]:
+    k, _, v = kv.partition("=")
+    for conv in (int, float):
+        try:
+            return k, conv(v)
+        except ValueError:
+            pass
+    return k, {"true": True, "false": False}.get(v.lower(), v)
 
 
 def _predict(backend, x) -> np.ndarray:
