@@ -202,13 +202,13 @@ def initial_values(graph: Graph, cfg: TrainConfig) -> Conversion:
         if cfg.bn == "l2":
             vals[tname(lay.name, "running_mean")] = vals[tname(lay.name, "mean")]
             vals[tname(lay.name, "running_var")] = vals[tname(lay.name, "var")]
-            continue
-        notes: list[str] = []
-        _l1_from_l2(graph, lay, vals, notes)
-        conv.inexact += [f"{lay.name} ({lay.onnx_name or 'BatchNormalization'}): {n}"
-                         for n in notes]
+        else:
+            notes: list[str] = []
+            _l1_from_l2(graph, lay, vals, notes)
+            conv.inexact += [f"{lay.name} ({lay.onnx_name or 'BatchNormalization'}): {n}"
+                             for n in notes]
         if cfg.state_dtype != "f32":
-            _fit_thresholds(graph, lay, vals, cfg.state_dtype)
+            _fit_thresholds(graph, lay, vals, cfg)
     names = {st.name for st in state_tensors(graph, cfg) if st.kind != "opt"}
     conv.values = {k: v for k, v in vals.items() if k in names}
     return conv
@@ -248,58 +248,88 @@ def _input_grid(graph: Graph, bn: Layer) -> tuple[float, float] | None:
     return float(scale[0]), float(fan_in * scale[0] * 2.0 ** int(quant.attrs["bits"]))
 
 
-def _z(x: float, rm: np.ndarray, inv: np.ndarray,
-       beta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The l1 inference output at input x, as the C computes it (`(x - rm) * inv + beta` in float32)
-    and with the multiply-add fused (what a compiler contracting to FMA computes)."""
-    f32 = np.float32
-    d = (f32(x) - rm).astype(f32)
-    plain = ((d * inv).astype(f32) + beta).astype(f32)
-    fused = (d.astype(np.float64) * inv.astype(np.float64) + beta.astype(np.float64)).astype(f32)
+def _z(x: float, rm: np.ndarray, inv: np.ndarray, beta: np.ndarray,
+       gamma: np.float32 | None) -> tuple[np.ndarray, np.ndarray]:
+    """The inference output at input x as the C computes it in float32 -- l1: `(x - rm) * inv +
+    beta`, l2: `gamma * ((x - rm) * inv) + beta` -- and with the last multiply-add fused (what a
+    compiler contracting to FMA computes)."""
+    f32, f64 = np.float32, np.float64
+    d = ((f32(x) - rm).astype(f32) * inv).astype(f32)
+    if gamma is not None:
+        prod64 = f64(gamma) * d.astype(f64)
+        d = (gamma * d).astype(f32)
+    else:
+        prod64 = d.astype(f64)
+    plain = (d + beta).astype(f32)
+    fused = (prod64 + beta.astype(f64)).astype(f32)
     return plain, fused
 
 
-def _fit_thresholds(graph: Graph, bn: Layer, vals: dict[str, np.ndarray], dtype: str) -> None:
-    """Where `bn` (l1) feeds only signs and reads values on a grid (`_input_grid`: integers, or
+def _fit_thresholds(graph: Graph, bn: Layer, vals: dict[str, np.ndarray],
+                    cfg: TrainConfig) -> None:
+    """Where `bn` feeds only signs and reads values on a grid (`_input_grid`: integers, or
     multiples of an input quantizer's scale), choose its 16-bit running_mean and beta among the few
     nearest representable values so the stored state decides sign(z) for every grid input as the
-    unrounded conversion does.
+    unrounded values do.
 
-    The decision z >= 0 flips at t = running_mean - beta * running_psi; for grid inputs only the
-    two grid points around t matter (z is monotone in x, also in float arithmetic). Round to
-    nearest keeps it unless t lies within a rounding error of a grid point; then running_mean and
-    beta move by up to _NUDGE ulps each (the smallest total move that decides both points right,
-    plain and fused multiply-add alike). A channel none fits keeps round to nearest."""
+    z is monotone in the input x (also in float arithmetic) and changes sign at one threshold t
+    (l1: running_mean - beta * running_psi; l2: running_mean - beta * s / gamma), so only the two
+    grid points around t matter. Round to nearest keeps their decisions unless t lies within a
+    rounding error of one of them; then running_mean and beta move by up to _NUDGE ulps each (the
+    smallest total move that decides both points as the float64 value of the unrounded state
+    does, plain and fused multiply-add alike). A channel none fits keeps round to nearest; gamma
+    and running_psi / running_var keep round to nearest."""
     grid = _input_grid(graph, bn)
     if grid is None or not sign_only(graph, bn.name):
         return
     q, n = grid
-    rm_n, ps_n, be_n = (tname(bn.name, f) for f in ("running_mean", "running_psi", "beta"))
-    rm, psi, beta = (vals[k].astype(np.float64) for k in (rm_n, ps_n, be_n))
+    dtype, l2 = cfg.state_dtype, cfg.bn == "l2"
+    rm_n, sc_n, be_n = (tname(bn.name, f) for f in
+                        ("running_mean", "running_var" if l2 else "running_psi", "beta"))
+    rm, sc, beta = (vals[k].astype(np.float64) for k in (rm_n, sc_n, be_n))
     store = lambda v: nx.store(np.asarray(v, np.float32), dtype)    # noqa: E731
-    rm16, psi16, be16 = store(rm), store(psi), store(beta)
-    inv = (np.float32(1) / psi16).astype(np.float32)
-    t = rm - beta * psi
-    hi = np.clip(np.ceil(t / q) * q, -n, n + q)
+    rm16, sc16, be16 = store(rm), store(sc), store(beta)
+    if l2:
+        eps = np.float32(float(bn.attrs["eps"]))
+        gamma = vals[tname(bn.name, "gamma")].astype(np.float64)
+        g16 = store(gamma)
+        inv = (np.float32(1) / np.sqrt(sc16 + eps)).astype(np.float32)
+        s = np.sqrt(sc.astype(np.float32) + eps).astype(np.float64)
+
+        def true_z(x, c):
+            return gamma[c] * (x - rm[c]) / s[c] + beta[c]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t = rm - beta * s / gamma
+    else:
+        g16 = None
+        inv = (np.float32(1) / sc16).astype(np.float32)
+
+        def true_z(x, c):
+            return (x - rm[c]) / sc[c] + beta[c]
+        t = rm - beta * sc
+    lo = np.floor(t / q) * q
     ks = np.arange(-_NUDGE, _NUDGE + 1)
     order = np.argsort(np.abs(ks)[:, None] + np.abs(ks)[None, :], axis=None, kind="stable")
     mant = 7 if dtype == "bf16" else 10
     for c in range(len(rm)):
-        if not (np.isfinite(t[c]) and psi16[c] > 0 and np.isfinite(inv[c])):
+        if not (np.isfinite(t[c]) and np.isfinite(inv[c]) and inv[c] > 0):
             continue
+        points = [x for x in (lo[c], lo[c] + q) if -n <= x <= n]
         cand_rm = store(rm16[c] + ks * _ulp(rm16[c], mant))
         cand_be = store(be16[c] + ks * _ulp(be16[c], mant))
         r = np.repeat(cand_rm, len(ks))
         b = np.tile(cand_be, len(ks))
         ok = np.ones(r.shape, bool)
-        if hi[c] <= n:                                  # x = hi must give z >= 0
-            ok &= np.all([z >= 0 for z in _z(hi[c], r, inv[c], b)], axis=0)
-        if hi[c] - q >= -n:                             # the grid point below must give z < 0
-            ok &= np.all([z < 0 for z in _z(hi[c] - q, r, inv[c], b)], axis=0)
+        for x in points:
+            want = true_z(x, c) >= 0
+            for z in _z(x, r, inv[c], b, None if g16 is None else g16[c]):
+                ok &= (z >= 0) == want
         good = [i for i in order if ok[i]]
         if good:
             rm16[c], be16[c] = r[good[0]], b[good[0]]
-    vals[rm_n], vals[ps_n], vals[be_n] = rm16, psi16, be16
+    vals[rm_n], vals[sc_n], vals[be_n] = rm16, sc16, be16
+    if l2:
+        vals[tname(bn.name, "gamma")] = g16
 
 
 def _ulp(v: np.float32, mant: int) -> np.float32:
