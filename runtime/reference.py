@@ -67,8 +67,7 @@ import numpy as np
 
 from ..compiler import numerics as nx
 from ..compiler import ops
-from ..compiler.config import TrainConfig
-from ..compiler.config import make_config
+from ..compiler.config import TrainConfig, make_config
 from ..compiler.errors import BnncWarning, DataError
 from ..compiler.ir import INPUT, Graph, LayerKind, tname
 from ..compiler.ops.loss import softmax
@@ -103,8 +102,8 @@ class TrainState:
 
 def init_state(graph: Graph, cfg: TrainConfig) -> TrainState:
     """The file's trained state under `cfg` (`compiler.state.initial_values`: l2 batch norms
-    converted to l1 where the config asks for it) stored in the state dtypes with RNE, moments 0,
-    step 0. When a batch norm has no exact l1 equivalent, one BnncWarning names it and gives the
+    converted to l1 where the config asks for it, 16-bit thresholds fitted) stored in the state
+    dtypes with RNE, moments 0, step 0. When a batch norm has no exact l1 equivalent, one BnncWarning names it and gives the
     measured difference of the step-0 predictions from the file's (`conversion_gap`)."""
     conv = initial_values(graph, cfg)
     tensors: dict[str, np.ndarray] = {}
