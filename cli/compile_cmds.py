@@ -12,6 +12,8 @@ runtime/trace.py) and compares K steps tensor by tensor with runtime/reference.p
 states the rules). Exit 0 when every tensor is within tolerance, 1 when not.
 
 MODEL is an ONNX/QONNX file or a zoo name (`bnnc zoo --list`); zoo names take --width.
+`--classes K` re-initialises the model's head for K classes (compiler/head.py); `bnnc compile` then
+writes the new-head model as OUT/model.onnx (QONNX), so `bnnc run` and `bnnc export` see K outputs.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from ..compiler.errors import ConfigError
 from ..compiler.planner import DEFAULT_GUARD_BYTES
 from ..compiler.target import Target, load_target, parse_size
 from ..runtime.check import debug_target, format_report, run_check
-from ..runtime.outdir import compile_graph, load_graph, model_bytes
+from ..runtime.outdir import compile_graph, load_graph, model_bytes, with_new_head
 from .app import cli
 from .memory_cmds import technique_options
 from .train_cmds import lr_help, optimizer_options
@@ -45,12 +47,14 @@ def _config(algorithm: str | None, batch: int | None, lr: float | None, seed: in
 
 
 def _canonical_command(verb: str, model: str, cfg, target: str, width: float | None,
-                       ram: str | None = None, flash: str | None = None) -> str:
+                       ram: str | None = None, flash: str | None = None,
+                       classes: int | None = None) -> str:
     """The command line as written into generated files: only what decides their content."""
     parts = [f"bnnc {verb}", Path(model).name, f"--target {target}", f"--algorithm {cfg.algorithm}",
              f"--batch {cfg.batch}", f"--optimizer {cfg.optimizer}"]
     if width is not None:
         parts.append(f"--width {width:g}")
+    parts += [f"--classes {classes}"] if classes else []
     parts += [f"--ram {ram}"] if ram else []
     parts += [f"--flash {flash}"] if flash else []
     return " ".join(parts)
@@ -70,6 +74,10 @@ def _common(f):
                      help="seed of the stochastic rounding"),
         click.option("--width", type=float, default=None,
                      help="zoo models: scale every width/channel count"),
+        click.option("--classes", type=click.IntRange(min=2), default=None, metavar="K",
+                     help="new task head: re-initialise the last dense/conv layer (and its batch "
+                          "norm/bias) for K classes with the seeded initialiser (--seed); every "
+                          "other layer keeps its trained values"),
         click.option("--ram", default=None, metavar="SIZE",
                      help="bare-metal targets: RAM budget, e.g. 256K [default: the target's]"),
         click.option("--flash", default=None, metavar="SIZE",
@@ -110,8 +118,9 @@ def budget_target(name: str, ram: str | None, flash: str | None) -> Target:
               help="debug build: canary bytes around every arena buffer, checked after every "
                    "kernel (a kernel writing outside its tensors stops the program, naming it)")
 def compile_cmd(model: str, target: str, algorithm: str | None, batch: int | None, lr: float | None,
-                seed: int, width: float | None, out_dir: Path, ram: str | None, flash: str | None,
-                guard: bool, emit: str, **techniques) -> None:
+                seed: int, width: float | None, classes: int | None, out_dir: Path,
+                ram: str | None, flash: str | None, guard: bool, emit: str,
+                **techniques) -> None:
     """Compile MODEL into a static, malloc-free C99 training program in OUT.
 
     
@@ -125,6 +134,7 @@ def compile_cmd(model: str, target: str, algorithm: str | None, batch: int | Non
       bnnc compile model.onnx --target rpi4 -o out/pi
       bnnc compile tfc --target cortex-m7 --ram 256K --batch 10 --optimizer bop -o out/m7
       bnnc compile tfc --target cortex-m4 --optimizer bop --batch 8 --emit library -o out/lib
+      bnnc compile pretrained.onnx --classes 5 -o out/new_task
     """
     tgt = budget_target(target, ram, flash)
     cfg = _config(algorithm, batch, lr, seed, 100, techniques)
@@ -137,9 +147,13 @@ def compile_cmd(model: str, target: str, algorithm: str | None, batch: int | Non
         raise ConfigError(f"--emit library needs a bare-metal target; {tgt.name} is {tgt.kind}",
                           hint="pick --target cortex-m4, cortex-m7, cortex-m33, cortex-m55, "
                                "stm32f746, stm32h743 or nrf52840")
-    command = _canonical_command("compile", model, cfg, tgt.name, width, ram, flash) \
+    if classes is not None:
+        graph, source = with_new_head(graph, classes, seed)
+    else:
+        source = model_bytes(model, width=width)
+    command = _canonical_command("compile", model, cfg, tgt.name, width, ram, flash, classes) \
         + (" --guard" if guard else "") + (" --emit library" if emit == "library" else "")
-    c, written = compile_graph(graph, cfg, tgt, out_dir, command, model_bytes(model, width=width),
+    c, written = compile_graph(graph, cfg, tgt, out_dir, command, source,
                                guard_bytes=DEFAULT_GUARD_BYTES if guard else 0, emit=emit)
     click.echo(f"{graph.name}: {cfg.algorithm}, {cfg.optimizer}, batch {cfg.batch}, "
                f"{len(c.schedule.steps)} steps, {len(c.emitted.kernels)} C kernels")
@@ -162,7 +176,8 @@ def compile_cmd(model: str, target: str, algorithm: str | None, batch: int | Non
                    "through sign and PO2 thresholds; meaningful for all-f32 configurations)")
 @click.option("--verbose", is_flag=True, help="list every tensor, also the bit-identical ones")
 def check_cmd(model: str, target: str, algorithm: str | None, batch: int | None, lr: float | None,
-              seed: int, width: float | None, steps: int, data_seed: int, keep: Path | None,
+              seed: int, width: float | None, classes: int | None, steps: int, data_seed: int,
+              keep: Path | None,
               free: bool, verbose: bool, ram: str | None, flash: str | None,
               **techniques) -> None:
     """Train MODEL for K steps in the emitted C and in the numpy reference; compare every tensor.
@@ -174,12 +189,15 @@ def check_cmd(model: str, target: str, algorithm: str | None, batch: int | None,
     """
     cfg = _config(algorithm, batch, lr, seed, 32, techniques)
     graph = load_graph(model, width=width)
+    if classes is not None:
+        graph = with_new_head(graph, classes, seed)[0]
     with tempfile.TemporaryDirectory(prefix="bnnc-check-") as tmp:
         tgt = debug_target(budget_target(target, ram, flash), ram=ram is not None,
                            flash=flash is not None)
         rep = run_check(graph, cfg, steps=steps, data_seed=data_seed, target=tgt,
                         work_dir=keep if keep is not None else tmp,
-                        command=_canonical_command("check", model, cfg, target, width),
+                        command=_canonical_command("check", model, cfg, target, width,
+                                                   classes=classes),
                         forcing=not free)
     click.echo(format_report(rep, verbose=verbose))
     if not rep.ok:

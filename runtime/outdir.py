@@ -29,8 +29,9 @@ from ..compiler.config import TrainConfig, make_config
 from ..compiler.contract import (MANIFEST, STATE_BLOB_MAGIC, STATE_BLOB_VERSION, Manifest,
                                  read_manifest)
 from ..compiler.errors import ConfigError, DataError, ModelError, TargetError
-from ..compiler.export import check_state, load_state_npz, save_state_npz
+from ..compiler.export import check_state, export_onnx, load_state_npz, save_state_npz
 from ..compiler.frontend import load_model
+from ..compiler.head import new_head
 from ..compiler.ir import Graph
 from ..compiler.pipeline import Compiled, compile_to_c
 from ..compiler.report import format_report
@@ -107,6 +108,17 @@ def load_graph(model: str, *, width: float | None = None, image_size: int | None
         return load_model(build_zoo_model(model, **kw))
     raise ModelError(f"{model}: no such file, and not a zoo model name",
                      hint=f"zoo models: {', '.join(ZOO)}")
+
+
+def with_new_head(graph: Graph, classes: int, seed: int) -> tuple[Graph, bytes]:
+    """`--classes K`: `compiler.head.new_head(graph, K, seed)` and the QONNX bytes that stand for
+    it as OUT/model.onnx (latent weights, the file's batch norms as they were; `bnnc run` and
+    `bnnc export` re-import it), with the graph re-imported from those bytes."""
+    g = new_head(graph, classes, seed)
+    std = make_config("standard")
+    data = export_onnx(g, std, ref.init_state(g, std).tensors, fmt="qonnx").SerializeToString(
+        deterministic=True)
+    return load_model(onnx.load_model_from_string(data), name=g.name), data
 
 
 def write_run_inputs(out_dir: Path, graph, cfg: TrainConfig, source: bytes) -> list[Path]:

@@ -59,6 +59,7 @@ no gradient.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
@@ -66,12 +67,12 @@ import numpy as np
 
 from ..compiler import numerics as nx
 from ..compiler import ops
-from ..compiler.config import TrainConfig
-from ..compiler.errors import DataError
+from ..compiler.config import TrainConfig, make_config
+from ..compiler.errors import BnncWarning, DataError
 from ..compiler.ir import INPUT, Graph, LayerKind, tname
 from ..compiler.ops.loss import softmax
-from ..compiler.ops.refctx import RefRun, initial_value
-from ..compiler.state import StateTensor, state_tensors
+from ..compiler.ops.refctx import RefRun
+from ..compiler.state import StateTensor, initial_values, state_tensors
 
 __all__ = ["TrainState", "init_state", "train_step", "forward", "forward_backward", "predict",
            "evaluate", "FORWARD", "BACKWARD", "UPDATE"]
@@ -100,14 +101,41 @@ class TrainState:
 # state
 
 def init_state(graph: Graph, cfg: TrainConfig) -> TrainState:
-    """Parameters from the graph stored in their state dtype with RNE, moments 0, BN statistics
-    from the file (l1: running_psi = sqrt(var + eps)), step 0."""
+    """The file's trained state under `cfg` (`compiler.state.initial_values`: l2 batch norms
+    converted to l1 where the config asks for it, 16-bit thresholds fitted) stored in the state
+    dtypes with RNE, moments 0, step 0. When a batch norm has no exact l1 equivalent, one BnncWarning names it and gives the
+    measured difference of the step-0 predictions from the file's (`conversion_gap`)."""
+    conv = initial_values(graph, cfg)
     tensors: dict[str, np.ndarray] = {}
     for st in state_tensors(graph, cfg):
-        lay = graph.layer(st.layer)
-        v = np.zeros(st.shape, np.float32) if st.kind == "opt" else initial_value(lay, st.field)
+        v = np.zeros(st.shape, np.float32) if st.kind == "opt" else conv.values[st.name]
         tensors[st.name] = nx.store(np.asarray(v, np.float32).reshape(st.shape), st.dtype)
-    return TrainState(tensors, 0)
+    state = TrainState(tensors, 0)
+    if conv.inexact:
+        differ, dmax, n = conversion_gap(graph, cfg, state)
+        warnings.warn(BnncWarning(
+            f"model {graph.name!r}: --bn l1 cannot keep the file's batch norm exactly "
+            f"({'; '.join(conv.inexact)}); on {n} random inputs in [-1, 1] the step-0 predictions "
+            f"differ from the file's for {100 * differ:.1f} % (max |probability difference| "
+            f"{dmax:.3g}); --bn l2 keeps it exactly"))
+    return state
+
+
+PROBES = 64           # random inputs `conversion_gap` measures on
+
+
+def conversion_gap(graph: Graph, cfg: TrainConfig, state: TrainState) -> tuple[float, float, int]:
+    """(share of differing top-1 predictions, max |probability difference|, inputs) of `state`
+    under `cfg` against the file's own inference semantics (l2 BN, float32), on PROBES uniform
+    random inputs in [-1, 1] (numpy default_rng(0))."""
+    x = np.random.default_rng(0).uniform(-1, 1, (PROBES,) + graph.input_shape).astype(np.float32)
+    ours = predict(graph, cfg, state, x)
+    run = RefRun(graph, make_config("standard", bn="l2"), {}, np.dtype(np.float32), training=False)
+    forward(run, x)
+    last = run.acts[graph.output.name].reshape(PROBES, -1)
+    theirs = last if graph.output.kind is LayerKind.SOFTMAX else softmax(last)
+    return (float(np.mean(ours.argmax(1) != theirs.argmax(1))),
+            float(np.abs(ours - theirs).max()), PROBES)
 
 
 # --------------------------------------------------------------------------------------------------

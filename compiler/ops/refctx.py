@@ -19,8 +19,10 @@ from ..config import TrainConfig
 from ..ir import INPUT, Graph, Layer, LayerKind, tname
 
 def initial_value(lay: Layer, f: str) -> np.ndarray:
-    """A state tensor's value as the graph defines it: BN running statistics from the file's
-    mean/var (l1: running_psi = sqrt(var + eps) in float32), anything else the layer's parameter."""
+    """A tensor's value as the file defines it, for reads that have no state tensor (inference
+    with the file's own semantics, `runtime/infer.py`): BN running statistics from the file's
+    mean/var (running_psi = sqrt(var + eps) in float32), anything else the layer's parameter. The
+    step-0 state of a training config is `compiler.state.initial_values` (l1: gamma converted)."""
     if f == "running_mean":
         return lay.params["mean"]
     if f == "running_var":
