@@ -14,12 +14,18 @@ Then the Cortex-M7 run: TFC compiled for cortex-m7 with 256 KiB of RAM, `--m7-st
 qemu-system-arm from the model's start state, compared with the host trainer of the same
 configuration on the same data: the losses step by step and the final state tensor by tensor.
 
+`--seeds 0,1,2` adds, per model, the final test accuracy (and the re-estimated one) of Adam and
+of Bop (bf16, bnnc defaults) for each of those seeds (`bnnc compile --seed S`: initial weights,
+batch order and stochastic rounding all change) and their means; with `--ablate-tfc` also the
+small-batch knobs on TFC (threshold, gamma, lr, BN momentum and kind, state dtype) per seed.
+
 `--ablate` adds the MLP ablations (one change at a time from the pre-issue behaviour and from
 bnnc's Bop defaults): state dtype, gradient form, gamma, threshold, lr, BN kind, BN momentum;
-`--ablate-tfc` the TFC ones (threshold and lr, B=32); `--skip-main` leaves out the main tables.
+`--ablate-tfc` the TFC ones (B=32: threshold, gamma, lr, BN momentum, state dtype);
+`--skip-main` leaves out the main tables.
 
-    python benchmarks/bop.py [--mlp-epochs 3] [--tfc-epochs 2] [--m7-steps 200] [--ablate]
-                             [--ablate-tfc] [--skip-main]
+    python benchmarks/bop.py [--mlp-epochs 3] [--tfc-epochs 2] [--m7-steps 200] [--seeds 0,1,2]
+                             [--ablate] [--ablate-tfc] [--skip-main]
 """
 
 from __future__ import annotations
@@ -178,6 +184,8 @@ MAIN = [("Adam (proposed default)", {}),
         ("Bop, f32 state", {"optimizer": "bop", "state_dtype": "f32"}),
         ("Bop, bf16, threshold 0, lr 1e-3 (before issue 21)", {"optimizer": "bop", **PRE_ISSUE})]
 
+SEEDED = [("Adam (proposed default)", {}), ("Bop, bf16 state (bnnc defaults)", {"optimizer": "bop"})]
+
 ABLATIONS = [("before: threshold 0, lr 1e-3", PRE_ISSUE),
              ("before + f32 state", {**PRE_ISSUE, "state_dtype": "f32"}),
              ("before + float dW (--no-binary-dw)", {**PRE_ISSUE, "binary_dw": False}),
@@ -205,6 +213,21 @@ TFC_ABLATIONS = [("before: threshold 0, lr 1e-3", PRE_ISSUE),
                  ("defaults + lr 3e-2", {"lr": 3e-2}),
                  ("defaults + f32 state", {"state_dtype": "f32"})]
 
+# with --ablate-tfc and --seeds: the knobs issue 21 names for small batches, each over the seeds
+TFC_SEEDED = [("Bop defaults (threshold 32, gamma 1e-4, lr 1e-2, BN momentum 0.9)", {}),
+              ("threshold 16", {"bop_threshold": 16.0}),
+              ("threshold 18 (= 32 sqrt(32/100), scaled with the batch)", {"bop_threshold": 18.0}),
+              ("gamma 1e-5", {"bop_gamma": 1e-5}),
+              ("gamma 3e-4", {"bop_gamma": 3e-4}),
+              ("gamma 1e-3", {"bop_gamma": 1e-3}),
+              ("threshold 16, gamma 1e-5", {"bop_threshold": 16.0, "bop_gamma": 1e-5}),
+              ("lr 3e-3 (the BN betas)", {"lr": 3e-3}),
+              ("BN momentum 0.8", {"bn_momentum": 0.8}),
+              ("BN momentum 0.5", {"bn_momentum": 0.5}),
+              ("BN momentum 0.95", {"bn_momentum": 0.95}),
+              ("f32 state, BN momentum 0.95", {"state_dtype": "f32", "bn_momentum": 0.95}),
+              ("l2 BN", {"bn": "l2"})]
+
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -214,7 +237,9 @@ def main() -> int:
     ap.add_argument("--ablate", action="store_true", help="also the MLP ablation table")
     ap.add_argument("--ablate-tfc", action="store_true", help="also the TFC ablation table")
     ap.add_argument("--skip-main", action="store_true", help="leave out the main tables")
+    ap.add_argument("--seeds", default="", help="comma-separated seeds for the per-seed table")
     args = ap.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     models = {"mlp": (100, args.mlp_epochs), "tfc": (32, args.tfc_epochs)}
     tables = [] if args.skip_main else [(m, "proposed algorithm", "", MAIN) for m in models]
     tables += [("mlp", "ablations", "bop", ABLATIONS)] if args.ablate else []
@@ -228,6 +253,22 @@ def main() -> int:
             for label, kw in rows:
                 cfg = make_config("proposed", batch=batch, **{"optimizer": optimizer or None, **kw})
                 print(_row(label, train(model, cfg, epochs, work)), flush=True)
+        seeded = [(m, SEEDED) for m in models if not args.skip_main]
+        seeded += [("tfc", [(f"Bop, {label}", {"optimizer": "bop", **kw})
+                            for label, kw in TFC_SEEDED])] if args.ablate_tfc else []
+        for model, rows in seeded if seeds else ():
+            batch, epochs = models[model]
+            print(f"\n{model.upper()} / MNIST, batch {batch}, {epochs} epoch(s): final test accuracy "
+                  f"(%) per seed, and in brackets after re-estimating the BN statistics\n\n"
+                  "| configuration | " + " | ".join(f"seed {s}" for s in seeds)
+                  + " | mean | mean, re-est. |\n|---|" + "---|" * (len(seeds) + 2), flush=True)
+            for label, kw in rows:
+                rs = [train(model, make_config("proposed", batch=batch, seed=s, **kw), epochs,
+                            work) for s in seeds]
+                print(f"| {label} | " + " | ".join(f"{100 * r.test[-1]:.2f} ({100 * r.restat:.2f})"
+                                                    for r in rs)
+                      + f" | {100 * np.mean([r.test[-1] for r in rs]):.2f} | "
+                      f"{100 * np.mean([r.restat for r in rs]):.2f} |", flush=True)
         if args.m7_steps:
             r = m7_vs_host(args.m7_steps, work)
             # the M7 prints 9 significant digits (the float32 exactly), the host trainer %.6g
