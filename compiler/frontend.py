@@ -49,8 +49,11 @@ dispatch and what every handler shares. Layers appear when a value is consumed:
   per-feature constants in between to their values). Unsqueeze, Squeeze and Reshapes that only
   insert or remove size-1 axes give a view of the same bytes: to one dim it is FLATTEN, back to the
   layer's shape the plain value, else elementwise ops, BatchNormalization (channel axis kept) and
-  Flatten read the view. Every other reader of a marked value (`_nchw`), any other Transpose of
-  an activation and a marked graph output are rejected with the node named.
+  Flatten read the view; a Transpose that moves only size-1 axes is a view too. A view of the
+  network input read by a layer that needs its shape (Keras' Reshape((28, 28, 1)) of a [N, 28, 28]
+  input) becomes the input's shape, if no layer read the input before. Every other reader of a
+  marked value (`_nchw`), any other Transpose of an activation and a marked graph output are
+  rejected with the node named.
 Limits: one graph input (initializers listed as inputs are constants), one output, float32 input,
 Conv dilation 1 (group > 1 becomes a GROUP_CONV layer), pooling whose ceil_mode does not change the size, no control flow.
 Every rejection is a `ModelError` / `UnsupportedModelError` naming the file, the node, its op type
@@ -129,6 +132,7 @@ class _Importer:
         self.dropped: list[str] = []       # nodes on no path to the output (warned on success)
         self.input_name = ""
         self.output_name = ""
+        self.input_shape: tuple[int, ...] = ()
 
     # -- graph structure -----------------------------------------------------------------------
 
@@ -163,7 +167,7 @@ class _Importer:
         self.input_name, self.output_name = inputs[0].name, g.output[0].name
         order = self._live_nodes(inits)
         self.quant_file = any(n.domain in QUANT_DOMAINS for n in g.node)
-        input_shape = self._input(inputs[0], order)
+        self.input_shape = self._input(inputs[0], order)
         for n in order:
             self._node(n)
         out = self.env.get(self.output_name)
@@ -194,7 +198,7 @@ class _Importer:
             rename[s.name] = f"{LAYERS[s.kind].prefix}{counts[s.kind]}"
         layers = tuple(ir.Layer(rename[s.name], s.kind, tuple(rename[i] for i in s.inputs),
                                 s.shape, s.attrs, s.params, s.onnx_name) for s in specs)
-        graph = ir.Graph(self.name, input_shape, layers, "NHWC" if self.nhwc else "NCHW", self.sha)
+        graph = ir.Graph(self.name, self.input_shape, layers, "NHWC" if self.nhwc else "NCHW", self.sha)
         check_graph(graph)
         for n in self.dropped:
             warnings.warn(BnncWarning(f"{self.label}: {n} is on no path to the output "
@@ -458,6 +462,17 @@ class _Importer:
                        f"{list(act.onnx_shape)}); bnnc's layers are NCHW",
                        hint="only a Flatten (then MatMul/Gemm), elementwise ops or a Transpose "
                        "back to NCHW may read a map transposed to NHWC")
+        if act.layer == INPUT and act.view is not None and "view" not in keep:
+            if not self._reshape_input(act):
+                self._fail(node, f"reads the network input as per-sample {list(act.view)} after "
+                           f"another node read it as {list(self.input_shape)}",
+                           hint="read the input in one shape (one Reshape/Unsqueeze right after "
+                           "it)")
+            act = dataclasses.replace(act, shape=act.view, view=None, mat=None)
+        if act.layer == INPUT and act.shape != self.input_shape:
+            self._fail(node, f"reads the network input as per-sample {list(act.shape)} after "
+                       f"another node read it as {list(self.input_shape)}",
+                       hint="read the input in one shape (one Reshape/Unsqueeze right after it)")
         if act.view is not None and "view" not in keep:
             self._fail(node, f"reads per-sample shape {list(act.view)}, a layer's "
                        f"{list(act.shape)} with size-1 axes inserted or removed, and needs its "
@@ -468,6 +483,16 @@ class _Importer:
                        "Flatten)", hint="bnnc absorbs that order where MatMul/Gemm, "
                        "BatchNormalization, per-feature constants or elementwise ops read it")
         return self._mat(act)
+
+    def _reshape_input(self, act: Act) -> bool:
+        """A view of the network input with size-1 axes inserted or removed, read by a layer that
+        needs that shape (Keras' Reshape((28, 28, 1)) of a [N, 28, 28] input, written by tf2onnx
+        as a Reshape to [N, 1, 28, 28], or Reshape + Transpose): the input takes the view's shape
+        (the same bytes), provided no layer has read it yet."""
+        if act.nhwc or any(INPUT in s.inputs for s in self.specs.values()):
+            return False
+        self.input_shape = act.view
+        return True
 
     def channel_params(self, act: Act, node, arrays: list[np.ndarray]) -> list[np.ndarray]:
         """Per-channel parameters given in ONNX's channel order (axis 1 of `act`'s ONNX shape),

@@ -12,8 +12,9 @@ import pytest
 from bnnc.compiler.errors import UnsupportedModelError
 from bnnc.compiler.frontend import load_model
 from bnnc.compiler.ir import LayerKind
+from bnnc.runtime.infer import infer
 
-from test_frontend import N, build, check_ort, kinds, randn
+from test_frontend import N, build, check_ort, kinds, randn, run_ort
 
 
 def _bn(prefix: str, c: int, rng) -> dict[str, np.ndarray]:
@@ -269,6 +270,47 @@ def test_sign_on_a_leading_unit_axis_view_is_fine():
     inits = {"w": randn(rng, 8, 6), "s": _i64(-1, 1, 6), "half": np.float32(0.5),
              "s2": _i64(-1, 6), "w2": randn(rng, 6, 3)}
     check_ort(build(nodes, inits, ["N", 8]), randn(rng, 2, 8))
+
+
+@pytest.mark.parametrize("form", ["reshape", "reshape_transpose", "unsqueeze"])
+def test_two_dim_input_reshaped_to_one_channel_maps(form):
+    """Keras' Reshape((28, 28, 1)) of a [N, 28, 28] input, as tf2onnx writes it (one Reshape to
+    [N, 1, H, W] after its optimizer, or Reshape to [N, H, W, 1] + Transpose) and torch's
+    x.unsqueeze(1): the input takes the one-channel shape, the same bytes."""
+    rng = np.random.default_rng(54)
+    if form == "reshape":
+        nodes, inits = [N("Reshape", ["x", "s"], ["xm"], name="reshape")], {"s": _i64(-1, 1, 6, 5)}
+    elif form == "reshape_transpose":
+        nodes = [N("Reshape", ["x", "s"], ["xr"], name="reshape"),
+                 N("Transpose", ["xr"], ["xm"], name="reshape__5", perm=[0, 3, 1, 2])]
+        inits = {"s": _i64(-1, 6, 5, 1)}
+    else:
+        nodes, inits = [N("Unsqueeze", ["x", "ax"], ["xm"], name="unsqueeze")], {"ax": _i64(1)}
+    nodes = [N("Mul", ["x", "scale"], ["xs"], name="rescaling")] + nodes
+    nodes[1].input[0] = "xs"
+    nodes += [N("Conv", ["xm", "k"], ["c"], name="conv", kernel_shape=[3, 3]),
+              N("Flatten", ["c"], ["y"], name="flat")]
+    inits.update(k=randn(rng, 2, 1, 3, 3), scale=np.float32(1 / 255))
+    m = build(nodes, inits, ["N", 6, 5])
+    g = load_model(m)
+    assert g.input_shape == (1, 6, 5) and g.input_layout == "NCHW"
+    assert kinds(g) == ["affine", "conv", "flatten"]
+    x = randn(rng, 3, 6, 5, scale=100)      # the same bytes, in the input's new shape for bnnc
+    np.testing.assert_allclose(infer(g, x.reshape(3, 1, 6, 5)), run_ort(m, x), rtol=1e-4,
+                               atol=1e-4)
+
+
+def test_input_read_in_two_shapes_is_one_clear_error():
+    rng = np.random.default_rng(55)
+    nodes = [N("Flatten", ["x"], ["f"], name="flat_in"),
+             N("MatMul", ["f", "w"], ["h"], name="fc"),
+             N("Unsqueeze", ["x", "ax"], ["xm"], name="unsqueeze"),
+             N("Conv", ["xm", "k"], ["c"], name="/conv/Conv", kernel_shape=[6, 5]),
+             N("Flatten", ["c"], ["cf"], name="flat"),
+             N("Add", ["h", "cf"], ["y"], name="add")]
+    inits = {"w": randn(rng, 30, 2), "ax": _i64(1), "k": randn(rng, 2, 1, 6, 5)}
+    with pytest.raises(UnsupportedModelError, match=r"'/conv/Conv'.*network input as per-sample \[1, 6, 5\].*\[6, 5\]"):
+        load_model(build(nodes, inits, ["N", 6, 5]))
 
 
 # ---- Identity chains --------------------------------------------------------------------------
