@@ -184,7 +184,8 @@ MAIN = [("Adam (proposed default)", {}),
         ("Bop, f32 state", {"optimizer": "bop", "state_dtype": "f32"}),
         ("Bop, bf16, threshold 0, lr 1e-3 (before issue 21)", {"optimizer": "bop", **PRE_ISSUE})]
 
-SEEDED = [("Adam (proposed default)", {}), ("Bop, bf16 state (bnnc defaults)", {"optimizer": "bop"})]
+SEEDED = [("Adam (proposed default)", {}),
+          ("Bop, bf16 state (bnnc defaults)", {"optimizer": "bop"})]
 
 ABLATIONS = [("before: threshold 0, lr 1e-3", PRE_ISSUE),
              ("before + f32 state", {**PRE_ISSUE, "state_dtype": "f32"}),
@@ -258,8 +259,9 @@ def main() -> int:
                             for label, kw in TFC_SEEDED])] if args.ablate_tfc else []
         for model, rows in seeded if seeds else ():
             batch, epochs = models[model]
-            print(f"\n{model.upper()} / MNIST, batch {batch}, {epochs} epoch(s): final test accuracy "
-                  f"(%) per seed, and in brackets after re-estimating the BN statistics\n\n"
+            print(f"\n{model.upper()} / MNIST, batch {batch}, {epochs} epoch(s): final test "
+                  "accuracy (%) per seed, and in brackets after re-estimating the BN "
+                  "statistics\n\n"
                   "| configuration | " + " | ".join(f"seed {s}" for s in seeds)
                   + " | mean | mean, re-est. |\n|---|" + "---|" * (len(seeds) + 2), flush=True)
             for label, kw in rows:

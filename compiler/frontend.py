@@ -198,7 +198,8 @@ class _Importer:
             rename[s.name] = f"{LAYERS[s.kind].prefix}{counts[s.kind]}"
         layers = tuple(ir.Layer(rename[s.name], s.kind, tuple(rename[i] for i in s.inputs),
                                 s.shape, s.attrs, s.params, s.onnx_name) for s in specs)
-        graph = ir.Graph(self.name, self.input_shape, layers, "NHWC" if self.nhwc else "NCHW", self.sha)
+        graph = ir.Graph(self.name, self.input_shape, layers, "NHWC" if self.nhwc else "NCHW",
+                         self.sha)
         check_graph(graph)
         for n in self.dropped:
             warnings.warn(BnncWarning(f"{self.label}: {n} is on no path to the output "

@@ -309,7 +309,8 @@ def test_input_read_in_two_shapes_is_one_clear_error():
              N("Flatten", ["c"], ["cf"], name="flat"),
              N("Add", ["h", "cf"], ["y"], name="add")]
     inits = {"w": randn(rng, 30, 2), "ax": _i64(1), "k": randn(rng, 2, 1, 6, 5)}
-    with pytest.raises(UnsupportedModelError, match=r"'/conv/Conv'.*network input as per-sample \[1, 6, 5\].*\[6, 5\]"):
+    with pytest.raises(UnsupportedModelError,
+                       match=r"'/conv/Conv'.*network input as per-sample \[1, 6, 5\].*\[6, 5\]"):
         load_model(build(nodes, inits, ["N", 6, 5]))
 
 

@@ -1,4 +1,4 @@
-"""Flatten/Reshape/Squeeze/Unsqueeze views and the layout idioms converters write around them (Transpose), residual Add, constant affine (input scaling, TensorNorm), the input quantizer, fan-out gradient sums."""
+"""Flatten/Reshape/(Un)Squeeze views, layout idioms, residual Add, constant affine, the input quantizer, fan-out gradient sums."""
 
 from __future__ import annotations
 
