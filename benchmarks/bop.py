@@ -14,12 +14,20 @@ Then the Cortex-M7 run: TFC compiled for cortex-m7 with 256 KiB of RAM, `--m7-st
 qemu-system-arm from the model's start state, compared with the host trainer of the same
 configuration on the same data: the losses step by step and the final state tensor by tensor.
 
+`--seeds 0,1,2` adds, per model, the final test accuracy (and the re-estimated one) of Adam and
+of Bop (bf16, bnnc defaults) for each of those seeds (`bnnc compile --seed S`: initial weights,
+batch order and stochastic rounding all change) and their means; with `--ablate-tfc` also the
+small-batch knobs on TFC (threshold, gamma, lr, BN momentum and kind, state dtype) per seed.
+
 `--ablate` adds the MLP ablations (one change at a time from the pre-issue behaviour and from
 bnnc's Bop defaults): state dtype, gradient form, gamma, threshold, lr, BN kind, BN momentum;
-`--ablate-tfc` the TFC ones (threshold and lr, B=32); `--skip-main` leaves out the main tables.
+`--ablate-tfc` the TFC ones (B=32: threshold, gamma, lr, BN momentum, state dtype);
+`--bn-lag 0,1` prints, per seed, which BN layer's running statistics cost TFC's test accuracy
+(each layer's re-estimated alone, the means alone) and each weight tensor's flips per step.
+`--skip-main` leaves out the main tables.
 
-    python benchmarks/bop.py [--mlp-epochs 3] [--tfc-epochs 2] [--m7-steps 200] [--ablate]
-                             [--ablate-tfc] [--skip-main]
+    python benchmarks/bop.py [--mlp-epochs 3] [--tfc-epochs 2] [--m7-steps 200] [--seeds 0,1,2]
+                             [--ablate] [--ablate-tfc] [--bn-lag 0,1] [--skip-main]
 """
 
 from __future__ import annotations
@@ -92,25 +100,47 @@ def _restat(graph, cfg: TrainConfig, tensors: dict, x: np.ndarray, y: np.ndarray
     return new
 
 
-def _flip_rate(out: Path, tensors: dict, step: int, seed: int, x, y) -> float:
-    """Mean share of binary weights whose sign changes per step over FLIP_STEPS more steps."""
+def _flips(out: Path, tensors: dict, step: int, seed: int, x, y,
+           steps: int = FLIP_STEPS) -> dict[str, float]:
+    """Binary weights whose sign changes per step, per weight tensor, over `steps` more steps."""
     prog = HostProgram(out, debug=False)
     prog.load_state(tensors, step=step, seed=seed)
     names = [st.name for st in prog.state if st.name.endswith(".W")]
-    before, shares = prog.read_state(), []
-    for i in range(FLIP_STEPS):
+    before, count = prog.read_state(), dict.fromkeys(names, 0)
+    for i in range(steps):
         sl = slice(i * prog.batch, (i + 1) * prog.batch)
         prog.train_step(x[sl].reshape((prog.batch,) + prog.input_shape[1:]), y[sl])
         after = prog.read_state()
-        changed = sum(int(np.sum((before[n] >= 0) != (after[n] >= 0))) for n in names)
-        shares.append(changed / sum(before[n].size for n in names))
+        for n in names:
+            count[n] += int(np.sum((before[n] >= 0) != (after[n] >= 0)))
         before = after
-    return float(np.mean(shares))
+    return {n: c / steps for n, c in count.items()}
 
 
-def train(model: str, cfg: TrainConfig, epochs: int, work: Path) -> Result:
-    """Compile `model` for the host under `cfg`, train `epochs` epochs on MNIST with the standalone
-    trainer, then measure the re-estimated-statistics accuracy and the flip rate."""
+def _flip_rate(out: Path, tensors: dict, step: int, seed: int, x, y) -> float:
+    """Mean share of binary weights whose sign changes per step over FLIP_STEPS more steps."""
+    per = _flips(out, tensors, step, seed, x, y)
+    return sum(per.values()) / sum(tensors[n].size for n in per)
+
+
+@dataclass
+class Trained:
+    graph: object
+    out: Path
+    events: list[dict]
+    tensors: dict              # the final state
+    step: int
+    seed: int
+    x: np.ndarray              # training images, test images (the model's input shape)
+    y: np.ndarray
+    xt: np.ndarray
+    yt: np.ndarray
+    state_nbytes: int
+
+
+def _trained(model: str, cfg: TrainConfig, epochs: int, work: Path) -> Trained:
+    """Compile `model` for the host under `cfg` and train `epochs` epochs on MNIST with the
+    standalone trainer."""
     graph = load_model(build_zoo_model(model))
     out = work / f"{model}-{abs(hash(cfg)) % 10**8}"
     plan = compile_to_c(graph, cfg, load_target("host"), out, command="benchmarks/bop.py").plan
@@ -118,15 +148,40 @@ def train(model: str, cfg: TrainConfig, epochs: int, work: Path) -> Result:
     init = ref.init_state(graph, cfg).tensors
     events = _run_trainer(out, init, ["--train", str(train_f), "--test", str(test_f), "--epochs",
                                       str(epochs), "--checkpoint", str(out / "state.bin")])
-    ep = [e for e in events if e["event"] == "epoch"]
     blob = read_state_blob(out / "state.bin", read_manifest(out))
-    x = data.x_train.reshape((len(data.x_train),) + graph.input_shape)
-    xt = data.x_test.reshape((len(data.x_test),) + graph.input_shape)
-    fixed = ref.TrainState(_restat(graph, cfg, blob.tensors, x, data.y_train.astype(np.int64)))
+    shape = graph.input_shape
+    return Trained(graph, out, events, blob.tensors, blob.step, blob.seed,
+                   data.x_train.reshape((len(data.x_train),) + shape), data.y_train,
+                   data.x_test.reshape((len(data.x_test),) + shape), data.y_test,
+                   plan.state_nbytes)
+
+
+def train(model: str, cfg: TrainConfig, epochs: int, work: Path) -> Result:
+    """`_trained`, then the re-estimated-statistics accuracy and the flip rate."""
+    t = _trained(model, cfg, epochs, work)
+    ep = [e for e in t.events if e["event"] == "epoch"]
+    fixed = ref.TrainState(_restat(t.graph, cfg, t.tensors, t.x, t.y.astype(np.int64)))
     return Result([e["test_acc"] for e in ep], ep[-1]["train_acc"],
-                  ref.evaluate(graph, cfg, fixed, xt, data.y_test),
-                  _flip_rate(out, blob.tensors, blob.step, blob.seed, x, data.y_train),
-                  plan.state_nbytes)
+                  ref.evaluate(t.graph, cfg, fixed, t.xt, t.yt),
+                  _flip_rate(t.out, t.tensors, t.step, t.seed, t.x, t.y), t.state_nbytes)
+
+
+def bn_lag(seed: int, epochs: int, work: Path) -> str:
+    """TFC, Bop defaults, B=32: which BN layer's running statistics cost the test accuracy. One
+    table row: the stored statistics, all re-estimated, each BN layer's alone, the running means
+    alone; then the flips per step of each weight tensor over 200 further steps."""
+    cfg = make_config("proposed", batch=32, optimizer="bop", seed=seed)
+    t = _trained("tfc", cfg, epochs, work)
+    full = _restat(t.graph, cfg, t.tensors, t.x, t.y.astype(np.int64))
+    acc = lambda ts: ref.evaluate(t.graph, cfg, ref.TrainState(ts), t.xt, t.yt)   # noqa: E731
+    only = lambda keep: {**t.tensors, **{k: v for k, v in full.items() if keep(k)}}  # noqa: E731
+    bns = sorted({k.split(".")[0] for k in full if ".running_" in k})
+    cells = [acc(t.tensors), acc(full)] + [acc(only(lambda k, b=b: k.startswith(b + ".")))
+                                           for b in bns]
+    cells.append(acc(only(lambda k: k.endswith(".running_mean"))))
+    flips = _flips(t.out, t.tensors, t.step, t.seed, t.x, t.y, steps=200)
+    return (f"| {seed} | " + " | ".join(f"{100 * a:.2f}" for a in cells) + " | "
+            + ", ".join(f"{n.split('.')[0]} {f:.2f}" for n, f in flips.items()) + " |")
 
 
 @dataclass(frozen=True)
@@ -178,6 +233,9 @@ MAIN = [("Adam (proposed default)", {}),
         ("Bop, f32 state", {"optimizer": "bop", "state_dtype": "f32"}),
         ("Bop, bf16, threshold 0, lr 1e-3 (before issue 21)", {"optimizer": "bop", **PRE_ISSUE})]
 
+SEEDED = [("Adam (proposed default)", {}),
+          ("Bop, bf16 state (bnnc defaults)", {"optimizer": "bop"})]
+
 ABLATIONS = [("before: threshold 0, lr 1e-3", PRE_ISSUE),
              ("before + f32 state", {**PRE_ISSUE, "state_dtype": "f32"}),
              ("before + float dW (--no-binary-dw)", {**PRE_ISSUE, "binary_dw": False}),
@@ -205,6 +263,21 @@ TFC_ABLATIONS = [("before: threshold 0, lr 1e-3", PRE_ISSUE),
                  ("defaults + lr 3e-2", {"lr": 3e-2}),
                  ("defaults + f32 state", {"state_dtype": "f32"})]
 
+# with --ablate-tfc and --seeds: the knobs issue 21 names for small batches, each over the seeds
+TFC_SEEDED = [("Bop defaults (threshold 32, gamma 1e-4, lr 1e-2, BN momentum 0.9)", {}),
+              ("threshold 16", {"bop_threshold": 16.0}),
+              ("threshold 18 (= 32 sqrt(32/100), scaled with the batch)", {"bop_threshold": 18.0}),
+              ("gamma 1e-5", {"bop_gamma": 1e-5}),
+              ("gamma 3e-4", {"bop_gamma": 3e-4}),
+              ("gamma 1e-3", {"bop_gamma": 1e-3}),
+              ("threshold 16, gamma 1e-5", {"bop_threshold": 16.0, "bop_gamma": 1e-5}),
+              ("lr 3e-3 (the BN betas)", {"lr": 3e-3}),
+              ("BN momentum 0.8", {"bn_momentum": 0.8}),
+              ("BN momentum 0.5", {"bn_momentum": 0.5}),
+              ("BN momentum 0.95", {"bn_momentum": 0.95}),
+              ("f32 state, BN momentum 0.95", {"state_dtype": "f32", "bn_momentum": 0.95}),
+              ("l2 BN", {"bn": "l2"})]
+
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -214,7 +287,11 @@ def main() -> int:
     ap.add_argument("--ablate", action="store_true", help="also the MLP ablation table")
     ap.add_argument("--ablate-tfc", action="store_true", help="also the TFC ablation table")
     ap.add_argument("--skip-main", action="store_true", help="leave out the main tables")
+    ap.add_argument("--seeds", default="", help="comma-separated seeds for the per-seed table")
+    ap.add_argument("--bn-lag", default="", help="comma-separated seeds: TFC's per-BN-layer "
+                    "re-estimation table")
     args = ap.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     models = {"mlp": (100, args.mlp_epochs), "tfc": (32, args.tfc_epochs)}
     tables = [] if args.skip_main else [(m, "proposed algorithm", "", MAIN) for m in models]
     tables += [("mlp", "ablations", "bop", ABLATIONS)] if args.ablate else []
@@ -228,6 +305,33 @@ def main() -> int:
             for label, kw in rows:
                 cfg = make_config("proposed", batch=batch, **{"optimizer": optimizer or None, **kw})
                 print(_row(label, train(model, cfg, epochs, work)), flush=True)
+        seeded = [(m, SEEDED) for m in models if not args.skip_main]
+        seeded += [("tfc", [(f"Bop, {label}", {"optimizer": "bop", **kw})
+                            for label, kw in TFC_SEEDED])] if args.ablate_tfc else []
+        for model, rows in seeded if seeds else ():
+            batch, epochs = models[model]
+            print(f"\n{model.upper()} / MNIST, batch {batch}, {epochs} epoch(s): final test "
+                  "accuracy (%) per seed, and in brackets after re-estimating the BN "
+                  "statistics\n\n"
+                  "| configuration | " + " | ".join(f"seed {s}" for s in seeds)
+                  + " | mean | mean, re-est. |\n|---|" + "---|" * (len(seeds) + 2), flush=True)
+            for label, kw in rows:
+                rs = [train(model, make_config("proposed", batch=batch, seed=s, **kw), epochs,
+                            work) for s in seeds]
+                print(f"| {label} | " + " | ".join(f"{100 * r.test[-1]:.2f} ({100 * r.restat:.2f})"
+                                                    for r in rs)
+                      + f" | {100 * np.mean([r.test[-1] for r in rs]):.2f} | "
+                      f"{100 * np.mean([r.restat for r in rs]):.2f} |", flush=True)
+        lag_seeds = [int(s) for s in args.bn_lag.split(",") if s.strip()]
+        if lag_seeds:
+            print(f"\nTFC / MNIST, Bop defaults, batch 32, {args.tfc_epochs} epoch(s): test "
+                  "accuracy (%) with the BN statistics as trained, re-estimated (all / one "
+                  "layer / the running means only), and binary weights flipped per step over 200 "
+                  "more steps"
+                  "\n\n| seed | stored | all | bn1 only | bn2 only | bn3 only | bn4 only | means "
+                  "only | flips per step |\n|---|---|---|---|---|---|---|---|---|", flush=True)
+            for seed in lag_seeds:
+                print(bn_lag(seed, args.tfc_epochs, work), flush=True)
         if args.m7_steps:
             r = m7_vs_host(args.m7_steps, work)
             # the M7 prints 9 significant digits (the float32 exactly), the host trainer %.6g

@@ -113,7 +113,6 @@ _BROADCAST = ("Add", "Sub", "Mul", "Div", "Pow", "Equal", "Greater", "GreaterOrE
 FOLD_ARITY = {
     **dict.fromkeys(("ConstantOfShape", "Sqrt", "Abs", "Reciprocal", "Exp", "Not"), (1, 1)),
     **dict.fromkeys(("Gather", "Expand", "Equal", "Greater", "LessOrEqual", "Pow"), (2, 2)),
-    **dict.fromkeys(("Squeeze", "Unsqueeze"), (1, 2)),
     **dict.fromkeys(("Concat", "Min", "Max"), (1, 1 << 16)),
     "Slice": (3, 5), "Constant": (0, 0),
 }

@@ -69,9 +69,17 @@ class Act:
     aff: Aff | None = None
     src: str | None = None                # for a SIGN output: the ONNX tensor it binarized
     mat: "Act | None" = None             # cache of the materialized pending affine
+    # ONNX's per-sample shape when it is `shape` with size-1 axes inserted or removed (Unsqueeze,
+    # Squeeze, Reshape): the same bytes in the same order
+    view: tuple[int, ...] | None = None
+    # 1-D only: ONNX's element j is bnnc's element perm[j] (an NHWC map flattened in (H, W, C)
+    # order, kept as bnnc's NCHW flatten; its readers reorder their per-feature constants)
+    perm: np.ndarray | None = None
 
     @property
     def onnx_shape(self) -> tuple[int, ...]:
+        if self.view is not None:
+            return self.view
         if self.nhwc:
             c, h, w = self.shape
             return (h, w, c)

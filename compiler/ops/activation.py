@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -51,14 +52,14 @@ def _binarize(imp, x, scale, node, src: str):
     if x.aff is not None and _is_sign(imp, x.layer):
         # Larq's Sign(Sign(x) + 0.1): B(s*B(x) + t) == B(x) for s > 0, |t| < s
         ok = np.all(x.aff.scale > 0) and np.all(np.abs(x.aff.bias) < x.aff.scale)
-        base = Act(x.layer, x.shape, x.nhwc) if ok else imp._mat(x)
+        base = dataclasses.replace(x, aff=None, mat=None, src=None) if ok else imp._mat(x)
     else:
         base = imp._mat(x)
     if _is_sign(imp, base.layer) and base.aff is None:
         name = base.layer
     else:
         name = imp._add(LayerKind.SIGN, [base.layer], base.shape, node_label(node))
-    out = Act(name, base.shape, base.nhwc, src=src)
+    out = Act(name, base.shape, base.nhwc, src=src, view=base.view, perm=base.perm)
     sc, _ = imp._chan(out, scale, node)
     if np.any(sc <= 0):
         imp._fail(node, f"binarizer scale {short(sc)} is not positive")
@@ -124,7 +125,7 @@ def _op_quant(imp, node, vals):
     name = imp._add(LayerKind.INPUT_QUANT, [x.layer], x.shape, node_label(node),
                     attrs={"scale": s, "zero_point": z, "bits": nbits, "signed": signed,
                            "narrow": narrow, "rounding_mode": "ROUND"})
-    return Act(name, x.shape, x.nhwc)
+    return Act(name, x.shape, x.nhwc, view=x.view)
 
 
 def _on_input(imp, layer: str) -> bool:
@@ -193,8 +194,9 @@ def _op_where(imp, node, vals):
 
 
 def _op_relu(imp, node, vals):
-    x = imp._nchw(imp._act(vals[0], node), node)
-    return Act(imp._add(LayerKind.RELU, [x.layer], x.shape, node_label(node)), x.shape)
+    x = imp._nchw(imp._act(vals[0], node), node, keep=("view", "perm", "nhwc"))   # elementwise
+    return dataclasses.replace(x, layer=imp._add(LayerKind.RELU, [x.layer], x.shape,
+                                                 node_label(node)))
 
 
 ONNX = {

@@ -32,16 +32,18 @@ def _op_batchnormalization(imp, node, vals):
         imp._fail(node, "is in training mode", hint="export the model in eval() mode")
     gamma, beta, mean, var = (np.asarray(imp._const(v, node, w), np.float64) for v, w in
                               zip(vals[1:5], ("scale", "B", "input_mean", "input_var")))
-    C = a.shape[0]
+    C = a.onnx_shape[0] if a.view is not None else a.shape[0]
     if any(p.shape != (C,) for p in (gamma, beta, mean, var)):
         shapes = [list(p.shape) for p in (gamma, beta, mean, var)]
         imp._fail(node, f"parameters of shapes {shapes} do not match {C} channels")
+    # per-sample views (size-1 axes after the channels) and (H, W, C)-order flattens are fine
+    gamma, beta, mean, var = imp.channel_params(a, node, [gamma, beta, mean, var])
     if a.aff is not None and not a.nhwc and np.all(a.aff.scale == 1):
         # a constant bias right before BN shifts the running mean (and cancels in training)
-        mean = mean - np.broadcast_to(a.aff.bias, (C,))
-        x = Act(a.layer, a.shape)
+        mean = mean - np.broadcast_to(a.aff.bias, (a.shape[0],))
+        x = Act(a.layer, a.shape, view=a.view, perm=a.perm)
     else:
-        x = imp._nchw(a, node)
+        x = imp._nchw(a, node, keep=("view", "perm"))
     eps = float(np.float32(at.get("epsilon", 1e-5)))
     momentum = float(np.float32(at.get("momentum", 0.9)))
     if not (np.isfinite(eps) and eps >= 0 and 0 <= momentum <= 1):
@@ -55,7 +57,7 @@ def _op_batchnormalization(imp, node, vals):
                             "var": imp._param(var, node, "input_var")})
     if np.any(imp.specs[name].params["var"] + eps <= 0):
         imp._fail(node, "input_var + epsilon is not positive")
-    return Act(name, x.shape)
+    return Act(name, x.shape, view=x.view, perm=x.perm)
 
 
 ONNX = {

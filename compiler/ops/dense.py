@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 # ---- ONNX import ------------------------------------------------------------------------------
 
 def _dense(imp, node, x, w, *, trans_b=False, alpha=1.0, bias=None):
-    x = imp._nchw(imp._act(x, node), node)
+    x = imp._nchw(imp._act(x, node), node, keep=("perm",))
     if len(x.shape) != 1:
         imp._fail(node, f"reads an activation of per-sample shape {list(x.shape)}",
                   hint="flatten before MatMul/Gemm")
@@ -38,6 +38,11 @@ def _dense(imp, node, x, w, *, trans_b=False, alpha=1.0, bias=None):
     if W.shape[0] != x.shape[0]:
         imp._fail(node, f"weight shape {list(W.shape)} does not match the input's "
                   f"{x.shape[0]} features")
+    if x.perm is not None:
+        # the input is an NHWC map flattened in (H, W, C) order (tf2onnx / keras2onnx); bnnc
+        # flattens NCHW, so the weight's rows move instead: row perm[j] of bnnc's is the file's j
+        W, scale = (None if a is None else imp.channel_params(x, node, [a])[0]
+                    for a in (W, scale))
     out = W.shape[1]
     sc = weights.out_scale(imp, scale, node, 1)
     params = {}

@@ -1,7 +1,8 @@
-"""Flatten/Reshape views, residual Add, constant affine (input scaling, TensorNorm), the input quantizer, fan-out gradient sums."""
+"""Flatten/Reshape/(Un)Squeeze views, layout idioms, residual Add, constant affine, the input quantizer, fan-out gradient sums."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -124,12 +125,25 @@ def _op_transpose(imp, node, vals):
         return Bin(np.transpose(x.latent, perm), np.transpose(x.scale, perm), x.src,
                    None if x.shift is None else np.transpose(x.shift, perm))
     x = imp._act(x, node)
+    rank = len(x.onnx_shape) + 1
+    if perm == list(range(rank)):
+        return x
+    plain = not x.nhwc and x.view is None and x.perm is None
     if x.nhwc and perm == [0, 3, 1, 2]:
         m = imp._mat(x)
         return Act(m.layer, m.shape)
+    if plain and len(x.shape) == 3 and perm == [0, 2, 3, 1]:
+        # tf2onnx / keras2onnx: back to NHWC before Keras' Flatten; the flatten absorbs it
+        return dataclasses.replace(x, nhwc=True, mat=None)
+    src = x.onnx_shape
+    if perm[:1] == [0] and sorted(perm) == list(range(rank)):
+        moved = [p for p in perm[1:] if src[p - 1] != 1]
+        if moved == sorted(moved):
+            # only size-1 axes move: the same bytes in the same order, a view
+            return _unit_view(imp, node, x, tuple(src[p - 1] for p in perm[1:]))
     imp._fail(node, f"transposes an activation with perm {short(perm)}",
-              hint="bnnc keeps activations NCHW; only an NHWC network input followed by "
-              "Transpose(perm=[0,3,1,2]) is absorbed")
+              hint="bnnc keeps activations NCHW; it absorbs Transpose(perm=[0,3,1,2]) of an "
+              "NHWC input or map and Transpose(perm=[0,2,3,1]) before a Flatten")
 
 
 def _op_shape(imp, node, vals):
@@ -140,12 +154,83 @@ def _op_shape(imp, node, vals):
 
 
 def _flatten(imp, node, x: Act) -> Act:
-    x = imp._nchw(x, node)
+    """ONNX's flatten of `x`: bnnc's FLATTEN (a view) of its NCHW layer. A map transposed to NHWC
+    flattens in (H, W, C) order: the result carries that order (`Act.perm`) for its readers; a
+    view (size-1 axes) flattens in the layer's own order."""
+    if x.perm is not None:
+        return x
+    perm = None
+    if x.nhwc:
+        c, h, w = x.shape
+        perm = np.arange(c * h * w).reshape(c, h, w).transpose(1, 2, 0).ravel()
+        if np.array_equal(perm, np.arange(perm.size)):
+            perm = None
+        x = dataclasses.replace(imp._mat(x), nhwc=False, mat=None)
+    x = imp._nchw(dataclasses.replace(x, view=None), node)
     if len(x.shape) == 1:
         return x
     shape = (int(np.prod(x.shape)),)
     return Act(imp._add(LayerKind.FLATTEN, [x.layer], shape, node_label(node)),
-               shape)
+               shape, perm=perm)
+
+
+def _unit_view(imp, node, x: Act, new: tuple[int, ...]) -> Act:
+    """`x` seen with per-sample ONNX shape `new`, which only inserts or removes size-1 axes: the
+    same bytes in the same order. To one dim it is bnnc's FLATTEN; back to the layer's own shape
+    the plain value; else a view (`Act.view`) that elementwise ops, BN and Flatten read."""
+    if new == x.onnx_shape:
+        return x
+    if x.nhwc or x.perm is not None:
+        imp._fail(node, f"reshapes {list(x.onnx_shape)}, a map transposed to NHWC or its "
+                  f"(H, W, C)-order flatten, to {list(new)}",
+                  hint="bnnc absorbs only a Flatten of a map transposed to NHWC")
+    if len(new) == 1 and len(x.shape) > 1:
+        return _flatten(imp, node, x)
+    return dataclasses.replace(x, view=None if new == x.shape else new, mat=None)
+
+
+def _axes_arg(imp, node, vals) -> list[int] | None:
+    """Squeeze/Unsqueeze axes: the `axes` input (opset 13 on) or attribute (before), or None."""
+    if len(vals) > 1 and vals[1] is not None:
+        return imp._int_list(vals[1], node, "the axes")
+    at = node_attrs(node)
+    return [int(a) for a in at["axes"]] if "axes" in at else None
+
+
+def _per_sample_axes(imp, node, axes: list[int], rank: int) -> list[int]:
+    """ONNX axes of a tensor of full rank `rank` (batch included) -> sorted per-sample axes."""
+    if any(not -rank <= a < rank for a in axes) or len({a % rank for a in axes}) != len(axes):
+        imp._fail(node, f"axes {short(axes)} are out of range or repeated for rank {rank}")
+    axes = sorted(a % rank for a in axes)
+    if 0 in axes:
+        imp._fail(node, "squeezes or unsqueezes the batch axis",
+                  hint="bnnc keeps the batch as axis 0")
+    return [a - 1 for a in axes]
+
+
+def _op_unsqueeze(imp, node, vals):
+    x = imp._act(vals[0], node)
+    per = list(x.onnx_shape)
+    axes = _axes_arg(imp, node, vals)
+    if not axes:
+        imp._fail(node, "has no axes", hint="Unsqueeze needs its axes input (attribute before "
+                  "opset 13)")
+    for a in _per_sample_axes(imp, node, axes, len(per) + 1 + len(axes)):
+        per.insert(a, 1)
+    return _unit_view(imp, node, x, tuple(per))
+
+
+def _op_squeeze(imp, node, vals):
+    x = imp._act(vals[0], node)
+    per = x.onnx_shape
+    axes = _axes_arg(imp, node, vals)
+    axes = ([i for i, d in enumerate(per) if d == 1] if axes is None
+            else _per_sample_axes(imp, node, axes, len(per) + 1))
+    for a in axes:
+        if per[a] != 1:
+            imp._fail(node, f"squeezes axis {a + 1} of size {per[a]}",
+                      hint="Squeeze removes size-1 axes only")
+    return _unit_view(imp, node, x, tuple(d for i, d in enumerate(per) if i not in axes))
 
 
 def _op_flatten(imp, node, vals):
@@ -198,9 +283,13 @@ def _op_reshape(imp, node, vals):
         # Transpose)
         m = imp._mat(x)
         return Act(m.layer, m.shape)
+    new = _per_sample(tgt[1:], per, total) if tgt and tgt[0] in batch_dims else None
+    if new is not None and [d for d in new if d != 1] == [d for d in per if d != 1]:
+        return _unit_view(imp, node, x, new)      # inserts / removes size-1 axes only
     imp._fail(node, f"reshapes per-sample shape {list(per)} to {short(tgt)}, which is not a "
-              "flatten", hint="bnnc supports Reshape as flatten ([N,-1]), identity, or the [N,H,W,1] -> "
-              "[N,1,H,W] layout change of a one-channel NHWC input")
+              "flatten", hint="bnnc supports Reshape as flatten ([N,-1]), identity, inserting or "
+              "removing size-1 axes, or the [N,H,W,1] -> [N,1,H,W] layout change of a "
+              "one-channel NHWC input")
 
 
 ONNX = {
@@ -216,6 +305,8 @@ ONNX = {
     "Shape": OnnxOp(_op_shape, (1, 1)),
     "Flatten": OnnxOp(_op_flatten, (1, 1)),
     "Reshape": OnnxOp(_op_reshape, (2, 2)),
+    "Squeeze": OnnxOp(_op_squeeze, (1, 2)),
+    "Unsqueeze": OnnxOp(_op_unsqueeze, (1, 2)),
 }
 
 
