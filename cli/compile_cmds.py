@@ -29,7 +29,7 @@ from ..compiler.target import Target, load_target, parse_size
 from ..runtime.check import debug_target, format_report, run_check
 from ..runtime.outdir import compile_graph, load_graph, model_bytes
 from .app import cli
-from .memory_cmds import technique_options
+from .memory_cmds import freeze_options, technique_options, with_freeze
 from .train_cmds import lr_help, optimizer_options
 
 # the technique switches of `bnnc inspect` / `bnnc train` (unset = the algorithm's default)
@@ -45,12 +45,15 @@ def _config(algorithm: str | None, batch: int | None, lr: float | None, seed: in
 
 
 def _canonical_command(verb: str, model: str, cfg, target: str, width: float | None,
-                       ram: str | None = None, flash: str | None = None) -> str:
+                       ram: str | None = None, flash: str | None = None,
+                       train: str | None = None, train_from: str | None = None) -> str:
     """The command line as written into generated files: only what decides their content."""
     parts = [f"bnnc {verb}", Path(model).name, f"--target {target}", f"--algorithm {cfg.algorithm}",
              f"--batch {cfg.batch}", f"--optimizer {cfg.optimizer}"]
     if width is not None:
         parts.append(f"--width {width:g}")
+    parts += [f"--train {train}"] if train else []
+    parts += [f"--train-from {train_from}"] if train_from else []
     parts += [f"--ram {ram}"] if ram else []
     parts += [f"--flash {flash}"] if flash else []
     return " ".join(parts)
@@ -75,7 +78,7 @@ def _common(f):
         click.option("--flash", default=None, metavar="SIZE",
                      help="bare-metal targets: flash budget, e.g. 1M [default: the target's]"),
     ]
-    f = technique_options(optimizer_options(f))
+    f = freeze_options(technique_options(optimizer_options(f)))
     for o in reversed(opts):
         f = o(f)
     return f
@@ -106,7 +109,7 @@ def budget_target(name: str, ram: str | None, flash: str | None) -> Target:
                    "kernel (a kernel writing outside its tensors stops the program, naming it)")
 def compile_cmd(model: str, target: str, algorithm: str | None, batch: int | None, lr: float | None,
                 seed: int, width: float | None, out_dir: Path, ram: str | None, flash: str | None,
-                guard: bool, **techniques) -> None:
+                guard: bool, train: str | None, train_from: str | None, **techniques) -> None:
     """Compile MODEL into a static, malloc-free C99 training program in OUT.
 
     
@@ -121,7 +124,9 @@ def compile_cmd(model: str, target: str, algorithm: str | None, batch: int | Non
     tgt = budget_target(target, ram, flash)
     cfg = _config(algorithm, batch, lr, seed, 100, techniques)
     graph = load_graph(model, width=width)
-    command = _canonical_command("compile", model, cfg, tgt.name, width, ram, flash) \
+    cfg = with_freeze(cfg, graph, train, train_from)
+    command = _canonical_command("compile", model, cfg, tgt.name, width, ram, flash, train,
+                                 train_from) \
         + (" --guard" if guard else "")
     c, written = compile_graph(graph, cfg, tgt, out_dir, command, model_bytes(model, width=width),
                                guard_bytes=DEFAULT_GUARD_BYTES if guard else 0)
@@ -148,7 +153,7 @@ def compile_cmd(model: str, target: str, algorithm: str | None, batch: int | Non
 def check_cmd(model: str, target: str, algorithm: str | None, batch: int | None, lr: float | None,
               seed: int, width: float | None, steps: int, data_seed: int, keep: Path | None,
               free: bool, verbose: bool, ram: str | None, flash: str | None,
-              **techniques) -> None:
+              train: str | None, train_from: str | None, **techniques) -> None:
     """Train MODEL for K steps in the emitted C and in the numpy reference; compare every tensor.
 
     
@@ -158,12 +163,14 @@ def check_cmd(model: str, target: str, algorithm: str | None, batch: int | None,
     """
     cfg = _config(algorithm, batch, lr, seed, 32, techniques)
     graph = load_graph(model, width=width)
+    cfg = with_freeze(cfg, graph, train, train_from)
     with tempfile.TemporaryDirectory(prefix="bnnc-check-") as tmp:
         tgt = debug_target(budget_target(target, ram, flash), ram=ram is not None,
                            flash=flash is not None)
         rep = run_check(graph, cfg, steps=steps, data_seed=data_seed, target=tgt,
                         work_dir=keep if keep is not None else tmp,
-                        command=_canonical_command("check", model, cfg, target, width),
+                        command=_canonical_command("check", model, cfg, target, width,
+                                                   train=train, train_from=train_from),
                         forcing=not free)
     click.echo(format_report(rep, verbose=verbose))
     if not rep.ok:

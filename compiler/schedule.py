@@ -99,7 +99,8 @@ F32, F16, BF16, BIT = DType.F32, DType.F16, DType.BF16, DType.BIT
 PO2, U8, I32 = DType.PO2, DType.U8, DType.I32
 _ITEMSIZE = {F32: 4, F16: 2, BF16: 2, I32: 4, U8: 1, PO2: 1}
 _STATE_DTYPE = {"f32": F32, "bf16": BF16, "f16": F16, "bit": BIT}
-_STATE_ROLE = {"param": Role.PARAM, "opt": Role.OPT_STATE, "bn_stat": Role.BN_STAT}
+_STATE_ROLE = {"param": Role.PARAM, "opt": Role.OPT_STATE, "bn_stat": Role.BN_STAT,
+               "frozen": Role.FROZEN}
 _MAX_TENSOR_NBYTES = 2**31 - 1    # int32 byte offsets/indices in the generated C
 
 
@@ -178,7 +179,7 @@ class ScheduleBuilder:
                     f"{_err_where(lay)}: {lay.kind.value} is only supported as the last layer",
                     hint=f"the loss fuses the final {lay.kind.value}; remove inner ones")
             self._check_shapes(lay)
-        self.ng = ng = needs_grad(g)
+        self.ng = ng = needs_grad(g, self.cfg)
         for lay in g.layers:
             if LAYERS[lay.kind].stops_gradient and any(ng[i] for i in lay.inputs):
                 raise UnsupportedModelError(
@@ -388,10 +389,18 @@ class ScheduleBuilder:
                 self.contribute(p, tname(lay.name, "d_out"), lay.name)
 
     # ---------------------------------------------------------------- optimizer
+    def trains(self, lay: Layer, fieldname: str) -> bool:
+        """Does the optimizer update `<lay>.<fieldname>` (it is in the state and not frozen)?"""
+        st = self.state.get(tname(lay.name, fieldname))
+        return st is not None and st.kind == "param"
+
     def update(self, lay: Layer, fieldname: str, grad: str) -> None:
-        """The optimizer step of parameter `<lay>.<fieldname>` from its gradient `grad`."""
+        """The optimizer step of parameter `<lay>.<fieldname>` from its gradient `grad` (none for a
+        frozen parameter)."""
         cfg = self.cfg
         st = self.state[tname(lay.name, fieldname)]
+        if st.kind != "param":
+            return
         moms = tuple(f"{st.name}.{m}" for m in MOMENTS[st.optimizer])
         attrs: dict = dict(size=prod(st.shape), tensor_id=st.tensor_id, seed=cfg.seed,
                            stochastic=st.stochastic,
