@@ -23,7 +23,8 @@ from pathlib import Path
 import click
 
 from ..compiler.config import ALGORITHMS, make_config
-from ..compiler.errors import ConfigError
+from ..compiler.budget import fit_budget
+from ..compiler.errors import BudgetError, ConfigError
 from ..compiler.planner import DEFAULT_GUARD_BYTES
 from ..compiler.target import Target, load_target, parse_size
 from ..runtime.check import debug_target, format_report, run_check
@@ -104,12 +105,17 @@ def budget_target(name: str, ram: str | None, flash: str | None) -> Target:
 @_common
 @click.option("-o", "--out", "out_dir", required=True,
               type=click.Path(file_okay=False, path_type=Path), help="output directory")
+@click.option("--fit", is_flag=True,
+              help="bare-metal targets: train the deepest suffix of the model (and the largest "
+                   "batch up to --batch, at least min(--batch, 8)) that fits --ram/--flash; "
+                   "prints the choice and the alternatives (replaces --train/--train-from)")
 @click.option("--guard", is_flag=True,
               help="debug build: canary bytes around every arena buffer, checked after every "
                    "kernel (a kernel writing outside its tensors stops the program, naming it)")
 def compile_cmd(model: str, target: str, algorithm: str | None, batch: int | None, lr: float | None,
                 seed: int, width: float | None, out_dir: Path, ram: str | None, flash: str | None,
-                guard: bool, train: str | None, train_from: str | None, **techniques) -> None:
+                guard: bool, train: str | None, train_from: str | None, fit: bool,
+                **techniques) -> None:
     """Compile MODEL into a static, malloc-free C99 training program in OUT.
 
     
@@ -120,11 +126,33 @@ def compile_cmd(model: str, target: str, algorithm: str | None, batch: int | Non
       bnnc compile mlp --target host -o out/mlp
       bnnc compile model.onnx --target rpi4 -o out/pi
       bnnc compile tfc --target cortex-m7 --ram 256K --batch 10 --optimizer bop -o out/m7
+      bnnc compile tfc.onnx --target cortex-m4 --ram 64K --batch 32 --fit -o out/m4
     """
     tgt = budget_target(target, ram, flash)
     cfg = _config(algorithm, batch, lr, seed, 100, techniques)
     graph = load_graph(model, width=width)
     cfg = with_freeze(cfg, graph, train, train_from)
+    if fit:
+        if train is not None or train_from is not None:
+            raise ConfigError("--fit chooses the trainable suffix itself; drop --train/--train-from")
+        if tgt.kind != "baremetal":
+            raise ConfigError(f"--fit fits a bare-metal budget; {tgt.name} is {tgt.kind}",
+                              hint="use --target cortex-m4/cortex-m7 with --ram/--flash")
+        chosen = fit_budget(graph, cfg, tgt)
+        click.echo(f"{graph.name} on {tgt.name} (RAM {tgt.ram:,} B, flash {tgt.flash:,} B), "
+                   f"batch up to {cfg.batch}: trainable suffixes")
+        click.echo(chosen.format())
+        if chosen.config is None:
+            raise BudgetError(f"{graph.name}: no trainable suffix fits {tgt.name} at batch "
+                              f"{min(cfg.batch, 8)} or more (table above)",
+                              hint="raise --ram/--flash, try --optimizer bop, or pick the "
+                                   "layers yourself with --train and a smaller --batch")
+        cfg = chosen.config
+        row = chosen.rows[chosen.chosen]
+        train_from = row.train_from
+        click.echo(f"chosen: {'--train-from ' + row.train_from if row.train_from else 'the whole model'}"
+                   f" --batch {cfg.batch} ({row.trained:,} parameters trained, RAM "
+                   f"{row.ram_nbytes:,} B, flash {row.flash_nbytes:,} B)")
     command = _canonical_command("compile", model, cfg, tgt.name, width, ram, flash, train,
                                  train_from) \
         + (" --guard" if guard else "")
