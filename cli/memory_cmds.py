@@ -79,7 +79,8 @@ def freeze_options(f):
 
 def with_freeze(cfg, graph, train: str | None, train_from: str | None):
     """`cfg` with the freeze set of --train/--train-from on `graph`."""
-    return replace(cfg, frozen=resolve_frozen(graph, train=train, train_from=train_from))
+    return replace(cfg, frozen=resolve_frozen(graph, train=train, train_from=train_from,
+                                              bn=cfg.bn))
 
 
 _IO_HELP = ("where the batch lives: 'arena' (copied in by the train-step entry, counted) or "

@@ -326,7 +326,7 @@ def fit_budget(graph, cfg: TrainConfig, target: Target, *, data_bytes: int = 0,
                 hi = mid - 1
         return best
 
-    cands = [replace(cfg, frozen=resolve_frozen(graph, train_from=s) if s else ())
+    cands = [replace(cfg, frozen=resolve_frozen(graph, train_from=s, bn=cfg.bn) if s else ())
              for s in starts]
     rows = []
     for s, c in zip(starts, cands):

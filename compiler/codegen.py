@@ -35,6 +35,14 @@ selects it). Stride-1 binary convs on host/Linux targets add by table lookup (th
 values' sign patterns, "Four Russians") and keep fixed-size stack scratch per call (at most
 `lower.CONV_SCRATCH_BYTES`: sign patterns, tables, partial sums); bare-metal targets keep the
 portable loops. Limits: the batch must live in the arena (liveness io="arena").
+
+Partial training (`cfg.frozen`): the frozen parameters are the state region's tail
+(`plan.frozen_nbytes` from `plan.frozen_offset`); their `S_` macros point at `BNNC_F`, that tail.
+On bare-metal targets the Cortex-M release build keeps only the trained part of the state in RAM
+and `set_state` points `BNNC_F` into the start-state blob in flash (`<MODEL>_FROZEN_IN_FLASH` in
+the header), so frozen weights are `const` flash; `get_state` and the bare-metal checkpoint stream
+both parts. Every other build (host, Linux, the debug build) keeps the tail in RAM. A program
+without frozen parameters is emitted exactly as before.
 """
 
 from __future__ import annotations
@@ -388,7 +396,8 @@ def emit_c(schedule: Schedule, plan, target: Target | str, out_dir: str | Path, 
                    header=header.name, source=source.name,
                    trainer=TRAINER_SOURCE if programs else None, tensors=tuple(tensors),
                    state=tuple(states), steps=tuple(StepEntry(s["index"], s["kernel"], s["layer"],
-                                                              s["fn"]) for s in steps))
+                                                              s["fn"]) for s in steps),
+                   frozen=tuple(cfg.frozen), frozen_nbytes=plan.frozen_nbytes)
     manifest.write_text(doc.to_json())
     files = [header, source, makefile, manifest, *written[3:]]
     if plan_json is not None:

@@ -137,10 +137,11 @@ def trained_fields(lay: Layer, cfg: TrainConfig) -> tuple[str, ...]:
                  if not (f == "gamma" and cfg.bn == "l1") and not is_frozen(cfg, lay.name, f))
 
 
-def resolve_frozen(graph: Graph, *, train: str | None = None,
-                   train_from: str | None = None) -> tuple[str, ...]:
+def resolve_frozen(graph: Graph, *, train: str | None = None, train_from: str | None = None,
+                   bn: str = "l2") -> tuple[str, ...]:
     """The frozen parameters of `--train SPEC` and/or `--train-from LAYER` (their union is
-    trained; neither = train everything). SPEC is a comma-separated list of layer names and/or
+    trained; neither = train everything), among those the state has under `--bn` (l1: no
+    gamma). SPEC is a comma-separated list of layer names and/or
     the word `bn` (every batch norm and every bias). ConfigError on an unknown layer name (the
     message lists the layer names), a layer without parameters in --train, or nothing to train."""
     if train is None and train_from is None:
@@ -181,7 +182,7 @@ def resolve_frozen(graph: Graph, *, train: str | None = None,
                           f"(no batch norm or bias for 'bn', no parameters from the layer on); "
                           f"layers with parameters: {', '.join(owners)}")
     return tuple(f"{lay.name}.{f}" for lay in graph.layers for f in trainable_fields(lay)
-                 if f"{lay.name}.{f}" not in trained)
+                 if f"{lay.name}.{f}" not in trained and not (f == "gamma" and bn == "l1"))
 
 
 def check_config_for_graph(graph: Graph, cfg: TrainConfig) -> None:
