@@ -11,7 +11,8 @@ analysis and the loss.
 
 Invariants: `Schedule.verify()` holds; the persistent tensors are exactly `state.state_tensors`
 (same names, dtypes, shapes); an in-place pair joins tensors of equal element count whose output is
-no larger than its input, and never overwrites the caller's batch/labels or state; the same (graph,
+no larger than its input, and never overwrites the labels or state (the batch input only as the
+arena's copy of it: liveness keeps the caller's buffers under io="caller"); the same (graph,
 cfg) gives an identical schedule (layer order, a fixed order per layer, no set iteration).
 
 Storage (exact `nbytes`):
@@ -275,7 +276,7 @@ class ScheduleBuilder:
 
     def emit(self, kernel: KernelSpec, layer: str, ins, outs, /, **attrs) -> None:
         """Append a call of `kernel` (checked against its operand dtypes); its declared in-place
-        pairs become the step's, except over the caller's batch/labels and state."""
+        pairs become the step's, except over the labels and state."""
         ins, outs = tuple(ins), tuple(outs)
         assert KERNELS.get(kernel.name) is kernel, f"{kernel.name} is not a registered kernel"
         check_step(kernel, tuple(self.tensors[t].dtype for t in ins),
@@ -286,8 +287,10 @@ class ScheduleBuilder:
                 continue
             to, ti = self.tensors[outs[oi]], self.tensors[ins[ii]]
             base = self.tensors[ti.alias_of or ti.name]
-            # the caller's batch and labels are not ours to overwrite; state is updated by name
-            if base.role.persistent or base.role in (Role.INPUT, Role.LABEL):
+            # state is updated by name. The batch input may be overwritten where it dies: under
+            # io="arena" it is the entry's copy (an input scaling then needs no second batch-
+            # sized buffer), under io="caller" liveness never joins the caller's buffers
+            if base.role.persistent or base.role is Role.LABEL:
                 continue
             assert to.size == ti.size and to.nbytes <= ti.nbytes, (kernel.name, to, ti)
             if (to.name, ti.name) not in pairs:

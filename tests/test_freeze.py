@@ -408,3 +408,17 @@ def test_m4_reads_frozen_weights_from_flash_and_trains_like_the_host(tmp_path):
                               str(tmp_path / "init.f32"), "--steps", "4", "--log-every", "1"])
     np.testing.assert_allclose(losses, [e["loss"] for e in r.events if e["event"] == "step"],
                                rtol=1e-5)
+
+
+def test_an_input_scaling_overwrites_the_arena_copy_of_the_batch_not_the_callers():
+    """Brevitas' TFC starts with an input AFFINE: in place over the arena's input copy (one
+    batch-sized buffer, not two), never over the caller's buffers (io="caller")."""
+    from bnnc.compiler.liveness import compute_liveness
+    g = tiny_mlp()
+    s = build_schedule(g, make_config("proposed", batch=8))
+    first = s.steps[0]
+    assert first.layer == "affine0" and ("affine0.out", "input") in first.inplace
+    arena = compute_liveness(s, io="arena")
+    assert arena.buffer_of["affine0.out"] == arena.buffer_of["input"]
+    caller = compute_liveness(s, io="caller")
+    assert caller.buffer_of["affine0.out"] != caller.buffer_of["input"]
