@@ -162,6 +162,10 @@ def compile_cmd(model: str, target: str, algorithm: str | None, batch: int | Non
                f"{len(c.schedule.steps)} steps, {len(c.emitted.kernels)} C kernels")
     click.echo(f"arena {c.plan.arena_nbytes:,} B (lower bound {c.plan.lower_bound:,}, efficiency "
                f"{c.plan.efficiency:.3f}), state {c.plan.state_nbytes:,} B")
+    if cfg.frozen:
+        where = " (read from flash, not RAM)" if tgt.kind == "baremetal" else ""
+        click.echo(f"frozen: {len(cfg.frozen)} parameters, {c.plan.frozen_nbytes:,} B of the "
+                   f"state{where}: {', '.join(cfg.frozen)}")
     for p in written:
         click.echo(f"wrote {p}")
 

@@ -65,7 +65,7 @@ def freeze_options(f):
     """--train / --train-from: partial training (compiler.config.resolve_frozen)."""
     opts = [
         click.option("--train", "train", default=None, metavar="LAYER[,LAYER...]|bn",
-                     help="train only these layers (bnnc names: fc3, bn3, ...; `bnnc inspect "
+                     help="train only these layers (bnnc names: fc3, bn3, ...; `bnnc info "
                           "MODEL` lists them), or 'bn' for batch norms and biases only "
                           "(TinyTL style); the rest is frozen [default: everything]"),
         click.option("--train-from", "train_from", default=None, metavar="LAYER",

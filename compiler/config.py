@@ -151,7 +151,7 @@ def resolve_frozen(graph: Graph, *, train: str | None = None, train_from: str | 
 
     def unknown(what: str, name: str) -> ConfigError:
         return ConfigError(f"{what}: model {graph.name!r} has no layer {name!r}; its layers: "
-                           f"{', '.join(names)}", hint="`bnnc inspect MODEL` lists them")
+                           f"{', '.join(names)}", hint="`bnnc info MODEL` lists them")
 
     trained: set[str] = set()
     if train is not None:
