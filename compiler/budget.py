@@ -249,6 +249,8 @@ def check_budget(schedule: Schedule, plan: ArenaPlan, target: Target, *, data_by
             ("--optimizer bop (binary weights, one 16-bit momentum)", cfg.optimizer != "bop"),
             ("--state-dtype f16", cfg.state_dtype == "f32"),
             ("a smaller --batch", cfg.batch > 1)) if on]
+    if not cfg.frozen:
+        ways.append("--fit (fine-tuning: train only the deepest suffix of the model that fits)")
     b = board(target)
     ways.append(f"a part with more memory: --ram / --flash (QEMU's {target.name} board has "
                 f"{b.ram_nbytes // 1024}K RAM, {b.flash_nbytes // 1024}K flash)")

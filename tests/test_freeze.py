@@ -357,6 +357,11 @@ def test_fit_cli_prints_the_choice_and_refuses_what_cannot_fit(tmp_path, capsys)
     assert main(["compile", "tfc", "--fit", "--train", "bn", "--target", "cortex-m4", "-o",
                  str(tmp_path / "q")]) == 2
     assert main(["compile", "tfc", "--fit", "-o", str(tmp_path / "r")]) == 2
+    capsys.readouterr()
+    # a program that does not fit points at --fit
+    assert main(["compile", "tfc", "--target", "cortex-m4", "--ram", "64K", "--batch", "32",
+                 "-o", str(tmp_path / "s")]) == 2
+    assert "--fit (fine-tuning" in capsys.readouterr().err
 
 
 @arm
