@@ -106,9 +106,10 @@ def budget_target(name: str, ram: str | None, flash: str | None) -> Target:
 @click.option("-o", "--out", "out_dir", required=True,
               type=click.Path(file_okay=False, path_type=Path), help="output directory")
 @click.option("--fit", is_flag=True,
-              help="bare-metal targets: train the deepest suffix of the model (and the largest "
-                   "batch up to --batch, at least min(--batch, 8)) that fits --ram/--flash; "
-                   "prints the choice and the alternatives (replaces --train/--train-from)")
+              help="bare-metal targets: train the deepest suffix of the model (from a dense/"
+                   "conv layer on) that fits --ram/--flash, at the largest batch up to --batch "
+                   "that fits; prints the choice and the alternatives (instead of --train/"
+                   "--train-from)")
 @click.option("--guard", is_flag=True,
               help="debug build: canary bytes around every arena buffer, checked after every "
                    "kernel (a kernel writing outside its tensors stops the program, naming it)")
@@ -143,8 +144,8 @@ def compile_cmd(model: str, target: str, algorithm: str | None, batch: int | Non
                    f"batch up to {cfg.batch}: trainable suffixes")
         click.echo(chosen.format())
         if chosen.config is None:
-            raise BudgetError(f"{graph.name}: no trainable suffix fits {tgt.name} at batch "
-                              f"{min(cfg.batch, 8)} or more (table above)",
+            raise BudgetError(f"{graph.name}: no trainable suffix fits {tgt.name} at any batch "
+                              f"up to {cfg.batch} (table above)",
                               hint="raise --ram/--flash, try --optimizer bop, or pick the "
                                    "layers yourself with --train and a smaller --batch")
         cfg = chosen.config

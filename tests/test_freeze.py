@@ -325,15 +325,15 @@ def test_fit_picks_the_deepest_suffix_and_the_largest_batch_that_fit():
     tgt = _m4(64 * KIB)
     fit = fit_budget(g, make_config("proposed", batch=32), tgt)
     rows = fit.rows
-    assert rows[0].train_from is None and [r.train_from for r in rows[1:]] == [
-        "bn1", "fc2", "bn2", "fc3", "bn3", "fc4", "bn4"]
+    assert [r.train_from for r in rows] == [None, "fc2", "fc3", "fc4"]
     c = fit.config
     row = rows[fit.chosen]
-    assert row.batch == c.batch and 8 <= c.batch <= 32
-    # the choice fits (a real plan), every deeper suffix does not at a batch >= 8
+    assert row.batch == c.batch and 2 <= c.batch <= 32
+    assert c.frozen == resolve_frozen(g, train_from=row.train_from, bn="l1")
+    # the choice fits (a real plan), every deeper suffix does not at any batch
     s = build_schedule(g, c)
     assert budget_report(s, plan_schedule(s, align=tgt.align)[1], tgt).fits
-    assert all(r.batch is None or r.batch < 8 for r in rows[:fit.chosen])
+    assert fit.chosen > 0 and all(r.batch is None for r in rows[:fit.chosen])
     # the batch is the largest: one more does not fit
     s2 = build_schedule(g, dataclasses.replace(c, batch=c.batch + 1))
     assert c.batch == 32 or not budget_report(s2, plan_schedule(s2, align=tgt.align)[1],
@@ -342,6 +342,9 @@ def test_fit_picks_the_deepest_suffix_and_the_largest_batch_that_fit():
     # with room for everything, everything trains at the batch asked
     big = fit_budget(g, make_config("proposed", batch=16), _m4(1024 * KIB))
     assert big.chosen == 0 and big.config.frozen == () and big.config.batch == 16
+    # a batch floor moves the choice to a shallower suffix
+    floor = fit_budget(g, make_config("proposed", batch=32), tgt, min_batch=c.batch + 1)
+    assert floor.chosen > fit.chosen and floor.config.batch > c.batch
 
 
 def test_fit_cli_prints_the_choice_and_refuses_what_cannot_fit(tmp_path, capsys):
@@ -350,7 +353,7 @@ def test_fit_cli_prints_the_choice_and_refuses_what_cannot_fit(tmp_path, capsys)
     out = capsys.readouterr().out
     assert rc == 0 and "<- chosen" in out and "chosen: --train-from" in out
     m = read_manifest(tmp_path / "o")
-    assert m.frozen and m.batch >= 8
+    assert m.frozen and 2 <= m.batch <= 32
     assert main(["compile", "tfc", "--target", "cortex-m4", "--ram", "16K", "--fit", "-o",
                  str(tmp_path / "p")]) == 2
     assert "no trainable suffix fits" in capsys.readouterr().err
