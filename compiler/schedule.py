@@ -53,6 +53,11 @@ Policy (each technique of cfg switches on its own; `standard` has them all off):
   An F32 dW of a binary layer is masked by its dW kernel, which then reads W. Real layers: no mask.
 - no dX for a layer whose input has nothing trainable upstream (the first weight layer); INPUT_QUANT
   stops gradients (a trainable layer before one is rejected).
+- partial training (`cfg.frozen`, compiler/README.md): "trainable upstream" is `ops.needs_grad(
+  graph, cfg)`, so the backward stops at the first layer that trains; a frozen parameter is a
+  `Role.FROZEN` state tensor (a binary W as packed bits, read by the XNOR kernels directly) with
+  no gradient, no update and no saved input for it; a frozen BN still passes a gradient through
+  (its fused backward writes the C-element dbeta, which nothing reads).
 
 Order: forward in layer order (a weight layer may be preceded by `pack_sign_w` and followed by
 `cast_f16`), the loss, then the backward in reverse layer order. A weight layer's backward is
