@@ -434,3 +434,33 @@ def test_an_input_scaling_overwrites_the_arena_copy_of_the_batch_not_the_callers
     assert arena.buffer_of["affine0.out"] == arena.buffer_of["input"]
     caller = compute_liveness(s, io="caller")
     assert caller.buffer_of["affine0.out"] != caller.buffer_of["input"]
+
+
+@pytest.mark.parametrize("name", ["mlp", "convnet", "residual", "bireal", "brevitas_like",
+                                  "grouped"])
+@pytest.mark.parametrize("algorithm", ["standard", "proposed"])
+@pytest.mark.parametrize("how", ["suffix", "bn", "first_and_last"])
+def test_schedule_invariants_hold_for_every_graph_and_freeze_set(name, algorithm, how):
+    """tests/test_schedule.py's invariants (state = compiler.state's, every trained parameter
+    updated once after its gradient, nothing unused, SAVED/GRAD roles) under partial training,
+    and no backward step of a layer the backward never reaches."""
+    import test_schedule as ts
+    from bnnc.compiler.ops import needs_grad
+    g = ts.GRAPHS[name]()
+    weights = [lay.name for lay in g.layers if "W" in lay.params]
+    spec = {"suffix": dict(train_from=weights[len(weights) // 2]), "bn": dict(train="bn"),
+            "first_and_last": dict(train=f"{weights[0]},{weights[-1]}")}[how]
+    cfg = make_config(algorithm, batch=ts.B)
+    try:
+        cfg = dataclasses.replace(cfg, frozen=resolve_frozen(g, bn=cfg.bn, **spec))
+        check_config_for_graph(g, cfg)
+    except ConfigError:
+        pytest.skip(f"{name}: {how} leaves nothing to train")
+    s = build_schedule(g, cfg)
+    ts._check_invariants(s, g, cfg)
+    ng = needs_grad(g, cfg)
+    for st in s.steps:
+        if st.phase in (Phase.BACKWARD, Phase.UPDATE) and st.layer:
+            assert ng[st.layer], (st.kernel.name, st.layer)
+    assert {t.name for t in s.tensors.values() if t.role is Role.FROZEN} == {
+        f for f in cfg.frozen if f in s.tensors}
