@@ -25,13 +25,14 @@ from pathlib import Path
 import click
 
 from ..compiler.config import ALGORITHMS, make_config
-from ..compiler.errors import ConfigError
+from ..compiler.budget import fit_budget
+from ..compiler.errors import BudgetError, ConfigError
 from ..compiler.planner import DEFAULT_GUARD_BYTES
 from ..compiler.target import Target, load_target, parse_size
 from ..runtime.check import debug_target, format_report, run_check
 from ..runtime.outdir import compile_graph, load_graph, model_bytes, with_new_head
 from .app import cli
-from .memory_cmds import technique_options
+from .memory_cmds import freeze_options, technique_options, with_freeze
 from .train_cmds import lr_help, optimizer_options
 
 # the technique switches of `bnnc inspect` / `bnnc train` (unset = the algorithm's default)
@@ -48,13 +49,16 @@ def _config(algorithm: str | None, batch: int | None, lr: float | None, seed: in
 
 def _canonical_command(verb: str, model: str, cfg, target: str, width: float | None,
                        ram: str | None = None, flash: str | None = None,
-                       classes: int | None = None) -> str:
+                       classes: int | None = None, train: str | None = None,
+                       train_from: str | None = None) -> str:
     """The command line as written into generated files: only what decides their content."""
     parts = [f"bnnc {verb}", Path(model).name, f"--target {target}", f"--algorithm {cfg.algorithm}",
              f"--batch {cfg.batch}", f"--optimizer {cfg.optimizer}"]
     if width is not None:
         parts.append(f"--width {width:g}")
     parts += [f"--classes {classes}"] if classes else []
+    parts += [f"--train {train}"] if train else []
+    parts += [f"--train-from {train_from}"] if train_from else []
     parts += [f"--ram {ram}"] if ram else []
     parts += [f"--flash {flash}"] if flash else []
     return " ".join(parts)
@@ -83,7 +87,7 @@ def _common(f):
         click.option("--flash", default=None, metavar="SIZE",
                      help="bare-metal targets: flash budget, e.g. 1M [default: the target's]"),
     ]
-    f = technique_options(optimizer_options(f))
+    f = freeze_options(technique_options(optimizer_options(f)))
     for o in reversed(opts):
         f = o(f)
     return f
@@ -114,12 +118,18 @@ def budget_target(name: str, ram: str | None, flash: str | None) -> Target:
               help="program: the C and the target's trainer; library (bare-metal targets): a "
                    "firmware library -- CMake project + package, Arduino library, Zephyr module, "
                    "example firmware for the target's board (README: \"Use it in your firmware\")")
+@click.option("--fit", is_flag=True,
+              help="bare-metal targets: train the deepest suffix of the model (from a dense/"
+                   "conv layer on) that fits --ram/--flash, at the largest batch up to --batch "
+                   "that fits; prints the choice and the alternatives (instead of --train/"
+                   "--train-from)")
 @click.option("--guard", is_flag=True,
               help="debug build: canary bytes around every arena buffer, checked after every "
                    "kernel (a kernel writing outside its tensors stops the program, naming it)")
 def compile_cmd(model: str, target: str, algorithm: str | None, batch: int | None, lr: float | None,
                 seed: int, width: float | None, classes: int | None, out_dir: Path,
                 ram: str | None, flash: str | None, guard: bool, emit: str,
+                train: str | None, train_from: str | None, fit: bool,
                 **techniques) -> None:
     """Compile MODEL into a static, malloc-free C99 training program in OUT.
 
@@ -135,6 +145,7 @@ def compile_cmd(model: str, target: str, algorithm: str | None, batch: int | Non
       bnnc compile tfc --target cortex-m7 --ram 256K --batch 10 --optimizer bop -o out/m7
       bnnc compile tfc --target cortex-m4 --optimizer bop --batch 8 --emit library -o out/lib
       bnnc compile pretrained.onnx --classes 5 -o out/new_task
+      bnnc compile tfc.onnx --target cortex-m4 --ram 64K --batch 32 --fit -o out/m4
     """
     tgt = budget_target(target, ram, flash)
     cfg = _config(algorithm, batch, lr, seed, 100, techniques)
@@ -151,7 +162,30 @@ def compile_cmd(model: str, target: str, algorithm: str | None, batch: int | Non
         graph, source = with_new_head(graph, classes, seed)
     else:
         source = model_bytes(model, width=width)
-    command = _canonical_command("compile", model, cfg, tgt.name, width, ram, flash, classes) \
+    cfg = with_freeze(cfg, graph, train, train_from)
+    if fit:
+        if train is not None or train_from is not None:
+            raise ConfigError("--fit chooses the trainable suffix itself; drop --train/--train-from")
+        if tgt.kind != "baremetal":
+            raise ConfigError(f"--fit fits a bare-metal budget; {tgt.name} is {tgt.kind}",
+                              hint="use --target cortex-m4/cortex-m7 with --ram/--flash")
+        chosen = fit_budget(graph, cfg, tgt)
+        click.echo(f"{graph.name} on {tgt.name} (RAM {tgt.ram:,} B, flash {tgt.flash:,} B), "
+                   f"batch up to {cfg.batch}: trainable suffixes")
+        click.echo(chosen.format())
+        if chosen.config is None:
+            raise BudgetError(f"{graph.name}: no trainable suffix fits {tgt.name} at any batch "
+                              f"up to {cfg.batch} (table above)",
+                              hint="raise --ram/--flash, try --optimizer bop, or pick the "
+                                   "layers yourself with --train and a smaller --batch")
+        cfg = chosen.config
+        row = chosen.rows[chosen.chosen]
+        train_from = row.train_from
+        click.echo(f"chosen: {'--train-from ' + row.train_from if row.train_from else 'the whole model'}"
+                   f" --batch {cfg.batch} ({row.trained:,} parameters trained, RAM "
+                   f"{row.ram_nbytes:,} B, flash {row.flash_nbytes:,} B)")
+    command = _canonical_command("compile", model, cfg, tgt.name, width, ram, flash, classes,
+                                 train, train_from) \
         + (" --guard" if guard else "") + (" --emit library" if emit == "library" else "")
     c, written = compile_graph(graph, cfg, tgt, out_dir, command, source,
                                guard_bytes=DEFAULT_GUARD_BYTES if guard else 0, emit=emit)
@@ -159,6 +193,10 @@ def compile_cmd(model: str, target: str, algorithm: str | None, batch: int | Non
                f"{len(c.schedule.steps)} steps, {len(c.emitted.kernels)} C kernels")
     click.echo(f"arena {c.plan.arena_nbytes:,} B (lower bound {c.plan.lower_bound:,}, efficiency "
                f"{c.plan.efficiency:.3f}), state {c.plan.state_nbytes:,} B")
+    if cfg.frozen:
+        where = " (read from flash, not RAM)" if tgt.kind == "baremetal" else ""
+        click.echo(f"frozen: {len(cfg.frozen)} parameters, {c.plan.frozen_nbytes:,} B of the "
+                   f"state{where}: {', '.join(cfg.frozen)}")
     for p in written:
         click.echo(f"wrote {p}")
 
@@ -179,7 +217,7 @@ def check_cmd(model: str, target: str, algorithm: str | None, batch: int | None,
               seed: int, width: float | None, classes: int | None, steps: int, data_seed: int,
               keep: Path | None,
               free: bool, verbose: bool, ram: str | None, flash: str | None,
-              **techniques) -> None:
+              train: str | None, train_from: str | None, **techniques) -> None:
     """Train MODEL for K steps in the emitted C and in the numpy reference; compare every tensor.
 
     
@@ -191,13 +229,15 @@ def check_cmd(model: str, target: str, algorithm: str | None, batch: int | None,
     graph = load_graph(model, width=width)
     if classes is not None:
         graph = with_new_head(graph, classes, seed)[0]
+    cfg = with_freeze(cfg, graph, train, train_from)
     with tempfile.TemporaryDirectory(prefix="bnnc-check-") as tmp:
         tgt = debug_target(budget_target(target, ram, flash), ram=ram is not None,
                            flash=flash is not None)
         rep = run_check(graph, cfg, steps=steps, data_seed=data_seed, target=tgt,
                         work_dir=keep if keep is not None else tmp,
                         command=_canonical_command("check", model, cfg, target, width,
-                                                   classes=classes),
+                                                   classes=classes, train=train,
+                                                   train_from=train_from),
                         forcing=not free)
     click.echo(format_report(rep, verbose=verbose))
     if not rep.ok:

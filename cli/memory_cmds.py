@@ -13,7 +13,10 @@ from typing import Any
 
 import click
 
-from ..compiler.config import ALGORITHMS, BN_KINDS, OPTIMIZERS, STATE_DTYPES, make_config
+from dataclasses import replace
+
+from ..compiler.config import (ALGORITHMS, BN_KINDS, OPTIMIZERS, STATE_DTYPES, make_config,
+                               resolve_frozen)
 from ..compiler.errors import ConfigError
 from ..compiler.liveness import IO_MODES
 from ..compiler.memory_model import spreadsheet
@@ -58,6 +61,28 @@ def technique_options(f):
     return f
 
 
+def freeze_options(f):
+    """--train / --train-from: partial training (compiler.config.resolve_frozen)."""
+    opts = [
+        click.option("--train", "train", default=None, metavar="LAYER[,LAYER...]|bn",
+                     help="train only these layers (bnnc names: fc3, bn3, ...; `bnnc info "
+                          "MODEL` lists them), or 'bn' for batch norms and biases only "
+                          "(TinyTL style); the rest is frozen [default: everything]"),
+        click.option("--train-from", "train_from", default=None, metavar="LAYER",
+                     help="train LAYER and every layer after it (a trainable suffix); with "
+                          "--train, the union is trained"),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def with_freeze(cfg, graph, train: str | None, train_from: str | None):
+    """`cfg` with the freeze set of --train/--train-from on `graph`."""
+    return replace(cfg, frozen=resolve_frozen(graph, train=train, train_from=train_from,
+                                              bn=cfg.bn))
+
+
 _IO_HELP = ("where the batch lives: 'arena' (copied in by the train-step entry, counted) or "
             "'caller' (read in place from the caller's buffers, as the paper counts it)")
 
@@ -82,6 +107,7 @@ def _is_plan_path(model: str) -> bool:
               help="training algorithm [default: proposed]")
 @click.option("--batch", type=int, default=None, help="batch size [default: 100]")
 @technique_options
+@freeze_options
 @click.option("--align", type=int, default=None,
               help="byte alignment of every buffer [default: 16]")
 @click.option("--width", type=float, default=None,
@@ -102,7 +128,7 @@ def _is_plan_path(model: str) -> bool:
 def inspect(model: str, algorithm: str | None, batch: int | None, align: int | None,
             width: float | None, image_size: int | None, io: str | None, json_path: Path | None,
             html_path: Path | None, compare: str | None, tensors: bool, timeline: bool,
-            **techniques) -> None:
+            train: str | None, train_from: str | None, **techniques) -> None:
     """Show the static memory plan of one training step of MODEL.
 
     MODEL is an ONNX file, a zoo name, or a `bnnc compile` output directory (its plan.json).
@@ -112,13 +138,15 @@ def inspect(model: str, algorithm: str | None, batch: int | None, align: int | N
       bnnc inspect mlp --batch 200
       bnnc inspect cnv.onnx --algorithm standard --tensors
       bnnc inspect binarynet --compare standard,proposed --html plan.html
+      bnnc inspect tfc --batch 32 --train-from fc3
       bnnc inspect out/mlp
     """
     given = {k: v for k, v in techniques.items() if v is not None}
     if _is_plan_path(model):
         extra = [n for n, v in (("--algorithm", algorithm), ("--batch", batch), ("--align", align),
                                 ("--width", width), ("--image-size", image_size), ("--io", io),
-                                ("--compare", compare)) if v is not None]
+                                ("--compare", compare), ("--train", train),
+                                ("--train-from", train_from)) if v is not None]
         extra += ["--" + k.replace("_", "-") for k in given]
         if extra:
             raise ConfigError(f"{model} is a compiled plan; {', '.join(extra)} cannot change it",
@@ -143,6 +171,7 @@ def inspect(model: str, algorithm: str | None, batch: int | None, align: int | N
         docs = []
         for alg in algorithms:
             cfg = make_config(alg, batch=batch if batch is not None else 100, **given)
+            cfg = with_freeze(cfg, graph, train, train_from)
             docs.append(plan_document(graph, cfg, 16 if align is None else align, io or "arena"))
 
     if len(docs) == 1:
@@ -211,8 +240,9 @@ def _batches(text: str) -> list[int]:
 @click.option("--image-size", type=int, default=None, help="zoo ImageNet models: input size")
 @click.option("--io", type=click.Choice(IO_MODES), default="arena", show_default=True,
               help=_IO_HELP)
+@freeze_options
 def memory(model: str, batch_text: str, optimizer: str, align: int, width: float | None,
-           image_size: int | None, io: str) -> None:
+           image_size: int | None, io: str, train: str | None, train_from: str | None) -> None:
     """The paper's memory spreadsheet next to bnnc's planned bytes, standard and proposed.
 
     Spreadsheet columns follow ALGORITHM.md §4 (every input live at once, two gradient buffers of
@@ -231,7 +261,8 @@ def memory(model: str, batch_text: str, optimizer: str, align: int, width: float
     rows = []
     for b in batches:
         sheet = [spreadsheet(graph, b, alg, optimizer)["total"] for alg in ("standard", "proposed")]
-        docs = [plan_document(graph, make_config(alg, batch=b, optimizer=optimizer), align, io)
+        docs = [plan_document(graph, with_freeze(make_config(alg, batch=b, optimizer=optimizer),
+                                                 graph, train, train_from), align, io)
                 for alg in ("standard", "proposed")]
         real = [d["total_nbytes"] / MIB for d in docs]
         rows.append((str(b), f"{sheet[0]:.2f}", f"{sheet[1]:.2f}", f"{sheet[0] / sheet[1]:.2f}x",

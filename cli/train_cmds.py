@@ -26,6 +26,7 @@ from ..compiler.frontend import load_model
 from ..runtime.datasets import training_data
 from ..runtime.outdir import save_state_atomic
 from ..runtime.train_loop import ReferenceBackend, c_backend, fit
+from .memory_cmds import freeze_options, with_freeze
 from .app import cli
 
 BACKENDS = ("reference", "c")
@@ -117,11 +118,14 @@ def build_config(algorithm: str, **opts) -> TrainConfig:
               help="use only the first N training examples")
 @click.option("--save-state", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="write the final training state (.npz) for `bnnc export`")
+@freeze_options
 def train_cmd(model: Path, backend: str, data_name: str, data_dir: Path | None, epochs: int | None,
-              steps: int | None, limit: int | None, save_state: Path | None, **opts) -> None:
+              steps: int | None, limit: int | None, save_state: Path | None, train: str | None,
+              train_from: str | None, **opts) -> None:
     """Train MODEL (ONNX/QONNX) on a dataset with the numpy reference or the emitted C."""
     cfg = build_config(opts.pop("algorithm"), **opts)
     graph = load_model(model)
+    cfg = with_freeze(cfg, graph, train, train_from)
     check_config_for_graph(graph, cfg)
     data, x_train, y_train, x_test = training_data(graph, data_name, data_dir, limit)
     console = Console(highlight=False, soft_wrap=True)
@@ -146,4 +150,5 @@ def train_cmd(model: Path, backend: str, data_name: str, data_dir: Path | None, 
 def _techniques(cfg: TrainConfig) -> str:
     on = [name for name, flag in (("binary dW", cfg.binary_dw), ("PO2", cfg.po2),
                                   ("1-bit saves", cfg.save_bits)) if flag]
-    return ", ".join(on + [f"BN {cfg.bn}", f"state {cfg.state_dtype}"])
+    frozen = [f"{len(cfg.frozen)} parameters frozen"] if cfg.frozen else []
+    return ", ".join(on + [f"BN {cfg.bn}", f"state {cfg.state_dtype}"] + frozen)

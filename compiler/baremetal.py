@@ -20,7 +20,11 @@ program `bnnc run --emulate` measures is the one a user builds with make.
 
 Decisions: the start state is not compiled in; the linker script reserves the top of the flash
 budget for a state blob (`__bnnc_blob`) that the runner loads there (QEMU `-device loader`), so one
-ELF serves any initial state or checkpoint, like a weights partition next to the firmware. Training
+ELF serves any initial state or checkpoint, like a weights partition next to the firmware. A
+partially trained model's frozen parameters (the state's tail) stay there: the release build reads
+them in place from that flash blob (`const`, never copied to RAM), so RAM holds only the trained
+part of the state; a checkpoint streams both parts, and the program refuses to train without
+`--blob`. The debug build (`bnnc check`) keeps them in RAM, as it loads its state from the trace. Training
 data are streamed from a packed dataset file through semihosting (no flash spent on data, the same
 files and batch order as the Linux trainer). The debug build `bnnc check` runs is linked against
 the whole board memory (4 MiB), since it keeps a copy of every tensor; the budget applies to the
@@ -138,11 +142,16 @@ def _context(common: Mapping[str, Any], target: Target) -> dict:
     the tensor-table rows of the batch input and of one state tensor."""
     b = board(target)
     tensors = common["tensors"]
-    state_index = next((t["index"] for t in tensors if t["region"] == "state"), None)
+    fo = common["frozen_offset"]
+    state_index = next((t["index"] for t in tensors if t["region"] == "state"
+                        and t["offset"] < fo), None)
     if state_index is None:
         raise TargetError(f"model {common['model']!r} has no training state to train")
+    # a frozen tensor's row: the trainer streams the frozen tail from where the program reads it
+    frozen_index = next((t["index"] for t in tensors if t["region"] == "state"
+                         and t["offset"] >= fo), -1) if common["frozen_nbytes"] else -1
     model = common["model"]
-    return dict(common, cpu=cpu_name(target),
+    return dict(common, cpu=cpu_name(target), frozen_index=frozen_index,
                 input_index=next(t["index"] for t in tensors if t["name"] == "input"),
                 state_index=state_index, ram=target.ram, flash=target.flash, stack=target.stack,
                 blob_reserve=blob_reserve(common["blob_nbytes"]),

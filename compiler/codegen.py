@@ -35,6 +35,14 @@ selects it). Stride-1 binary convs on host/Linux targets add by table lookup (th
 values' sign patterns, "Four Russians") and keep fixed-size stack scratch per call (at most
 `lower.CONV_SCRATCH_BYTES`: sign patterns, tables, partial sums); bare-metal targets keep the
 portable loops. Limits: the batch must live in the arena (liveness io="arena").
+
+Partial training (`cfg.frozen`): the frozen parameters are the state region's tail
+(`plan.frozen_nbytes` from `plan.frozen_offset`); their `S_` macros point at `BNNC_F`, that tail.
+On bare-metal targets the Cortex-M release build keeps only the trained part of the state in RAM
+and `set_state` points `BNNC_F` into the start-state blob in flash (`<MODEL>_FROZEN_IN_FLASH` in
+the header), so frozen weights are `const` flash; `get_state` and the bare-metal checkpoint stream
+both parts. Every other build (host, Linux, the debug build) keeps the tail in RAM. A program
+without frozen parameters is emitted exactly as before.
 """
 
 from __future__ import annotations
@@ -265,11 +273,16 @@ def _predict_calls(schedule: Schedule, ctx: LowerCtx, steps: list[dict],
                        probs_const=ctx.ptr(probs), classes=loss_step.attrs["classes"])
 
 
-def _tensor_macros(tensors: list[TensorEntry], ctx: LowerCtx) -> list[dict]:
+def _tensor_macros(tensors: list[TensorEntry], ctx: LowerCtx, plan) -> list[dict]:
     """The `#define T_<tensor>` / `S_<tensor>` lines of model.c: a typed pointer into the arena or
-    the state per table row."""
-    return [dict(name=ctx.ptr(e.name), ctype=CTYPES[DType(e.dtype)][0], offset=e.offset,
-                 base="BNNC_A" if e.region == "arena" else "BNNC_S",
+    the state per table row; a frozen parameter's points into the state's frozen tail `BNNC_F`
+    (in flash on bare-metal targets)."""
+    def frozen(e: TensorEntry) -> bool:
+        return e.region == "state" and plan.frozen_nbytes > 0 and e.offset >= plan.frozen_offset
+
+    return [dict(name=ctx.ptr(e.name), ctype=CTYPES[DType(e.dtype)][0],
+                 offset=e.offset - plan.frozen_offset if frozen(e) else e.offset,
+                 base="BNNC_F" if frozen(e) else "BNNC_A" if e.region == "arena" else "BNNC_S",
                  comment=c_comment(f"{e.name} {list(e.shape)} {e.dtype}"))
             for e in tensors]
 
@@ -288,6 +301,8 @@ def _template_context(schedule: Schedule, plan, target: Target, ctx: LowerCtx, *
     infer, predict = _predict_calls(schedule, ctx, steps, instances)
     input_t, labels_t = schedule.tensors["input"], schedule.tensors["labels"]
     mhash = _model_hash(schedule, plan, model_sha256)
+    # bare-metal release builds read the frozen tail of the state from the blob in flash
+    frozen_flash = target.kind == "baremetal" and plan.frozen_nbytes > 0
     common = dict(
         version=__version__, command=c_comment(command or "(emit_c called from Python)"),
         model=model, prefix=prefix, PREFIX=prefix.upper(), model_sha256=model_sha256 or "(unknown)",
@@ -306,14 +321,19 @@ def _template_context(schedule: Schedule, plan, target: Target, ctx: LowerCtx, *
         input_dump=dump_off["input"], labels_dump=dump_off["labels"],
         input_nbytes=input_t.nbytes, labels_nbytes=labels_t.nbytes,
         statuses=[(f"BNNC_{k}", v) for k, v in STATUSES],
-        tensor_entries=tensors, state_entries=states, tensor_macros=_tensor_macros(tensors, ctx),
+        tensor_entries=tensors, state_entries=states,
+        tensor_macros=_tensor_macros(tensors, ctx, plan),
+        frozen_nbytes=plan.frozen_nbytes, frozen_offset=plan.frozen_offset,
+        frozen_flash=frozen_flash,
         tensors=[dict(e.__dict__, dtype_code=DTYPE_CODES[DType(e.dtype)],
                       region_code=REGION_CODES[e.region], ndim=len(e.shape),
                       shape=list(e.shape) + [0] * (4 - len(e.shape)), comment=c_comment(e.name))
                  for e in tensors],
         states=[dict(s.__dict__, elems=int(np.prod(s.shape)), ctype=CTYPES[DType(s.dtype)][0],
                      ptr=ctx.ptr(s.name), dtype_code=DTYPE_CODES[DType(s.dtype)],
-                     rows=_state_rows(s, ctx), comment=c_comment(s.name)) for s in states],
+                     rows=_state_rows(s, ctx), comment=c_comment(s.name),
+                     frozen_flash=frozen_flash and s.offset >= plan.frozen_offset)
+                for s in states],
         steps=steps, infer=infer, predict=predict,
         dtype_codes=[(d.value.upper(), c) for d, c in DTYPE_CODES.items()],
         crc_table=[f"0x{v:08X}u" for v in _crc_table()], target=target.name,
@@ -393,7 +413,8 @@ def emit_c(schedule: Schedule, plan, target: Target | str, out_dir: str | Path, 
                    source=source.relative_to(out).as_posix(),
                    trainer=TRAINER_SOURCE if programs else None, tensors=tuple(tensors),
                    state=tuple(states), steps=tuple(StepEntry(s["index"], s["kernel"], s["layer"],
-                                                              s["fn"]) for s in steps))
+                                                              s["fn"]) for s in steps),
+                   frozen=tuple(cfg.frozen), frozen_nbytes=plan.frozen_nbytes)
     manifest.write_text(doc.to_json())
     files = [header, source, makefile, manifest, *written[3:]]
     if plan_json is not None:

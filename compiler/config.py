@@ -2,6 +2,12 @@
 
 `make_config("proposed", batch=100, po2=False)` starts from the algorithm's defaults and overrides
 technique by technique. The schedule, the numpy reference and codegen all read the same `TrainConfig`.
+
+Partial training (issue 14): `TrainConfig.frozen` names the parameters the optimizer leaves alone
+(`("fc1.W", "bn1.beta", ...)`, `<layer>.<field>` over `trainable_fields`), in graph order.
+`resolve_frozen(graph, train=..., train_from=...)` turns the CLI's `--train LAYER[,LAYER...]` /
+`--train bn` / `--train-from LAYER` into that tuple; `check_config_for_graph` rejects names the
+graph does not have and a freeze set that leaves nothing to train.
 """
 
 from __future__ import annotations
@@ -9,7 +15,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 
 from .errors import ConfigError
-from .ir import WEIGHT_KINDS, Graph, LayerKind
+from .ir import WEIGHT_KINDS, Graph, Layer, LayerKind
 
 ALGORITHMS = ("standard", "proposed")
 OPTIMIZERS = ("adam", "sgd", "bop")
@@ -42,6 +48,8 @@ class TrainConfig:
     # (l2 BN eps is a property of the model: each BATCHNORM layer's `eps` attr, e.g. 1e-4 for the
     # paper's nets in the zoo, Larq's own values for ResNetE/Bi-Real)
     seed: int = 0
+    # parameters not trained (partial training): "<layer>.<field>", graph order; () = train all
+    frozen: tuple[str, ...] = ()
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -67,6 +75,8 @@ def make_config(algorithm: str = "proposed", **overrides) -> TrainConfig:
     if unknown:
         raise ConfigError(f"unknown training option(s): {', '.join(sorted(unknown))}")
     given = {k: v for k, v in overrides.items() if v is not None}
+    if "frozen" in given:     # a manifest's JSON list, or any iterable of names
+        given["frozen"] = tuple(given["frozen"])
     cfg = replace(TrainConfig(algorithm=algorithm, **_DEFAULTS[algorithm]),
                   **{**OPTIMIZER_DEFAULTS.get(given.get("optimizer", TrainConfig.optimizer), {}),
                      **given})
@@ -96,6 +106,83 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"--bop-threshold must be >= 0, got {cfg.bop_threshold}")
     if not 0 <= cfg.bn_momentum < 1:
         raise ConfigError(f"--bn-momentum must lie in [0, 1), got {cfg.bn_momentum}")
+    if not isinstance(cfg.frozen, tuple) or not all(
+            isinstance(f, str) and f.count(".") == 1 for f in cfg.frozen):
+        raise ConfigError(f"frozen parameters must be '<layer>.<field>' names, got {cfg.frozen!r}")
+
+
+# ---- partial training ------------------------------------------------------------------------
+
+TRAIN_BN = "bn"          # `--train bn`: batch-norm parameters and biases only (TinyTL style)
+
+
+def trainable_fields(lay: Layer) -> tuple[str, ...]:
+    """The fields of `lay` an optimizer may train (whatever the config): W [, b] of a weight layer,
+    gamma and beta of a batch norm (l1 BN has no gamma in its state; freezing it is a no-op)."""
+    if lay.kind in WEIGHT_KINDS:
+        return ("W",) + (("b",) if "b" in lay.params else ())
+    if lay.kind is LayerKind.BATCHNORM:
+        return ("gamma", "beta")
+    return ()
+
+
+def is_frozen(cfg: TrainConfig, layer: str, fieldname: str) -> bool:
+    return f"{layer}.{fieldname}" in cfg.frozen
+
+
+def trained_fields(lay: Layer, cfg: TrainConfig) -> tuple[str, ...]:
+    """The fields of `lay` the optimizer updates under `cfg`: `trainable_fields` that are in the
+    state (no gamma under l1 BN) and not frozen."""
+    return tuple(f for f in trainable_fields(lay)
+                 if not (f == "gamma" and cfg.bn == "l1") and not is_frozen(cfg, lay.name, f))
+
+
+def resolve_frozen(graph: Graph, *, train: str | None = None, train_from: str | None = None,
+                   bn: str = "l2") -> tuple[str, ...]:
+    """The frozen parameters of `--train SPEC` and/or `--train-from LAYER` (their union is
+    trained; neither = train everything), among those the state has under `--bn` (l1: no
+    gamma). SPEC is a comma-separated list of layer names and/or
+    the word `bn` (every batch norm and every bias). ConfigError on an unknown layer name (the
+    message lists the layer names), a layer without parameters in --train, or nothing to train."""
+    if train is None and train_from is None:
+        return ()
+    names = [lay.name for lay in graph.layers]
+    owners = [lay.name for lay in graph.layers if trainable_fields(lay)]
+
+    def unknown(what: str, name: str) -> ConfigError:
+        return ConfigError(f"{what}: model {graph.name!r} has no layer {name!r}; its layers: "
+                           f"{', '.join(names)}", hint="`bnnc info MODEL` lists them")
+
+    trained: set[str] = set()
+    if train is not None:
+        items = [t.strip() for t in train.split(",")]
+        if not any(items):
+            raise ConfigError("--train is empty; name layers (e.g. --train fc3,bn3), 'bn', or "
+                              "drop it to train everything")
+        for item in items:
+            if item == TRAIN_BN:
+                for lay in graph.layers:
+                    trained.update(f"{lay.name}.{f}" for f in trainable_fields(lay) if f != "W")
+            elif item not in names:
+                raise unknown(f"--train {train}", item)
+            elif item not in owners:
+                raise ConfigError(f"--train {train}: layer {item!r} has no parameters to train; "
+                                  f"layers with parameters: {', '.join(owners)}")
+            else:
+                lay = graph.layer(item)
+                trained.update(f"{item}.{f}" for f in trainable_fields(lay))
+    if train_from is not None:
+        if train_from not in names:
+            raise unknown(f"--train-from {train_from}", train_from)
+        start = names.index(train_from)
+        for lay in graph.layers[start:]:
+            trained.update(f"{lay.name}.{f}" for f in trainable_fields(lay))
+    if not trained:
+        raise ConfigError(f"--train/--train-from leave nothing to train in model {graph.name!r} "
+                          f"(no batch norm or bias for 'bn', no parameters from the layer on); "
+                          f"layers with parameters: {', '.join(owners)}")
+    return tuple(f"{lay.name}.{f}" for lay in graph.layers for f in trainable_fields(lay)
+                 if f"{lay.name}.{f}" not in trained and not (f == "gamma" and bn == "l1"))
 
 
 def check_config_for_graph(graph: Graph, cfg: TrainConfig) -> None:
@@ -103,8 +190,21 @@ def check_config_for_graph(graph: Graph, cfg: TrainConfig) -> None:
 
     Nonsense, decided here: Bop, PO2 gradients or binary dW on a model without a binary dense/conv
     layer (they only ever touch binary layers); training BN on vectors with batch < 2 (every
-    normalized value would be 0).
+    normalized value would be 0); a frozen parameter the graph does not have, or a freeze set that
+    leaves no parameter to train.
     """
+    known = [f"{lay.name}.{f}" for lay in graph.layers for f in trainable_fields(lay)]
+    bad = [f for f in cfg.frozen if f not in known]
+    if bad:
+        raise ConfigError(f"frozen parameter {bad[0]!r} is not a parameter of model "
+                          f"{graph.name!r}; its layers: {', '.join(l.name for l in graph.layers)}",
+                          hint="the state or config was made for another model; compile again")
+    live = [f for f in known if f not in cfg.frozen and not (
+        cfg.bn == "l1" and f.endswith(".gamma"))]
+    if cfg.frozen and not live:
+        raise ConfigError(f"the freeze set leaves nothing to train in model {graph.name!r}",
+                          hint="name at least one layer with parameters in --train / "
+                               "--train-from, or drop them to train everything")
     binary = [lay.name for lay in graph.layers
               if lay.kind in WEIGHT_KINDS and lay.binary]
     if not binary:

@@ -108,6 +108,10 @@ class Manifest:
     tensors: tuple[TensorEntry, ...]
     state: tuple[StateEntry, ...]
     steps: tuple[StepEntry, ...]
+    # partial training: the frozen parameters (config.frozen) and the state's tail that holds them
+    # (bare-metal release builds read it from the start-state blob in flash)
+    frozen: tuple[str, ...] = ()
+    frozen_nbytes: int = 0
     blob_header_nbytes: int = STATE_BLOB_HEADER_BYTES
     blob_magic: int = STATE_BLOB_MAGIC
     blob_version: int = STATE_BLOB_VERSION

@@ -68,7 +68,7 @@ from onnx import TensorProto, helper
 
 from .. import __version__
 from . import ops
-from .config import TrainConfig
+from .config import TrainConfig, trainable_fields
 from .errors import ConfigError, DataError
 from .ir import INPUT, Graph, LayerKind
 from .numerics import store
@@ -87,15 +87,31 @@ _NPZ_DATE = (1980, 1, 1, 0, 0, 0)       # the earliest zip timestamp: byte-ident
 # --------------------------------------------------------------------------------------------------
 # state validation and .npz files
 
-def _options_hint(graph: Graph, state: Mapping[str, np.ndarray]) -> str:
-    """What a mismatched state most likely means: another model, or other training options
-    (the BN kind, optimizer and storage dtype its tensors point to)."""
+def _options_hint(graph: Graph, state: Mapping[str, np.ndarray],
+                  cfg: TrainConfig | None = None) -> str:
+    """What a mismatched state most likely means: another model, another freeze set (which
+    parameters have optimizer moments), or other training options (the BN kind, optimizer and
+    storage dtype its tensors point to)."""
     names = set(state)
     layers = {lay.name for lay in graph.layers}
     strangers = sorted({n.split(".")[0] for n in names} - layers)
     if strangers:
         return (f"the state has tensors of layer(s) {', '.join(strangers[:3])} that model "
                 f"{graph.name!r} does not have: it was saved for another model (or --width)")
+    if cfg is not None:
+        # a parameter without moments is frozen in the file (partial training)
+        params = [f"{lay.name}.{f}" for lay in graph.layers for f in trainable_fields(lay)
+                  if f"{lay.name}.{f}" in names]
+        moments = {n.rsplit(".", 1)[0] for n in names if n.endswith((".m", ".v"))}
+        file_frozen = [p for p in params if p not in moments]
+        ours = [p for p in params if p in cfg.frozen]
+        if moments and file_frozen != ours:
+            said = ", ".join(file_frozen[:4]) + (" ..." if len(file_frozen) > 4 else "")
+            return (f"the state was made for another freeze set: it "
+                    f"{'freezes ' + said if said else 'trains every parameter'}, this program "
+                    f"freezes "
+                    f"{', '.join(ours[:4]) + (' ...' if len(ours) > 4 else '') or 'nothing'}; "
+                    "compile with the --train/--train-from the state was made with")
     opts = []
     if any(n.endswith(".running_psi") for n in names):
         opts.append("--bn l1")
@@ -147,7 +163,7 @@ def check_state(graph: Graph, cfg: TrainConfig, state: Mapping[str, np.ndarray],
     except DataError as e:
         # the diagnosis scans every tensor, so it is made only for a state that failed
         if e.hint is None:
-            e.hint = _options_hint(graph, state)
+            e.hint = _options_hint(graph, state, cfg)
         raise
 
 

@@ -11,7 +11,8 @@ Rules:
   declares them in-place.
 - INPUT and LABEL tensors (the batch) live from step 0. With `io="arena"` (the default) the
   train-step entry copies the caller's batch into the arena before the first kernel runs, so it
-  counts against the arena like any activation and the caller's pointers are not retained. With
+  counts against the arena like any activation and the caller's pointers are not retained (a
+  step may write in place over that copy where it dies, e.g. an input scaling). With
   `io="caller"` the kernels read the caller's buffers in place: the batch forms the `io` region
   (one buffer per tensor plus its views, never planned, never written: no in-place over it), which
   is how the paper's spreadsheet counts the real first-layer input ("kept as given").

@@ -36,6 +36,12 @@ def check_plan(liveness, plan) -> None:
         raise PlanError(f"plan alignment {align!r} is not a power of two")
     _check_region("arena", liveness.buffers, plan.offsets, plan.arena_nbytes, align)
     _check_region("state", liveness.state, plan.state_offsets, plan.state_nbytes, align)
+    frozen = [b for b in liveness.state if b.role is Role.FROZEN]
+    tail = min((plan.state_offsets[b.name] for b in frozen), default=plan.state_nbytes)
+    if plan.state_nbytes - tail != plan.frozen_nbytes or any(
+            plan.state_offsets[b.name] >= tail for b in liveness.state if b.role is not Role.FROZEN):
+        raise PlanError(f"the frozen parameters are not the state's tail of {plan.frozen_nbytes} "
+                        f"bytes")
 
     steps = max(liveness.num_steps, 1)
     live: list[list] = [[] for _ in range(steps)]

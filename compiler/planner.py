@@ -12,7 +12,10 @@ Invariants of the result:
 - `lower_bound <= arena_nbytes`, where lower_bound = max over steps of the aligned bytes live at
   that step (no plan of these intervals can be smaller), and efficiency = lower_bound /
   arena_nbytes;
-- persistent state gets its own region, laid out sequentially in state order (each aligned);
+- persistent state gets its own region, laid out sequentially in state order (each aligned), the
+  frozen parameters of a partially trained model last: they form the region's tail of
+  `frozen_nbytes` bytes (bare-metal programs read that tail in place from the start-state blob in
+  flash, compiler/codegen.py);
 - the caller's batch buffers (liveness io="caller") are not placed: their tensors are located at
   ("caller", 0), i.e. at the start of the pointer the train-step entry receives;
 - the same liveness gives the same plan, byte for byte: every order breaks ties by buffer name;
@@ -46,7 +49,7 @@ from typing import Callable, Mapping, Sequence
 from .errors import PlanError
 from .liveness import Liveness, compute_liveness
 from .plan_check import check_liveness, check_plan
-from .schedule_ir import Schedule
+from .schedule_ir import Role, Schedule
 
 
 # `bnnc compile --guard`: canary bytes on each side of every arena buffer. 64 catches a kernel that
@@ -93,6 +96,12 @@ class ArenaPlan:
     tried: Mapping[str, int] = field(default_factory=dict)          # heuristic -> arena bytes
     guard_bytes: int = 0                          # canary bytes on each side of an arena buffer
     guards: tuple[Guard, ...] = ()                # one per arena buffer when guard_bytes > 0
+    frozen_nbytes: int = 0                        # the state's tail: frozen parameters (read only)
+
+    @property
+    def frozen_offset(self) -> int:
+        """Where the frozen tail of the state region starts (state_nbytes when there is none)."""
+        return self.state_nbytes - self.frozen_nbytes
 
     @property
     def efficiency(self) -> float:
@@ -261,10 +270,13 @@ def plan_arena(liveness: Liveness, *, align: int = 16, heuristics: Sequence[str]
             break
 
     state_offsets: dict[str, int] = {}
-    top = 0
-    for b in liveness.state:
+    top, frozen_start = 0, None
+    for b in sorted(liveness.state, key=lambda b: b.role is Role.FROZEN):    # stable
+        if b.role is Role.FROZEN and frozen_start is None:
+            frozen_start = top
         state_offsets[b.name] = top
         top += align_up(b.nbytes, align)
+    frozen = 0 if frozen_start is None else top - frozen_start
 
     # a heuristic placed each buffer's whole item; its bytes start after the front guard
     best_offsets = {b: off + guard for b, off in best_offsets.items()}
@@ -287,7 +299,7 @@ def plan_arena(liveness: Liveness, *, align: int = 16, heuristics: Sequence[str]
         align=align, arena_nbytes=best_size, lower_bound=lower, heuristic=best_name,
         offsets={b.name: best_offsets[b.name] for b in liveness.buffers},
         state_nbytes=top, state_offsets=state_offsets, tensor_offsets=tensor_offsets, tried=tried,
-        guard_bytes=guard, guards=guards)
+        guard_bytes=guard, guards=guards, frozen_nbytes=frozen)
     check_plan(liveness, plan)
     return plan
 

@@ -21,7 +21,9 @@ new optional keys may be added without a version bump, renamed or retyped keys b
     steps          [{index, kernel, layer, phase}]
     arena          {nbytes, lower_bound, efficiency, align, heuristic, tried: {heuristic: nbytes},
                     live_bytes: [aligned bytes live at each step]}
-    state          {nbytes}
+    state          {nbytes, frozen_nbytes}  frozen_nbytes: the tail of the state holding frozen
+                                       parameters (partial training; 0 when every one trains)
+    frozen         [parameter name, ...]  config.frozen: what the step does not train
     io             {mode: "arena" | "caller", nbytes}  where the batch (input, labels) lives;
                                        "caller": read in place from the caller's buffers, whose
                                        nbytes are not in the arena nor the total
@@ -37,8 +39,8 @@ new optional keys may be added without a version bump, renamed or retyped keys b
                    schedule order; `region` "arena" | "state" | "caller"; `alias_of` null unless
                    a view
     unused         [tensor name, ...]  tensors no step touches (not placed)
-Roles are `schedule_ir.Role` values ("parameter", "optimizer state", "bn state", "input", "label",
-"saved activation", "gradient", "scratch"); byte counts are exact storage bytes, offsets are from
+Roles are `schedule_ir.Role` values ("parameter", "frozen parameter", "optimizer state", "bn
+state", "input", "label", "saved activation", "gradient", "scratch"); byte counts are exact storage bytes, offsets are from
 the start of the region.
 
 HTML: one inline SVG per plan, address upwards (y) against schedule step (x); one <rect class="buf">
@@ -65,11 +67,11 @@ from .schedule_ir import Role, Schedule
 SCHEMA = "bnnc-plan"
 SCHEMA_VERSION = 1
 MIB = float(1 << 20)
-ROLE_ORDER = (Role.PARAM, Role.OPT_STATE, Role.BN_STAT, Role.INPUT, Role.LABEL, Role.SAVED,
+ROLE_ORDER = (Role.PARAM, Role.FROZEN, Role.OPT_STATE, Role.BN_STAT, Role.INPUT, Role.LABEL, Role.SAVED,
               Role.GRAD, Role.SCRATCH)
 # Tableau 10: distinguishable, and still readable for common colour-vision deficiencies
 ROLE_COLOURS = {
-    "parameter": "#4e79a7", "optimizer state": "#f28e2b", "bn state": "#edc948", "input": "#76b7b2",
+    "parameter": "#4e79a7", "frozen parameter": "#bab0ac", "optimizer state": "#f28e2b", "bn state": "#edc948", "input": "#76b7b2",
     "label": "#59a14f", "saved activation": "#e15759", "gradient": "#b07aa1", "scratch": "#9c755f",
 }
 _REQUIRED = ("model", "config", "num_steps", "steps", "arena", "state", "total_nbytes", "by_role",
@@ -144,7 +146,8 @@ def plan_to_json(schedule: Schedule, liveness: Liveness, plan: ArenaPlan) -> dic
         "arena": {"nbytes": plan.arena_nbytes, "lower_bound": plan.lower_bound,
                   "efficiency": plan.efficiency, "align": plan.align, "heuristic": plan.heuristic,
                   "tried": dict(plan.tried), "live_bytes": live},
-        "state": {"nbytes": plan.state_nbytes},
+        "state": {"nbytes": plan.state_nbytes, "frozen_nbytes": plan.frozen_nbytes},
+        "frozen": list(schedule.config.frozen),
         "io": {"mode": "caller" if liveness.io else "arena",
                "nbytes": sum(b.nbytes for b in liveness.io)},
         "total_nbytes": plan.total_nbytes,
@@ -206,7 +209,8 @@ def plan_from_json(doc: dict[str, Any]) -> tuple[Liveness, ArenaPlan]:
             heuristic=a["heuristic"], offsets={b.name: off for b, off in arena},
             state_nbytes=doc["state"]["nbytes"], state_offsets={b.name: off for b, off in state},
             tensor_offsets={t["name"]: (t["region"], t["offset"]) for t in doc["tensors"]},
-            tried=dict(a.get("tried", {})))
+            tried=dict(a.get("tried", {})),
+            frozen_nbytes=doc["state"].get("frozen_nbytes", 0))
     except (KeyError, TypeError, ValueError) as e:
         raise PlanError(f"plan document is malformed ({type(e).__name__}: {e})") from None
     return live, plan
@@ -224,6 +228,8 @@ def describe_config(cfg: dict[str, Any]) -> str:
         parts.append(f"PO2 dY (bias {cfg.get('po2_bias')})")
     if cfg.get("save_bits"):
         parts.append("1-bit saves")
+    if cfg.get("frozen"):
+        parts.append(f"{len(cfg['frozen'])} parameters frozen")
     return ", ".join(str(p) for p in parts)
 
 
@@ -255,13 +261,17 @@ def format_report(doc: dict[str, Any], *, tensors: bool = True) -> str:
         [("arena", f"{a['nbytes']:,}", _mib(a["nbytes"]),
           f"lower bound {a['lower_bound']:,} B, efficiency {a['efficiency']:.4f}"),
          ("state", f"{doc['state']['nbytes']:,}", _mib(doc["state"]["nbytes"]),
-          "parameters, optimizer moments, BN statistics"),
+          "parameters, optimizer moments, BN statistics"
+          + (f"; its last {doc['state']['frozen_nbytes']:,} B: frozen parameters (read only; "
+             f"flash on bare-metal targets)" if doc["state"].get("frozen_nbytes") else "")),
          ("total", f"{doc['total_nbytes']:,}", _mib(doc["total_nbytes"]), "")]
         + ([("caller", f"{doc['io']['nbytes']:,}", _mib(doc["io"]["nbytes"]),
              "the batch, read in place from the caller's buffers (not in the total)")]
            if doc.get("io", {}).get("mode") == "caller" else []),
         (False, True, True, False))
     peak = doc["peak"]
+    if doc.get("frozen"):
+        lines += ["", f"frozen (not trained): {', '.join(doc['frozen'])}"]
     lines += ["", "bytes by role (sum of tensor sizes; 'at peak' = aligned bytes live at the peak "
                   "step)"]
     lines += _table(
@@ -454,7 +464,8 @@ def plan_to_html(plans: Sequence[dict[str, Any]], *, title: str = "bnnc memory p
              f'<style>{_CSS}</style></head>', '<body>', f'<h1>{escape(title)}</h1>',
              '<p>Address (up) against schedule step (right); each rectangle is one arena buffer, '
              'coloured by role; hover for its tensors. The state column holds parameters, '
-             'optimizer moments and BN statistics for the whole program. All plans share one byte '
+             'optimizer moments and BN statistics for the whole program (frozen parameters of a '
+             'partially trained model on top). All plans share one byte '
              'scale.</p>',
              f'<div class="legend">{legend}</div>', '<div class="plans">']
     for d in plans:

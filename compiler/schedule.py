@@ -11,7 +11,8 @@ analysis and the loss.
 
 Invariants: `Schedule.verify()` holds; the persistent tensors are exactly `state.state_tensors`
 (same names, dtypes, shapes); an in-place pair joins tensors of equal element count whose output is
-no larger than its input, and never overwrites the caller's batch/labels or state; the same (graph,
+no larger than its input, and never overwrites the labels or state (the batch input only as the
+arena's copy of it: liveness keeps the caller's buffers under io="caller"); the same (graph,
 cfg) gives an identical schedule (layer order, a fixed order per layer, no set iteration).
 
 Storage (exact `nbytes`):
@@ -52,6 +53,11 @@ Policy (each technique of cfg switches on its own; `standard` has them all off):
   An F32 dW of a binary layer is masked by its dW kernel, which then reads W. Real layers: no mask.
 - no dX for a layer whose input has nothing trainable upstream (the first weight layer); INPUT_QUANT
   stops gradients (a trainable layer before one is rejected).
+- partial training (`cfg.frozen`, compiler/README.md): "trainable upstream" is `ops.needs_grad(
+  graph, cfg)`, so the backward stops at the first layer that trains; a frozen parameter is a
+  `Role.FROZEN` state tensor (a binary W as packed bits, read by the XNOR kernels directly) with
+  no gradient, no update and no saved input for it; a frozen BN still passes a gradient through
+  (its fused backward writes the C-element dbeta, which nothing reads).
 
 Order: forward in layer order (a weight layer may be preceded by `pack_sign_w` and followed by
 `cast_f16`), the loss, then the backward in reverse layer order. A weight layer's backward is
@@ -99,7 +105,8 @@ F32, F16, BF16, BIT = DType.F32, DType.F16, DType.BF16, DType.BIT
 PO2, U8, I32 = DType.PO2, DType.U8, DType.I32
 _ITEMSIZE = {F32: 4, F16: 2, BF16: 2, I32: 4, U8: 1, PO2: 1}
 _STATE_DTYPE = {"f32": F32, "bf16": BF16, "f16": F16, "bit": BIT}
-_STATE_ROLE = {"param": Role.PARAM, "opt": Role.OPT_STATE, "bn_stat": Role.BN_STAT}
+_STATE_ROLE = {"param": Role.PARAM, "opt": Role.OPT_STATE, "bn_stat": Role.BN_STAT,
+               "frozen": Role.FROZEN}
 _MAX_TENSOR_NBYTES = 2**31 - 1    # int32 byte offsets/indices in the generated C
 
 
@@ -178,7 +185,7 @@ class ScheduleBuilder:
                     f"{_err_where(lay)}: {lay.kind.value} is only supported as the last layer",
                     hint=f"the loss fuses the final {lay.kind.value}; remove inner ones")
             self._check_shapes(lay)
-        self.ng = ng = needs_grad(g)
+        self.ng = ng = needs_grad(g, self.cfg)
         for lay in g.layers:
             if LAYERS[lay.kind].stops_gradient and any(ng[i] for i in lay.inputs):
                 raise UnsupportedModelError(
@@ -274,7 +281,7 @@ class ScheduleBuilder:
 
     def emit(self, kernel: KernelSpec, layer: str, ins, outs, /, **attrs) -> None:
         """Append a call of `kernel` (checked against its operand dtypes); its declared in-place
-        pairs become the step's, except over the caller's batch/labels and state."""
+        pairs become the step's, except over the labels and state."""
         ins, outs = tuple(ins), tuple(outs)
         assert KERNELS.get(kernel.name) is kernel, f"{kernel.name} is not a registered kernel"
         check_step(kernel, tuple(self.tensors[t].dtype for t in ins),
@@ -285,8 +292,10 @@ class ScheduleBuilder:
                 continue
             to, ti = self.tensors[outs[oi]], self.tensors[ins[ii]]
             base = self.tensors[ti.alias_of or ti.name]
-            # the caller's batch and labels are not ours to overwrite; state is updated by name
-            if base.role.persistent or base.role in (Role.INPUT, Role.LABEL):
+            # state is updated by name. The batch input may be overwritten where it dies: under
+            # io="arena" it is the entry's copy (an input scaling then needs no second batch-
+            # sized buffer), under io="caller" liveness never joins the caller's buffers
+            if base.role.persistent or base.role is Role.LABEL:
                 continue
             assert to.size == ti.size and to.nbytes <= ti.nbytes, (kernel.name, to, ti)
             if (to.name, ti.name) not in pairs:
@@ -388,10 +397,18 @@ class ScheduleBuilder:
                 self.contribute(p, tname(lay.name, "d_out"), lay.name)
 
     # ---------------------------------------------------------------- optimizer
+    def trains(self, lay: Layer, fieldname: str) -> bool:
+        """Does the optimizer update `<lay>.<fieldname>` (it is in the state and not frozen)?"""
+        st = self.state.get(tname(lay.name, fieldname))
+        return st is not None and st.kind == "param"
+
     def update(self, lay: Layer, fieldname: str, grad: str) -> None:
-        """The optimizer step of parameter `<lay>.<fieldname>` from its gradient `grad`."""
+        """The optimizer step of parameter `<lay>.<fieldname>` from its gradient `grad` (none for a
+        frozen parameter)."""
         cfg = self.cfg
         st = self.state[tname(lay.name, fieldname)]
+        if st.kind != "param":
+            return
         moms = tuple(f"{st.name}.{m}" for m in MOMENTS[st.optimizer])
         attrs: dict = dict(size=prod(st.shape), tensor_id=st.tensor_id, seed=cfg.seed,
                            stochastic=st.stochastic,

@@ -35,6 +35,7 @@ class DType(Enum):
 
 class Role(Enum):
     PARAM = "parameter"
+    FROZEN = "frozen parameter"    # partial training: read only, never updated (cfg.frozen)
     OPT_STATE = "optimizer state"
     BN_STAT = "bn state"
     INPUT = "input"
@@ -45,7 +46,7 @@ class Role(Enum):
 
     @property
     def persistent(self) -> bool:
-        return self in (Role.PARAM, Role.OPT_STATE, Role.BN_STAT)
+        return self in (Role.PARAM, Role.OPT_STATE, Role.BN_STAT, Role.FROZEN)
 
 
 @dataclass(frozen=True)

@@ -17,11 +17,18 @@ Decisions (documented in compiler/README.md):
   (BN beta/gamma, real layers' W and b) uses Adam, as Larq pairs Bop with Adam.
 - Trainable tensors and optimizer moments are stored in `cfg.state_dtype` with stochastic rounding;
   BN running statistics in the same dtype with round-to-nearest-even (they are not updated by gradients).
+- Partial training (`cfg.frozen`, compiler/config.py): a frozen parameter is kind "frozen", has no
+  optimizer and no moments, and a binary layer's frozen W is stored as its sign bits ("bit", 1 bit
+  per weight, the XNOR kernels' packed layout, as Bop's W). Frozen tensors come last in the state
+  order, so they form one contiguous tail of the state region (bare-metal targets read it from the
+  start-state blob in flash instead of copying it to RAM; compiler/codegen.py). A frozen batch norm
+  keeps its running statistics (kind "bn_stat"): in a training step it still normalizes with the
+  batch's statistics and updates them (they are statistics, not parameters).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -35,19 +42,27 @@ class StateTensor:
     name: str               # "fc1.W", "fc1.W.m", "bn1.running_mean"
     layer: str
     field: str              # "W", "b", "gamma", "beta", "running_mean", "running_var", "running_psi"
-    kind: str               # "param" | "opt" | "bn_stat"
+    kind: str               # "param" | "opt" | "bn_stat" | "frozen"
     dtype: str              # "f32" | "bf16" | "f16" | "bit"
     shape: tuple[int, ...]
     tensor_id: int
-    optimizer: str | None   # for params: "adam" | "sgd" | "bop"; None otherwise
+    optimizer: str | None   # for params: "adam" | "sgd" | "bop"; None otherwise (frozen too)
     stochastic: bool        # stores use stochastic rounding (16-bit dtypes only)
 
 
 def state_tensors(graph: Graph, cfg: TrainConfig) -> list[StateTensor]:
     sd, is16 = cfg.state_dtype, cfg.state_dtype != "f32"
     out: list[StateTensor] = []
+    frozen: list[StateTensor] = []
 
     def add(layer, field, kind, dtype, shape, optimizer=None, stochastic=False):
+        if f"{layer}.{field}" in cfg.frozen:
+            binary_w = field == "W" and graph.layer(layer).binary
+            frozen.append(StateTensor(tname(layer, field), layer, field, "frozen",
+                                      "bit" if binary_w else sd, tuple(shape), 0, None, False))
+            return
+        if kind == "opt" and tname(layer, field).rsplit(".", 1)[0] in cfg.frozen:
+            return
         out.append(StateTensor(tname(layer, field), layer, field, kind, dtype, tuple(shape), len(out),
                                optimizer, stochastic and dtype in ("bf16", "f16")))
 
@@ -72,7 +87,7 @@ def state_tensors(graph: Graph, cfg: TrainConfig) -> list[StateTensor]:
             stats = ("running_mean", "running_var") if cfg.bn == "l2" else ("running_mean", "running_psi")
             for f in stats:
                 add(lay.name, f, "bn_stat", sd, c)
-    return out
+    return out + [replace(st, tensor_id=len(out) + i) for i, st in enumerate(frozen)]
 
 
 MOMENTS = {"adam": ("m", "v"), "sgd": ("m",), "bop": ("m",)}   # optimizer -> moment fields

@@ -211,7 +211,11 @@ def read_state_blob(path: Path, manifest: Manifest) -> StateBlob:
                         f"{STATE_BLOB_VERSION}", hint="train again with this bnnc version")
     if mhash != manifest.model_hash:
         raise DataError(f"{path} belongs to another compiled model (model hash {mhash:#x}, "
-                        f"{manifest.model} is {manifest.model_hash:#x})")
+                        f"{manifest.model} is {manifest.model_hash:#x})",
+                        hint="a checkpoint fits only the program that wrote it: same model, "
+                             "options and freeze set (--train/--train-from"
+                             + (f"; this one freezes {len(manifest.frozen)} parameters"
+                                if manifest.frozen else "; this one trains everything") + ")")
     if len(raw) != want or nbytes != max(manifest.state_nbytes, 16):
         raise DataError(f"{path}: {len(raw)} bytes, the model's blob has {want} (truncated?)")
     if zlib.crc32(raw[32:], zlib.crc32(raw[:28])) != crc:

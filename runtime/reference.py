@@ -36,6 +36,11 @@ Algorithm (ALGORITHM.md §1-3; cfg switches each technique of the proposed algor
   the first layer's real input is kept as given.
 - update: Adam / SGD-momentum / Bop (binary W only; every other tensor Adam), all float32; see
   compiler/ops/optim.py.
+- partial training (cfg.frozen): frozen parameters keep their values (a frozen binary W is its
+  sign, int8 +-1), get no dW/db, and layers keep nothing for a dW they do not compute; gradients
+  flow only where `ops.needs_grad(graph, cfg)` says, so the backward stops at the first trainable
+  layer. A frozen BN still computes its dbeta (the fused BN backward's by-product) but is not
+  updated.
 
 Exact float32 conventions the C side must copy: scalar coefficients are computed in double and
 rounded once to float32 (`np.float32(1 - m)`, `np.float32(1/sqrt(N_W))`; 1 - beta^t in float32,
@@ -226,7 +231,8 @@ def forward_backward(graph: Graph, cfg: TrainConfig, tensors: dict[str, np.ndarr
     """
     x = _as_batch(graph, x)
     y = _check_labels(graph, labels, len(x))
-    run = RefRun(graph, cfg, tensors, x.dtype, training=True, needs_grad=ops.needs_grad(graph))
+    run = RefRun(graph, cfg, tensors, x.dtype, training=True,
+                 needs_grad=ops.needs_grad(graph, cfg))
     forward(run, x)
     logits_name = _logits_layer(graph)
     z = run.acts[logits_name].reshape(len(x), -1)
@@ -273,6 +279,8 @@ def train_step(graph: Graph, cfg: TrainConfig, state: TrainState, x,
     for st in sts:
         if st.kind == "bn_stat":
             new[st.name] = _store(cfg, st, out[st.name], t)
+        elif st.kind == "frozen":
+            new[st.name] = state.tensors[st.name].copy()
     assert new.keys() == {st.name for st in sts}
     out.update(new)
     return TrainState({st.name: new[st.name] for st in sts}, t), out

@@ -208,7 +208,8 @@ def _check_invariants(s, graph, cfg):
         check_step(st.kernel, tuple(t[n].dtype for n in st.inputs),
                    tuple(t[n].dtype for n in st.outputs))
     # the persistent tensors are exactly compiler.state's
-    roles = {"param": Role.PARAM, "opt": Role.OPT_STATE, "bn_stat": Role.BN_STAT}
+    roles = {"param": Role.PARAM, "opt": Role.OPT_STATE, "bn_stat": Role.BN_STAT,
+             "frozen": Role.FROZEN}
     sts = state_tensors(graph, cfg)
     assert {n for n, x in t.items() if x.role.persistent} == {st.name for st in sts}
     for st in sts:
@@ -218,13 +219,14 @@ def _check_invariants(s, graph, cfg):
     for x in t.values():
         if x.alias_of is None and x.dtype is not DType.BIT:
             assert x.nbytes == x.size * _ITEM[x.dtype], x
-    # in-place: same element count, output no larger, never the caller's batch or the state
+    # in-place: same element count, output no larger, never the labels or the state (the
+    # batch input only as the arena's copy: liveness never joins the caller's, io="caller")
     for st in s.steps:
         for o, i in st.inplace:
             to, ti = t[o], t[i]
             base = t[ti.alias_of or i]
             assert to.size == ti.size and to.nbytes <= ti.nbytes, (st.kernel, o, i)
-            assert not base.role.persistent and base.role not in (Role.INPUT, Role.LABEL)
+            assert not base.role.persistent and base.role is not Role.LABEL
             assert o != i
     # every parameter is updated once, after its gradient, and nothing reads it after its update
     updates = {}

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..config import TrainConfig, trained_fields
 from ..ir import INPUT, WEIGHT_KINDS, Graph, LayerKind
 from . import activation, batchnorm, conv, dense, gconv, loss, optim, pool, structural
 from .base import Bits, KernelSpec, LayerSpec, OpFamily, check_kernel, check_step  # noqa: F401
@@ -84,15 +85,17 @@ def check_registry() -> None:
         check_kernel(k)
 
 
-def needs_grad(graph: Graph) -> dict[str, bool]:
-    """Per layer (and INPUT): is the gradient of its output needed? Iff the layer is trainable, or
-    a gradient flows through it (its LayerSpec does not stop one) from a layer that needs one --
-    the one rule the schedule and the numpy reference share."""
+def needs_grad(graph: Graph, cfg: TrainConfig | None = None) -> dict[str, bool]:
+    """Per layer (and INPUT): is the gradient of its output needed? Iff the layer trains (its
+    LayerSpec is trainable and, under `cfg`, not every one of its parameters is frozen), or a
+    gradient flows through it (its LayerSpec does not stop one) from a layer that needs one --
+    the one rule the schedule and the numpy reference share. So the backward of a partially
+    trained model stops at its first trainable layer: a frozen prefix gets no gradient."""
     ng = {INPUT: False}
     for lay in graph.layers:
         spec = LAYERS[lay.kind]
-        ng[lay.name] = spec.trainable or (not spec.stops_gradient and
-                                          any(ng[i] for i in lay.inputs))
+        trains = spec.trainable and (cfg is None or bool(trained_fields(lay, cfg)))
+        ng[lay.name] = trains or (not spec.stops_gradient and any(ng[i] for i in lay.inputs))
     return ng
 
 

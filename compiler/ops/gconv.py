@@ -209,8 +209,8 @@ def _forward(b: ScheduleBuilder, lay: Layer) -> None:
     bias = (tname(n, "b"),) if "b" in lay.params else ()
     b.emit(GCONV_FWD, n, (x, tname(n, "W")) + bias, (b.out_f32(lay),),
            **weights.geometry(b, lay, WEIGHT_KERNELS))
-    if n not in b.has_dout:
-        return
+    if n not in b.has_dout or not b.trains(lay, "W"):
+        return      # no dW: nothing of the input is kept
     shape = b.tensors[x].shape
     if lay.binary and b.cfg.save_bits and pm1_output(b.g, src):
         xs = b.bits(tname(n, "x_saved"), shape, Role.SCRATCH, "flat")

@@ -15,6 +15,7 @@ from typing import Callable
 import numpy as np
 
 from .. import numerics as nx
+from ..config import is_frozen
 from ..errors import ConfigError
 from ..ir import Layer, LayerKind
 from .refctx import RefRun
@@ -133,6 +134,8 @@ def crop(xp: np.ndarray, pads) -> np.ndarray:
 def save_weight_input(run: RefRun, lay: Layer, x: np.ndarray) -> np.ndarray:
     """What a dense/conv layer keeps of its input for dW (runtime/reference.py's docstring)."""
     src = lay.inputs[0]
+    if is_frozen(run.cfg, lay.name, "W"):
+        return x        # no dW to compute: nothing is kept (the schedule keeps nothing either)
     if lay.binary and run.pm1_input(src):
         assert np.all(np.abs(x) == 1), f"{lay.name}: input expected to be +-1"
         return bits_roundtrip(x, pm1=True).astype(run.dtype) if run.cfg.save_bits else x
@@ -152,7 +155,8 @@ def weight_grads(run: RefRun, lay: Layer, dy: np.ndarray, x_mat: np.ndarray | No
     layers).
 
     Emits dW (as x_mat^T @ Q, reshaped to W; or `dw_of(Q)`, already shaped like W, for a layer
-    whose dW is not one product), masked/binarized per the config for binary layers.
+    whose dW is not one product), masked/binarized per the config for binary layers; nothing for
+    a frozen W (cfg.frozen), and db only for a trained bias.
     """
     cfg = run.cfg
     q = dy
@@ -165,6 +169,10 @@ def weight_grads(run: RefRun, lay: Layer, dy: np.ndarray, x_mat: np.ndarray | No
         q = nx.po2_decode(codes, b).astype(run.dtype)
         run.emit(lay, "d_out_q", q)
         run.emit(lay, "po2_bias", np.asarray(b, np.int32))
+    if "b" in lay.params and not is_frozen(cfg, lay.name, "b"):
+        run.emit(lay, "db", dy.sum(axis=0))
+    if is_frozen(cfg, lay.name, "W"):
+        return q
     dw = matmul(x_mat.T, q) if dw_of is None else dw_of(q)    # (K, out)
     w_shape = lay.params["W"].shape
     if lay.kind is LayerKind.CONV:
@@ -174,6 +182,4 @@ def weight_grads(run: RefRun, lay: Layer, dy: np.ndarray, x_mat: np.ndarray | No
             dw = np.where(dw >= 0, 1, -1) * np.float32(1 / math.sqrt(dw.size)).astype(run.dtype)
         dw = (dw * (np.abs(run.param(lay, "W")) <= 1)).astype(run.dtype)
     run.emit(lay, "dW", dw)
-    if "b" in lay.params:
-        run.emit(lay, "db", dy.sum(axis=0))
     return q

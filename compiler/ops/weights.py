@@ -230,8 +230,8 @@ def forward(b: ScheduleBuilder, lay: Layer, k: WeightKernels) -> None:
         b.emit(k.fwd_xnor, lay.name, (x, wb) + bias, (y,), **geom)
     else:
         b.emit(k.fwd_signw if lay.binary else k.fwd_f32, lay.name, (x, w) + bias, (y,), **geom)
-    if lay.name not in b.has_dout:
-        return
+    if lay.name not in b.has_dout or not b.trains(lay, "W"):
+        return      # no dW: nothing of the input is kept (dX reads W and dY only)
     as_given = (xt.dtype is BIT or not b.cfg.save_bits
                 or (lay.binary and not b.ng[lay.inputs[0]]))
     if as_given:
@@ -243,16 +243,18 @@ def forward(b: ScheduleBuilder, lay: Layer, k: WeightKernels) -> None:
 
 
 def backward(b: ScheduleBuilder, lay: Layer, k: WeightKernels) -> None:
-    """[bias_grad], [po2_quantize], dW, [dX], update W, [update b] (schedule.py's docstring)."""
+    """[bias_grad], [po2_quantize], [dW], [dX], [update W], [update b] (schedule.py's
+    docstring); a frozen W gets no dW and no update, a frozen b no db."""
     n, cfg = lay.name, b.cfg
     geom = geometry(b, lay, k)
-    dy, x, w = tname(n, "d_out"), b.saved_x[n], tname(n, "W")
+    dy, x, w = tname(n, "d_out"), b.saved_x.get(n), tname(n, "W")
     wt = b.tensors[w]
-    if "b" in lay.params:
+    train_w, p = b.trains(lay, "W"), lay.inputs[0]
+    if "b" in lay.params and b.trains(lay, "b"):
         db = b.new(tname(n, "db"), F32, lay.params["b"].shape, Role.GRAD)
         b.emit(BIAS_GRAD, n, (dy,), (db,), **geom)
     grad: tuple[str, ...] = (dy,)
-    if lay.binary and cfg.po2:
+    if lay.binary and cfg.po2 and (train_w or b.ng[p]):
         q = b.new(tname(n, "d_out_q"), PO2, b.tensors[dy].shape, Role.GRAD,
                   layout=f"u8 codes: bit 4 sign (1 = negative), bits 0-3 e+8; value "
                          f"+-2^(e - bias), bias in {tname(n, 'po2_bias')}")
@@ -262,7 +264,9 @@ def backward(b: ScheduleBuilder, lay: Layer, k: WeightKernels) -> None:
         grad = (q, bias)
     mask_w = (w,) if lay.binary and wt.dtype is not BIT else ()
     nw = prod(lay.params["W"].shape)
-    if lay.binary and cfg.binary_dw:
+    if not train_w:
+        dw = ""
+    elif lay.binary and cfg.binary_dw:
         words = words64(nw)
         value = f"+-{float(np.float32(1 / math.sqrt(nw))):.9g}"
         value += " * 1[|W| <= 1]" if mask_w else ""
@@ -273,13 +277,13 @@ def backward(b: ScheduleBuilder, lay: Layer, k: WeightKernels) -> None:
     else:
         dw = b.new(tname(n, "dW"), F32, lay.params["W"].shape, Role.GRAD)
         b.emit(k.dw_po2 if len(grad) == 2 else k.dw_f32, n, (x,) + grad + mask_w, (dw,), **geom)
-    p = lay.inputs[0]
     if b.ng[p]:
         t = b.target(p, n)
         b.emit(k.dx_po2 if len(grad) == 2 else k.dx_f32, n, grad + (w,), (t,), **geom)
         b.contribute(p, t, n)
-    b.update(lay, "W", dw)
-    if "b" in lay.params:
+    if train_w:
+        b.update(lay, "W", dw)
+    if "b" in lay.params and b.trains(lay, "b"):
         b.update(lay, "b", db)
 
 
