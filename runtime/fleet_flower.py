@@ -29,6 +29,8 @@ every process LocalFederation starts.
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -103,6 +105,12 @@ class FleetSettings:
         for k in ("out", "fleet_dir", "rounds", "round_timeout", "data_dir", "min_devices"):
             doc.pop(k)
         return doc
+
+    def fleet_id(self, model_sha256: str) -> str:
+        """Names a device's state directory for this run: two fleet runs never share one."""
+        doc = dict(self.federation(), model_sha256=model_sha256,
+                   fleet_dir=str(Path(self.fleet_dir).resolve()))
+        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
     def run_config(self) -> dict[str, Any]:
         return {k.replace("_", "-"): v for k, v in asdict(self).items()}
@@ -241,7 +249,8 @@ class _Server:
 
     def train_config(self) -> ConfigRecord:
         s = self.s
-        return ConfigRecord({"round-offset": self.ck.round, "model-sha256":
+        return ConfigRecord({"round-offset": self.ck.round,
+                             "fleet-id": s.fleet_id(self.manifest.model_sha256), "model-sha256":
                              self.manifest.model_sha256, "local-epochs": s.local_epochs,
                              "uplink": s.uplink, "bn-stats": s.bn_stats, "seed": s.seed,
                              "partition": s.partition, "alpha": float(s.alpha), "data": s.data,
@@ -345,7 +354,10 @@ def device_train(node: Mapping[str, Any], cfg: Mapping[str, Any], arrays: Mappin
     round_ = int(cfg["round-offset"]) + server_round
     specs = fl.fleet_tensors(manifest, str(cfg["bn-stats"]))
     glob = fl.decode_global(arrays, specs)
-    workdir = Path(str(node["workdir"]))
+    fleet_id = str(cfg["fleet-id"])
+    if not fleet_id.isalnum():
+        raise DataError(f"fleet id {fleet_id!r} is not a plain name")
+    workdir = Path(str(node["workdir"])) / f"fleet-{fleet_id}"
     store = fl.DeviceStore(workdir)
     tensors, step, seed = fl.device_start(store, round_, out, manifest, glob)
     idx, x, y = _device_data(str(out), str(cfg["data"]), str(node.get("data-dir", "")),
