@@ -25,7 +25,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 from bnnc.cli import main as bnnc_main
 from bnnc.runtime import fleet as fl

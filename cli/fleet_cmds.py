@@ -1,5 +1,5 @@
-"""`bnnc fleet ...`: federated training of a compiled OUT/ on Flower -- `simulate` (N devices on this
-machine, Flower's simulation runtime), `deploy` (a real flower-superlink and one flower-supernode
+"""`bnnc fleet ...`: federated training of a compiled OUT/ on Flower -- `simulate` (N devices on
+this machine, Flower's simulation runtime), `deploy` (a real flower-superlink and one flower-supernode
 per device on loopback), `app` (the Flower App for `flwr run` against your own SuperLink, e.g.
 Raspberry Pis) and `status` (a fleet directory's rounds, its global state checked).
 
@@ -16,6 +16,7 @@ from rich.console import Console
 
 from ..compiler.errors import ConfigError, DataError
 from ..runtime import fleet as fl
+from ..runtime.outdir import read_compiled
 from .app import cli
 
 
@@ -86,7 +87,7 @@ def _device_options(f):
 
 
 def _settings(out_dir: Path, o: dict):
-    from ..runtime.fleet_flower import FleetSettings
+    from ..runtime.fleet_flower import FleetSettings  # local: Flower loads for fleet commands only
     return FleetSettings(out=str(out_dir.resolve()), fleet_dir=str(o["fleet_dir"].resolve()),
                          rounds=o["rounds"], devices=o["devices"], partition=o["partition"],
                          alpha=o["alpha"], seed=o["seed"], local_epochs=o["local_epochs"],
@@ -98,7 +99,7 @@ def _settings(out_dir: Path, o: dict):
 
 def _flower():
     try:
-        from ..runtime import fleet_flower
+        from ..runtime import fleet_flower  # local: Flower loads for fleet commands only
     except ImportError as err:
         raise ConfigError(f"Flower is not installed ({err})",
                           hint="pip install 'flwr[simulation]==1.42.0' (or bnnc's [fleet] extra)"
@@ -205,7 +206,6 @@ def app_cmd(out_dir: Path, output: Path, **o) -> None:
 def status_cmd(fleet_dir: Path, out_dir: Path) -> None:
     """The rounds a fleet directory holds, its global state checked against OUT_DIR (sha256,
     model hash, CRC-32)."""
-    from ..runtime.outdir import read_compiled
     ck = fl.FleetCheckpoint.load(fleet_dir)
     if ck is None:
         raise DataError(f"{fleet_dir} holds no fleet run (no {fl.CHECKPOINT_JSON})")

@@ -41,15 +41,17 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
 from ..compiler.contract import Manifest
 from ..compiler.errors import ConfigError, DataError
 from ..compiler.numerics import store
-from .outdir import (FINAL_STATE, StateBlob, load_init_state, read_compiled, read_state_blob,
-                     save_state_atomic, write_atomic)
+from .baremetal import start_state_blob
+from .outdir import (FINAL_STATE, STATE_BLOB, StateBlob, load_init_state, read_compiled,
+                     read_state_blob, save_state_atomic, write_atomic)
+from .run import RunOptions, TrainerEvent, run_compiled
 
 log = logging.getLogger("bnnc.fleet")
 
@@ -437,8 +439,6 @@ def train_standalone(out_dir: Path, tensors: Mapping[str, np.ndarray], step: int
     """`epochs` passes over the training examples `indices` with the standalone trainer compiled
     into `out_dir` (a device's private copy): native, QEMU (`emulate`) or ssh (`device`), through
     runtime/run.py, started from a state blob of `tensors`, read back from its checkpoint."""
-    from .baremetal import start_state_blob
-    from .run import RunOptions, TrainerEvent, run_compiled
     manifest, _, _ = read_compiled(out_dir)
     start = Path(out_dir) / "fleet_start.bin"
     write_atomic(start, start_state_blob(out_dir, tensors, step=step, seed=seed))
@@ -452,7 +452,6 @@ def train_standalone(out_dir: Path, tensors: Mapping[str, np.ndarray], step: int
                                            indices=tuple(int(i) for i in indices),
                                            timeout=timeout),
                  lambda ev: seen.append(ev.fields) if isinstance(ev, TrainerEvent) else None)
-    from .outdir import STATE_BLOB
     raw = (Path(out_dir) / STATE_BLOB).read_bytes()
     blob = read_state_blob(Path(out_dir) / STATE_BLOB, manifest)
     ends = [e for e in seen if e.get("event") == "epoch"]
@@ -483,5 +482,3 @@ def state_blob_of(program, tensors: Mapping[str, np.ndarray], *, step: int, seed
     program.load_state(tensors, step=step, seed=seed)
     return program.get_state()
 
-
-Progress = Callable[[dict], None]

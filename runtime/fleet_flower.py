@@ -51,8 +51,10 @@ from flwr.app import (Array, ArrayRecord, ConfigRecord, Context, Message,  # noq
 from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 from flwr.serverapp.strategy import FedAvg  # noqa: E402
+from flwr.simulation import run_simulation  # noqa: E402
+import tomli_w  # noqa: E402
 
-from ..compiler.errors import BnncError, ConfigError, DataError  # noqa: E402
+from ..compiler.errors import ConfigError, DataError  # noqa: E402
 from . import fleet as fl  # noqa: E402
 from .datasets import training_data  # noqa: E402
 from .host import HostProgram  # noqa: E402
@@ -158,8 +160,9 @@ def check_reply(msg: Message, *, sha256: str, specs, glob, uplink: str,
         raise fl.RefusedUpdate("the reply lacks its arrays, metrics or device record")
     dev = c.config_records["device"]
     if dev.get("model-sha256") != sha256:
-        raise fl.RefusedUpdate(f"update from another model (sha256 {str(dev.get('model-sha256'))[:16]}"
-                               f"..., this fleet trains {sha256[:16]}...)")
+        theirs = str(dev.get("model-sha256"))[:16]
+        raise fl.RefusedUpdate(f"update from another model (sha256 {theirs}..., this fleet "
+                               f"trains {sha256[:16]}...)")
     m = c.metric_records["metrics"]
     pid, n = m.get("partition-id"), m.get("num-examples")
     if not isinstance(pid, int) or not 0 <= pid < devices:
@@ -427,7 +430,6 @@ def simulate(s: FleetSettings, device: DeviceDefaults | None = None,
              verbose: bool = False) -> fl.FleetCheckpoint:
     """Run the fleet with Flower's simulation runtime (Ray): `s.devices` virtual SuperNodes on
     this machine. Returns the committed checkpoint."""
-    from flwr.simulation import run_simulation
     s.check()
     device = device or DeviceDefaults()
     if not device.out:
@@ -470,7 +472,6 @@ def simulate(s: FleetSettings, device: DeviceDefaults | None = None,
 def write_app(app_dir: Path, s: FleetSettings) -> Path:
     """APP_DIR/pyproject.toml + APP_DIR/bnnc_fleet_app.py: the Flower App `flwr run` submits
     (its run config = `s`; `flwr run APP --run-config 'rounds=5'` overrides)."""
-    import tomli_w
     app_dir = Path(app_dir)
     app_dir.mkdir(parents=True, exist_ok=True)
     doc = {"build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
@@ -636,6 +637,3 @@ def deploy_local(s: FleetSettings, work: Path, *, port: int = 19090,
                         hint=f"logs: {work}/*.log")
     return ck
 
-
-__all__ = ["FleetSettings", "DeviceDefaults", "make_server_app", "make_client_app", "simulate",
-           "write_app", "LocalFederation", "deploy_local", "check_reply", "BnncError"]

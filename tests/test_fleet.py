@@ -236,3 +236,43 @@ def test_cli_errors(outs, tmp_path, capsys):
                  "-o", str(tmp_path / "app")]) == 0
     text = (tmp_path / "app" / "pyproject.toml").read_text()
     assert "bnnc_fleet_app:server_app" in text and str(outs["adam"].resolve()) in text
+
+
+_CROSS = {"rpi4": ("aarch64-linux-gnu-gcc", "qemu-aarch64"),
+          "cortex-m7": ("arm-none-eabi-gcc", "qemu-system-arm")}
+
+
+def test_standalone_devices_rpi4_and_cortex_m7_agree(tmp_path):
+    """A fleet round on a Raspberry Pi (QEMU user) and a Cortex-M7 (QEMU system) device: the
+    standalone trainer via runtime/run.py from a state blob; both send the same bits."""
+    import shutil
+    from bnnc.runtime.fleet_flower import device_train
+    from mnist_like import write_mnist_like
+    missing = [t for name in _CROSS for t in _CROSS[name] if shutil.which(t) is None]
+    if missing:
+        pytest.skip(f"needs {', '.join(missing)} (scripts/setup.sh)")
+    write_mnist_like(tmp_path / "data", 100, 20, seed=4)
+    replies = {}
+    for target in _CROSS:
+        out = tmp_path / target
+        assert main(["compile", "tfc", "--width", "0.25", "--batch", "10", "--target", target,
+                     "-o", str(out)]) == 0
+        manifest, graph, cfg = read_compiled(out)
+        specs = fl.fleet_tensors(manifest)
+        init = load_init_state(out, graph, cfg)
+        arrays = fl.encode_global({ft.name: init[ft.name] for ft in specs}, specs)
+        config = {"round-offset": 0, "fleet-id": "t", "model-sha256": manifest.model_sha256,
+                  "local-epochs": 1, "uplink": "full", "bn-stats": "mean", "seed": 0,
+                  "partition": "iid", "alpha": 0.5, "data": "mnist", "limit": 0}
+        node = {"partition-id": 1, "num-partitions": 2, "out": str(out), "emulate": True,
+                "workdir": str(tmp_path / f"wd-{target}"), "data-dir": str(tmp_path / "data")}
+        reply, metrics, _ = device_train(node, config, arrays, 1)
+        assert metrics["num-examples"] == 50 and metrics["steps"] == 5
+        changed = [ft.name for ft in specs if not np.array_equal(
+            fl.from_wire(reply[ft.name], ft), init[ft.name])]
+        assert changed
+        replies[target] = reply
+        kept = sorted(p.name for p in (tmp_path / f"wd-{target}" / "fleet-t").iterdir())
+        assert kept == ["out", "state-r00001.bin"]         # its private OUT/ copy and its state
+    a, b = replies.values()
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
