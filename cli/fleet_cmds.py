@@ -1,7 +1,7 @@
 """`bnnc fleet ...`: federated training of a compiled OUT/ on Flower -- `simulate` (N devices on
-this machine, Flower's simulation runtime), `deploy` (a real flower-superlink and one flower-supernode
-per device on loopback), `app` (the Flower App for `flwr run` against your own SuperLink, e.g.
-Raspberry Pis) and `status` (a fleet directory's rounds, its global state checked).
+this machine, Flower's simulation runtime), `deploy` (a real flower-superlink and one
+flower-supernode per device on loopback), `app` (the Flower App for `flwr run` against your own
+SuperLink, e.g. Raspberry Pis) and `status` (a fleet directory's rounds, its global state checked).
 
 This module parses options and prints rounds; runtime/fleet.py and runtime/fleet_flower.py do the
 work (Flower is imported only when a command needs it).
@@ -110,8 +110,9 @@ def _flower():
 def _round_printer(console: Console):
     def show(r: dict) -> None:
         refused = f", {len(r['refused'])} refused" if r["refused"] else ""
+        whose = " (devices, own BN statistics)" if r.get("test_acc_of") == "devices" else ""
         console.print(f"round {r['round']}: {len(r['devices'])} devices{refused}, "
-                      f"{r['examples']:,} examples, test acc {100 * r['test_acc']:.2f} %; "
+                      f"{r['examples']:,} examples, test acc {100 * r['test_acc']:.2f} %{whose}; "
                       f"per device {r['downlink_bytes_per_device']:,} B down, "
                       f"{r['uplink_bytes_per_device']:,} B up (float32 model "
                       f"{r['float32_model_bytes']:,} B)")

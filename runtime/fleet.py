@@ -409,6 +409,7 @@ class LocalResult:
     steps: int
     loss: float
     acc: float
+    test_acc: float | None = None
 
 
 def train_host(program, tensors: Mapping[str, np.ndarray], step: int, seed: int, x: np.ndarray,

@@ -28,6 +28,7 @@ every process LocalFederation starts.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -219,7 +220,7 @@ class _Server:
         r = self.ck.round + 1
         glob = self.glob()
         down = _arrays(fl.encode_global(glob, self.specs))
-        updates, uplink_bytes, refused = [], {}, []
+        updates, uplink_bytes, refused, device_acc = [], {}, [], {}
         for msg in replies:
             try:
                 up, nbytes = check_reply(msg, sha256=self.manifest.model_sha256, specs=self.specs,
@@ -233,13 +234,28 @@ class _Server:
                 log.warning("round %d: second update of device %d refused", r, up.device)
                 refused.append({"device": up.device, "reason": "duplicate partition id"})
                 continue
+            if self.s.bn_stats == "local":
+                acc = msg.content.metric_records["metrics"].get("test-acc")
+                if not isinstance(acc, float) or not 0 <= acc <= 1:
+                    log.warning("round %d: device %d sent no test accuracy", r, up.device)
+                    refused.append({"device": up.device, "reason": "no test accuracy (FedBN)"})
+                    continue
+                device_acc[up.device] = acc
             updates.append(up)
             uplink_bytes[up.device] = nbytes
         new = fl.aggregate(glob, updates, self.specs)
         self.full.update(new)
-        acc = fl.evaluate(self.program, self.full, self.x_test, self.y_test, seed=self.cfg.seed)
+        if self.s.bn_stats == "local":
+            # FedBN: the global state has no statistics of its own; the score is the devices'
+            # test accuracy with their own statistics, weighted by their examples
+            n = sum(u.examples for u in updates)
+            acc = float(sum(u.examples * device_acc[u.device] for u in updates) / n) if n else 0.0
+        else:
+            acc = fl.evaluate(self.program, self.full, self.x_test, self.y_test,
+                              seed=self.cfg.seed)
         record = {"round": r, "devices": sorted(u.device for u in updates), "refused": refused,
                   "examples": int(sum(u.examples for u in updates)), "test_acc": acc,
+                  "test_acc_of": "devices" if self.s.bn_stats == "local" else "global",
                   "downlink_bytes_per_device": _payload_nbytes(down),
                   "uplink_bytes_per_device": (int(np.mean(list(uplink_bytes.values())))
                                               if uplink_bytes else 0),
@@ -319,11 +335,12 @@ def make_server_app(settings: FleetSettings | None = None,
 @functools.lru_cache(maxsize=4)
 def _device_data(out: str, data: str, data_dir: str, limit: int, devices: int, scheme: str,
                  alpha: float, seed: int, batch: int, pid: int):
+    """(indices, x, y) of device `pid`'s training partition, and the test split (x, y)."""
     _, graph, _ = read_compiled(Path(out))
-    _, x, y, _ = training_data(graph, data, data_dir or None, limit or None)
+    ds, x, y, x_test = training_data(graph, data, data_dir or None, limit or None)
     parts = fl.partition(y, devices, scheme, alpha=alpha, seed=seed, min_examples=batch)
     idx = parts[pid]
-    return idx, x[idx], y[idx]
+    return idx, x[idx], y[idx], x_test, ds.y_test
 
 
 @functools.lru_cache(maxsize=2)
@@ -363,9 +380,9 @@ def device_train(node: Mapping[str, Any], cfg: Mapping[str, Any], arrays: Mappin
     workdir = Path(str(node["workdir"])) / f"fleet-{fleet_id}"
     store = fl.DeviceStore(workdir)
     tensors, step, seed = fl.device_start(store, round_, out, manifest, glob)
-    idx, x, y = _device_data(str(out), str(cfg["data"]), str(node.get("data-dir", "")),
-                             int(cfg["limit"]), n, str(cfg["partition"]), float(cfg["alpha"]),
-                             int(cfg["seed"]), manifest.batch, pid)
+    idx, x, y, x_test, y_test = _device_data(
+        str(out), str(cfg["data"]), str(node.get("data-dir", "")), int(cfg["limit"]), n,
+        str(cfg["partition"]), float(cfg["alpha"]), int(cfg["seed"]), manifest.batch, pid)
     epochs = int(cfg["local-epochs"])
     if manifest.target_kind == "host" and not node.get("device"):
         res = fl.train_host(_host_program(str(out)), tensors, step, seed, x, y, epochs=epochs,
@@ -377,10 +394,17 @@ def device_train(node: Mapping[str, Any], cfg: Mapping[str, Any], arrays: Mappin
                                   else None, emulate=bool(node.get("emulate")),
                                   device=str(node["device"]) if node.get("device") else None)
     store.save(round_, res.blob)
+    if cfg["bn-stats"] == "local":          # FedBN: only the device's own statistics score it
+        prog = _host_program(str(out) if manifest.target_kind == "host"
+                             else str(_private_out(out, workdir)))
+        res = dataclasses.replace(res, test_acc=fl.evaluate(prog, res.tensors, x_test, y_test,
+                                                            seed=seed))
     local = {ft.name: res.tensors[ft.name] for ft in specs}
     reply = fl.encode_update(local, glob, specs, str(cfg["uplink"]))
     metrics = {"partition-id": pid, "num-examples": res.examples, "steps": res.steps,
                "train-loss": res.loss, "train-acc": res.acc}
+    if res.test_acc is not None:
+        metrics["test-acc"] = res.test_acc
     return reply, metrics, manifest.model_sha256
 
 

@@ -238,6 +238,37 @@ def test_cli_errors(outs, tmp_path, capsys):
     assert "bnnc_fleet_app:server_app" in text and str(outs["adam"].resolve()) in text
 
 
+def _round_inputs(out, *, bn_stats="mean", uplink="full"):
+    manifest, graph, cfg = read_compiled(out)
+    specs = fl.fleet_tensors(manifest, bn_stats)
+    init = load_init_state(out, graph, cfg)
+    arrays = fl.encode_global({ft.name: init[ft.name] for ft in specs}, specs)
+    config = {"round-offset": 0, "fleet-id": "t", "model-sha256": manifest.model_sha256,
+              "local-epochs": 1, "uplink": uplink, "bn-stats": bn_stats, "seed": 0,
+              "partition": "iid", "alpha": 0.5, "data": "mnist", "limit": 0}
+    return specs, init, arrays, config
+
+
+def test_host_device_round_fedbn_and_determinism(outs, tmp_path):
+    from bnnc.runtime.fleet_flower import device_train
+    from mnist_like import write_mnist_like
+    write_mnist_like(tmp_path / "data", 64, 40, seed=4)
+    out = outs["adam"]
+    specs, init, arrays, config = _round_inputs(out, bn_stats="local", uplink="sign")
+    assert not any(ft.name.endswith("running_mean") for ft in specs)
+    got = []
+    for k in range(2):
+        node = {"partition-id": 0, "num-partitions": 2, "out": str(out),
+                "workdir": str(tmp_path / f"wd{k}"), "data-dir": str(tmp_path / "data")}
+        reply, metrics, sha = device_train(node, config, arrays, 1)
+        assert sha == read_manifest(out).model_sha256
+        assert metrics["num-examples"] == 32 and metrics["steps"] == 4
+        assert 0 <= metrics["test-acc"] <= 1                       # FedBN: the device scores
+        assert set(reply) == {ft.name for ft in specs} | {fl.SCALES}
+        got.append(reply)
+    assert all(np.array_equal(got[0][k], got[1][k]) for k in got[0])   # same seed, same bits
+
+
 _CROSS = {"rpi4": ("aarch64-linux-gnu-gcc", "qemu-aarch64"),
           "cortex-m7": ("arm-none-eabi-gcc", "qemu-system-arm")}
 
@@ -257,13 +288,7 @@ def test_standalone_devices_rpi4_and_cortex_m7_agree(tmp_path):
         out = tmp_path / target
         assert main(["compile", "tfc", "--width", "0.25", "--batch", "10", "--target", target,
                      "-o", str(out)]) == 0
-        manifest, graph, cfg = read_compiled(out)
-        specs = fl.fleet_tensors(manifest)
-        init = load_init_state(out, graph, cfg)
-        arrays = fl.encode_global({ft.name: init[ft.name] for ft in specs}, specs)
-        config = {"round-offset": 0, "fleet-id": "t", "model-sha256": manifest.model_sha256,
-                  "local-epochs": 1, "uplink": "full", "bn-stats": "mean", "seed": 0,
-                  "partition": "iid", "alpha": 0.5, "data": "mnist", "limit": 0}
+        specs, init, arrays, config = _round_inputs(out)
         node = {"partition-id": 1, "num-partitions": 2, "out": str(out), "emulate": True,
                 "workdir": str(tmp_path / f"wd-{target}"), "data-dir": str(tmp_path / "data")}
         reply, metrics, _ = device_train(node, config, arrays, 1)
