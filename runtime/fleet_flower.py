@@ -304,9 +304,9 @@ class BnncFedAvg(FedAvg):
         return self.server.aggregate(server_round, list(replies)), MetricRecord({})
 
 
-def run_server(grid: Grid, s: FleetSettings,
-               on_round: Callable[[dict], None] | None = None) -> None:
-    server = _Server(s, on_round)
+def run_server(grid: Grid, s: FleetSettings, on_round: Callable[[dict], None] | None = None,
+               server: _Server | None = None) -> None:
+    server = server or _Server(s, on_round)
     left = s.rounds - server.ck.round
     if left <= 0:
         log.info("%s already finished %d rounds", s.fleet_dir, server.ck.round)
@@ -463,12 +463,15 @@ def simulate(s: FleetSettings, device: DeviceDefaults | None = None,
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
     failure: list[BaseException] = []
+    state = _Server(s, on_round)       # OUT/, the data and --fleet-dir checked before Ray starts
+    if state.ck.round >= s.rounds:
+        return state.ck
     server = ServerApp()
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            run_server(grid, s, on_round)
+            run_server(grid, s, on_round, state)
         except BaseException as err:      # re-raised below, outside Flower's thread
             failure.append(err)
             raise
