@@ -62,6 +62,7 @@ def main() -> int:
     ap.add_argument("--limit", type=int, default=None, help="first N training examples only")
     ap.add_argument("--uplinks", default="full,sign")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--server-lr", type=float, default=1.0)
     ap.add_argument("--work", type=Path, default=Path("/tmp/bnnc-bench-fleet"))
     ap.add_argument("--results", type=Path,
                     default=Path(__file__).resolve().parent / "results" / "fleet")
@@ -79,6 +80,7 @@ def main() -> int:
         s = FleetSettings(out=str(out), fleet_dir=str(args.work / f"fleet-{uplink}"),
                           rounds=args.rounds, devices=args.devices, partition="dirichlet",
                           alpha=args.alpha, seed=args.seed, uplink=uplink, data=args.data,
+                          server_lr=args.server_lr,
                           data_dir=args.data_dir or "", limit=args.limit or 0)
         print(f"fleet, {uplink} uplink:", flush=True)
         t = time.time()
@@ -99,12 +101,14 @@ def main() -> int:
     r0 = next(iter(fleets.values()))[0]
     doc = {"command": " ".join(["python", *sys.argv]), "machine": platform.processor() or
            platform.machine(), "cpus": os.cpu_count(), "load_avg": os.getloadavg(),
-           "model": args.model, "batch": args.batch, "devices": args.devices, "alpha": args.alpha,
+           "model": args.model, "batch": args.batch, "server_lr": args.server_lr,
+           "devices": args.devices, "alpha": args.alpha,
            "rounds": args.rounds, "limit": args.limit, "model_sha256": manifest.model_sha256,
            "fleet": fleets, "central": cen, "seconds": seconds,
            "wall_seconds": time.time() - t0}
     lines = [f"# Fleet vs central ({args.model}, {args.data}, {args.devices} devices, Dirichlet "
-             f"alpha={args.alpha}, {args.rounds} rounds x 1 epoch)", "",
+             f"alpha={args.alpha}, {args.rounds} rounds x 1 epoch, server lr {args.server_lr})",
+             "",
              f"`{doc['command']}` ({os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f})", "",
              "| round / epoch | " + " | ".join(f"fleet, {u} uplink" for u in fleets)
              + " | central |", "|---" * (len(fleets) + 2) + "|"]

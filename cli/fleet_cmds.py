@@ -61,6 +61,9 @@ def _federation_options(f):
                                              "device (FedBN)"),
         click.option("--uplink", type=click.Choice(fl.UPLINKS), default="full",
                      show_default=True, help="sign: 1-bit updates (sign + per-tensor scale)"),
+        click.option("--server-lr", type=click.FloatRange(min=0, min_open=True), default=1.0,
+                     show_default=True, help="server step on the averaged parameter update "
+                                             "(1 = FedAvg)"),
         click.option("--seed", type=int, default=0, show_default=True,
                      help="partition and batch order"),
         click.option("--round-timeout", type=click.FloatRange(min=0, min_open=True),
@@ -91,7 +94,8 @@ def _settings(out_dir: Path, o: dict):
     return FleetSettings(out=str(out_dir.resolve()), fleet_dir=str(o["fleet_dir"].resolve()),
                          rounds=o["rounds"], devices=o["devices"], partition=o["partition"],
                          alpha=o["alpha"], seed=o["seed"], local_epochs=o["local_epochs"],
-                         bn_stats=o["bn_stats"], uplink=o["uplink"], data=o["data"],
+                         bn_stats=o["bn_stats"], uplink=o["uplink"], server_lr=o["server_lr"],
+                         data=o["data"],
                          data_dir=str(o["data_dir"].resolve()) if o["data_dir"] else "",
                          limit=o["limit"] or 0, round_timeout=o["round_timeout"],
                          min_devices=o["min_devices"])

@@ -71,6 +71,7 @@ class FleetTensor:
     dtype: str                 # storage dtype: "bf16" | "f16" | "f32" | "bit"
     shape: tuple[int, ...]
     rule: str                  # "mean" (FedAvg) | "vote" (1-bit weights: weighted majority)
+    kind: str = "param"        # "param" | "bn_stat" | "momentum": --server-lr acts on params
 
     @property
     def size(self) -> int:
@@ -93,14 +94,14 @@ def fleet_tensors(manifest: Manifest, bn_stats: str = "mean") -> tuple[FleetTens
         if st.name in frozen:
             continue
         if st.role == "parameter":
-            rule = "vote" if st.dtype == "bit" else "mean"
+            rule, kind = ("vote" if st.dtype == "bit" else "mean"), "param"
         elif st.role == "bn state" and bn_stats == "mean":
-            rule = "mean"
+            rule, kind = "mean", "bn_stat"
         elif st.role == "optimizer state" and st.name.rsplit(".", 1)[0] in bits - frozen:
-            rule = "mean"      # Bop's momentum: it decides the flips, so the fleet shares it
+            rule, kind = "mean", "momentum"   # Bop's momentum decides the flips: shared
         else:
             continue
-        out.append(FleetTensor(st.name, st.dtype, tuple(st.shape), rule))
+        out.append(FleetTensor(st.name, st.dtype, tuple(st.shape), rule, kind))
     if not out:
         raise ConfigError(f"{manifest.model}: no trainable state to federate (all frozen?)")
     return tuple(out)
@@ -231,8 +232,11 @@ class Update:
 
 
 def aggregate(glob: Mapping[str, np.ndarray], updates: Sequence[Update],
-              specs: Sequence[FleetTensor]) -> dict[str, np.ndarray]:
-    """The new global fleet tensors (module docstring); `glob` is returned for no updates."""
+              specs: Sequence[FleetTensor], *, server_lr: float = 1.0) -> dict[str, np.ndarray]:
+    """The new global fleet tensors (module docstring); `glob` is returned for no updates.
+    `server_lr` scales the averaged update of the real-valued parameters (1 = FedAvg):
+    `glob + server_lr * (mean - glob)`, as in FedOpt's server step (Reddi et al. 2021); BN
+    statistics and momenta are plain averages."""
     ups = sorted(updates, key=lambda u: u.device)
     if not ups:
         return {ft.name: np.asarray(glob[ft.name], np.float32) for ft in specs}
@@ -247,7 +251,11 @@ def aggregate(glob: Mapping[str, np.ndarray], updates: Sequence[Update],
             g = np.asarray(glob[ft.name], np.float32)
             out[ft.name] = np.where(acc > 0, 1, np.where(acc < 0, -1, g)).astype(np.float32)
         else:
-            out[ft.name] = store((acc / total).astype(np.float32), ft.dtype).astype(np.float32)
+            mean = acc / total
+            if ft.kind == "param" and server_lr != 1.0:
+                g64 = np.asarray(glob[ft.name], np.float64)
+                mean = g64 + server_lr * (mean - g64)
+            out[ft.name] = store(mean.astype(np.float32), ft.dtype).astype(np.float32)
     return out
 
 

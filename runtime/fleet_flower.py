@@ -80,6 +80,7 @@ class FleetSettings:
     local_epochs: int = 1
     bn_stats: str = "mean"         # "local": FedBN
     uplink: str = "full"           # "sign": 1-bit uplink
+    server_lr: float = 1.0         # the server's step on the averaged update (1 = FedAvg)
     data: str = "mnist"
     data_dir: str = ""             # "" = the default data root
     limit: int = 0                 # 0 = every training example
@@ -99,6 +100,8 @@ class FleetSettings:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
         if not 0 <= self.min_devices <= self.devices:
             raise ConfigError(f"--min-devices must be in [0, {self.devices}]")
+        if not self.server_lr > 0:
+            raise ConfigError("--server-lr must be > 0")
         if not self.round_timeout > 0:
             raise ConfigError("--round-timeout must be > 0")
 
@@ -243,7 +246,7 @@ class _Server:
                 device_acc[up.device] = acc
             updates.append(up)
             uplink_bytes[up.device] = nbytes
-        new = fl.aggregate(glob, updates, self.specs)
+        new = fl.aggregate(glob, updates, self.specs, server_lr=self.s.server_lr)
         self.full.update(new)
         if self.s.bn_stats == "local":
             # FedBN: the global state has no statistics of its own; the score is the devices'

@@ -97,6 +97,13 @@ def test_aggregate_weighted_mean_vote_and_order():
     again = fl.aggregate(glob, [ups[2], ups[0], ups[1]], specs)
     assert all(np.array_equal(new[k], again[k]) for k in new)
     assert fl.aggregate(glob, [], specs)["a"].tolist() == [0, 0, 0]
+    # server step 2 on parameters: 0 + 2 * (3.2 - 0) = 6.4 -> bf16 6.40625; statistics: plain mean
+    stat = specs + (fl.FleetTensor("s", "bf16", (3,), "mean", "bn_stat"),)
+    for u in ups:
+        u.tensors["s"] = u.tensors["a"]
+    two = fl.aggregate(dict(glob, s=glob["a"]), ups, stat, server_lr=2.0)
+    assert two["a"].tolist()[0] == 6.40625 and two["s"].tolist() == new["a"].tolist()
+    assert two["w"].tolist() == new["w"].tolist()
 
 
 def test_sign_uplink_reconstruction_and_bytes():
