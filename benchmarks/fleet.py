@@ -63,6 +63,9 @@ def main() -> int:
     ap.add_argument("--uplinks", default="full,sign")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--server-lr", type=float, default=1.0)
+    ap.add_argument("--share-moments", action="store_true")
+    ap.add_argument("--no-central", action="store_true",
+                    help="skip the central run (an ablation next to an earlier one)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/bnnc-bench-fleet"))
     ap.add_argument("--results", type=Path,
                     default=Path(__file__).resolve().parent / "results" / "fleet")
@@ -80,7 +83,7 @@ def main() -> int:
         s = FleetSettings(out=str(out), fleet_dir=str(args.work / f"fleet-{uplink}"),
                           rounds=args.rounds, devices=args.devices, partition="dirichlet",
                           alpha=args.alpha, seed=args.seed, uplink=uplink, data=args.data,
-                          server_lr=args.server_lr,
+                          server_lr=args.server_lr, share_moments=args.share_moments,
                           data_dir=args.data_dir or "", limit=args.limit or 0)
         print(f"fleet, {uplink} uplink:", flush=True)
         t = time.time()
@@ -91,7 +94,8 @@ def main() -> int:
         fleets[uplink] = [r for r in ck.history if r["round"] > 0]
     print("central:", flush=True)
     t = time.time()
-    cen = central(out, args.data, args.data_dir, args.limit, args.rounds, args.seed)
+    cen = ([float("nan")] * args.rounds if args.no_central else
+           central(out, args.data, args.data_dir, args.limit, args.rounds, args.seed))
     seconds["central"] = time.time() - t
 
     rows = []
@@ -102,6 +106,7 @@ def main() -> int:
     doc = {"command": " ".join(["python", *sys.argv]), "machine": platform.processor() or
            platform.machine(), "cpus": os.cpu_count(), "load_avg": os.getloadavg(),
            "model": args.model, "batch": args.batch, "server_lr": args.server_lr,
+           "share_moments": args.share_moments,
            "devices": args.devices, "alpha": args.alpha,
            "rounds": args.rounds, "limit": args.limit, "model_sha256": manifest.model_sha256,
            "fleet": fleets, "central": cen, "seconds": seconds,

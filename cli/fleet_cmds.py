@@ -64,6 +64,9 @@ def _federation_options(f):
         click.option("--server-lr", type=click.FloatRange(min=0, min_open=True), default=1.0,
                      show_default=True, help="server step on the averaged parameter update "
                                              "(1 = FedAvg)"),
+        click.option("--share-moments", is_flag=True,
+                     help="also average Adam/SGD moments (3x the bytes; default: they stay on "
+                          "each device)"),
         click.option("--seed", type=int, default=0, show_default=True,
                      help="partition and batch order"),
         click.option("--round-timeout", type=click.FloatRange(min=0, min_open=True),
@@ -95,6 +98,7 @@ def _settings(out_dir: Path, o: dict):
                          rounds=o["rounds"], devices=o["devices"], partition=o["partition"],
                          alpha=o["alpha"], seed=o["seed"], local_epochs=o["local_epochs"],
                          bn_stats=o["bn_stats"], uplink=o["uplink"], server_lr=o["server_lr"],
+                         share_moments=o["share_moments"],
                          data=o["data"],
                          data_dir=str(o["data_dir"].resolve()) if o["data_dir"] else "",
                          limit=o["limit"] or 0, round_timeout=o["round_timeout"],

@@ -82,9 +82,11 @@ def _frozen(entry) -> bool:
     return bool(getattr(entry, "frozen", False)) or entry.role == "frozen"
 
 
-def fleet_tensors(manifest: Manifest, bn_stats: str = "mean") -> tuple[FleetTensor, ...]:
-    """The state tensors a fleet aggregates, in state order (module docstring). The one place that
-    decides it: everything else (wire, aggregation, bytes) iterates over this list."""
+def fleet_tensors(manifest: Manifest, bn_stats: str = "mean", *,
+                  moments: bool = False) -> tuple[FleetTensor, ...]:
+    """The state tensors a fleet aggregates, in state order (module docstring); `moments` adds
+    every optimizer moment (Adam's m and v too, averaged). The one place that decides it:
+    everything else (wire, aggregation, bytes) iterates over this list."""
     if bn_stats not in BN_STATS:
         raise ConfigError(f"--bn-stats {bn_stats!r}: use one of {', '.join(BN_STATS)}")
     frozen = {st.name for st in manifest.state if _frozen(st)}
@@ -97,7 +99,8 @@ def fleet_tensors(manifest: Manifest, bn_stats: str = "mean") -> tuple[FleetTens
             rule, kind = ("vote" if st.dtype == "bit" else "mean"), "param"
         elif st.role == "bn state" and bn_stats == "mean":
             rule, kind = "mean", "bn_stat"
-        elif st.role == "optimizer state" and st.name.rsplit(".", 1)[0] in bits - frozen:
+        elif st.role == "optimizer state" and (st.name.rsplit(".", 1)[0] in bits or moments) \
+                and st.name.rsplit(".", 1)[0] not in frozen:
             rule, kind = "mean", "momentum"   # Bop's momentum decides the flips: shared
         else:
             continue

@@ -81,6 +81,7 @@ class FleetSettings:
     bn_stats: str = "mean"         # "local": FedBN
     uplink: str = "full"           # "sign": 1-bit uplink
     server_lr: float = 1.0         # the server's step on the averaged update (1 = FedAvg)
+    share_moments: bool = False    # also average Adam/SGD moments (else they stay on devices)
     data: str = "mnist"
     data_dir: str = ""             # "" = the default data root
     limit: int = 0                 # 0 = every training example
@@ -127,7 +128,7 @@ class FleetSettings:
         for f in fields(cls):
             key = f.name.replace("_", "-")
             if key in rc:
-                kw[f.name] = {"int": int, "float": float, "str": str}[f.type](rc[key])
+                kw[f.name] = {"int": int, "float": float, "str": str, "bool": bool}[f.type](rc[key])
         return cls(**kw)
 
 
@@ -190,7 +191,7 @@ class _Server:
         self.s, self.on_round = s, on_round
         self.out = Path(s.out)
         self.manifest, self.graph, self.cfg = read_compiled(self.out)
-        self.specs = fl.fleet_tensors(self.manifest, s.bn_stats)
+        self.specs = fl.fleet_tensors(self.manifest, s.bn_stats, moments=s.share_moments)
         self.program = HostProgram(self.out, target="host", debug=False)
         fleet_dir = Path(s.fleet_dir)
         fleet_dir.mkdir(parents=True, exist_ok=True)
@@ -275,6 +276,7 @@ class _Server:
                              "fleet-id": s.fleet_id(self.manifest.model_sha256), "model-sha256":
                              self.manifest.model_sha256, "local-epochs": s.local_epochs,
                              "uplink": s.uplink, "bn-stats": s.bn_stats, "seed": s.seed,
+                             "share-moments": s.share_moments,
                              "partition": s.partition, "alpha": float(s.alpha), "data": s.data,
                              "limit": s.limit})
 
@@ -375,7 +377,8 @@ def device_train(node: Mapping[str, Any], cfg: Mapping[str, Any], arrays: Mappin
                         f"{manifest.model_sha256[:16]}... vs {str(cfg['model-sha256'])[:16]}...)")
     pid, n = int(node["partition-id"]), int(node["num-partitions"])
     round_ = int(cfg["round-offset"]) + server_round
-    specs = fl.fleet_tensors(manifest, str(cfg["bn-stats"]))
+    specs = fl.fleet_tensors(manifest, str(cfg["bn-stats"]),
+                             moments=bool(cfg.get("share-moments", False)))
     glob = fl.decode_global(arrays, specs)
     fleet_id = str(cfg["fleet-id"])
     if not fleet_id.isalnum():

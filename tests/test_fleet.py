@@ -39,6 +39,8 @@ def test_fleet_tensors_adam_bop_fedbn_frozen(outs):
     assert set(names) == set(params) | set(stats)                # Adam's m, v stay local
     assert all(ft.rule == "mean" and ft.dtype == "bf16" for ft in names.values())
     assert {ft.name for ft in fl.fleet_tensors(m, "local")} == set(params)      # FedBN
+    moments = [s.name for s in m.state if s.role == "optimizer state"]
+    assert {ft.name for ft in fl.fleet_tensors(m, moments=True)} == set(names) | set(moments)
 
     b = read_manifest(outs["bop"])
     bop = {ft.name: ft for ft in fl.fleet_tensors(b)}
