@@ -54,6 +54,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="mlp")
     ap.add_argument("--batch", type=int, default=100)
+    ap.add_argument("--lr", default=None, help="compile with this --lr (default: bnnc's)")
     ap.add_argument("--devices", type=int, default=10)
     ap.add_argument("--alpha", type=float, default=0.5)
     ap.add_argument("--rounds", type=int, default=20)
@@ -73,7 +74,8 @@ def main() -> int:
 
     shutil.rmtree(args.work, ignore_errors=True)
     out = args.work / "out"
-    if bnnc_main(["compile", args.model, "--batch", str(args.batch), "-o", str(out)]) != 0:
+    lr = ["--lr", args.lr] if args.lr else []
+    if bnnc_main(["compile", args.model, "--batch", str(args.batch), *lr, "-o", str(out)]) != 0:
         return 1
     manifest, _, _ = read_compiled(out)
     t0 = time.time()
@@ -105,7 +107,7 @@ def main() -> int:
     r0 = next(iter(fleets.values()))[0]
     doc = {"command": " ".join(["python", *sys.argv]), "machine": platform.processor() or
            platform.machine(), "cpus": os.cpu_count(), "load_avg": os.getloadavg(),
-           "model": args.model, "batch": args.batch, "server_lr": args.server_lr,
+           "model": args.model, "batch": args.batch, "server_lr": args.server_lr, "lr": args.lr,
            "share_moments": args.share_moments,
            "devices": args.devices, "alpha": args.alpha,
            "rounds": args.rounds, "limit": args.limit, "model_sha256": manifest.model_sha256,
