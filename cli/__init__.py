@@ -10,8 +10,8 @@ import warnings
 import click
 
 from ..compiler.errors import BnncError, BnncWarning
-from . import (compile_cmds, data_cmds, export_cmds, memory_cmds,  # noqa: F401  (they register)
-               model_cmds, run_cmds, train_cmds, zoo_cmds)
+from . import (compile_cmds, data_cmds, export_cmds, fleet_cmds,  # noqa: F401  (they register)
+               memory_cmds, model_cmds, run_cmds, train_cmds, zoo_cmds)
 from .app import cli
 
 

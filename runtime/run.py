@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Union
 
+import numpy as np
+
 from ..compiler import baremetal as bm
 from ..compiler.config import TrainConfig
 from ..compiler.contract import Manifest
@@ -65,6 +67,8 @@ class RunOptions:
     ssh_options: tuple[str, ...] = ()
     count: bool = False
     timeout: float | None = None
+    indices: tuple[int, ...] | None = None   # train on these training examples only (a fleet
+                                             # device's partition; after `limit`)
 
 
 @dataclass(frozen=True)
@@ -117,10 +121,17 @@ def until_step(start: int, per_epoch: int, epochs: int | None, steps: int | None
 
 
 def pack_run_data(out_dir: Path, graph: Graph, data_name: str, data_dir: Path | None,
-                  limit: int | None) -> tuple[Path, Path, int, Dataset]:
+                  limit: int | None, indices: tuple[int, ...] | None = None
+                  ) -> tuple[Path, Path, int, Dataset]:
     """Pack the train/test splits shaped for the model into OUT/data/ (rewritten only when the
-    bytes change). Returns (train path, test path, train count, dataset)."""
+    bytes change); `indices` keeps only those training examples. Returns (train path, test path,
+    train count, dataset)."""
     data, x_train, y_train, x_test = training_data(graph, data_name, data_dir, limit)
+    if indices is not None:
+        pick = np.asarray(indices, np.int64)
+        if pick.size and (pick.min() < 0 or pick.max() >= len(x_train)):
+            raise DataError(f"training example index out of range [0, {len(x_train)})")
+        x_train, y_train = x_train[pick], y_train[pick]
     where = out_dir / "data"
     where.mkdir(exist_ok=True)
     paths = []
@@ -182,7 +193,7 @@ def _plan(out_dir: Path, manifest: Manifest, graph: Graph, batch: int, opts: Run
     if opts.resume is not None:
         start = read_state_blob(opts.resume, manifest).step   # refuses a foreign/corrupt file first
     train_f, test_f, n_train, data = pack_run_data(out_dir, graph, opts.data_name, opts.data_dir,
-                                                   opts.limit)
+                                                   opts.limit, opts.indices)
     per_epoch = n_train // batch
     if per_epoch == 0:
         raise DataError(f"{n_train} training examples do not fill one batch of {batch}",

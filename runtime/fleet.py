@@ -1,0 +1,496 @@
+"""Federated training of a compiled OUT/ across a fleet of devices: everything except Flower itself
+(the Flower apps are runtime/fleet_flower.py). Pure functions and small records, so the simulation,
+the deployment and the tests all run the same code.
+
+What a fleet exchanges: `fleet_tensors(manifest)` selects, from the manifest's state table, the
+tensors the server aggregates -- every trainable parameter (latent 16-bit weights, BN betas/gammas,
+biases; Bop's 1-bit weights), the Bop momenta, and the BN running statistics when
+`bn_stats="mean"` (FedBN, `"local"`, keeps them on the device). Adam/SGD moments stay on the
+device. A frozen tensor (a `frozen` flag or role in the state table) is never selected.
+
+On the wire every tensor travels in its storage dtype (`to_wire`): bf16 as its 16 bits, f16, f32,
+1-bit weights packed 8 per byte. With the 1-bit uplink (`uplink="sign"`, signSGD-style) a device
+sends, per non-bit tensor, the sign of its update (packed) and one float32 scale, mean |update|;
+the server reconstructs `global + scale * sign`.
+
+Aggregation (`aggregate`), in device order (so the float sums are reproducible whatever order the
+replies arrive in): FedAvg weighted by each device's number of training examples for real-valued
+tensors, accumulated in float64 and rounded to the storage dtype with round-to-nearest-even
+([bnnc choice]: the global model is always exactly representable, so loading it on a device is
+lossless); a weighted majority vote for 1-bit weights (a tie keeps the global bit). A reply from
+another model (its manifest's model hash), with a wrong tensor set, shape or dtype, or with a NaN /
+Inf value is refused (`RefusedUpdate`), logged, and left out of the round.
+
+Global checkpoint (`FleetCheckpoint`): FLEET_DIR/global-rNNNNN.bin, the full state as bnnc's state
+blob (magic, model hash, CRC-32: `bnnc export` and `read_state_blob` read it), then
+FLEET_DIR/fleet.json (round, the blob's name and sha256, the history) written atomically: the json
+is the commit point, so a crash at any moment leaves the previous round's global state intact, and
+a run resumes from the last committed round.
+
+A device's own state (`DeviceStore`): DIR/state-rNNNNN.bin, its full state blob after round N
+(optimizer moments, local BN statistics, step counter). Round N+1 starts from the newest blob of a
+round <= N, so a resumed fleet repeats exactly what an uninterrupted one does. A device writes
+nothing outside DIR (named by the device's configuration, never by a server message).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from ..compiler.contract import Manifest
+from ..compiler.errors import ConfigError, DataError
+from ..compiler.numerics import store
+from .baremetal import start_state_blob
+from .outdir import (FINAL_STATE, STATE_BLOB, StateBlob, load_init_state, read_compiled,
+                     read_state_blob, save_state_atomic, write_atomic)
+from .run import RunOptions, TrainerEvent, run_compiled
+
+log = logging.getLogger("bnnc.fleet")
+
+PARTITIONS = ("iid", "dirichlet")
+BN_STATS = ("mean", "local")
+UPLINKS = ("full", "sign")
+CHECKPOINT_JSON = "fleet.json"
+SCALES = "__scales__"          # the 1-bit uplink's per-tensor scales, one float32 each
+
+
+# --------------------------------------------------------------------------------------------------
+# what travels
+
+@dataclass(frozen=True)
+class FleetTensor:
+    name: str
+    dtype: str                 # storage dtype: "bf16" | "f16" | "f32" | "bit"
+    shape: tuple[int, ...]
+    rule: str                  # "mean" (FedAvg) | "vote" (1-bit weights: weighted majority)
+    kind: str = "param"        # "param" | "bn_stat" | "momentum": --server-lr acts on params
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape)) if self.shape else 1
+
+
+def _frozen(entry) -> bool:
+    return bool(getattr(entry, "frozen", False)) or entry.role == "frozen"
+
+
+def fleet_tensors(manifest: Manifest, bn_stats: str = "mean", *,
+                  moments: bool = False) -> tuple[FleetTensor, ...]:
+    """The state tensors a fleet aggregates, in state order (module docstring); `moments` adds
+    every optimizer moment (Adam's m and v too, averaged). The one place that decides it:
+    everything else (wire, aggregation, bytes) iterates over this list."""
+    if bn_stats not in BN_STATS:
+        raise ConfigError(f"--bn-stats {bn_stats!r}: use one of {', '.join(BN_STATS)}")
+    frozen = {st.name for st in manifest.state if _frozen(st)}
+    bits = {st.name for st in manifest.state if st.role == "parameter" and st.dtype == "bit"}
+    out = []
+    for st in manifest.state:
+        if st.name in frozen:
+            continue
+        if st.role == "parameter":
+            rule, kind = ("vote" if st.dtype == "bit" else "mean"), "param"
+        elif st.role == "bn state" and bn_stats == "mean":
+            rule, kind = "mean", "bn_stat"
+        elif st.role == "optimizer state" and (st.name.rsplit(".", 1)[0] in bits or moments) \
+                and st.name.rsplit(".", 1)[0] not in frozen:
+            rule, kind = "mean", "momentum"   # Bop's momentum decides the flips: shared
+        else:
+            continue
+        out.append(FleetTensor(st.name, st.dtype, tuple(st.shape), rule, kind))
+    if not out:
+        raise ConfigError(f"{manifest.model}: no trainable state to federate (all frozen?)")
+    return tuple(out)
+
+
+def float32_model_nbytes(manifest: Manifest) -> int:
+    """Bytes of the same network's parameters as float32: the yardstick for the wire."""
+    return 4 * sum(int(np.prod(st.shape)) for st in manifest.state if st.role == "parameter")
+
+
+def to_wire(values: np.ndarray, dtype: str) -> np.ndarray:
+    """Float32 values (bits: +-1) -> the array sent for them (module docstring)."""
+    v = np.asarray(values, np.float32).reshape(-1)
+    if dtype == "bit":
+        return np.packbits(v >= 0)
+    if dtype == "bf16":
+        return (store(v, "bf16").view(np.uint32) >> 16).astype(np.uint16)
+    if dtype == "f16":
+        return store(v, "f16").astype(np.float16)
+    if dtype == "f32":
+        return v.copy()
+    raise AssertionError(dtype)
+
+
+_WIRE_DTYPE = {"bit": np.uint8, "bf16": np.uint16, "f16": np.float16, "f32": np.float32}
+
+
+def _wire_len(ft: FleetTensor, dtype: str) -> int:
+    return -(-ft.size // 8) if dtype == "bit" else ft.size
+
+
+def from_wire(arr: np.ndarray, ft: FleetTensor, *, dtype: str | None = None) -> np.ndarray:
+    """The inverse of `to_wire` (as `dtype`, default the tensor's), checked: RefusedUpdate if the
+    array has the wrong dtype or length, or decodes to a NaN / Inf."""
+    dtype = dtype or ft.dtype
+    a = np.asarray(arr)
+    if a.dtype != _WIRE_DTYPE[dtype] or a.ndim != 1 or a.size != _wire_len(ft, dtype):
+        raise RefusedUpdate(f"tensor {ft.name}: {a.dtype} x {a.size} on the wire, expected "
+                            f"{np.dtype(_WIRE_DTYPE[dtype])} x {_wire_len(ft, dtype)}")
+    if dtype == "bit":
+        v = np.unpackbits(a)[:ft.size].astype(np.float32) * 2 - 1
+    elif dtype == "bf16":
+        v = (a.astype(np.uint32) << 16).view(np.float32)
+    else:
+        v = a.astype(np.float32)
+    if not np.all(np.isfinite(v)):
+        raise RefusedUpdate(f"tensor {ft.name} holds NaN or Inf values")
+    return v.reshape(ft.shape)
+
+
+def encode_global(tensors: Mapping[str, np.ndarray],
+                  specs: Sequence[FleetTensor]) -> dict[str, np.ndarray]:
+    """The server -> device arrays: every fleet tensor in its storage dtype."""
+    return {ft.name: to_wire(tensors[ft.name], ft.dtype) for ft in specs}
+
+
+def decode_global(arrays: Mapping[str, np.ndarray],
+                  specs: Sequence[FleetTensor]) -> dict[str, np.ndarray]:
+    missing = [ft.name for ft in specs if ft.name not in arrays]
+    if missing:
+        raise RefusedUpdate(f"the global model lacks {', '.join(missing[:3])}")
+    return {ft.name: from_wire(arrays[ft.name], ft) for ft in specs}
+
+
+def encode_update(local: Mapping[str, np.ndarray], glob: Mapping[str, np.ndarray],
+                  specs: Sequence[FleetTensor], uplink: str) -> dict[str, np.ndarray]:
+    """The device -> server arrays: the local tensors as they are (`full`), or for `sign` the sign
+    of each real tensor's update, packed, plus the per-tensor scales mean |update| (1-bit weights
+    are 1 bit either way)."""
+    if uplink == "full":
+        return encode_global(local, specs)
+    out, scales = {}, []
+    for ft in specs:
+        if ft.dtype == "bit":
+            out[ft.name] = to_wire(local[ft.name], "bit")
+            continue
+        d = (np.asarray(local[ft.name], np.float64) - np.asarray(glob[ft.name], np.float64))
+        out[ft.name] = np.packbits(d.reshape(-1) >= 0)
+        scales.append(np.float32(np.mean(np.abs(d))) if d.size else np.float32(0))
+    out[SCALES] = np.asarray(scales, np.float32)
+    return out
+
+
+def decode_update(arrays: Mapping[str, np.ndarray], glob: Mapping[str, np.ndarray],
+                  specs: Sequence[FleetTensor], uplink: str) -> dict[str, np.ndarray]:
+    """A device's tensors from its reply (RefusedUpdate if anything does not fit)."""
+    want = {ft.name for ft in specs} | ({SCALES} if uplink == "sign" else set())
+    if set(arrays) != want:
+        extra, missing = sorted(set(arrays) - want), sorted(want - set(arrays))
+        raise RefusedUpdate(f"wrong tensor set (missing {missing[:3]}, unexpected {extra[:3]})")
+    if uplink == "full":
+        return {ft.name: from_wire(arrays[ft.name], ft) for ft in specs}
+    real = [ft for ft in specs if ft.dtype != "bit"]
+    scales = np.asarray(arrays[SCALES])
+    if scales.dtype != np.float32 or scales.shape != (len(real),):
+        raise RefusedUpdate(f"{len(real)} float32 scales expected, got {scales.dtype} "
+                            f"{scales.shape}")
+    if not np.all(np.isfinite(scales)) or np.any(scales < 0):
+        raise RefusedUpdate("a scale of the 1-bit update is negative, NaN or Inf")
+    out, k = {}, 0
+    for ft in specs:
+        if ft.dtype == "bit":
+            out[ft.name] = from_wire(arrays[ft.name], ft)
+            continue
+        sign = from_wire(arrays[ft.name], ft, dtype="bit")
+        out[ft.name] = (np.asarray(glob[ft.name], np.float32)
+                        + np.float32(scales[k]) * sign).astype(np.float32)
+        k += 1
+    return out
+
+
+def wire_nbytes(arrays: Mapping[str, np.ndarray]) -> int:
+    return int(sum(np.asarray(a).nbytes for a in arrays.values()))
+
+
+# --------------------------------------------------------------------------------------------------
+# aggregation
+
+class RefusedUpdate(Exception):
+    """A device's reply the server does not aggregate (the message says why)."""
+
+
+@dataclass(frozen=True)
+class Update:
+    device: int                # partition id
+    examples: int              # its training examples: the FedAvg weight
+    tensors: dict              # fleet tensor name -> float32 values (bits +-1)
+
+
+def aggregate(glob: Mapping[str, np.ndarray], updates: Sequence[Update],
+              specs: Sequence[FleetTensor], *, server_lr: float = 1.0) -> dict[str, np.ndarray]:
+    """The new global fleet tensors (module docstring); `glob` is returned for no updates.
+    `server_lr` scales the averaged update of the real-valued parameters (1 = FedAvg):
+    `glob + server_lr * (mean - glob)`, as in FedOpt's server step (Reddi et al. 2021); BN
+    statistics and momenta are plain averages."""
+    ups = sorted(updates, key=lambda u: u.device)
+    if not ups:
+        return {ft.name: np.asarray(glob[ft.name], np.float32) for ft in specs}
+    w = np.asarray([u.examples for u in ups], np.float64)
+    total = float(w.sum())
+    out = {}
+    for ft in specs:
+        acc = np.zeros(ft.shape, np.float64)
+        for wi, u in zip(w, ups):
+            acc += wi * np.asarray(u.tensors[ft.name], np.float64)
+        if ft.rule == "vote":
+            g = np.asarray(glob[ft.name], np.float32)
+            out[ft.name] = np.where(acc > 0, 1, np.where(acc < 0, -1, g)).astype(np.float32)
+        else:
+            mean = acc / total
+            if ft.kind == "param" and server_lr != 1.0:
+                g64 = np.asarray(glob[ft.name], np.float64)
+                mean = g64 + server_lr * (mean - g64)
+            out[ft.name] = store(mean.astype(np.float32), ft.dtype).astype(np.float32)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# data partitions
+
+def partition(labels: np.ndarray, devices: int, scheme: str, *, alpha: float = 0.5, seed: int = 0,
+              min_examples: int = 1) -> list[np.ndarray]:
+    """Training-example indices of each device (sorted), deterministic in `seed`. `iid`: a random
+    permutation cut into equal parts. `dirichlet`: per class, proportions drawn from Dir(alpha)
+    over the devices (Hsu et al. 2019; small alpha = few classes per device), redrawn (up to 100
+    times) until every device holds at least `min_examples`."""
+    labels = np.asarray(labels)
+    n = len(labels)
+    if devices < 1:
+        raise ConfigError("--devices must be at least 1")
+    if n < devices * min_examples:
+        raise DataError(f"{n} training examples cannot give {devices} devices {min_examples} each",
+                        hint="use fewer devices, a smaller batch or more examples")
+    rng = np.random.default_rng([seed, 0x464C5420])
+    if scheme == "iid":
+        return [np.sort(p) for p in np.array_split(rng.permutation(n), devices)]
+    if scheme != "dirichlet":
+        raise ConfigError(f"partition {scheme!r}: use one of {', '.join(PARTITIONS)}")
+    if not alpha > 0:
+        raise ConfigError(f"--alpha must be > 0, got {alpha}")
+    for _ in range(100):
+        parts: list[list[np.ndarray]] = [[] for _ in range(devices)]
+        for c in np.unique(labels):
+            idx = rng.permutation(np.flatnonzero(labels == c))
+            p = rng.dirichlet(np.full(devices, alpha))
+            cuts = (np.cumsum(p)[:-1] * len(idx)).astype(np.int64)
+            for d, chunk in enumerate(np.split(idx, cuts)):
+                parts[d].append(chunk)
+        out = [np.sort(np.concatenate(p)) for p in parts]
+        if min(len(p) for p in out) >= min_examples:
+            return out
+    raise DataError(f"Dirichlet(alpha={alpha}) left a device with fewer than {min_examples} "
+                    f"examples in 100 draws", hint="raise --alpha or use fewer devices")
+
+
+# --------------------------------------------------------------------------------------------------
+# the global checkpoint
+
+@dataclass
+class FleetCheckpoint:
+    """FLEET_DIR's committed state (module docstring)."""
+    fleet_dir: Path
+    round: int = 0
+    blob: str | None = None          # file name of the global state blob of `round`
+    blob_sha256: str | None = None
+    settings: dict = field(default_factory=dict)
+    history: list = field(default_factory=list)     # one record per finished round
+
+    @classmethod
+    def load(cls, fleet_dir: Path) -> FleetCheckpoint | None:
+        path = Path(fleet_dir) / CHECKPOINT_JSON
+        if not path.is_file():
+            return None
+        try:
+            doc = json.loads(path.read_text())
+            return cls(Path(fleet_dir), int(doc["round"]), doc["blob"], doc["blob_sha256"],
+                       dict(doc["settings"]), list(doc["history"]))
+        except (ValueError, KeyError, TypeError) as err:
+            raise DataError(f"{path} is not a bnnc fleet checkpoint ({err})",
+                            hint="point --fleet-dir at a new directory") from err
+
+    def global_blob(self, manifest: Manifest) -> StateBlob:
+        """The committed global state, validated (sha256, then the blob's own header and CRC)."""
+        path = self.fleet_dir / str(self.blob)
+        raw = path.read_bytes() if path.is_file() else b""
+        if hashlib.sha256(raw).hexdigest() != self.blob_sha256:
+            raise DataError(f"{path} does not match {CHECKPOINT_JSON} (sha256)",
+                            hint="the fleet directory was altered; start a new one")
+        return read_state_blob(path, manifest)
+
+    def commit(self, round_: int, blob: bytes, record: dict) -> None:
+        """Publish round `round_`'s global state: the blob first, then fleet.json (atomic)."""
+        name = f"global-r{round_:05d}.bin"
+        write_atomic(self.fleet_dir / name, blob)
+        self.round, self.blob = round_, name
+        self.blob_sha256 = hashlib.sha256(blob).hexdigest()
+        self.history.append(record)
+        doc = {"round": self.round, "blob": self.blob, "blob_sha256": self.blob_sha256,
+               "settings": self.settings, "history": self.history}
+        write_atomic(self.fleet_dir / CHECKPOINT_JSON,
+                     (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode())
+        for old in self.fleet_dir.glob("global-r*.bin"):
+            if old.name != name and _round_of(old.name) < round_ - 1:
+                old.unlink(missing_ok=True)
+
+
+def _round_of(name: str) -> int:
+    m = re.search(r"-r(\d+)\.bin$", name)
+    return int(m.group(1)) if m else -1
+
+
+def export_final(fleet_dir: Path, out_dir: Path) -> Path:
+    """FLEET_DIR/final_state.npz: the committed global state by name (for `bnnc export`)."""
+    manifest, _, _ = read_compiled(out_dir)
+    ck = FleetCheckpoint.load(fleet_dir)
+    if ck is None or ck.blob is None:
+        raise DataError(f"{fleet_dir} holds no finished fleet round")
+    dest = Path(fleet_dir) / FINAL_STATE
+    save_state_atomic(dest, ck.global_blob(manifest).tensors)
+    return dest
+
+
+# --------------------------------------------------------------------------------------------------
+# a device's own state
+
+class DeviceStore:
+    """DIR/state-rNNNNN.bin: a device's full state after round N (module docstring)."""
+
+    def __init__(self, where: Path):
+        self.dir = Path(where)
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def latest_before(self, round_: int, manifest: Manifest) -> StateBlob | None:
+        """The newest valid state of a round < `round_`; a damaged file is logged and skipped."""
+        for path in sorted(self.dir.glob("state-r*.bin"), key=lambda p: -_round_of(p.name)):
+            if _round_of(path.name) >= round_:
+                continue
+            try:
+                return read_state_blob(path, manifest)
+            except DataError as err:
+                log.warning("device state %s skipped: %s", path, err.message)
+        return None
+
+    def save(self, round_: int, blob: bytes) -> None:
+        write_atomic(self.dir / f"state-r{round_:05d}.bin", blob)
+        for old in self.dir.glob("state-r*.bin"):
+            if _round_of(old.name) < round_ - 1 or _round_of(old.name) > round_:
+                old.unlink(missing_ok=True)
+
+
+def device_start(store: DeviceStore, round_: int, out_dir: Path, manifest: Manifest,
+                 glob: Mapping[str, np.ndarray]) -> tuple[dict, int, int]:
+    """(tensors, step, seed) a device trains round `round_` from: its own last state (or the
+    compiled initial state), with the fleet tensors replaced by the global ones."""
+    prev = store.latest_before(round_, manifest)
+    if prev is not None:
+        tensors, step, seed = dict(prev.tensors), prev.step, prev.seed
+    else:
+        _, graph, cfg = read_compiled(out_dir)
+        tensors, step, seed = dict(load_init_state(out_dir, graph, cfg)), 0, cfg.seed
+    tensors.update({k: np.asarray(v, np.float32) for k, v in glob.items()})
+    return tensors, step, seed
+
+
+# --------------------------------------------------------------------------------------------------
+# local training: the emitted C in-process (host), or the standalone trainer (run.py)
+
+@dataclass(frozen=True)
+class LocalResult:
+    tensors: dict             # the full state after training, by name (float32, bits +-1)
+    blob: bytes               # the same as the program's state blob
+    examples: int
+    steps: int
+    loss: float
+    acc: float
+    test_acc: float | None = None
+
+
+def train_host(program, tensors: Mapping[str, np.ndarray], step: int, seed: int, x: np.ndarray,
+               y: np.ndarray, *, epochs: int, order_key: Sequence[int]) -> LocalResult:
+    """`epochs` passes over (x, y) with the emitted C loaded by cffi (runtime/host.py); batch order:
+    a numpy permutation per epoch keyed by `order_key` (fleet seed, round, device)."""
+    b = program.batch
+    per_epoch = len(x) // b
+    if per_epoch == 0:
+        raise DataError(f"{len(x)} local examples do not fill one batch of {b}")
+    program.load_state(tensors, step=step, seed=seed)
+    losses, accs = [], []
+    for e in range(epochs):
+        perm = np.random.default_rng([*order_key, e]).permutation(len(x))
+        for k in range(per_epoch):
+            idx = perm[k * b:(k + 1) * b]
+            loss, acc = program.train_step(x[idx], y[idx])
+            losses.append(loss)
+            accs.append(acc)
+    return LocalResult(program.read_state(), program.get_state(), len(x), len(losses),
+                       float(np.mean(losses)), float(np.mean(accs)))
+
+
+def train_standalone(out_dir: Path, tensors: Mapping[str, np.ndarray], step: int, seed: int,
+                     indices: np.ndarray, *, epochs: int, data_name: str, data_dir: Path | None,
+                     emulate: bool, device: str | None,
+                     timeout: float | None = None) -> LocalResult:
+    """`epochs` passes over the training examples `indices` with the standalone trainer compiled
+    into `out_dir` (a device's private copy): native, QEMU (`emulate`) or ssh (`device`), through
+    runtime/run.py, started from a state blob of `tensors`, read back from its checkpoint."""
+    manifest, _, _ = read_compiled(out_dir)
+    start = Path(out_dir) / "fleet_start.bin"
+    write_atomic(start, start_state_blob(out_dir, tensors, step=step, seed=seed))
+    per_epoch = len(indices) // manifest.batch
+    if per_epoch == 0:
+        raise DataError(f"{len(indices)} local examples do not fill one batch of "
+                        f"{manifest.batch}")
+    seen: list[dict] = []
+    run_compiled(Path(out_dir), RunOptions(data_name, data_dir, steps=epochs * per_epoch,
+                                           resume=start, emulate=emulate, device=device,
+                                           indices=tuple(int(i) for i in indices),
+                                           timeout=timeout),
+                 lambda ev: seen.append(ev.fields) if isinstance(ev, TrainerEvent) else None)
+    raw = (Path(out_dir) / STATE_BLOB).read_bytes()
+    blob = read_state_blob(Path(out_dir) / STATE_BLOB, manifest)
+    ends = [e for e in seen if e.get("event") == "epoch"]
+    loss = float(ends[-1].get("train_loss", float("nan"))) if ends else float("nan")
+    acc = float(ends[-1].get("train_acc", float("nan"))) if ends else float("nan")
+    return LocalResult(blob.tensors, raw, len(indices), blob.step - step, loss, acc)
+
+
+# --------------------------------------------------------------------------------------------------
+# evaluation of a global state
+
+def evaluate(program, tensors: Mapping[str, np.ndarray], x: np.ndarray, y: np.ndarray, *,
+             seed: int = 0) -> float:
+    """Test accuracy of `tensors` with the emitted C's predict (whole batches, the last padded)."""
+    program.load_state(tensors, step=0, seed=seed)
+    b, n, hits = program.batch, len(x), 0
+    for at in range(0, n, b):
+        xb = x[at:at + b]
+        k = len(xb)
+        if k < b:
+            xb = np.concatenate([xb, np.zeros((b - k, *xb.shape[1:]), xb.dtype)])
+        hits += int(np.sum(np.argmax(program.predict(xb)[:k], axis=1) == y[at:at + k]))
+    return hits / max(n, 1)
+
+
+def state_blob_of(program, tensors: Mapping[str, np.ndarray], *, step: int, seed: int) -> bytes:
+    """The state blob of `tensors`, encoded by the emitted C (so its bytes are the C's own)."""
+    program.load_state(tensors, step=step, seed=seed)
+    return program.get_state()
+

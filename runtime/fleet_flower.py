@@ -1,0 +1,672 @@
+"""The Flower apps of a bnnc fleet (Flower's Message API: `ClientApp`, `ServerApp`, a `FedAvg`
+strategy) and the two ways to run them: `simulate` (Flower's simulation runtime,
+`flwr.simulation.run_simulation`, one virtual SuperNode per device) and `LocalFederation` (a real
+`flower-superlink`, one `flower-supernode` per device and `flwr run`, on this machine). The
+federation logic itself -- what is sent, aggregation, checkpoints, partitions -- is
+runtime/fleet.py; this module only moves it through Flower.
+
+Server (`make_server_app`): reads OUT/ (the compiled program), resumes FLEET_DIR's checkpoint or
+starts from OUT/init_state.npz, then runs Flower's `FedAvg.start` for the remaining rounds with
+`BnncFedAvg`, whose `aggregate_train` checks every reply (`check_reply`), aggregates, commits the
+round's global state atomically and scores it on the test split (the emitted C's predict). Replies
+that never come (a dead device) are left out when the round's `round_timeout` expires; failed or
+refused replies are logged and recorded in fleet.json. The first round waits until every device
+is connected; later ones start with `min_devices` (default: all), so a fleet that lost a device
+goes on without it once Flower stops listing it (its heartbeat expires).
+
+Device (`make_client_app`): its settings come from the SuperNode's node config (`partition-id`,
+`num-partitions`, `out`, `workdir`, `data-dir`, `emulate`, `device`; in a simulation from the
+`DeviceDefaults` given to `simulate`), the round's from the message's config. It trains its
+partition of the dataset for the configured local epochs -- host OUT/: the emitted C in-process
+(cffi); rpi4/rpi3/cortex-m OUT/: the standalone trainer through runtime/run.py in a private copy of
+OUT/ under its workdir -- and replies with its fleet tensors (fleet.py: `encode_update`), its
+number of examples and its model's sha256.
+
+Telemetry: Flower's is switched off (FLWR_TELEMETRY_ENABLED=0) before flwr is imported, here and in
+every process LocalFederation starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+
+import numpy as np  # noqa: E402
+from flwr.app import (Array, ArrayRecord, ConfigRecord, Context, Message,  # noqa: E402
+                      MetricRecord, RecordDict)
+from flwr.clientapp import ClientApp  # noqa: E402
+from flwr.serverapp import Grid, ServerApp  # noqa: E402
+from flwr.serverapp.strategy import FedAvg  # noqa: E402
+from flwr.simulation import run_simulation  # noqa: E402
+import tomli_w  # noqa: E402
+
+from ..compiler.errors import ConfigError, DataError  # noqa: E402
+from . import fleet as fl  # noqa: E402
+from .datasets import training_data  # noqa: E402
+from .host import HostProgram  # noqa: E402
+from .outdir import load_init_state, read_compiled  # noqa: E402
+
+log = logging.getLogger("bnnc.fleet")
+
+FLOWER_VERSION = "1.42.0"
+APP_MODULE = "bnnc_fleet_app"
+
+
+@dataclass(frozen=True)
+class FleetSettings:
+    """One fleet run, as the server sees it (the `[tool.flwr.app.config]` of a deployment)."""
+    out: str                       # the compiled OUT/ (on the server's machine)
+    fleet_dir: str                 # the global checkpoint lives here
+    rounds: int = 20               # total rounds (a resumed run does the remaining ones)
+    devices: int = 10
+    partition: str = "dirichlet"
+    alpha: float = 0.5
+    seed: int = 0
+    local_epochs: int = 1
+    bn_stats: str = "mean"         # "local": FedBN
+    uplink: str = "full"           # "sign": 1-bit uplink
+    server_lr: float = 1.0         # the server's step on the averaged update (1 = FedAvg)
+    share_moments: bool = False    # also average Adam/SGD moments (else they stay on devices)
+    data: str = "mnist"
+    data_dir: str = ""             # "" = the default data root
+    limit: int = 0                 # 0 = every training example
+    round_timeout: float = 600.0   # seconds to wait for the replies of one round
+    min_devices: int = 0           # a round after the first starts with this many connected
+                                   # devices (0 = all); the first waits for every device
+
+    def check(self) -> None:
+        if self.partition not in fl.PARTITIONS:
+            raise ConfigError(f"--partition {self.partition!r}: use {', '.join(fl.PARTITIONS)}")
+        if self.bn_stats not in fl.BN_STATS:
+            raise ConfigError(f"--bn-stats {self.bn_stats!r}: use {', '.join(fl.BN_STATS)}")
+        if self.uplink not in fl.UPLINKS:
+            raise ConfigError(f"--uplink {self.uplink!r}: use {', '.join(fl.UPLINKS)}")
+        for name in ("rounds", "devices", "local_epochs"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        if not 0 <= self.min_devices <= self.devices:
+            raise ConfigError(f"--min-devices must be in [0, {self.devices}]")
+        if not self.server_lr > 0:
+            raise ConfigError("--server-lr must be > 0")
+        if not self.round_timeout > 0:
+            raise ConfigError("--round-timeout must be > 0")
+
+    def federation(self) -> dict:
+        """What decides the global model (a resumed run must match it)."""
+        doc = asdict(self)
+        for k in ("out", "fleet_dir", "rounds", "round_timeout", "data_dir", "min_devices"):
+            doc.pop(k)
+        return doc
+
+    def fleet_id(self, model_sha256: str) -> str:
+        """Names a device's state directory for this run: two fleet runs never share one."""
+        doc = dict(self.federation(), model_sha256=model_sha256,
+                   fleet_dir=str(Path(self.fleet_dir).resolve()))
+        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+    def run_config(self) -> dict[str, Any]:
+        return {k.replace("_", "-"): v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_run_config(cls, rc: Mapping[str, Any]) -> FleetSettings:
+        kw = {}
+        for f in fields(cls):
+            key = f.name.replace("_", "-")
+            if key in rc:
+                kw[f.name] = {"int": int, "float": float, "str": str, "bool": bool}[f.type](rc[key])
+        return cls(**kw)
+
+
+@dataclass(frozen=True)
+class DeviceDefaults:
+    """A device's settings where its SuperNode's node config says nothing (simulation)."""
+    out: str = ""                  # "" = the server's OUT/ (same machine)
+    workdir_root: str = ""         # "" = FLEET_DIR/devices
+    data_dir: str = ""
+    emulate: bool = False
+    device: str = ""               # user@host[:dir]: train on an ssh device
+
+
+# --------------------------------------------------------------------------------------------------
+# server
+
+def _arrays(d: Mapping[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in d.items()})
+
+
+def _payload_nbytes(rec: ArrayRecord) -> int:
+    """Bytes of the arrays as Flower serializes them (numpy .npy bytes, header included)."""
+    return int(sum(len(a.data) for a in rec.values()))
+
+
+def check_reply(msg: Message, *, sha256: str, specs, glob, uplink: str,
+                devices: int) -> tuple[fl.Update, int]:
+    """A device's reply as an `fl.Update` (and its payload bytes), or RefusedUpdate saying why."""
+    if msg.has_error():
+        raise fl.RefusedUpdate(f"the device failed: {msg.error.reason}")
+    c = msg.content
+    if "arrays" not in c.array_records or "metrics" not in c.metric_records \
+            or "device" not in c.config_records:
+        raise fl.RefusedUpdate("the reply lacks its arrays, metrics or device record")
+    dev = c.config_records["device"]
+    if dev.get("model-sha256") != sha256:
+        theirs = str(dev.get("model-sha256"))[:16]
+        raise fl.RefusedUpdate(f"update from another model (sha256 {theirs}..., this fleet "
+                               f"trains {sha256[:16]}...)")
+    m = c.metric_records["metrics"]
+    pid, n = m.get("partition-id"), m.get("num-examples")
+    if not isinstance(pid, int) or not 0 <= pid < devices:
+        raise fl.RefusedUpdate(f"partition id {pid!r} outside [0, {devices})")
+    if not isinstance(n, int) or n < 1:
+        raise fl.RefusedUpdate(f"example count {n!r} is not a positive integer")
+    rec = c.array_records["arrays"]
+    try:
+        arrays = {k: a.numpy() for k, a in rec.items()}
+    except Exception as err:      # a malformed array from the wire: refuse, never crash the round
+        raise fl.RefusedUpdate(f"unreadable array ({err})") from err
+    tensors = fl.decode_update(arrays, glob, specs, uplink)
+    return fl.Update(pid, n, tensors), _payload_nbytes(rec)
+
+
+class _Server:
+    """The server side of one fleet run: OUT/, the checkpoint, the test split, the C program."""
+
+    def __init__(self, s: FleetSettings, on_round: Callable[[dict], None] | None):
+        s.check()
+        self.s, self.on_round = s, on_round
+        self.out = Path(s.out)
+        self.manifest, self.graph, self.cfg = read_compiled(self.out)
+        self.specs = fl.fleet_tensors(self.manifest, s.bn_stats, moments=s.share_moments)
+        self.program = HostProgram(self.out, target="host", debug=False)
+        fleet_dir = Path(s.fleet_dir)
+        fleet_dir.mkdir(parents=True, exist_ok=True)
+        ck = fl.FleetCheckpoint.load(fleet_dir)
+        fed = dict(s.federation(), model_sha256=self.manifest.model_sha256)
+        if ck is None:
+            ck = fl.FleetCheckpoint(fleet_dir, settings=fed)
+            self.full = dict(load_init_state(self.out, self.graph, self.cfg))
+            ck.commit(0, self._blob(), {"round": 0})
+        else:
+            if ck.settings != fed:
+                diff = sorted(k for k in set(fed) | set(ck.settings)
+                              if fed.get(k) != ck.settings.get(k))
+                raise ConfigError(f"{fleet_dir} holds a fleet run with other settings "
+                                  f"({', '.join(diff)})",
+                                  hint="use the same options to resume, or a new --fleet-dir")
+            self.full = dict(ck.global_blob(self.manifest).tensors)
+        self.ck = ck
+        data, _, _, x_test = training_data(self.graph, s.data, s.data_dir or None, None)
+        self.x_test, self.y_test = x_test, data.y_test
+        self.f32_nbytes = fl.float32_model_nbytes(self.manifest)
+
+    def _blob(self) -> bytes:
+        return fl.state_blob_of(self.program, self.full, step=0, seed=self.cfg.seed)
+
+    def glob(self) -> dict[str, np.ndarray]:
+        return {ft.name: self.full[ft.name] for ft in self.specs}
+
+    def aggregate(self, server_round: int, replies) -> ArrayRecord:
+        r = self.ck.round + 1
+        glob = self.glob()
+        down = _arrays(fl.encode_global(glob, self.specs))
+        updates, uplink_bytes, refused, device_acc = [], {}, [], {}
+        for msg in replies:
+            try:
+                up, nbytes = check_reply(msg, sha256=self.manifest.model_sha256, specs=self.specs,
+                                         glob=glob, uplink=self.s.uplink, devices=self.s.devices)
+            except fl.RefusedUpdate as err:
+                who = _reply_device(msg)
+                log.warning("round %d: update of device %s refused: %s", r, who, err)
+                refused.append({"device": who, "reason": str(err)})
+                continue
+            if up.device in uplink_bytes:
+                log.warning("round %d: second update of device %d refused", r, up.device)
+                refused.append({"device": up.device, "reason": "duplicate partition id"})
+                continue
+            if self.s.bn_stats == "local":
+                acc = msg.content.metric_records["metrics"].get("test-acc")
+                if not isinstance(acc, float) or not 0 <= acc <= 1:
+                    log.warning("round %d: device %d sent no test accuracy", r, up.device)
+                    refused.append({"device": up.device, "reason": "no test accuracy (FedBN)"})
+                    continue
+                device_acc[up.device] = acc
+            updates.append(up)
+            uplink_bytes[up.device] = nbytes
+        new = fl.aggregate(glob, updates, self.specs, server_lr=self.s.server_lr)
+        self.full.update(new)
+        if self.s.bn_stats == "local":
+            # FedBN: the global state has no statistics of its own; the score is the devices'
+            # test accuracy with their own statistics, weighted by their examples
+            n = sum(u.examples for u in updates)
+            acc = float(sum(u.examples * device_acc[u.device] for u in updates) / n) if n else 0.0
+        else:
+            acc = fl.evaluate(self.program, self.full, self.x_test, self.y_test,
+                              seed=self.cfg.seed)
+        record = {"round": r, "devices": sorted(u.device for u in updates), "refused": refused,
+                  "examples": int(sum(u.examples for u in updates)), "test_acc": acc,
+                  "test_acc_of": "devices" if self.s.bn_stats == "local" else "global",
+                  "downlink_bytes_per_device": _payload_nbytes(down),
+                  "uplink_bytes_per_device": (int(np.mean(list(uplink_bytes.values())))
+                                              if uplink_bytes else 0),
+                  "float32_model_bytes": self.f32_nbytes}
+        self.ck.commit(r, self._blob(), record)
+        if self.on_round:
+            self.on_round(record)
+        log.info("round %d: %d devices, test acc %.4f", r, len(updates), acc)
+        return _arrays(fl.encode_global(self.glob(), self.specs))
+
+    def train_config(self) -> ConfigRecord:
+        s = self.s
+        return ConfigRecord({"round-offset": self.ck.round,
+                             "fleet-id": s.fleet_id(self.manifest.model_sha256), "model-sha256":
+                             self.manifest.model_sha256, "local-epochs": s.local_epochs,
+                             "uplink": s.uplink, "bn-stats": s.bn_stats, "seed": s.seed,
+                             "share-moments": s.share_moments,
+                             "partition": s.partition, "alpha": float(s.alpha), "data": s.data,
+                             "limit": s.limit})
+
+
+def _reply_device(msg: Message) -> Any:
+    try:
+        return msg.content.metric_records["metrics"]["partition-id"]
+    except Exception:        # an error reply or a malformed one: name the node instead
+        return f"node {msg.metadata.src_node_id}"
+
+
+class BnncFedAvg(FedAvg):
+    """FedAvg whose aggregation is bnnc's (fleet.py) and whose round ends in a checkpoint."""
+
+    def __init__(self, server: _Server):
+        n = server.s.devices
+        super().__init__(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=n,
+                         min_available_nodes=n)
+        self.server = server
+        self._first = True
+
+    def configure_train(self, server_round, arrays, config, grid):
+        s = self.server.s
+        need = s.devices if self._first or not s.min_devices else s.min_devices
+        self._first = False
+        self.min_available_nodes = self.min_train_nodes = need
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round, replies):
+        return self.server.aggregate(server_round, list(replies)), MetricRecord({})
+
+
+def run_server(grid: Grid, s: FleetSettings, on_round: Callable[[dict], None] | None = None,
+               server: _Server | None = None) -> None:
+    server = server or _Server(s, on_round)
+    left = s.rounds - server.ck.round
+    if left <= 0:
+        log.info("%s already finished %d rounds", s.fleet_dir, server.ck.round)
+        return
+    BnncFedAvg(server).start(grid=grid, initial_arrays=_arrays(fl.encode_global(
+        server.glob(), server.specs)), num_rounds=left, timeout=s.round_timeout,
+        train_config=server.train_config())
+
+
+def make_server_app(settings: FleetSettings | None = None,
+                    on_round: Callable[[dict], None] | None = None) -> ServerApp:
+    """The ServerApp: `settings` given (simulation) or read from the run config (deployment)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        s = settings or FleetSettings.from_run_config(context.run_config)
+        run_server(grid, s, on_round)
+
+    return app
+
+
+# --------------------------------------------------------------------------------------------------
+# device
+
+@functools.lru_cache(maxsize=4)
+def _device_data(out: str, data: str, data_dir: str, limit: int, devices: int, scheme: str,
+                 alpha: float, seed: int, batch: int, pid: int):
+    """(indices, x, y) of device `pid`'s training partition, and the test split (x, y)."""
+    _, graph, _ = read_compiled(Path(out))
+    ds, x, y, x_test = training_data(graph, data, data_dir or None, limit or None)
+    parts = fl.partition(y, devices, scheme, alpha=alpha, seed=seed, min_examples=batch)
+    idx = parts[pid]
+    return idx, x[idx], y[idx], x_test, ds.y_test
+
+
+@functools.lru_cache(maxsize=2)
+def _host_program(out: str) -> HostProgram:
+    return HostProgram(Path(out), target="host", debug=False)
+
+
+def _private_out(out: Path, workdir: Path) -> Path:
+    """WORKDIR/out: a copy of the compiled directory the standalone trainer may write into."""
+    dest = workdir / "out"
+    if not (dest / "bnnc_manifest.json").is_file() or \
+            (dest / "bnnc_manifest.json").read_bytes() != (out / "bnnc_manifest.json").read_bytes():
+        tmp = workdir / ".out.new"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(out, tmp, ignore=shutil.ignore_patterns("data", "state.bin",
+                                                                "final_state.npz", "build"))
+        shutil.rmtree(dest, ignore_errors=True)
+        tmp.rename(dest)
+    return dest
+
+
+def device_train(node: Mapping[str, Any], cfg: Mapping[str, Any], arrays: Mapping[str, np.ndarray],
+                 server_round: int) -> tuple[dict, dict, str]:
+    """One round on one device: (reply arrays, metrics, model sha256)."""
+    out = Path(str(node["out"]))
+    manifest, _, _ = read_compiled(out)
+    if cfg["model-sha256"] != manifest.model_sha256:
+        raise DataError(f"{out} is another model than the fleet's (sha256 "
+                        f"{manifest.model_sha256[:16]}... vs {str(cfg['model-sha256'])[:16]}...)")
+    pid, n = int(node["partition-id"]), int(node["num-partitions"])
+    round_ = int(cfg["round-offset"]) + server_round
+    specs = fl.fleet_tensors(manifest, str(cfg["bn-stats"]),
+                             moments=bool(cfg.get("share-moments", False)))
+    glob = fl.decode_global(arrays, specs)
+    fleet_id = str(cfg["fleet-id"])
+    if not fleet_id.isalnum():
+        raise DataError(f"fleet id {fleet_id!r} is not a plain name")
+    workdir = Path(str(node["workdir"])) / f"fleet-{fleet_id}"
+    store = fl.DeviceStore(workdir)
+    tensors, step, seed = fl.device_start(store, round_, out, manifest, glob)
+    idx, x, y, x_test, y_test = _device_data(
+        str(out), str(cfg["data"]), str(node.get("data-dir", "")), int(cfg["limit"]), n,
+        str(cfg["partition"]), float(cfg["alpha"]), int(cfg["seed"]), manifest.batch, pid)
+    epochs = int(cfg["local-epochs"])
+    if manifest.target_kind == "host" and not node.get("device"):
+        res = fl.train_host(_host_program(str(out)), tensors, step, seed, x, y, epochs=epochs,
+                            order_key=(int(cfg["seed"]), round_, pid))
+    else:
+        res = fl.train_standalone(_private_out(out, workdir), tensors, step, seed, idx,
+                                  epochs=epochs, data_name=str(cfg["data"]),
+                                  data_dir=Path(str(node["data-dir"])) if node.get("data-dir")
+                                  else None, emulate=bool(node.get("emulate")),
+                                  device=str(node["device"]) if node.get("device") else None)
+    store.save(round_, res.blob)
+    if cfg["bn-stats"] == "local":          # FedBN: only the device's own statistics score it
+        prog = _host_program(str(out) if manifest.target_kind == "host"
+                             else str(_private_out(out, workdir)))
+        res = dataclasses.replace(res, test_acc=fl.evaluate(prog, res.tensors, x_test, y_test,
+                                                            seed=seed))
+    local = {ft.name: res.tensors[ft.name] for ft in specs}
+    reply = fl.encode_update(local, glob, specs, str(cfg["uplink"]))
+    metrics = {"partition-id": pid, "num-examples": res.examples, "steps": res.steps,
+               "train-loss": res.loss, "train-acc": res.acc}
+    if res.test_acc is not None:
+        metrics["test-acc"] = res.test_acc
+    return reply, metrics, manifest.model_sha256
+
+
+def _node_settings(context: Context, defaults: DeviceDefaults | None, fleet_dir: str) -> dict:
+    nc = dict(context.node_config)
+    d = defaults or DeviceDefaults()
+    pid = int(nc["partition-id"])
+    nc.setdefault("out", d.out)
+    nc.setdefault("data-dir", d.data_dir)
+    nc.setdefault("emulate", d.emulate)
+    nc.setdefault("device", d.device)
+    if "workdir" not in nc:
+        root = Path(d.workdir_root) if d.workdir_root else Path(fleet_dir) / "devices"
+        nc["workdir"] = str(root / f"device-{pid}")
+    return nc
+
+
+def make_client_app(defaults: DeviceDefaults | None = None,
+                    server_out: str = "", fleet_dir: str = "") -> ClientApp:
+    """The ClientApp (module docstring). `defaults` fill what the node config leaves out."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        cfg = msg.content.config_records["config"]
+        node = _node_settings(context, defaults, fleet_dir or
+                              str(Path.home() / ".cache" / "bnnc" / "fleet"))
+        if not node.get("out"):
+            node["out"] = server_out
+        if not node.get("out"):
+            raise ConfigError("this SuperNode has no `out` in its --node-config",
+                              hint="flower-supernode --node-config 'out=\"/path/to/OUT\" ...'")
+        arrays = {k: a.numpy() for k, a in msg.content.array_records["arrays"].items()}
+        reply, metrics, sha = device_train(node, cfg, arrays, int(cfg["server-round"]))
+        content = RecordDict({"arrays": _arrays(reply), "metrics": MetricRecord(metrics),
+                              "device": ConfigRecord({"model-sha256": sha})})
+        return Message(content, reply_to=msg)
+
+    return app
+
+
+# --------------------------------------------------------------------------------------------------
+# simulation
+
+def simulate(s: FleetSettings, device: DeviceDefaults | None = None,
+             on_round: Callable[[dict], None] | None = None, *, cpus_per_device: float = 1.0,
+             verbose: bool = False) -> fl.FleetCheckpoint:
+    """Run the fleet with Flower's simulation runtime (Ray): `s.devices` virtual SuperNodes on
+    this machine. Returns the committed checkpoint."""
+    s.check()
+    device = device or DeviceDefaults()
+    if not device.out:
+        device = DeviceDefaults(**{**asdict(device), "out": s.out})
+    if not device.data_dir and s.data_dir:
+        device = DeviceDefaults(**{**asdict(device), "data_dir": s.data_dir})
+    if not verbose:
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+    failure: list[BaseException] = []
+    state = _Server(s, on_round)       # OUT/, the data and --fleet-dir checked before Ray starts
+    if state.ck.round >= s.rounds:
+        return state.ck
+    server = ServerApp()
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        try:
+            run_server(grid, s, on_round, state)
+        except BaseException as err:      # re-raised below, outside Flower's thread
+            failure.append(err)
+            raise
+
+    run_simulation(server_app=server, client_app=make_client_app(device, s.out, s.fleet_dir),
+                   num_supernodes=s.devices,
+                   backend_config={"client_resources": {"num_cpus": cpus_per_device,
+                                                        "num_gpus": 0.0},
+                                   "init_args": {"logging_level": "ERROR",
+                                                 "log_to_driver": verbose}},
+                   verbose_logging=verbose)
+    if failure:
+        raise failure[0]
+    ck = fl.FleetCheckpoint.load(Path(s.fleet_dir))
+    if ck is None or ck.round < s.rounds:
+        done = 0 if ck is None else ck.round
+        raise DataError(f"the simulation stopped after {done} of {s.rounds} rounds",
+                        hint="rerun with --verbose to see Flower's log")
+    return ck
+
+
+# --------------------------------------------------------------------------------------------------
+# deployment: a Flower App directory, and a real SuperLink + SuperNodes on this machine
+
+def write_app(app_dir: Path, s: FleetSettings) -> Path:
+    """APP_DIR/pyproject.toml + APP_DIR/bnnc_fleet_app.py: the Flower App `flwr run` submits
+    (its run config = `s`; `flwr run APP --run-config 'rounds=5'` overrides)."""
+    app_dir = Path(app_dir)
+    app_dir.mkdir(parents=True, exist_ok=True)
+    doc = {"build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
+           "project": {"name": "bnnc-fleet", "version": "1.0.0",
+                       "description": "Federated training of a bnnc-compiled trainer",
+                       "license": "Apache-2.0", "dependencies": [f"flwr>={FLOWER_VERSION}"]},
+           "tool": {"flwr": {"app": {"publisher": "bnnc",
+                                     "components": {"serverapp": f"{APP_MODULE}:server_app",
+                                                    "clientapp": f"{APP_MODULE}:client_app"},
+                                     "config": s.run_config()}}}}
+    (app_dir / "pyproject.toml").write_text(tomli_w.dumps(doc))
+    (app_dir / f"{APP_MODULE}.py").write_text(
+        '"""A bnnc fleet as a Flower App (written by `bnnc fleet app`)."""\n'
+        "from bnnc.runtime.fleet_flower import make_client_app, make_server_app\n\n"
+        "server_app = make_server_app()\n"
+        "client_app = make_client_app()\n")
+    return app_dir
+
+
+def flower_executable(name: str) -> str:
+    """A Flower command next to this Python (its venv), else on PATH."""
+    here = Path(sys.executable).parent / name
+    if here.is_file():
+        return str(here)
+    found = shutil.which(name)
+    if not found:
+        raise ConfigError(f"{name} not found", hint=f"pip install 'flwr[simulation]=="
+                                                    f"{FLOWER_VERSION}'")
+    return found
+
+
+def node_config(pid: int, devices: int, **extra: Any) -> str:
+    """A --node-config string (TOML values: strings quoted)."""
+    parts = [f"partition-id={pid}", f"num-partitions={devices}"]
+    for k, v in extra.items():
+        if v is None or v == "":
+            continue
+        val = str(v).lower() if isinstance(v, bool) else (
+            v if isinstance(v, (int, float)) else '"' + str(v).replace('"', '') + '"')
+        parts.append(f"{k}={val}")
+    return " ".join(parts)
+
+
+def wait_port(port: int, *, timeout: float) -> None:
+    """Wait until something accepts TCP connections on 127.0.0.1:PORT."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1.0):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise DataError(f"nothing listens on 127.0.0.1:{port} after {timeout:g} s",
+                                hint="see the flower-superlink log") from None
+            time.sleep(0.3)
+
+
+class LocalFederation:
+    """A real Flower federation on loopback: one `flower-superlink` and one `flower-supernode`
+    per device, each a process group of its own (so a device can be killed), logs under WORK/."""
+
+    def __init__(self, work: Path, *, port: int):
+        self.work = Path(work)
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.port = port
+        self.home = self.work / "flwr-home"
+        self.home.mkdir(exist_ok=True)
+        (self.home / "config.toml").write_text(
+            '[superlink]\ndefault = "bnnc-local"\n\n[superlink.bnnc-local]\n'
+            f'address = "127.0.0.1:{port}"\ninsecure = true\n')
+        # Flower's components start each other by name (flower-superexec): this Python's first
+        bindir = str(Path(sys.executable).parent)
+        self.env = dict(os.environ, FLWR_HOME=str(self.home), FLWR_TELEMETRY_ENABLED="0",
+                        PATH=bindir + os.pathsep + os.environ.get("PATH", ""))
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def _start(self, key: str, argv: list[str]) -> subprocess.Popen:
+        logf = open(self.work / f"{key}.log", "w")
+        p = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                             env=self.env, cwd=self.work, start_new_session=True)
+        logf.close()
+        self.procs[key] = p
+        return p
+
+    def start_superlink(self) -> None:
+        self._start("superlink", [flower_executable("flower-superlink"), "--insecure",
+                                  "--port", str(self.port),
+                                  "--disable-runtime-dependency-installation"])
+
+    def start_supernode(self, pid: int, devices: int, *, port: int, **node: Any) -> None:
+        self._start(f"supernode-{pid}", [flower_executable("flower-supernode"), "--insecure",
+                                         "--superlink", f"127.0.0.1:{self.port}",
+                                         "--port", str(port),
+                                         "--node-config", node_config(pid, devices, **node)])
+
+    def kill(self, key: str) -> None:
+        """SIGKILL a component and everything it started (its ClientApp process)."""
+        p = self.procs[key]
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        p.wait()
+
+    def log_text(self, key: str) -> str:
+        path = self.work / f"{key}.log"
+        return path.read_text(errors="replace") if path.is_file() else ""
+
+    def run(self, app_dir: Path, *, timeout: float, run_config: str | None = None
+            ) -> subprocess.CompletedProcess:
+        """`flwr run APP bnnc-local --stream` (after the SuperLink answers); its output in
+        WORK/flwr-run.log."""
+        argv = [flower_executable("flwr"), "run", str(app_dir), "bnnc-local", "--stream"]
+        if run_config:
+            argv += ["--run-config", run_config]
+        wait_port(self.port, timeout=60.0)
+        res = subprocess.run(argv, capture_output=True, text=True, env=self.env,
+                             stdin=subprocess.DEVNULL, cwd=self.work, timeout=timeout)
+        (self.work / "flwr-run.log").write_text(res.stdout + res.stderr)
+        return res
+
+    def stop(self) -> None:
+        for key in list(self.procs):
+            p = self.procs[key]
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    continue
+                try:
+                    p.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    self.kill(key)
+
+    def __enter__(self) -> LocalFederation:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def deploy_local(s: FleetSettings, work: Path, *, port: int = 19090,
+                 device: DeviceDefaults | None = None, timeout: float = 3600.0
+                 ) -> fl.FleetCheckpoint:
+    """`bnnc fleet deploy`: a SuperLink and `s.devices` SuperNodes on loopback, `flwr run`."""
+    s.check()
+    device = device or DeviceDefaults()
+    app = write_app(Path(work) / "app", s)
+    with LocalFederation(Path(work), port=port) as fed:
+        fed.start_superlink()
+        for pid in range(s.devices):
+            fed.start_supernode(pid, s.devices, port=port + 10 + pid, out=device.out or s.out,
+                                workdir=str(Path(s.fleet_dir) / "devices" / f"device-{pid}"),
+                                **{"data-dir": device.data_dir or s.data_dir,
+                                   "emulate": device.emulate or None,
+                                   "device": device.device})
+        res = fed.run(app, timeout=timeout)
+    ck = fl.FleetCheckpoint.load(Path(s.fleet_dir))
+    if res.returncode != 0 or ck is None or ck.round < s.rounds:
+        tail = (res.stdout + res.stderr).strip().splitlines()[-5:]
+        raise DataError(f"the deployed fleet stopped after {0 if ck is None else ck.round} of "
+                        f"{s.rounds} rounds: {' | '.join(tail)}",
+                        hint=f"logs: {work}/*.log")
+    return ck
+
