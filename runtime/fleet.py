@@ -6,7 +6,7 @@ What a fleet exchanges: `fleet_tensors(manifest)` selects, from the manifest's s
 tensors the server aggregates -- every trainable parameter (latent 16-bit weights, BN betas/gammas,
 biases; Bop's 1-bit weights), the Bop momenta, and the BN running statistics when
 `bn_stats="mean"` (FedBN, `"local"`, keeps them on the device). Adam/SGD moments stay on the
-device. A frozen tensor (a `frozen` flag or role in the state table) is never selected.
+device. A frozen parameter (partial training: the manifest's `frozen`) is never selected.
 
 On the wire every tensor travels in its storage dtype (`to_wire`): bf16 as its 16 bits, f16, f32,
 1-bit weights packed 8 per byte. With the 1-bit uplink (`uplink="sign"`, signSGD-style) a device
@@ -78,8 +78,11 @@ class FleetTensor:
         return int(np.prod(self.shape)) if self.shape else 1
 
 
-def _frozen(entry) -> bool:
-    return bool(getattr(entry, "frozen", False)) or entry.role == "frozen"
+def _frozen(manifest: Manifest) -> set[str]:
+    """The frozen parameters of a partially trained OUT (`--train` / `--train-from`: the
+    manifest's `frozen`, role "frozen parameter" in the state table)."""
+    return set(manifest.frozen) | {st.name for st in manifest.state
+                                   if st.role == "frozen parameter"}
 
 
 def fleet_tensors(manifest: Manifest, bn_stats: str = "mean", *,
@@ -89,7 +92,7 @@ def fleet_tensors(manifest: Manifest, bn_stats: str = "mean", *,
     everything else (wire, aggregation, bytes) iterates over this list."""
     if bn_stats not in BN_STATS:
         raise ConfigError(f"--bn-stats {bn_stats!r}: use one of {', '.join(BN_STATS)}")
-    frozen = {st.name for st in manifest.state if _frozen(st)}
+    frozen = _frozen(manifest)
     bits = {st.name for st in manifest.state if st.role == "parameter" and st.dtype == "bit"}
     out = []
     for st in manifest.state:

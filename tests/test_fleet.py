@@ -4,7 +4,6 @@ checkpoint and a device's own state; check_reply on real Flower messages; the CL
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import numpy as np
@@ -22,7 +21,8 @@ from bnnc.runtime.outdir import load_init_state, read_compiled, read_state_blob
 def outs(tmp_path_factory):
     root = tmp_path_factory.mktemp("fleet")
     made = {}
-    for name, extra in (("adam", []), ("bop", ["--optimizer", "bop"])):
+    for name, extra in (("adam", []), ("bop", ["--optimizer", "bop"]),
+                        ("frozen", ["--optimizer", "bop", "--train-from", "fc2"])):
         out = root / name
         assert main(["compile", "tfc", "--width", "0.25", "--batch", "8", *extra,
                      "-o", str(out)]) == 0
@@ -49,11 +49,12 @@ def test_fleet_tensors_adam_bop_fedbn_frozen(outs):
     assert all(f"{w}.m" in bop for w in bits)                    # Bop momenta travel
     assert not any(n.endswith(".v") for n in bop)                # the betas' Adam moments do not
 
-    first = bits[0]
-    frozen = dataclasses.replace(b, state=tuple(
-        dataclasses.replace(s, role="frozen") if s.name == first else s for s in b.state))
-    left = {ft.name for ft in fl.fleet_tensors(frozen)}
-    assert first not in left and f"{first}.m" not in left and bits[1] in left
+    # partial training (--train-from fc2): fc1's weights and bn1's beta never travel
+    f = read_manifest(outs["frozen"])
+    assert set(f.frozen) == {"fc1.W", "bn1.beta"}
+    left = {ft.name for ft in fl.fleet_tensors(f)}
+    assert not left & {"fc1.W", "fc1.W.m", "bn1.beta", "bn1.beta.m", "bn1.beta.v"}
+    assert {"fc2.W", "fc2.W.m", "bn2.beta"} <= left
 
 
 def test_wire_round_trip_and_refusals():
