@@ -10,13 +10,18 @@ Markdown table on stdout (progress goes to stderr), written with the machine it 
 `<stem>.md` and `<stem>.json`; the Markdown is rendered from the JSON document alone, so the two
 always carry the same rows and numbers.
 
-Parts (`--only`, comma separated; default all four):
+Parts (`--only`, comma separated; default all five):
 - host: milliseconds per training step (median of --steps steps after --warmup warm-up steps) of the
   emitted C, standard and proposed, built with the host target's flags and driven in-process through
   runtime/host.py `HostProgram` (cffi), and of the same network trained by PyTorch on one thread
   (the standard BNN: sign with straight-through gradient, L2 batch norm, Adam, float32), with the
   ratio PyTorch / bnnc per bnnc row. Default cases mlp:100, mlp:200, cnv:100 and binarynet:40?
   (the paper's Raspberry Pi setting; skipped with the probe's time when a step is too slow).
+  The proposed row's detail also gives bnnc proposed / bnnc standard.
+- kernels: where bnnc's step spends its time: per case and algorithm one row per kernel, its
+  median ms per step in the -DBNNC_PROFILE host build (runtime/profile.py, the same table as
+  `bnnc profile OUT`), its share, and for the weight-layer products (dense/conv forward, dX, dW)
+  the multiply-accumulates and the rate in GMAC/s.
 - rss: peak resident set size of the standalone host trainer (runtime/programs.py `build_trainer`,
   OUT/trainer.c) training --rss-steps steps from a packed dataset (runtime/packed.py), against a
   Python process doing the same steps with PyTorch on the same file (and, in the detail, a Python
@@ -105,7 +110,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 MIB = float(1 << 20)
 TIME = "/usr/bin/time"
 ALGORITHMS = ("standard", "proposed")
-PARTS = ("host", "rss", "qemu", "m7")
+PARTS = ("host", "kernels", "rss", "qemu", "m7")
 DEFAULT_CASES = "mlp:100,mlp:200,cnv:100,binarynet:40?"
 QUICK_CASES = "tfc:100,cnv@0.125:10"
 COLUMNS = ("metric", "model", "batch", "algorithm", "bnnc", "PyTorch (standard)",
@@ -115,6 +120,7 @@ PEAK_RSS = "peak RSS (MiB)"
 PLANNED = "planned arena+state (MiB)"
 INSNS_A72 = "instructions/step, Cortex-A72 (QEMU)"
 INSNS_M7 = "instructions/step, Cortex-M7 (QEMU)"
+KERNEL_MS = "kernel time (ms/step)"
 
 
 def _load_module(path: Path, name: str):
@@ -426,8 +432,28 @@ def host_case(ws: Workspace, case: Case, args) -> list[Row]:
         if a == "standard":
             detail += (f"; first-step loss C {first_loss['standard']:.5f}, PyTorch "
                        f"{first_loss['torch']:.5f}")
+        else:
+            detail += f"; proposed / standard {med['proposed'] / med['standard']:.2f}"
         rows.append(Row(STEP_MS, case.label, case.batch, a, med[a], med["torch"], detail))
     return rows
+
+
+def part_kernels(ws: Workspace, cases: list[Case], args) -> Iterator[Row]:
+    """Per case and algorithm, one row per kernel (largest first): its median ms per training step
+    over --steps steps of the -DBNNC_PROFILE host build (runtime/profile.py, `bnnc profile`), its
+    share of the kernels' sum and, for weight-layer products, MACs and the MAC rate."""
+    from bnnc.runtime.profile import profile
+
+    for case in cases:
+        for a in ALGORITHMS:
+            prof = profile(ws.compiled(case, a), steps=args.steps, warmup=args.warmup)
+            total = sum(s.ms for s in prof.steps)
+            log(f"kernels {case.label}:{case.batch} {a}: {total:.2f} ms in kernels")
+            for k, n, ms, macs in prof.by_kernel():
+                detail = f"{k}: {n} step(s), {100 * ms / total:.1f} % of {total:.2f} ms"
+                if macs:
+                    detail += f", {macs / 1e6:.1f} MMAC, {macs / ms / 1e6:.1f} GMAC/s"
+                yield Row(KERNEL_MS, case.label, case.batch, a, ms, detail=detail)
 
 
 def part_rss(ws: Workspace, cases: list[Case], args) -> Iterator[Row]:
@@ -630,6 +656,8 @@ def render_markdown(doc: dict[str, Any]) -> str:
              " ".join(said for part, said in (
                  ("host", f"Step times: median of {s['steps']} after {s['warmup']} warm-up, C "
                           "and PyTorch interleaved."),
+                 ("kernels", "Kernel times: -DBNNC_PROFILE host build, median per kernel "
+                             "(`bnnc profile`)."),
                  ("rss", f"Peak RSS: {s['rss_steps']} training steps per process."),
                  ("qemu", f"Instructions: {_how(s['insn_steps'])}."))
                  if part in s["parts"]) + f" Command: `{doc['command']}`.", "",
@@ -712,9 +740,10 @@ def run(args, parts: list[str], cases: list[Case], command: str) -> int:
                         for c in cases if c.key in skipped)
 
         makers = {"probe": probe, "host": lambda: part_host(ws, kept, args),
+                  "kernels": lambda: part_kernels(ws, kept, args),
                   "rss": lambda: part_rss(ws, kept, args),
                   "qemu": lambda: part_qemu(ws, kept, args), "m7": lambda: part_m7(ws, args)}
-        steps = (["probe"] if set(parts) & {"host", "rss", "qemu"} else []) + parts
+        steps = (["probe"] if set(parts) & {"host", "kernels", "rss", "qemu"} else []) + parts
         for part in steps:
             # a long run keeps what it measured when a later part breaks (a kernel being edited,
             # a toolchain missing): the failure becomes a row and the exit status

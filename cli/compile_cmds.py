@@ -27,6 +27,7 @@ from ..compiler.errors import ConfigError
 from ..compiler.planner import DEFAULT_GUARD_BYTES
 from ..compiler.target import Target, load_target, parse_size
 from ..runtime.check import debug_target, format_report, run_check
+from ..runtime.host import KERNEL_VARIANTS
 from ..runtime.outdir import compile_graph, load_graph, model_bytes
 from .app import cli
 from .memory_cmds import technique_options
@@ -145,9 +146,13 @@ def compile_cmd(model: str, target: str, algorithm: str | None, batch: int | Non
               help="do not feed the reference the C's layer inputs (rounding then compounds "
                    "through sign and PO2 thresholds; meaningful for all-f32 configurations)")
 @click.option("--verbose", is_flag=True, help="list every tensor, also the bit-identical ones")
+@click.option("--variant", type=click.Choice(list(KERNEL_VARIANTS)), default="auto",
+              show_default=True,
+              help="--target host: force the kernels' run-time choice (x86-64): auto (the widest "
+                   "the CPU has), avx2 or sse2 (capped there), portable (-DBNNC_NO_SIMD)")
 def check_cmd(model: str, target: str, algorithm: str | None, batch: int | None, lr: float | None,
               seed: int, width: float | None, steps: int, data_seed: int, keep: Path | None,
-              free: bool, verbose: bool, ram: str | None, flash: str | None,
+              free: bool, verbose: bool, variant: str, ram: str | None, flash: str | None,
               **techniques) -> None:
     """Train MODEL for K steps in the emitted C and in the numpy reference; compare every tensor.
 
@@ -157,6 +162,9 @@ def check_cmd(model: str, target: str, algorithm: str | None, batch: int | None,
     tensor of every step, and the same comparison replays that recording.
     """
     cfg = _config(algorithm, batch, lr, seed, 32, techniques)
+    if variant != "auto" and load_target(target).kind != "host":
+        raise ConfigError(f"--variant {variant} forces the host build's kernels; target {target!r} "
+                          "runs its own build", hint="use --variant with --target host")
     graph = load_graph(model, width=width)
     with tempfile.TemporaryDirectory(prefix="bnnc-check-") as tmp:
         tgt = debug_target(budget_target(target, ram, flash), ram=ram is not None,
@@ -164,7 +172,7 @@ def check_cmd(model: str, target: str, algorithm: str | None, batch: int | None,
         rep = run_check(graph, cfg, steps=steps, data_seed=data_seed, target=tgt,
                         work_dir=keep if keep is not None else tmp,
                         command=_canonical_command("check", model, cfg, target, width),
-                        forcing=not free)
+                        forcing=not free, extra_cflags=KERNEL_VARIANTS[variant])
     click.echo(format_report(rep, verbose=verbose))
     if not rep.ok:
         bad = sorted({r.name for r in rep.failures})

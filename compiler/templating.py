@@ -19,7 +19,7 @@ from typing import Iterable
 
 import jinja2
 
-from .c_literals import c_string
+from .c_literals import c_param_names, c_string
 from .target import Target
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
@@ -30,6 +30,7 @@ def _env() -> jinja2.Environment:
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
                              keep_trailing_newline=True, autoescape=False)
     env.filters["cstr"] = c_string
+    env.filters["c_args"] = c_param_names
     return env
 
 
@@ -75,6 +76,20 @@ def _macro(env: jinja2.Environment, family: str, name: str):
     return None
 
 
+def split_function(src: str, fn: str) -> tuple[str, str, str, str] | None:
+    """A rendered kernel instance `<head>static void fn(<params>)\n{<body>}<tail>` as its four
+    parts, or None when `src` is not exactly one such function (then it is left as it is)."""
+    start = src.find(f"static void {fn}(")
+    if start < 0 or src.count("static void ") != 1:
+        return None
+    open_ = start + len(f"static void {fn}(")
+    close = src.find(")\n{\n", open_)
+    end = src.rstrip().rfind("}")
+    if close < 0 or end < close:
+        return None
+    return src[:start], src[open_:close], src[close + 4:end].rstrip("\n"), src[end + 1:]
+
+
 def render_kernels(env: jinja2.Environment, instances: Iterable) -> list[str]:
     """The C of a program's kernels (module docstring): numerics, then per family its prelude and
     its kernel instances (objects with `family`, `macro`, `fn`, `types`, `flags`), each macro
@@ -88,5 +103,20 @@ def render_kernels(env: jinja2.Environment, instances: Iterable) -> list[str]:
         seen.add(inst.family)
         macro = _macro(env, inst.family, inst.macro)
         assert macro is not None, f"templates/kernels/{inst.family}.c.j2 lacks macro {inst.macro}"
-        out.append(str(macro(inst.fn, dict(inst.types), dict(inst.flags))))
+        src = str(macro(inst.fn, dict(inst.types), dict(inst.flags)))
+        parts = split_function(src, inst.fn) if _multiversioned(env, inst.family) else None
+        if parts is not None:
+            head, params, body, tail = parts
+            src = head + str(_mv_kernel(env)(inst.fn, params, caller=lambda b=body: b)) + tail
+        out.append(src)
     return out
+
+
+def _multiversioned(env: jinja2.Environment, family: str) -> bool:
+    """Whether kernel family `family`'s template sets `multiversion = true` (its element-wise
+    kernels go through kernels/multiversion.c.j2, e.g. AVX2/AVX-512 clones on x86-64)."""
+    return bool(getattr(env.get_template(f"kernels/{family}.c.j2").module, "multiversion", False))
+
+
+def _mv_kernel(env: jinja2.Environment):
+    return env.get_template(env.globals["overlay"]("kernels/multiversion.c.j2")).module.kernel

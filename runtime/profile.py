@@ -3,7 +3,8 @@
 Input: a `bnnc compile` output directory of a host-runnable target (its C built for the host with
 -DBNNC_PROFILE, which wraps every schedule step of `<prefix>_train_step` in a monotonic-clock
 timer: `<prefix>_profile_ns`). Output: a `Profile` -- per schedule step its kernel, layer, phase
-C function and median wall time over the timed steps, and per kernel the sums.
+C function, median wall time over the timed steps and, for the products of weight layers, the
+multiply-accumulates (`step_macs`), and per kernel the sums.
 
 Method: `warmup` untimed steps, then `steps` timed ones on random batches (pixels scaled like the
 datasets, `2p/255 - 1`, uniform labels; time does not depend on the values); the median per step
@@ -31,6 +32,7 @@ class StepTime:
     layer: str
     fn: str            # the C kernel function
     ms: float          # median over the timed steps
+    macs: int          # multiply-accumulates of a weight layer's product (fwd, dX, dW), else 0
 
 
 @dataclass(frozen=True)
@@ -41,14 +43,29 @@ class Profile:
     steps: tuple[StepTime, ...]
     step_ms: float     # median of the whole train_step call
 
-    def by_kernel(self) -> list[tuple[str, int, float]]:
-        """(kernel, number of schedule steps, total ms), largest first."""
+    def by_kernel(self) -> list[tuple[str, int, float, int]]:
+        """(kernel, number of schedule steps, total ms, total MACs), largest time first."""
         acc: dict[str, list] = {}
         for s in self.steps:
-            e = acc.setdefault(s.kernel, [0, 0.0])
+            e = acc.setdefault(s.kernel, [0, 0.0, 0])
             e[0] += 1
             e[1] += s.ms
-        return sorted(((k, n, ms) for k, (n, ms) in acc.items()), key=lambda r: -r[2])
+            e[2] += s.macs
+        return sorted(((k, n, ms, mac) for k, (n, ms, mac) in acc.items()), key=lambda r: -r[2])
+
+
+def step_macs(m, kernel: str, layer: str) -> int:
+    """Multiply-accumulates of one weight-layer product step (forward, dX or dW of a dense, conv
+    or grouped conv layer: every one is numel(out) x fan_in), from the manifest alone; 0 for
+    every other kernel (element-wise work, packing, updates)."""
+    if not kernel.startswith(("dense_fwd", "dense_dx", "dense_dw", "conv_fwd", "conv_dx",
+                              "conv_dw", "gconv_fwd", "gconv_dx", "gconv_dw")):
+        return 0
+    w = next((st for st in m.state if st.name == f"{layer}.W"), None)
+    out = m.tensor_by_name.get(f"{layer}.out")
+    if w is None or out is None:
+        return 0
+    return int(np.prod(out.shape)) * int(w.fan_in)
 
 
 def profile(out_dir: str | Path, *, steps: int = 10, warmup: int = 2, seed: int = 0,
@@ -86,7 +103,8 @@ def profile(out_dir: str | Path, *, steps: int = 10, warmup: int = 2, seed: int 
             per[i - warmup] = [buf[k] for k in range(n)]
             whole.append(dt)
     med = np.median(per, axis=0) / 1e6
-    rows = tuple(StepTime(s.index, s.kernel, s.layer, s.fn, float(med[k]))
+    rows = tuple(StepTime(s.index, s.kernel, s.layer, s.fn, float(med[k]),
+                          step_macs(m, s.kernel, s.layer))
                  for k, s in enumerate(m.steps))
     return Profile(m.model, str(m.config.get("algorithm", "")), m.batch, rows,
                    float(np.median(whole) * 1e3))
