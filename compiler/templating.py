@@ -9,7 +9,10 @@ and overrides its blocks (calling `super()` for the fallback); `overlays(path)` 
 function name), after the numerics runtime and, for every family whose template defines a
 `prelude` macro, that prelude once before the family's first kernel; a kernel macro is taken from
 the most specific overlay of kernels/<family>.c.j2 that defines one of that name (an overlay
-overrides the portable macro of the same name), else from the portable template.
+overrides the portable macro of the same name), else from the portable template. A family whose
+template sets `multiversion` (`'avx2'` or `'avx512'`) has each instance -- one `static void`
+function -- split (`split_function`) and passed through kernels/multiversion.c.j2's `kernel`
+macro (the x86 overlay compiles the body once per ISA and picks one at run time).
 """
 
 from __future__ import annotations
@@ -104,18 +107,21 @@ def render_kernels(env: jinja2.Environment, instances: Iterable) -> list[str]:
         macro = _macro(env, inst.family, inst.macro)
         assert macro is not None, f"templates/kernels/{inst.family}.c.j2 lacks macro {inst.macro}"
         src = str(macro(inst.fn, dict(inst.types), dict(inst.flags)))
-        parts = split_function(src, inst.fn) if _multiversioned(env, inst.family) else None
+        widest = _multiversioned(env, inst.family)
+        parts = split_function(src, inst.fn) if widest else None
         if parts is not None:
             head, params, body, tail = parts
-            src = head + str(_mv_kernel(env)(inst.fn, params, caller=lambda b=body: b)) + tail
+            src = head + str(_mv_kernel(env)(inst.fn, params, widest=widest,
+                                             caller=lambda b=body: b)) + tail
         out.append(src)
     return out
 
 
-def _multiversioned(env: jinja2.Environment, family: str) -> bool:
-    """Whether kernel family `family`'s template sets `multiversion = true` (its element-wise
-    kernels go through kernels/multiversion.c.j2, e.g. AVX2/AVX-512 clones on x86-64)."""
-    return bool(getattr(env.get_template(f"kernels/{family}.c.j2").module, "multiversion", False))
+def _multiversioned(env: jinja2.Environment, family: str) -> str | None:
+    """The widest ISA kernel family `family`'s template asks its kernels to be multiversioned up
+    to (`{% set multiversion = 'avx2' %}` or `'avx512'`: kernels/multiversion.c.j2 clones each
+    instance on x86-64), or None."""
+    return getattr(env.get_template(f"kernels/{family}.c.j2").module, "multiversion", None)
 
 
 def _mv_kernel(env: jinja2.Environment):
