@@ -2,14 +2,19 @@
 
 Input: a `bnnc compile` output directory of a host-runnable target (its C built for the host with
 -DBNNC_PROFILE, which wraps every schedule step of `<prefix>_train_step` in a monotonic-clock
-timer: `<prefix>_profile_ns`). Output: a `Profile` -- per schedule step its kernel, layer, phase
+timer on the calling thread's CPU clock: `<prefix>_profile_ns`). Output: a `Profile` -- per
+schedule step its kernel, layer, phase
 C function, median wall time over the timed steps and, for the products of weight layers, the
 multiply-accumulates (`step_macs`), and per kernel the sums.
 
 Method: `warmup` untimed steps, then `steps` timed ones on random batches (pixels scaled like the
-datasets, `2p/255 - 1`, uniform labels; time does not depend on the values); the median per step
-is robust to a burst of load from another process. The timer itself costs two clock reads per
-step (~50 ns), far below any kernel here. Limits: wall time on a shared machine; one thread.
+datasets, `2p/255 - 1`, uniform labels; time does not depend on the values). Times are the
+thread's CPU time (CLOCK_THREAD_CPUTIME_ID), not wall time: on a shared machine the wall clock
+also counts the time the thread waits for a core, which swung single kernels by 10x here under
+a load average of 14, while CPU time stays within a few percent; the median per step then drops
+what remains (cache pollution by a neighbour). The timer costs two clock reads per step (well
+under a microsecond), far below the kernels that matter. `step_ms` is the whole call, same clock.
+Limits: one thread; a busy machine still slows a kernel through shared caches.
 """
 
 from __future__ import annotations
@@ -92,9 +97,9 @@ def profile(out_dir: str | Path, *, steps: int = 10, warmup: int = 2, seed: int 
     whole = []
     for i in range(warmup + steps):
         fn(buf, n)
-        t0 = time.perf_counter()
+        t0 = time.thread_time()
         prog.train_step(xs[i % nbat], ys[i % nbat])
-        dt = time.perf_counter() - t0
+        dt = time.thread_time() - t0
         got = fn(buf, n)
         if got != n:
             raise DataError(f"{out_dir}: the program reports {got} timed steps, its manifest "

@@ -160,14 +160,15 @@ static uint64_t bnnc_dump[4403248u / 8u];
 #define BNNC_DUMP_OUT(off, p, n) ((void)0)
 #endif
 
-/* ---- per-step timing (bnnc profile): -DBNNC_PROFILE adds up each step's wall time in ns ---- */
+/* ---- per-step timing (bnnc profile): -DBNNC_PROFILE adds up each step's CPU time in ns (the
+ * calling thread's clock: time the thread waits for a core on a busy machine does not count) ---- */
 #if defined(BNNC_PROFILE)
 #include <time.h>
 static uint64_t bnnc_prof_ns[52];
 static uint64_t bnnc_prof_now(void)
 {
     struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 #define BNNC_PROF_BEGIN(k) uint64_t bnnc_t0_##k = bnnc_prof_now()

@@ -81,7 +81,7 @@ const bnnc_mlp_tensor_info_t *bnnc_mlp_tensor_info(int32_t index);
 const void *bnnc_mlp_tensor(int32_t index);
 int32_t bnnc_mlp_debug_dump_enabled(void);
 const char *bnnc_mlp_status_str(int status);
-/* Builds with -DBNNC_PROFILE (bnnc profile): the wall time in ns each schedule step took, summed
+/* Builds with -DBNNC_PROFILE (bnnc profile): the thread CPU time in ns each schedule step took, summed
  * since the last call, into ns[0 .. count-1], then reset; returns the number of steps (0 in other
  * builds, which time nothing). */
 int32_t bnnc_mlp_profile_ns(uint64_t *ns, int32_t count);
