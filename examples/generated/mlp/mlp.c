@@ -508,24 +508,21 @@ BNNC_HELPER float bnnc_one_minus_pow(float b, uint32_t t)
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(BNNC_NO_SIMD)
 #define BNNC_X86_MV 1
 /* the widest x86-64 vector ISA this CPU has and the build allows: 2 AVX-512 (F, BW, VL, DQ),
- * 1 AVX2, 0 baseline; asked once (a benign race: every thread computes the same value) */
+ * 1 AVX2, 0 baseline. Asked at every kernel call (a few loads of libgcc's CPU model, filled by
+ * its constructor): no cached copy, so the program keeps no writable global besides the arena
+ * and the state. */
 BNNC_HELPER int bnnc_x86_level(void)
 {
-    static int level = -1;
-    if (level < 0) {
-        int l = 0;
-        __builtin_cpu_init();
+    int l = 0;
 #if !defined(BNNC_NO_AVX2)
-        if (__builtin_cpu_supports("avx2")) l = 1;
+    if (__builtin_cpu_supports("avx2")) l = 1;
 #if !defined(BNNC_NO_AVX512)
-        if (l && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
-            && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-            l = 2;
+    if (l && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
+        && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+        l = 2;
 #endif
 #endif
-        level = l;
-    }
-    return level;
+    return l;
 }
 #endif
 #endif
@@ -597,24 +594,21 @@ static void k_sign_bwd_mask_f16_f16(const uint16_t *g, const uint64_t *keep, uin
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(BNNC_NO_SIMD)
 #define BNNC_X86_MV 1
 /* the widest x86-64 vector ISA this CPU has and the build allows: 2 AVX-512 (F, BW, VL, DQ),
- * 1 AVX2, 0 baseline; asked once (a benign race: every thread computes the same value) */
+ * 1 AVX2, 0 baseline. Asked at every kernel call (a few loads of libgcc's CPU model, filled by
+ * its constructor): no cached copy, so the program keeps no writable global besides the arena
+ * and the state. */
 BNNC_HELPER int bnnc_x86_level(void)
 {
-    static int level = -1;
-    if (level < 0) {
-        int l = 0;
-        __builtin_cpu_init();
+    int l = 0;
 #if !defined(BNNC_NO_AVX2)
-        if (__builtin_cpu_supports("avx2")) l = 1;
+    if (__builtin_cpu_supports("avx2")) l = 1;
 #if !defined(BNNC_NO_AVX512)
-        if (l && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
-            && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-            l = 2;
+    if (l && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
+        && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+        l = 2;
 #endif
 #endif
-        level = l;
-    }
-    return level;
+    return l;
 }
 #endif
 #endif
@@ -678,24 +672,21 @@ static void k_sign_fwd_pack_rows_mask1(const float *x, uint64_t *y, uint64_t *ma
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(BNNC_NO_SIMD)
 #define BNNC_X86_MV 1
 /* the widest x86-64 vector ISA this CPU has and the build allows: 2 AVX-512 (F, BW, VL, DQ),
- * 1 AVX2, 0 baseline; asked once (a benign race: every thread computes the same value) */
+ * 1 AVX2, 0 baseline. Asked at every kernel call (a few loads of libgcc's CPU model, filled by
+ * its constructor): no cached copy, so the program keeps no writable global besides the arena
+ * and the state. */
 BNNC_HELPER int bnnc_x86_level(void)
 {
-    static int level = -1;
-    if (level < 0) {
-        int l = 0;
-        __builtin_cpu_init();
+    int l = 0;
 #if !defined(BNNC_NO_AVX2)
-        if (__builtin_cpu_supports("avx2")) l = 1;
+    if (__builtin_cpu_supports("avx2")) l = 1;
 #if !defined(BNNC_NO_AVX512)
-        if (l && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
-            && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-            l = 2;
+    if (l && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
+        && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+        l = 2;
 #endif
 #endif
-        level = l;
-    }
-    return level;
+    return l;
 }
 #endif
 #endif
@@ -810,24 +801,21 @@ static void k_bn_l1_bwd_f16_f16_dx1_rows1(const uint16_t *g, const uint64_t *sbi
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(BNNC_NO_SIMD)
 #define BNNC_X86_MV 1
 /* the widest x86-64 vector ISA this CPU has and the build allows: 2 AVX-512 (F, BW, VL, DQ),
- * 1 AVX2, 0 baseline; asked once (a benign race: every thread computes the same value) */
+ * 1 AVX2, 0 baseline. Asked at every kernel call (a few loads of libgcc's CPU model, filled by
+ * its constructor): no cached copy, so the program keeps no writable global besides the arena
+ * and the state. */
 BNNC_HELPER int bnnc_x86_level(void)
 {
-    static int level = -1;
-    if (level < 0) {
-        int l = 0;
-        __builtin_cpu_init();
+    int l = 0;
 #if !defined(BNNC_NO_AVX2)
-        if (__builtin_cpu_supports("avx2")) l = 1;
+    if (__builtin_cpu_supports("avx2")) l = 1;
 #if !defined(BNNC_NO_AVX512)
-        if (l && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
-            && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-            l = 2;
+    if (l && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
+        && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+        l = 2;
 #endif
 #endif
-        level = l;
-    }
-    return level;
+    return l;
 }
 #endif
 #endif
@@ -941,24 +929,21 @@ static void k_bn_l1_fwd_bf16_bf16_rows1_signs1(const float *x, const uint16_t *b
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(BNNC_NO_SIMD)
 #define BNNC_X86_MV 1
 /* the widest x86-64 vector ISA this CPU has and the build allows: 2 AVX-512 (F, BW, VL, DQ),
- * 1 AVX2, 0 baseline; asked once (a benign race: every thread computes the same value) */
+ * 1 AVX2, 0 baseline. Asked at every kernel call (a few loads of libgcc's CPU model, filled by
+ * its constructor): no cached copy, so the program keeps no writable global besides the arena
+ * and the state. */
 BNNC_HELPER int bnnc_x86_level(void)
 {
-    static int level = -1;
-    if (level < 0) {
-        int l = 0;
-        __builtin_cpu_init();
+    int l = 0;
 #if !defined(BNNC_NO_AVX2)
-        if (__builtin_cpu_supports("avx2")) l = 1;
+    if (__builtin_cpu_supports("avx2")) l = 1;
 #if !defined(BNNC_NO_AVX512)
-        if (l && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
-            && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-            l = 2;
+    if (l && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
+        && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+        l = 2;
 #endif
 #endif
-        level = l;
-    }
-    return level;
+    return l;
 }
 #endif
 #endif
@@ -1221,24 +1206,21 @@ BNNC_HELPER int32_t bnnc_xor_popcount(const uint64_t *a, const uint64_t *b, int3
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(BNNC_NO_SIMD)
 #define BNNC_X86_MV 1
 /* the widest x86-64 vector ISA this CPU has and the build allows: 2 AVX-512 (F, BW, VL, DQ),
- * 1 AVX2, 0 baseline; asked once (a benign race: every thread computes the same value) */
+ * 1 AVX2, 0 baseline. Asked at every kernel call (a few loads of libgcc's CPU model, filled by
+ * its constructor): no cached copy, so the program keeps no writable global besides the arena
+ * and the state. */
 BNNC_HELPER int bnnc_x86_level(void)
 {
-    static int level = -1;
-    if (level < 0) {
-        int l = 0;
-        __builtin_cpu_init();
+    int l = 0;
 #if !defined(BNNC_NO_AVX2)
-        if (__builtin_cpu_supports("avx2")) l = 1;
+    if (__builtin_cpu_supports("avx2")) l = 1;
 #if !defined(BNNC_NO_AVX512)
-        if (l && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
-            && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-            l = 2;
+    if (l && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
+        && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+        l = 2;
 #endif
 #endif
-        level = l;
-    }
-    return level;
+    return l;
 }
 #endif
 #endif
@@ -2046,24 +2028,21 @@ static void k_pack_sign_w_dense_bf16(const uint16_t *w, uint64_t *wb, int32_t K,
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(BNNC_NO_SIMD)
 #define BNNC_X86_MV 1
 /* the widest x86-64 vector ISA this CPU has and the build allows: 2 AVX-512 (F, BW, VL, DQ),
- * 1 AVX2, 0 baseline; asked once (a benign race: every thread computes the same value) */
+ * 1 AVX2, 0 baseline. Asked at every kernel call (a few loads of libgcc's CPU model, filled by
+ * its constructor): no cached copy, so the program keeps no writable global besides the arena
+ * and the state. */
 BNNC_HELPER int bnnc_x86_level(void)
 {
-    static int level = -1;
-    if (level < 0) {
-        int l = 0;
-        __builtin_cpu_init();
+    int l = 0;
 #if !defined(BNNC_NO_AVX2)
-        if (__builtin_cpu_supports("avx2")) l = 1;
+    if (__builtin_cpu_supports("avx2")) l = 1;
 #if !defined(BNNC_NO_AVX512)
-        if (l && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
-            && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-            l = 2;
+    if (l && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
+        && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+        l = 2;
 #endif
 #endif
-        level = l;
-    }
-    return level;
+    return l;
 }
 #endif
 #endif
@@ -2124,24 +2103,21 @@ static void k_softmax_rows(const float *z, float *probs, int32_t B, int32_t K)
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(BNNC_NO_SIMD)
 #define BNNC_X86_MV 1
 /* the widest x86-64 vector ISA this CPU has and the build allows: 2 AVX-512 (F, BW, VL, DQ),
- * 1 AVX2, 0 baseline; asked once (a benign race: every thread computes the same value) */
+ * 1 AVX2, 0 baseline. Asked at every kernel call (a few loads of libgcc's CPU model, filled by
+ * its constructor): no cached copy, so the program keeps no writable global besides the arena
+ * and the state. */
 BNNC_HELPER int bnnc_x86_level(void)
 {
-    static int level = -1;
-    if (level < 0) {
-        int l = 0;
-        __builtin_cpu_init();
+    int l = 0;
 #if !defined(BNNC_NO_AVX2)
-        if (__builtin_cpu_supports("avx2")) l = 1;
+    if (__builtin_cpu_supports("avx2")) l = 1;
 #if !defined(BNNC_NO_AVX512)
-        if (l && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
-            && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-            l = 2;
+    if (l && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
+        && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+        l = 2;
 #endif
 #endif
-        level = l;
-    }
-    return level;
+    return l;
 }
 #endif
 #endif
@@ -2228,24 +2204,21 @@ static void k_softmax_xent_f16(const float *z, const int32_t *labels, float *los
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(BNNC_NO_SIMD)
 #define BNNC_X86_MV 1
 /* the widest x86-64 vector ISA this CPU has and the build allows: 2 AVX-512 (F, BW, VL, DQ),
- * 1 AVX2, 0 baseline; asked once (a benign race: every thread computes the same value) */
+ * 1 AVX2, 0 baseline. Asked at every kernel call (a few loads of libgcc's CPU model, filled by
+ * its constructor): no cached copy, so the program keeps no writable global besides the arena
+ * and the state. */
 BNNC_HELPER int bnnc_x86_level(void)
 {
-    static int level = -1;
-    if (level < 0) {
-        int l = 0;
-        __builtin_cpu_init();
+    int l = 0;
 #if !defined(BNNC_NO_AVX2)
-        if (__builtin_cpu_supports("avx2")) l = 1;
+    if (__builtin_cpu_supports("avx2")) l = 1;
 #if !defined(BNNC_NO_AVX512)
-        if (l && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
-            && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-            l = 2;
+    if (l && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
+        && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+        l = 2;
 #endif
 #endif
-        level = l;
-    }
-    return level;
+    return l;
 }
 #endif
 #endif
@@ -2343,24 +2316,21 @@ static void k_adam_update_bf16_bf16_bf16_gbit1(uint16_t *p, const uint64_t *g, u
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(BNNC_NO_SIMD)
 #define BNNC_X86_MV 1
 /* the widest x86-64 vector ISA this CPU has and the build allows: 2 AVX-512 (F, BW, VL, DQ),
- * 1 AVX2, 0 baseline; asked once (a benign race: every thread computes the same value) */
+ * 1 AVX2, 0 baseline. Asked at every kernel call (a few loads of libgcc's CPU model, filled by
+ * its constructor): no cached copy, so the program keeps no writable global besides the arena
+ * and the state. */
 BNNC_HELPER int bnnc_x86_level(void)
 {
-    static int level = -1;
-    if (level < 0) {
-        int l = 0;
-        __builtin_cpu_init();
+    int l = 0;
 #if !defined(BNNC_NO_AVX2)
-        if (__builtin_cpu_supports("avx2")) l = 1;
+    if (__builtin_cpu_supports("avx2")) l = 1;
 #if !defined(BNNC_NO_AVX512)
-        if (l && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
-            && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-            l = 2;
+    if (l && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
+        && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+        l = 2;
 #endif
 #endif
-        level = l;
-    }
-    return level;
+    return l;
 }
 #endif
 #endif
@@ -2457,24 +2427,21 @@ static void k_adam_update_bf16_f32_bf16_bf16_gbit0(uint16_t *p, const float *g, 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(BNNC_NO_SIMD)
 #define BNNC_X86_MV 1
 /* the widest x86-64 vector ISA this CPU has and the build allows: 2 AVX-512 (F, BW, VL, DQ),
- * 1 AVX2, 0 baseline; asked once (a benign race: every thread computes the same value) */
+ * 1 AVX2, 0 baseline. Asked at every kernel call (a few loads of libgcc's CPU model, filled by
+ * its constructor): no cached copy, so the program keeps no writable global besides the arena
+ * and the state. */
 BNNC_HELPER int bnnc_x86_level(void)
 {
-    static int level = -1;
-    if (level < 0) {
-        int l = 0;
-        __builtin_cpu_init();
+    int l = 0;
 #if !defined(BNNC_NO_AVX2)
-        if (__builtin_cpu_supports("avx2")) l = 1;
+    if (__builtin_cpu_supports("avx2")) l = 1;
 #if !defined(BNNC_NO_AVX512)
-        if (l && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
-            && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-            l = 2;
+    if (l && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
+        && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+        l = 2;
 #endif
 #endif
-        level = l;
-    }
-    return level;
+    return l;
 }
 #endif
 #endif
