@@ -503,66 +503,6 @@ BNNC_HELPER float bnnc_one_minus_pow(float b, uint32_t t)
 }
 
 /* d_in = d_out * 1[mask bit] (in place ok) */
-#if !defined(BNNC_X86_LEVEL_FN)
-#define BNNC_X86_LEVEL_FN 1
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(BNNC_NO_SIMD)
-#define BNNC_X86_MV 1
-/* the widest x86-64 vector ISA this CPU has and the build allows: 2 AVX-512 (F, BW, VL, DQ),
- * 1 AVX2, 0 baseline. Asked at every kernel call (a few loads of libgcc's CPU model, filled by
- * its constructor): no cached copy, so the program keeps no writable global besides the arena
- * and the state. */
-BNNC_HELPER int bnnc_x86_level(void)
-{
-    int l = 0;
-#if !defined(BNNC_NO_AVX2)
-    if (__builtin_cpu_supports("avx2")) l = 1;
-#if !defined(BNNC_NO_AVX512)
-    if (l && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
-        && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-        l = 2;
-#endif
-#endif
-    return l;
-}
-#endif
-#endif
-
-#if defined(BNNC_X86_MV)
-static inline __attribute__((always_inline)) void k_sign_bwd_mask_f16_f16_body(const uint16_t *g, const uint64_t *keep, uint16_t *d, int32_t B,
-    int32_t size, int32_t mwords)
-{
-    int32_t n, i0, b;
-    uint32_t mt[64];
-    bnnc_mask_table(mt, 0xFFFFFFFFu, 0u);
-    for (n = 0; n < B; n++)
-        for (i0 = 0; i0 < size; i0 += 64) {
-            const size_t j0 = (size_t)n * (size_t)size + (size_t)i0;
-            const int32_t m = size - i0 < 64 ? size - i0 : 64;
-
-            uint32_t k[64];
-            bnnc_bits_to_masks(keep[(size_t)n * (size_t)mwords + (size_t)(i0 / 64)], mt, k);
-            {
-                /* same 16-bit format: g * 1 is g, g * 0 is a zero with g's sign */
-                uint16_t v[64];
-                for (b = 0; b < m; b++) v[b] = g[j0 + (size_t)b];
-                for (b = 0; b < m; b++) d[j0 + (size_t)b] = (uint16_t)(v[b] & (k[b] | 0x8000u));
-            }
-        }
-}
-__attribute__((noinline, target("avx2"))) static void k_sign_bwd_mask_f16_f16_avx2(const uint16_t *g, const uint64_t *keep, uint16_t *d, int32_t B,
-    int32_t size, int32_t mwords)
-{
-    k_sign_bwd_mask_f16_f16_body(g, keep, d, B, size, mwords);
-}
-static void k_sign_bwd_mask_f16_f16(const uint16_t *g, const uint64_t *keep, uint16_t *d, int32_t B,
-    int32_t size, int32_t mwords)
-{
-    switch (bnnc_x86_level()) {
-    case 2: case 1: k_sign_bwd_mask_f16_f16_avx2(g, keep, d, B, size, mwords); break;
-    default: k_sign_bwd_mask_f16_f16_body(g, keep, d, B, size, mwords); break;
-    }
-}
-#else
 static void k_sign_bwd_mask_f16_f16(const uint16_t *g, const uint64_t *keep, uint16_t *d, int32_t B,
     int32_t size, int32_t mwords)
 {
@@ -584,65 +524,9 @@ static void k_sign_bwd_mask_f16_f16(const uint16_t *g, const uint64_t *keep, uin
             }
         }
 }
-#endif
-
 
 
 /* y = sign(x) packed: element i of sample n -> bit i of row n (+1 -> 1); optional STE mask */
-#if !defined(BNNC_X86_LEVEL_FN)
-#define BNNC_X86_LEVEL_FN 1
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(BNNC_NO_SIMD)
-#define BNNC_X86_MV 1
-/* the widest x86-64 vector ISA this CPU has and the build allows: 2 AVX-512 (F, BW, VL, DQ),
- * 1 AVX2, 0 baseline. Asked at every kernel call (a few loads of libgcc's CPU model, filled by
- * its constructor): no cached copy, so the program keeps no writable global besides the arena
- * and the state. */
-BNNC_HELPER int bnnc_x86_level(void)
-{
-    int l = 0;
-#if !defined(BNNC_NO_AVX2)
-    if (__builtin_cpu_supports("avx2")) l = 1;
-#if !defined(BNNC_NO_AVX512)
-    if (l && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
-        && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-        l = 2;
-#endif
-#endif
-    return l;
-}
-#endif
-#endif
-
-#if defined(BNNC_X86_MV)
-static inline __attribute__((always_inline)) void k_sign_fwd_pack_rows_mask1_body(const float *x, uint64_t *y, uint64_t *mask, int32_t B, int32_t size, int32_t mwords)
-{
-    int32_t n, i0, b;
-    for (n = 0; n < B; n++)
-        for (i0 = 0; i0 < size; i0 += 64) {
-            const size_t j0 = (size_t)n * (size_t)size + (size_t)i0;
-            const int32_t m = size - i0 < 64 ? size - i0 : 64;
-
-            const size_t w = (size_t)n * (size_t)mwords + (size_t)(i0 / 64);
-            uint8_t f[64];
-            memset(f, 0, sizeof f);
-            for (b = 0; b < m; b++) f[b] = (uint8_t)(x[j0 + (size_t)b] >= 0.0f);
-            y[w] = bnnc_bytes_to_bits(f);
-            for (b = 0; b < m; b++) f[b] = (uint8_t)(fabsf(x[j0 + (size_t)b]) <= 1.0f);
-            mask[w] = bnnc_bytes_to_bits(f);
-        }
-}
-__attribute__((noinline, target("avx2"))) static void k_sign_fwd_pack_rows_mask1_avx2(const float *x, uint64_t *y, uint64_t *mask, int32_t B, int32_t size, int32_t mwords)
-{
-    k_sign_fwd_pack_rows_mask1_body(x, y, mask, B, size, mwords);
-}
-static void k_sign_fwd_pack_rows_mask1(const float *x, uint64_t *y, uint64_t *mask, int32_t B, int32_t size, int32_t mwords)
-{
-    switch (bnnc_x86_level()) {
-    case 2: case 1: k_sign_fwd_pack_rows_mask1_avx2(x, y, mask, B, size, mwords); break;
-    default: k_sign_fwd_pack_rows_mask1_body(x, y, mask, B, size, mwords); break;
-    }
-}
-#else
 static void k_sign_fwd_pack_rows_mask1(const float *x, uint64_t *y, uint64_t *mask, int32_t B, int32_t size, int32_t mwords)
 {
     int32_t n, i0, b;
@@ -660,8 +544,6 @@ static void k_sign_fwd_pack_rows_mask1(const float *x, uint64_t *y, uint64_t *ma
             mask[w] = bnnc_bytes_to_bits(f);
         }
 }
-#endif
-
 
 
 /* l1 BN backward (1 bit): dbeta = sum G; H = f16(G) / psi; dY = H - mean(H) - s mean(H s)
