@@ -19,6 +19,7 @@ Limits: one thread; a busy machine still slows a kernel through shared caches.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,8 +77,6 @@ def step_macs(m, kernel: str, layer: str) -> int:
 def profile(out_dir: str | Path, *, steps: int = 10, warmup: int = 2, seed: int = 0,
             extra_cflags: tuple[str, ...] = ()) -> Profile:
     """Time every schedule step of OUT_DIR's training step on the host (see the module doc)."""
-    import time
-
     m = read_manifest(Path(out_dir))
     if m.target_kind == "baremetal":
         raise DataError(f"{out_dir} was compiled for {m.target}, a bare-metal target",
