@@ -10,13 +10,19 @@ Markdown table on stdout (progress goes to stderr), written with the machine it 
 `<stem>.md` and `<stem>.json`; the Markdown is rendered from the JSON document alone, so the two
 always carry the same rows and numbers.
 
-Parts (`--only`, comma separated; default all four):
-- host: milliseconds per training step (median of --steps steps after --warmup warm-up steps) of the
+Parts (`--only`, comma separated; default all five):
+- host: milliseconds of thread CPU time per training step (median of --steps steps after --warmup
+  warm-up steps; the wall-clock medians are in the detail) of the
   emitted C, standard and proposed, built with the host target's flags and driven in-process through
   runtime/host.py `HostProgram` (cffi), and of the same network trained by PyTorch on one thread
   (the standard BNN: sign with straight-through gradient, L2 batch norm, Adam, float32), with the
   ratio PyTorch / bnnc per bnnc row. Default cases mlp:100, mlp:200, cnv:100 and binarynet:40?
   (the paper's Raspberry Pi setting; skipped with the probe's time when a step is too slow).
+  The proposed row's detail also gives bnnc proposed / bnnc standard.
+- kernels: where bnnc's step spends its time: per case and algorithm one row per kernel, its
+  median ms per step in the -DBNNC_PROFILE host build (runtime/profile.py, the same table as
+  `bnnc profile OUT`), its share, and for the weight-layer products (dense/conv forward, dX, dW)
+  the multiply-accumulates and the rate in GMAC/s.
 - rss: peak resident set size of the standalone host trainer (runtime/programs.py `build_trainer`,
   OUT/trainer.c) training --rss-steps steps from a packed dataset (runtime/packed.py), against a
   Python process doing the same steps with PyTorch on the same file (and, in the detail, a Python
@@ -39,6 +45,11 @@ Method, and why:
 - OMP/OPENBLAS/MKL_NUM_THREADS=1 are set before numpy or torch is imported (their thread pools size
   themselves at import) and torch.set_num_threads(1) before every torch measurement: the issue
   compares single-threaded code on a 2-core machine shared with other work.
+- CPU time, not wall time: each step is timed with the calling thread's CPU clock
+  (time.thread_time; PyTorch on one thread computes in the calling thread, so both sides are
+  measured alike). On this shared 2-core machine the wall clock also counts the time the step
+  waits for a core, which made wall-clock medians swing 3-5x between runs at a load average of
+  10-17; thread CPU time stayed within a few percent. Wall medians stay in the detail column.
 - Interleaving: each repetition runs one step of every contender (C standard, C proposed, PyTorch),
   rotating who goes first, so a burst of load from another process hits all of them alike; the
   median of the timed repetitions is the number. The garbage collector is off while timing.
@@ -106,7 +117,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 MIB = float(1 << 20)
 TIME = "/usr/bin/time"
 ALGORITHMS = ("standard", "proposed")
-PARTS = ("host", "rss", "qemu", "m7", "m33", "m55")
+PARTS = ("host", "kernels", "rss", "qemu", "m7", "m33", "m55")
 DEFAULT_CASES = "mlp:100,mlp:200,cnv:100,binarynet:40?"
 QUICK_CASES = "tfc:100,cnv@0.125:10"
 COLUMNS = ("metric", "model", "batch", "algorithm", "bnnc", "PyTorch (standard)",
@@ -121,6 +132,7 @@ INSNS_M55 = "instructions/step, Cortex-M55 (QEMU)"
 # part -> (target, metric): the bare-metal instruction counts
 MCU_PARTS = {"m7": ("cortex-m7", INSNS_M7), "m33": ("cortex-m33", INSNS_M33),
              "m55": ("cortex-m55", INSNS_M55)}
+KERNEL_MS = "kernel time (ms/step)"
 
 
 def _load_module(path: Path, name: str):
@@ -406,6 +418,7 @@ def host_case(ws: Workspace, case: Case, args) -> list[Row]:
     contenders["torch"] = lambda i: net.step(txs[i % 8], tys[i % 8])
     names = list(contenders)
     times: dict[str, list[float]] = {k: [] for k in names}
+    walls: dict[str, list[float]] = {k: [] for k in names}
     reps = args.warmup + args.steps
     gc.collect()
     gc.disable()
@@ -413,13 +426,14 @@ def host_case(ws: Workspace, case: Case, args) -> list[Row]:
         for rep in range(reps):
             for j in range(len(names)):
                 who = names[(rep + j) % len(names)]
-                t0 = time.perf_counter()
+                w0, t0 = time.perf_counter(), time.thread_time()
                 loss = contenders[who](rep)
-                dt = time.perf_counter() - t0
+                dt, dw = time.thread_time() - t0, time.perf_counter() - w0
                 if rep == 0:
                     first_loss[who] = loss
                 if rep >= args.warmup:
                     times[who].append(1000.0 * dt)
+                    walls[who].append(1000.0 * dw)
     finally:
         gc.enable()
         for hp in progs.values():
@@ -428,12 +442,33 @@ def host_case(ws: Workspace, case: Case, args) -> list[Row]:
     log(f"host {case.label}:{case.batch}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in med.items()))
     rows = []
     for a in ALGORITHMS:
-        detail = f"IQR C {_quartiles(times[a])}, PyTorch {_quartiles(times['torch'])}"
+        detail = (f"IQR C {_quartiles(times[a])}, PyTorch {_quartiles(times['torch'])}; wall "
+                  f"median C {np.median(walls[a]):.3g}, PyTorch {np.median(walls['torch']):.3g}")
         if a == "standard":
             detail += (f"; first-step loss C {first_loss['standard']:.5f}, PyTorch "
                        f"{first_loss['torch']:.5f}")
+        else:
+            detail += f"; proposed / standard {med['proposed'] / med['standard']:.2f}"
         rows.append(Row(STEP_MS, case.label, case.batch, a, med[a], med["torch"], detail))
     return rows
+
+
+def part_kernels(ws: Workspace, cases: list[Case], args) -> Iterator[Row]:
+    """Per case and algorithm, one row per kernel (largest first): its median ms per training step
+    over --steps steps of the -DBNNC_PROFILE host build (runtime/profile.py, `bnnc profile`), its
+    share of the kernels' sum and, for weight-layer products, MACs and the MAC rate."""
+    from bnnc.runtime.profile import profile
+
+    for case in cases:
+        for a in ALGORITHMS:
+            prof = profile(ws.compiled(case, a), steps=args.steps, warmup=args.warmup)
+            total = sum(s.ms for s in prof.steps)
+            log(f"kernels {case.label}:{case.batch} {a}: {total:.2f} ms in kernels")
+            for k, n, ms, macs in prof.by_kernel():
+                detail = f"{k}: {n} step(s), {100 * ms / total:.1f} % of {total:.2f} ms"
+                if macs:
+                    detail += f", {macs / 1e6:.1f} MMAC, {macs / ms / 1e6:.1f} GMAC/s"
+                yield Row(KERNEL_MS, case.label, case.batch, a, ms, detail=detail)
 
 
 def part_rss(ws: Workspace, cases: list[Case], args) -> Iterator[Row]:
@@ -637,8 +672,10 @@ def render_markdown(doc: dict[str, Any]) -> str:
              f"{' / '.join(map(str, m['loadavg_start']))} at start, "
              f"{' / '.join(map(str, m['loadavg_end']))} at end.", "",
              " ".join(said for part, said in (
-                 ("host", f"Step times: median of {s['steps']} after {s['warmup']} warm-up, C "
-                          "and PyTorch interleaved."),
+                 ("host", f"Step times: thread CPU time, median of {s['steps']} after "
+                          f"{s['warmup']} warm-up, C and PyTorch interleaved."),
+                 ("kernels", "Kernel times: -DBNNC_PROFILE host build, median per kernel "
+                             "(`bnnc profile`)."),
                  ("rss", f"Peak RSS: {s['rss_steps']} training steps per process."),
                  ("qemu", f"Instructions: {_how(s['insn_steps'])}."))
                  if part in s["parts"]) + f" Command: `{doc['command']}`.", "",
@@ -721,10 +758,11 @@ def run(args, parts: list[str], cases: list[Case], command: str) -> int:
                         for c in cases if c.key in skipped)
 
         makers = {"probe": probe, "host": lambda: part_host(ws, kept, args),
+                  "kernels": lambda: part_kernels(ws, kept, args),
                   "rss": lambda: part_rss(ws, kept, args),
                   "qemu": lambda: part_qemu(ws, kept, args),
                   **{p: (lambda p=p: part_mcu(ws, args, p)) for p in MCU_PARTS}}
-        steps = (["probe"] if set(parts) & {"host", "rss", "qemu"} else []) + parts
+        steps = (["probe"] if set(parts) & {"host", "kernels", "rss", "qemu"} else []) + parts
         for part in steps:
             # a long run keeps what it measured when a later part breaks (a kernel being edited,
             # a toolchain missing): the failure becomes a row and the exit status

@@ -11,7 +11,7 @@ import click
 
 from ..compiler.errors import BnncError, BnncWarning
 from . import (compile_cmds, data_cmds, export_cmds, fleet_cmds,  # noqa: F401  (they register)
-               memory_cmds, model_cmds, run_cmds, train_cmds, zoo_cmds)
+               memory_cmds, model_cmds, profile_cmds, run_cmds, train_cmds, zoo_cmds)
 from .app import cli
 
 

@@ -30,6 +30,7 @@ from ..compiler.errors import BudgetError, ConfigError
 from ..compiler.planner import DEFAULT_GUARD_BYTES
 from ..compiler.target import Target, load_target, parse_size
 from ..runtime.check import debug_target, format_report, run_check
+from ..runtime.host import KERNEL_VARIANTS
 from ..runtime.outdir import compile_graph, load_graph, model_bytes, with_new_head
 from .app import cli
 from .memory_cmds import freeze_options, technique_options, with_freeze
@@ -213,11 +214,15 @@ def compile_cmd(model: str, target: str, algorithm: str | None, batch: int | Non
               help="do not feed the reference the C's layer inputs (rounding then compounds "
                    "through sign and PO2 thresholds; meaningful for all-f32 configurations)")
 @click.option("--verbose", is_flag=True, help="list every tensor, also the bit-identical ones")
+@click.option("--variant", type=click.Choice(list(KERNEL_VARIANTS)), default="auto",
+              show_default=True,
+              help="--target host: force the kernels' run-time choice (x86-64): auto (the widest "
+                   "the CPU has), avx2 or sse2 (capped there), portable (-DBNNC_NO_SIMD)")
 def check_cmd(model: str, target: str, algorithm: str | None, batch: int | None, lr: float | None,
               seed: int, width: float | None, classes: int | None, steps: int, data_seed: int,
-              keep: Path | None,
-              free: bool, verbose: bool, ram: str | None, flash: str | None,
-              train: str | None, train_from: str | None, **techniques) -> None:
+              keep: Path | None, free: bool, verbose: bool, variant: str, ram: str | None,
+              flash: str | None, train: str | None, train_from: str | None,
+              **techniques) -> None:
     """Train MODEL for K steps in the emitted C and in the numpy reference; compare every tensor.
 
     
@@ -226,6 +231,9 @@ def check_cmd(model: str, target: str, algorithm: str | None, batch: int | None,
     tensor of every step, and the same comparison replays that recording.
     """
     cfg = _config(algorithm, batch, lr, seed, 32, techniques)
+    if variant != "auto" and load_target(target).kind != "host":
+        raise ConfigError(f"--variant {variant} forces the host build's kernels; target {target!r} "
+                          "runs its own build", hint="use --variant with --target host")
     graph = load_graph(model, width=width)
     if classes is not None:
         graph = with_new_head(graph, classes, seed)[0]
@@ -238,7 +246,7 @@ def check_cmd(model: str, target: str, algorithm: str | None, batch: int | None,
                         command=_canonical_command("check", model, cfg, target, width,
                                                    classes=classes, train=train,
                                                    train_from=train_from),
-                        forcing=not free)
+                        forcing=not free, extra_cflags=KERNEL_VARIANTS[variant])
     click.echo(format_report(rep, verbose=verbose))
     if not rep.ok:
         bad = sorted({r.name for r in rep.failures})

@@ -82,6 +82,21 @@ def c_ident(text: str) -> str:
     return text
 
 
+def c_param_names(params: str) -> str:
+    """The argument list that forwards a C parameter list (bnnc's own kernel signatures) unchanged:
+    the last identifier of each comma-separated parameter.
+
+    >>> c_param_names("const float *x, uint16_t *m, int32_t count")
+    'x, m, count'
+    >>> c_param_names("void")
+    ''
+    """
+    if params.strip() == "void":
+        return ""
+    names = [re.findall(r"[A-Za-z_][A-Za-z0-9_]*", p)[-1] for p in params.split(",")]
+    return ", ".join(c_ident(n) for n in names)
+
+
 def c_label(text: str) -> str:
     """A name from a model file as it may appear in a generated comment: every character that is
     not a letter, digit or `_` becomes `_`, cut to LABEL_CHARS (nothing of the file reaches the C

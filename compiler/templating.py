@@ -9,7 +9,10 @@ and overrides its blocks (calling `super()` for the fallback); `overlays(path)` 
 function name), after the numerics runtime and, for every family whose template defines a
 `prelude` macro, that prelude once before the family's first kernel; a kernel macro is taken from
 the most specific overlay of kernels/<family>.c.j2 that defines one of that name (an overlay
-overrides the portable macro of the same name), else from the portable template.
+overrides the portable macro of the same name), else from the portable template. A family whose
+template sets `multiversion` (`'avx2'` or `'avx512'`) has each instance -- one `static void`
+function -- split (`split_function`) and passed through kernels/multiversion.c.j2's `kernel`
+macro (the x86 overlay compiles the body once per ISA and picks one at run time).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import Iterable
 
 import jinja2
 
-from .c_literals import c_string
+from .c_literals import c_param_names, c_string
 from .target import Target
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
@@ -30,6 +33,7 @@ def _env() -> jinja2.Environment:
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
                              keep_trailing_newline=True, autoescape=False)
     env.filters["cstr"] = c_string
+    env.filters["c_args"] = c_param_names
     return env
 
 
@@ -75,6 +79,20 @@ def _macro(env: jinja2.Environment, family: str, name: str):
     return None
 
 
+def split_function(src: str, fn: str) -> tuple[str, str, str, str] | None:
+    """A rendered kernel instance `<head>static void fn(<params>)\n{<body>}<tail>` as its four
+    parts, or None when `src` is not exactly one such function (then it is left as it is)."""
+    start = src.find(f"static void {fn}(")
+    if start < 0 or src.count("static void ") != 1:
+        return None
+    open_ = start + len(f"static void {fn}(")
+    close = src.find(")\n{\n", open_)
+    end = src.rstrip().rfind("}")
+    if close < 0 or end < close:
+        return None
+    return src[:start], src[open_:close], src[close + 4:end].rstrip("\n"), src[end + 1:]
+
+
 def render_kernels(env: jinja2.Environment, instances: Iterable) -> list[str]:
     """The C of a program's kernels (module docstring): numerics, then per family its prelude and
     its kernel instances (objects with `family`, `macro`, `fn`, `types`, `flags`), each macro
@@ -88,5 +106,23 @@ def render_kernels(env: jinja2.Environment, instances: Iterable) -> list[str]:
         seen.add(inst.family)
         macro = _macro(env, inst.family, inst.macro)
         assert macro is not None, f"templates/kernels/{inst.family}.c.j2 lacks macro {inst.macro}"
-        out.append(str(macro(inst.fn, dict(inst.types), dict(inst.flags))))
+        src = str(macro(inst.fn, dict(inst.types), dict(inst.flags)))
+        widest = _multiversioned(env, inst.family)
+        parts = split_function(src, inst.fn) if widest else None
+        if parts is not None:
+            head, params, body, tail = parts
+            src = head + str(_mv_kernel(env)(inst.fn, params, widest=widest,
+                                             caller=lambda b=body: b)) + tail
+        out.append(src)
     return out
+
+
+def _multiversioned(env: jinja2.Environment, family: str) -> str | None:
+    """The widest ISA kernel family `family`'s template asks its kernels to be multiversioned up
+    to (`{% set multiversion = 'avx2' %}` or `'avx512'`: kernels/multiversion.c.j2 clones each
+    instance on x86-64), or None."""
+    return getattr(env.get_template(f"kernels/{family}.c.j2").module, "multiversion", None)
+
+
+def _mv_kernel(env: jinja2.Environment):
+    return env.get_template(env.globals["overlay"]("kernels/multiversion.c.j2")).module.kernel

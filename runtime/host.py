@@ -40,6 +40,14 @@ from ..compiler.target import Target, load_target
 
 _STATUS = tuple(text for _, text in STATUSES)
 
+# The kernel variants a host build can be forced to (the C's compile options): "auto" lets the
+# x86-64 program choose the widest ISA the CPU has at run time (AVX-512, AVX2, else SSE2; NEON on
+# aarch64), the others cap that choice or take the portable C. Every variant computes the same
+# bits (tests/test_neon.py, tests/test_dispatch.py); only the speed differs.
+KERNEL_VARIANTS: dict[str, tuple[str, ...]] = {
+    "auto": (), "avx2": ("-DBNNC_NO_AVX512",), "sse2": ("-DBNNC_NO_AVX2",),
+    "portable": ("-DBNNC_NO_SIMD",)}
+
 
 def cache_dir() -> Path:
     """$BNNC_CACHE_DIR, else ~/.cache/bnnc/host."""

@@ -218,7 +218,10 @@ def test_emitted_c_is_strict_c99(tmp_path, mlp_graph, algorithm, optimizer):
                 assert data <= {"bnnc_tensors", "text"}, data     # const tables holding pointers
     assert re.search(r"^static const bnnc_mlp_tensor_info_t bnnc_tensors\[", src, re.M)
     assert "static const char *const text[]" in src
-    includes = set(re.findall(r"#include <([^>]+)>", src))
+    # time.h only for the opt-in step timer (-DBNNC_PROFILE, `bnnc profile`)
+    plain = re.sub(r"^#if defined\(BNNC_PROFILE\)\n.*?^#else\n", "", src, flags=re.S | re.M)
+    assert "<time.h>" in src and "<time.h>" not in plain
+    includes = set(re.findall(r"#include <([^>]+)>", plain))
     assert includes <= {"math.h", "stddef.h", "stdint.h", "string.h"}, includes
     assert not re.search(r"\b(malloc|calloc|realloc|free|printf)\s*\(", src)
     steps = re.findall(r"^static void (step_\d{3}_\w+)\(", src, re.M)

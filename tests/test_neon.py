@@ -4,9 +4,10 @@
 the trace `bnnc check` reads: every tensor after every step, state before and after) is built for
 the host, for rpi4 (run under qemu-aarch64 -cpu cortex-a72) and rpi3 (cortex-a53), and for rpi4
 with -DBNNC_NO_SIMD (the portable C of the same source); all traces of the same input must be
-byte-identical, for the MLP also the host build without AVX2 (the SSE2 kernels). The host build
-runs the GNU-vector kernels (AVX2 where the CPU has it), so every variant is pinned to the same
-bits. (b) The NEON path is really compiled in: the rpi4 C has the intrinsics and the host C has
+byte-identical, and so must every forced host variant of the CNV: AVX-512 where the CPU has it
+(the plain host build), -DBNNC_NO_AVX512 (AVX2), -DBNNC_NO_AVX2 (the SSE2 kernels) and
+-DBNNC_NO_SIMD (the portable C), so every dispatch variant is pinned to the same bits (the MLP:
+the SSE2 one). (b) The NEON path is really compiled in: the rpi4 C has the intrinsics and the host C has
 none, and the rpi4 program has 128-bit `cnt` (vcntq_u8) only when SIMD is on (the portable build's
 popcount is the scalar `cnt v.8b`).
 """
@@ -38,11 +39,14 @@ pytestmark = pytest.mark.skipif(any(shutil.which(t) is None for t in TOOLS),
 # (zoo model, width, batch): the MLP at a quarter width; CNV at 1/8 width with an odd batch, so
 # row blocks of the dense kernels end in a partial block
 CASES = {"mlp": ("mlp", 0.25, 100), "cnv": ("cnv", 0.125, 7)}
-# (label, target, extra cflags); the host's SSE2 kernels (x86-64 without AVX2) run for the MLP,
-# where the dense kernels are the whole step
+# (label, target, extra cflags); the host's forced dispatch variants (x86-64 run-time choice capped
+# at AVX2, at SSE2, and the portable C) run for the CNV, whose step has every kernel family (conv,
+# dense, BN, pool, sign, PO2, loss, Adam); the MLP keeps the SSE2 one
 BUILDS = (("host", "host", ()), ("rpi4", "rpi4", ()), ("rpi4-portable", "rpi4", ("-DBNNC_NO_SIMD",)),
           ("rpi3", "rpi3", ()))
-HOST_VARIANTS = (("host-sse2", "host", ("-DBNNC_NO_AVX2",)),)
+HOST_VARIANTS = (("host-avx2", "host", ("-DBNNC_NO_AVX512",)),
+                 ("host-sse2", "host", ("-DBNNC_NO_AVX2",)),
+                 ("host-portable", "host", ("-DBNNC_NO_SIMD",)))
 STEPS = 2
 _RUNS: dict = {}      # (case, algorithm) -> (compile root, {label: (program, trace bytes)})
 
@@ -78,7 +82,7 @@ def _run(case, algorithm, root):
     manifests = {t: read_manifest(root / t) for _, t, _ in BUILDS}
     assert len({repr(m.state) for m in manifests.values()}) == 1
     trace_in = trace_input(manifests["host"], ref.init_state(graph, cfg).tensors, batches)
-    builds = BUILDS + (HOST_VARIANTS if name == "mlp" else ())
+    builds = BUILDS + (HOST_VARIANTS if name == "cnv" else HOST_VARIANTS[1:2])
     with ThreadPoolExecutor(max_workers=2) as pool:    # builds dominate; two cores
         outs = dict(zip([b[0] for b in builds], pool.map(
             lambda b: _trace(*b, root, trace_in), builds)))

@@ -7,6 +7,9 @@
  * One training step = 52 straight-line calls of static step functions at fixed arena offsets.
  * Build flags: -DBNNC_DEBUG_DUMP keeps a copy of every step output (bnnc_mlp_tensor);
  * -DBNNC_PERTURB_<KERNEL> corrupts element 0 of that kernel's first output (tests prove checks fail). */
+#if defined(BNNC_PROFILE) && !defined(_POSIX_C_SOURCE)
+#define _POSIX_C_SOURCE 199309L   /* clock_gettime under -std=c99 */
+#endif
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -156,6 +159,39 @@ static uint64_t bnnc_dump[4403248u / 8u];
 #else
 #define BNNC_DUMP_OUT(off, p, n) ((void)0)
 #endif
+
+/* ---- per-step timing (bnnc profile): -DBNNC_PROFILE adds up each step's CPU time in ns (the
+ * calling thread's clock: time the thread waits for a core on a busy machine does not count) ---- */
+#if defined(BNNC_PROFILE)
+#include <time.h>
+static uint64_t bnnc_prof_ns[52];
+static uint64_t bnnc_prof_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+#define BNNC_PROF_BEGIN(k) uint64_t bnnc_t0_##k = bnnc_prof_now()
+#define BNNC_PROF_END(k) (bnnc_prof_ns[k] += bnnc_prof_now() - bnnc_t0_##k)
+#else
+#define BNNC_PROF_BEGIN(k) ((void)0)
+#define BNNC_PROF_END(k) ((void)0)
+#endif
+
+int32_t bnnc_mlp_profile_ns(uint64_t *ns, int32_t count)
+{
+#if defined(BNNC_PROFILE)
+    int32_t i;
+    for (i = 0; i < count && i < 52; i++) {
+        ns[i] = bnnc_prof_ns[i];
+        bnnc_prof_ns[i] = 0;
+    }
+    return 52;
+#else
+    (void)ns; (void)count;
+    return 0;
+#endif
+}
 
 /* ---- numerics: bit-exact twins of bnnc/compiler/numerics.py (hash, stochastic rounding, PO2) ---- */
 
@@ -513,6 +549,87 @@ static void k_sign_fwd_pack_rows_mask1(const float *x, uint64_t *y, uint64_t *ma
 /* l1 BN backward (1 bit): dbeta = sum G; H = f16(G) / psi; dY = H - mean(H) - s mean(H s)
  * (in place over G ok). The sign bits become sign-bit masks (s = -1: flip), so s * v is an exact
  * negation by XOR and the loops vectorize. */
+#if !defined(BNNC_X86_LEVEL_FN)
+#define BNNC_X86_LEVEL_FN 1
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(BNNC_NO_SIMD)
+#define BNNC_X86_MV 1
+/* the widest x86-64 vector ISA this CPU has and the build allows: 2 AVX-512 (F, BW, VL, DQ),
+ * 1 AVX2, 0 baseline. Asked at every kernel call (a few loads of libgcc's CPU model, filled by
+ * its constructor): no cached copy, so the program keeps no writable global besides the arena
+ * and the state. */
+BNNC_HELPER int bnnc_x86_level(void)
+{
+    int l = 0;
+#if !defined(BNNC_NO_AVX2)
+    if (__builtin_cpu_supports("avx2")) l = 1;
+#if !defined(BNNC_NO_AVX512)
+    if (l && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
+        && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+        l = 2;
+#endif
+#endif
+    return l;
+}
+#endif
+#endif
+
+#if defined(BNNC_X86_MV)
+static inline __attribute__((always_inline)) void k_bn_l1_bwd_f16_f16_dx1_rows1_body(const uint16_t *g, const uint64_t *sbits, const float *psi, float *dbeta,
+    uint16_t *dx, int32_t B, int32_t C, int32_t S, int32_t swords)
+{
+    const float count = (float)((int64_t)B * S);
+    uint32_t mt[64];
+    bnnc_mask_table(mt, 0u, 0x80000000u);
+    int32_t n, c, c0;
+    (void)S;
+    for (c0 = 0; c0 < C; c0 += 64) {
+        const int32_t nc = C - c0 < 64 ? C - c0 : 64;
+        float sb[64], sh[64], shs[64], inv[64];
+        uint32_t k[64];
+        for (c = 0; c < nc; c++) {
+            sb[c] = 0.0f;
+            sh[c] = 0.0f;
+            shs[c] = 0.0f;
+            inv[c] = psi[c0 + c] > 0.0f ? 1.0f / psi[c0 + c] : 0.0f;
+        }
+        for (n = 0; n < B; n++) {
+            const size_t i0 = (size_t)n * (size_t)C + (size_t)c0;
+            bnnc_bits_to_masks(sbits[(size_t)n * (size_t)swords + (size_t)(c0 / 64)], mt, k);
+            for (c = 0; c < nc; c++) {
+                const float gv = bnnc_ld_f16(g, i0 + (size_t)c), h = gv * inv[c];
+                sb[c] += gv;
+                sh[c] += h;
+                shs[c] += bnnc_flip(h, k[c]);
+            }
+        }
+        for (c = 0; c < nc; c++) dbeta[c0 + c] = sb[c];
+        for (c = 0; c < nc; c++) {
+            sh[c] = sh[c] / count;
+            shs[c] = shs[c] / count;
+        }
+        for (n = 0; n < B; n++) {
+            const size_t i0 = (size_t)n * (size_t)C + (size_t)c0;
+            float h[64];
+            bnnc_bits_to_masks(sbits[(size_t)n * (size_t)swords + (size_t)(c0 / 64)], mt, k);
+            for (c = 0; c < nc; c++) h[c] = bnnc_ld_f16(g, i0 + (size_t)c) * inv[c];
+            for (c = 0; c < nc; c++) bnnc_st_f16(dx, i0 + (size_t)c, h[c] - sh[c] - bnnc_flip(shs[c], k[c]));
+        }
+    }
+}
+__attribute__((noinline, target("avx2"))) static void k_bn_l1_bwd_f16_f16_dx1_rows1_avx2(const uint16_t *g, const uint64_t *sbits, const float *psi, float *dbeta,
+    uint16_t *dx, int32_t B, int32_t C, int32_t S, int32_t swords)
+{
+    k_bn_l1_bwd_f16_f16_dx1_rows1_body(g, sbits, psi, dbeta, dx, B, C, S, swords);
+}
+static void k_bn_l1_bwd_f16_f16_dx1_rows1(const uint16_t *g, const uint64_t *sbits, const float *psi, float *dbeta,
+    uint16_t *dx, int32_t B, int32_t C, int32_t S, int32_t swords)
+{
+    switch (bnnc_x86_level()) {
+    case 2: case 1: k_bn_l1_bwd_f16_f16_dx1_rows1_avx2(g, sbits, psi, dbeta, dx, B, C, S, swords); break;
+    default: k_bn_l1_bwd_f16_f16_dx1_rows1_body(g, sbits, psi, dbeta, dx, B, C, S, swords); break;
+    }
+}
+#else
 static void k_bn_l1_bwd_f16_f16_dx1_rows1(const uint16_t *g, const uint64_t *sbits, const float *psi, float *dbeta,
     uint16_t *dx, int32_t B, int32_t C, int32_t S, int32_t swords)
 {
@@ -555,10 +672,94 @@ static void k_bn_l1_bwd_f16_f16_dx1_rows1(const uint16_t *g, const uint64_t *sbi
         }
     }
 }
+#endif
+
 
 
 /* l1 BN, training: psi = mean|x - mu|, xh = (x - mu) / psi (0 where psi == 0), y = xh + beta,
  * sign bits of xh (flat rows of swords words per sample) for the 1-bit backward (in place ok) */
+#if !defined(BNNC_X86_LEVEL_FN)
+#define BNNC_X86_LEVEL_FN 1
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(BNNC_NO_SIMD)
+#define BNNC_X86_MV 1
+/* the widest x86-64 vector ISA this CPU has and the build allows: 2 AVX-512 (F, BW, VL, DQ),
+ * 1 AVX2, 0 baseline. Asked at every kernel call (a few loads of libgcc's CPU model, filled by
+ * its constructor): no cached copy, so the program keeps no writable global besides the arena
+ * and the state. */
+BNNC_HELPER int bnnc_x86_level(void)
+{
+    int l = 0;
+#if !defined(BNNC_NO_AVX2)
+    if (__builtin_cpu_supports("avx2")) l = 1;
+#if !defined(BNNC_NO_AVX512)
+    if (l && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
+        && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+        l = 2;
+#endif
+#endif
+    return l;
+}
+#endif
+#endif
+
+#if defined(BNNC_X86_MV)
+static inline __attribute__((always_inline)) void k_bn_l1_fwd_bf16_bf16_rows1_signs1_body(const float *x, const uint16_t *beta, uint16_t *rm,
+    uint16_t *rp, float *y, float *mu_out, float *psi_out, uint64_t *sbits, int32_t B,
+    int32_t C, int32_t S, int32_t swords, float m, float one_m)
+{
+    const float count = (float)((int64_t)B * S);
+    int32_t n, c, c0;
+    (void)S;
+    for (c0 = 0; c0 < C; c0 += 64) {
+        const int32_t nc = C - c0 < 64 ? C - c0 : 64;
+        float sum[64], sa[64], mu[64], inv[64], be[64], h[64];
+        for (c = 0; c < nc; c++) {
+            sum[c] = 0.0f;
+            sa[c] = 0.0f;
+            be[c] = bnnc_ld_bf16(beta, (size_t)(c0 + c));
+        }
+        for (n = 0; n < B; n++)
+            for (c = 0; c < nc; c++) sum[c] += x[(size_t)n * (size_t)C + (size_t)(c0 + c)];
+        for (c = 0; c < nc; c++) mu[c] = sum[c] / count;
+        for (n = 0; n < B; n++)
+            for (c = 0; c < nc; c++) sa[c] += fabsf(x[(size_t)n * (size_t)C + (size_t)(c0 + c)] - mu[c]);
+        for (c = 0; c < nc; c++) {
+            const float psi = sa[c] / count;
+            inv[c] = psi > 0.0f ? 1.0f / psi : 0.0f;
+            mu_out[c0 + c] = mu[c];
+            psi_out[c0 + c] = psi;
+            bnnc_st_bf16(rm, (size_t)(c0 + c), m * bnnc_ld_bf16(rm, (size_t)(c0 + c)) + one_m * mu[c]);
+            bnnc_st_bf16(rp, (size_t)(c0 + c), m * bnnc_ld_bf16(rp, (size_t)(c0 + c)) + one_m * psi);
+        }
+        for (n = 0; n < B; n++) {
+            const size_t i0 = (size_t)n * (size_t)C + (size_t)c0;
+            for (c = 0; c < nc; c++) h[c] = (x[i0 + (size_t)c] - mu[c]) * inv[c];
+            {
+                uint8_t f[64];
+                memset(f, 0, sizeof f);
+                for (c = 0; c < nc; c++) f[c] = (uint8_t)(h[c] >= 0.0f);
+                sbits[(size_t)n * (size_t)swords + (size_t)(c0 / 64)] = bnnc_bytes_to_bits(f);
+            }
+            for (c = 0; c < nc; c++) y[i0 + (size_t)c] = h[c] + be[c];
+        }
+    }
+}
+__attribute__((noinline, target("avx2"))) static void k_bn_l1_fwd_bf16_bf16_rows1_signs1_avx2(const float *x, const uint16_t *beta, uint16_t *rm,
+    uint16_t *rp, float *y, float *mu_out, float *psi_out, uint64_t *sbits, int32_t B,
+    int32_t C, int32_t S, int32_t swords, float m, float one_m)
+{
+    k_bn_l1_fwd_bf16_bf16_rows1_signs1_body(x, beta, rm, rp, y, mu_out, psi_out, sbits, B, C, S, swords, m, one_m);
+}
+static void k_bn_l1_fwd_bf16_bf16_rows1_signs1(const float *x, const uint16_t *beta, uint16_t *rm,
+    uint16_t *rp, float *y, float *mu_out, float *psi_out, uint64_t *sbits, int32_t B,
+    int32_t C, int32_t S, int32_t swords, float m, float one_m)
+{
+    switch (bnnc_x86_level()) {
+    case 2: case 1: k_bn_l1_fwd_bf16_bf16_rows1_signs1_avx2(x, beta, rm, rp, y, mu_out, psi_out, sbits, B, C, S, swords, m, one_m); break;
+    default: k_bn_l1_fwd_bf16_bf16_rows1_signs1_body(x, beta, rm, rp, y, mu_out, psi_out, sbits, B, C, S, swords, m, one_m); break;
+    }
+}
+#else
 static void k_bn_l1_fwd_bf16_bf16_rows1_signs1(const float *x, const uint16_t *beta, uint16_t *rm,
     uint16_t *rp, float *y, float *mu_out, float *psi_out, uint64_t *sbits, int32_t B,
     int32_t C, int32_t S, int32_t swords, float m, float one_m)
@@ -600,9 +801,64 @@ static void k_bn_l1_fwd_bf16_bf16_rows1_signs1(const float *x, const uint16_t *b
         }
     }
 }
+#endif
+
 
 
 /* l1 BN, inference: (x - running mean) * (1 / running psi) + beta */
+#if !defined(BNNC_X86_LEVEL_FN)
+#define BNNC_X86_LEVEL_FN 1
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(BNNC_NO_SIMD)
+#define BNNC_X86_MV 1
+/* the widest x86-64 vector ISA this CPU has and the build allows: 2 AVX-512 (F, BW, VL, DQ),
+ * 1 AVX2, 0 baseline. Asked at every kernel call (a few loads of libgcc's CPU model, filled by
+ * its constructor): no cached copy, so the program keeps no writable global besides the arena
+ * and the state. */
+BNNC_HELPER int bnnc_x86_level(void)
+{
+    int l = 0;
+#if !defined(BNNC_NO_AVX2)
+    if (__builtin_cpu_supports("avx2")) l = 1;
+#if !defined(BNNC_NO_AVX512)
+    if (l && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
+        && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+        l = 2;
+#endif
+#endif
+    return l;
+}
+#endif
+#endif
+
+#if defined(BNNC_X86_MV)
+static inline __attribute__((always_inline)) void k_bn_l1_infer_bf16_bf16_body(const float *x, const uint16_t *beta, const uint16_t *rm,
+    const uint16_t *rp, float *y, int32_t B, int32_t C, int32_t S)
+{
+    int32_t n, c, s;
+    for (c = 0; c < C; c++) {
+        float mean = bnnc_ld_bf16(rm, (size_t)c), be = bnnc_ld_bf16(beta, (size_t)c);
+        float inv = 1.0f / bnnc_ld_bf16(rp, (size_t)c);
+        for (n = 0; n < B; n++)
+            for (s = 0; s < S; s++) {
+                size_t i = ((size_t)n * (size_t)C + (size_t)c) * (size_t)S + (size_t)s;
+                y[i] = (x[i] - mean) * inv + be;
+            }
+    }
+}
+__attribute__((noinline, target("avx2"))) static void k_bn_l1_infer_bf16_bf16_avx2(const float *x, const uint16_t *beta, const uint16_t *rm,
+    const uint16_t *rp, float *y, int32_t B, int32_t C, int32_t S)
+{
+    k_bn_l1_infer_bf16_bf16_body(x, beta, rm, rp, y, B, C, S);
+}
+static void k_bn_l1_infer_bf16_bf16(const float *x, const uint16_t *beta, const uint16_t *rm,
+    const uint16_t *rp, float *y, int32_t B, int32_t C, int32_t S)
+{
+    switch (bnnc_x86_level()) {
+    case 2: case 1: k_bn_l1_infer_bf16_bf16_avx2(x, beta, rm, rp, y, B, C, S); break;
+    default: k_bn_l1_infer_bf16_bf16_body(x, beta, rm, rp, y, B, C, S); break;
+    }
+}
+#else
 static void k_bn_l1_infer_bf16_bf16(const float *x, const uint16_t *beta, const uint16_t *rm,
     const uint16_t *rp, float *y, int32_t B, int32_t C, int32_t S)
 {
@@ -617,6 +873,8 @@ static void k_bn_l1_infer_bf16_bf16(const float *x, const uint16_t *beta, const 
             }
     }
 }
+#endif
+
 
 
 /* ---- dense micro-kernels (templates/kernels/dense.c.j2): c[u][j] (u < 4 rows, j < 8 or 16 columns,
@@ -643,6 +901,12 @@ typedef uint64_t bnnc_v2u __attribute__((vector_size(16)));
 typedef float bnnc_v8f __attribute__((vector_size(32)));
 typedef uint32_t bnnc_v8u __attribute__((vector_size(32)));
 typedef int32_t bnnc_v8i __attribute__((vector_size(32)));
+#if !defined(BNNC_NO_AVX512)
+#define BNNC_AVX512 1
+typedef float bnnc_v16f __attribute__((vector_size(64)));
+typedef uint32_t bnnc_v16u __attribute__((vector_size(64)));
+typedef int32_t bnnc_v16i __attribute__((vector_size(64)));
+#endif
 #endif
 #endif
 #if defined(__GNUC__) || defined(__clang__)
@@ -819,8 +1083,33 @@ BNNC_HELPER int32_t bnnc_xor_popcount(const uint64_t *a, const uint64_t *b, int3
     return total;
 }
 #if defined(BNNC_AVX2)
+#if !defined(BNNC_X86_LEVEL_FN)
+#define BNNC_X86_LEVEL_FN 1
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(BNNC_NO_SIMD)
+#define BNNC_X86_MV 1
+/* the widest x86-64 vector ISA this CPU has and the build allows: 2 AVX-512 (F, BW, VL, DQ),
+ * 1 AVX2, 0 baseline. Asked at every kernel call (a few loads of libgcc's CPU model, filled by
+ * its constructor): no cached copy, so the program keeps no writable global besides the arena
+ * and the state. */
+BNNC_HELPER int bnnc_x86_level(void)
+{
+    int l = 0;
+#if !defined(BNNC_NO_AVX2)
+    if (__builtin_cpu_supports("avx2")) l = 1;
+#if !defined(BNNC_NO_AVX512)
+    if (l && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
+        && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+        l = 2;
+#endif
+#endif
+    return l;
+}
+#endif
+#endif
+
 #define BNNC_WIDE 1
-#define BNNC_WIDE_OK() __builtin_cpu_supports("avx2")
+/* 0: the 4-lane kernels; 1: AVX2 4 x 16; 2: AVX-512 4 x 32 (then 4 x 16 for a last 16 columns) */
+#define BNNC_WIDE_OK() bnnc_x86_level()
 __attribute__((unused, noinline, target("avx2")))
 static void bnnc_mk16_fxor(const uint32_t *a, const uint32_t *v, int32_t ldv, int32_t nr,
     float *c, int32_t ldc, int init)
@@ -956,6 +1245,144 @@ static void bnnc_mk16_iand(const int32_t *a, const int32_t *v, int32_t ldv, int3
     memcpy(c + 3 * ldc + 8, &c31, sizeof c31);
 }
 
+#if defined(BNNC_AVX512)
+#define BNNC_WIDE32 1
+__attribute__((unused, noinline, target("avx512f,avx512bw,avx512vl,avx512dq")))
+static void bnnc_mk32_fxor(const uint32_t *a, const uint32_t *v, int32_t ldv, int32_t nr,
+    float *c, int32_t ldc, int init)
+{
+    int32_t r;
+    bnnc_v16f c00, c01, c10, c11, c20, c21, c30, c31;
+    if (init) {
+        bnnc_v16f z = { 0 };
+        c00 = c01 = c10 = c11 = c20 = c21 = c30 = c31 = z;
+    } else {
+        memcpy(&c00, c + 0 * ldc + 0, sizeof c00);
+        memcpy(&c01, c + 0 * ldc + 16, sizeof c01);
+        memcpy(&c10, c + 1 * ldc + 0, sizeof c10);
+        memcpy(&c11, c + 1 * ldc + 16, sizeof c11);
+        memcpy(&c20, c + 2 * ldc + 0, sizeof c20);
+        memcpy(&c21, c + 2 * ldc + 16, sizeof c21);
+        memcpy(&c30, c + 3 * ldc + 0, sizeof c30);
+        memcpy(&c31, c + 3 * ldc + 16, sizeof c31);
+    }
+    for (r = 0; r < nr; r++, a += 16, v += ldv) {
+        bnnc_v16u v0; memcpy(&v0, v + 0, sizeof v0);
+        bnnc_v16u v1; memcpy(&v1, v + 16, sizeof v1);
+        bnnc_v16u a0 = { a[0], a[0], a[0], a[0], a[0], a[0], a[0], a[0], a[0], a[0], a[0], a[0], a[0], a[0], a[0], a[0] };
+        bnnc_v16u a1 = { a[4], a[4], a[4], a[4], a[4], a[4], a[4], a[4], a[4], a[4], a[4], a[4], a[4], a[4], a[4], a[4] };
+        bnnc_v16u a2 = { a[8], a[8], a[8], a[8], a[8], a[8], a[8], a[8], a[8], a[8], a[8], a[8], a[8], a[8], a[8], a[8] };
+        bnnc_v16u a3 = { a[12], a[12], a[12], a[12], a[12], a[12], a[12], a[12], a[12], a[12], a[12], a[12], a[12], a[12], a[12], a[12] };
+        c00 = c00 + (bnnc_v16f)(a0 ^ v0);
+        c01 = c01 + (bnnc_v16f)(a0 ^ v1);
+        c10 = c10 + (bnnc_v16f)(a1 ^ v0);
+        c11 = c11 + (bnnc_v16f)(a1 ^ v1);
+        c20 = c20 + (bnnc_v16f)(a2 ^ v0);
+        c21 = c21 + (bnnc_v16f)(a2 ^ v1);
+        c30 = c30 + (bnnc_v16f)(a3 ^ v0);
+        c31 = c31 + (bnnc_v16f)(a3 ^ v1);
+    }
+    memcpy(c + 0 * ldc + 0, &c00, sizeof c00);
+    memcpy(c + 0 * ldc + 16, &c01, sizeof c01);
+    memcpy(c + 1 * ldc + 0, &c10, sizeof c10);
+    memcpy(c + 1 * ldc + 16, &c11, sizeof c11);
+    memcpy(c + 2 * ldc + 0, &c20, sizeof c20);
+    memcpy(c + 2 * ldc + 16, &c21, sizeof c21);
+    memcpy(c + 3 * ldc + 0, &c30, sizeof c30);
+    memcpy(c + 3 * ldc + 16, &c31, sizeof c31);
+}
+
+__attribute__((unused, noinline, target("avx512f,avx512bw,avx512vl,avx512dq")))
+static void bnnc_mk32_fmul(const float *a, const float *v, int32_t ldv, int32_t nr,
+    float *c, int32_t ldc, int init)
+{
+    int32_t r;
+    bnnc_v16f c00, c01, c10, c11, c20, c21, c30, c31;
+    if (init) {
+        bnnc_v16f z = { 0 };
+        c00 = c01 = c10 = c11 = c20 = c21 = c30 = c31 = z;
+    } else {
+        memcpy(&c00, c + 0 * ldc + 0, sizeof c00);
+        memcpy(&c01, c + 0 * ldc + 16, sizeof c01);
+        memcpy(&c10, c + 1 * ldc + 0, sizeof c10);
+        memcpy(&c11, c + 1 * ldc + 16, sizeof c11);
+        memcpy(&c20, c + 2 * ldc + 0, sizeof c20);
+        memcpy(&c21, c + 2 * ldc + 16, sizeof c21);
+        memcpy(&c30, c + 3 * ldc + 0, sizeof c30);
+        memcpy(&c31, c + 3 * ldc + 16, sizeof c31);
+    }
+    for (r = 0; r < nr; r++, a += 16, v += ldv) {
+        bnnc_v16f v0; memcpy(&v0, v + 0, sizeof v0);
+        bnnc_v16f v1; memcpy(&v1, v + 16, sizeof v1);
+        bnnc_v16f a0 = { a[0], a[0], a[0], a[0], a[0], a[0], a[0], a[0], a[0], a[0], a[0], a[0], a[0], a[0], a[0], a[0] };
+        bnnc_v16f a1 = { a[4], a[4], a[4], a[4], a[4], a[4], a[4], a[4], a[4], a[4], a[4], a[4], a[4], a[4], a[4], a[4] };
+        bnnc_v16f a2 = { a[8], a[8], a[8], a[8], a[8], a[8], a[8], a[8], a[8], a[8], a[8], a[8], a[8], a[8], a[8], a[8] };
+        bnnc_v16f a3 = { a[12], a[12], a[12], a[12], a[12], a[12], a[12], a[12], a[12], a[12], a[12], a[12], a[12], a[12], a[12], a[12] };
+        c00 = c00 + a0 * v0;
+        c01 = c01 + a0 * v1;
+        c10 = c10 + a1 * v0;
+        c11 = c11 + a1 * v1;
+        c20 = c20 + a2 * v0;
+        c21 = c21 + a2 * v1;
+        c30 = c30 + a3 * v0;
+        c31 = c31 + a3 * v1;
+    }
+    memcpy(c + 0 * ldc + 0, &c00, sizeof c00);
+    memcpy(c + 0 * ldc + 16, &c01, sizeof c01);
+    memcpy(c + 1 * ldc + 0, &c10, sizeof c10);
+    memcpy(c + 1 * ldc + 16, &c11, sizeof c11);
+    memcpy(c + 2 * ldc + 0, &c20, sizeof c20);
+    memcpy(c + 2 * ldc + 16, &c21, sizeof c21);
+    memcpy(c + 3 * ldc + 0, &c30, sizeof c30);
+    memcpy(c + 3 * ldc + 16, &c31, sizeof c31);
+}
+
+__attribute__((unused, noinline, target("avx512f,avx512bw,avx512vl,avx512dq")))
+static void bnnc_mk32_iand(const int32_t *a, const int32_t *v, int32_t ldv, int32_t nr,
+    int32_t *c, int32_t ldc, int init)
+{
+    int32_t r;
+    bnnc_v16i c00, c01, c10, c11, c20, c21, c30, c31;
+    if (init) {
+        bnnc_v16i z = { 0 };
+        c00 = c01 = c10 = c11 = c20 = c21 = c30 = c31 = z;
+    } else {
+        memcpy(&c00, c + 0 * ldc + 0, sizeof c00);
+        memcpy(&c01, c + 0 * ldc + 16, sizeof c01);
+        memcpy(&c10, c + 1 * ldc + 0, sizeof c10);
+        memcpy(&c11, c + 1 * ldc + 16, sizeof c11);
+        memcpy(&c20, c + 2 * ldc + 0, sizeof c20);
+        memcpy(&c21, c + 2 * ldc + 16, sizeof c21);
+        memcpy(&c30, c + 3 * ldc + 0, sizeof c30);
+        memcpy(&c31, c + 3 * ldc + 16, sizeof c31);
+    }
+    for (r = 0; r < nr; r++, a += 16, v += ldv) {
+        bnnc_v16i v0; memcpy(&v0, v + 0, sizeof v0);
+        bnnc_v16i v1; memcpy(&v1, v + 16, sizeof v1);
+        bnnc_v16i a0 = { a[0], a[0], a[0], a[0], a[0], a[0], a[0], a[0], a[0], a[0], a[0], a[0], a[0], a[0], a[0], a[0] };
+        bnnc_v16i a1 = { a[4], a[4], a[4], a[4], a[4], a[4], a[4], a[4], a[4], a[4], a[4], a[4], a[4], a[4], a[4], a[4] };
+        bnnc_v16i a2 = { a[8], a[8], a[8], a[8], a[8], a[8], a[8], a[8], a[8], a[8], a[8], a[8], a[8], a[8], a[8], a[8] };
+        bnnc_v16i a3 = { a[12], a[12], a[12], a[12], a[12], a[12], a[12], a[12], a[12], a[12], a[12], a[12], a[12], a[12], a[12], a[12] };
+        c00 = c00 + (a0 & v0);
+        c01 = c01 + (a0 & v1);
+        c10 = c10 + (a1 & v0);
+        c11 = c11 + (a1 & v1);
+        c20 = c20 + (a2 & v0);
+        c21 = c21 + (a2 & v1);
+        c30 = c30 + (a3 & v0);
+        c31 = c31 + (a3 & v1);
+    }
+    memcpy(c + 0 * ldc + 0, &c00, sizeof c00);
+    memcpy(c + 0 * ldc + 16, &c01, sizeof c01);
+    memcpy(c + 1 * ldc + 0, &c10, sizeof c10);
+    memcpy(c + 1 * ldc + 16, &c11, sizeof c11);
+    memcpy(c + 2 * ldc + 0, &c20, sizeof c20);
+    memcpy(c + 2 * ldc + 16, &c21, sizeof c21);
+    memcpy(c + 3 * ldc + 0, &c30, sizeof c30);
+    memcpy(c + 3 * ldc + 16, &c31, sizeof c31);
+}
+
+#endif
 #endif
 #if defined(__x86_64__) && !defined(__POPCNT__)
 /* baseline x86-64 lacks the popcnt instruction, which every x86-64 CPU since 2008 has: one row at a
@@ -1149,7 +1576,14 @@ static void k_dense_dw_bin_bits_po21(const uint64_t *x,
                         }
 #if defined(BNNC_WIDE)
                         if (wide) {
-                            for (jj = 0; jj < ncw; jj += 16)
+                            jj = 0;
+#if defined(BNNC_WIDE32)
+                            if (wide > 1)
+                                for (; jj + 32 <= ncw; jj += 32)
+                                    bnnc_mk32_iand(ap, vp + jj, BNNC_TC, nr, acc + ib * BNNC_TC + jj,
+                                                       BNNC_TC, r0 == 0);
+#endif
+                            for (; jj < ncw; jj += 16)
                                 bnnc_mk16_iand(ap, vp + jj, BNNC_TC, nr, acc + ib * BNNC_TC + jj,
                                                    BNNC_TC, r0 == 0);
                             continue;
@@ -1225,7 +1659,14 @@ static void k_dense_dw_bin_real_f32_po21(const float *x,
                         }
 #if defined(BNNC_WIDE)
                         if (wide) {
-                            for (jj = 0; jj < ncw; jj += 16)
+                            jj = 0;
+#if defined(BNNC_WIDE32)
+                            if (wide > 1)
+                                for (; jj + 32 <= ncw; jj += 32)
+                                    bnnc_mk32_fmul(ap, vp + jj, BNNC_TC, nr, acc + ib * BNNC_TC + jj,
+                                                       BNNC_TC, r0 == 0);
+#endif
+                            for (; jj < ncw; jj += 16)
                                 bnnc_mk16_fmul(ap, vp + jj, BNNC_TC, nr, acc + ib * BNNC_TC + jj,
                                                    BNNC_TC, r0 == 0);
                             continue;
@@ -1304,7 +1745,14 @@ static void k_dense_dx_po2_bf16_f16(const uint8_t *q, const int32_t *bias, const
                         }
 #if defined(BNNC_WIDE)
                         if (wide) {
-                            for (jj = 0; jj < ncw; jj += 16)
+                            jj = 0;
+#if defined(BNNC_WIDE32)
+                            if (wide > 1)
+                                for (; jj + 32 <= ncw; jj += 32)
+                                    bnnc_mk32_iand(ap, vp + jj, BNNC_TC, nr, acc + ib * BNNC_TC + jj,
+                                                       BNNC_TC, r0 == 0);
+#endif
+                            for (; jj < ncw; jj += 16)
                                 bnnc_mk16_iand(ap, vp + jj, BNNC_TC, nr, acc + ib * BNNC_TC + jj,
                                                    BNNC_TC, r0 == 0);
                             continue;
@@ -1375,7 +1823,14 @@ static void k_dense_fwd_signw_bf16_bias0(const float *x, const uint16_t *w, cons
                         }
 #if defined(BNNC_WIDE)
                         if (wide) {
-                            for (jj = 0; jj < ncw; jj += 16)
+                            jj = 0;
+#if defined(BNNC_WIDE32)
+                            if (wide > 1)
+                                for (; jj + 32 <= ncw; jj += 32)
+                                    bnnc_mk32_fxor(ap, vp + jj, BNNC_TC, nr, acc + ib * BNNC_TC + jj,
+                                                       BNNC_TC, r0 == 0);
+#endif
+                            for (; jj < ncw; jj += 16)
                                 bnnc_mk16_fxor(ap, vp + jj, BNNC_TC, nr, acc + ib * BNNC_TC + jj,
                                                    BNNC_TC, r0 == 0);
                             continue;
@@ -1450,6 +1905,59 @@ static void k_pack_sign_w_dense_bf16(const uint16_t *w, uint64_t *wb, int32_t K,
 
 
 /* probabilities only (predict) */
+#if !defined(BNNC_X86_LEVEL_FN)
+#define BNNC_X86_LEVEL_FN 1
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(BNNC_NO_SIMD)
+#define BNNC_X86_MV 1
+/* the widest x86-64 vector ISA this CPU has and the build allows: 2 AVX-512 (F, BW, VL, DQ),
+ * 1 AVX2, 0 baseline. Asked at every kernel call (a few loads of libgcc's CPU model, filled by
+ * its constructor): no cached copy, so the program keeps no writable global besides the arena
+ * and the state. */
+BNNC_HELPER int bnnc_x86_level(void)
+{
+    int l = 0;
+#if !defined(BNNC_NO_AVX2)
+    if (__builtin_cpu_supports("avx2")) l = 1;
+#if !defined(BNNC_NO_AVX512)
+    if (l && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
+        && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+        l = 2;
+#endif
+#endif
+    return l;
+}
+#endif
+#endif
+
+#if defined(BNNC_X86_MV)
+static inline __attribute__((always_inline)) void k_softmax_rows_body(const float *z, float *probs, int32_t B, int32_t K)
+{
+    int32_t n, j;
+    for (n = 0; n < B; n++) {
+        const float *zr = z + (size_t)n * (size_t)K;
+        float *pr = probs + (size_t)n * (size_t)K;
+        float mx = zr[0], sum = 0.0f;
+        for (j = 1; j < K; j++)
+            if (zr[j] > mx) mx = zr[j];
+        for (j = 0; j < K; j++) {
+            pr[j] = expf(zr[j] - mx);
+            sum += pr[j];
+        }
+        for (j = 0; j < K; j++) pr[j] = pr[j] / sum;
+    }
+}
+__attribute__((noinline, target("avx2"))) static void k_softmax_rows_avx2(const float *z, float *probs, int32_t B, int32_t K)
+{
+    k_softmax_rows_body(z, probs, B, K);
+}
+static void k_softmax_rows(const float *z, float *probs, int32_t B, int32_t K)
+{
+    switch (bnnc_x86_level()) {
+    case 2: case 1: k_softmax_rows_avx2(z, probs, B, K); break;
+    default: k_softmax_rows_body(z, probs, B, K); break;
+    }
+}
+#else
 static void k_softmax_rows(const float *z, float *probs, int32_t B, int32_t K)
 {
     int32_t n, j;
@@ -1466,10 +1974,79 @@ static void k_softmax_rows(const float *z, float *probs, int32_t B, int32_t K)
         for (j = 0; j < K; j++) pr[j] = pr[j] / sum;
     }
 }
+#endif
+
 
 
 /* probabilities, mean cross-entropy, accuracy (first maximum wins) and G = (p - onehot) / B;
  * G may overwrite the logits: each row is read completely before its gradient is written */
+#if !defined(BNNC_X86_LEVEL_FN)
+#define BNNC_X86_LEVEL_FN 1
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(BNNC_NO_SIMD)
+#define BNNC_X86_MV 1
+/* the widest x86-64 vector ISA this CPU has and the build allows: 2 AVX-512 (F, BW, VL, DQ),
+ * 1 AVX2, 0 baseline. Asked at every kernel call (a few loads of libgcc's CPU model, filled by
+ * its constructor): no cached copy, so the program keeps no writable global besides the arena
+ * and the state. */
+BNNC_HELPER int bnnc_x86_level(void)
+{
+    int l = 0;
+#if !defined(BNNC_NO_AVX2)
+    if (__builtin_cpu_supports("avx2")) l = 1;
+#if !defined(BNNC_NO_AVX512)
+    if (l && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
+        && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+        l = 2;
+#endif
+#endif
+    return l;
+}
+#endif
+#endif
+
+#if defined(BNNC_X86_MV)
+static inline __attribute__((always_inline)) void k_softmax_xent_f16_body(const float *z, const int32_t *labels, float *loss, float *probs, uint16_t *d,
+    float *accuracy, int32_t B, int32_t K)
+{
+    int32_t n, j, hits = 0;
+    float total = 0.0f;
+    for (n = 0; n < B; n++) {
+        const float *zr = z + (size_t)n * (size_t)K;
+        float *pr = probs + (size_t)n * (size_t)K;
+        float mx = zr[0], sum = 0.0f;
+        int32_t best = 0, y = labels[n];
+        for (j = 1; j < K; j++)
+            if (zr[j] > mx) {
+                mx = zr[j];
+                best = j;
+            }
+        for (j = 0; j < K; j++) {
+            pr[j] = expf(zr[j] - mx);
+            sum += pr[j];
+        }
+        total += (mx + logf(sum)) - zr[y];
+        hits += best == y;
+        for (j = 0; j < K; j++) pr[j] = pr[j] / sum;
+        for (j = 0; j < K; j++)
+            bnnc_st_f16(d, (size_t)n * (size_t)K + (size_t)j, (pr[j] - (j == y ? 1.0f : 0.0f)) / (float)B);
+    }
+    loss[0] = total / (float)B;
+    *accuracy = (float)hits / (float)B;
+}
+__attribute__((noinline, target("avx2"))) static void k_softmax_xent_f16_avx2(const float *z, const int32_t *labels, float *loss, float *probs, uint16_t *d,
+    float *accuracy, int32_t B, int32_t K)
+{
+    k_softmax_xent_f16_body(z, labels, loss, probs, d, accuracy, B, K);
+}
+static void k_softmax_xent_f16(const float *z, const int32_t *labels, float *loss, float *probs, uint16_t *d,
+    float *accuracy, int32_t B, int32_t K)
+{
+    switch (bnnc_x86_level()) {
+    case 2: case 1: k_softmax_xent_f16_avx2(z, labels, loss, probs, d, accuracy, B, K); break;
+    default: k_softmax_xent_f16_body(z, labels, loss, probs, d, accuracy, B, K); break;
+    }
+}
+#else
 static void k_softmax_xent_f16(const float *z, const int32_t *labels, float *loss, float *probs, uint16_t *d,
     float *accuracy, int32_t B, int32_t K)
 {
@@ -1498,10 +2075,89 @@ static void k_softmax_xent_f16(const float *z, const int32_t *labels, float *los
     loss[0] = total / (float)B;
     *accuracy = (float)hits / (float)B;
 }
+#endif
+
 
 
 /* Adam (PyTorch form): m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
  * W -= (lr (m / bc1)) / (sqrt(v / bc2) + eps), reading this step's unrounded m and v */
+#if !defined(BNNC_X86_LEVEL_FN)
+#define BNNC_X86_LEVEL_FN 1
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(BNNC_NO_SIMD)
+#define BNNC_X86_MV 1
+/* the widest x86-64 vector ISA this CPU has and the build allows: 2 AVX-512 (F, BW, VL, DQ),
+ * 1 AVX2, 0 baseline. Asked at every kernel call (a few loads of libgcc's CPU model, filled by
+ * its constructor): no cached copy, so the program keeps no writable global besides the arena
+ * and the state. */
+BNNC_HELPER int bnnc_x86_level(void)
+{
+    int l = 0;
+#if !defined(BNNC_NO_AVX2)
+    if (__builtin_cpu_supports("avx2")) l = 1;
+#if !defined(BNNC_NO_AVX512)
+    if (l && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
+        && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+        l = 2;
+#endif
+#endif
+    return l;
+}
+#endif
+#endif
+
+#if defined(BNNC_X86_MV)
+static inline __attribute__((always_inline)) void k_adam_update_bf16_bf16_bf16_gbit1_body(uint16_t *p, const uint64_t *g, uint16_t *m, uint16_t *v,
+    int32_t count, float g_scale, int32_t ste_mask, float lr, float b1, float b2, float c1, float c2,
+    float bc1, float bc2, float eps, uint32_t kp, uint32_t km, uint32_t kv)
+{
+    int32_t i0, t;
+    for (i0 = 0; i0 < count; i0 += 64) {
+        const int32_t nb = count - i0 < 64 ? count - i0 : 64;
+        uint8_t k[64];
+        bnnc_bits_to_bytes(g[i0 / 64], k);
+        for (t = 0; t < nb; t++) {
+            const size_t i = (size_t)(i0 + t);
+
+            float w = bnnc_ld_bf16(p, i);
+            /* binary dW: +-1/sqrt(N_W), masked by |W| <= 1 (pre-update W) for latent weights */
+            float gv = (k[t] ? g_scale : -g_scale)
+                       * ((ste_mask && fabsf(w) > 1.0f) ? 0.0f : 1.0f);
+
+            float mi = b1 * bnnc_ld_bf16(m, i) + c1 * gv;
+            float vi = b2 * bnnc_ld_bf16(v, i) + c2 * (gv * gv);
+            w = w - (lr * (mi / bc1)) / (sqrtf(vi / bc2) + eps);
+            bnnc_sr_bf16(p, i, w, bnnc_sr_bits(kp, (uint32_t)i));
+
+            bnnc_sr_bf16(m, i, mi, bnnc_sr_bits(km, (uint32_t)i));
+
+            bnnc_sr_bf16(v, i, vi, bnnc_sr_bits(kv, (uint32_t)i));
+
+        }
+    }
+}
+__attribute__((noinline, target("avx2"))) static void k_adam_update_bf16_bf16_bf16_gbit1_avx2(uint16_t *p, const uint64_t *g, uint16_t *m, uint16_t *v,
+    int32_t count, float g_scale, int32_t ste_mask, float lr, float b1, float b2, float c1, float c2,
+    float bc1, float bc2, float eps, uint32_t kp, uint32_t km, uint32_t kv)
+{
+    k_adam_update_bf16_bf16_bf16_gbit1_body(p, g, m, v, count, g_scale, ste_mask, lr, b1, b2, c1, c2, bc1, bc2, eps, kp, km, kv);
+}
+__attribute__((noinline, target("avx512f,avx512bw,avx512vl,avx512dq"))) static void k_adam_update_bf16_bf16_bf16_gbit1_avx512(uint16_t *p, const uint64_t *g, uint16_t *m, uint16_t *v,
+    int32_t count, float g_scale, int32_t ste_mask, float lr, float b1, float b2, float c1, float c2,
+    float bc1, float bc2, float eps, uint32_t kp, uint32_t km, uint32_t kv)
+{
+    k_adam_update_bf16_bf16_bf16_gbit1_body(p, g, m, v, count, g_scale, ste_mask, lr, b1, b2, c1, c2, bc1, bc2, eps, kp, km, kv);
+}
+static void k_adam_update_bf16_bf16_bf16_gbit1(uint16_t *p, const uint64_t *g, uint16_t *m, uint16_t *v,
+    int32_t count, float g_scale, int32_t ste_mask, float lr, float b1, float b2, float c1, float c2,
+    float bc1, float bc2, float eps, uint32_t kp, uint32_t km, uint32_t kv)
+{
+    switch (bnnc_x86_level()) {
+    case 2: k_adam_update_bf16_bf16_bf16_gbit1_avx512(p, g, m, v, count, g_scale, ste_mask, lr, b1, b2, c1, c2, bc1, bc2, eps, kp, km, kv); break;
+    case 1: k_adam_update_bf16_bf16_bf16_gbit1_avx2(p, g, m, v, count, g_scale, ste_mask, lr, b1, b2, c1, c2, bc1, bc2, eps, kp, km, kv); break;
+    default: k_adam_update_bf16_bf16_bf16_gbit1_body(p, g, m, v, count, g_scale, ste_mask, lr, b1, b2, c1, c2, bc1, bc2, eps, kp, km, kv); break;
+    }
+}
+#else
 static void k_adam_update_bf16_bf16_bf16_gbit1(uint16_t *p, const uint64_t *g, uint16_t *m, uint16_t *v,
     int32_t count, float g_scale, int32_t ste_mask, float lr, float b1, float b2, float c1, float c2,
     float bc1, float bc2, float eps, uint32_t kp, uint32_t km, uint32_t kv)
@@ -1531,10 +2187,86 @@ static void k_adam_update_bf16_bf16_bf16_gbit1(uint16_t *p, const uint64_t *g, u
         }
     }
 }
+#endif
+
 
 
 /* Adam (PyTorch form): m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
  * W -= (lr (m / bc1)) / (sqrt(v / bc2) + eps), reading this step's unrounded m and v */
+#if !defined(BNNC_X86_LEVEL_FN)
+#define BNNC_X86_LEVEL_FN 1
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(BNNC_NO_SIMD)
+#define BNNC_X86_MV 1
+/* the widest x86-64 vector ISA this CPU has and the build allows: 2 AVX-512 (F, BW, VL, DQ),
+ * 1 AVX2, 0 baseline. Asked at every kernel call (a few loads of libgcc's CPU model, filled by
+ * its constructor): no cached copy, so the program keeps no writable global besides the arena
+ * and the state. */
+BNNC_HELPER int bnnc_x86_level(void)
+{
+    int l = 0;
+#if !defined(BNNC_NO_AVX2)
+    if (__builtin_cpu_supports("avx2")) l = 1;
+#if !defined(BNNC_NO_AVX512)
+    if (l && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
+        && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+        l = 2;
+#endif
+#endif
+    return l;
+}
+#endif
+#endif
+
+#if defined(BNNC_X86_MV)
+static inline __attribute__((always_inline)) void k_adam_update_bf16_f32_bf16_bf16_gbit0_body(uint16_t *p, const float *g, uint16_t *m, uint16_t *v,
+    int32_t count, float g_scale, int32_t ste_mask, float lr, float b1, float b2, float c1, float c2,
+    float bc1, float bc2, float eps, uint32_t kp, uint32_t km, uint32_t kv)
+{
+    (void)g_scale; (void)ste_mask;
+    int32_t i0, t;
+    for (i0 = 0; i0 < count; i0 += 64) {
+        const int32_t nb = count - i0 < 64 ? count - i0 : 64;
+        for (t = 0; t < nb; t++) {
+            const size_t i = (size_t)(i0 + t);
+
+            float w = bnnc_ld_bf16(p, i);
+            float gv = bnnc_ld_f32(g, i);
+
+            float mi = b1 * bnnc_ld_bf16(m, i) + c1 * gv;
+            float vi = b2 * bnnc_ld_bf16(v, i) + c2 * (gv * gv);
+            w = w - (lr * (mi / bc1)) / (sqrtf(vi / bc2) + eps);
+            bnnc_sr_bf16(p, i, w, bnnc_sr_bits(kp, (uint32_t)i));
+
+            bnnc_sr_bf16(m, i, mi, bnnc_sr_bits(km, (uint32_t)i));
+
+            bnnc_sr_bf16(v, i, vi, bnnc_sr_bits(kv, (uint32_t)i));
+
+        }
+    }
+}
+__attribute__((noinline, target("avx2"))) static void k_adam_update_bf16_f32_bf16_bf16_gbit0_avx2(uint16_t *p, const float *g, uint16_t *m, uint16_t *v,
+    int32_t count, float g_scale, int32_t ste_mask, float lr, float b1, float b2, float c1, float c2,
+    float bc1, float bc2, float eps, uint32_t kp, uint32_t km, uint32_t kv)
+{
+    k_adam_update_bf16_f32_bf16_bf16_gbit0_body(p, g, m, v, count, g_scale, ste_mask, lr, b1, b2, c1, c2, bc1, bc2, eps, kp, km, kv);
+}
+__attribute__((noinline, target("avx512f,avx512bw,avx512vl,avx512dq"))) static void k_adam_update_bf16_f32_bf16_bf16_gbit0_avx512(uint16_t *p, const float *g, uint16_t *m, uint16_t *v,
+    int32_t count, float g_scale, int32_t ste_mask, float lr, float b1, float b2, float c1, float c2,
+    float bc1, float bc2, float eps, uint32_t kp, uint32_t km, uint32_t kv)
+{
+    k_adam_update_bf16_f32_bf16_bf16_gbit0_body(p, g, m, v, count, g_scale, ste_mask, lr, b1, b2, c1, c2, bc1, bc2, eps, kp, km, kv);
+}
+static void k_adam_update_bf16_f32_bf16_bf16_gbit0(uint16_t *p, const float *g, uint16_t *m, uint16_t *v,
+    int32_t count, float g_scale, int32_t ste_mask, float lr, float b1, float b2, float c1, float c2,
+    float bc1, float bc2, float eps, uint32_t kp, uint32_t km, uint32_t kv)
+{
+    switch (bnnc_x86_level()) {
+    case 2: k_adam_update_bf16_f32_bf16_bf16_gbit0_avx512(p, g, m, v, count, g_scale, ste_mask, lr, b1, b2, c1, c2, bc1, bc2, eps, kp, km, kv); break;
+    case 1: k_adam_update_bf16_f32_bf16_bf16_gbit0_avx2(p, g, m, v, count, g_scale, ste_mask, lr, b1, b2, c1, c2, bc1, bc2, eps, kp, km, kv); break;
+    default: k_adam_update_bf16_f32_bf16_bf16_gbit0_body(p, g, m, v, count, g_scale, ste_mask, lr, b1, b2, c1, c2, bc1, bc2, eps, kp, km, kv); break;
+    }
+}
+#else
 static void k_adam_update_bf16_f32_bf16_bf16_gbit0(uint16_t *p, const float *g, uint16_t *m, uint16_t *v,
     int32_t count, float g_scale, int32_t ste_mask, float lr, float b1, float b2, float c1, float c2,
     float bc1, float bc2, float eps, uint32_t kp, uint32_t km, uint32_t kv)
@@ -1561,6 +2293,8 @@ static void k_adam_update_bf16_f32_bf16_bf16_gbit0(uint16_t *p, const float *g, 
         }
     }
 }
+#endif
+
 
 
 /* numerics.po2_quantize: b = bias - round(log2 max|g|); e = clamp(round(log2|g|) + b, -8, 7);
@@ -1570,6 +2304,95 @@ static void k_adam_update_bf16_f32_bf16_bf16_gbit0(uint16_t *p, const float *g, 
  * bnnc_round_log2. The largest |g| is the largest magnitude bit pattern (monotonic). The codes may
  * overwrite g: chunks of 64 elements are read before their codes are written (code i lies at or
  * before element i's first byte). */
+#if !defined(BNNC_X86_LEVEL_FN)
+#define BNNC_X86_LEVEL_FN 1
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(BNNC_NO_SIMD)
+#define BNNC_X86_MV 1
+/* the widest x86-64 vector ISA this CPU has and the build allows: 2 AVX-512 (F, BW, VL, DQ),
+ * 1 AVX2, 0 baseline. Asked at every kernel call (a few loads of libgcc's CPU model, filled by
+ * its constructor): no cached copy, so the program keeps no writable global besides the arena
+ * and the state. */
+BNNC_HELPER int bnnc_x86_level(void)
+{
+    int l = 0;
+#if !defined(BNNC_NO_AVX2)
+    if (__builtin_cpu_supports("avx2")) l = 1;
+#if !defined(BNNC_NO_AVX512)
+    if (l && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
+        && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+        l = 2;
+#endif
+#endif
+    return l;
+}
+#endif
+#endif
+
+#if defined(BNNC_X86_MV)
+static inline __attribute__((always_inline)) void k_po2_quantize_f16_body(const uint16_t *g, uint8_t *q, int32_t *bias_out, int32_t count,
+    int32_t bias, int32_t zero_to_min)
+{
+    const uint16_t mag = (uint16_t)((1u << 15) - 1u);
+    const int32_t mant = (1 << 10) - 1, lo = 1 << 10, hi = 31 << 10;
+    /* the smallest mantissa field m with (2^mb + m) << (23 - mb) >= BNNC_PO2_ROUND_UP_SIG */
+    const int32_t thr = (int32_t)((BNNC_PO2_ROUND_UP_SIG + 8191u) >> 13) - lo;
+    const int32_t zcode = zero_to_min ? 0 : BNNC_PO2_ZERO;
+    int32_t i, i0, j, b;
+    uint16_t top = 0;
+    for (i = 0; i < count; i++) {
+        uint16_t a;
+        memcpy(&a, g + i, sizeof a);
+        a = (uint16_t)(a & mag);
+        top = a > top ? a : top;
+    }
+    b = top ? bias - bnnc_round_log2(bnnc_f16_to_f32(top)) : bias;
+    for (i0 = 0; i0 < count; i0 += 64) {
+        uint16_t h[64];
+        uint8_t c[64];
+        int32_t len = count - i0 < 64 ? count - i0 : 64, slow = 0;
+        memcpy(h, g + i0, (size_t)len * sizeof h[0]);
+        for (j = 0; j < len; j++) {
+            /* int32 arithmetic and masks instead of branches, so the loop vectorizes */
+            int32_t a = (int32_t)(h[j] & mag), e = (a >> 10) - 15 + ((a & mant) >= thr), z;
+            /* f16 subnormals are common in gradients: a * 2^-24, and the integer a converts to
+             * float exactly, so round(log2) is that float's minus 24 */
+            int32_t fa = (int32_t)bnnc_f2u((float)a), sub = -(a < lo);
+            int32_t es = (fa >> 23) - 127 - 24
+                + ((fa & 0x7FFFFF) >= (int32_t)(BNNC_PO2_ROUND_UP_SIG & 0x7FFFFFu));
+            e = ((es & sub) | (e & ~sub)) + b;
+            slow |= a >= hi;
+            e = e < -8 ? -8 : e;
+            e = e > 7 ? 7 : e;
+            z = -(a == 0);
+            c[j] = (uint8_t)((zcode & z) | ((((h[j] >> 11) & 16) | (e + 8)) & ~z));
+        }
+        if (slow)
+            for (j = 0; j < len; j++) {
+                int32_t a = (int32_t)(h[j] & mag);
+                if (a >= hi) {
+                    int32_t e = bnnc_round_log2(bnnc_f16_to_f32(h[j])) + b;
+                    e = e < -8 ? -8 : (e > 7 ? 7 : e);
+                    c[j] = (uint8_t)(((h[j] >> 11) & 16) | (e + 8));
+                }
+            }
+        memcpy(q + i0, c, (size_t)len);
+    }
+    bias_out[0] = b;
+}
+__attribute__((noinline, target("avx2"))) static void k_po2_quantize_f16_avx2(const uint16_t *g, uint8_t *q, int32_t *bias_out, int32_t count,
+    int32_t bias, int32_t zero_to_min)
+{
+    k_po2_quantize_f16_body(g, q, bias_out, count, bias, zero_to_min);
+}
+static void k_po2_quantize_f16(const uint16_t *g, uint8_t *q, int32_t *bias_out, int32_t count,
+    int32_t bias, int32_t zero_to_min)
+{
+    switch (bnnc_x86_level()) {
+    case 2: case 1: k_po2_quantize_f16_avx2(g, q, bias_out, count, bias, zero_to_min); break;
+    default: k_po2_quantize_f16_body(g, q, bias_out, count, bias, zero_to_min); break;
+    }
+}
+#else
 static void k_po2_quantize_f16(const uint16_t *g, uint8_t *q, int32_t *bias_out, int32_t count,
     int32_t bias, int32_t zero_to_min)
 {
@@ -1620,6 +2443,8 @@ static void k_po2_quantize_f16(const uint16_t *g, uint8_t *q, int32_t *bias_out,
     }
     bias_out[0] = b;
 }
+#endif
+
 
 
 /* ---- the training step ---- */
@@ -2340,58 +3165,162 @@ int bnnc_mlp_train_step(const float *input, const int32_t *labels, float *loss, 
     BNNC_DUMP_OUT(0u, input, 313600u);
     BNNC_DUMP_OUT(313600u, labels, 400u);
     bnnc_state.step++;
+    BNNC_PROF_BEGIN(0);
     step_000_dense_fwd_signw_fc1();
+    BNNC_PROF_END(0);
+    BNNC_PROF_BEGIN(1);
     step_001_bn_l1_fwd_bn1();
+    BNNC_PROF_END(1);
+    BNNC_PROF_BEGIN(2);
     step_002_sign_fwd_pack_sign1();
+    BNNC_PROF_END(2);
+    BNNC_PROF_BEGIN(3);
     step_003_pack_sign_w_fc2();
+    BNNC_PROF_END(3);
+    BNNC_PROF_BEGIN(4);
     step_004_dense_fwd_xnor_fc2();
+    BNNC_PROF_END(4);
+    BNNC_PROF_BEGIN(5);
     step_005_bn_l1_fwd_bn2();
+    BNNC_PROF_END(5);
+    BNNC_PROF_BEGIN(6);
     step_006_sign_fwd_pack_sign2();
+    BNNC_PROF_END(6);
+    BNNC_PROF_BEGIN(7);
     step_007_pack_sign_w_fc3();
+    BNNC_PROF_END(7);
+    BNNC_PROF_BEGIN(8);
     step_008_dense_fwd_xnor_fc3();
+    BNNC_PROF_END(8);
+    BNNC_PROF_BEGIN(9);
     step_009_bn_l1_fwd_bn3();
+    BNNC_PROF_END(9);
+    BNNC_PROF_BEGIN(10);
     step_010_sign_fwd_pack_sign3();
+    BNNC_PROF_END(10);
+    BNNC_PROF_BEGIN(11);
     step_011_pack_sign_w_fc4();
+    BNNC_PROF_END(11);
+    BNNC_PROF_BEGIN(12);
     step_012_dense_fwd_xnor_fc4();
+    BNNC_PROF_END(12);
+    BNNC_PROF_BEGIN(13);
     step_013_bn_l1_fwd_bn4();
+    BNNC_PROF_END(13);
+    BNNC_PROF_BEGIN(14);
     step_014_sign_fwd_pack_sign4();
+    BNNC_PROF_END(14);
+    BNNC_PROF_BEGIN(15);
     step_015_pack_sign_w_fc5();
+    BNNC_PROF_END(15);
+    BNNC_PROF_BEGIN(16);
     step_016_dense_fwd_xnor_fc5();
+    BNNC_PROF_END(16);
+    BNNC_PROF_BEGIN(17);
     step_017_bn_l1_fwd_bn5();
+    BNNC_PROF_END(17);
+    BNNC_PROF_BEGIN(18);
     step_018_softmax_xent(&acc, &l);
+    BNNC_PROF_END(18);
+    BNNC_PROF_BEGIN(19);
     step_019_bn_l1_bwd_bn5();
+    BNNC_PROF_END(19);
+    BNNC_PROF_BEGIN(20);
     step_020_adam_update_bn5();
+    BNNC_PROF_END(20);
+    BNNC_PROF_BEGIN(21);
     step_021_po2_quantize_fc5();
+    BNNC_PROF_END(21);
+    BNNC_PROF_BEGIN(22);
     step_022_dense_dw_bin_fc5();
+    BNNC_PROF_END(22);
+    BNNC_PROF_BEGIN(23);
     step_023_dense_dx_po2_fc5();
+    BNNC_PROF_END(23);
+    BNNC_PROF_BEGIN(24);
     step_024_adam_update_fc5();
+    BNNC_PROF_END(24);
+    BNNC_PROF_BEGIN(25);
     step_025_sign_bwd_mask_sign4();
+    BNNC_PROF_END(25);
+    BNNC_PROF_BEGIN(26);
     step_026_bn_l1_bwd_bn4();
+    BNNC_PROF_END(26);
+    BNNC_PROF_BEGIN(27);
     step_027_adam_update_bn4();
+    BNNC_PROF_END(27);
+    BNNC_PROF_BEGIN(28);
     step_028_po2_quantize_fc4();
+    BNNC_PROF_END(28);
+    BNNC_PROF_BEGIN(29);
     step_029_dense_dw_bin_fc4();
+    BNNC_PROF_END(29);
+    BNNC_PROF_BEGIN(30);
     step_030_dense_dx_po2_fc4();
+    BNNC_PROF_END(30);
+    BNNC_PROF_BEGIN(31);
     step_031_adam_update_fc4();
+    BNNC_PROF_END(31);
+    BNNC_PROF_BEGIN(32);
     step_032_sign_bwd_mask_sign3();
+    BNNC_PROF_END(32);
+    BNNC_PROF_BEGIN(33);
     step_033_bn_l1_bwd_bn3();
+    BNNC_PROF_END(33);
+    BNNC_PROF_BEGIN(34);
     step_034_adam_update_bn3();
+    BNNC_PROF_END(34);
+    BNNC_PROF_BEGIN(35);
     step_035_po2_quantize_fc3();
+    BNNC_PROF_END(35);
+    BNNC_PROF_BEGIN(36);
     step_036_dense_dw_bin_fc3();
+    BNNC_PROF_END(36);
+    BNNC_PROF_BEGIN(37);
     step_037_dense_dx_po2_fc3();
+    BNNC_PROF_END(37);
+    BNNC_PROF_BEGIN(38);
     step_038_adam_update_fc3();
+    BNNC_PROF_END(38);
+    BNNC_PROF_BEGIN(39);
     step_039_sign_bwd_mask_sign2();
+    BNNC_PROF_END(39);
+    BNNC_PROF_BEGIN(40);
     step_040_bn_l1_bwd_bn2();
+    BNNC_PROF_END(40);
+    BNNC_PROF_BEGIN(41);
     step_041_adam_update_bn2();
+    BNNC_PROF_END(41);
+    BNNC_PROF_BEGIN(42);
     step_042_po2_quantize_fc2();
+    BNNC_PROF_END(42);
+    BNNC_PROF_BEGIN(43);
     step_043_dense_dw_bin_fc2();
+    BNNC_PROF_END(43);
+    BNNC_PROF_BEGIN(44);
     step_044_dense_dx_po2_fc2();
+    BNNC_PROF_END(44);
+    BNNC_PROF_BEGIN(45);
     step_045_adam_update_fc2();
+    BNNC_PROF_END(45);
+    BNNC_PROF_BEGIN(46);
     step_046_sign_bwd_mask_sign1();
+    BNNC_PROF_END(46);
+    BNNC_PROF_BEGIN(47);
     step_047_bn_l1_bwd_bn1();
+    BNNC_PROF_END(47);
+    BNNC_PROF_BEGIN(48);
     step_048_adam_update_bn1();
+    BNNC_PROF_END(48);
+    BNNC_PROF_BEGIN(49);
     step_049_po2_quantize_fc1();
+    BNNC_PROF_END(49);
+    BNNC_PROF_BEGIN(50);
     step_050_dense_dw_bin_fc1();
+    BNNC_PROF_END(50);
+    BNNC_PROF_BEGIN(51);
     step_051_adam_update_fc1();
+    BNNC_PROF_END(51);
     if (loss) *loss = l;
     if (accuracy) *accuracy = acc;
     /* NaN or inf: x - x is not 0 */

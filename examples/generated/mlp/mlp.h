@@ -104,6 +104,10 @@ int bnnc_mlp_read_state(bnnc_read_fn read, void *ctx);
  * labels. Fill them in place and pass them to train_step / predict: nothing is copied. */
 float *bnnc_mlp_input_buffer(void);
 int32_t *bnnc_mlp_label_buffer(void);
+/* Builds with -DBNNC_PROFILE (bnnc profile): the thread CPU time in ns each schedule step took, summed
+ * since the last call, into ns[0 .. count-1], then reset; returns the number of steps (0 in other
+ * builds, which time nothing). */
+int32_t bnnc_mlp_profile_ns(uint64_t *ns, int32_t count);
 /* END CDEF */
 
 #ifdef __cplusplus

@@ -1,0 +1,64 @@
+"""Before/after of the emitted C: ms per training step of several compiled output directories,
+stepped in turn in one process, timed on the thread's CPU clock.
+
+    python benchmarks/ab_step.py OLD_OUT NEW_OUT [MORE_OUT ...] [--steps 20] [--warmup 2]
+
+Input: `bnnc compile` output directories of host builds with the same input shape and batch
+(e.g. one compiled by an older checkout of bnnc, one by this one). Output: one line per directory,
+min and median ms of thread CPU time per `train_step`, and each median's ratio to the first.
+
+Method: each directory's C is built as a shared library (runtime/host.py) and initialized from
+seed 0; every repetition runs one step of each program, rotating who goes first, on the same
+batch (random pixels scaled like the datasets, uniform labels; four batches cycled). Thread CPU
+time (time.thread_time), not wall time: on a shared machine the wall clock also counts the time
+the step waits for a core. Limits: noise from neighbours remains through shared caches; read the
+min next to the median.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bnnc.compiler.c_literals import PIXEL_LUT
+from bnnc.runtime.host import HostProgram
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("dirs", nargs="+", type=Path, help="compiled output directories")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=2)
+    args = ap.parse_args(argv)
+    progs = [HostProgram(d, debug=False) for d in args.dirs]
+    m = progs[0].manifest
+    if any((p.manifest.input_shape, p.manifest.batch) != (m.input_shape, m.batch) for p in progs):
+        ap.error("the directories must share input shape and batch")
+    for p in progs:
+        p.init(0)
+    rng = np.random.default_rng(0)
+    xs = [PIXEL_LUT[rng.integers(0, 256, m.input_shape, dtype=np.uint8)] for _ in range(4)]
+    ys = [rng.integers(0, m.classes, m.batch).astype(np.int32) for _ in range(4)]
+    times: list[list[float]] = [[] for _ in progs]
+    for rep in range(args.warmup + args.steps):
+        for j in range(len(progs)):
+            k = (j + rep) % len(progs)
+            t0 = time.thread_time()
+            progs[k].train_step(xs[rep % 4], ys[rep % 4])
+            dt = time.thread_time() - t0
+            if rep >= args.warmup:
+                times[k].append(1000.0 * dt)
+    base = float(np.median(times[0]))
+    for d, t in zip(args.dirs, times):
+        med = float(np.median(t))
+        print(f"{str(d):40s} min {min(t):9.2f} ms  median {med:9.2f} ms  "
+              f"first / this {base / med:5.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
