@@ -101,13 +101,20 @@ def budget_target(name: str, ram: str | None, flash: str | None) -> Target:
 @_common
 @click.option("-o", "--out", "out_dir", required=True,
               type=click.Path(file_okay=False, path_type=Path), help="output directory")
+@click.option("--force", is_flag=True,
+              help="take over OUT even if it holds files bnnc did not write (they are replaced "
+                   "where bnnc writes the same name; other files are left alone)")
 @click.option("--guard", is_flag=True,
               help="debug build: canary bytes around every arena buffer, checked after every "
                    "kernel (a kernel writing outside its tensors stops the program, naming it)")
 def compile_cmd(model: str, target: str, algorithm: str | None, batch: int | None, lr: float | None,
                 seed: int, width: float | None, out_dir: Path, ram: str | None, flash: str | None,
-                guard: bool, **techniques) -> None:
+                guard: bool, force: bool, **techniques) -> None:
     """Compile MODEL into a static, malloc-free C99 training program in OUT.
+
+    OUT is bnnc's own: it must be new, empty or written by bnnc (else --force); files of an
+    earlier compile that this one does not write are removed, symbolic links are never followed,
+    and a second compile or run on the same OUT is refused while one is working there.
 
     
     Targets (targets/<name>.toml): host (shared library + native trainer), rpi4 / rpi3 (static
@@ -124,7 +131,7 @@ def compile_cmd(model: str, target: str, algorithm: str | None, batch: int | Non
     command = _canonical_command("compile", model, cfg, tgt.name, width, ram, flash) \
         + (" --guard" if guard else "")
     c, written = compile_graph(graph, cfg, tgt, out_dir, command, model_bytes(model, width=width),
-                               guard_bytes=DEFAULT_GUARD_BYTES if guard else 0)
+                               guard_bytes=DEFAULT_GUARD_BYTES if guard else 0, force=force)
     click.echo(f"{graph.name}: {cfg.algorithm}, {cfg.optimizer}, batch {cfg.batch}, "
                f"{len(c.schedule.steps)} steps, {len(c.emitted.kernels)} C kernels")
     click.echo(f"arena {c.plan.arena_nbytes:,} B (lower bound {c.plan.lower_bound:,}, efficiency "
