@@ -472,9 +472,13 @@ def read_compiled(out_dir: Path) -> tuple[Manifest, Graph, TrainConfig]:
     known = {k: v for k, v in manifest.config.items() if k != "algorithm"}
     try:
         cfg = make_config(manifest.config["algorithm"], **known)
-    except (KeyError, TypeError, ValueError) as err:
-        raise ConfigError(f"{out.path / MANIFEST}: unreadable training config ({err})",
-                          hint=f"compile again into {out.path}") from err
+    except ConfigError as err:
+        raise ConfigError(f"{out.path / MANIFEST}: its training config is invalid "
+                          f"({err.message})", hint=f"compile again into {out.path}") from None
+    except (KeyError, TypeError, ValueError, OverflowError) as err:
+        raise ConfigError(f"{out.path / MANIFEST}: unreadable training config "
+                          f"({type(err).__name__}: {str(err)[:200]})",
+                          hint=f"compile again into {out.path}") from None
     return manifest, graph, cfg
 
 
