@@ -32,8 +32,12 @@ step with the most unplaced bytes) and "pressure_duration" (the same, longest-li
 with "duration" it closes the gaps "size" leaves on MLP-like schedules). Fits: "first" (lowest
 offset whose gap is large enough; with the size order this is exactly TFLM's planner) and "best"
 (the smallest gap that fits, else the top). The heuristics run in name order and stop at the first
-one that reaches the lower bound; ties keep the earlier name. Cost: O(n^2) per heuristic in the
-worst case for n buffers, instantaneous for the zoo. Known limit: greedy placement can miss the
+one that reaches the lower bound; ties keep the earlier name. Cost: the lifetime heuristics use a
+sweep over the steps that keeps the free holes between live blocks (`_sweep_fit`: the same offsets
+as the conflict-graph fit, O(n log n + n h) for h holes); the others walk the conflict graph, which
+grows as the square of the depth of a chain, so above MAX_CONFLICT_PAIRS overlapping pairs
+(counted in O(n log n), `conflict_pairs`) only the sweep heuristics run: planning stays
+O(n log n)-ish in time and O(n) in memory (`benchmarks/plan_scale.py`). Known limit: greedy placement can miss the
 optimum when the peak-step buffers cannot be stacked the same way at neighbouring steps; the report
 states the efficiency reached.
 """
