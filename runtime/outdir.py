@@ -19,7 +19,8 @@ Ownership rules (every command that writes into OUT/ goes through `OutDir`):
 - `bnnc compile` writes into a private staging directory inside OUT and publishes the files only
   when every one of them was written; it refuses to replace a file it did not write (not listed in
   .bnnc-owned.json) unless `--force`, and removes the files it wrote for an earlier compile that
-  this one does not write (another model's .c/.h, a stale state.bin, final_state.npz, data/);
+  this one does not write (another model's .c/.h; state.bin, final_state.npz and data/ too unless
+  the model hash is unchanged, i.e. the same model, config and target compiled again);
 - .bnnc-owned.json records the compiled model's hash; `run` and `export` refuse an OUT whose record
   names another model than its manifest, and every state file bnnc writes carries the hash too;
 - `compile` and `run` hold an exclusive lock on OUT (`fcntl.flock`, released when the process ends,
@@ -65,6 +66,7 @@ INIT_STATE = "init_state.npz"
 FINAL_STATE = "final_state.npz"
 STATE_BLOB = "state.bin"
 OWNED = ".bnnc-owned.json"
+RUN_OUTPUTS = ("state.bin", "final_state.npz", "init_state.f32", "data")   # what `bnnc run` adds
 LOCK = ".bnnc.lock"
 _STAGE_PREFIX = ".bnnc-stage-"
 _OWNED_SCHEMA = "bnnc-owned"
@@ -332,7 +334,13 @@ class OutDir:
                                   hint="move it away, or pass --force to replace it")
             if dest.is_dir() and not _is_link(dest):
                 raise OutDirError(f"{dest} is a directory", hint="move it away")
-        stale = sorted(old - set(names) - {OWNED})
+        stale = old - set(names) - {OWNED}
+        kept: set[str] = set()
+        if rec is not None and rec[0] == model_hash:
+            # the same compiled model: its checkpoint, final state and packed data stay valid
+            kept = stale & set(RUN_OUTPUTS)
+            stale -= kept
+        stale = sorted(stale)
         # a crash from here on leaves only files listed as bnnc's
         self.write_owned(model_hash, old | set(names))
         try:
@@ -343,7 +351,7 @@ class OutDir:
         _fsync_dir(self.path)
         for name in stale:
             self._remove(name)
-        self.write_owned(model_hash, names)
+        self.write_owned(model_hash, set(names) | kept)
         return [self.path / n for n in names]
 
     def _remove(self, name: str) -> None:
