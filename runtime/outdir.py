@@ -439,6 +439,19 @@ def compile_graph(graph: Graph, cfg: TrainConfig, tgt: Target, out_dir: Path, co
     """compiler.pipeline.compile_to_c plus what `bnnc run` and a reader need in out_dir (the model,
     the initial state, report.txt), written into a staging directory and published into the
     owned OUT/ (module docstring). Returns (compiled, files written)."""
+    created = not os.path.lexists(out_dir)
+    try:
+        return _compile_into(graph, cfg, tgt, out_dir, command, source, guard_bytes, force)
+    except BaseException:
+        # a refused compile into a new directory leaves no empty OUT behind
+        if created and Path(out_dir).is_dir() and not _is_link(Path(out_dir)):
+            left = {p.name for p in Path(out_dir).iterdir()}
+            if left <= {LOCK}:
+                shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+
+
+def _compile_into(graph, cfg, tgt, out_dir, command, source, guard_bytes, force):
     with OutDir(out_dir, create=True, command="compile") as out:
         out.clean_stale_staging()
         stage = out.staging()

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Union
@@ -265,10 +266,20 @@ def _run_linux(out_dir: Path, tgt: Target, manifest: Manifest, graph: Graph, cfg
         runner.put(files)
         started(where)
         res = runner.run("trainer", args, on_event=show, timeout=opts.timeout)
-        fetched = runner.get(STATE_BLOB, ckpt)
-        check_result(res, f"the trainer on {opts.device}")
-        if not fetched:
-            raise TargetError(f"could not fetch {STATE_BLOB} from {opts.device}")
+        # fetched into a private temporary, validated, then published: a device never replaces
+        # the local checkpoint with a blob that fails the checks of a resume
+        with tempfile.TemporaryDirectory(prefix=".bnnc-fetch-", dir=out_dir) as tmp:
+            got = Path(tmp) / STATE_BLOB
+            fetched = runner.get(STATE_BLOB, got)
+            check_result(res, f"the trainer on {opts.device}")
+            if not fetched:
+                raise TargetError(f"could not fetch {STATE_BLOB} from {opts.device}")
+            raw = got.read_bytes()
+            try:
+                parse_state_blob(raw, manifest, f"{STATE_BLOB} fetched from {opts.device}")
+            except DataError as err:
+                raise DataError(f"{err.message}; {ckpt} is unchanged") from None
+            out.write(STATE_BLOB, raw)
     else:
         local = LocalRunner(tgt)
         started(local.describe())
