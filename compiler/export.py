@@ -59,6 +59,7 @@ import io
 import os
 import re
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Mapping
 
@@ -268,7 +269,7 @@ def load_state_npz(path: str | os.PathLike, graph: Graph, cfg: TrainConfig, *,
     except DataError:
         raise
     except (OSError, ValueError, zipfile.BadZipFile, EOFError, NotImplementedError,
-            RuntimeError) as e:
+            RuntimeError, zlib.error) as e:
         raise DataError(f"cannot read state file {p}: {str(e)[:200]}",
                         hint="pass an .npz written by np.savez or save_state_npz") from None
     stored = state.pop(MODEL_HASH_KEY, None)

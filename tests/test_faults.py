@@ -290,8 +290,9 @@ def test_d10_a_damaged_manifest_is_one_error_line(world, out, tmp_path):
     doc = json.loads(raw)
     for bad in (raw[:len(raw) // 2], json.dumps({k: v for k, v in doc.items() if k != "config"}),
                 json.dumps({**doc, "config": {"algorithm": "nonsense"}}),
-                json.dumps({**doc, "config": {**doc["config"], "batch": "x"}})):
-        path.write_text(bad)
+                json.dumps({**doc, "config": {**doc["config"], "batch": "x"}}),
+                raw.encode()[:5000] + b"\xb0\xec" + raw.encode()[5000:]):     # not UTF-8
+        path.write_bytes(bad if isinstance(bad, bytes) else bad.encode())
         refused(bnnc(*run_argv(world, out)), "bnnc_manifest.json")
         refused(bnnc("export", out, "-o", tmp_path / "t.onnx"), "bnnc_manifest.json")
 
