@@ -129,13 +129,14 @@ def main(argv=None) -> int:
     head = ["depth", "tensors", "buffers", "import s", "schedule s", "liveness+check s",
             "plan+check s", "plan peak MiB", "efficiency"] + (["emit s", "emit peak MiB"]
                                                               if args.emit else [])
+    mem = (lambda v: f"{v:.1f}") if args.memory else (lambda v: "-")
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for r in rows:
         cells = [r["depth"], r["tensors"], r["buffers"], f"{r['t_import']:.2f}",
                  f"{r['t_schedule']:.2f}", f"{r['t_liveness']:.2f}", f"{r['t_plan']:.2f}",
-                 f"{r['peak_plan_mib']:.1f}", f"{r['efficiency']:.3f}"]
+                 mem(r["peak_plan_mib"]), f"{r['efficiency']:.3f}"]
         if args.emit:
-            cells += [f"{r['t_emit']:.2f}", f"{r['peak_emit_mib']:.1f}"]
+            cells += [f"{r['t_emit']:.2f}", mem(r["peak_emit_mib"])]
         print("| " + " | ".join(map(str, cells)) + " |", flush=True)
     return 0
 
