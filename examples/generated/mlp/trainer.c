@@ -170,17 +170,17 @@ static int data_open(dataset_t *d, const char *path)
     }
     d->labels_at = DATA_HEADER;
     d->pixels_at = DATA_HEADER + (long)((d->count + 7u) / 8u * 8u);
-    {   /* every label in range before the first step: a bad file fails here, not mid-run */
-        static uint8_t lab[256];
+    {   /* every label in range before the first step: a bad file fails here, not mid-run
+           (read in chunks through row_u8, free until the first example is read: no extra RAM) */
         uint32_t i, n, k;
         for (i = 0; i < d->count; i += n) {
-            n = d->count - i < 256u ? d->count - i : 256u;
-            if (!read_at(d->io, d->labels_at + i, lab, n)) {
+            n = d->count - i < (uint32_t)EXAMPLE_ELEMS ? d->count - i : (uint32_t)EXAMPLE_ELEMS;
+            if (!read_at(d->io, d->labels_at + i, row_u8, n)) {
                 json_error("dataset file is truncated", path);
                 return 0;
             }
             for (k = 0; k < n; k++)
-                if (lab[k] >= CLASSES) {
+                if (row_u8[k] >= CLASSES) {
                     json_error("a label is outside [0, classes)", path);
                     return 0;
                 }
