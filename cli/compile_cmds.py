@@ -124,15 +124,22 @@ def budget_target(name: str, ram: str | None, flash: str | None) -> Target:
                    "conv layer on) that fits --ram/--flash, at the largest batch up to --batch "
                    "that fits; prints the choice and the alternatives (instead of --train/"
                    "--train-from)")
+@click.option("--force", is_flag=True,
+              help="take over OUT even if it holds files bnnc did not write (they are replaced "
+                   "where bnnc writes the same name; other files are left alone)")
 @click.option("--guard", is_flag=True,
               help="debug build: canary bytes around every arena buffer, checked after every "
                    "kernel (a kernel writing outside its tensors stops the program, naming it)")
 def compile_cmd(model: str, target: str, algorithm: str | None, batch: int | None, lr: float | None,
                 seed: int, width: float | None, classes: int | None, out_dir: Path,
                 ram: str | None, flash: str | None, guard: bool, emit: str,
-                train: str | None, train_from: str | None, fit: bool,
+                train: str | None, train_from: str | None, fit: bool, force: bool,
                 **techniques) -> None:
     """Compile MODEL into a static, malloc-free C99 training program in OUT.
+
+    OUT is bnnc's own: it must be new, empty or written by bnnc (else --force); files of an
+    earlier compile that this one does not write are removed, symbolic links are never followed,
+    and a second compile or run on the same OUT is refused while one is working there.
 
     
     Targets (targets/<name>.toml): host (shared library + native trainer), rpi4 / rpi3 (static
@@ -189,7 +196,8 @@ def compile_cmd(model: str, target: str, algorithm: str | None, batch: int | Non
                                  train, train_from) \
         + (" --guard" if guard else "") + (" --emit library" if emit == "library" else "")
     c, written = compile_graph(graph, cfg, tgt, out_dir, command, source,
-                               guard_bytes=DEFAULT_GUARD_BYTES if guard else 0, emit=emit)
+                               guard_bytes=DEFAULT_GUARD_BYTES if guard else 0, emit=emit,
+                               force=force)
     click.echo(f"{graph.name}: {cfg.algorithm}, {cfg.optimizer}, batch {cfg.batch}, "
                f"{len(c.schedule.steps)} steps, {len(c.emitted.kernels)} C kernels")
     click.echo(f"arena {c.plan.arena_nbytes:,} B (lower bound {c.plan.lower_bound:,}, efficiency "

@@ -15,7 +15,7 @@ import numpy as np
 from ..compiler.errors import DataError
 from ..runtime import datasets as ds
 from ..runtime import packed
-from ..runtime.outdir import load_graph, read_compiled
+from ..runtime.outdir import load_graph, read_compiled, write_atomic
 from .app import cli
 
 _DATA_DIR_HELP = "data root holding <name>/ folders, or the dataset folder itself " \
@@ -116,7 +116,9 @@ def pack_cmd(name: str, model: str, split: str, output: Path, limit: int | None,
         x, y = x[:limit], y[:limit]
     if not output.parent.is_dir():
         raise DataError(f"cannot write {output}: directory {output.parent} does not exist")
-    fmt = packed.pack(output, x, y, d.classes)
+    data = packed.packed_bytes(x, y, d.classes)
+    write_atomic(output, data)
+    fmt = int.from_bytes(data[20:24], "little")
     click.echo(f"wrote {output}: {len(y)} {d.name} {split} examples, {int(np.prod(x.shape[1:]))} "
                f"inputs each ({'u8 pixels' if fmt == packed.U8 else 'float32'}), "
                f"{output.stat().st_size:,} bytes")

@@ -11,6 +11,7 @@ DataError naming the tensor, with a hint at the options its names suggest.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -18,7 +19,8 @@ import click
 from ..compiler.config import ALGORITHMS, BN_KINDS, OPTIMIZERS, STATE_DTYPES, make_config
 from ..compiler.errors import ConfigError
 from ..compiler.export import FORMATS, export_onnx
-from ..runtime.outdir import load_graph, read_compiled, saved_state_path, trained_state
+from ..runtime.outdir import (load_graph, read_compiled, saved_state_path, trained_state,
+                              write_atomic)
 from .app import cli
 
 
@@ -62,7 +64,7 @@ def export_cmd(model: str, state_path: Path | None, output: Path, fmt: str, algo
     if Path(model).is_dir():
         manifest, graph, cfg = read_compiled(Path(model))
         state_path = Path(state_path) if state_path is not None else saved_state_path(Path(model))
-        if not state_path.is_file():
+        if not os.path.lexists(state_path):
             raise ConfigError(f"{state_path} does not exist", hint=f"train first: bnnc run {model} "
                               "--data ...")
     else:
@@ -78,10 +80,7 @@ def export_cmd(model: str, state_path: Path | None, output: Path, fmt: str, algo
         raise ConfigError(f"cannot write {output}: directory {output.parent} does not exist",
                           hint="create it first or choose another -o path")
     data = onnx_model.SerializeToString(deterministic=True)
-    try:
-        output.write_bytes(data)
-    except OSError as err:
-        raise ConfigError(f"cannot write {output}: {err.strerror}") from err
+    write_atomic(output, data)
     click.echo(f"wrote {output} ({len(data) / 1024:.1f} KiB): {onnx_model.graph.name}, "
                f"{'plain ONNX' if fmt == 'onnx' else 'QONNX'} opset 17, "
                f"{len(onnx_model.graph.node)} nodes, {len(state)} state tensors read "

@@ -25,7 +25,7 @@ from ..compiler.planner import plan_schedule
 from ..compiler.report import (describe_config, dump_plan_json, format_report, format_timeline,
                                load_plan_json, plan_from_json, plan_to_html, plan_to_json)
 from ..compiler.schedule import build_schedule
-from ..runtime.outdir import load_graph
+from ..runtime.outdir import load_graph, write_atomic
 from .app import cli
 
 MIB = float(1 << 20)
@@ -90,10 +90,7 @@ _IO_HELP = ("where the batch lives: 'arena' (copied in by the train-step entry, 
 def _write(path: Path, text: str) -> None:
     if not path.parent.is_dir():
         raise ConfigError(f"cannot write {path}: directory {path.parent} does not exist")
-    try:
-        path.write_text(text)
-    except OSError as err:
-        raise ConfigError(f"cannot write {path}: {err.strerror}") from err
+    write_atomic(path, text.encode())
 
 
 def _is_plan_path(model: str) -> bool:

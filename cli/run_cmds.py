@@ -49,6 +49,10 @@ def run_cmd(out_dir: Path, ssh_options: tuple[str, ...], **options) -> None:
     Host target: runs natively. Raspberry Pi targets: --emulate (qemu-aarch64 with the Pi's CPU
     model) or --device pi@raspberrypi.local (static binary, no Python on the Pi). Cortex-M targets:
     --emulate (qemu-system-arm, MPS2 board, semihosting).
+    One run (or compile) at a time per OUT_DIR: a second one is refused. --resume FILE is
+    checked in full (model hash, CRC-32, step range, finite values) before OUT_DIR/state.bin
+    is replaced by it.
+
     \b
     Example:
       bnnc compile mlp --target rpi4 -o out/mlp

@@ -14,6 +14,7 @@ import click
 
 from ..compiler.errors import ConfigError
 from ..compiler.zoo import FORMATS, ZOO, build_zoo_model, zoo_weight_count
+from ..runtime.outdir import write_atomic
 from .app import cli
 
 
@@ -70,10 +71,7 @@ def zoo(name: str | None, output: Path | None, fmt: str, seed: int, width: float
         raise ConfigError(f"cannot write {path}: directory {path.parent} does not exist",
                           hint="create it first or choose another -o path")
     data = model.SerializeToString()
-    try:
-        path.write_bytes(data)
-    except OSError as err:
-        raise ConfigError(f"cannot write {path}: {err.strerror}") from err
+    write_atomic(path, data)
     props = {p.key: p.value for p in model.metadata_props}
     click.echo(f"wrote {path} ({len(data) / 2**20:.1f} MiB): {name} {props['bnnc.zoo.args']}, "
                f"{int(props['bnnc.zoo.weights']):,} weights")

@@ -186,12 +186,31 @@ def _perturb_line(step: Step, ctx: LowerCtx) -> tuple[str, str]:
     return f"BNNC_PERTURB_{step.kernel.name.upper()}", stmt
 
 
+MAX_C_TENSOR_NBYTES = 2**31 - 1     # the kernels index a tensor's elements/bytes with int
+
+
 def _check_emittable(schedule: Schedule, plan, target: Target) -> None:
     """PlanError when the schedule is broken or the plan's alignment is below the target's."""
     schedule.verify()
     if plan.align % 8 or plan.align < target.align:
         raise PlanError(f"plan alignment {plan.align} is below target {target.name}'s "
                         f"{target.align}", hint=f"plan with --align {target.align}")
+    # Planning, `bnnc inspect` and `bnnc memory` take any size (Python ints); only the C has
+    # limits: its kernels index a tensor's elements with `int`, and the arena and state must be
+    # addressable with the target's size_t.
+    big = max(schedule.tensors.values(), key=lambda t: t.nbytes, default=None)
+    if big is not None and big.nbytes > MAX_C_TENSOR_NBYTES:
+        raise PlanError(f"model '{schedule.graph_name}': tensor '{big.name}' of shape "
+                        f"{list(big.shape)} needs {big.nbytes:,} bytes at batch "
+                        f"{schedule.config.batch}; the generated C indexes a tensor with 32-bit "
+                        f"ints (at most {MAX_C_TENSOR_NBYTES:,} bytes)",
+                        hint="use a smaller batch or a smaller model input (`bnnc inspect` and "
+                             "`bnnc memory` plan any size)")
+    size_t_max = 2**(8 * target.pointer_bytes) - 1
+    if plan.arena_nbytes + plan.state_nbytes > size_t_max:
+        raise PlanError(f"arena + state need {plan.arena_nbytes + plan.state_nbytes:,} bytes, "
+                        f"more than target {target.name}'s {8 * target.pointer_bytes}-bit address "
+                        "space", hint="use a smaller batch")
 
 
 def _tensor_table(schedule: Schedule, plan) -> tuple[list[TensorEntry], dict[str, int], int]:

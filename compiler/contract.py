@@ -144,7 +144,41 @@ class Manifest:
         if doc.get("schema_version") != SCHEMA_VERSION:
             raise ManifestError(f"{source}: manifest schema version {doc.get('schema_version')!r}, "
                                 f"this bnnc reads {SCHEMA_VERSION}", hint=_REWRITE)
-        return _row(cls, doc, "", source)
+        m = _row(cls, doc, "", source)
+        m.check_consistency(source)
+        return m
+
+    def check_consistency(self, source: str = MANIFEST) -> None:
+        """ManifestError when the fields contradict each other or this bnnc's constants (an
+        edited manifest would otherwise be found out only after a run replaced the checkpoint)."""
+        def bad(what: str) -> ManifestError:
+            return ManifestError(f"{source}: {what}", hint=_REWRITE)
+        fixed = (("blob_header_nbytes", STATE_BLOB_HEADER_BYTES), ("blob_magic", STATE_BLOB_MAGIC),
+                 ("blob_version", STATE_BLOB_VERSION))
+        for name, want in fixed:
+            if getattr(self, name) != want:
+                raise bad(f"field {name} is {getattr(self, name)}, not {want}")
+        if not 0 <= self.model_hash < 2**64:
+            raise bad("field model_hash is not a 64-bit hash")
+        if self.batch < 1 or self.classes < 2 or self.config.get("batch", self.batch) != self.batch:
+            raise bad("fields batch / classes / config.batch disagree")
+        ends = {"arena": 0, "state": 0}
+        for t in self.tensors:
+            if t.region not in ends or t.offset < 0 or t.nbytes < 0:
+                raise bad(f"tensor row {t.name!r} has region {t.region!r}, offset {t.offset}, "
+                          f"{t.nbytes} bytes")
+            ends[t.region] = max(ends[t.region], t.offset + t.nbytes)
+        if ends["arena"] > self.arena_nbytes or ends["state"] > self.state_nbytes:
+            raise bad(f"tensors end at arena byte {ends['arena']:,} / state byte "
+                      f"{ends['state']:,}, beyond arena_nbytes {self.arena_nbytes:,} / "
+                      f"state_nbytes {self.state_nbytes:,}")
+        if self.state_nbytes > ends["state"] + 256:      # at most the last buffer's alignment
+            raise bad(f"field state_nbytes {self.state_nbytes:,} is larger than the state "
+                      f"tensors ({ends['state']:,} bytes)")
+        names = {t.name for t in self.tensors}
+        for st in self.state:
+            if st.name not in names or st.offset < 0 or st.offset + st.nbytes > self.state_nbytes:
+                raise bad(f"state row {st.name!r} does not fit the state region")
 
 
 _REWRITE = "compile the model again with this bnnc version"
@@ -156,7 +190,14 @@ def read_manifest(out_dir: str | Path) -> Manifest:
     if not path.is_file():
         raise TargetError(f"{out_dir} is not a bnnc compile output (no {MANIFEST})",
                           hint="run `bnnc compile MODEL -o DIR` first")
-    return Manifest.from_json(path.read_text(), source=str(path))
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ManifestError(f"{path} is not UTF-8 JSON (byte {err.start} is damaged)",
+                            hint=_REWRITE) from None
+    except OSError as err:
+        raise ManifestError(f"cannot read {path}: {err.strerror or err}", hint=_REWRITE) from None
+    return Manifest.from_json(text, source=str(path))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -52,3 +52,8 @@ class BudgetError(BnncError):
 
 class TargetError(BnncError):
     """Unknown target, or the target's toolchain/emulator is missing."""
+
+
+class OutDirError(BnncError):
+    """An output directory bnnc may not write: a symbolic link, files bnnc did not write, another
+    bnnc working in it, or a filesystem that refuses the write (full, read-only)."""

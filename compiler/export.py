@@ -59,6 +59,7 @@ import io
 import os
 import re
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Mapping
 
@@ -194,15 +195,24 @@ def _check_tensor(st: StateTensor, value, cfg: TrainConfig, source: str) -> np.n
     return f
 
 
-def save_state_npz(path: str | os.PathLike, state: Mapping[str, np.ndarray]) -> None:
-    """Write `state` (name -> array) as an .npz readable by `np.load` and `load_state_npz`.
+MODEL_HASH_KEY = "__model_hash__"     # .npz member binding a state file to a compiled model
+
+
+def save_state_npz(path: str | os.PathLike, state: Mapping[str, np.ndarray], *,
+                   model_hash: int | None = None) -> None:
+    """Write `state` (name -> array) as an .npz readable by `np.load` and `load_state_npz`;
+    `model_hash` (of a compiled program) is stored as the member `__model_hash__`, so the file
+    cannot be used with another compiled model.
 
     Deterministic: entries in the mapping's order, fixed timestamps, deflate compression (bf16
     values are half zero bytes)."""
     p = Path(path)
+    items = list(state.items())
+    if model_hash is not None:
+        items.append((MODEL_HASH_KEY, np.array([model_hash], dtype=np.uint64)))
     try:
         with zipfile.ZipFile(p, "w", zipfile.ZIP_DEFLATED) as zf:
-            for name, value in state.items():
+            for name, value in items:
                 buf = io.BytesIO()
                 np.lib.format.write_array(buf, np.ascontiguousarray(value), allow_pickle=False)
                 info = zipfile.ZipInfo(f"{name}.npy", date_time=_NPZ_DATE)
@@ -213,27 +223,81 @@ def save_state_npz(path: str | os.PathLike, state: Mapping[str, np.ndarray]) -> 
         raise DataError(f"cannot write state file {p}: {e.strerror or e}") from None
 
 
-def load_state_npz(path: str | os.PathLike, graph: Graph,
-                   cfg: TrainConfig) -> dict[str, np.ndarray]:
+_NPY_HEADER_MAX = 1 << 16      # bytes of an .npy header (numpy's own limit is far below)
+
+
+def _read_npz_bounded(p: Path, limits: Mapping[str, int], cap: int) -> dict[str, np.ndarray]:
+    """The members of an .npz, each read only after its .npy header was checked: at most
+    `limits[name]` elements (`cap` for a name the model does not have), and the zip's declared
+    size no larger than that; so a header claiming 2^40 elements or a zip bomb costs nothing.
+    (Reading stops at the declared size: zipfile never inflates past it.)"""
+    out: dict[str, np.ndarray] = {}
+    with zipfile.ZipFile(p) as zf:
+        infos = zf.infolist()
+        if len(infos) > len(limits) + 16:
+            raise DataError(f"{p}: {len(infos)} members, the model's state has {len(limits)}")
+        for info in infos:
+            if not info.filename.endswith(".npy"):
+                raise DataError(f"cannot read state file {p}: member '{info.filename[:80]}' is "
+                                "not a .npy array")
+            name = info.filename[:-4]
+            limit = limits.get(name, cap)
+            with zf.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                if version not in ((1, 0), (2, 0), (3, 0)):
+                    raise ValueError(f"npy format {version}")
+                shape, fortran, dtype = (np.lib.format.read_array_header_1_0(f)
+                                         if version == (1, 0) else
+                                         np.lib.format.read_array_header_2_0(f))
+                count = int(np.prod(shape, dtype=object)) if shape else 1
+                if dtype.hasobject:
+                    raise ValueError("object arrays are not state tensors")
+                if count > limit or count * dtype.itemsize > limit * 8 \
+                        or info.file_size > count * dtype.itemsize + _NPY_HEADER_MAX:
+                    raise DataError(f"{p}: member '{name[:80]}' claims {count:,} elements "
+                                    f"({info.file_size:,} bytes unpacked); the model's tensor "
+                                    f"of that name has at most {limit:,}",
+                                    hint="the file is damaged or not a state of this model")
+                data = f.read(count * dtype.itemsize)
+                if len(data) != count * dtype.itemsize:
+                    raise ValueError(f"member '{name[:80]}' is truncated")
+                arr = np.frombuffer(data, dtype=dtype, count=count)
+                out[name] = arr.reshape(shape, order="F" if fortran else "C")
+    return out
+
+
+def load_state_npz(path: str | os.PathLike, graph: Graph, cfg: TrainConfig, *,
+                   model_hash: int | None = None) -> dict[str, np.ndarray]:
     """Read an .npz of state tensors (`np.savez(path, **state)` or `save_state_npz`) and validate
-    it with `check_state`; DataError names the file and the tensor."""
+    it with `check_state`; DataError names the file and the tensor. Nothing is allocated or
+    inflated beyond what the model's state needs (`_read_npz_bounded`). With `model_hash`, a file
+    that carries another model's hash is refused."""
     p = Path(path)
     if not p.is_file():
         raise DataError(f"state file {p} does not exist")
     if not zipfile.is_zipfile(p):
         raise DataError(f"{p} is not an .npz archive of state tensors",
                         hint="write it with np.savez(path, **state) or save_state_npz")
+    limits = {st.name: max(1, int(np.prod(st.shape))) for st in state_tensors(graph, cfg)}
+    limits[MODEL_HASH_KEY] = 1
     try:
-        with np.load(p, allow_pickle=False) as npz:
-            state = {k: npz[k] for k in npz.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        raise DataError(f"cannot read state file {p}: {e}",
+        state = _read_npz_bounded(p, limits, cap=max(limits.values()))
+    except DataError:
+        raise
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, NotImplementedError,
+            RuntimeError, zlib.error) as e:
+        raise DataError(f"cannot read state file {p}: {str(e)[:200]}",
                         hint="pass an .npz written by np.savez or save_state_npz") from None
-    for k, v in state.items():
-        if not isinstance(v, np.ndarray):
-            # np.load hands back the raw bytes of a member that is not in .npy format
-            raise DataError(f"cannot read state file {p}: member '{k}' is not a .npy array",
-                            hint="pass an .npz written by np.savez or save_state_npz")
+    stored = state.pop(MODEL_HASH_KEY, None)
+    if stored is not None and model_hash is not None:
+        try:
+            ok = stored.size == 1 and int(stored.reshape(-1)[0]) == model_hash
+        except (TypeError, ValueError, OverflowError):
+            ok = False
+        if not ok:
+            raise DataError(f"{p} belongs to another compiled model (its model hash is not "
+                            f"{model_hash:#x})", hint="compile again, or pass the state of "
+                                                      "this model")
     return check_state(graph, cfg, state, source=str(p))
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from enum import Enum
 from typing import Any, Mapping
 
@@ -94,17 +95,27 @@ class Graph:
     def num_classes(self) -> int:
         return int(np.prod(self.output.shape))
 
-    def layer(self, name: str) -> Layer:
+    @cached_property
+    def _by_name(self) -> dict[str, Layer]:
+        return {lay.name: lay for lay in self.layers}
+
+    @cached_property
+    def _consumers(self) -> dict[str, list[Layer]]:
+        out: dict[str, list[Layer]] = {}
         for lay in self.layers:
-            if lay.name == name:
-                return lay
-        raise KeyError(name)
+            for i in dict.fromkeys(lay.inputs):
+                out.setdefault(i, []).append(lay)
+        return out
+
+    def layer(self, name: str) -> Layer:
+        """The layer named `name` (an index built once: deep graphs stay linear)."""
+        return self._by_name[name]
 
     def shape_of(self, name: str) -> tuple[int, ...]:
         return self.input_shape if name == INPUT else self.layer(name).shape
 
     def consumers(self, name: str) -> list[Layer]:
-        return [lay for lay in self.layers if name in lay.inputs]
+        return list(self._consumers.get(name, ()))
 
     def param_count(self) -> int:
         return sum(int(v.size) for lay in self.layers for k, v in lay.params.items()

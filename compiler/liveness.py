@@ -147,10 +147,19 @@ def compute_liveness(schedule: Schedule, *, io: str = "arena") -> Liveness:
     group: dict[str, list[str]] = {name: [name] for name in parent}
     io_set = ({name for name in parent if tensors[name].alias_of is None
                and tensors[name].role in (Role.INPUT, Role.LABEL)} if io == "caller" else set())
+    # per root: (earliest birth, latest birth, latest last read) of its members, kept up to date by
+    # union, so the in-place test below is O(1) instead of a walk over a growing group
+    agg: dict[str, tuple[int, int, int]] = {
+        name: (born[name], born[name], intervals[name][1]) for name in parent}
 
     def union(keep: str, absorb: str) -> None:
         parent[absorb] = keep
+        # the smaller member list moves: a long in-place chain stays linear
+        if len(group[keep]) < len(group[absorb]):
+            group[keep], group[absorb] = group[absorb], group[keep]
         group[keep] += group.pop(absorb)
+        a, b = agg[keep], agg.pop(absorb)
+        agg[keep] = (min(a[0], b[0]), max(a[1], b[1]), max(a[2], b[2]))
 
     for name in list(parent):
         base = tensors[name].alias_of
@@ -160,15 +169,17 @@ def compute_liveness(schedule: Schedule, *, io: str = "arena") -> Liveness:
             if ra != rb:
                 union(ra, rb)
 
+    fixed = state_set | io_set
     for s in schedule.steps:
         for out, inp in s.inplace:
             r_in, r_out = find(inp), find(out)
-            if r_in == r_out or {r_in, r_out} & (state_set | io_set):
+            if r_in == r_out or r_in in fixed or r_out in fixed:
                 # persistent tensors are updated in place by their kernel, not planned; the
                 # caller's batch is read-only
                 continue
-            dies_here = all(born[m] < s.index and intervals[m][1] <= s.index for m in group[r_in])
-            fresh = all(born[m] == s.index for m in group[r_out])
+            _, born_max, last_max = agg[r_in]
+            dies_here = born_max < s.index and last_max <= s.index
+            fresh = agg[r_out][0] == agg[r_out][1] == s.index
             if dies_here and fresh:
                 union(r_in, r_out)
 

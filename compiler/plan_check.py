@@ -25,6 +25,8 @@ buffers sorted by offset, not by the planner's gap search.
 
 from __future__ import annotations
 
+import bisect
+
 from .errors import PlanError
 from .schedule_ir import Role
 
@@ -44,27 +46,21 @@ def check_plan(liveness, plan) -> None:
                         f"bytes")
 
     steps = max(liveness.num_steps, 1)
-    live: list[list] = [[] for _ in range(steps)]
     for b in liveness.buffers:
         if not 0 <= b.first <= b.last < steps:
             raise PlanError(f"arena buffer '{b.name}' has interval [{b.first}, {b.last}] outside "
                             f"the {liveness.num_steps} steps of the schedule")
-        for s in range(b.first, b.last + 1):
-            live[s].append(b)
-    worst = 0
-    for s, bufs in enumerate(live):
-        bufs = sorted(bufs, key=lambda b: (plan.offsets[b.name], b.name))
-        end, owner = 0, None
-        for b in bufs:
-            off = plan.offsets[b.name]
-            if owner is not None and off < end:
-                raise PlanError(
-                    f"arena buffers '{owner.name}' (steps {owner.first}-{owner.last}, bytes "
-                    f"[{plan.offsets[owner.name]}, {end})) and '{b.name}' (steps "
-                    f"{b.first}-{b.last}, bytes [{off}, {off + b.nbytes})) overlap at step {s}")
-            if off + b.nbytes > end:
-                end, owner = off + b.nbytes, b
-        worst = max(worst, sum(-(-b.nbytes // align) * align for b in bufs))
+    _check_disjoint(liveness.buffers, plan.offsets)
+    # aligned live bytes per step from a difference array: O(buffers + steps)
+    delta = [0] * (steps + 1)
+    for b in liveness.buffers:
+        n = -(-b.nbytes // align) * align
+        delta[b.first] += n
+        delta[b.last + 1] -= n
+    worst = acc = 0
+    for d in delta[:steps]:
+        acc += d
+        worst = max(worst, acc)
     if plan.lower_bound != worst:
         raise PlanError(f"plan states a lower bound of {plan.lower_bound} bytes but the live bytes "
                         f"peak at {worst}")
@@ -93,6 +89,41 @@ def check_plan(liveness, plan) -> None:
     extra = sorted(set(plan.tensor_offsets) - set(liveness.buffer_of))
     if extra:
         raise PlanError(f"plan places tensor(s) the liveness does not know: {', '.join(extra[:5])}")
+
+
+def _check_disjoint(buffers, offsets) -> None:
+    """No two buffers live at a common step share a byte. A sweep over the steps keeps the live
+    buffers ordered by offset (a valid plan keeps them disjoint, so each newcomer only needs
+    comparing with its two neighbours): O(n log n) comparisons, O(n) memory."""
+    starts = sorted(buffers, key=lambda b: (b.first, b.name))
+    ends = sorted(buffers, key=lambda b: (b.last, b.name))
+    live_keys: list[tuple[int, str]] = []            # (offset, name), sorted
+    live_buf: dict[str, object] = {}
+    e = 0
+    for b in starts:
+        while e < len(ends) and ends[e].last < b.first:
+            gone = ends[e]
+            e += 1
+            k = bisect.bisect_left(live_keys, (offsets[gone.name], gone.name))
+            del live_keys[k]
+            del live_buf[gone.name]
+        off = offsets[b.name]
+        key = (off, b.name)
+        k = bisect.bisect_left(live_keys, key)
+        for j in (k - 1, k):
+            if 0 <= j < len(live_keys):
+                other = live_buf[live_keys[j][1]]
+                o_off = live_keys[j][0]
+                if o_off < off + b.nbytes and off < o_off + other.nbytes:
+                    lo, hi = sorted(((o_off, other), (off, b)), key=lambda x: (x[0], x[1].name))
+                    step = max(b.first, other.first)
+                    raise PlanError(
+                        f"arena buffers '{lo[1].name}' (steps {lo[1].first}-{lo[1].last}, bytes "
+                        f"[{lo[0]}, {lo[0] + lo[1].nbytes})) and '{hi[1].name}' (steps "
+                        f"{hi[1].first}-{hi[1].last}, bytes [{hi[0]}, {hi[0] + hi[1].nbytes})) "
+                        f"overlap at step {step}")
+        live_keys.insert(k, key)
+        live_buf[b.name] = b
 
 
 def _check_region(region: str, buffers, offsets, size: int, align: int) -> None:
@@ -134,6 +165,7 @@ def check_liveness(schedule, liveness) -> None:
             accesses.setdefault(t, []).append(step.index)
     buffers = {b.name: b for b in liveness.buffers + liveness.state + liveness.io}
     io_names = {b.name for b in liveness.io}
+    state_names = {b.name for b in liveness.state}
     for t, steps in accesses.items():
         if t not in liveness.buffer_of:
             raise PlanError(f"tensor '{t}' is used by step {steps[0]} but has no buffer")
@@ -142,7 +174,7 @@ def check_liveness(schedule, liveness) -> None:
             raise PlanError(f"tensor '{t}' is used at steps {min(steps)}-{max(steps)} but its "
                             f"buffer '{b.name}' lives only at {b.first}-{b.last}")
         role = tensors[tensors[t].alias_of or t].role
-        if role.persistent != (b.name in {s.name for s in liveness.state}):
+        if role.persistent != (b.name in state_names):
             raise PlanError(f"tensor '{t}' ({role.value}) is in the wrong region")
         if b.name in io_names and role not in (Role.INPUT, Role.LABEL):
             raise PlanError(f"tensor '{t}' ({role.value}) would be written into the caller's "
@@ -158,16 +190,35 @@ def check_liveness(schedule, liveness) -> None:
             lo = 0
         cur = span.setdefault(owner, [lo, hi])
         cur[0], cur[1] = min(cur[0], lo), max(cur[1], hi)
-    inplace_at = {(out, inp): st.index for st in schedule.steps for out, inp in st.inplace}
+    # (out, in) in-place pairs by step: an output and an input of one buffer may both be live at
+    # the single step that declares the pair
+    inplace_at: dict[str, set[int]] = {}
+    for st in schedule.steps:
+        for out, inp in st.inplace:
+            inplace_at.setdefault(out, set()).add(st.index)
+            inplace_at.setdefault(inp, set()).add(st.index)
     for b in liveness.buffers:
-        owners = [t for t in b.tensors if tensors[t].alias_of is None and t in span]
-        for i, a in enumerate(owners):
-            for c in owners[i + 1:]:
-                lo = max(span[a][0], span[c][0])
+        owners = sorted((t for t in b.tensors if tensors[t].alias_of is None and t in span),
+                        key=lambda t: (span[t][0], span[t][1], t))
+        # sweep in order of first use; `active` holds the owners still live, which a valid buffer
+        # keeps to the one or two around an in-place step, so the check is O(k log k)
+        active: list[str] = []
+        members = set(b.tensors) if len(owners) > 1 else set()
+        for c in owners:
+            lo_c = span[c][0]
+            active = [a for a in active if span[a][1] >= lo_c]
+            for a in active:
+                lo = max(span[a][0], lo_c)
                 hi = min(span[a][1], span[c][1])
-                if lo > hi:
-                    continue
-                declared = any(inplace_at.get((x, y)) == lo for x in (a, c) for y in b.tensors)
+                declared = any(lo in inplace_at.get(x, ()) and _paired(schedule, x, members, lo)
+                               for x in (a, c))
                 if lo != hi or not declared:
                     raise PlanError(f"tensors '{a}' and '{c}' share buffer '{b.name}' but are both "
                                     f"live at steps {lo}-{hi} without an in-place declaration")
+            active.append(c)
+
+
+def _paired(schedule, x: str, members, step: int) -> bool:
+    """Whether step `step` declares `x` the in-place output of one of `members` (the rule the
+    liveness applies)."""
+    return any(out == x and inp in members for out, inp in schedule.steps[step].inplace)

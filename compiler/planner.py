@@ -35,14 +35,20 @@ step with the most unplaced bytes) and "pressure_duration" (the same, longest-li
 with "duration" it closes the gaps "size" leaves on MLP-like schedules). Fits: "first" (lowest
 offset whose gap is large enough; with the size order this is exactly TFLM's planner) and "best"
 (the smallest gap that fits, else the top). The heuristics run in name order and stop at the first
-one that reaches the lower bound; ties keep the earlier name. Cost: O(n^2) per heuristic in the
-worst case for n buffers, instantaneous for the zoo. Known limit: greedy placement can miss the
+one that reaches the lower bound; ties keep the earlier name. Cost: the lifetime heuristics use a
+sweep over the steps that keeps the free holes between live blocks (`_sweep_fit`: the same offsets
+as the conflict-graph fit, O(n log n + n h) for h holes); the others walk the conflict graph, which
+grows as the square of the depth of a chain, so above MAX_CONFLICT_PAIRS overlapping pairs
+(counted in O(n log n), `conflict_pairs`) only the sweep heuristics run: planning stays
+O(n log n)-ish in time and O(n) in memory (`benchmarks/plan_scale.py`). Known limit: greedy placement can miss the
 optimum when the peak-step buffers cannot be stacked the same way at neighbouring steps; the report
 states the efficiency reached.
 """
 
 from __future__ import annotations
 
+import bisect
+import heapq
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
@@ -160,6 +166,74 @@ def _fit(items: Sequence[Item], order: Sequence[int], adj: list[list[int]],
     return {items[i].name: off for i, off in offset.items()}
 
 
+def conflict_pairs(items: Sequence[Item]) -> int:
+    """How many pairs of items overlap in time (the edges of the conflict graph `_conflicts`
+    builds), counted without building it: O(n log n)."""
+    srt = sorted(items, key=lambda it: it.first)
+    firsts = [it.first for it in srt]
+    return sum(bisect.bisect_right(firsts, it.last) - k - 1 for k, it in enumerate(srt))
+
+
+def _sweep_fit(items: Sequence[Item], order: Sequence[int], best: bool) -> dict[str, int]:
+    """`_fit` for an order by first step (the lifetime order), without the conflict graph.
+
+    In that order the placed items overlapping item i in time are exactly those still live at
+    i's first step, and those are pairwise disjoint in bytes; so the gaps `_fit` scans are the
+    free holes between the live blocks. This keeps the holes (by start and by end) and the top
+    of the live blocks, frees blocks as their last step passes (a heap by last step) and
+    places at the lowest (first fit) or smallest (best fit, lowest on ties) hole that holds the
+    item, else at the top: the same offsets as `_fit`, in O(n log n + n h) for h holes."""
+    offset: dict[int, int] = {}
+    hole_end: dict[int, int] = {}        # start -> end
+    hole_at_end: dict[int, int] = {}     # end -> start
+    starts: list[int] = []               # sorted hole starts
+    top = 0
+    ending: list[tuple[int, int]] = []   # (last step, item) of the placed items
+
+    def drop_hole(st: int) -> int:
+        en = hole_end.pop(st)
+        del hole_at_end[en]
+        del starts[bisect.bisect_left(starts, st)]
+        return en
+
+    def add_hole(st: int, en: int) -> None:
+        hole_end[st] = en
+        hole_at_end[en] = st
+        bisect.insort(starts, st)
+
+    for i in order:
+        it = items[i]
+        while ending and ending[0][0] < it.first:
+            _, j = heapq.heappop(ending)
+            a, b = offset[j], offset[j] + items[j].nbytes
+            p = a
+            if a in hole_at_end:
+                p = hole_at_end[a]
+                drop_hole(p)
+            if b == top:
+                top = p
+            else:
+                q = drop_hole(b) if b in hole_end else b
+                add_hole(p, q)
+        size, chosen, chosen_gap = it.nbytes, None, None
+        for st in starts:
+            gap = hole_end[st] - st
+            if gap >= size and (chosen is None or (best and gap < chosen_gap)):
+                chosen, chosen_gap = st, gap
+                if not best:
+                    break
+        if chosen is None:
+            offset[i] = top
+            top += size
+        else:
+            en = drop_hole(chosen)
+            if chosen + size < en:
+                add_hole(chosen + size, en)
+            offset[i] = chosen
+        heapq.heappush(ending, (it.last, i))
+    return {items[i].name: off for i, off in offset.items()}
+
+
 def _order_size(items: Sequence[Item], adj: list[list[int]]) -> list[int]:
     return sorted(range(len(items)), key=lambda i: _by_size(items[i]))
 
@@ -224,11 +298,20 @@ ORDERS = {"size": _order_size, "conflicts": _order_conflicts, "lifetime": _order
 
 
 def _heuristic(order_name: str, best: bool) -> Heuristic:
-    def run(items: Sequence[Item], adj: list[list[int]]) -> dict[str, int]:
+    def run(items: Sequence[Item], adj: list[list[int]] | None) -> dict[str, int]:
+        if order_name in SWEEP_ORDERS:
+            return _sweep_fit(items, ORDERS[order_name](items, adj), best)
         return _fit(items, ORDERS[order_name](items, adj), adj, best)
     run.__name__ = f"{order_name}_{'best' if best else 'first'}_fit"
     return run
 
+
+# orders by first step, placed by the O(n log n) sweep (no conflict graph needed)
+SWEEP_ORDERS = ("lifetime",)
+# Above this many overlapping buffer pairs (deep chains: the conflict graph grows as the square of
+# the depth) only the sweep heuristics run, so planning stays O(n log n) in time and O(n) in
+# memory. The zoo's largest plans (ResNetE-18 / Bi-Real-18, proposed) have ~11,000.
+MAX_CONFLICT_PAIRS = 100_000
 
 # name -> heuristic; plan_arena runs them in name order
 HEURISTICS: dict[str, Heuristic] = {
@@ -255,7 +338,9 @@ def plan_arena(liveness: Liveness, *, align: int = 16, heuristics: Sequence[str]
     lower = max(live_bytes(bare, liveness.num_steps), default=0)
     items = [Item(it.name, it.nbytes + 2 * guard, it.first, it.last) for it in bare]
     reachable = max(live_bytes(items, liveness.num_steps), default=0)
-    adj = _conflicts(items)
+    if heuristics is None and conflict_pairs(items) > MAX_CONFLICT_PAIRS:
+        names = [h for h in names if h.split("_")[0] in SWEEP_ORDERS]
+    adj = (None if all(h.split("_")[0] in SWEEP_ORDERS for h in names) else _conflicts(items))
     size_of = {it.name: it.nbytes for it in items}
 
     tried: dict[str, int] = {}

@@ -82,14 +82,24 @@ def _aligned(n: int, align: int) -> int:
     return -(-n // align) * align
 
 
+def _live_bytes(liveness: Liveness, align: int, steps: int) -> list[int]:
+    """Aligned arena bytes live at each step (a difference array: O(buffers + steps))."""
+    delta = [0] * (steps + 1)
+    for b in liveness.buffers:
+        delta[b.first] += _aligned(b.nbytes, align)
+        delta[b.last + 1] -= _aligned(b.nbytes, align)
+    out, acc = [], 0
+    for d in delta[:steps]:
+        acc += d
+        out.append(acc)
+    return out
+
+
 def peak_breakdown(liveness: Liveness, plan: ArenaPlan) -> dict[str, Any]:
     """The step with the most aligned live bytes (earliest on ties) and what is live there, the
     largest buffer first: {step, nbytes, by_role: {role: bytes}, buffers: [{name, role, nbytes,
     offset, first, last, tensors}]}."""
-    live = [0] * max(liveness.num_steps, 1)
-    for b in liveness.buffers:
-        for s in range(b.first, b.last + 1):
-            live[s] += _aligned(b.nbytes, plan.align)
+    live = _live_bytes(liveness, plan.align, max(liveness.num_steps, 1))
     step = max(range(len(live)), key=lambda s: (live[s], -s))
     bufs = sorted(liveness.live_at(step), key=lambda b: (-b.nbytes, b.name))
     by_role: dict[str, int] = {}
@@ -107,10 +117,7 @@ def peak_breakdown(liveness: Liveness, plan: ArenaPlan) -> dict[str, Any]:
 
 def plan_to_json(schedule: Schedule, liveness: Liveness, plan: ArenaPlan) -> dict[str, Any]:
     """The plan as a JSON-ready document (schema in the module docstring)."""
-    live = [0] * liveness.num_steps
-    for b in liveness.buffers:
-        for s in range(b.first, b.last + 1):
-            live[s] += _aligned(b.nbytes, plan.align)
+    live = _live_bytes(liveness, plan.align, liveness.num_steps)
     by_role: dict[str, dict[str, Any]] = {}
     for r in ROLE_ORDER:
         ts = [t for t in schedule.tensors.values()

@@ -107,7 +107,6 @@ _ITEMSIZE = {F32: 4, F16: 2, BF16: 2, I32: 4, U8: 1, PO2: 1}
 _STATE_DTYPE = {"f32": F32, "bf16": BF16, "f16": F16, "bit": BIT}
 _STATE_ROLE = {"param": Role.PARAM, "opt": Role.OPT_STATE, "bn_stat": Role.BN_STAT,
                "frozen": Role.FROZEN}
-_MAX_TENSOR_NBYTES = 2**31 - 1    # int32 byte offsets/indices in the generated C
 
 
 def build_schedule(graph: Graph, cfg: TrainConfig) -> Schedule:
@@ -243,11 +242,6 @@ class ScheduleBuilder:
         if nbytes is None:
             assert dtype is not BIT, name
             nbytes = prod(shape) * _ITEMSIZE[dtype]
-        if nbytes > _MAX_TENSOR_NBYTES:
-            raise ModelError(f"model '{self.g.name}': tensor '{name}' of shape {list(shape)} needs "
-                             f"{nbytes:,} bytes at batch {self.B}; the generated C indexes a "
-                             f"tensor's bytes with 32-bit ints (at most {_MAX_TENSOR_NBYTES:,})",
-                             hint="use a smaller batch or a smaller model input")
         self.tensors[name] = Tensor(name, dtype, shape, role, int(nbytes), layout)
         return name
 

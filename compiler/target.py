@@ -47,6 +47,12 @@ class Target:
         return self.kind == "host"
 
     @property
+    def pointer_bytes(self) -> int:
+        """sizeof(size_t) of the target: 4 on bare-metal Cortex-M, 8 on the host and the 64-bit
+        Linux targets (aarch64)."""
+        return 4 if self.kind == "baremetal" else 8
+
+    @property
     def overlays(self) -> tuple[str, ...]:
         """The template overlays (templates/targets/<name>/) of this target, most specific first:
         its SIMD features; the small tiles of bare-metal targets, or for host and Linux targets

@@ -39,15 +39,16 @@ import os
 import re
 import subprocess
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 from ..compiler import baremetal as bm
 from ..compiler.contract import Manifest, read_manifest
-from ..compiler.errors import BudgetError, DataError, TargetError
+from ..compiler.errors import BnncWarning, BudgetError, DataError, TargetError
 from ..compiler.target import Target
-from .host import HostProgram, cache_dir
+from .host import HostProgram, cache_dir, file_sha256
 from .insncount import StepCount, count_instructions
 from .outdir import load_init_state, read_compiled
 from .packed import TEST_FILE, TRAIN_FILE
@@ -168,7 +169,12 @@ def _sizes(target: Target, elf: Path) -> tuple[int, int, int, int]:
 
 def _cache_where(cache: Path | None) -> Path:
     where = Path(cache) if cache is not None else cache_dir().parent / "programs"
-    where.mkdir(parents=True, exist_ok=True)
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise TargetError(f"build cache {where} is not a usable directory "
+                          f"({err.strerror or err})",
+                          hint="remove it, or set BNNC_CACHE_DIR to a writable directory") from None
     return where
 
 
@@ -190,11 +196,17 @@ def build_elf(out_dir: str | Path, target: Target | str | None = None, *, debug:
     where = _cache_where(cache)
     exe = where / f"{model}-{tgt.name}{'-debug' if debug else ''}-{h.hexdigest()[:20]}.elf"
     info = exe.with_suffix(".json")
-    if exe.exists() and info.exists():
-        doc = json.loads(info.read_text())
-        return Elf(exe, debug, **{k: doc[k] for k in ("text", "data", "bss", "stack_reserve",
-                                                      "blob_addr", "blob_reserve", "stack_nbytes")},
-                   stack_chain=tuple(doc["stack_chain"]))
+    if exe.exists() or info.exists():
+        try:
+            doc = json.loads(info.read_text())
+            if doc.get("sha256") != file_sha256(exe):
+                raise ValueError("hash mismatch")
+            return Elf(exe, debug, **{k: doc[k] for k in ("text", "data", "bss", "stack_reserve",
+                                                          "blob_addr", "blob_reserve",
+                                                          "stack_nbytes")},
+                       stack_chain=tuple(doc["stack_chain"]))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            warnings.warn(BnncWarning(f"build cache entry {exe} is damaged; rebuilding it"))
     with tempfile.TemporaryDirectory(prefix=".bnnc-elf-", dir=where) as tmp:
         tmp_elf = Path(tmp) / "trainer.elf"
         cmd = bm.build_command(out_dir, model, tgt, tmp_elf, debug=debug)
@@ -225,8 +237,11 @@ def build_elf(out_dir: str | Path, target: Target | str | None = None, *, debug:
         doc = {k: getattr(elf, k) for k in ("text", "data", "bss", "stack_reserve", "blob_addr",
                                              "blob_reserve", "stack_nbytes")}
         doc["stack_chain"] = list(chain)
+        doc["sha256"] = file_sha256(tmp_elf)
+        tmp_info = Path(tmp) / "info.json"
+        tmp_info.write_text(json.dumps(doc, indent=1) + "\n")
         os.replace(tmp_elf, exe)
-        info.write_text(json.dumps(doc, indent=1) + "\n")
+        os.replace(tmp_info, info)      # the hash comes last: a reader checks the ELF against it
     return elf
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import codecs
 import gzip
+import math
 import os
 import pickle
 import zlib
@@ -60,11 +61,12 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
         raise DataError(f"{path}: truncated IDX header ({len(buf)} bytes, "
                         f"{ndim} dimensions declared)")
     dims = tuple(int.from_bytes(buf[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
-    want = header_bytes + int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+    # Python ints: a header claiming dims of 2^31-1 must not wrap around (issue 17)
+    want = header_bytes + math.prod(dims) * dtype.itemsize
     if len(buf) != want:
         what = "truncated" if len(buf) < want else "has trailing bytes"
-        raise DataError(f"{path}: IDX file {what}: shape {dims} needs {want} bytes, file has "
-                        f"{len(buf)}; fetch or copy it again")
+        raise DataError(f"{path}: IDX file {what}: shape {dims} needs {want:,} bytes, file has "
+                        f"{len(buf):,}; fetch or copy it again")
     arr = np.frombuffer(buf, dtype=dtype, offset=header_bytes).reshape(dims)
     return arr.astype(dtype.newbyteorder("="))      # copy: native order and writable
 

@@ -8,9 +8,10 @@ speaks numpy: `init`, `load_state` / `read_state` (name -> float32 array), `trai
 
 Invariants:
 - the library is named by the sha256 of everything that decides its bytes (sources, compiler,
-  flags), so an edit or a different flag set never reuses a stale build; it is written under a
-  temporary name and renamed into place (atomic on POSIX), so concurrent builds of the same sources
-  are safe;
+  flags), so an edit or a different flag set never reuses a stale build; it is built in a
+  temporary entry directory with the sha256 of its bytes and renamed into place (atomic on
+  POSIX), so concurrent builds of the same sources are safe, and a damaged entry is detected
+  before it is loaded and rebuilt with one warning line (`build_cached`);
 - the cffi cdef is the CDEF section of the emitted header itself, never a hand-kept copy.
 
 Decoding (`tensor`): f16/bf16 -> float32 values; BIT -> int8 0/1 in the tensor's logical NCHW
@@ -24,8 +25,10 @@ from __future__ import annotations
 import hashlib
 import os
 import shlex
+import shutil
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -34,7 +37,7 @@ import numpy as np
 
 from ..compiler.codegen import header_cdef
 from ..compiler.contract import STATUSES, Manifest, TensorEntry, read_manifest
-from ..compiler.errors import DataError, TargetError
+from ..compiler.errors import BnncWarning, DataError, TargetError
 from ..compiler.numerics import unpack_bits
 from ..compiler.target import Target, load_target
 
@@ -73,36 +76,110 @@ def build_shared(source: Path, *, target: Target, extra_cflags: Sequence[str] = 
 
 def build_cached(where: Path, stem: str, suffix: str, parts, argv_for, *, what: str,
                  missing: TargetError) -> Path:
-    """WHERE/<stem>-<digest><suffix>, the digest being the sha256 of `parts` (everything that
-    decides the output's bytes): reused when present, else built by `compile_published`."""
+    """WHERE/<stem>-<digest>/<stem><suffix>, the digest being the sha256 of `parts` (everything
+    that decides the output's bytes): reused when present and intact, else built.
+
+    An entry is a directory holding the program and `sha256`, the hash of the program's bytes,
+    built under a temporary name and renamed into place whole: a concurrent builder never sees a
+    half-written entry. Before reuse the program's hash is checked; a damaged entry (truncated,
+    overwritten, hash missing) is rebuilt with a one-line BnncWarning instead of being loaded
+    (a truncated shared library would crash the process with SIGBUS)."""
     h = hashlib.sha256()
     for part in parts:
         h.update(hashlib.sha256(part).digest())
-    where.mkdir(parents=True, exist_ok=True)
-    dest = where / f"{stem}-{h.hexdigest()[:24]}{suffix}"
-    if dest.exists():
-        return dest
-    return compile_published(dest, argv_for, what=what, missing=missing)
-
-
-def compile_published(dest: Path, argv_for, *, what: str, missing: TargetError) -> Path:
-    """Run the compiler argv `argv_for(tmp)` into a temporary file next to `dest`, then rename it
-    into place: concurrent builds of the same content are safe and a failed one leaves nothing.
-    `missing` is raised when the compiler cannot be started."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}-", dir=dest.parent)
-    os.close(fd)
-    cmd = argv_for(tmp)
+    where = Path(where)
     try:
-        res = subprocess.run(cmd, capture_output=True, text=True)
+        where.mkdir(parents=True, exist_ok=True)
+        if not where.is_dir():
+            raise NotADirectoryError(20, "Not a directory")
     except OSError as err:
-        os.unlink(tmp)
-        raise missing from err
-    if res.returncode != 0:
-        os.unlink(tmp)
-        raise TargetError(f"{what} failed ({shlex.join(cmd)}):\n{res.stderr.strip()[-4000:]}")
-    os.chmod(tmp, 0o755)
-    os.replace(tmp, dest)
-    return dest
+        raise TargetError(f"build cache {where} is not a usable directory "
+                          f"({err.strerror or err})",
+                          hint="remove it, or set BNNC_CACHE_DIR to a writable directory") from None
+    entry = where / f"{stem}-{h.hexdigest()[:24]}"
+    prog = entry / f"{stem}{suffix}"
+    if os.path.lexists(entry):
+        if _intact(prog):
+            return prog
+        warnings.warn(BnncWarning(f"build cache entry {entry} is damaged (hash mismatch); "
+                                  "rebuilding it"), stacklevel=2)
+        _discard(entry)
+    return compile_published(prog, argv_for, what=what, missing=missing)
+
+
+_HASH_FILE = "sha256"
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _intact(prog: Path) -> bool:
+    """Whether a cache entry's program is a regular file whose bytes match the recorded hash."""
+    try:
+        entry = prog.parent
+        if entry.is_symlink() or not entry.is_dir() or prog.is_symlink() or not prog.is_file():
+            return False
+        return (entry / _HASH_FILE).read_text().strip() == file_sha256(prog)
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def _discard(entry: Path) -> None:
+    """Move a damaged entry out of the way (rename first: atomic for concurrent readers)."""
+    trash = entry.with_name(f".trash-{entry.name}-{os.getpid()}")
+    try:
+        os.replace(entry, trash)
+    except OSError:
+        trash = entry
+    try:
+        if trash.is_dir() and not trash.is_symlink():
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            trash.unlink()
+    except OSError:
+        pass
+
+
+def compile_published(prog: Path, argv_for, *, what: str, missing: TargetError) -> Path:
+    """Run the compiler argv `argv_for(tmp)` into a temporary entry directory next to
+    `prog.parent`, record the output's sha256 and rename the directory into place: concurrent
+    builds of the same content are safe and a failed one leaves nothing. `missing` is raised when
+    the compiler cannot be started."""
+    entry = prog.parent
+    try:
+        tmpdir = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=entry.parent))
+    except OSError as err:
+        raise TargetError(f"cannot write to the build cache {entry.parent}: "
+                          f"{err.strerror or err}",
+                          hint="free some space, or set BNNC_CACHE_DIR elsewhere") from None
+    try:
+        tmp = tmpdir / prog.name
+        cmd = argv_for(str(tmp))
+        try:
+            res = subprocess.run(cmd, capture_output=True, text=True)
+        except OSError as err:
+            raise missing from err
+        if res.returncode != 0:
+            raise TargetError(f"{what} failed ({shlex.join(cmd)}):\n{res.stderr.strip()[-4000:]}")
+        try:
+            os.chmod(tmp, 0o755)
+            (tmpdir / _HASH_FILE).write_text(file_sha256(tmp) + "\n")
+            os.rename(tmpdir, entry)
+        except OSError as err:
+            if _intact(prog):               # another builder published the same entry first
+                return prog
+            raise TargetError(f"cannot write to the build cache {entry.parent}: "
+                              f"{err.strerror or err}",
+                              hint="free some space, or set BNNC_CACHE_DIR elsewhere") from None
+        return prog
+    finally:
+        if tmpdir.exists():
+            shutil.rmtree(tmpdir, ignore_errors=True)
 
 
 class HostProgram:

@@ -50,6 +50,13 @@ def _as_pixels(x: np.ndarray) -> np.ndarray | None:
 def pack(path: str | Path, x: np.ndarray, y: np.ndarray, classes: int) -> int:
     """Write examples `x` (float32, (N, ...) in the model's input layout) with labels `y`; returns
     the format used (U8 or F32)."""
+    data = packed_bytes(x, y, classes)
+    Path(path).write_bytes(data)
+    return struct.unpack_from("<I", data, 20)[0]
+
+
+def packed_bytes(x: np.ndarray, y: np.ndarray, classes: int) -> bytes:
+    """The packed file of `pack` as bytes (the caller writes it, e.g. atomically)."""
     x = np.ascontiguousarray(np.asarray(x, np.float32))
     y = np.asarray(y)
     n = len(x)
@@ -67,8 +74,7 @@ def pack(path: str | Path, x: np.ndarray, y: np.ndarray, classes: int) -> int:
     labels = y.astype(np.uint8).tobytes()
     labels += bytes(-len(labels) % 8)
     body = pixels.tobytes() if fmt == U8 else x.astype("<f4").tobytes()
-    Path(path).write_bytes(head + labels + body)
-    return fmt
+    return head + labels + body
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,10 @@ trainer prints, then `Saved`; or a single `Counted`. The caller decides how to s
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Union
@@ -35,15 +38,16 @@ import numpy as np
 from ..compiler import baremetal as bm
 from ..compiler.config import TrainConfig
 from ..compiler.contract import Manifest
-from ..compiler.errors import ConfigError, DataError, TargetError
+from ..compiler.errors import ConfigError, DataError, OutDirError, TargetError
 from ..compiler.ir import Graph
 from ..compiler.target import Target
 from . import baremetal, packed
 from .datasets import Dataset, training_data
 from .device import SshRunner, parse_device
 from .insncount import StepCount, count_instructions
-from .outdir import (FINAL_STATE, STATE_BLOB, load_init_state, read_compiled, read_state_blob,
-                     save_state_atomic, state_values_f32, write_atomic)
+from .outdir import (FINAL_STATE, STATE_BLOB, OutDir, load_init_state, os_error, read_compiled,
+                     parse_state_blob, read_state_blob, save_state_atomic, state_values_f32,
+                     write_atomic)
 from .programs import LocalRunner, RunResult, build_trainer, check_result, emulator_argv, target_of
 
 INIT_FILE = "init_state.f32"
@@ -69,6 +73,8 @@ class RunOptions:
     timeout: float | None = None
     indices: tuple[int, ...] | None = None   # train on these training examples only (a fleet
                                              # device's partition; after `limit`)
+    resume_bytes: bytes | None = None    # the validated checkpoint (run_compiled fills these in)
+    resume_step: int | None = None
 
 
 @dataclass(frozen=True)
@@ -124,38 +130,55 @@ def pack_run_data(out_dir: Path, graph: Graph, data_name: str, data_dir: Path | 
                   limit: int | None, indices: tuple[int, ...] | None = None
                   ) -> tuple[Path, Path, int, Dataset]:
     """Pack the train/test splits shaped for the model into OUT/data/ (rewritten only when the
-    bytes change); `indices` keeps only those training examples. Returns (train path, test path,
-    train count, dataset)."""
+    bytes change; temp file + rename, so a full disk leaves the old files and no temporary one);
+    `indices` keeps only those training examples. Returns (train path, test path, train count,
+    dataset)."""
     data, x_train, y_train, x_test = training_data(graph, data_name, data_dir, limit)
     if indices is not None:
         pick = np.asarray(indices, np.int64)
         if pick.size and (pick.min() < 0 or pick.max() >= len(x_train)):
             raise DataError(f"training example index out of range [0, {len(x_train)})")
         x_train, y_train = x_train[pick], y_train[pick]
-    where = out_dir / "data"
-    where.mkdir(exist_ok=True)
+    out = OutDir(out_dir)
+    where = out.subdir("data")
+    out.add_owned("data")
     paths = []
     for fname, x, y in ((packed.TRAIN_FILE, x_train, y_train),
                         (packed.TEST_FILE, x_test, data.y_test)):
-        tmp = where / f".{fname}.new"
-        packed.pack(tmp, x.reshape(len(x), -1) if x.ndim == 2 else x, y, data.classes)
         dest = where / fname
-        if dest.is_file() and dest.read_bytes() == tmp.read_bytes():
-            tmp.unlink()
-        else:
-            tmp.replace(dest)
+        body = packed.packed_bytes(x.reshape(len(x), -1) if x.ndim == 2 else x, y, data.classes)
+        try:
+            same = dest.is_file() and not dest.is_symlink() and dest.stat().st_size == len(body) \
+                and dest.read_bytes() == body
+        except OSError:
+            same = False
+        if not same:
+            write_atomic(dest, body)
         paths.append(dest)
     return paths[0], paths[1], len(x_train), data
 
 
 def run_compiled(out_dir: Path, opts: RunOptions, on_event: OnEvent) -> None:
-    """Train the program compiled into `out_dir` as `opts` says (module docstring)."""
+    """Train the program compiled into `out_dir` as `opts` says (module docstring). Holds the
+    per-OUT lock for the whole run: a second run on the same OUT is refused."""
     out_dir = Path(out_dir)
-    manifest, graph, cfg = read_compiled(out_dir)
-    tgt = target_of(out_dir)
-    _check_mode(out_dir, tgt, opts)
-    run = _run_baremetal if tgt.kind == "baremetal" else _run_linux
-    run(out_dir, tgt, manifest, graph, cfg, opts, on_event)
+    with OutDir(out_dir, command="run"):
+        manifest, graph, cfg = read_compiled(out_dir)
+        tgt = target_of(out_dir)
+        _check_mode(out_dir, tgt, opts)
+        if opts.resume is not None:
+            # validated in full (CRC, model hash, size, step range, finite values) before
+            # anything in OUT changes; OUT/state.bin is replaced only by these same bytes
+            if os.path.getsize(opts.resume) != manifest.blob_nbytes:
+                read_state_blob(opts.resume, manifest)          # says what is wrong
+            try:
+                raw = opts.resume.read_bytes()
+            except OSError as err:
+                raise os_error(err, f"read {opts.resume}") from None
+            step = parse_state_blob(raw, manifest, opts.resume).step
+            opts = dataclasses.replace(opts, resume_bytes=raw, resume_step=step)
+        run = _run_baremetal if tgt.kind == "baremetal" else _run_linux
+        run(out_dir, tgt, manifest, graph, cfg, opts, on_event)
 
 
 def _check_mode(out_dir: Path, tgt: Target, opts: RunOptions) -> None:
@@ -191,7 +214,8 @@ class _Plan:
 def _plan(out_dir: Path, manifest: Manifest, graph: Graph, batch: int, opts: RunOptions) -> _Plan:
     start = 0
     if opts.resume is not None:
-        start = read_state_blob(opts.resume, manifest).step   # refuses a foreign/corrupt file first
+        start = (opts.resume_step if opts.resume_step is not None
+                 else read_state_blob(opts.resume, manifest).step)
     train_f, test_f, n_train, data = pack_run_data(out_dir, graph, opts.data_name, opts.data_dir,
                                                    opts.limit, opts.indices)
     per_epoch = n_train // batch
@@ -206,7 +230,9 @@ def _save(out_dir: Path, manifest: Manifest, on_event: OnEvent) -> None:
     """OUT/final_state.npz decoded from the checkpoint OUT/state.bin."""
     ckpt = out_dir / STATE_BLOB
     blob = read_state_blob(ckpt, manifest)
-    save_state_atomic(out_dir / FINAL_STATE, blob.tensors)
+    out = OutDir(out_dir)
+    out.add_owned(STATE_BLOB, FINAL_STATE)
+    save_state_atomic(out_dir / FINAL_STATE, blob.tensors, model_hash=manifest.model_hash)
     on_event(Saved(ckpt, blob.step, out_dir / FINAL_STATE))
 
 
@@ -216,11 +242,14 @@ def _save(out_dir: Path, manifest: Manifest, on_event: OnEvent) -> None:
 def _run_linux(out_dir: Path, tgt: Target, manifest: Manifest, graph: Graph, cfg: TrainConfig,
                opts: RunOptions, on_event: OnEvent) -> None:
     plan = _plan(out_dir, manifest, graph, cfg.batch, opts)
-    write_atomic(out_dir / INIT_FILE,
-                 state_values_f32(manifest, load_init_state(out_dir, graph, cfg)))
+    out = OutDir(out_dir)
+    out.write(INIT_FILE, state_values_f32(manifest, load_init_state(out_dir, graph, cfg,
+                                                                    manifest)))
     ckpt = out_dir / STATE_BLOB
-    if opts.resume is not None and opts.resume.resolve() != ckpt.resolve():
-        write_atomic(ckpt, opts.resume.read_bytes())
+    _clear_trainer_temp(ckpt)
+    if opts.resume_bytes is not None and not (
+            os.path.lexists(ckpt) and _same_bytes(ckpt, opts.resume_bytes)):
+        out.write(STATE_BLOB, opts.resume_bytes)      # validated by run_compiled
     if opts.count:
         on_event(_count_linux(out_dir, tgt, plan.train, plan.until - plan.start))
         return
@@ -248,10 +277,20 @@ def _run_linux(out_dir: Path, tgt: Target, manifest: Manifest, graph: Graph, cfg
         runner.put(files)
         started(where)
         res = runner.run("trainer", args, on_event=show, timeout=opts.timeout)
-        fetched = runner.get(STATE_BLOB, ckpt)
-        check_result(res, f"the trainer on {opts.device}")
-        if not fetched:
-            raise TargetError(f"could not fetch {STATE_BLOB} from {opts.device}")
+        # fetched into a private temporary, validated, then published: a device never replaces
+        # the local checkpoint with a blob that fails the checks of a resume
+        with tempfile.TemporaryDirectory(prefix=".bnnc-fetch-", dir=out_dir) as tmp:
+            got = Path(tmp) / STATE_BLOB
+            fetched = runner.get(STATE_BLOB, got)
+            check_result(res, f"the trainer on {opts.device}")
+            if not fetched:
+                raise TargetError(f"could not fetch {STATE_BLOB} from {opts.device}")
+            raw = got.read_bytes()
+            try:
+                parse_state_blob(raw, manifest, f"{STATE_BLOB} fetched from {opts.device}")
+            except DataError as err:
+                raise DataError(f"{err.message}; {ckpt} is unchanged") from None
+            out.write(STATE_BLOB, raw)
     else:
         local = LocalRunner(tgt)
         started(local.describe())
@@ -289,7 +328,7 @@ def _run_baremetal(out_dir: Path, tgt: Target, manifest: Manifest, graph: Graph,
                    opts: RunOptions, on_event: OnEvent) -> None:
     _, tgt = baremetal.compiled_program(out_dir, tgt)     # with the budget it was compiled with
     plan = _plan(out_dir, manifest, graph, manifest.batch, opts)
-    blob = (opts.resume.read_bytes() if opts.resume is not None
+    blob = (opts.resume_bytes if opts.resume_bytes is not None
             else baremetal.start_state_blob(out_dir))
     timeout = opts.timeout if opts.timeout is not None else BAREMETAL_TIMEOUT_S
     if opts.count:
@@ -310,5 +349,33 @@ def _run_baremetal(out_dir: Path, tgt: Target, manifest: Manifest, graph: Graph,
                         f"{res.error() or res.stderr.strip()[-800:] or 'no output'}")
     if res.checkpoint is None:
         raise DataError(f"the {tgt.name} trainer wrote no checkpoint")
-    write_atomic(out_dir / STATE_BLOB, res.checkpoint)
+    try:
+        parse_state_blob(res.checkpoint, manifest, "the checkpoint")
+    except DataError as err:
+        raise DataError(f"the {tgt.name} trainer wrote an invalid checkpoint ({err.message}); "
+                        f"{out_dir / STATE_BLOB} is unchanged") from None
+    OutDir(out_dir).write(STATE_BLOB, res.checkpoint)
     _save(out_dir, manifest, on_event)
+
+
+def _same_bytes(path: Path, data: bytes) -> bool:
+    try:
+        return (not path.is_symlink() and path.stat().st_size == len(data)
+                and path.read_bytes() == data)
+    except OSError:
+        return False
+
+
+def _clear_trainer_temp(ckpt: Path) -> None:
+    """The trainer writes its checkpoint to CKPT.tmp and renames it; refuse a symbolic link or
+    anything but a regular file there (a leftover of a killed run is removed)."""
+    tmp = Path(f"{ckpt}.tmp")
+    if not os.path.lexists(tmp):
+        return
+    if tmp.is_symlink() or not tmp.is_file():
+        raise OutDirError(f"{tmp} is not a file bnnc left there (a symbolic link?)",
+                          hint="remove it; the trainer writes its checkpoint through that name")
+    try:
+        tmp.unlink()
+    except OSError as err:
+        raise os_error(err, f"remove {tmp}") from None

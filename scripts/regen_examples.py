@@ -6,7 +6,8 @@ that every codegen change shows up as a diff in review.
 Each example is one `bnnc compile` command (`EXAMPLES`); its output directory is compiled into a
 temporary directory and every file it writes is copied to examples/generated/<name>/ (the model's
 .c/.h, the trainer, the Makefile, the manifest, plan.json, report.txt) but the model file and its
-initial state (`LEFT_OUT`: megabytes of weights, not codegen). --check compares instead of
+initial state (`LEFT_OUT`: megabytes of weights, not codegen) and bnnc's bookkeeping of OUT/
+(.bnnc-owned.json, .bnnc.lock). --check compares instead of
 writing and exits 1 naming the stale files; tests/test_examples.py runs the same comparison.
 """
 
@@ -26,7 +27,7 @@ OUT = REPO / "examples" / "generated"
 COMMAND = "python scripts/regen_examples.py"
 # name -> `bnnc compile` arguments (the output directory is added)
 EXAMPLES = {"mlp": ["compile", "mlp", "--target", "host"]}
-LEFT_OUT = ("model.onnx", "init_state.npz")
+LEFT_OUT = ("model.onnx", "init_state.npz", ".bnnc-owned.json", ".bnnc.lock")
 
 
 def generate(name: str) -> dict[str, bytes]:

@@ -11,6 +11,7 @@ import onnxruntime as ort
 import pytest
 
 from bnnc.cli import main
+from bnnc.compiler.errors import OutDirError
 from bnnc.runtime.host import HostProgram
 from mnist_like import write_mnist_like
 
@@ -80,13 +81,13 @@ def test_a_failed_checkpoint_write_leaves_the_old_one(tmp_path, monkeypatch):
     outdir.save_state_atomic(target, {"a.W": np.ones(3, np.float32)})
     old = target.read_bytes()
 
-    def dies_halfway(path, state):
+    def dies_halfway(path, state, **_):
         with open(path, "wb") as f:
             f.write(b"PK\x03\x04 torn")
-        raise OSError("disk full")
+        raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(outdir, "save_state_npz", dies_halfway)
-    with pytest.raises(OSError):
+    with pytest.raises(OutDirError, match="No space left"):
         outdir.save_state_atomic(target, {"a.W": np.zeros(3, np.float32)})
     assert target.read_bytes() == old
     assert [p.name for p in tmp_path.iterdir()] == ["final_state.npz"]     # no temp file left

@@ -197,13 +197,19 @@ def _lower_dense_dw(step: Step, ctx: LowerCtx) -> Call:
                        ctx.ptr(dw), b, k, n] + xargs)
 
 
+_GEOMETRY: list = [None, {}]     # (the schedule, its geometries): one scan per schedule, not per W
+
+
 def packed_w_geometry(schedule: Schedule, w: str) -> tuple[int, int]:
     """(hw, wc) of the NHWC input bit order a packed dense weight uses; (1, 0) for feature order."""
-    for s in schedule.steps:
-        if s.kernel is DENSE_FWD_XNOR and s.inputs[1] == w and s.attrs.get("x_chw"):
-            c, h, wd = s.attrs["x_chw"]
-            return h * wd, words64(c)
-    return 1, 0
+    if _GEOMETRY[0] is not schedule:
+        geom = {}
+        for s in schedule.steps:
+            if s.kernel is DENSE_FWD_XNOR and s.attrs.get("x_chw"):
+                c, h, wd = s.attrs["x_chw"]
+                geom.setdefault(s.inputs[1], (h * wd, words64(c)))
+        _GEOMETRY[:] = [schedule, geom]
+    return _GEOMETRY[1].get(w, (1, 0))
 
 
 def _w_sign_args(ctx: LowerCtx, w: str, k: int) -> list:

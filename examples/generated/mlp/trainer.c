@@ -170,6 +170,22 @@ static int data_open(dataset_t *d, const char *path)
     }
     d->labels_at = DATA_HEADER;
     d->pixels_at = DATA_HEADER + (long)((d->count + 7u) / 8u * 8u);
+    {   /* every label in range before the first step: a bad file fails here, not mid-run
+           (read in chunks through row_u8, free until the first example is read: no extra RAM) */
+        uint32_t i, n, k;
+        for (i = 0; i < d->count; i += n) {
+            n = d->count - i < (uint32_t)EXAMPLE_ELEMS ? d->count - i : (uint32_t)EXAMPLE_ELEMS;
+            if (!read_at(d->io, d->labels_at + i, row_u8, n)) {
+                json_error("dataset file is truncated", path);
+                return 0;
+            }
+            for (k = 0; k < n; k++)
+                if (row_u8[k] >= CLASSES) {
+                    json_error("a label is outside [0, classes)", path);
+                    return 0;
+                }
+        }
+    }
     return 1;
 }
 
@@ -276,8 +292,16 @@ static int write_atomic(const char *path, const void *data, size_t n)
     int fd, ok;
     if (strlen(path) + 6 >= sizeof tmp) { json_error("checkpoint path too long", path); return 0; }
     sprintf(tmp, "%s.tmp", path);
-    f = fopen(tmp, "wb");
-    if (!f) { json_error("cannot write checkpoint", tmp); return 0; }
+    /* a temporary left by a killed run, or a link planted there, is removed, never written
+       through: O_EXCL creates a new file or fails */
+    remove(tmp);
+    fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL, 0644);
+    f = fd >= 0 ? fdopen(fd, "wb") : 0;
+    if (!f) {
+        if (fd >= 0) close(fd);
+        json_error("cannot write checkpoint", tmp);
+        return 0;
+    }
     ok = fwrite(data, 1, n, f) == n && fflush(f) == 0 && fsync(fileno(f)) == 0;
     ok = (fclose(f) == 0) && ok;
     if (!ok || rename(tmp, path) != 0) {
