@@ -27,7 +27,8 @@ from ..compiler.errors import ConfigError
 from ..compiler.planner import DEFAULT_GUARD_BYTES
 from ..compiler.target import Target, load_target, parse_size
 from ..runtime.check import debug_target, format_report, run_check
-from ..runtime.outdir import compile_graph, load_graph, model_bytes
+from ..compiler.preprocess import SPEC_HELP
+from ..runtime.outdir import compile_graph, load_graph, model_bytes, model_preprocess
 from .app import cli
 from .memory_cmds import technique_options
 from .train_cmds import lr_help, optimizer_options
@@ -104,9 +105,13 @@ def budget_target(name: str, ram: str | None, flash: str | None) -> Target:
 @click.option("--guard", is_flag=True,
               help="debug build: canary bytes around every arena buffer, checked after every "
                    "kernel (a kernel writing outside its tensors stops the program, naming it)")
+@click.option("--preprocess", default=None, metavar="SPEC",
+              help=f"u8 pixel -> model input, recorded in OUT and used by run, eval, export and "
+                   f"the trainers: {SPEC_HELP} [default: what the model file records, else "
+                   "symmetric with a notice]")
 def compile_cmd(model: str, target: str, algorithm: str | None, batch: int | None, lr: float | None,
                 seed: int, width: float | None, out_dir: Path, ram: str | None, flash: str | None,
-                guard: bool, **techniques) -> None:
+                guard: bool, preprocess: str | None, **techniques) -> None:
     """Compile MODEL into a static, malloc-free C99 training program in OUT.
 
     
@@ -121,12 +126,15 @@ def compile_cmd(model: str, target: str, algorithm: str | None, batch: int | Non
     tgt = budget_target(target, ram, flash)
     cfg = _config(algorithm, batch, lr, seed, 100, techniques)
     graph = load_graph(model, width=width)
+    source = model_bytes(model, width=width)
+    pre = model_preprocess(source, model, preprocess)
     command = _canonical_command("compile", model, cfg, tgt.name, width, ram, flash) \
-        + (" --guard" if guard else "")
-    c, written = compile_graph(graph, cfg, tgt, out_dir, command, model_bytes(model, width=width),
-                               guard_bytes=DEFAULT_GUARD_BYTES if guard else 0)
+        + (" --guard" if guard else "") + (f" --preprocess {pre.spec()}" if preprocess else "")
+    c, written = compile_graph(graph, cfg, tgt, out_dir, command, source,
+                               guard_bytes=DEFAULT_GUARD_BYTES if guard else 0, preprocess=pre)
     click.echo(f"{graph.name}: {cfg.algorithm}, {cfg.optimizer}, batch {cfg.batch}, "
-               f"{len(c.schedule.steps)} steps, {len(c.emitted.kernels)} C kernels")
+               f"{len(c.schedule.steps)} steps, {len(c.emitted.kernels)} C kernels; input "
+               f"{c.emitted.doc.preprocess.describe()}")
     click.echo(f"arena {c.plan.arena_nbytes:,} B (lower bound {c.plan.lower_bound:,}, efficiency "
                f"{c.plan.efficiency:.3f}), state {c.plan.state_nbytes:,} B")
     for p in written:

@@ -7,6 +7,7 @@ CLI group.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import click
@@ -17,6 +18,7 @@ from ..runtime import datasets as ds
 from ..runtime import packed
 from ..runtime.outdir import load_graph, read_compiled
 from .app import cli
+from .train_cmds import data_request, data_source_options
 
 _DATA_DIR_HELP = "data root holding <name>/ folders, or the dataset folder itself " \
                  "[default: $BNNC_DATA, else ~/.cache/bnnc/data]"
@@ -83,40 +85,47 @@ def list_cmd(data_dir: Path | None) -> None:
 
 
 @data.command("pack")
-@click.argument("name")
 @click.option("--model", "model", required=True,
               help="the model the data feed: an ONNX file, a zoo name or a `bnnc compile` OUT/ "
                    "(decides the input layout, e.g. MNIST padded to 3x32x32 for CNV)")
+@data_source_options(positional=True)
 @click.option("--split", type=click.Choice(("train", "test")), default="train", show_default=True)
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="first N examples only")
+@click.option("--limit", type=click.IntRange(min=1), default=None,
+              help="first N training examples only")
 @click.option("--width", type=float, default=None, help="zoo models: the --width compiled")
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help=_DATA_DIR_HELP)
-def pack_cmd(name: str, model: str, split: str, output: Path, limit: int | None,
-             width: float | None, data_dir: Path | None) -> None:
-    """Write dataset NAME as the packed file the standalone trainer reads (--train/--test).
+def pack_cmd(model: str, split: str, output: Path, limit: int | None, width: float | None,
+             **data_opts) -> None:
+    """Write dataset DATA as the packed file the standalone trainer reads (--train/--test).
+
+    DATA: a dataset name (mnist, fashion-mnist, cifar10, svhn), a .npz, an x.npy, a .csv
+    (--label-column) or an image folder with one subfolder per class.
 
     \b
     Format (runtime/packed.py): 64-byte header "BNND", u8 labels, then u8 pixels (or float32)
-    example after example in the model's input layout. `bnnc run` packs on its own; use this to
-    train on a device by hand:
+    example after example in the model's input layout; the examples are fitted to the model
+    (--fit: pad/resize, grey <-> RGB, NHWC -> NCHW) and streamed, never loaded whole. The
+    trainer applies the model's preprocessing to u8 pixels. `bnnc run` packs on its own; use this
+    to train on a device by hand:
+      bnnc data pack mnist --model cnv -o m.bnnd          # padded to 3x32x32
       bnnc data pack mnist --model out/mlp -o train.bnnd
-      bnnc data pack mnist --model out/mlp --split test -o test.bnnd
-      scp out/mlp/trainer train.bnnd test.bnnd pi@raspberrypi.local:
+      bnnc data pack photos/ --model out/cnv --fit resize --val-split 0.1 --split test -o t.bnnd
+      scp out/mlp/trainer train.bnnd t.bnnd pi@raspberrypi.local:
     """
     if Path(model).is_dir():
         _, graph, _ = read_compiled(Path(model))
     else:
         graph = load_graph(model, width=width)
-    d = ds.model_dataset(graph, name, data_dir)
-    x, y = (d.x_train, d.y_train) if split == "train" else (d.x_test, d.y_test)
-    x = ds.fit_to_model(graph, x, f"{d.name} {split}")
-    if limit is not None:
-        x, y = x[:limit], y[:limit]
     if not output.parent.is_dir():
         raise DataError(f"cannot write {output}: directory {output.parent} does not exist")
-    fmt = packed.pack(output, x, y, d.classes)
-    click.echo(f"wrote {output}: {len(y)} {d.name} {split} examples, {int(np.prod(x.shape[1:]))} "
-               f"inputs each ({'u8 pixels' if fmt == packed.U8 else 'float32'}), "
-               f"{output.stat().st_size:,} bytes")
+    d = ds.open_data(data_request(**data_opts, limit=limit), graph.input_shape, graph.num_classes,
+                     model_name=repr(graph.name))
+    src = d.split(split)
+    t0 = time.perf_counter()
+    fmt = d.pack(split, output)
+    dt = time.perf_counter() - t0
+    click.echo(f"wrote {output}: {src.count} {d.name} {split} examples, "
+               f"{int(np.prod(graph.input_shape))} inputs each "
+               f"({'u8 pixels' if fmt == packed.U8 else 'float32'}), "
+               f"{output.stat().st_size:,} bytes; input: {d.fit.describe()}")
+    click.echo(f"  {src.count / max(dt, 1e-9):,.0f} examples/s ({dt:.1f} s)")

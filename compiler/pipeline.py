@@ -17,6 +17,8 @@ from .config import TrainConfig, check_config_for_graph
 from .ir import Graph
 from .liveness import Liveness
 from .planner import ArenaPlan, plan_schedule
+from .preprocess import DEFAULT as DEFAULT_PREPROCESS
+from .preprocess import Preprocess
 from .report import dump_plan_json, plan_to_json
 from .schedule import build_schedule
 from .schedule_ir import Schedule
@@ -33,9 +35,11 @@ class Compiled:
 
 
 def compile_to_c(graph: Graph, cfg: TrainConfig, target: Target, out_dir: str | Path, *,
-                 command: str = "", guard_bytes: int = 0) -> Compiled:
+                 command: str = "", guard_bytes: int = 0,
+                 preprocess: Preprocess = DEFAULT_PREPROCESS) -> Compiled:
     """`guard_bytes` > 0: canaries around every arena buffer, checked after every kernel (a debug
-    build; planner.py and templates/model.c.j2 say how)."""
+    build; planner.py and templates/model.c.j2 say how); `preprocess`: the u8 pixel -> input map
+    of the trainers (compiler/preprocess.py), recorded in the manifest."""
     check_config_for_graph(graph, cfg)
     schedule = build_schedule(graph, cfg)
     live, plan = plan_schedule(schedule, align=target.align, guard_bytes=guard_bytes)
@@ -44,5 +48,6 @@ def compile_to_c(graph: Graph, cfg: TrainConfig, target: Target, out_dir: str | 
     doc = plan_to_json(schedule, live, plan)
     emitted = emit_c(schedule, plan, target, Path(out_dir), command=command,
                      model_sha256=graph.source_sha256, plan_json=dump_plan_json(doc),
-                     onnx_names={lay.name: lay.onnx_name for lay in graph.layers})
+                     onnx_names={lay.name: lay.onnx_name for lay in graph.layers},
+                     preprocess=preprocess)
     return Compiled(schedule, live, plan, doc, emitted)

@@ -7,6 +7,9 @@ MODEL argument of every command (an ONNX/QONNX file or a zoo name) as bytes or a
     OUT/report.txt           the memory tables and the C kernels used (`compile_graph`)
     OUT/final_state.npz      written by `bnnc run`: the state after training (for `bnnc export`)
     OUT/state.bin            written by `bnnc run`: the C's versioned state blob (resume with --resume)
+    OUT/data.json            written by `bnnc run`: the data it packed (source, split, class names
+                             index -> name, the transform to the model's input); `bnnc eval` and
+                             `bnnc export` read the class names from it
 
 The two files `bnnc run` writes are replaced atomically (temp file, fsync, rename), so a run killed
 while saving leaves the previous checkpoint intact.
@@ -14,9 +17,11 @@ while saving leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 import tempfile
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,11 +33,14 @@ import onnx
 from ..compiler.config import TrainConfig, make_config
 from ..compiler.contract import (MANIFEST, STATE_BLOB_MAGIC, STATE_BLOB_VERSION, Manifest,
                                  read_manifest)
-from ..compiler.errors import ConfigError, DataError, ModelError, TargetError
+from ..compiler.errors import BnncWarning, ConfigError, DataError, ModelError, TargetError
 from ..compiler.export import check_state, load_state_npz, save_state_npz
 from ..compiler.frontend import load_model
 from ..compiler.ir import Graph
 from ..compiler.pipeline import Compiled, compile_to_c
+from ..compiler.preprocess import DEFAULT as DEFAULT_PREPROCESS
+from ..compiler.preprocess import DEFAULT_NOTICE, Preprocess, parse_preprocess
+from ..compiler.preprocess import from_model as preprocess_from_model
 from ..compiler.report import format_report
 from ..compiler.target import Target
 from ..compiler.zoo import ZOO, build_zoo_model
@@ -43,6 +51,7 @@ MODEL_FILE = "model.onnx"
 INIT_STATE = "init_state.npz"
 FINAL_STATE = "final_state.npz"
 STATE_BLOB = "state.bin"
+DATA_RECORD = "data.json"
 
 
 def _publish(tmp: str, path: Path) -> None:
@@ -109,6 +118,24 @@ def load_graph(model: str, *, width: float | None = None, image_size: int | None
                      hint=f"zoo models: {', '.join(ZOO)}")
 
 
+def model_preprocess(source: bytes, model: str, spec: str | None) -> Preprocess:
+    """The preprocessing of a model: `spec` (--preprocess) when given, else what the file records
+    (ONNX metadata, compiler/preprocess.py), else the default with one notice (a BnncWarning the
+    CLI prints as one line)."""
+    if spec is not None:
+        return parse_preprocess(spec)
+    try:
+        proto = onnx.load_model_from_string(source, load_external_data=False)
+    except Exception:                 # the frontend names what is wrong with the file
+        return DEFAULT_PREPROCESS
+    found = preprocess_from_model(proto)
+    if found is None:
+        warnings.warn(BnncWarning(DEFAULT_NOTICE.format(model=Path(model).name)
+                                  .removeprefix("notice: ")), stacklevel=2)
+        return DEFAULT_PREPROCESS
+    return found
+
+
 def write_run_inputs(out_dir: Path, graph, cfg: TrainConfig, source: bytes) -> list[Path]:
     out_dir = Path(out_dir)
     (out_dir / MODEL_FILE).write_bytes(source)
@@ -117,10 +144,15 @@ def write_run_inputs(out_dir: Path, graph, cfg: TrainConfig, source: bytes) -> l
 
 
 def compile_graph(graph: Graph, cfg: TrainConfig, tgt: Target, out_dir: Path, command: str,
-                  source: bytes, *, guard_bytes: int = 0) -> tuple[Compiled, tuple[Path, ...]]:
+                  source: bytes, *, guard_bytes: int = 0,
+                  preprocess: Preprocess | None = None) -> tuple[Compiled, tuple[Path, ...]]:
     """compiler.pipeline.compile_to_c plus what `bnnc run` and a reader need in out_dir (the model,
-    the initial state, report.txt). Returns (compiled, files written)."""
-    c = compile_to_c(graph, cfg, tgt, out_dir, command=command, guard_bytes=guard_bytes)
+    the initial state, report.txt). `preprocess` None: the model file's (`model_preprocess`).
+    Returns (compiled, files written)."""
+    if preprocess is None:
+        preprocess = model_preprocess(source, graph.name, None)
+    c = compile_to_c(graph, cfg, tgt, out_dir, command=command, guard_bytes=guard_bytes,
+                     preprocess=preprocess)
     run_inputs = write_run_inputs(out_dir, graph, cfg, source)
     report = out_dir / "report.txt"
     report.write_text(f"{command}\n\n" + format_report(c.plan_doc, tensors=True)
@@ -218,3 +250,44 @@ def state_values_f32(manifest: Manifest, tensors) -> bytes:
     return flat_state(manifest, tensors).astype("<f4").tobytes()
 
 
+
+
+# --------------------------------------------------------------------------------------------------
+# the data record of `bnnc run` (OUT/data.json)
+
+def read_data_record(out_dir: Path) -> dict | None:
+    """OUT/data.json as a dict, None when no run wrote one; DataError when it is damaged."""
+    path = Path(out_dir) / DATA_RECORD
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"{path}: not a bnnc data record ({err})",
+                        hint=f"delete it; the next `bnnc run` writes it again") from err
+    names = doc.get("class_names") if isinstance(doc, dict) else None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise DataError(f"{path}: field class_names should be a list of strings",
+                        hint="delete it; the next `bnnc run` writes it again")
+    return doc
+
+
+def class_names_of(out_dir: Path) -> tuple[str, ...] | None:
+    """The class names (index -> name) the last `bnnc run` into OUT trained with, or None."""
+    doc = read_data_record(out_dir)
+    return None if doc is None else tuple(doc["class_names"])
+
+
+def check_class_names(out_dir: Path, names: tuple[str, ...], spec: str) -> None:
+    """DataError when `names` (of --data `spec`) map indices to other classes than OUT's record:
+    a checkpoint trained on one class order must not be continued or scored with another."""
+    have = class_names_of(out_dir)
+    if have is None:
+        return
+    n = min(len(have), len(names))
+    diff = [k for k in range(n) if have[k] != names[k]]
+    if diff:
+        k = diff[0]
+        raise DataError(f"{spec}: class {k} is {names[k]!r} but {Path(out_dir) / DATA_RECORD} "
+                        f"trained it as {have[k]!r}",
+                        hint="use data with the same class folders/labels as the training run")

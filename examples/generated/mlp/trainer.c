@@ -42,8 +42,12 @@
 #define DATA_HEADER 64u
 enum { PIX_U8 = 0, PIX_F32 = 1 };
 
-/* u8 pixel -> float32 2*x/255 - 1, one rounding from the exact rational (runtime/datasets.py) */
-static const float pixel_lut[256] = {
+/* u8 pixel u of channel c -> float32(a_c * u + b_c), the model's preprocessing (2u/255 - 1, range [-1, 1];
+ * compiler/preprocess.py): one table per input channel, or one shared by all channels */
+#define PIXEL_TABLES 1u
+#define PIXEL_PLANE 784u     /* inputs per channel of an example (NCHW) */
+static const float pixel_lut[PIXEL_TABLES][256] = {
+  {
     (float)-1.0, (float)-0.9921568632125854, (float)-0.9843137264251709, (float)-0.9764705896377563, (float)-0.9686274528503418, (float)-0.9607843160629272,
     (float)-0.9529411792755127, (float)-0.9450980424880981, (float)-0.9372549057006836, (float)-0.929411768913269, (float)-0.9215686321258545, (float)-0.9137254953384399,
     (float)-0.9058823585510254, (float)-0.8980392217636108, (float)-0.8901960849761963, (float)-0.8823529481887817, (float)-0.8745098114013672, (float)-0.8666666746139526,
@@ -87,7 +91,9 @@ static const float pixel_lut[256] = {
     (float)0.8823529481887817, (float)0.8901960849761963, (float)0.8980392217636108, (float)0.9058823585510254, (float)0.9137254953384399, (float)0.9215686321258545,
     (float)0.929411768913269, (float)0.9372549057006836, (float)0.9450980424880981, (float)0.9529411792755127, (float)0.9607843160629272, (float)0.9686274528503418,
     (float)0.9764705896377563, (float)0.9843137264251709, (float)0.9921568632125854, (float)1.0,
+  },
 };
+#define PIXEL(k, u) pixel_lut[0][u]
 
 typedef struct {
     FILE * io;
@@ -182,7 +188,7 @@ static int data_example(const dataset_t *d, uint32_t i, float *x, int32_t *y)
     if (d->format == PIX_U8) {
         if (!read_at(d->io, d->pixels_at + (long)i * EXAMPLE_ELEMS, row_u8, EXAMPLE_ELEMS))
             goto bad;
-        for (k = 0; k < EXAMPLE_ELEMS; k++) x[k] = pixel_lut[row_u8[k]];
+        for (k = 0; k < EXAMPLE_ELEMS; k++) x[k] = PIXEL(k, row_u8[k]);
     } else if (!read_at(d->io, d->pixels_at + (long)i * EXAMPLE_ELEMS * 4u, x,
                         EXAMPLE_ELEMS * 4u)) {
         goto bad;
