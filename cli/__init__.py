@@ -10,7 +10,7 @@ import warnings
 import click
 
 from ..compiler.errors import BnncError, BnncWarning
-from . import (compile_cmds, data_cmds, export_cmds, memory_cmds,  # noqa: F401  (they register)
+from . import (compile_cmds, data_cmds, eval_cmds, export_cmds, memory_cmds,  # noqa: F401
                model_cmds, run_cmds, train_cmds, zoo_cmds)
 from .app import cli
 
