@@ -45,26 +45,48 @@ def fetch_cmd(name: str, dest: Path | None) -> None:
 
 
 @data.command("info")
-@click.argument("name")
+@click.argument("spec", metavar="DATA")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help=_DATA_DIR_HELP)
-def info_cmd(name: str, data_dir: Path | None) -> None:
-    """Shapes, pixel range and per-class counts of dataset NAME as bnnc loads it."""
-    info = ds.dataset_info(name)
-    raw = ds.load_raw(info.name, data_dir)
-    click.echo(f"{info.name}: {len(raw.y_train)} train / {len(raw.y_test)} test images from "
-               f"{raw.source}")
-    for split, x in (("train", raw.x_train), ("test", raw.x_test)):
-        click.echo(f"  x_{split}: {tuple(x.shape)} uint8 {int(x.min())}..{int(x.max())} on disk, "
-                   "float32 2*x/255-1 when loaded")
-    click.echo(f"  y: int64 in 0..{info.classes - 1}")
-    train = np.bincount(raw.y_train, minlength=info.classes)
-    test = np.bincount(raw.y_test, minlength=info.classes)
-    width = max(len(n) for n in info.class_names) + 4
+@click.option("--test-data", default=None, metavar="SPEC", help="the test split from a second "
+              "source")
+@click.option("--val-split", type=float, default=None, metavar="F",
+              help="hold out this fraction of the training data as the test split")
+@click.option("--split-seed", type=int, default=0, show_default=True)
+@click.option("--label-column", default=None, metavar="NAME", help="CSV data: the label column")
+def info_cmd(spec: str, data_dir: Path | None, test_data: str | None, val_split: float | None,
+             split_seed: int, label_column: str | None) -> None:
+    """Shapes, value range and per-class counts of DATA as bnnc reads it.
+
+    DATA: a dataset name (mnist, fashion-mnist, cifar10, svhn), a .npz, an x.npy, a .csv
+    (--label-column) or an image folder with one subfolder per class (only the first image of a
+    folder is decoded here).
+    """
+    req = ds.DataRequest(spec, data_dir, test_data, val_split, split_seed, label_column)
+    name, train, test, names = ds.open_source(req)
+    where = getattr(train, "file", None) or spec
+    click.echo(f"{name}: {train.count} train / {0 if test is None else test.count} test examples "
+               f"({where})")
+    for split, src in (("train", train), ("test", test)):
+        if src is None:
+            click.echo(f"  {split}: none (pass --test-data or --val-split)")
+            continue
+        what = ("uint8 pixels" if src.dtype == np.uint8 else "float32 values")
+        rng, folder = "", isinstance(getattr(src, "base", src), ds.FolderSource)
+        if isinstance(src, ds.ArraySource):
+            rng = f" {src.x.min()}..{src.x.max()}" if src.dtype == np.uint8 else \
+                f" {float(src.x.min()):.4g}..{float(src.x.max()):.4g}"
+        shape = "x".join(map(str, src.shape))
+        first = " (first image)" if folder else ""
+        click.echo(f"  x_{split}: {shape} {what}{rng}{first}")
+    click.echo(f"  y: {len(names)} classes, int64 in 0..{len(names) - 1}")
+    width = max(len(n) for n in names) + 6
     click.echo(f"  {'class':<{width}} {'train':>7} {'test':>7}")
-    for k, cname in enumerate(info.class_names):
+    tr = np.bincount(train.labels, minlength=len(names))
+    te = np.bincount(test.labels, minlength=len(names)) if test is not None else None
+    for k, cname in enumerate(names):
         label = str(k) if cname == str(k) else f"{k} {cname}"
-        click.echo(f"  {label:<{width}} {train[k]:>7} {test[k]:>7}")
+        click.echo(f"  {label:<{width}} {tr[k]:>7} {te[k] if te is not None else '-':>7}")
 
 
 @data.command("list")

@@ -20,11 +20,13 @@ inputs unchanged: the map is for u8 pixels only.
 ONNX metadata: a model file records its convention as `metadata_props["bnnc.preprocess"] = spec`
 (zoo models: symmetric; `bnnc export` writes what the program was compiled with).
 `from_model(model)` reads it back; a file that says nothing gets DEFAULT (symmetric), and callers
-print one notice line (`DEFAULT_NOTICE`).
+print one notice line (`DEFAULT_NOTICE`). Exports also record the class names (`CLASSES_KEY`,
+`class_names_from_model`).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 
@@ -34,6 +36,7 @@ from .errors import ConfigError, ModelError
 
 KINDS = ("symmetric", "unit", "norm")
 METADATA_KEY = "bnnc.preprocess"
+CLASSES_KEY = "bnnc.classes"          # the class names, index -> name, as a JSON list
 SPEC_HELP = ("symmetric = 2u/255-1 in [-1,1]; unit = u/255 in [0,1]; norm:M[,M,M]/S[,S,S] = "
              "(u/255-M)/S per channel (torchvision Normalize)")
 
@@ -133,4 +136,19 @@ def from_model(model) -> Preprocess | None:
                 return parse_preprocess(prop.value, where=f"metadata '{METADATA_KEY}'")
             except ConfigError as err:
                 raise ModelError(f"the model's {err.message}", hint=err.hint) from None
+    return None
+
+
+def class_names_from_model(model) -> tuple[str, ...] | None:
+    """The class names an onnx.ModelProto records (CLASSES_KEY), or None."""
+    for prop in model.metadata_props:
+        if prop.key == CLASSES_KEY:
+            try:
+                names = json.loads(prop.value)
+            except json.JSONDecodeError:
+                names = None
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise ModelError(f"the model's metadata '{CLASSES_KEY}' is not a JSON list of "
+                                 "class names")
+            return tuple(names)
     return None

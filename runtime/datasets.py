@@ -450,7 +450,8 @@ class ModelData:
         returns the format (packed.U8 or packed.F32)."""
         src = self.split(which)
         return packed.pack_stream(path, src.count, self.fit.dst, src.labels, self.classes,
-                                  (x for x, _ in self.batches(which)), float_data=src.dtype != np.uint8)
+                                  (x for x, _ in self.batches(which)),
+                                  float_data=src.dtype != np.uint8)
 
     def record(self) -> dict:
         r = self.request
@@ -467,11 +468,36 @@ def open_data(req: DataRequest, input_shape: tuple[int, ...], classes: int, *,
     outputs; every check (shapes, labels against the model's classes, files) is done here, so
     later reads only meet damaged files (image folders decode lazily)."""
     mode = None if len(input_shape) != 3 else ("L" if input_shape[0] == 1 else "RGB")
+    name, train, test, names = open_source(req, mode)
+    for src in (train, test):
+        if src is None:
+            continue
+        bad = np.flatnonzero((src.labels < 0) | (src.labels >= classes))
+        if bad.size:
+            raise DataError(f"{src.where(int(bad[0]))}: label {int(src.labels[bad[0]])} is "
+                            f"outside the model's classes 0..{classes - 1}")
+    if len(names) > classes:
+        raise DataError(f"{req.spec}: {len(names)} classes ({', '.join(names[:12])}"
+                        f"{', ...' if len(names) > 12 else ''}) but {model_name} outputs "
+                        f"{classes}", hint="pick data with at most the model's classes")
+    fit = plan_fit(train.shape, input_shape, req.fit, layout=req.layout, what=req.spec)
+    if test is not None and test.shape != train.shape and fit.size != "resize":
+        plan_fit(test.shape, input_shape, req.fit, layout=req.layout, what=test.name)
+        raise DataError(f"{test.where(0)}: test examples are {test.shape}, training examples "
+                        f"{train.shape}", hint="pass --fit resize, or use data of one shape")
+    return ModelData(name, train, test, names, fit, classes, req)
+
+
+def open_source(req: DataRequest, mode: str | None = None
+                ) -> tuple[str, Source, Source | None, tuple[str, ...]]:
+    """(name, train, test or None, class names) of `req` before any model is involved: the
+    --data source, its test split (own, --test-data, or --val-split) and --limit. `mode` is the
+    pillow mode image folders decode to ("L", "RGB"; None: as the first image is)."""
     name, train, test, names = _open_spec(req.spec, req, mode)
     if req.test is not None:
         tname, ttrain, ttest, tnames = _open_spec(req.test, req, mode)
-        named = not Path(req.test).expanduser().exists()     # a named dataset: its test split
-        test = ttest if named or ttest is not None else ttrain
+        # a named dataset gives its test split; a file or folder all of its (main) examples
+        test = ttest if not Path(req.test).expanduser().exists() else ttrain
         test = _renamed(test, tnames, names, req.test)
     if req.val_split is not None:
         if req.test is not None:
@@ -488,23 +514,7 @@ def open_data(req: DataRequest, input_shape: tuple[int, ...], classes: int, *,
         train = Subset(train, np.sort(perm[n_val:]), name)
     if req.limit is not None:
         train = _prefix(train, req.limit)
-    if len(names) > classes:
-        raise DataError(f"{req.spec}: {len(names)} classes ({', '.join(names[:12])}"
-                        f"{', ...' if len(names) > 12 else ''}) but {model_name} outputs "
-                        f"{classes}", hint="pick data with at most the model's classes")
-    for src in (train, test):
-        if src is None:
-            continue
-        bad = np.flatnonzero((src.labels < 0) | (src.labels >= classes))
-        if bad.size:
-            raise DataError(f"{src.where(int(bad[0]))}: label {int(src.labels[bad[0]])} is "
-                            f"outside the model's classes 0..{classes - 1}")
-    fit = plan_fit(train.shape, input_shape, req.fit, layout=req.layout, what=req.spec)
-    if test is not None and test.shape != train.shape and fit.size != "resize":
-        plan_fit(test.shape, input_shape, req.fit, layout=req.layout, what=test.name)
-        raise DataError(f"{test.where(0)}: test examples are {test.shape}, training examples "
-                        f"{train.shape}", hint="pass --fit resize, or use data of one shape")
-    return ModelData(name, train, test, names, fit, classes, req)
+    return name, train, test, names
 
 
 def _renamed(src: Source | None, names: tuple[str, ...], want: tuple[str, ...],
@@ -545,7 +555,7 @@ def _open_spec(spec: str, req: DataRequest, mode: str | None
     if path.suffix.lower() == ".csv":
         x, labels, _ = read_csv(path, req.label_column)
         y, names = label_indices(csv_label_values(labels), str(path))
-        return path.stem, ArraySource(path.stem, x, y, names, f"{path} row"), None, names
+        return path.stem, ArraySource(path.stem, x, y, names, str(path)), None, names
     if req.label_column is not None:
         raise DataError(f"--label-column is for CSV files; {path} is not one")
     arrays = read_arrays(path)
@@ -554,8 +564,9 @@ def _open_spec(spec: str, req: DataRequest, mode: str | None
         given = tuple(str(n) for n in np.asarray(arrays["class_names"]).tolist())
     x = check_features(arrays["x"], f"{path} 'x'")
     y, names = label_indices(arrays["y"], f"{path} 'y'", given)
-    name = path.stem if path.suffix == ".npz" else (path.name if path.is_dir() else path.parent.name)
-    train = ArraySource(name, x, y, names, f"{path} 'x'")
+    name = path.stem if path.suffix == ".npz" else \
+        (path.name if path.is_dir() else path.parent.name)
+    train = ArraySource(name, x, y, names, str(path))
     test = None
     if "x_test" in arrays:
         xt = check_features(arrays["x_test"], f"{path} 'x_test'")
@@ -563,7 +574,7 @@ def _open_spec(spec: str, req: DataRequest, mode: str | None
         if given is None and len(tnames) > len(names):
             names = tnames
             train.class_names = names
-        test = ArraySource(f"{name} test", xt, yt, names, f"{path} 'x_test'")
+        test = ArraySource(f"{name} test", xt, yt, names, f"{path} (x_test)")
         if xt.shape[1:] != x.shape[1:]:
             raise DataError(f"{path}: 'x_test' examples are {xt.shape[1:]}, 'x' examples "
                             f"{x.shape[1:]}")

@@ -243,8 +243,8 @@ def confusion_png(r: EvalResult, path: Path, *, cell: int = 40) -> None:
     size = (margin + k * cell + 8, margin + k * cell + 24)
     img = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(img)
-    draw.text((4, margin + k * cell + 6), f"{r.model}: {r.data} {r.split}, acc {100 * r.accuracy:.2f} %, "
-              f"loss {r.mean_loss:.4f}", fill="black")
+    draw.text((4, margin + k * cell + 6), f"{r.model}: {r.data} {r.split}, acc "
+              f"{100 * r.accuracy:.2f} %, loss {r.mean_loss:.4f}", fill="black")
     for i in range(k):
         name = r.class_names[i][:24]
         draw.text((4, margin + i * cell + cell // 2 - 5), name, fill="black")

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+from google.protobuf.message import DecodeError
 
 from ..compiler.config import TrainConfig, make_config
 from ..compiler.contract import (MANIFEST, STATE_BLOB_MAGIC, STATE_BLOB_VERSION, Manifest,
@@ -124,9 +125,10 @@ def model_preprocess(source: bytes, model: str, spec: str | None) -> Preprocess:
     CLI prints as one line)."""
     if spec is not None:
         return parse_preprocess(spec)
+    proto = onnx.ModelProto()
     try:
-        proto = onnx.load_model_from_string(source, load_external_data=False)
-    except Exception:                 # the frontend names what is wrong with the file
+        proto.ParseFromString(source)
+    except DecodeError:               # the frontend names what is wrong with the file
         return DEFAULT_PREPROCESS
     found = preprocess_from_model(proto)
     if found is None:

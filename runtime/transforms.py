@@ -12,7 +12,8 @@ shape) in the same dtype, one step after the other:
    integer formula (R*19595 + G*38470 + B*7471 + 0x8000) >> 16; a 4th (alpha) channel is dropped;
 3. size: `pad` centres the image in the model's H x W (extra row/column at the bottom/right),
    border pixel 0 (float data: 0.0); `resize` is pillow's bilinear resize of each channel to H x W;
-4. flat models: the (C, H, W) example flattened in C order (its element count must match).
+4. flat models: the (C, H, W) example flattened in C order (its element count must match); flat
+   feature vectors (a CSV of pixel columns) for an image model: reshaped in C, H, W order.
 
 `--fit auto` (the default) pads an image smaller than the model's, keeps one of the same size and
 refuses one that is larger or (image folders) images of mixed sizes: `--fit resize` is then the
@@ -55,6 +56,8 @@ class Fit:
             steps.append(f"{self.size} to {self.dst[-2]}x{self.dst[-1]}")
         if len(self.dst) == 1 and self.layout != "flat":
             steps.append(f"flatten to {self.dst[0]}")
+        if len(self.dst) == 3 and self.layout == "flat":
+            steps.append(f"reshape to {'x'.join(map(str, self.dst))}")
         return ", ".join(steps) or "none (the model's shape)"
 
     def to_dict(self) -> dict:
@@ -62,9 +65,9 @@ class Fit:
 
     def apply(self, x: np.ndarray) -> np.ndarray:
         """(N, *native) -> (N, *dst), the dtype kept."""
+        if len(self.dst) == 1 or self.layout == "flat":
+            return np.ascontiguousarray(_to_chw(x, self.layout)).reshape((len(x),) + self.dst)
         x = _to_chw(x, self.layout)
-        if len(self.dst) == 1:
-            return x.reshape(len(x), -1)
         x = _channels(x, self.dst[0])
         h, w = self.dst[1:]
         if x.shape[2:] == (h, w):
@@ -111,17 +114,20 @@ def plan_fit(shape: tuple[int, ...], model: tuple[int, ...], mode: str = "auto",
                             f"takes {model[0]} inputs", hint="pick data of the model's size")
         return Fit(lay, shape, "keep", "keep", model)
     if chw is None:
-        raise DataError(f"{what}: feature vectors of {shape[0]} values do not fit the model's image "
-                        f"input {model}", hint="pick data of the model's input shape")
+        if shape[0] != int(np.prod(model)):
+            raise DataError(f"{what}: feature vectors of {shape[0]} values do not fit the model's "
+                            f"input {model} ({int(np.prod(model))} values)",
+                            hint="pick data of the model's input size")
+        return Fit(lay, shape, "keep", "keep", model)     # values in C, H, W order
     c, h, w = chw
-    channels = _channel_step(c, model[0], what)
-    if (h, w) == model[1:]:
+    channels = _channel_step(c, model[0], f"{what}: examples of shape {shape} read as {lay}")
+    if mode == "resize":      # also images of other sizes further on (image folders)
+        size = "resize"
+    elif (h, w) == model[1:]:
         size = "keep"
     elif mode == "none":
         raise DataError(f"{what}: examples are {h}x{w}, the model takes {model[1]}x{model[2]} "
                         "(--fit none)", hint="use --fit pad or --fit resize")
-    elif mode == "resize":
-        size = "resize"
     elif h <= model[1] and w <= model[2]:
         size = "pad"
     else:
@@ -151,8 +157,9 @@ def _channel_step(c: int, want: int, what: str) -> str:
         return "drop alpha"
     if c == 4 and want == 1:
         return "drop alpha, rgb->grey"
-    raise DataError(f"{what}: examples have {c} channel(s), the model takes {want}",
-                    hint="use data with 1 (grey) or 3 (RGB) channels")
+    raise DataError(f"{what} have {c} channel(s), the model takes {want}",
+                    hint="use data with 1 (grey) or 3 (RGB) channels; --layout nchw|nhwc says "
+                         "where the channels are")
 
 
 def _to_chw(x: np.ndarray, lay: str) -> np.ndarray:
