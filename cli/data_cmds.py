@@ -64,9 +64,10 @@ def info_cmd(spec: str, data_dir: Path | None, test_data: str | None, val_split:
     """
     req = ds.DataRequest(spec, data_dir, test_data, val_split, split_seed, label_column)
     name, train, test, names = ds.open_source(req)
-    where = getattr(train, "file", None) or spec
-    click.echo(f"{name}: {train.count} train / {0 if test is None else test.count} test examples "
-               f"({where})")
+    where = spec if Path(spec).expanduser().exists() else ds.find_dataset_dir(spec, data_dir)
+    what = "images" if train.dtype == np.uint8 else "examples"
+    click.echo(f"{name}: {train.count} train / {0 if test is None else test.count} test {what} "
+               f"from {where}")
     for split, src in (("train", train), ("test", test)):
         if src is None:
             click.echo(f"  {split}: none (pass --test-data or --val-split)")
@@ -76,7 +77,7 @@ def info_cmd(spec: str, data_dir: Path | None, test_data: str | None, val_split:
         if isinstance(src, ds.ArraySource):
             rng = f" {src.x.min()}..{src.x.max()}" if src.dtype == np.uint8 else \
                 f" {float(src.x.min()):.4g}..{float(src.x.max()):.4g}"
-        shape = "x".join(map(str, src.shape))
+        shape = (src.count, *src.shape)
         first = " (first image)" if folder else ""
         click.echo(f"  x_{split}: {shape} {what}{rng}{first}")
     click.echo(f"  y: {len(names)} classes, int64 in 0..{len(names) - 1}")
