@@ -7,7 +7,7 @@ For each algorithm: `bnnc compile cnv --batch 100` (Adam) into a temporary direc
 collecting the trainer's epoch lines. One algorithm at a time.
 
     nice -n 10 python benchmarks/cnv_fashion.py [--epochs 15] [--algorithms standard,proposed]
-        [--width 1] [--limit N]
+        [--width 1] [--limit N] [--log-every 50]
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ def main() -> None:
     ap.add_argument("--algorithms", default="standard,proposed")
     ap.add_argument("--width", type=float, default=None, help="zoo --width (1 = the paper's CNV)")
     ap.add_argument("--limit", type=int, default=None, help="first N training examples")
+    ap.add_argument("--log-every", type=int, default=50, help="print the loss every K steps")
     args = ap.parse_args()
     bnnc = ["bnnc"]
     results: dict[str, list[float]] = {}
@@ -61,6 +62,7 @@ def main() -> None:
             run(comp)
             cmd = [*bnnc, "run", out, "--data", "fashion-mnist", "--epochs", str(args.epochs)]
             cmd += ["--limit", str(args.limit)] if args.limit else []
+            cmd += ["--log-every", str(args.log_every)] if args.log_every else []
             t0 = time.time()
             lines = run(cmd)
             seconds[algo] = time.time() - t0

@@ -102,6 +102,8 @@ class _Printer:
         elif kind == "epoch":
             timing = (f"{ev['seconds']:.1f} s host time" if baremetal else
                       f"{ev['seconds']:.1f} s, {ev['ms_per_step']:.2f} ms/step")
+            test = (f"{100 * ev['test_acc']:.2f} %" if ev["test_acc"] >= 0
+                    else "n/a (no test split)")
             say(f"epoch {ev['epoch']}/{run.epochs}  steps {ev['step']}  train loss "
                 f"{ev['train_loss']:.4f}  train acc {100 * ev['train_acc']:.2f} %  test acc "
-                f"{100 * ev['test_acc']:.2f} %  ({timing})")
+                f"{test}  ({timing})")

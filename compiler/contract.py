@@ -95,7 +95,7 @@ class Manifest:
     target_kind: str                 # "host" | "linux" | "baremetal"
     config: dict[str, Any]           # TrainConfig.as_dict()
     batch: int
-    input_shape: tuple[int, ...]
+    input_shape: tuple[int, ...]      # with the batch: (B, C, H, W) or (B, F)
     classes: int
     seed: int
     arena_nbytes: int
@@ -117,7 +117,7 @@ class Manifest:
     @property
     def input_affine(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """(a_c, b_c): the trainers' pixel tables hold float32(a_c * u + b_c)."""
-        return pixel_affine(self.preprocess, input_channels(self.input_shape))
+        return pixel_affine(self.preprocess, input_channels(self.input_shape[1:]))
 
     @cached_property
     def tensor_by_name(self) -> dict[str, TensorEntry]:

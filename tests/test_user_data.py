@@ -8,6 +8,7 @@ program's predictions."""
 from __future__ import annotations
 
 import json
+import shutil
 from fractions import Fraction
 from pathlib import Path
 
@@ -102,6 +103,31 @@ def test_manifest_records_preprocessing_and_the_trainer_applies_it(tmp_path, cap
     rc, so3, _ = _cli(["eval", "tfc", "--data", "mnist", "--data-dir", root, "--batch", "20",
                        "--algorithm", "standard"], capsys)
     assert so3.split("mean loss ")[1].split()[0] != so2.split("mean loss ")[1].split()[0]
+
+
+def test_per_channel_tables_in_the_trainer(tmp_path, capsys):
+    """norm with three channels: three tables in the trainer, PIXEL(k, u) picks channel k / plane;
+    the compiled program's eval equals the numpy reference's on RGB data."""
+    rng = np.random.default_rng(4)
+    x = rng.integers(0, 256, (12, 32, 32, 3), dtype=np.uint8)
+    np.savez(tmp_path / "rgb.npz", x=x, y=np.arange(12) % 10)
+    spec = "norm:0.49,0.48,0.45/0.25,0.24,0.26"
+    out = tmp_path / "cnv"
+    rc, _, err = _cli(["compile", "cnv", "--width", "0.125", "--batch", "4", "--algorithm",
+                       "standard", "--preprocess", spec, "-o", out], capsys)
+    assert rc == 0, err
+    src = (out / "trainer.c").read_text()
+    assert "#define PIXEL_TABLES 3u" in src and "pixel_lut[(k) / PIXEL_PLANE][u]" in src
+    common = ["--data", tmp_path / "rgb.npz", "--val-split", "0.5"]
+    rc, so_c, err = _cli(["eval", out, *common, "--state", "init"], capsys)
+    assert rc == 0, err
+    rc, so_r, err = _cli(["eval", "cnv", "--width", "0.125", "--batch", "4", "--algorithm",
+                          "standard", "--preprocess", spec, *common], capsys)
+    assert rc == 0, err
+    rows = lambda s: [ln for ln in s.splitlines() if ln[:1].isdigit()]  # noqa: E731
+    assert rows(so_c) == rows(so_r)
+    loss = [float(s.split("mean loss ")[1].split()[0]) for s in (so_c, so_r)]
+    assert abs(loss[0] - loss[1]) <= 1e-4 * max(1.0, loss[1])
 
 
 def test_a_file_without_a_convention_gets_the_default_and_one_notice(tmp_path, capsys):
@@ -303,3 +329,30 @@ def test_run_eval_export_on_an_image_folder(tmp_path, capsys):
     (f / "one").rename(f / "uno")
     rc, _, err = _cli(["eval", out, "--data", f], capsys)
     assert rc == 2 and "class 0 is 'two' but" in _error_line(err)
+
+
+@pytest.mark.skipif(not all(shutil.which(t) for t in ("arm-none-eabi-gcc", "qemu-system-arm")),
+                    reason="needs arm-none-eabi-gcc and qemu-system-arm (scripts/setup.sh)")
+def test_eval_under_qemu_matches_the_host(tmp_path, capsys):
+    """A cortex-m4 program (qemu-system-arm) scores a trained state exactly as the host program of
+    the same model and options does (rpi4 under qemu-aarch64 runs the Linux trainer through the
+    runner `bnnc run --emulate` uses; the device test in test_rpi.py covers the ssh path)."""
+    x = np.random.default_rng(2).integers(0, 256, (24, 28, 28), dtype=np.uint8)
+    np.savez(tmp_path / "d.npz", x=x, y=np.arange(24) % 10, x_test=x[:20],
+             y_test=np.arange(20) % 7)
+    outs = {}
+    for target in ("host", "cortex-m4"):
+        out = tmp_path / target
+        assert _cli(["compile", "tfc", "--batch", "4", "--optimizer", "bop", "--target", target,
+                     "-o", out], capsys)[0] == 0
+        outs[target] = out
+    # a trained (step 6) state from the host, scored everywhere
+    assert _cli(["run", outs["host"], "--data", tmp_path / "d.npz", "--steps", "6"], capsys)[0] == 0
+    results = {}
+    for target, out in outs.items():
+        args = ["eval", out, "--data", tmp_path / "d.npz", "--state",
+                outs["host"] / "final_state.npz"]
+        rc, so, err = _cli(args + (["--emulate"] if target != "host" else []), capsys)
+        assert rc == 0, err
+        results[target] = so.splitlines()[1:]
+    assert results["host"] == results["cortex-m4"]
