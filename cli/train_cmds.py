@@ -59,8 +59,8 @@ def data_source_options(f=None, *, positional: bool = False):
                      help="seed of the --val-split permutation"),
         click.option("--label-column", default=None, metavar="NAME",
                      help="CSV data: the column holding each row's class"),
-        click.option("--fit", type=click.Choice(FIT_MODES), default="auto", show_default=True,
-                     help=FIT_HELP),
+        click.option("--fit", type=click.Choice(FIT_MODES), default=None,
+                     help=FIT_HELP + " [default: auto; `bnnc eval OUT`: what `bnnc run` used]"),
         click.option("--layout", type=click.Choice(LAYOUTS), default=None,
                      help="layout of 3-d array examples [default: guessed from the shape]"),
     ]
@@ -70,8 +70,10 @@ def data_source_options(f=None, *, positional: bool = False):
 
 
 def data_request(data_name: str, data_dir: Path | None, test_data: str | None,
-                 val_split: float | None, split_seed: int, label_column: str | None, fit: str,
-                 layout: str | None, limit: int | None = None) -> DataRequest:
+                 val_split: float | None, split_seed: int, label_column: str | None,
+                 fit: str | None, layout: str | None, limit: int | None = None) -> DataRequest:
+    """The DataRequest of the data options; `fit` None (not given) stays None so that `bnnc eval
+    OUT` can take the one `bnnc run` recorded (`open_data` reads None as "auto")."""
     return DataRequest(data_name, data_dir, test_data, val_split, split_seed, label_column, fit,
                        layout, limit)
 

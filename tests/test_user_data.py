@@ -307,15 +307,21 @@ def test_run_eval_export_on_an_image_folder(tmp_path, capsys):
         for i in range(40):
             im = rng.integers(0, 40, (24, 24), dtype=np.uint8)
             im[6 * k + 2: 6 * k + 6, 2:22] = 250
-            Image.fromarray(im).save(f / name / f"{i}.png")
+            img = Image.fromarray(im)
+            img = img.resize((30, 30)) if i % 5 == 3 else img          # mixed sizes
+            img.convert("RGB" if i % 7 == 0 else "L").save(f / name / f"{i}.png")
     out = tmp_path / "o"
     assert _cli(["compile", "tfc", "--batch", "10", "-o", out], capsys)[0] == 0
-    rc, so, err = _cli(["run", out, "--data", f, "--val-split", "0.25", "--epochs", "3"], capsys)
+    rc, _, err = _cli(["run", out, "--data", f, "--val-split", "0.25", "--steps", "1"], capsys)
+    assert rc == 2 and ".png: image is 30x30 but 0.png is 24x24" in _error_line(err)
+    rc, so, err = _cli(["run", out, "--data", f, "--val-split", "0.25", "--epochs", "3",
+                        "--fit", "resize"], capsys)
     assert rc == 0, err
     rec = json.loads((out / "data.json").read_text())
     assert rec["class_names"] == ["one", "two", "zero"] and rec["test_count"] == 30
-    assert rec["transform"]["describe"] == "pad to 28x28"
+    assert rec["transform"]["describe"] == "resize to 28x28" and rec["fit"] == "resize"
     test_acc = float(so.split("test acc ")[-1].split(" %")[0])
+    # eval fits the data as the run did (--fit resize recorded in OUT/data.json)
     rc, so, err = _cli(["eval", out, "--data", f, "--val-split", "0.25", "--png",
                         tmp_path / "c.png"], capsys)
     assert rc == 0, err
