@@ -55,6 +55,11 @@ def run_cmd(out_dir: Path, ssh_options: tuple[str, ...], **options) -> None:
       bnnc run out/mlp --emulate --data mnist --steps 50
       bnnc run out/mlp --device pi@raspberrypi.local --data mnist --epochs 1
       bnnc export out/mlp -o mlp_trained.onnx
+      bnnc run out/cnv --data fashion-mnist               # grey -> RGB, padded to 3x32x32
+      bnnc run out/tfc --data photos/ --fit resize --val-split 0.1 --epochs 5
+    \b
+    The data are fitted to the model (--fit), packed into OUT/data/ and recorded with their class
+    names in OUT/data.json (`bnnc eval` and `bnnc export` read it).
     """
     run_compiled(out_dir, RunOptions(ssh_options=tuple(ssh_options), **options),
                  _Printer(Console(highlight=False, soft_wrap=True)))
