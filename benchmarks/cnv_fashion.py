@@ -81,7 +81,8 @@ def main() -> None:
     print("| wall time | " + " | ".join(f"{seconds[a] / 60:.1f} min" for a in algos) + " |")
     if len(algos) == 2:
         a, b = (results[k][-1] for k in algos)
-        print(f"gap after epoch {len(results[algos[0]])}: {a - b:+.2f} pp ({algos[0]} - {algos[1]})")
+        print(f"gap after epoch {len(results[algos[0]])}: {a - b:+.2f} pp "
+              f"({algos[0]} - {algos[1]})")
 
 
 if __name__ == "__main__":

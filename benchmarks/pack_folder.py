@@ -1,5 +1,5 @@
-"""Image folders streamed (issue 15): packing throughput of a folder of small PNGs and the peak RSS of
-the packing process and of the standalone trainer, at two dataset sizes side by side.
+"""Image folders streamed (issue 15): packing throughput of a folder of small PNGs and the peak RSS
+of the packing process and of the standalone trainer, at two dataset sizes side by side.
 
 Writes MNIST's training images as PNG files, one subfolder per digit (`--root`, default
 /tmp/bnnc-mnist-png; kept for reruns), then for N = `--small` and all 60,000 images:
@@ -25,7 +25,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 from bnnc.runtime.datasets import load_raw

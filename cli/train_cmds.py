@@ -178,7 +178,8 @@ def train_cmd(model: Path, backend: str, epochs: int | None, steps: int | None,
     pre = model_preprocess(model.read_bytes(), str(model), preprocess)
     data = open_data(req, graph.input_shape, graph.num_classes, model_name=repr(graph.name))
     x_train, y_train = data.arrays("train", pre)
-    x_test, y_test = data.arrays("test", pre) if data.test is not None else (x_train[:0], y_train[:0])
+    x_test, y_test = (data.arrays("test", pre) if data.test is not None
+                      else (x_train[:0], y_train[:0]))
     console = Console(highlight=False, soft_wrap=True)
     console.print(f"{graph.name}: {cfg.algorithm} ({_techniques(cfg)}), {cfg.optimizer} "
                   f"lr {cfg.lr:g}, "

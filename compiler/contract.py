@@ -7,7 +7,8 @@ Written by compiler/codegen.py (`Manifest(...).to_json()`), read by everything i
 
 Invariants: `Manifest.from_json(m.to_json()) == m`; the JSON is deterministic (sorted keys, one
 space of indent) and carries `schema`/`schema_version` plus the derived `tensor_index` (name ->
-row) and `input_affine` (the pixel map `preprocess` resolves to) for readers without bnnc. Reading checks every field: a missing field or one of the wrong JSON
+row) and `input_affine` (the pixel map `preprocess` resolves to) for readers without bnnc.
+Reading checks every field: a missing field or one of the wrong JSON
 type is a `ManifestError` naming it (e.g. `tensors[3].nbytes`), never a KeyError later on.
 """
 

@@ -104,8 +104,8 @@ def resolved(pre: Preprocess, channels: int) -> Preprocess:
     if len(pre.mean) == 1:
         return Preprocess("norm", pre.mean * channels, pre.std * channels)
     if len(pre.mean) != channels:
-        raise ConfigError(f"preprocessing {pre.spec()!r} has {len(pre.mean)} channel values but the "
-                          f"model input has {channels} channel(s)",
+        raise ConfigError(f"preprocessing {pre.spec()!r} has {len(pre.mean)} channel values but "
+                          f"the model input has {channels} channel(s)",
                           hint="give one mean/std, or one per input channel")
     return pre
 

@@ -43,9 +43,9 @@ from . import baremetal
 from . import reference as ref
 from .datasets import DataRequest, ModelData, open_data, preprocess_pixels
 from .device import SshRunner, parse_device
-from .outdir import (INIT_STATE, check_class_names, read_data_record, class_names_of, load_init_state,
-                     read_compiled, read_state_blob, saved_state_path, state_values_f32,
-                     trained_state, write_atomic)
+from .outdir import (INIT_STATE, check_class_names, class_names_of, load_init_state,
+                     read_data_record, read_compiled, read_state_blob, saved_state_path,
+                     state_values_f32, trained_state, write_atomic)
 from .programs import LocalRunner, build_trainer, check_result, target_of
 
 EVAL_FILE = "eval.bnnd"

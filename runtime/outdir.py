@@ -266,7 +266,7 @@ def read_data_record(out_dir: Path) -> dict | None:
         doc = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise DataError(f"{path}: not a bnnc data record ({err})",
-                        hint=f"delete it; the next `bnnc run` writes it again") from err
+                        hint="delete it; the next `bnnc run` writes it again") from err
     names = doc.get("class_names") if isinstance(doc, dict) else None
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise DataError(f"{path}: field class_names should be a list of strings",

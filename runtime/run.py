@@ -44,8 +44,9 @@ from . import baremetal, packed
 from .datasets import DataRequest, ModelData, open_data
 from .device import SshRunner, parse_device
 from .insncount import StepCount, count_instructions
-from .outdir import (DATA_RECORD, FINAL_STATE, check_class_names, STATE_BLOB, load_init_state, read_compiled, read_state_blob,
-                     save_state_atomic, state_values_f32, write_atomic)
+from .outdir import (DATA_RECORD, FINAL_STATE, STATE_BLOB, check_class_names, load_init_state,
+                     read_compiled, read_state_blob, save_state_atomic, state_values_f32,
+                     write_atomic)
 from .programs import LocalRunner, RunResult, build_trainer, check_result, emulator_argv, target_of
 
 INIT_FILE = "init_state.f32"

@@ -171,7 +171,7 @@ def _to_chw(x: np.ndarray, lay: str) -> np.ndarray:
 
 
 def luma(rgb: np.ndarray) -> np.ndarray:
-    """(N, 3, H, W) -> (N, 1, H, W): pillow's convert("L") for uint8, the same weights for floats."""
+    """(N, 3, H, W) -> (N, 1, H, W): pillow's convert("L") for uint8, its weights for floats."""
     if rgb.dtype == np.uint8:
         r, g, b = (rgb[:, i].astype(np.uint32) for i in range(3))
         return ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).astype(np.uint8)[:, None]
