@@ -35,6 +35,8 @@ import numpy as np
 
 from ..compiler.c_literals import PIXEL_LUT
 from ..compiler.errors import DataError
+from ..compiler.preprocess import DEFAULT as DEFAULT_PREPROCESS
+from ..compiler.preprocess import Preprocess, pixel_lut
 
 MAGIC = b"BNND"
 # the packed splits' names where a trainer runs (OUT/data/, a device's directory, QEMU's working
@@ -126,8 +128,9 @@ class Packed:
     y: np.ndarray      # int64 (count,)
 
 
-def read(path: str | Path) -> Packed:
-    """The whole file decoded (tests and tools; the trainer streams instead)."""
+def read(path: str | Path, preprocess: Preprocess = DEFAULT_PREPROCESS) -> Packed:
+    """The whole file decoded, u8 pixels through `preprocess` (compiler/preprocess.py) as the
+    trainer of a program compiled with it maps them (tests and tools; the trainer streams)."""
     raw = Path(path).read_bytes()
     if len(raw) < HEADER or raw[:4] != MAGIC:
         raise DataError(f"{path} is not a packed bnnc dataset (bnnc data pack)")
@@ -140,5 +143,11 @@ def read(path: str | Path) -> Packed:
         raise DataError(f"{path}: {len(raw)} bytes, expected {at + size} (truncated?)")
     y = np.frombuffer(raw, np.uint8, n, HEADER).astype(np.int64)
     body = np.frombuffer(raw, np.uint8 if fmt == U8 else "<f4", n * elems, at)
-    x = (_LUT[body] if fmt == U8 else body.astype(np.float32)).reshape(n, elems)
+    if fmt == U8:
+        lut = pixel_lut(preprocess, c if c > 1 else 1)
+        x = np.stack([lut[ch][plane] for ch, plane in
+                      enumerate(body.reshape(n, lut.shape[0], -1).transpose(1, 0, 2))], axis=1)
+        x = x.reshape(n, elems)
+    else:
+        x = body.astype(np.float32).reshape(n, elems)
     return Packed(n, elems, classes, fmt, (c, h, w), x, y)
