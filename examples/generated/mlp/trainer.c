@@ -271,10 +271,10 @@ static double evaluate(const dataset_t *d)
  * -ln p(label), each p at least FLT_MIN}), for `bnnc eval` to build accuracy and the confusion
  * matrix from; nothing per example is kept ---- */
 #define PRED_CHUNK 16u
-static int32_t pred_chunk[PRED_CHUNK];
 
 static int eval_predictions(const dataset_t *d)
 {
+    int32_t pred_chunk[PRED_CHUNK];     /* on the stack: no RAM of its own on bare metal */
     uint32_t i, b, n, c0, m;
     float *x = x_batch;
     for (i = 0; i < d->count; i += BATCH) {
