@@ -127,8 +127,9 @@ def pack_cmd(model: str, split: str, output: Path, limit: int | None, width: flo
     \b
     Format (runtime/packed.py): 64-byte header "BNND", u8 labels, then u8 pixels (or float32)
     example after example in the model's input layout; the examples are fitted to the model
-    (--fit: pad/resize, grey <-> RGB, NHWC -> NCHW) and streamed, never loaded whole. The
-    trainer applies the model's preprocessing to u8 pixels. `bnnc run` packs on its own; use this
+    (--fit: pad/resize, grey <-> RGB, NHWC -> NCHW) and written chunk by chunk (an image folder
+    is decoded 256 images at a time, never loaded whole). The trainer applies the model's
+    preprocessing to u8 pixels. `bnnc run` packs on its own; use this
     to train on a device by hand:
       bnnc data pack mnist --model cnv -o m.bnnd          # padded to 3x32x32
       bnnc data pack mnist --model out/mlp -o train.bnnd
