@@ -14,7 +14,8 @@ from ..runtime import reference as ref
 from ..runtime.datasets import open_data
 from ..runtime.eval import (EvalOptions, EvalResult, confusion_png, confusion_text, eval_compiled,
                             eval_model)
-from ..runtime.outdir import load_graph, model_bytes, model_preprocess, trained_state
+from ..runtime.outdir import (load_graph, model_bytes, model_class_names, model_preprocess,
+                              trained_state)
 from .app import cli
 from .train_cmds import data_request, data_source_options
 
@@ -82,13 +83,16 @@ def eval_cmd(model: str, state: str | None, split: str, limit: int | None, png: 
         cfg = make_config(algorithm, optimizer=optimizer, bn=bn, state_dtype=state_dtype,
                           batch=batch)
         graph = load_graph(model, width=width)
-        pre = model_preprocess(model_bytes(model, width=width), model, preprocess)
+        source = model_bytes(model, width=width)
+        pre = model_preprocess(source, model, preprocess)
+        names = model_class_names(source)
         data = open_data(req, graph.input_shape, graph.num_classes, model_name=repr(graph.name))
         if state in (None, "init"):
             tensors, label = ref.init_state(graph, cfg).tensors, "step 0 (the model file's)"
         else:
             tensors, label = trained_state(graph, cfg, Path(state), None), state
-        r = eval_model(graph, cfg, tensors, data, pre, split=split, state=label)
+        r = eval_model(graph, cfg, tensors, data, pre, split=split, state=label,
+                       class_names=names)
     _print(r)
     if png is not None:
         confusion_png(r, png)

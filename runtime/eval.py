@@ -44,8 +44,8 @@ from . import reference as ref
 from .datasets import DataRequest, ModelData, open_data, preprocess_pixels
 from .device import SshRunner, parse_device
 from .outdir import (INIT_STATE, check_class_names, class_names_of, load_init_state,
-                     read_data_record, read_compiled, read_state_blob, saved_state_path,
-                     state_values_f32, trained_state, write_atomic)
+                     read_compiled, read_data_record, read_state_blob, same_class_order,
+                     saved_state_path, state_values_f32, trained_state, write_atomic)
 from .programs import LocalRunner, build_trainer, check_result, target_of
 
 EVAL_FILE = "eval.bnnd"
@@ -106,8 +106,11 @@ def _class_names(data: ModelData, classes: int, stored: tuple[str, ...] | None
 # a model file: the numpy reference
 
 def eval_model(graph: Graph, cfg: TrainConfig, tensors: dict, data: ModelData, pre: Preprocess,
-               *, split: str = "test", state: str = "init") -> EvalResult:
-    """Score `tensors` with the numpy reference's inference on a split of `data`."""
+               *, split: str = "test", state: str = "init",
+               class_names: tuple[str, ...] | None = None) -> EvalResult:
+    """Score `tensors` with the numpy reference's inference on a split of `data`; `class_names`:
+    what the model file records (an export's "bnnc.classes"), checked against the data's."""
+    same_class_order(class_names, data.class_names, data.request.spec, "the model file")
     st = ref.TrainState(dict(tensors), 0)
     preds, ys, loss = [], [], 0.0
     for x, y in data.batches(split, cfg.batch):
@@ -118,7 +121,7 @@ def eval_model(graph: Graph, cfg: TrainConfig, tensors: dict, data: ModelData, p
         ys.append(y)
     m = confusion(np.concatenate(preds), np.concatenate(ys), graph.num_classes)
     return EvalResult(graph.name, "numpy reference", state, data.name, split,
-                      _class_names(data, graph.num_classes, None), m, loss)
+                      _class_names(data, graph.num_classes, class_names), m, loss)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -40,7 +40,8 @@ from ..compiler.frontend import load_model
 from ..compiler.ir import Graph
 from ..compiler.pipeline import Compiled, compile_to_c
 from ..compiler.preprocess import DEFAULT as DEFAULT_PREPROCESS
-from ..compiler.preprocess import DEFAULT_NOTICE, Preprocess, parse_preprocess
+from ..compiler.preprocess import DEFAULT_NOTICE, Preprocess, class_names_from_model, \
+    parse_preprocess
 from ..compiler.preprocess import from_model as preprocess_from_model
 from ..compiler.report import format_report
 from ..compiler.target import Target
@@ -136,6 +137,16 @@ def model_preprocess(source: bytes, model: str, spec: str | None) -> Preprocess:
                                   .removeprefix("notice: ")), stacklevel=2)
         return DEFAULT_PREPROCESS
     return found
+
+
+def model_class_names(source: bytes) -> tuple[str, ...] | None:
+    """The class names a model file records (an export's "bnnc.classes" metadata), or None."""
+    proto = onnx.ModelProto()
+    try:
+        proto.ParseFromString(source)
+    except DecodeError:
+        return None
+    return class_names_from_model(proto)
 
 
 def write_run_inputs(out_dir: Path, graph, cfg: TrainConfig, source: bytes) -> list[Path]:
@@ -283,13 +294,19 @@ def class_names_of(out_dir: Path) -> tuple[str, ...] | None:
 def check_class_names(out_dir: Path, names: tuple[str, ...], spec: str) -> None:
     """DataError when `names` (of --data `spec`) map indices to other classes than OUT's record:
     a checkpoint trained on one class order must not be continued or scored with another."""
-    have = class_names_of(out_dir)
+    same_class_order(class_names_of(out_dir), names, spec, str(Path(out_dir) / DATA_RECORD))
+
+
+def same_class_order(have: tuple[str, ...] | None, names: tuple[str, ...], spec: str,
+                     where: str) -> None:
+    """DataError when the data's class names (`names`, of `spec`) give an index another class than
+    `have` (recorded in `where`: OUT/data.json or a model file's metadata) does."""
     if have is None:
         return
     n = min(len(have), len(names))
     diff = [k for k in range(n) if have[k] != names[k]]
     if diff:
         k = diff[0]
-        raise DataError(f"{spec}: class {k} is {names[k]!r} but {Path(out_dir) / DATA_RECORD} "
-                        f"trained it as {have[k]!r}",
+        raise DataError(f"{spec}: class {k} is {names[k]!r} but {where} trained it as "
+                        f"{have[k]!r}",
                         hint="use data with the same class folders/labels as the training run")

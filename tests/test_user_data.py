@@ -331,6 +331,11 @@ def test_run_eval_export_on_an_image_folder(tmp_path, capsys):
     meta = {p.key: p.value for p in onnx.load(tmp_path / "e.onnx").metadata_props}
     assert json.loads(meta["bnnc.classes"]) == ["one", "two", "zero"]
     assert meta["bnnc.preprocess"] == "symmetric"
+    # the exported file, scored by the numpy reference, gives the compiled program's accuracy
+    rc, so, err = _cli(["eval", tmp_path / "e.onnx", "--data", f, "--val-split", "0.25",
+                        "--fit", "resize", "--batch", "10"], capsys)
+    assert rc == 0, err
+    assert f"accuracy {test_acc:.2f} %" in so and "0 one" in so
     # data whose class order differs from the trained one is refused, not silently mis-scored
     (f / "one").rename(f / "uno")
     rc, _, err = _cli(["eval", out, "--data", f], capsys)
