@@ -20,7 +20,7 @@ import warnings
 import click
 
 from ..compiler.errors import BnncError, BnncWarning
-from . import (compile_cmds, data_cmds, export_cmds, fleet_cmds,  # noqa: F401  (they register)
+from . import (compile_cmds, data_cmds, eval_cmds, export_cmds, fleet_cmds,  # noqa: F401
                memory_cmds, model_cmds, profile_cmds, run_cmds, train_cmds, zoo_cmds)
 from .app import cli
 

@@ -30,8 +30,10 @@ from ..compiler.errors import BudgetError, ConfigError
 from ..compiler.planner import DEFAULT_GUARD_BYTES
 from ..compiler.target import Target, load_target, parse_size
 from ..runtime.check import debug_target, format_report, run_check
+from ..compiler.preprocess import SPEC_HELP
 from ..runtime.host import KERNEL_VARIANTS
-from ..runtime.outdir import compile_graph, load_graph, model_bytes, with_new_head
+from ..runtime.outdir import (compile_graph, load_graph, model_bytes, model_preprocess,
+                              with_new_head)
 from .app import cli
 from .memory_cmds import freeze_options, technique_options, with_freeze
 from .train_cmds import lr_help, optimizer_options
@@ -130,10 +132,14 @@ def budget_target(name: str, ram: str | None, flash: str | None) -> Target:
 @click.option("--guard", is_flag=True,
               help="debug build: canary bytes around every arena buffer, checked after every "
                    "kernel (a kernel writing outside its tensors stops the program, naming it)")
+@click.option("--preprocess", default=None, metavar="SPEC",
+              help=f"u8 pixel -> model input, recorded in OUT and used by run, eval, export and "
+                   f"the trainers: {SPEC_HELP} [default: what the model file records, else "
+                   "symmetric with a notice]")
 def compile_cmd(model: str, target: str, algorithm: str | None, batch: int | None, lr: float | None,
                 seed: int, width: float | None, classes: int | None, out_dir: Path,
-                ram: str | None, flash: str | None, guard: bool, emit: str,
-                train: str | None, train_from: str | None, fit: bool, force: bool,
+                ram: str | None, flash: str | None, guard: bool, preprocess: str | None,
+                emit: str, train: str | None, train_from: str | None, fit: bool, force: bool,
                 **techniques) -> None:
     """Compile MODEL into a static, malloc-free C99 training program in OUT.
 
@@ -166,10 +172,10 @@ def compile_cmd(model: str, target: str, algorithm: str | None, batch: int | Non
         raise ConfigError(f"--emit library needs a bare-metal target; {tgt.name} is {tgt.kind}",
                           hint="pick --target cortex-m4, cortex-m7, cortex-m33, cortex-m55, "
                                "stm32f746, stm32h743 or nrf52840")
+    source = model_bytes(model, width=width)
+    pre = model_preprocess(source, model, preprocess)     # the file's own convention
     if classes is not None:
         graph, source = with_new_head(graph, classes, seed)
-    else:
-        source = model_bytes(model, width=width)
     cfg = with_freeze(cfg, graph, train, train_from)
     if fit:
         if train is not None or train_from is not None:
@@ -194,12 +200,14 @@ def compile_cmd(model: str, target: str, algorithm: str | None, batch: int | Non
                    f"{row.ram_nbytes:,} B, flash {row.flash_nbytes:,} B)")
     command = _canonical_command("compile", model, cfg, tgt.name, width, ram, flash, classes,
                                  train, train_from) \
-        + (" --guard" if guard else "") + (" --emit library" if emit == "library" else "")
+        + (" --guard" if guard else "") + (" --emit library" if emit == "library" else "") \
+        + (f" --preprocess {pre.spec()}" if preprocess else "")
     c, written = compile_graph(graph, cfg, tgt, out_dir, command, source,
                                guard_bytes=DEFAULT_GUARD_BYTES if guard else 0, emit=emit,
-                               force=force)
+                               force=force, preprocess=pre)
     click.echo(f"{graph.name}: {cfg.algorithm}, {cfg.optimizer}, batch {cfg.batch}, "
-               f"{len(c.schedule.steps)} steps, {len(c.emitted.kernels)} C kernels")
+               f"{len(c.schedule.steps)} steps, {len(c.emitted.kernels)} C kernels; input "
+               f"{c.emitted.doc.preprocess.describe()}")
     click.echo(f"arena {c.plan.arena_nbytes:,} B (lower bound {c.plan.lower_bound:,}, efficiency "
                f"{c.plan.efficiency:.3f}), state {c.plan.state_nbytes:,} B")
     if cfg.frozen:

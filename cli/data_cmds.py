@@ -7,6 +7,7 @@ CLI group.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import click
@@ -15,8 +16,9 @@ import numpy as np
 from ..compiler.errors import DataError
 from ..runtime import datasets as ds
 from ..runtime import packed
-from ..runtime.outdir import load_graph, read_compiled, write_atomic
+from ..runtime.outdir import load_graph, read_compiled
 from .app import cli
+from .train_cmds import data_request, data_source_options
 
 _DATA_DIR_HELP = "data root holding <name>/ folders, or the dataset folder itself " \
                  "[default: $BNNC_DATA, else ~/.cache/bnnc/data]"
@@ -43,26 +45,49 @@ def fetch_cmd(name: str, dest: Path | None) -> None:
 
 
 @data.command("info")
-@click.argument("name")
+@click.argument("spec", metavar="DATA")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help=_DATA_DIR_HELP)
-def info_cmd(name: str, data_dir: Path | None) -> None:
-    """Shapes, pixel range and per-class counts of dataset NAME as bnnc loads it."""
-    info = ds.dataset_info(name)
-    raw = ds.load_raw(info.name, data_dir)
-    click.echo(f"{info.name}: {len(raw.y_train)} train / {len(raw.y_test)} test images from "
-               f"{raw.source}")
-    for split, x in (("train", raw.x_train), ("test", raw.x_test)):
-        click.echo(f"  x_{split}: {tuple(x.shape)} uint8 {int(x.min())}..{int(x.max())} on disk, "
-                   "float32 2*x/255-1 when loaded")
-    click.echo(f"  y: int64 in 0..{info.classes - 1}")
-    train = np.bincount(raw.y_train, minlength=info.classes)
-    test = np.bincount(raw.y_test, minlength=info.classes)
-    width = max(len(n) for n in info.class_names) + 4
+@click.option("--test-data", default=None, metavar="SPEC", help="the test split from a second "
+              "source")
+@click.option("--val-split", type=float, default=None, metavar="F",
+              help="hold out this fraction of the training data as the test split")
+@click.option("--split-seed", type=int, default=0, show_default=True)
+@click.option("--label-column", default=None, metavar="NAME", help="CSV data: the label column")
+def info_cmd(spec: str, data_dir: Path | None, test_data: str | None, val_split: float | None,
+             split_seed: int, label_column: str | None) -> None:
+    """Shapes, value range and per-class counts of DATA as bnnc reads it.
+
+    DATA: a dataset name (mnist, fashion-mnist, cifar10, svhn), a .npz, an x.npy, a .csv
+    (--label-column) or an image folder with one subfolder per class (only the first image of a
+    folder is decoded here).
+    """
+    req = ds.DataRequest(spec, data_dir, test_data, val_split, split_seed, label_column)
+    name, train, test, names = ds.open_source(req)
+    where = spec if Path(spec).expanduser().exists() else ds.find_dataset_dir(spec, data_dir)
+    what = "images" if train.dtype == np.uint8 else "examples"
+    click.echo(f"{name}: {train.count} train / {0 if test is None else test.count} test {what} "
+               f"from {where}")
+    for split, src in (("train", train), ("test", test)):
+        if src is None:
+            click.echo(f"  {split}: none (pass --test-data or --val-split)")
+            continue
+        what = ("uint8 pixels" if src.dtype == np.uint8 else "float32 values")
+        rng, folder = "", isinstance(getattr(src, "base", src), ds.FolderSource)
+        if isinstance(src, ds.ArraySource):
+            rng = f" {src.x.min()}..{src.x.max()}" if src.dtype == np.uint8 else \
+                f" {float(src.x.min()):.4g}..{float(src.x.max()):.4g}"
+        shape = (src.count, *src.shape)
+        first = " (first image)" if folder else ""
+        click.echo(f"  x_{split}: {shape} {what}{rng}{first}")
+    click.echo(f"  y: {len(names)} classes, int64 in 0..{len(names) - 1}")
+    width = max(len(n) for n in names) + 6
     click.echo(f"  {'class':<{width}} {'train':>7} {'test':>7}")
-    for k, cname in enumerate(info.class_names):
+    tr = np.bincount(train.labels, minlength=len(names))
+    te = np.bincount(test.labels, minlength=len(names)) if test is not None else None
+    for k, cname in enumerate(names):
         label = str(k) if cname == str(k) else f"{k} {cname}"
-        click.echo(f"  {label:<{width}} {train[k]:>7} {test[k]:>7}")
+        click.echo(f"  {label:<{width}} {tr[k]:>7} {te[k] if te is not None else '-':>7}")
 
 
 @data.command("list")
@@ -83,42 +108,48 @@ def list_cmd(data_dir: Path | None) -> None:
 
 
 @data.command("pack")
-@click.argument("name")
 @click.option("--model", "model", required=True,
               help="the model the data feed: an ONNX file, a zoo name or a `bnnc compile` OUT/ "
                    "(decides the input layout, e.g. MNIST padded to 3x32x32 for CNV)")
+@data_source_options(positional=True)
 @click.option("--split", type=click.Choice(("train", "test")), default="train", show_default=True)
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="first N examples only")
+@click.option("--limit", type=click.IntRange(min=1), default=None,
+              help="first N training examples only")
 @click.option("--width", type=float, default=None, help="zoo models: the --width compiled")
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help=_DATA_DIR_HELP)
-def pack_cmd(name: str, model: str, split: str, output: Path, limit: int | None,
-             width: float | None, data_dir: Path | None) -> None:
-    """Write dataset NAME as the packed file the standalone trainer reads (--train/--test).
+def pack_cmd(model: str, split: str, output: Path, limit: int | None, width: float | None,
+             **data_opts) -> None:
+    """Write dataset DATA as the packed file the standalone trainer reads (--train/--test).
+
+    DATA: a dataset name (mnist, fashion-mnist, cifar10, svhn), a .npz, an x.npy, a .csv
+    (--label-column) or an image folder with one subfolder per class.
 
     \b
     Format (runtime/packed.py): 64-byte header "BNND", u8 labels, then u8 pixels (or float32)
-    example after example in the model's input layout. `bnnc run` packs on its own; use this to
-    train on a device by hand:
+    example after example in the model's input layout; the examples are fitted to the model
+    (--fit: pad/resize, grey <-> RGB, NHWC -> NCHW) and written chunk by chunk (an image folder
+    is decoded 256 images at a time, never loaded whole). The trainer applies the model's
+    preprocessing to u8 pixels. `bnnc run` packs on its own; use this
+    to train on a device by hand:
+      bnnc data pack mnist --model cnv -o m.bnnd          # padded to 3x32x32
       bnnc data pack mnist --model out/mlp -o train.bnnd
-      bnnc data pack mnist --model out/mlp --split test -o test.bnnd
-      scp out/mlp/trainer train.bnnd test.bnnd pi@raspberrypi.local:
+      bnnc data pack photos/ --model out/cnv --fit resize --val-split 0.1 --split test -o t.bnnd
+      scp out/mlp/trainer train.bnnd t.bnnd pi@raspberrypi.local:
     """
     if Path(model).is_dir():
         _, graph, _ = read_compiled(Path(model))
     else:
         graph = load_graph(model, width=width)
-    d = ds.model_dataset(graph, name, data_dir)
-    x, y = (d.x_train, d.y_train) if split == "train" else (d.x_test, d.y_test)
-    x = ds.fit_to_model(graph, x, f"{d.name} {split}")
-    if limit is not None:
-        x, y = x[:limit], y[:limit]
     if not output.parent.is_dir():
         raise DataError(f"cannot write {output}: directory {output.parent} does not exist")
-    data = packed.packed_bytes(x, y, d.classes)
-    write_atomic(output, data)
-    fmt = int.from_bytes(data[20:24], "little")
-    click.echo(f"wrote {output}: {len(y)} {d.name} {split} examples, {int(np.prod(x.shape[1:]))} "
-               f"inputs each ({'u8 pixels' if fmt == packed.U8 else 'float32'}), "
-               f"{output.stat().st_size:,} bytes")
+    d = ds.open_data(data_request(**data_opts, limit=limit), graph.input_shape, graph.num_classes,
+                     model_name=repr(graph.name))
+    src = d.split(split)
+    t0 = time.perf_counter()
+    fmt = d.pack(split, output)
+    dt = time.perf_counter() - t0
+    click.echo(f"wrote {output}: {src.count} {d.name} {split} examples, "
+               f"{int(np.prod(graph.input_shape))} inputs each "
+               f"({'u8 pixels' if fmt == packed.U8 else 'float32'}), "
+               f"{output.stat().st_size:,} bytes; input: {d.fit.describe()}")
+    click.echo(f"  {src.count / max(dt, 1e-9):,.0f} examples/s ({dt:.1f} s)")

@@ -19,8 +19,8 @@ import click
 from ..compiler.config import ALGORITHMS, BN_KINDS, OPTIMIZERS, STATE_DTYPES, make_config
 from ..compiler.errors import ConfigError
 from ..compiler.export import FORMATS, export_onnx
-from ..runtime.outdir import (load_graph, read_compiled, saved_state_path, trained_state,
-                              write_atomic)
+from ..runtime.outdir import (class_names_of, load_graph, model_bytes, model_preprocess,
+                              read_compiled, saved_state_path, trained_state, write_atomic)
 from .app import cli
 
 
@@ -52,6 +52,8 @@ def export_cmd(model: str, state_path: Path | None, output: Path, fmt: str, algo
     MODEL may also be a `bnnc compile` output directory: its model, training options and the state
     `bnnc run` left there (OUT/final_state.npz, else the checkpoint OUT/state.bin) are used; --state
     may then also name a checkpoint blob the standalone trainer wrote (e.g. fetched from a device).
+    The input preprocessing (OUT's, or the model file's) and the class names of the training data
+    (OUT/data.json) go into the ONNX metadata ("bnnc.preprocess", "bnnc.classes").
 
     \b
     Examples:
@@ -60,9 +62,10 @@ def export_cmd(model: str, state_path: Path | None, output: Path, fmt: str, algo
       bnnc export out/mlp -o mlp_trained.onnx
       bnnc export out/mlp --state pi_checkpoint.bin -o mlp_trained.onnx
     """
-    manifest = None
+    manifest, pre, names = None, None, None
     if Path(model).is_dir():
         manifest, graph, cfg = read_compiled(Path(model))
+        pre, names = manifest.preprocess, class_names_of(Path(model))
         state_path = Path(state_path) if state_path is not None else saved_state_path(Path(model))
         if not os.path.lexists(state_path):
             raise ConfigError(f"{state_path} does not exist", hint=f"train first: bnnc run {model} "
@@ -74,8 +77,10 @@ def export_cmd(model: str, state_path: Path | None, output: Path, fmt: str, algo
         state_path = Path(state_path)
         cfg = make_config(algorithm, optimizer=optimizer, bn=bn, state_dtype=state_dtype)
         graph = load_graph(model, width=width)
+        pre = model_preprocess(model_bytes(model, width=width), model, None)
     state = trained_state(graph, cfg, state_path, manifest)
-    onnx_model = export_onnx(graph, cfg, state, fmt=fmt, name=name)
+    onnx_model = export_onnx(graph, cfg, state, fmt=fmt, name=name, preprocess=pre,
+                             class_names=names)
     if not output.parent.is_dir():
         raise ConfigError(f"cannot write {output}: directory {output.parent} does not exist",
                           hint="create it first or choose another -o path")

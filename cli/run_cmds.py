@@ -59,6 +59,11 @@ def run_cmd(out_dir: Path, ssh_options: tuple[str, ...], **options) -> None:
       bnnc run out/mlp --emulate --data mnist --steps 50
       bnnc run out/mlp --device pi@raspberrypi.local --data mnist --epochs 1
       bnnc export out/mlp -o mlp_trained.onnx
+      bnnc run out/cnv --data fashion-mnist               # grey -> RGB, padded to 3x32x32
+      bnnc run out/tfc --data photos/ --fit resize --val-split 0.1 --epochs 5
+    \b
+    The data are fitted to the model (--fit), packed into OUT/data/ and recorded with their class
+    names in OUT/data.json (`bnnc eval` and `bnnc export` read it).
     """
     run_compiled(out_dir, RunOptions(ssh_options=tuple(ssh_options), **options),
                  _Printer(Console(highlight=False, soft_wrap=True)))
@@ -106,6 +111,8 @@ class _Printer:
         elif kind == "epoch":
             timing = (f"{ev['seconds']:.1f} s host time" if baremetal else
                       f"{ev['seconds']:.1f} s, {ev['ms_per_step']:.2f} ms/step")
+            test = (f"{100 * ev['test_acc']:.2f} %" if ev["test_acc"] >= 0
+                    else "n/a (no test split)")
             say(f"epoch {ev['epoch']}/{run.epochs}  steps {ev['step']}  train loss "
                 f"{ev['train_loss']:.4f}  train acc {100 * ev['train_acc']:.2f} %  test acc "
-                f"{100 * ev['test_acc']:.2f} %  ({timing})")
+                f"{test}  ({timing})")

@@ -23,8 +23,10 @@ from ..compiler.config import ALGORITHMS, BN_KINDS, OPTIMIZER_DEFAULTS, OPTIMIZE
     TrainConfig, check_config_for_graph, make_config
 from ..compiler.errors import ConfigError
 from ..compiler.frontend import load_model
-from ..runtime.datasets import training_data
-from ..runtime.outdir import save_state_atomic
+from ..compiler.preprocess import SPEC_HELP
+from ..runtime.datasets import DataRequest, open_data
+from ..runtime.outdir import model_preprocess, save_state_atomic
+from ..runtime.transforms import FIT_HELP, FIT_MODES, LAYOUTS
 from ..runtime.train_loop import ReferenceBackend, c_backend, fit
 from .memory_cmds import freeze_options, with_freeze
 from .app import cli
@@ -32,13 +34,54 @@ from .app import cli
 BACKENDS = ("reference", "c")
 
 
-def data_options(f):
-    """--data, --data-dir, --epochs, --steps: shared by `bnnc train` and `bnnc run`."""
+DATA_HELP = ("dataset: a name (mnist, fashion-mnist, cifar10, svhn), a .npz with x, y [x_test, "
+             "y_test, class_names], an x.npy (+ y.npy), a .csv (with --label-column), or an image "
+             "folder with one subfolder per class (optionally train/ and test/)")
+
+
+def data_source_options(f=None, *, positional: bool = False):
+    """--data (`positional`: a DATA argument) and how it is read, split and fitted to the model:
+    shared by `bnnc train`, `run`, `eval` and `data pack` (runtime/datasets.py `DataRequest`)."""
+    if f is None:
+        return lambda g: data_source_options(g, positional=positional)
     opts = [
-        click.option("--data", "data_name", required=True,
-                     help="dataset: mnist | fashion-mnist | ..."),
+        click.argument("data_name", metavar="DATA") if positional else
+        click.option("--data", "data_name", required=True, help=DATA_HELP),
         click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-                     help="data root [default: $BNNC_DATA, else ~/.cache/bnnc/data]"),
+                     help="root of the named datasets [default: $BNNC_DATA, else "
+                          "~/.cache/bnnc/data]"),
+        click.option("--test-data", default=None, metavar="SPEC",
+                     help="the test split from a second source (same forms as --data) "
+                          "[default: the data's own test split]"),
+        click.option("--val-split", type=float, default=None, metavar="F",
+                     help="hold out this fraction of the training data as the test split "
+                          "(seeded by --split-seed)"),
+        click.option("--split-seed", type=int, default=0, show_default=True,
+                     help="seed of the --val-split permutation"),
+        click.option("--label-column", default=None, metavar="NAME",
+                     help="CSV data: the column holding each row's class"),
+        click.option("--fit", type=click.Choice(FIT_MODES), default=None,
+                     help=FIT_HELP + " [default: auto; `bnnc eval OUT`: what `bnnc run` used]"),
+        click.option("--layout", type=click.Choice(LAYOUTS), default=None,
+                     help="layout of 3-d array examples [default: guessed from the shape]"),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def data_request(data_name: str, data_dir: Path | None, test_data: str | None,
+                 val_split: float | None, split_seed: int, label_column: str | None,
+                 fit: str | None, layout: str | None, limit: int | None = None) -> DataRequest:
+    """The DataRequest of the data options; `fit` None (not given) stays None so that `bnnc eval
+    OUT` can take the one `bnnc run` recorded (`open_data` reads None as "auto")."""
+    return DataRequest(data_name, data_dir, test_data, val_split, split_seed, label_column, fit,
+                       layout, limit)
+
+
+def data_options(f):
+    """data_source_options plus --epochs, --steps: shared by `bnnc train` and `bnnc run`."""
+    opts = [
         click.option("--epochs", type=click.IntRange(min=1), default=None,
                      help="passes over the training set [default: 1, or as many as --steps needs]"),
         click.option("--steps", type=click.IntRange(min=1), default=None,
@@ -46,7 +89,7 @@ def data_options(f):
     ]
     for o in reversed(opts):
         f = o(f)
-    return f
+    return data_source_options(f)
 
 
 def lr_help() -> str:
@@ -118,26 +161,39 @@ def build_config(algorithm: str, **opts) -> TrainConfig:
               help="use only the first N training examples")
 @click.option("--save-state", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="write the final training state (.npz) for `bnnc export`")
+@click.option("--preprocess", default=None, metavar="SPEC",
+              help=f"u8 pixel -> input map: {SPEC_HELP} [default: the model file's, else "
+                   "symmetric]")
 @freeze_options
-def train_cmd(model: Path, backend: str, data_name: str, data_dir: Path | None, epochs: int | None,
-              steps: int | None, limit: int | None, save_state: Path | None, train: str | None,
-              train_from: str | None, **opts) -> None:
-    """Train MODEL (ONNX/QONNX) on a dataset with the numpy reference or the emitted C."""
+def train_cmd(model: Path, backend: str, epochs: int | None, steps: int | None,
+              limit: int | None, save_state: Path | None, preprocess: str | None,
+              train: str | None, train_from: str | None, **opts) -> None:
+    """Train MODEL (ONNX/QONNX) on a dataset with the numpy reference or the emitted C.
+
+    The whole dataset is held in memory (float32); `bnnc run` streams it instead."""
+    req = data_request(*(opts.pop(k) for k in ("data_name", "data_dir", "test_data", "val_split",
+                                               "split_seed", "label_column", "fit", "layout")),
+                       limit=limit)
     cfg = build_config(opts.pop("algorithm"), **opts)
     graph = load_model(model)
     cfg = with_freeze(cfg, graph, train, train_from)
     check_config_for_graph(graph, cfg)
-    data, x_train, y_train, x_test = training_data(graph, data_name, data_dir, limit)
+    pre = model_preprocess(model.read_bytes(), str(model), preprocess)
+    data = open_data(req, graph.input_shape, graph.num_classes, model_name=repr(graph.name))
+    x_train, y_train = data.arrays("train", pre)
+    x_test, y_test = (data.arrays("test", pre) if data.test is not None
+                      else (x_train[:0], y_train[:0]))
     console = Console(highlight=False, soft_wrap=True)
     console.print(f"{graph.name}: {cfg.algorithm} ({_techniques(cfg)}), {cfg.optimizer} "
                   f"lr {cfg.lr:g}, "
-                  f"batch {cfg.batch}, {len(x_train)} train / {len(x_test)} test {data.name}")
+                  f"batch {cfg.batch}, {len(x_train)} train / {len(x_test)} test {data.name}; "
+                  f"input: {data.fit.describe()}; pixels {pre.describe()}")
     if backend == "c":
         trainer, tmp = c_backend(graph, cfg, f"bnnc train {model.name} --backend c")
     else:
         trainer, tmp = ReferenceBackend(graph, cfg), None
     try:
-        fit(trainer, x_train, y_train, x_test, data.y_test, epochs=epochs, steps=steps,
+        fit(trainer, x_train, y_train, x_test, y_test, epochs=epochs, steps=steps,
             seed=cfg.seed, console=console)
         if save_state is not None:
             save_state_atomic(save_state, trainer.state())     # a crash leaves the old file

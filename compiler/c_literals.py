@@ -1,7 +1,8 @@
-"""C literals shared by the Linux and the bare-metal emission: floats, strings, the pixel table.
+"""C literals shared by the Linux and the bare-metal emission: floats, strings, the pixel tables.
 
-The pixel table (`pixel_lut_c`) is computed once for the template context (codegen.py) that both
-the Linux trainer and the bare-metal one (baremetal.py) render;
+The pixel tables (`pixel_lut_c`, from compiler/preprocess.py's per-channel affine map) are computed
+once for the template context (codegen.py) that both the Linux trainer and the bare-metal one
+(baremetal.py) render;
 `c_string` is the templates' `cstr` filter (templating.py); `c_float` prints the lowering's float
 constants. Floats are printed as the double `repr` of what the numpy side uses, cast to float in
 C: C and numpy round the same double to float32.
@@ -14,11 +15,13 @@ import re
 
 import numpy as np
 
+from .preprocess import DEFAULT, Preprocess, pixel_lut
+
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _NOT_WORD = re.compile(r"[^A-Za-z0-9_]")
 LABEL_CHARS = 60                  # c_label keeps at most this many characters
-# u8 pixel -> 2*x/255 - 1, one rounding of the exact rational (runtime/datasets.py scale_pixels)
-PIXEL_LUT = ((2.0 * np.arange(256) - 255.0) / 255.0).astype(np.float32)
+# the default table: u8 pixel -> 2*x/255 - 1 (runtime/datasets.py scale_pixels)
+PIXEL_LUT: np.ndarray = pixel_lut(DEFAULT, 1)[0]
 
 
 def c_float(v: float) -> str:
@@ -37,9 +40,13 @@ def c_float(v: float) -> str:
     return f"(float){v!r}"
 
 
-def pixel_lut_c() -> list[str]:
-    """The 256 entries of the trainers' `pixel_lut` table as C float constants."""
-    return [c_float(v) for v in PIXEL_LUT]
+def pixel_lut_c(pre: Preprocess = DEFAULT, channels: int = 1) -> list[list[str]]:
+    """The trainers' `pixel_lut` tables as C float constants: one row of 256 per input channel, or
+    a single row when every channel maps pixels the same way."""
+    lut = pixel_lut(pre, channels)
+    if all(np.array_equal(lut[0], row) for row in lut[1:]):
+        lut = lut[:1]
+    return [[c_float(v) for v in row] for row in lut]
 
 
 def c_string(text: str) -> str:

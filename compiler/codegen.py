@@ -71,6 +71,8 @@ from .ops.base import Phase
 from .ops.dense import packed_w_geometry
 from .ops.loss import SOFTMAX_ROWS
 from .ops.optim import bop_geometry
+from .preprocess import DEFAULT as DEFAULT_PREPROCESS
+from .preprocess import Preprocess, input_channels, resolved
 from .schedule_ir import DType, Schedule, Step
 from .target import Target, load_target
 from .templating import render_kernels, target_env
@@ -292,6 +294,15 @@ def _predict_calls(schedule: Schedule, ctx: LowerCtx, steps: list[dict],
                        probs_const=ctx.ptr(probs), classes=loss_step.attrs["classes"])
 
 
+def _pixel_context(preprocess: Preprocess, sample_shape: tuple[int, ...]) -> dict:
+    """The trainers' pixel tables: `pixel_lut` (one row per channel, or one shared row),
+    `pixel_plane` (inputs per channel of an example, NCHW) and the convention for the comment."""
+    channels = input_channels(tuple(sample_shape))
+    luts = pixel_lut_c(preprocess, channels)
+    return dict(pixel_lut=luts, pixel_plane=int(np.prod(sample_shape)) // channels,
+                pixel_doc=c_comment(resolved(preprocess, channels).describe()))
+
+
 def _tensor_macros(tensors: list[TensorEntry], ctx: LowerCtx, plan) -> list[dict]:
     """The `#define T_<tensor>` / `S_<tensor>` lines of model.c: a typed pointer into the arena or
     the state per table row; a frozen parameter's points into the state's frozen tail `BNNC_F`
@@ -307,7 +318,8 @@ def _tensor_macros(tensors: list[TensorEntry], ctx: LowerCtx, plan) -> list[dict
 
 
 def _template_context(schedule: Schedule, plan, target: Target, ctx: LowerCtx, *, command: str,
-                      model_sha256: str, onnx_names: Mapping[str, str]) -> tuple[dict, list[str]]:
+                      model_sha256: str, onnx_names: Mapping[str, str],
+                      preprocess: Preprocess) -> tuple[dict, list[str]]:
     """Everything the templates substitute (model.c/.h, trainer, Makefile, bare-metal files) and
     the names of the kernel functions the program uses."""
     cfg = schedule.config
@@ -356,7 +368,8 @@ def _template_context(schedule: Schedule, plan, target: Target, ctx: LowerCtx, *
         steps=steps, infer=infer, predict=predict,
         dtype_codes=[(d.value.upper(), c) for d, c in DTYPE_CODES.items()],
         crc_table=[f"0x{v:08X}u" for v in _crc_table()], target=target.name,
-        target_kind=target.kind, pixel_lut=pixel_lut_c(), **_guard_context(schedule, plan),
+        target_kind=target.kind, **_pixel_context(preprocess, input_t.shape[1:]),
+        **_guard_context(schedule, plan),
     )
     return common, sorted(instances.values(), key=lambda i: (i.family, i.fn))
 
@@ -396,12 +409,14 @@ EMITS = ("program", "library")
 
 def emit_c(schedule: Schedule, plan, target: Target | str, out_dir: str | Path, *, command: str = "",
            model_sha256: str = "", plan_json: str | None = None,
-           onnx_names: Mapping[str, str] | None = None, emit: str = "program") -> Emitted:
+           onnx_names: Mapping[str, str] | None = None, emit: str = "program",
+           preprocess: Preprocess = DEFAULT_PREPROCESS) -> Emitted:
     """Write the C program of one training step of `schedule` placed by `plan` into `out_dir`
     (`target`: a Target or a targets/ name; `command`, `model_sha256`: front matter; `plan_json`:
     written as plan.json when given; `onnx_names`: layer -> ONNX node name, named (reduced to
     identifier characters, `c_literals.c_label`) in the comment above each step function and
-    nowhere else). Stages: check, template context (tensor
+    nowhere else; `preprocess`: the u8 pixel -> input map of the trainers' pixel tables, recorded
+    in the manifest). Stages: check, template context (tensor
     table, state table, step calls, predict, guards), kernel sources, files."""
     if isinstance(target, str):
         target = load_target(target)
@@ -411,7 +426,8 @@ def emit_c(schedule: Schedule, plan, target: Target | str, out_dir: str | Path, 
     ctx = LowerCtx(schedule, plan)
     env = target_env(target)
     common, instances = _template_context(schedule, plan, target, ctx, command=command,
-                                          model_sha256=model_sha256, onnx_names=onnx_names or {})
+                                          model_sha256=model_sha256, onnx_names=onnx_names or {},
+                                          preprocess=preprocess)
     common.update(fw_context(schedule, plan, common))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -433,7 +449,8 @@ def emit_c(schedule: Schedule, plan, target: Target | str, out_dir: str | Path, 
                    trainer=TRAINER_SOURCE if programs else None, tensors=tuple(tensors),
                    state=tuple(states), steps=tuple(StepEntry(s["index"], s["kernel"], s["layer"],
                                                               s["fn"]) for s in steps),
-                   frozen=tuple(cfg.frozen), frozen_nbytes=plan.frozen_nbytes)
+                   frozen=tuple(cfg.frozen), frozen_nbytes=plan.frozen_nbytes,
+                   preprocess=resolved(preprocess, input_channels(tuple(input_t.shape[1:]))))
     manifest.write_text(doc.to_json())
     files = [header, source, makefile, manifest, *written[3:]]
     if plan_json is not None:

@@ -7,7 +7,8 @@ Written by compiler/codegen.py (`Manifest(...).to_json()`), read by everything i
 
 Invariants: `Manifest.from_json(m.to_json()) == m`; the JSON is deterministic (sorted keys, one
 space of indent) and carries `schema`/`schema_version` plus the derived `tensor_index` (name ->
-row) for readers without bnnc. Reading checks every field: a missing field or one of the wrong JSON
+row) and `input_affine` (the pixel map `preprocess` resolves to) for readers without bnnc.
+Reading checks every field: a missing field or one of the wrong JSON
 type is a `ManifestError` naming it (e.g. `tensors[3].nbytes`), never a KeyError later on.
 """
 
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from .errors import ManifestError, TargetError
+from .preprocess import DEFAULT as DEFAULT_PREPROCESS
+from .preprocess import Preprocess, input_channels, pixel_affine
 from .schedule_ir import DType
 
 MANIFEST = "bnnc_manifest.json"
@@ -95,7 +98,7 @@ class Manifest:
     target_kind: str                 # "host" | "linux" | "baremetal"
     config: dict[str, Any]           # TrainConfig.as_dict()
     batch: int
-    input_shape: tuple[int, ...]
+    input_shape: tuple[int, ...]      # with the batch: (B, C, H, W) or (B, F)
     classes: int
     seed: int
     arena_nbytes: int
@@ -115,6 +118,13 @@ class Manifest:
     blob_header_nbytes: int = STATE_BLOB_HEADER_BYTES
     blob_magic: int = STATE_BLOB_MAGIC
     blob_version: int = STATE_BLOB_VERSION
+    # u8 pixel -> model input (compiler/preprocess.py), one mean/std per channel when "norm"
+    preprocess: Preprocess = DEFAULT_PREPROCESS
+
+    @property
+    def input_affine(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """(a_c, b_c): the trainers' pixel tables hold float32(a_c * u + b_c)."""
+        return pixel_affine(self.preprocess, input_channels(self.input_shape[1:]))
 
     @cached_property
     def tensor_by_name(self) -> dict[str, TensorEntry]:
@@ -127,8 +137,10 @@ class Manifest:
 
     def to_json(self) -> str:
         doc = dataclasses.asdict(self)
+        a, b = self.input_affine
         doc.update(schema=SCHEMA, schema_version=SCHEMA_VERSION,
-                   tensor_index={t.name: t.index for t in self.tensors})
+                   tensor_index={t.name: t.index for t in self.tensors},
+                   input_affine={"scale": list(a), "offset": list(b)})
         return json.dumps(doc, indent=1, sort_keys=True) + "\n"
 
     @classmethod
@@ -238,6 +250,8 @@ def _typed(value: Any, hint: Any, where: str, source: str) -> Any:
         if not isinstance(value, dict):
             raise _wrong(where, "an object", value, source)
         return {k: _typed(v, args[1], f"{where}.{k}", source) for k, v in value.items()}
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
     ok = isinstance(value, hint) and not (hint is int and isinstance(value, bool))
     if not ok:
         raise _wrong(where, {int: "an integer", str: "a string"}.get(hint, hint.__name__), value,

@@ -56,12 +56,13 @@ is not recorded; quantized (INPUT_QUANT) inputs follow QONNX's clip-then-round f
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import zipfile
 import zlib
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -74,6 +75,8 @@ from .errors import ConfigError, DataError
 from .ir import INPUT, Graph, LayerKind
 from .numerics import store
 from .ops.exportctx import Emitter
+from .preprocess import CLASSES_KEY, Preprocess
+from .preprocess import METADATA_KEY as PREPROCESS_KEY
 from .state import StateTensor, state_tensors
 from .zoo import IR_VERSION, OPSET, QONNX_DOMAIN
 
@@ -305,12 +308,17 @@ def load_state_npz(path: str | os.PathLike, graph: Graph, cfg: TrainConfig, *,
 # ONNX emission
 
 def export_onnx(graph: Graph, cfg: TrainConfig, state: Mapping[str, np.ndarray], *,
-                fmt: str = "onnx", name: str | None = None) -> onnx.ModelProto:
+                fmt: str = "onnx", name: str | None = None,
+                preprocess: Preprocess | None = None,
+                class_names: Sequence[str] | None = None) -> onnx.ModelProto:
     """The trained network as an inference ONNX model (see the module docstring).
 
     `state` must hold exactly the tensors of `state_tensors(graph, cfg)` (DataError otherwise);
     `fmt` is "onnx" (plain, onnxruntime) or "qonnx" (latent weights, BipolarQuant); `name` is the
-    ONNX graph name (a C identifier, default graph.name)."""
+    ONNX graph name (a C identifier, default graph.name). `preprocess` (the input convention,
+    compiler/preprocess.py) and `class_names` (index -> name) go into the metadata as
+    "bnnc.preprocess" (its spec) and "bnnc.classes" (a JSON list), so bnnc reads them back and
+    other tools can show them."""
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
     gname = graph.name if name is None else name
@@ -354,5 +362,8 @@ def export_onnx(graph: Graph, cfg: TrainConfig, state: Mapping[str, np.ndarray],
                                    "bnnc.train.optimizer": cfg.optimizer,
                                    "bnnc.train.bn": cfg.bn,
                                    "bnnc.train.state_dtype": cfg.state_dtype,
-                                   "bnnc.source_sha256": graph.source_sha256})
+                                   "bnnc.source_sha256": graph.source_sha256,
+                                   **({PREPROCESS_KEY: preprocess.spec()} if preprocess else {}),
+                                   **({CLASSES_KEY: json.dumps(list(map(str, class_names)))}
+                                      if class_names else {})})
     return model

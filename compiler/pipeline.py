@@ -17,6 +17,8 @@ from .config import TrainConfig, check_config_for_graph
 from .ir import Graph
 from .liveness import Liveness
 from .planner import ArenaPlan, plan_schedule
+from .preprocess import DEFAULT as DEFAULT_PREPROCESS
+from .preprocess import Preprocess
 from .report import dump_plan_json, plan_to_json
 from .schedule import build_schedule
 from .schedule_ir import Schedule
@@ -33,10 +35,13 @@ class Compiled:
 
 
 def compile_to_c(graph: Graph, cfg: TrainConfig, target: Target, out_dir: str | Path, *,
-                 command: str = "", guard_bytes: int = 0, emit: str = "program") -> Compiled:
+                 command: str = "", guard_bytes: int = 0, emit: str = "program",
+                 preprocess: Preprocess = DEFAULT_PREPROCESS) -> Compiled:
     """`guard_bytes` > 0: canaries around every arena buffer, checked after every kernel (a debug
     build; planner.py and templates/model.c.j2 say how). `emit`: "program" (the C and the
-    target's trainer) or "library" (compiler/library.py: a firmware library layout)."""
+    target's trainer) or "library" (compiler/library.py: a firmware library layout).
+    `preprocess`: the u8 pixel -> input map of the trainers (compiler/preprocess.py), recorded
+    in the manifest."""
     check_config_for_graph(graph, cfg)
     schedule = build_schedule(graph, cfg)
     live, plan = plan_schedule(schedule, align=target.align, guard_bytes=guard_bytes)
@@ -45,5 +50,6 @@ def compile_to_c(graph: Graph, cfg: TrainConfig, target: Target, out_dir: str | 
     doc = plan_to_json(schedule, live, plan)
     emitted = emit_c(schedule, plan, target, Path(out_dir), command=command,
                      model_sha256=graph.source_sha256, plan_json=dump_plan_json(doc),
-                     onnx_names={lay.name: lay.onnx_name for lay in graph.layers}, emit=emit)
+                     onnx_names={lay.name: lay.onnx_name for lay in graph.layers}, emit=emit,
+                     preprocess=preprocess)
     return Compiled(schedule, live, plan, doc, emitted)

@@ -52,6 +52,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .. import __version__
 from .errors import ConfigError
+from .preprocess import DEFAULT as DEFAULT_PREPROCESS
+from .preprocess import METADATA_KEY as PREPROCESS_KEY
 
 FORMATS = ("onnx", "qonnx")
 QONNX_DOMAIN = "qonnx.custom_op.general"
@@ -412,6 +414,7 @@ def build_zoo_model(name: str, *, fmt: str = "onnx", seed: int = 0, width: float
     model = helper.make_model(graph, opset_imports=opsets, producer_name=PRODUCER,
                               producer_version=__version__, ir_version=IR_VERSION)
     helper.set_model_props(model, {"bnnc.zoo.name": e.name, "bnnc.zoo.args": args,
-                                   "bnnc.zoo.weights": str(net.weight_count)})
+                                   "bnnc.zoo.weights": str(net.weight_count),
+                                   PREPROCESS_KEY: DEFAULT_PREPROCESS.spec()})
     assert out in net.shape and net.shape[out] == (classes,), (out, net.shape[out])
     return model

@@ -368,6 +368,22 @@ def run(out_dir: str | Path, target: Target | str | None = None, *, train: str |
     return BaremetalRun(rc, events, stderr, checkpoint=blob, argv=argv)
 
 
+def evaluate(out_dir: str | Path, target: Target | str | None = None, *, test: str | Path,
+             start_blob: bytes | None = None, on_event: Callable[[dict], None] | None = None,
+             timeout: float = 600.0, cache: Path | None = None) -> BaremetalRun:
+    """The trainer's `--eval` mode under qemu-system-arm: the predictions and losses of the packed
+    set `test` under `start_blob` (loaded into flash; default: the program's own initialisation),
+    as "pred" events (runtime/eval.py reads them)."""
+    out_dir = Path(out_dir)
+    _, tgt = compiled_program(out_dir, target)
+    elf = build_elf(out_dir, tgt, cache=cache)
+    args = ["--eval", "--test", TEST_FILE] + (["--blob"] if start_blob is not None else [])
+    argv = qemu_argv(tgt, elf, args, blob=start_blob is not None)
+    with _run_dir({TEST_FILE: Path(test), BLOB_FILE: start_blob}) as where:
+        rc, events, stderr = _execute(argv, where, timeout, on_event)
+    return BaremetalRun(rc, events, stderr, argv=argv)
+
+
 def count_step_instructions(out_dir: str | Path, target: Target | str | None = None, *,
                             train: str | Path, steps: int = 4, start_blob: bytes | None = None,
                             timeout: float = 600.0, cache: Path | None = None) -> StepCount:

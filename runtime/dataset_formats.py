@@ -8,11 +8,20 @@ Formats: IDX (raw or .gz, any IDX element type; MNIST-like datasets), CIFAR-10 p
 with an unpickler that only admits numpy arrays, so a foreign pickle cannot run code) or binary
 batches, and SVHN "format 2" .mat files (scipy, an optional dependency). Every malformed file is a
 `DataError` naming it.
+
+User formats (`--data PATH`, runtime/datasets.py `open_data`): `read_arrays` (a .npz with `x`, `y`
+and optionally `x_test`, `y_test`, `class_names`; or an `x.npy`/`y.npy` pair, memory-mapped),
+`read_csv` (feature columns plus a named label column), `list_image_folder` (one subfolder per
+class, optionally under `train/` and `test/`) and `decode_image` (one PNG/JPEG/BMP file with
+pillow). `label_indices` maps label values to class indices once: non-negative integers are their
+own index (classes "0".."max"), anything else is a class name, indexed in sorted order. Errors
+name the file and the entry (array index, CSV row as numbered by a text editor, image file).
 """
 
 from __future__ import annotations
 
 import codecs
+import csv
 import gzip
 import math
 import os
@@ -23,6 +32,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from ..compiler.errors import DataError
 
@@ -216,3 +226,198 @@ def check_labels(y: np.ndarray, classes: int, where: Path) -> None:
     if bad.size:
         raise DataError(f"{where}: label {int(y[bad[0]])} at index {int(bad[0])} is outside "
                         f"0..{classes - 1}")
+
+
+# -------------------------------------------------------------------------------------------------
+# user formats
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+
+
+def label_indices(values: np.ndarray, where: str, names: tuple[str, ...] | None = None
+                  ) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Label values -> (int64 class indices, class names) (module docstring); `names` given: the
+    values must be integer indices into it."""
+    v = np.asarray(values)
+    if v.ndim != 1:
+        raise DataError(f"{where}: labels must be one value per example, got shape {v.shape}")
+    if v.dtype.kind in "iub" or (v.dtype.kind == "f" and np.all(np.isfinite(v))
+                                 and np.all(v == np.round(v))):
+        y = v.astype(np.int64)
+        bad = np.flatnonzero(y < 0)
+        if bad.size:
+            raise DataError(f"{where}: label {y[bad[0]]} at entry {bad[0]} is negative",
+                            hint="labels are class indices 0, 1, ... or class names")
+        if names is not None:
+            bad = np.flatnonzero(y >= len(names))
+            if bad.size:
+                raise DataError(f"{where}: label {y[bad[0]]} at entry {bad[0]} has no class name "
+                                f"({len(names)} names given)")
+            return y, tuple(names)
+        return y, tuple(str(k) for k in range(int(y.max(initial=0)) + 1))
+    if v.dtype.kind == "f":
+        bad = np.flatnonzero(~np.isfinite(v) | (v != np.round(v)))
+        raise DataError(f"{where}: label {v[bad[0]]!r} at entry {bad[0]} is not a class index",
+                        hint="labels are class indices 0, 1, ... or class names")
+    if v.dtype.kind not in "US":
+        raise DataError(f"{where}: labels of type {v.dtype} are neither integers nor names")
+    text = v.astype(str)
+    uniq = tuple(sorted(set(text.tolist())))
+    if names is not None:
+        raise DataError(f"{where}: labels are names, so no separate class_names may be given")
+    lookup = {n: i for i, n in enumerate(uniq)}
+    return np.array([lookup[t] for t in text.tolist()], np.int64), uniq
+
+
+def _load_npy(path: Path, what: str) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise DataError(f"{path}: cannot read {what} as a .npy array ({e})",
+                        hint="save it with numpy.save") from e
+
+
+def read_arrays(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of a .npz file, or of an `x.npy` + `y.npy` pair (`path` is the x file or the
+    folder holding both; also `x_test.npy`/`y_test.npy`). Keys: x, y [, x_test, y_test,
+    class_names]; DataError naming the file when something is missing or unreadable."""
+    path = Path(path)
+    if path.suffix == ".npz":
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                out = {k: z[k] for k in z.files}
+        except (OSError, ValueError, EOFError, zlib.error) as e:
+            raise DataError(f"{path}: cannot read as a .npz archive ({e})",
+                            hint="save it with numpy.savez(path, x=..., y=...)") from e
+        missing = [k for k in ("x", "y") if k not in out]
+        if missing:
+            raise DataError(f"{path}: no array named {' or '.join(map(repr, missing))} (it holds "
+                            f"{', '.join(map(repr, sorted(out))) or 'nothing'})",
+                            hint="save it with numpy.savez(path, x=images, y=labels)")
+        return out
+    folder = path if path.is_dir() else path.parent
+    stem = "" if path.is_dir() else path.name[:-len("x.npy")] if path.name.endswith("x.npy") \
+        else None
+    if stem is None:
+        raise DataError(f"{path}: an array file must be a .npz, or the x of an x.npy + y.npy pair",
+                        hint="name the pair NAMEx.npy / NAMEy.npy (e.g. x.npy and y.npy)")
+    out = {}
+    for key in ("x", "y", "x_test", "y_test"):
+        f = folder / f"{stem}{key}.npy"
+        if f.is_file():
+            out[key] = _load_npy(f, key)
+        elif key in ("x", "y"):
+            raise DataError(f"{f} not found: an .npy pair needs {stem}x.npy and {stem}y.npy in "
+                            f"{folder}")
+    if ("x_test" in out) != ("y_test" in out):
+        raise DataError(f"{folder}: {stem}x_test.npy and {stem}y_test.npy go together")
+    return out
+
+
+def check_features(x: np.ndarray, where: str) -> np.ndarray:
+    """uint8 pixels as they are, floats as float32 (finite); DataError naming the entry."""
+    if x.ndim < 2 or x.shape[0] == 0:
+        raise DataError(f"{where}: expected examples along the first axis, got shape {x.shape}")
+    if x.dtype == np.uint8:
+        return x
+    if x.dtype.kind != "f":
+        raise DataError(f"{where}: inputs must be uint8 pixels or floats, got {x.dtype}",
+                        hint="convert with x.astype(numpy.uint8) (pixels 0..255) or float32")
+    x = np.asarray(x, np.float32)
+    bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+    if bad.any():
+        raise DataError(f"{where}: entry {int(np.flatnonzero(bad)[0])} holds a NaN or infinity")
+    return x
+
+
+def read_csv(path: Path, label_column: str | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """A CSV with a header row: (float32 features (N, F), raw label strings (N,), feature names).
+    Every cell of a feature column must be a number; rows are numbered as in a text editor."""
+    path = Path(path)
+    if label_column is None:
+        raise DataError(f"{path}: a CSV dataset needs --label-column NAME (the column holding the "
+                        "class of each row)")
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"{path}: cannot read as CSV ({e})") from e
+    if not rows or not rows[0]:
+        raise DataError(f"{path}: empty CSV file (expected a header row naming the columns)")
+    header = [h.strip() for h in rows[0]]
+    if label_column not in header:
+        raise DataError(f"{path}: no column {label_column!r} (columns: {', '.join(header)})",
+                        hint="pass --label-column with one of the header's names")
+    li = header.index(label_column)
+    feats = [i for i in range(len(header)) if i != li]
+    if not feats:
+        raise DataError(f"{path}: no feature column besides the label column {label_column!r}")
+    body = [(n, r) for n, r in enumerate(rows[1:], start=2) if any(c.strip() for c in r)]
+    if not body:
+        raise DataError(f"{path}: no data rows after the header")
+    x = np.empty((len(body), len(feats)), np.float32)
+    labels = []
+    for k, (n, r) in enumerate(body):
+        if len(r) != len(header):
+            raise DataError(f"{path}: row {n} has {len(r)} fields, the header has {len(header)}",
+                            hint="every row needs one value per column")
+        for j, i in enumerate(feats):
+            cell = r[i].strip()
+            if not cell:
+                raise DataError(f"{path}: row {n}, column {header[i]!r} is empty",
+                                hint="fill in or drop the row")
+            try:
+                v = float(cell)
+            except ValueError:
+                raise DataError(f"{path}: row {n}, column {header[i]!r}: {cell!r} is not a number"
+                                ) from None
+            if not np.isfinite(v):
+                raise DataError(f"{path}: row {n}, column {header[i]!r}: {cell!r} is not finite")
+            x[k, j] = v
+        lab = r[li].strip()
+        if not lab:
+            raise DataError(f"{path}: row {n}, label column {label_column!r} is empty")
+        labels.append(lab)
+    return x, np.array(labels), [header[i] for i in feats]
+
+
+def csv_label_values(labels: np.ndarray) -> np.ndarray:
+    """CSV label strings as integers when every one is a non-negative integer, else as names."""
+    try:
+        ints = np.array([int(t) for t in labels.tolist()], np.int64)
+    except ValueError:
+        return labels
+    return ints if (ints >= 0).all() else labels
+
+
+def list_image_folder(root: Path) -> tuple[tuple[str, ...], list[tuple[Path, int]]]:
+    """(class names, [(image file, class index)]) of a one-subfolder-per-class folder, classes in
+    sorted order, files sorted by name; DataError for a folder without classes or an empty class."""
+    root = Path(root)
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise DataError(f"{root}: no class subfolders (expected {root}/<class name>/<images>)",
+                        hint="put each class's images in a subfolder named after the class")
+    files = []
+    for k, name in enumerate(classes):
+        imgs = sorted(p for p in (root / name).iterdir()
+                      if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not imgs:
+            raise DataError(f"{root / name}: empty class folder (no {'/'.join(IMAGE_SUFFIXES)} "
+                            "files)", hint="add images or remove the folder")
+        files += [(p, k) for p in imgs]
+    return tuple(classes), files
+
+
+def decode_image(path: Path, mode: str | None) -> np.ndarray:
+    """One image file -> uint8 (H, W) (mode "L") or (H, W, 3) ("RGB"); `mode` None: "L" for
+    grey images, else "RGB". DataError naming the file when it is damaged or no image."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            m = mode or ("L" if img.mode in ("1", "L", "LA", "I", "I;16", "F") else "RGB")
+            return np.asarray(img.convert(m))
+    except (OSError, SyntaxError, ValueError, UnidentifiedImageError,
+            Image.DecompressionBombError) as e:
+        raise DataError(f"{path}: not a readable image ({e})",
+                        hint="replace or remove the file (corrupt or truncated?)") from e

