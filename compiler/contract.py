@@ -15,6 +15,7 @@ type is a `ManifestError` naming it (e.g. `tensors[3].nbytes`), never a KeyError
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import types
 from dataclasses import dataclass
@@ -125,6 +126,20 @@ class Manifest:
     def input_affine(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """(a_c, b_c): the trainers' pixel tables hold float32(a_c * u + b_c)."""
         return pixel_affine(self.preprocess, input_channels(self.input_shape[1:]))
+
+    @cached_property
+    def state_hash(self) -> int:
+        """64 bits naming what a state's values mean, independent of the target: the model file,
+        the training config and the state table (name, dtype, shape). `.npz` states carry it, so
+        a state trained on one target scores and resumes on another compiled from the same model
+        and options, while another model's state is refused. (`model_hash`, in the C's state
+        blob, also covers the step and the memory plan, which differ between targets.)"""
+        h = hashlib.sha256()
+        h.update(self.model_sha256.encode())
+        h.update(json.dumps(self.config, sort_keys=True).encode())
+        for st in self.state:
+            h.update(f"{st.name}|{st.dtype}|{tuple(st.shape)}\n".encode())
+        return int.from_bytes(h.digest()[:8], "little")
 
     @cached_property
     def tensor_by_name(self) -> dict[str, TensorEntry]:

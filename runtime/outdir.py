@@ -480,9 +480,9 @@ def write_run_inputs(out_dir: Path, graph, cfg: TrainConfig, source: bytes) -> l
     """OUT/model.onnx and OUT/init_state.npz next to C that compile_to_c wrote into out_dir
     directly (tests, benchmarks); `compile_graph` does this for `bnnc compile`."""
     out_dir = Path(out_dir)
-    mh = read_manifest(out_dir).model_hash
+    sh = read_manifest(out_dir).state_hash
     write_atomic(out_dir / MODEL_FILE, source)
-    save_state_atomic(out_dir / INIT_STATE, ref.init_state(graph, cfg).tensors, model_hash=mh)
+    save_state_atomic(out_dir / INIT_STATE, ref.init_state(graph, cfg).tensors, model_hash=sh)
     return [out_dir / MODEL_FILE, out_dir / INIT_STATE]
 
 
@@ -521,7 +521,7 @@ def _compile_into(graph, cfg, tgt, out_dir, command, source, guard_bytes, force,
                 mh = c.emitted.doc.model_hash
                 (stage / MODEL_FILE).write_bytes(source)
                 save_state_npz(stage / INIT_STATE, ref.init_state(graph, cfg).tensors,
-                               model_hash=mh)
+                               model_hash=c.emitted.doc.state_hash)
                 (stage / "report.txt").write_text(
                     f"{command}\n\n" + format_report(c.plan_doc, tensors=True)
                     + "\nC kernels:\n" + "".join(f"  {k}\n" for k in c.emitted.kernels))
@@ -564,7 +564,7 @@ def read_compiled(out_dir: Path) -> tuple[Manifest, Graph, TrainConfig]:
 
 def load_init_state(out_dir: Path, graph, cfg, manifest: Manifest | None = None):
     return load_state_npz(OutDir(out_dir).file(INIT_STATE), graph, cfg,
-                          model_hash=manifest.model_hash if manifest is not None else None)
+                          model_hash=manifest.state_hash if manifest is not None else None)
 
 
 def saved_state_path(out_dir: Path) -> Path:
@@ -579,7 +579,7 @@ def trained_state(graph: Graph, cfg: TrainConfig, path: Path,
     a model hash), or a state blob of the compiled program `manifest` (validated like a resume)."""
     if path.suffix == ".npz":
         return load_state_npz(path, graph, cfg,
-                              model_hash=manifest.model_hash if manifest is not None else None)
+                              model_hash=manifest.state_hash if manifest is not None else None)
     if manifest is not None:
         return check_state(graph, cfg, read_state_blob(path, manifest).tensors, source=str(path))
     raise ConfigError(f"{path}: a state blob (.bin) needs its compiled directory",

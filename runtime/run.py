@@ -260,7 +260,7 @@ def _save(out_dir: Path, manifest: Manifest, on_event: OnEvent) -> None:
     blob = read_state_blob(ckpt, manifest)
     out = OutDir(out_dir)
     out.add_owned(STATE_BLOB, FINAL_STATE)
-    save_state_atomic(out_dir / FINAL_STATE, blob.tensors, model_hash=manifest.model_hash)
+    save_state_atomic(out_dir / FINAL_STATE, blob.tensors, model_hash=manifest.state_hash)
     on_event(Saved(ckpt, blob.step, out_dir / FINAL_STATE))
 
 
