@@ -217,9 +217,17 @@ def _alternatives(graph, schedule: Schedule, target: Target,
         say("--optimizer bop", replace(cfg, optimizer="bop"))
     if cfg.state_dtype == "f32":
         say("--state-dtype f16", replace(cfg, state_dtype="f16"))
-    # the largest batch that fits: bisect on real plans (a plan's RAM grows with the batch)
-    lo, hi = 1, cfg.batch - 1
-    best = None
+    best = largest_fitting_batch(report, cfg, cfg.batch - 1)
+    if best is not None:
+        say(f"--batch {best} (the largest that fits)", replace(cfg, batch=best))
+    return out
+
+
+def largest_fitting_batch(report: Callable[[TrainConfig], "BudgetReport | None"],
+                          cfg: TrainConfig, hi: int) -> int | None:
+    """The largest batch in 1..hi whose plan fits (`report(config)`: a real plan's budget, None
+    when the config is invalid), by bisection: a plan's RAM grows with the batch."""
+    lo, best = 1, None
     while lo <= hi:
         mid = (lo + hi) // 2
         r = report(replace(cfg, batch=mid))
@@ -227,9 +235,7 @@ def _alternatives(graph, schedule: Schedule, target: Target,
             best, lo = mid, mid + 1
         else:
             hi = mid - 1
-    if best is not None:
-        say(f"--batch {best} (the largest that fits)", replace(cfg, batch=best))
-    return out
+    return best
 
 
 def check_budget(schedule: Schedule, plan: ArenaPlan, target: Target, *, data_bytes: int = 0,
@@ -339,16 +345,7 @@ def fit_budget(graph, cfg: TrainConfig, target: Target, *, data_bytes: int = 0,
         return cache[key]
 
     def largest_batch(c: TrainConfig) -> int | None:
-        """Bisect: a plan's RAM grows with the batch."""
-        lo, hi, best = 1, cfg.batch, None
-        while lo <= hi:
-            mid = (lo + hi) // 2
-            r = report(replace(c, batch=mid))
-            if r is not None and r.fits:
-                best, lo = mid, mid + 1
-            else:
-                hi = mid - 1
-        return best
+        return largest_fitting_batch(report, c, cfg.batch)
 
     cands = [replace(cfg, frozen=resolve_frozen(graph, train_from=s, bn=cfg.bn) if s else ())
              for s in starts]
