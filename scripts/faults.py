@@ -358,7 +358,7 @@ def fam_state_blob(w: World, d: Path, out: Path, rng: random.Random) -> Case:
         bad = forge_blob(raw, version=rng.choice([0, 1, 3, 2**32 - 1]))
     else:
         bad = raw[:-16]
-    where = rng.choice(["resume", "export", "export_ckpt", "run_ckpt"])
+    where = rng.choice(["resume", "export", "export_ckpt", "run_ckpt", "eval"])
     if where in ("export_ckpt", "run_ckpt"):
         (out / "state.bin").write_bytes(bad)
         (out / "final_state.npz").unlink()
@@ -374,12 +374,20 @@ def fam_state_blob(w: World, d: Path, out: Path, rng: random.Random) -> Case:
     if where == "resume":
         return Case(f"blob-{kind}-resume", ["run", str(out), "--data", "mnist", "--data-dir",
                                             str(w.data), "--steps", "2", "--resume", str(f)])
+    if where == "eval":
+        return Case(f"blob-{kind}-eval", ["eval", str(out), "--data", "mnist", "--data-dir",
+                                          str(w.data), "--state", str(f)])
     return Case(f"blob-{kind}-export", ["export", str(out), "--state", str(f), "-o",
                                         str(d / "t.onnx")], allowed=(d / "t.onnx",))
 
 
 def fam_npz(w: World, d: Path, out: Path, rng: random.Random) -> Case:
-    where = rng.choice(["state_arg", "final", "init"])
+    where = rng.choice(["state_arg", "final", "init", "eval"])
+    if where == "eval":
+        f = d / "s.npz"
+        kind = hostile_npz(f, out / "final_state.npz", rng)
+        return Case(f"npz-{kind}-eval", ["eval", str(out), "--data", "mnist", "--data-dir",
+                                         str(w.data), "--state", str(f)])
     if where == "state_arg":
         f = d / "s.npz"
         kind = hostile_npz(f, out / "final_state.npz", rng)
@@ -434,7 +442,10 @@ def fam_manifest(w: World, d: Path, out: Path, rng: random.Random) -> Case:
                             "classes", "arena_nbytes"])] = rng.choice([0, -1, 2**63, 7, 1])
         bad = json.dumps(doc).encode()
     path.write_bytes(bad)
-    cmd = rng.choice(["run", "export", "inspect", "pack"])
+    cmd = rng.choice(["run", "export", "inspect", "pack", "eval"])
+    if cmd == "eval":
+        return Case(f"manifest-{kind}-eval", ["eval", str(out), "--data", "mnist", "--data-dir",
+                                              str(w.data)])
     if cmd == "run":
         return Case(f"manifest-{kind}-run", ["run", str(out), "--data", "mnist", "--data-dir",
                                              str(w.data), "--steps", "2"])
