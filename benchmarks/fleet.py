@@ -38,14 +38,14 @@ def central(out: Path, data: str, data_dir: str | None, limit: int | None, epoch
             seed: int) -> list[float]:
     """Test accuracy after each epoch of centralised training (the fleet's batch order rule)."""
     manifest, graph, cfg = read_compiled(out)
-    ds, x, y, x_test = training_data(graph, data, data_dir, limit)
+    _, x, y, x_test, y_test = training_data(graph, data, data_dir, limit, manifest.preprocess)
     prog = HostProgram(out, target="host", debug=False)
     tensors, step, accs = dict(load_init_state(out, graph, cfg)), 0, []
     for e in range(epochs):
         res = fl.train_host(prog, tensors, step, cfg.seed, x, y, epochs=1,
                             order_key=(seed, e + 1, 0xCE))
         tensors, step = res.tensors, step + res.steps
-        accs.append(fl.evaluate(prog, tensors, x_test, ds.y_test, seed=cfg.seed))
+        accs.append(fl.evaluate(prog, tensors, x_test, y_test, seed=cfg.seed))
         print(f"  central epoch {e + 1}: test acc {100 * accs[-1]:.2f} %", flush=True)
     return accs
 

@@ -48,7 +48,7 @@ from bnnc.compiler.state import state_tensors
 from bnnc.compiler.target import load_target
 from bnnc.runtime import baremetal, packed
 from bnnc.runtime import reference as ref
-from bnnc.runtime.datasets import fit_to_model, load_raw, scale_pixels
+from bnnc.runtime.datasets import fit_pixels, load_raw
 from bnnc.runtime.host import HostProgram
 from bnnc.runtime.outdir import load_graph, model_bytes, read_state_blob, write_run_inputs
 from bnnc.runtime.train_loop import HostBackend, evaluate, fit
@@ -73,7 +73,7 @@ def pretrain(graph, args, tmp: Path, quiet: Console, src) -> dict:
     if args.pretrain_epochs == 0:
         return init
     mn = load_raw("mnist")
-    x = fit_to_model(graph, scale_pixels(mn.x_train), "mnist")
+    x = fit_pixels(graph, mn.x_train, "mnist")
     out = tmp / "pretrain"
     compile_to_c(graph, cfg, load_target("host"), out, command="benchmarks/freeze.py")
     backend = HostBackend(HostProgram(out, debug=False), init, seed=cfg.seed)
@@ -102,10 +102,10 @@ def tasks(graph):
     mn, fa = load_raw("mnist"), load_raw("fashion-mnist")
     out = []
     for name, raw, f in (("inverted MNIST", mn, lambda p: 255 - p), ("Fashion-MNIST", fa, None)):
-        xs = [fit_to_model(graph, scale_pixels(f(x) if f else x), name)
+        xs = [fit_pixels(graph, f(x) if f else x, name)
               for x in (raw.x_train, raw.x_test)]
         out.append((name, xs[0], raw.y_train, xs[1], raw.y_test))
-    src = [fit_to_model(graph, scale_pixels(mn.x_test), "mnist")]
+    src = [fit_pixels(graph, mn.x_test, "mnist")]
     return out, (src[0], mn.y_test)
 
 

@@ -108,7 +108,7 @@ def _settings(out_dir: Path, o: dict):
 def _flower():
     try:
         from ..runtime import fleet_flower  # local: Flower loads for fleet commands only
-    except ImportError as err:
+    except ModuleNotFoundError as err:
         raise ConfigError(f"Flower is not installed ({err})",
                           hint="pip install 'flwr[simulation]==1.42.0' (or bnnc's [fleet] extra)"
                           ) from err

@@ -299,8 +299,11 @@ def load_state_npz(path: str | os.PathLike, graph: Graph, cfg: TrainConfig, *,
             ok = False
         if not ok:
             raise DataError(f"{p} belongs to another compiled model (its model hash is not "
-                            f"{model_hash:#x})", hint="compile again, or pass the state of "
-                                                      "this model")
+                            f"{model_hash:#x})",
+                            hint=_options_hint(graph, state, cfg) if set(state) != set(limits)
+                            - {MODEL_HASH_KEY} else "a state fits the model file, options and "
+                            "freeze set it was made with: compile again, or pass the state of "
+                            "this model")
     return check_state(graph, cfg, state, source=str(p))
 
 

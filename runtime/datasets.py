@@ -504,6 +504,28 @@ def open_data(req: DataRequest, input_shape: tuple[int, ...], classes: int, *,
     return ModelData(name, train, test, names, fit, classes, req)
 
 
+def fit_pixels(graph, x: np.ndarray, what: str, pre: Preprocess = DEFAULT_PREPROCESS
+               ) -> np.ndarray:
+    """uint8 examples in their native layout -> model inputs of `graph`: fitted as `--fit auto`
+    would (runtime/transforms.py) and mapped through `pre` (benchmarks that transform raw pixels
+    first, e.g. inverted digits)."""
+    fit = plan_fit(tuple(x.shape[1:]), graph.input_shape, "auto", what=what)
+    return preprocess_pixels(fit.apply(x), pre)
+
+
+def training_data(graph, spec: str, data_dir: str | os.PathLike | None = None,
+                  limit: int | None = None, pre: Preprocess = DEFAULT_PREPROCESS
+                  ) -> tuple[ModelData, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The in-memory form of `--data SPEC` for a model: (data, x_train, y_train, x_test, y_test)
+    fitted to `graph`'s input and mapped through `pre` (the fleet's in-process devices and the
+    benchmarks train on it; `bnnc run` streams the same data through `ModelData.pack`)."""
+    data = open_data(DataRequest(spec, Path(data_dir) if data_dir else None, limit=limit),
+                     graph.input_shape, graph.num_classes, model_name=repr(graph.name))
+    x_train, y_train = data.arrays("train", pre)
+    x_test, y_test = data.arrays("test", pre)
+    return data, x_train, y_train, x_test, y_test
+
+
 def open_source(req: DataRequest, mode: str | None = None
                 ) -> tuple[str, Source, Source | None, tuple[str, ...]]:
     """(name, train, test or None, class names) of `req` before any model is involved: the

@@ -210,8 +210,8 @@ class _Server:
                                   hint="use the same options to resume, or a new --fleet-dir")
             self.full = dict(ck.global_blob(self.manifest).tensors)
         self.ck = ck
-        data, _, _, x_test = training_data(self.graph, s.data, s.data_dir or None, None)
-        self.x_test, self.y_test = x_test, data.y_test
+        _, _, _, self.x_test, self.y_test = training_data(
+            self.graph, s.data, s.data_dir or None, None, self.manifest.preprocess)
         self.f32_nbytes = fl.float32_model_nbytes(self.manifest)
 
     def _blob(self) -> bytes:
@@ -341,11 +341,12 @@ def make_server_app(settings: FleetSettings | None = None,
 def _device_data(out: str, data: str, data_dir: str, limit: int, devices: int, scheme: str,
                  alpha: float, seed: int, batch: int, pid: int):
     """(indices, x, y) of device `pid`'s training partition, and the test split (x, y)."""
-    _, graph, _ = read_compiled(Path(out))
-    ds, x, y, x_test = training_data(graph, data, data_dir or None, limit or None)
+    manifest, graph, _ = read_compiled(Path(out))
+    _, x, y, x_test, y_test = training_data(graph, data, data_dir or None, limit or None,
+                                            manifest.preprocess)
     parts = fl.partition(y, devices, scheme, alpha=alpha, seed=seed, min_examples=batch)
     idx = parts[pid]
-    return idx, x[idx], y[idx], x_test, ds.y_test
+    return idx, x[idx], y[idx], x_test, y_test
 
 
 @functools.lru_cache(maxsize=2)

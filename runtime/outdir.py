@@ -612,6 +612,13 @@ def read_state_blob(path: Path, manifest: Manifest) -> StateBlob:
         raise os_error(err, f"read {path}") from None
     want = manifest.blob_nbytes
     if size != want:
+        try:
+            with open(path, "rb") as f:
+                head = f.read(BLOB_HEADER.size)
+        except OSError as err:
+            raise os_error(err, f"read {path}") from None
+        if len(head) == BLOB_HEADER.size:
+            parse_state_blob(head, manifest, path)   # another model's blob: says so, and why
         raise DataError(f"{path}: {size:,} bytes, the state blob of {manifest.model} has "
                         f"{want:,} (truncated, or another model's?)")
     try:
