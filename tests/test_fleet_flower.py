@@ -14,10 +14,9 @@ import pytest
 
 from bnnc.cli import main
 from bnnc.runtime import fleet as fl
+from bnnc.runtime import fleet_flower as ff   # flwr is a pinned test dependency: never skipped
 from bnnc.runtime.outdir import load_init_state, read_compiled, read_state_blob
 from mnist_like import write_mnist_like
-
-ff = pytest.importorskip("bnnc.runtime.fleet_flower")
 
 
 def _free_port() -> int:
