@@ -11,7 +11,6 @@ without them."""
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import struct
@@ -24,6 +23,7 @@ import pytest
 from bnnc.cli import main
 from bnnc.runtime import baremetal, packed
 from bnnc.runtime.datasets import find_dataset_dir, load_dataset
+from pyref import lowbias32
 
 BATCH = 8
 STEPS = 2          # per checkpoint round; the example does 2 rounds, the reset replays round 2
@@ -86,14 +86,7 @@ def test_library_needs_baremetal_target(tmp_path, capsys):
 # --------------------------------------------------------------------------------------------------
 # the standalone trainer's batch order (templates/trainer/skeleton.c.j2), written independently
 
-def _mix32(x: int) -> int:
-    x &= 0xFFFFFFFF
-    x ^= x >> 16
-    x = (x * 0x7FEB352D) & 0xFFFFFFFF
-    x ^= x >> 15
-    x = (x * 0x846CA68B) & 0xFFFFFFFF
-    x ^= x >> 16
-    return x
+_mix32 = lowbias32
 
 
 def _permute(i: int, n: int, key: int) -> int:

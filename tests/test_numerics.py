@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from bnnc.compiler import numerics as nx
+from pyref import lowbias32
 
 
 def _bits(x: float) -> int:
@@ -21,14 +22,7 @@ def _flt(u: int) -> float:
     return struct.unpack("<f", struct.pack("<I", u & 0xFFFFFFFF))[0]
 
 
-def _py_hash32(x: int) -> int:
-    x &= 0xFFFFFFFF
-    x ^= x >> 16
-    x = (x * 0x7FEB352D) & 0xFFFFFFFF
-    x ^= x >> 15
-    x = (x * 0x846CA68B) & 0xFFFFFFFF
-    x ^= x >> 16
-    return x
+_py_hash32 = lowbias32
 
 
 def _f32(values) -> np.ndarray:
