@@ -17,6 +17,7 @@ from ..runtime.eval import (EvalOptions, EvalResult, confusion_png, confusion_te
 from ..runtime.outdir import (load_graph, model_bytes, model_class_names, model_preprocess,
                               trained_state)
 from .app import cli
+from .run_cmds import where_options
 from .train_cmds import data_request, data_source_options
 
 
@@ -32,14 +33,7 @@ from .train_cmds import data_request, data_source_options
               help="with --split train: the first N training examples only")
 @click.option("--png", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="also draw the confusion matrix into this PNG file")
-@click.option("--emulate", is_flag=True, help="OUT of a cross target: run under QEMU")
-@click.option("--device", default=None, metavar="USER@HOST[:DIR]",
-              help="OUT of a Linux target: run on a device over ssh")
-@click.option("--port", type=click.IntRange(1, 65535), default=None, help="--device: ssh port")
-@click.option("--identity", type=click.Path(dir_okay=False, exists=True, path_type=Path),
-              default=None, help="--device: ssh private key")
-@click.option("--ssh-option", "ssh_options", multiple=True, metavar="KEY=VALUE",
-              help="--device: extra ssh/scp -o option (repeatable)")
+@where_options
 @click.option("--timeout", type=float, default=None, help="give up after this many seconds")
 @click.option("--preprocess", default=None, metavar="SPEC",
               help=f"model file only (OUT has its own): {SPEC_HELP} [default: the file's, else "

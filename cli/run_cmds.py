@@ -18,6 +18,27 @@ from .app import cli
 from .train_cmds import data_options
 
 
+def where_options(f):
+    """Where a compiled OUT's program runs (`bnnc run`, `bnnc eval`): natively, under QEMU
+    (--emulate) or on a device over ssh (--device and its ssh options)."""
+    for opt in reversed((
+            click.option("--emulate", is_flag=True,
+                         help="run a cross-compiled target (rpi4, rpi3, cortex-m7, ...) under QEMU"),
+            click.option("--device", default=None, metavar="USER@HOST[:DIR]",
+                         help="copy the program and data to a device with scp and run it over "
+                              "ssh"),
+            click.option("--port", type=click.IntRange(1, 65535), default=None,
+                         help="--device: ssh port"),
+            click.option("--identity", type=click.Path(dir_okay=False, exists=True,
+                                                       path_type=Path),
+                         default=None, help="--device: ssh private key"),
+            click.option("--ssh-option", "ssh_options", multiple=True, metavar="KEY=VALUE",
+                         help="--device: extra ssh/scp -o option (repeatable), e.g. "
+                              "ProxyJump=gw"))):
+        f = opt(f)
+    return f
+
+
 @cli.command("run")
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
 @data_options
@@ -30,15 +51,7 @@ from .train_cmds import data_options
               help="also checkpoint every K steps (always: at each epoch end and at the end)")
 @click.option("--log-every", type=click.IntRange(min=1), default=None,
               help="print the loss every K steps")
-@click.option("--emulate", is_flag=True,
-              help="run a cross-compiled target (rpi4, rpi3, cortex-m7, ...) under QEMU")
-@click.option("--device", default=None, metavar="USER@HOST[:DIR]",
-              help="copy the trainer and data to a device with scp and run it over ssh")
-@click.option("--port", type=click.IntRange(1, 65535), default=None, help="--device: ssh port")
-@click.option("--identity", type=click.Path(dir_okay=False, exists=True, path_type=Path),
-              default=None, help="--device: ssh private key")
-@click.option("--ssh-option", "ssh_options", multiple=True, metavar="KEY=VALUE",
-              help="--device: extra ssh/scp -o option (repeatable), e.g. ProxyJump=gw")
+@where_options
 @click.option("--count", is_flag=True,
               help="--emulate: report guest instructions per training step instead of training")
 @click.option("--timeout", type=float, default=None, help="give up after this many seconds")
