@@ -14,9 +14,12 @@ step-0 test accuracy and the number of test images whose top-1 differs from onnx
 printed, then each --seeds entry (batch order) fine-tunes for --epochs on the MNIST training set
 and the test accuracy after it is printed.
 
-Preprocessing: the Brevitas model reads pixels in [0, 1] (its first layer computes 2x - 1 itself),
-not bnnc's `2x/255 - 1`, so this script feeds the C and onnxruntime `x/255`, both, for training and
-testing.
+Preprocessing: the model's contract (compiler/preprocess.py). The Brevitas file records its input
+convention in its ONNX metadata (`bnnc.preprocess` = unit, u/255 in [0, 1], written by
+scripts/brevitas_mnist.py), and the pixels of both the C and onnxruntime, for training and
+testing, go through bnnc's table for it (`runtime/datasets.training_data`), as `bnnc compile`,
+`run` and `eval` do. A file that records none (written by the script before it recorded it) is
+taken as the script's convention.
 """
 
 from __future__ import annotations
@@ -29,14 +32,17 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 from bnnc.compiler.config import make_config
 from bnnc.compiler.frontend import load_model
 from bnnc.compiler.pipeline import compile_to_c
+from bnnc.compiler.preprocess import from_model
 from bnnc.compiler.target import load_target
 from bnnc.runtime import reference as ref
+from bnnc.runtime.datasets import training_data
 from bnnc.runtime.host import HostProgram
-from bnnc.runtime.train_loop import HostBackend, evaluate, fit
+from bnnc.runtime.train_loop import HostBackend, fit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,11 +79,14 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     bm = _script()
     path = a.model or default_model(bm)
-    x_tr, y_tr, x_te, y_te = bm.mnist01(a.limit)
+    graph = load_model(path)
+    # files written by scripts/brevitas_mnist.py before it recorded its convention: that convention
+    pre = from_model(onnx.load(str(path))) or bm.INPUT_CONVENTION
+    _, x_tr, y_tr, x_te, y_te = training_data(graph, "mnist", limit=a.limit, pre=pre)
+    x_te, y_te = x_te[:a.limit], y_te[:a.limit]
     ort_pred = bm.ort_logits(path, x_te).argmax(1)
     ort_acc = float(np.mean(ort_pred == y_te))
-    graph = load_model(path)
-    print(f"model {path} ({graph.name}), MNIST test {len(y_te)} images, inputs x/255 in [0, 1]"
+    print(f"model {path} ({graph.name}), MNIST test {len(y_te)} images, inputs {pre.describe()}"
           + (f", options {a.overrides}" if a.overrides else ""))
     print(f"onnxruntime on the source file: {100 * ort_acc:.2f} %")
     rows = []
@@ -85,7 +94,8 @@ def main(argv=None) -> int:
     for alg in a.algorithms.split(","):
         cfg = make_config(alg, **overrides)
         with tempfile.TemporaryDirectory(prefix="bnnc-pretrained-") as tmp:
-            compile_to_c(graph, cfg, load_target("host"), Path(tmp), command="pretrained_brevitas")
+            compile_to_c(graph, cfg, load_target("host"), Path(tmp), command="pretrained_brevitas",
+                         preprocess=pre)
             prog = HostProgram(tmp, debug=False)
             init = ref.init_state(graph, cfg).tensors
             backend = HostBackend(prog, init, seed=cfg.seed)

@@ -13,7 +13,7 @@ from ..compiler.preprocess import SPEC_HELP
 from ..runtime import reference as ref
 from ..runtime.datasets import open_data
 from ..runtime.eval import (EvalOptions, EvalResult, confusion_png, confusion_text, eval_compiled,
-                            eval_model)
+                            eval_model, save_predictions)
 from ..runtime.outdir import (load_graph, model_bytes, model_class_names, model_preprocess,
                               trained_state)
 from .app import cli
@@ -33,6 +33,9 @@ from .train_cmds import data_request, data_source_options
               help="with --split train: the first N training examples only")
 @click.option("--png", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="also draw the confusion matrix into this PNG file")
+@click.option("--predictions", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              metavar="FILE.npy", help="also save each example's predicted class (int64 .npy, "
+                                       "in the split's order)")
 @where_options
 @click.option("--timeout", type=float, default=None, help="give up after this many seconds")
 @click.option("--preprocess", default=None, metavar="SPEC",
@@ -49,7 +52,7 @@ from .train_cmds import data_request, data_source_options
               help="model file only: inference batch")
 @click.option("--width", type=float, default=None, help="zoo models: the --width")
 def eval_cmd(model: str, state: str | None, split: str, limit: int | None, png: Path | None,
-             emulate: bool, device: str | None, port: int | None, identity: Path | None,
+             predictions: Path | None, emulate: bool, device: str | None, port: int | None, identity: Path | None,
              ssh_options: tuple[str, ...], timeout: float | None, preprocess: str | None,
              algorithm: str, optimizer: str | None, bn: str | None, state_dtype: str | None,
              batch: int, width: float | None, **data_opts) -> None:
@@ -91,6 +94,9 @@ def eval_cmd(model: str, state: str | None, split: str, limit: int | None, png: 
     if png is not None:
         confusion_png(r, png)
         click.echo(f"wrote {png}")
+    if predictions is not None:
+        save_predictions(r, predictions)
+        click.echo(f"wrote {predictions}")
 
 
 def _print(r: EvalResult) -> None:

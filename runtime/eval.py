@@ -63,6 +63,7 @@ class EvalResult:
     class_names: tuple[str, ...]
     confusion: np.ndarray         # int64 [classes, classes]: row = true class, column = predicted
     loss_sum: float
+    predictions: np.ndarray       # int64 [count]: the predicted class of each example, in order
 
     @property
     def count(self) -> int:
@@ -119,9 +120,10 @@ def eval_model(graph: Graph, cfg: TrainConfig, tensors: dict, data: ModelData, p
         loss += float(-np.log(np.maximum(p, np.float32(FLT_MIN))).astype(np.float64).sum())
         preds.append(probs.argmax(axis=1))
         ys.append(y)
-    m = confusion(np.concatenate(preds), np.concatenate(ys), graph.num_classes)
+    pred = np.concatenate(preds).astype(np.int64)
+    m = confusion(pred, np.concatenate(ys), graph.num_classes)
     return EvalResult(graph.name, "numpy reference", state, data.name, split,
-                      _class_names(data, graph.num_classes, class_names), m, loss)
+                      _class_names(data, graph.num_classes, class_names), m, loss, pred)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -187,7 +189,8 @@ def eval_compiled(out_dir: Path, opts: EvalOptions,
                           f"{src.count} predictions", hint="run it again; was it interrupted?")
     m = confusion(pred, src.labels, graph.num_classes)
     return EvalResult(graph.name, where, label, data.name, opts.split,
-                      _class_names(data, graph.num_classes, class_names_of(out_dir)), m, loss)
+                      _class_names(data, graph.num_classes, class_names_of(out_dir)), m, loss,
+                      pred)
 
 
 def _as_recorded(out_dir: Path, req: DataRequest) -> DataRequest:
@@ -279,3 +282,10 @@ def confusion_png(r: EvalResult, path: Path, *, cell: int = 40) -> None:
     img.save(buf, format="PNG")
     write_atomic(Path(path), buf.getvalue())
 
+
+def save_predictions(r: EvalResult, path: Path) -> None:
+    """The predicted class of each example, in the split's order, as an int64 .npy (written
+    atomically): to compare with another runtime's predictions example by example."""
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(r.predictions, np.int64))
+    write_atomic(Path(path), buf.getvalue())

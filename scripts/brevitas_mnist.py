@@ -10,12 +10,14 @@ QuantLinear (no bias) -> BatchNorm1d -> 1-bit QuantIdentity; the head ends in Br
 Training: Adam (lr 1e-2, cosine schedule), cross-entropy, latent weights clipped to [-1, 1] after
 every step (as bnn_pynq trains), seeded (torch.manual_seed and the batch order), on MNIST from
 bnnc's data directory (`bnnc data fetch mnist`). The model reads pixels in **[0, 1]**
-(torchvision's ToTensor convention), not bnnc's `2x/255 - 1`: whoever feeds it bnnc's pixels
-rescales them, `(x + 1) / 2`.
+(torchvision's ToTensor convention), not bnnc's default `2x/255 - 1`.
 
-Export: `brevitas.export.export_qonnx(model, example_input, path)` in eval mode, batch 1. The
+Export: `brevitas.export.export_qonnx(model, example_input, path)` in eval mode, batch 1; then the
+file records its input convention in its ONNX metadata as bnnc reads it (`bnnc.preprocess` =
+`unit`, compiler/preprocess.py), so `bnnc compile/eval/run/export` feed it u/255 without a
+`--preprocess` flag. The file is written to a temporary name and renamed when complete. The
 script prints the test accuracy of the PyTorch model and of onnxruntime on the exported file
-(`ort_runnable`: QONNX's BipolarQuant written as the standard ONNX it stands for).
+(scripts/ort_eval.py: QONNX's BipolarQuant written as the standard ONNX it stands for).
 
 `train_and_export(path, arch=..., epochs=..., steps=..., seed=...)` is what the test fixture
 (tests/test_pretrained.py) and benchmarks/pretrained_brevitas.py call.
@@ -24,22 +26,31 @@ script prints the test accuracy of the PyTorch model and of onnxruntime on the e
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from bnnc.compiler.preprocess import METADATA_KEY as PREPROCESS_KEY
+from bnnc.compiler.preprocess import Preprocess
+from bnnc.runtime.datasets import load_raw, preprocess_pixels
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))     # the sibling scripts/ort_eval.py
+from ort_eval import ort_logits  # noqa: E402
+
 ARCHS = {"tfc": (64, 64, 64), "tfc_bnhead": (64, 64, 64), "tiny": (32,)}
+INPUT_CONVENTION = Preprocess("unit")     # ToTensor: the model reads u/255, in [0, 1]
 
 
 def mnist01(limit: int | None = None, root=None):
     """MNIST as float32 (N, 1, 28, 28) in [0, 1] and int64 labels, from bnnc's data directory
-    (or `root`, laid out as `bnnc data fetch` does)."""
-    from bnnc.runtime.datasets import load_raw
+    (or `root`, laid out as `bnnc data fetch` does): the pixels through bnnc's table for the
+    model's convention (`INPUT_CONVENTION`), so the model trains on what bnnc will feed it."""
     raw = load_raw("mnist", root, limit=limit)
-    return (raw.x_train.astype(np.float32) / 255, raw.y_train,
-            raw.x_test.astype(np.float32) / 255, raw.y_test)
+    return (preprocess_pixels(raw.x_train, INPUT_CONVENTION), raw.y_train,
+            preprocess_pixels(raw.x_test, INPUT_CONVENTION), raw.y_test)
 
 
 def build(arch: str):
@@ -90,10 +101,28 @@ def train_and_export(path: Path, *, arch: str = "tfc", epochs: int = 3, steps: i
     torch_acc = _torch_acc(model, x_te, y_te)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    export_qonnx(model, torch.from_numpy(x_te[:1]), str(path))
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.onnx")
+    try:
+        export_qonnx(model, torch.from_numpy(x_te[:1]), str(tmp))
+        record_preprocess(tmp, INPUT_CONVENTION)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     ort_acc = float(np.mean(ort_logits(path, x_te).argmax(1) == y_te))
     return {"torch_acc": torch_acc, "ort_acc": ort_acc, "steps": done,
             "seconds": time.perf_counter() - t0}
+
+
+def record_preprocess(path: Path, pre: Preprocess) -> None:
+    """Write `pre` into the ONNX file's metadata under the key bnnc reads (`bnnc.preprocess`),
+    keeping any other metadata entry."""
+    import onnx
+    from onnx import helper
+    m = onnx.load(str(path))
+    props = {p.key: p.value for p in m.metadata_props}
+    props[PREPROCESS_KEY] = pre.spec()
+    helper.set_model_props(m, props)
+    onnx.save(m, str(path))
 
 
 def _torch_acc(model, x, y) -> float:
@@ -105,49 +134,6 @@ def _torch_acc(model, x, y) -> float:
                                for i in range(0, len(y), 1000)])
     model.train(was)
     return float(np.mean(pred == y))
-
-
-def ort_runnable(model):
-    """The QONNX model with each `BipolarQuant(x, s)` (a QONNX custom op onnxruntime does not
-    have) spelled in standard ONNX as QONNX defines it: `Where(x >= 0, s, -s)`. Nothing else
-    changes."""
-    import onnx
-    from onnx import helper
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    nodes = []
-    zero = helper.make_tensor("bq.zero", onnx.TensorProto.FLOAT, [], [0.0])
-    m.graph.initializer.append(zero)
-    for i, n in enumerate(m.graph.node):
-        if n.op_type != "BipolarQuant":
-            nodes.append(n)
-            continue
-        x, scale = n.input
-        ge, neg = f"bq{i}.ge", f"bq{i}.neg"
-        nodes += [helper.make_node("GreaterOrEqual", [x, "bq.zero"], [ge]),
-                  helper.make_node("Neg", [scale], [neg]),
-                  helper.make_node("Where", [ge, scale, neg], [n.output[0]])]
-    del m.graph.node[:]
-    m.graph.node.extend(nodes)
-    keep = [o for o in m.opset_import if o.domain in ("", "ai.onnx")]
-    del m.opset_import[:]
-    m.opset_import.extend(keep)
-    return m
-
-
-def ort_logits(path: Path, x01: np.ndarray) -> np.ndarray:
-    """The exported file's outputs under onnxruntime (`ort_runnable`) for [0, 1] inputs
-    (N, 1, 28, 28). Brevitas hard-codes batch 1 in its Reshape, so samples run one at a time."""
-    import onnx
-    import onnxruntime as ort
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.log_severity_level = 3          # Brevitas lists its initializers as graph inputs too
-    sess = ort.InferenceSession(ort_runnable(onnx.load(str(path))).SerializeToString(), so,
-                                providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    return np.concatenate([sess.run(None, {name: x01[i:i + 1].astype(np.float32)})[0]
-                           for i in range(len(x01))])
 
 
 def main(argv=None) -> int:
