@@ -19,9 +19,12 @@
    the board's whole memory, since it does not fit 64 KiB).
 
 Training config: bnnc's defaults (proposed algorithm: l1 BN, binary dW, PO2 gradients, Adam,
-bf16 state), batch `--batch`, seed 0; `--bn l2` for a file whose trained BN gamma must be kept
-(l1 BN drops it until issue 14 item 1 lands). Inputs are bnnc's `2p/255 - 1`. A freeze set starts
-from the pretrained parameters and BN statistics (a frozen binary W as its signs), moments 0.
+bf16 state), batch `--batch`, seed 0 (`--bn l2` to compare; a file's trained BN gamma is kept
+under l1 too, compiler/README "Trained state under --bn l1"). Inputs: the model's preprocessing
+contract (compiler/preprocess.py): what the file records in its ONNX metadata (zoo models:
+`2p/255 - 1`; Brevitas files from scripts/brevitas_mnist.py: `p/255`), else bnnc's default with
+one notice, as `bnnc compile` takes it. A freeze set starts from the pretrained parameters and BN
+statistics (a frozen binary W as its signs), moments 0.
 
     python benchmarks/freeze.py [--model tfc|FILE] [--pretrain-epochs 2] [--epochs 1]
                                 [--batch 32] [--bn l1] [--m4-steps 2000] [--skip-shift] [--skip-m4]
@@ -44,13 +47,15 @@ from bnnc.compiler.budget import budget_report, fit_budget
 from bnnc.compiler.config import make_config, resolve_frozen
 from bnnc.compiler.contract import read_manifest
 from bnnc.compiler.pipeline import compile_to_c
+from bnnc.compiler.preprocess import Preprocess
 from bnnc.compiler.state import state_tensors
 from bnnc.compiler.target import load_target
 from bnnc.runtime import baremetal, packed
 from bnnc.runtime import reference as ref
 from bnnc.runtime.datasets import fit_pixels, load_raw
 from bnnc.runtime.host import HostProgram
-from bnnc.runtime.outdir import load_graph, model_bytes, read_state_blob, write_run_inputs
+from bnnc.runtime.outdir import (load_graph, model_bytes, model_preprocess, read_state_blob,
+                                 write_run_inputs)
 from bnnc.runtime.train_loop import HostBackend, evaluate, fit
 
 KIB = 1024
@@ -66,16 +71,17 @@ def transfer(graph, cfg, pre: dict) -> dict:
     return out
 
 
-def pretrain(graph, args, tmp: Path, quiet: Console, src) -> dict:
+def pretrain(graph, args, tmp: Path, quiet: Console, src, conv: Preprocess) -> dict:
     """Full training on MNIST for --pretrain-epochs epochs (host C); the final state tensors."""
     cfg = make_config("proposed", batch=args.batch, bn=args.bn)
     init = ref.init_state(graph, cfg).tensors
     if args.pretrain_epochs == 0:
         return init
     mn = load_raw("mnist")
-    x = fit_pixels(graph, mn.x_train, "mnist")
+    x = fit_pixels(graph, mn.x_train, "mnist", conv)
     out = tmp / "pretrain"
-    compile_to_c(graph, cfg, load_target("host"), out, command="benchmarks/freeze.py")
+    compile_to_c(graph, cfg, load_target("host"), out, command="benchmarks/freeze.py",
+                 preprocess=conv)
     backend = HostBackend(HostProgram(out, debug=False), init, seed=cfg.seed)
     t0 = time.perf_counter()
     fit(backend, x, mn.y_train, src[0], src[1], epochs=args.pretrain_epochs, steps=None,
@@ -97,15 +103,16 @@ def modes(graph) -> list[tuple[str, dict]]:
             ("BN only: --train bn", dict(train="bn"))]
 
 
-def tasks(graph):
-    """(name, x_train, y_train, x_test, y_test) of each target domain, shaped for the model."""
+def tasks(graph, conv: Preprocess):
+    """(name, x_train, y_train, x_test, y_test) of each target domain, shaped for the model and
+    mapped through its preprocessing `conv`."""
     mn, fa = load_raw("mnist"), load_raw("fashion-mnist")
     out = []
     for name, raw, f in (("inverted MNIST", mn, lambda p: 255 - p), ("Fashion-MNIST", fa, None)):
-        xs = [fit_pixels(graph, f(x) if f else x, name)
+        xs = [fit_pixels(graph, f(x) if f else x, name, conv)
               for x in (raw.x_train, raw.x_test)]
         out.append((name, xs[0], raw.y_train, xs[1], raw.y_test))
-    src = [fit_pixels(graph, mn.x_test, "mnist")]
+    src = [fit_pixels(graph, mn.x_test, "mnist", conv)]
     return out, (src[0], mn.y_test)
 
 
@@ -122,8 +129,8 @@ def m4_bytes(graph, cfg, work: Path, ram: int) -> dict:
     return row
 
 
-def shift_table(graph, args, tmp: Path, quiet: Console, pre: dict) -> None:
-    targets, (xs, ys) = tasks(graph)
+def shift_table(graph, args, tmp: Path, quiet: Console, pre: dict, conv: Preprocess) -> None:
+    targets, (xs, ys) = tasks(graph, conv)
     base = make_config("proposed", batch=args.batch, bn=args.bn)
     t0 = time.perf_counter()
     rows = []
@@ -160,11 +167,11 @@ def shift_table(graph, args, tmp: Path, quiet: Console, pre: dict) -> None:
               f"{b['flash']:,} | {b['ram'] / b0['ram']:.2f}x |")
 
 
-def m4_run(graph, args, tmp: Path, pre: dict) -> None:
+def m4_run(graph, args, tmp: Path, pre: dict, conv: Preprocess) -> None:
     if not (shutil.which("arm-none-eabi-gcc") and shutil.which("qemu-system-arm")):
         print("\n(cortex-m4 run skipped: needs gcc-arm-none-eabi and qemu-system-arm)")
         return
-    targets, _ = tasks(graph)
+    targets, _ = tasks(graph, conv)
     name, xtr, ytr, xte, yte = targets[0]
     cfg0 = make_config("proposed", batch=args.batch, bn=args.bn)
     tgt = dataclasses.replace(load_target("cortex-m4"), ram=64 * KIB)
@@ -177,7 +184,7 @@ def m4_run(graph, args, tmp: Path, pre: dict) -> None:
         return
     cfg = chosen.config
     out = tmp / "m4fit"
-    compile_to_c(graph, cfg, tgt, out, command="benchmarks/freeze.py (--fit)")
+    compile_to_c(graph, cfg, tgt, out, command="benchmarks/freeze.py (--fit)", preprocess=conv)
     write_run_inputs(out, graph, cfg, model_bytes(args.model))
     elf = baremetal.build_elf(out)
     full = m4_bytes(graph, dataclasses.replace(cfg, frozen=()), tmp / "m4full", 4096 * KIB)
@@ -225,16 +232,18 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-m4", action="store_true")
     args = ap.parse_args(argv)
     graph = load_graph(args.model)
+    conv = model_preprocess(model_bytes(args.model), args.model, None)
     print(f"# benchmarks/freeze.py {' '.join(argv if argv is not None else sys.argv[1:])}")
-    print(f"model {args.model}: layers {', '.join(lay.name for lay in graph.layers)}")
+    print(f"model {args.model}: layers {', '.join(lay.name for lay in graph.layers)}; input "
+          f"{conv.describe()}")
     quiet = Console(quiet=True)
     with tempfile.TemporaryDirectory(prefix="bnnc-freeze-") as t:
-        _, src = tasks(graph)
-        pre = pretrain(graph, args, Path(t), quiet, src)
+        _, src = tasks(graph, conv)
+        pre = pretrain(graph, args, Path(t), quiet, src, conv)
         if not args.skip_shift:
-            shift_table(graph, args, Path(t), quiet, pre)
+            shift_table(graph, args, Path(t), quiet, pre, conv)
         if not args.skip_m4:
-            m4_run(graph, args, Path(t), pre)
+            m4_run(graph, args, Path(t), pre, conv)
     return 0
 
 

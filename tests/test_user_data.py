@@ -367,3 +367,36 @@ def test_eval_under_qemu_matches_the_host(tmp_path, capsys):
         assert rc == 0, err
         results[target] = so.splitlines()[1:]
     assert results["host"] == results["cortex-m4"]
+
+
+def test_eval_png_draws_the_matrix_and_predictions_are_saved(tmp_path, capsys):
+    """The PNG holds the confusion matrix cell by cell (a diagonal cell's green and an off-diagonal
+    cell's blue deepen with the share of the true class; an empty cell is white), and
+    `--predictions` saves exactly the classes the numpy reference predicts for a model file."""
+    from bnnc.compiler.config import make_config
+    from bnnc.runtime import reference as ref
+    from bnnc.runtime.eval import EvalResult, confusion_png
+    r = EvalResult("m", "here", "init", "d", "test", ("a", "b"),
+                   np.array([[3, 1], [0, 4]]), 0.0, np.zeros(8, np.int64))
+    confusion_png(r, tmp_path / "c.png")
+    img = Image.open(tmp_path / "c.png").convert("RGB")
+    cell, margin = 40, 8 + 7 * 1                  # confusion_png's layout: names of 1 character
+
+    def corner(i, j):                             # a cell's pixel away from its count's text
+        return img.getpixel((margin + j * cell + cell - 4, margin + i * cell + cell - 4))
+    assert corner(0, 0) == (63, 255, 63)          # 3 of 4: 255 * (1 - 3/4) = 63, green
+    assert corner(0, 1) == (191, 191, 255)        # 1 of 4, blue
+    assert corner(1, 0) == (255, 255, 255)        # none
+    assert corner(1, 1) == (0, 255, 0)            # all of class b
+    # --predictions of a model file: the reference's argmax, in the split's order
+    x = np.random.default_rng(3).integers(0, 256, (30, 28, 28), dtype=np.uint8)
+    np.savez(tmp_path / "d.npz", x=x, y=np.arange(30) % 10)
+    rc, so, err = _cli(["eval", "tfc", "--data", tmp_path / "d.npz", "--split", "train",
+                        "--batch", "8", "--predictions", tmp_path / "p.npy"], capsys)
+    assert rc == 0, err
+    from bnnc.runtime.outdir import load_graph
+    g, cfg = load_graph("tfc"), make_config("proposed", batch=30)
+    want = ref.predict(g, cfg, ref.init_state(g, cfg), preprocess_pixels(x[:, None], DEFAULT))
+    got = np.load(tmp_path / "p.npy")
+    assert got.dtype == np.int64
+    np.testing.assert_array_equal(got, want.argmax(1))
