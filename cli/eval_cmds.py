@@ -65,6 +65,8 @@ def eval_cmd(model: str, state: str | None, split: str, limit: int | None, png: 
     \b
     Examples:
       bnnc eval out/tfc --data mnist --state init         # before any training step
+      bnnc eval out/tfc --data mnist --state init --predictions step0.npy
+                            # then: python scripts/ort_eval.py tfc.onnx --compare step0.npy
       bnnc eval out/tfc --data mnist --png confusion.png  # after `bnnc run`
       bnnc eval out/m4 --emulate --data mnist --state out/m4/state.bin
       bnnc eval model.onnx --data photos/ --fit resize --val-split 0.2
