@@ -12,11 +12,10 @@ import subprocess
 import numpy as np
 import pytest
 
+from mnist_like import pack_bands
 from bnnc.cli import main
 from bnnc.compiler import numerics as nx
 from bnnc.compiler.contract import read_manifest
-from bnnc.runtime import packed
-from bnnc.runtime.datasets import scale_pixels
 from bnnc.runtime.host import HostProgram
 from bnnc.runtime.programs import build_trainer
 
@@ -89,15 +88,7 @@ def test_check_with_a_decaying_sgd_lr(capsys):
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory):
-    rng = np.random.default_rng(5)
-    n = 120
-    y = rng.integers(0, 10, n)
-    px = rng.integers(0, 60, (n, 784)).astype(np.uint8)
-    for i, k in enumerate(y):
-        px[i].reshape(28, 28)[2 * k + 4: 2 * k + 7, 4:24] = 255
-    path = tmp_path_factory.mktemp("lr-data") / "train.bnnd"
-    packed.pack(path, scale_pixels(px), y, 10)
-    return path
+    return pack_bands(tmp_path_factory.mktemp("lr-data") / "train.bnnd", seed=5)
 
 
 def _train(exe, data, ckpt, *args) -> bytes:
