@@ -321,6 +321,8 @@ def lr_at(lr: float, schedule: str, t: int, horizon: int) -> np.float32:
     if schedule == "constant" or horizon <= 0:
         return base
     h = min(int(horizon), LR_HORIZON_MAX)
+    if t <= 1:                      # step 0 (before any step): the first step's lr
+        return base
     p = np.float32(1.0) if t > h else np.float32(np.float32(t - 1) / np.float32(h))
     f = np.float32(np.float32(1.0) - p) if schedule == "linear" else cos2_half_pi(p)
     return np.float32(base * f)

@@ -68,7 +68,7 @@ def test_c_lr_is_the_references_bit_for_bit(program):
     hp = HostProgram(out, debug=False)
     for h in (0,) + HORIZONS:
         hp.set_lr_horizon(h)
-        ts = sorted(set(_steps(h)) | set(range(1, min(h, 700) + 2)))
+        ts = sorted(set(_steps(h)) | set(range(0, min(h, 700) + 2)))
         got = np.array([hp.lr_at(t) for t in ts], np.float32)
         want = np.array([nx.lr_at(0.002, schedule, t, h) for t in ts], np.float32)
         assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), (schedule, h)

@@ -2459,6 +2459,7 @@ float bnnc_mlp_lr_at(uint64_t step)
     const uint32_t h = bnnc_state.lr_horizon;
     float p;
     if (h == 0u) return lr;
+    if (step <= 1u) return lr;      /* step 0: before any step, the first one's */
     p = step > h ? 1.0f : (float)(uint32_t)(step - 1u) / (float)h;
     return lr * (1.0f - p);
 }
