@@ -51,6 +51,9 @@ def where_options(f):
               help="also checkpoint every K steps (always: at each epoch end and at the end)")
 @click.option("--log-every", type=click.IntRange(min=1), default=None,
               help="print the loss every K steps")
+@click.option("--lr-horizon", type=int, default=None, metavar="STEP",
+              help="the absolute step the compiled lr schedule (--lr-schedule) decays to; 0 = "
+                   "train at the constant --lr [default: the step this run ends at]")
 @where_options
 @click.option("--count", is_flag=True,
               help="--emulate: report guest instructions per training step instead of training")
@@ -116,7 +119,8 @@ class _Printer:
         elif kind == "start":
             cfg = run.config
             say(f"{run.model}: {run.target.name} trainer ({run.where}), {cfg.algorithm}, "
-                f"{cfg.optimizer}, batch {cfg.batch}, arena {ev['arena_bytes']:,} B + "
+                f"{cfg.optimizer} (lr {cfg.lr:g}, {cfg.lr_schedule}), batch {cfg.batch}, arena "
+                f"{ev['arena_bytes']:,} B + "
                 f"state {ev['state_bytes']:,} B; {ev['train']} train / {ev['test']} test "
                 f"{run.data}; step {ev['step']} -> {ev['until']}")
         elif kind == "step":

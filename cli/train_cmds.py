@@ -19,8 +19,8 @@ from pathlib import Path
 import click
 from rich.console import Console
 
-from ..compiler.config import ALGORITHMS, BN_KINDS, OPTIMIZER_DEFAULTS, OPTIMIZERS, STATE_DTYPES, \
-    TrainConfig, check_config_for_graph, make_config
+from ..compiler.config import ALGORITHMS, BN_KINDS, LR_SCHEDULES, OPTIMIZER_DEFAULTS, OPTIMIZERS, \
+    STATE_DTYPES, TrainConfig, check_config_for_graph, make_config
 from ..compiler.errors import ConfigError
 from ..compiler.frontend import load_model
 from ..compiler.preprocess import SPEC_HELP
@@ -99,7 +99,8 @@ def lr_help() -> str:
 
 
 def optimizer_options(f):
-    """--bop-gamma, --bop-threshold, --bn-momentum: shared by `bnnc train`, `compile` and `check`
+    """--bop-gamma, --bop-threshold, --lr-schedule, --bn-momentum: shared by `bnnc train`, `compile`
+    and `check`
     (unset = TrainConfig's defaults, which the help states)."""
     d = TrainConfig()
     opts = [
@@ -109,6 +110,13 @@ def optimizer_options(f):
                      help="Bop: flip a weight when its momentum, counted in gradient steps of "
                           "mean magnitude (Larq's tau / (gamma mean|g|)), exceeds this "
                           f"[default: {d.bop_threshold:g}]"),
+        click.option("--lr-schedule", default=None, metavar="|".join(LR_SCHEDULES),
+                     help="learning rate over a run (Adam/SGD; Bop's real-valued tensors): "
+                          "constant, or decaying from --lr to 0 at the run's last step, "
+                          "linearly or as a half cosine; `bnnc run`, `bnnc train` and the "
+                          "trainers decay over the steps they are asked for, the firmware "
+                          "library and the fleet train at --lr (compiler/README.md, "
+                          f"\"Learning-rate schedule\") [default: {d.lr_schedule}]"),
         click.option("--bn-momentum", type=float, default=None,
                      help="BN running statistics r = m r + (1 - m) batch "
                           f"[default: {d.bn_momentum:g}]"),
@@ -185,7 +193,7 @@ def train_cmd(model: Path, backend: str, epochs: int | None, steps: int | None,
                       else (x_train[:0], y_train[:0]))
     console = Console(highlight=False, soft_wrap=True)
     console.print(f"{graph.name}: {cfg.algorithm} ({_techniques(cfg)}), {cfg.optimizer} "
-                  f"lr {cfg.lr:g}, "
+                  f"lr {cfg.lr:g} ({cfg.lr_schedule}), "
                   f"batch {cfg.batch}, {len(x_train)} train / {len(x_test)} test {data.name}; "
                   f"input: {data.fit.describe()}; pixels {pre.describe()}")
     if backend == "c":

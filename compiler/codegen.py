@@ -61,7 +61,8 @@ from .. import __version__
 from .baremetal import emit_baremetal
 from .firmware_api import fw_context
 from .library import emit_library
-from .c_literals import c_comment, c_ident, c_label, c_string, pixel_lut_c
+from . import numerics as nx
+from .c_literals import c_comment, c_float, c_ident, c_label, c_string, pixel_lut_c
 from .contract import (DTYPE_CODES, MANIFEST, REGION_CODES, STATE_BLOB_HEADER_BYTES,
                        STATE_BLOB_MAGIC, STATE_BLOB_VERSION, STATUSES, TRAINER_SOURCE, Manifest,
                        StateEntry, StepEntry, TensorEntry)
@@ -369,9 +370,21 @@ def _template_context(schedule: Schedule, plan, target: Target, ctx: LowerCtx, *
         dtype_codes=[(d.value.upper(), c) for d, c in DTYPE_CODES.items()],
         crc_table=[f"0x{v:08X}u" for v in _crc_table()], target=target.name,
         target_kind=target.kind, **_pixel_context(preprocess, input_t.shape[1:]),
+        **_lr_context(schedule),
         **_guard_context(schedule, plan),
     )
     return common, sorted(instances.values(), key=lambda i: (i.family, i.fn))
+
+
+def _lr_context(schedule: Schedule) -> dict:
+    """The learning-rate schedule of templates/model.c.j2 (`<prefix>_lr_at`, the same float32
+    operations as numerics.lr_at): "constant" when no update step reads an lr (Bop without
+    real-valued tensors)."""
+    cfg = schedule.config
+    used = any(s.attrs.get("lr_schedule") for s in schedule.steps)
+    return dict(lr_schedule=cfg.lr_schedule if used else "constant", lr_base=c_float(cfg.lr),
+                lr_half_pi=c_float(nx.HALF_PI), lr_cos=[c_float(c) for c in nx.COS_TAYLOR],
+                lr_sin=[c_float(c) for c in nx.SIN_TAYLOR])
 
 
 def _render_program(env: jinja2.Environment, common: dict, kernels: list[str], target: Target,

@@ -21,6 +21,7 @@ ALGORITHMS = ("standard", "proposed")
 OPTIMIZERS = ("adam", "sgd", "bop")
 STATE_DTYPES = ("f32", "bf16", "f16")
 BN_KINDS = ("l2", "l1")
+LR_SCHEDULES = ("constant", "linear", "cosine")
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,11 @@ class TrainConfig:
     save_bits: bool = True          # binary layers keep their saved input / masks as packed bits
     # hyper-parameters (the authors' values)
     lr: float = 1e-3
+    # the lr of step t (1-based) of a run of `horizon` steps: lr * f((t-1)/horizon), f = 1
+    # (constant), 1 - p (linear) or (1 + cos(pi p))/2 (cosine), 0 past the horizon; a program or
+    # reference without a horizon (0: firmware library, fleet) trains at lr (numerics.lr_at;
+    # compiler/README.md, "Learning-rate schedule")
+    lr_schedule: str = "linear"
     beta1: float = 0.9
     beta2: float = 0.999
     adam_eps: float = 1e-7
@@ -100,6 +106,9 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("--po2-bias has no effect with --no-po2; drop one of them")
     if cfg.lr <= 0:
         raise ConfigError(f"learning rate must be positive, got {cfg.lr}")
+    if cfg.lr_schedule not in LR_SCHEDULES:
+        raise ConfigError(f"unknown learning-rate schedule {cfg.lr_schedule!r}; choose one of: "
+                          f"{', '.join(LR_SCHEDULES)}")
     if not 0 < cfg.bop_gamma < 1:
         raise ConfigError(f"--bop-gamma must lie in (0, 1), got {cfg.bop_gamma}")
     if cfg.bop_threshold < 0:

@@ -276,3 +276,53 @@ def one_minus_pow(b: float, t: int) -> np.float32:
             base = np.float32(base * base)
             t >>= 1
     return np.float32(np.float32(1.0) - r)
+
+
+# ---- learning-rate schedule (compiler/README.md, "Learning-rate schedule") ----------------------
+# The C (templates/model.c.j2 `bnnc_lr`) computes the same float32 operations in the same order
+# with these coefficients (c_float), built with -ffp-contract=off: no libm call, so glibc, newlib
+# and numpy give the same bits.
+
+LR_HORIZON_MAX = 2**32 - 1          # the C keeps the horizon in a uint32
+HALF_PI = math.pi / 2
+COS_TAYLOR = (1.0, -1 / 2, 1 / 24, -1 / 720, 1 / 40320, -1 / 3628800)     # cos x, powers of x^2
+SIN_TAYLOR = (1.0, -1 / 6, 1 / 120, -1 / 5040, 1 / 362880, -1 / 39916800)  # sin x / x
+
+
+def _horner_f32(coeffs: tuple[float, ...], x2: np.float32) -> np.float32:
+    """sum_k c_k x2^k in float32 by Horner, highest power first: r = c_k + x2 * r."""
+    r = np.float32(coeffs[-1])
+    for c in reversed(coeffs[:-1]):
+        r = np.float32(np.float32(c) + np.float32(x2 * r))
+    return r
+
+
+def cos2_half_pi(p: np.float32) -> np.float32:
+    """(1 + cos(pi p)) / 2 = cos^2(pi p / 2) for p in [0, 1] in float32: for p <= 1/2 the Taylor
+    polynomial of cos at x = p pi/2 (x <= pi/4), else that of sin at x = (1 - p) pi/2 (1 - p is
+    exact there), so the small values near p = 1 keep their relative precision; truncation error
+    below 2e-10 on [0, pi/4]."""
+    p = np.float32(p)
+    if p <= np.float32(0.5):
+        x = np.float32(p * np.float32(HALF_PI))
+        v = _horner_f32(COS_TAYLOR, np.float32(x * x))
+    else:
+        x = np.float32(np.float32(np.float32(1.0) - p) * np.float32(HALF_PI))
+        v = np.float32(x * _horner_f32(SIN_TAYLOR, np.float32(x * x)))
+    return np.float32(v * v)
+
+
+def lr_at(lr: float, schedule: str, t: int, horizon: int) -> np.float32:
+    """The float32 learning rate of step t (1-based: the step being taken) of a run of `horizon`
+    steps, as the C's `bnnc_lr` computes it: p = (t - 1) / horizon in float32 (1 past the
+    horizon), lr * (1 - p) for "linear", lr * cos2_half_pi(p) for "cosine"; lr itself for
+    "constant" or when no horizon is known (0). The horizon is capped at LR_HORIZON_MAX."""
+    base = np.float32(lr)
+    if schedule == "constant" or horizon <= 0:
+        return base
+    h = min(int(horizon), LR_HORIZON_MAX)
+    if t <= 1:                      # step 0 (before any step): the first step's lr
+        return base
+    p = np.float32(1.0) if t > h else np.float32(np.float32(t - 1) / np.float32(h))
+    f = np.float32(np.float32(1.0) - p) if schedule == "linear" else cos2_half_pi(p)
+    return np.float32(base * f)

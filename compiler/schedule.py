@@ -411,9 +411,10 @@ class ScheduleBuilder:
             attrs.update(g_scale=float(np.float32(1 / math.sqrt(prod(st.shape)))),
                          ste_mask=st.dtype != "bit")
         if st.optimizer == "adam":
-            attrs.update(lr=cfg.lr, beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.adam_eps)
+            attrs.update(lr=cfg.lr, lr_schedule=cfg.lr_schedule, beta1=cfg.beta1,
+                         beta2=cfg.beta2, eps=cfg.adam_eps)
         elif st.optimizer == "sgd":
-            attrs.update(lr=cfg.lr, momentum=cfg.sgd_momentum)
+            attrs.update(lr=cfg.lr, lr_schedule=cfg.lr_schedule, momentum=cfg.sgd_momentum)
         else:
             attrs.update(gamma=cfg.bop_gamma, threshold=cfg.bop_threshold)
         self.emit(UPDATE_KERNELS[st.optimizer], lay.name, (st.name, grad) + moms,

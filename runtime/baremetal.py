@@ -333,14 +333,15 @@ def run(out_dir: str | Path, target: Target | str | None = None, *, train: str |
         test: str | Path | None = None, start_blob: bytes | None = None,
         steps: int | None = None, epochs: int | None = None, limit: int | None = None,
         seed: int | None = None, log_every: int = 0, checkpoint: bool = False, every: int = 0,
-        stack: bool = False, count: bool = False, on_event: Callable[[dict], None] | None = None,
+        lr_horizon: int | None = None, stack: bool = False, count: bool = False, on_event: Callable[[dict], None] | None = None,
         timeout: float = 600.0, cache: Path | None = None):
     """Train under qemu-system-arm on packed datasets (`train`, optional `test`): --steps/--epochs
     are absolute targets as in the Linux trainer. `start_blob` (a state blob, e.g. from
     start_state_blob or a checkpoint) is loaded into flash; without it the program initializes
     from its seed. `checkpoint`: the trainer writes its state blob at every epoch end (and every
     `every` steps); the last one is returned. `count=True` measures instructions per step instead
-    (count_step_instructions) and returns its StepCount."""
+    (count_step_instructions) and returns its StepCount. `lr_horizon`: the step the lr schedule
+    decays to (default: the target; 0 = constant lr)."""
     out_dir = Path(out_dir)
     m, tgt = compiled_program(out_dir, target)
     if count:
@@ -354,7 +355,7 @@ def run(out_dir: str | Path, target: Target | str | None = None, *, train: str |
     args += ["--blob"] if start_blob is not None else []
     for flag, v in (("--steps", steps), ("--epochs", epochs), ("--limit", limit),
                     ("--seed", seed), ("--log-every", log_every or None),
-                    ("--every", every or None)):
+                    ("--every", every or None), ("--lr-horizon", lr_horizon)):
         if v is not None:
             args += [flag, str(int(v))]
     args += ["--checkpoint", CHECKPOINT_FILE] if checkpoint else []

@@ -341,6 +341,9 @@ def run_check(graph: Graph, cfg: TrainConfig, *, steps: int = 3, data_seed: int 
         # replays the recording exactly as it drives the in-process host program
         hp = RecordedProgram(out, tgt, batches, init.tensors)
     hp.load_state(init.tensors, step=0, seed=cfg.seed)
+    # the lr schedule decays over the K steps (the trace trainer sets the same horizon itself)
+    if tgt.kind == "host":
+        hp.set_lr_horizon(steps)
     sts = {st.name: st for st in state_tensors(graph, cfg)}
     state_dtypes = {n: t.dtype for n, t in schedule.tensors.items() if t.role.persistent}
     seen_c_only: set[str] = set()
@@ -350,7 +353,7 @@ def run_check(graph: Graph, cfg: TrainConfig, *, steps: int = 3, data_seed: int 
         pre = hp.read_state()
         pre_state = reference.TrainState(
             {n: (v.astype(np.int8) if sts[n].dtype == "bit" else v.astype(np.float32))
-             for n, v in pre.items()}, hp.step_count)
+             for n, v in pre.items()}, hp.step_count, steps)
         loss, acc = hp.train_step(x, y)
         try:
             with _reference_hooks(schedule, hp, forcing):
@@ -386,7 +389,7 @@ def run_check(graph: Graph, cfg: TrainConfig, *, steps: int = 3, data_seed: int 
             report.rows.append(compare(k, name, t.dtype, c, r, chain.get(name, 0.0),
                                        _slack(schedule, hp, name, t, pre)))
         after = hp.read_state()
-        expected = reference.update_params(graph, cfg, pre_state.step + 1, pre, c_vals)
+        expected = reference.update_params(graph, cfg, pre_state.step + 1, pre, c_vals, steps)
         for name, v in state.tensors.items():
             ref_v = expected.get(name, v)      # parameters and moments: update of the C gradient
             report.rows.append(compare(k, name, state_dtypes[name], after[name], ref_v,

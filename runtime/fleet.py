@@ -429,12 +429,15 @@ class LocalResult:
 def train_host(program, tensors: Mapping[str, np.ndarray], step: int, seed: int, x: np.ndarray,
                y: np.ndarray, *, epochs: int, order_key: Sequence[int]) -> LocalResult:
     """`epochs` passes over (x, y) with the emitted C loaded by cffi (runtime/host.py); batch order:
-    a numpy permutation per epoch keyed by `order_key` (fleet seed, round, device)."""
+    a numpy permutation per epoch keyed by `order_key` (fleet seed, round, device). The lr is the
+    constant --lr: a round's local epochs are a slice of a run no device sees whole
+    (compiler/README.md, "Learning-rate schedule")."""
     b = program.batch
     per_epoch = len(x) // b
     if per_epoch == 0:
         raise DataError(f"{len(x)} local examples do not fill one batch of {b}")
     program.load_state(tensors, step=step, seed=seed)
+    program.set_lr_horizon(0)
     losses, accs = [], []
     for e in range(epochs):
         perm = np.random.default_rng([*order_key, e]).permutation(len(x))
@@ -463,7 +466,8 @@ def train_standalone(out_dir: Path, tensors: Mapping[str, np.ndarray], step: int
                         f"{manifest.batch}")
     seen: list[dict] = []
     run_compiled(Path(out_dir), RunOptions(data_name, data_dir, steps=epochs * per_epoch,
-                                           resume=start, emulate=emulate, device=device,
+                                           resume=start, lr_horizon=0,     # constant lr, as
+                                           emulate=emulate, device=device,  # train_host
                                            indices=tuple(int(i) for i in indices),
                                            timeout=timeout),
                  lambda ev: seen.append(ev.fields) if isinstance(ev, TrainerEvent) else None)

@@ -38,7 +38,7 @@ import numpy as np
 from ..compiler.codegen import header_cdef
 from ..compiler.contract import STATUSES, Manifest, TensorEntry, read_manifest
 from ..compiler.errors import BnncWarning, DataError, TargetError
-from ..compiler.numerics import unpack_bits
+from ..compiler.numerics import LR_HORIZON_MAX, unpack_bits
 from ..compiler.target import Target, load_target
 
 _STATUS = tuple(text for _, text in STATUSES)
@@ -234,6 +234,15 @@ class HostProgram:
     @property
     def step_count(self) -> int:
         return int(self._fn("step_count")())
+
+    def set_lr_horizon(self, steps: int) -> None:
+        """The run's length the lr schedule decays over (0: none, the base lr); capped as the C's
+        uint32 (numerics.LR_HORIZON_MAX)."""
+        self._fn("set_lr_horizon")(min(max(int(steps), 0), LR_HORIZON_MAX))
+
+    def lr_at(self, step: int) -> float:
+        """The C's learning rate of step `step` (1-based) under the current horizon."""
+        return float(self._fn("lr_at")(step))
 
     def get_state(self) -> bytes:
         n = int(self._fn("state_blob_bytes")())

@@ -35,7 +35,8 @@ Algorithm (ALGORITHM.md §1-3; cfg switches each technique of the proposed algor
   (`<layer>.x_saved`), and so is a binary layer's real input when something upstream is trainable;
   the first layer's real input is kept as given.
 - update: Adam / SGD-momentum / Bop (binary W only; every other tensor Adam), all float32; see
-  compiler/ops/optim.py.
+  compiler/ops/optim.py. Adam's and SGD's lr is `numerics.lr_at(cfg.lr, cfg.lr_schedule, t,
+  state.horizon)`, the C's `<prefix>_lr_at` bit for bit.
 - partial training (cfg.frozen): frozen parameters keep their values (a frozen binary W is its
   sign, int8 +-1), get no dW/db, and layers keep nothing for a dW they do not compute; gradients
   flow only where `ops.needs_grad(graph, cfg)` says, so the backward stops at the first trainable
@@ -97,9 +98,12 @@ class TrainState:
     # in the tensor's dtype; "bit" tensors are int8 +-1
     tensors: dict[str, np.ndarray]
     step: int = 0                    # optimizer steps taken
+    # the run's length the lr schedule decays over (numerics.lr_at; 0 = none known: the base lr);
+    # a setting of the run, like the C's set_lr_horizon, not saved with the state
+    horizon: int = 0
 
     def copy(self) -> "TrainState":
-        return TrainState({k: v.copy() for k, v in self.tensors.items()}, self.step)
+        return TrainState({k: v.copy() for k, v in self.tensors.items()}, self.step, self.horizon)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -154,9 +158,11 @@ def _store(cfg: TrainConfig, st: StateTensor, v: np.ndarray, t: int) -> np.ndarr
 
 
 def update_params(graph: Graph, cfg: TrainConfig, t: int, pre: Mapping[str, np.ndarray],
-                  grads: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+                  grads: Mapping[str, np.ndarray], horizon: int = 0) -> dict[str, np.ndarray]:
     """Step t's optimizer update of every parameter and its moments, stored in their dtypes: the
-    update rules (`UPDATE`) applied to `grads` (`fc1.dW`, ...) from the pre-step state `pre`."""
+    update rules (`UPDATE`) applied to `grads` (`fc1.dW`, ...) from the pre-step state `pre`, at
+    the learning rate of step t of a run of `horizon` steps (`numerics.lr_at`)."""
+    lr = nx.lr_at(cfg.lr, cfg.lr_schedule, t, horizon)
     sts = state_tensors(graph, cfg)
     by_name = {st.name: st for st in sts}
     new: dict[str, np.ndarray] = {}
@@ -167,7 +173,7 @@ def update_params(graph: Graph, cfg: TrainConfig, t: int, pre: Mapping[str, np.n
         moms = {n.split(".")[-1]: pre[n].astype(np.float32)
                 for n in by_name if n.startswith(st.name + ".")}
         value = pre[st.name].astype(np.int8 if st.dtype == "bit" else np.float32)
-        w, moms = UPDATE[st.optimizer](cfg, t, value, grad.reshape(st.shape), moms)
+        w, moms = UPDATE[st.optimizer](cfg, t, value, grad.reshape(st.shape), moms, lr)
         new[st.name] = _store(cfg, st, w, t)
         for mname, mv in moms.items():
             new[f"{st.name}.{mname}"] = _store(cfg, by_name[f"{st.name}.{mname}"], mv, t)
@@ -275,7 +281,7 @@ def train_step(graph: Graph, cfg: TrainConfig, state: TrainState, x,
     out = forward_backward(graph, cfg, state.tensors, x, labels)
     t = state.step + 1
     sts = state_tensors(graph, cfg)
-    new = update_params(graph, cfg, t, state.tensors, out)
+    new = update_params(graph, cfg, t, state.tensors, out, state.horizon)
     for st in sts:
         if st.kind == "bn_stat":
             new[st.name] = _store(cfg, st, out[st.name], t)
@@ -283,7 +289,7 @@ def train_step(graph: Graph, cfg: TrainConfig, state: TrainState, x,
             new[st.name] = state.tensors[st.name].copy()
     assert new.keys() == {st.name for st in sts}
     out.update(new)
-    return TrainState({st.name: new[st.name] for st in sts}, t), out
+    return TrainState({st.name: new[st.name] for st in sts}, t, state.horizon), out
 
 
 def predict(graph: Graph, cfg: TrainConfig, state: TrainState, x) -> np.ndarray:

@@ -13,7 +13,7 @@ the split, the class names (index -> name) and the transform; the start state is
 (Linux: the trainer's float32 --init file; bare metal: the state blob loaded into flash) or the
 checkpoint `resume`; the trainer runs to an absolute step (`until_step`: --epochs E / --steps N
 count from where the run starts, so a resumed run continues the same batch sequence; see
-templates/trainer/skeleton.c.j2). Output: OUT/state.bin (the checkpoint, written atomically at every epoch
+templates/trainer/skeleton.c.j2); the lr schedule decays to `until` (or to `lr_horizon`). Output: OUT/state.bin (the checkpoint, written atomically at every epoch
 end, every `every` steps and at the end) and OUT/final_state.npz (decoded from it, for
 `bnnc export OUT/`).
 
@@ -44,6 +44,7 @@ from ..compiler.config import TrainConfig
 from ..compiler.contract import Manifest
 from ..compiler.errors import ConfigError, DataError, OutDirError, TargetError
 from ..compiler.ir import Graph
+from ..compiler.numerics import LR_HORIZON_MAX
 from ..compiler.target import Target
 from . import baremetal, packed
 from .datasets import DataRequest, ModelData, Subset, open_data
@@ -75,6 +76,8 @@ class RunOptions:
     resume: Path | None = None           # a checkpoint (state blob) of an earlier run
     every: int | None = None             # also checkpoint every K steps
     log_every: int | None = None         # a "step" event every K steps
+    lr_horizon: int | None = None        # the step the lr schedule decays to (None: the run's
+                                         # last step, `until`; 0: constant lr)
     emulate: bool = False
     device: str | None = None            # user@host[:dir]
     port: int | None = None              # device: ssh port, key, extra -o options
@@ -209,7 +212,12 @@ def run_compiled(out_dir: Path, opts: RunOptions, on_event: OnEvent) -> None:
 
 
 def _check_mode(out_dir: Path, tgt: Target, opts: RunOptions) -> None:
-    """ConfigError when --emulate / --device / --count do not fit the target."""
+    """ConfigError when --emulate / --device / --count do not fit the target, or --lr-horizon is
+    out of the C's uint32 range."""
+    if opts.lr_horizon is not None and not 0 <= opts.lr_horizon <= LR_HORIZON_MAX:
+        raise ConfigError(f"--lr-horizon {opts.lr_horizon} is outside [0, {LR_HORIZON_MAX}]",
+                          hint="give the step the lr schedule should reach 0 at, or 0 for a "
+                               "constant lr")
     if opts.emulate and opts.device:
         raise ConfigError("--emulate and --device exclude each other")
     if tgt.kind == "baremetal":
@@ -287,6 +295,7 @@ def _run_linux(out_dir: Path, tgt: Target, manifest: Manifest, graph: Graph, cfg
     args += ["--resume"] if opts.resume is not None else []
     args += ["--every", str(opts.every)] if opts.every else []
     args += ["--log-every", str(opts.log_every)] if opts.log_every else []
+    args += ["--lr-horizon", str(opts.lr_horizon)] if opts.lr_horizon is not None else []
     exe = build_trainer(out_dir, tgt)
 
     def started(where: str) -> None:
@@ -372,7 +381,7 @@ def _run_baremetal(out_dir: Path, tgt: Target, manifest: Manifest, graph: Graph,
                      plan.epochs, elf))
     res = baremetal.run(out_dir, tgt, train=plan.train, test=plan.test, start_blob=blob,
                         steps=plan.until, limit=plan.n_train, log_every=opts.log_every or 0,
-                        every=opts.every or 0, checkpoint=True,
+                        every=opts.every or 0, lr_horizon=opts.lr_horizon, checkpoint=True,
                         on_event=lambda ev: on_event(TrainerEvent(ev)), timeout=timeout)
     if res.returncode != 0:
         raise DataError(f"the {tgt.name} trainer failed (exit {res.returncode}): "

@@ -1,8 +1,8 @@
 """The epoch loop of `bnnc train` (numpy reference or emitted C for the host): batches, progress
 bar, per-epoch metrics; and its two backends.
 
-Input: a backend (anything with `batch`, `step(x, y) -> (loss, acc)`, `predict(x) -> probs`,
-`state() -> dict`), training and test arrays already shaped for the model. Output: one
+Input: a backend (anything with `batch`, `set_horizon(steps)` (the lr schedule's),
+`step(x, y) -> (loss, acc)`, `predict(x) -> probs`, `state() -> dict`), training and test arrays already shaped for the model. Output: one
 `EpochResult` per epoch, printed as it completes.
 
 Invariants: deterministic for a given seed (one numpy `default_rng(seed)` permutation per epoch);
@@ -51,6 +51,9 @@ class ReferenceBackend:
         self.graph, self.cfg, self.batch = graph, cfg, cfg.batch
         self.st = state if state is not None else ref.init_state(graph, cfg)
 
+    def set_horizon(self, steps: int) -> None:
+        self.st.horizon = steps
+
     def step(self, x, y) -> tuple[float, float]:
         self.st, out = ref.train_step(self.graph, self.cfg, self.st, x, y)
         return float(out["loss"]), float(out["accuracy"])
@@ -70,6 +73,9 @@ class HostBackend:
     def __init__(self, program, init_tensors: dict[str, np.ndarray], *, seed: int = 0):
         self.prog, self.batch = program, program.batch
         program.load_state(init_tensors, step=0, seed=seed)
+
+    def set_horizon(self, steps: int) -> None:
+        self.prog.set_lr_horizon(steps)
 
     def step(self, x, y) -> tuple[float, float]:
         return self.prog.train_step(x, y)
@@ -107,7 +113,8 @@ def evaluate(backend, x: np.ndarray, y: np.ndarray) -> float:
 def fit(backend, x_train, y_train, x_test, y_test, *, epochs: int | None, steps: int | None,
         seed: int, start: int = 0, console: Console | None = None) -> list[EpochResult]:
     """Train `epochs` passes (or `steps` steps) after `start` steps already taken; a resumed run
-    sees exactly the batches an uninterrupted run with the same seed would have seen."""
+    sees exactly the batches an uninterrupted run with the same seed would have seen. The lr
+    schedule's horizon is the run's last step (start + the steps trained here), as `bnnc run`'s."""
     console = console or Console(highlight=False, soft_wrap=True)
     b = backend.batch
     per_epoch = len(x_train) // b
@@ -118,6 +125,7 @@ def fit(backend, x_train, y_train, x_test, y_test, *, epochs: int | None, steps:
     if epochs is None:
         epochs = 1 if steps is None else math.ceil((skip + steps) / per_epoch)
     total = per_epoch * epochs - skip if steps is None else min(steps, per_epoch * epochs - skip)
+    backend.set_horizon(start + total)       # the lr schedule decays to the run's last step
     rng = np.random.default_rng(seed)
     for _ in range(start // per_epoch):      # the permutations of epochs already trained
         rng.permutation(len(x_train))

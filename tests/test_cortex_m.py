@@ -269,7 +269,8 @@ def test_m7_trains_from_the_model_state_and_matches_the_host_trainer(tfc_m7, tmp
     assert state.step == 24 and np.isfinite(state.tensors["fc1.W.m"]).all()
 
     # the host's standalone trainer of the same model, state and data sees the same batches: same
-    # losses (the kernels are the same C with -ffp-contract=off; only libm's expf/logf differ)
+    # losses (the kernels are the same C with -ffp-contract=off; only libm's expf/logf differ);
+    # 8 of the M7's 24 steps, so the lr schedule decays to step 24 there too
     host = tmp_path / "host"
     compile_to_c(graph, cfg, load_target("host"), host)
     (tmp_path / "start.bin").write_bytes(blob)
@@ -277,7 +278,8 @@ def test_m7_trains_from_the_model_state_and_matches_the_host_trainer(tfc_m7, tmp
     (tmp_path / "init.f32").write_bytes(state_values_f32(read_manifest(host), start))
     r = LocalRunner(load_target("host")).run(
         build_trainer(host), ["--train", str(root / "train.bnnd"), "--init",
-                              str(tmp_path / "init.f32"), "--steps", "8", "--log-every", "1"])
+                              str(tmp_path / "init.f32"), "--steps", "8", "--lr-horizon", "24",
+                              "--log-every", "1"])
     host_losses = [e["loss"] for e in r.events if e["event"] == "step"]
     np.testing.assert_allclose(losses[:8], host_losses, rtol=1e-5)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mnist_like import pack_bands
 from bnnc.cli import main
 from bnnc.compiler.c_literals import PIXEL_LUT
 from bnnc.compiler.errors import DataError, TargetError
@@ -38,15 +39,7 @@ def compiled(tmp_path_factory):
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory):
     """Learnable data in the MNIST shape: class k lights up row band k."""
-    rng = np.random.default_rng(3)
-    n = 120
-    y = rng.integers(0, 10, n)
-    px = rng.integers(0, 60, (n, 784)).astype(np.uint8)
-    for i, k in enumerate(y):
-        px[i].reshape(28, 28)[2 * k + 4: 2 * k + 7, 4:24] = 255
-    path = tmp_path_factory.mktemp("data") / "train.bnnd"
-    assert packed.pack(path, scale_pixels(px), y, 10) == packed.U8
-    return path
+    return pack_bands(tmp_path_factory.mktemp("data") / "train.bnnd")
 
 
 def _run(exe, *args, check=True):

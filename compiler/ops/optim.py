@@ -26,6 +26,13 @@ BACKWARD: dict = {}
 
 # ---- kernels: contract (dtypes, in-place) + C lowering -----------------------------------------
 
+def _lr(step: Step) -> str:
+    """The lr operand: the constant, or the schedule's value for the step being taken
+    (`BNNC_LR()`, templates/model.c.j2; numerics.lr_at)."""
+    a = step.attrs
+    return c_float(a["lr"]) if a.get("lr_schedule", "constant") == "constant" else "BNNC_LR()"
+
+
 def _update_common(step: Step, ctx: LowerCtx) -> tuple[dict, list]:
     a = step.attrs
     p, g = step.inputs[0], step.inputs[1]
@@ -46,7 +53,7 @@ def _lower_adam(step: Step, ctx: LowerCtx) -> Call:
     mid, vid = a["moment_ids"]
     b1, b2 = a["beta1"], a["beta2"]
     return Call(inst, [ctx.ptr(p), ctx.ptr(g), ctx.ptr(m), ctx.ptr(v), a["size"]] + gbits + [
-        c_float(a["lr"]), c_float(b1), c_float(b2), c_float(1 - b1), c_float(1 - b2),
+        _lr(step), c_float(b1), c_float(b2), c_float(1 - b1), c_float(1 - b2),
         f"bnnc_one_minus_pow({c_float(b1)}, t)", f"bnnc_one_minus_pow({c_float(b2)}, t)",
         c_float(a["eps"]), f"bnnc_sr_key(seed, t, {a['tensor_id']}u)",
         f"bnnc_sr_key(seed, t, {mid}u)", f"bnnc_sr_key(seed, t, {vid}u)"])
@@ -60,7 +67,7 @@ def _lower_sgd(step: Step, ctx: LowerCtx) -> Call:
     inst = instance(step, ctx, operands=ops, gbit=ctx.t(g).dtype is DType.BIT)
     (mid,) = a["moment_ids"]
     return Call(inst, [ctx.ptr(p), ctx.ptr(g), ctx.ptr(m), a["size"]] + gbits + [
-        c_float(a["lr"]), c_float(a["momentum"]), f"bnnc_sr_key(seed, t, {a['tensor_id']}u)",
+        _lr(step), c_float(a["momentum"]), f"bnnc_sr_key(seed, t, {a['tensor_id']}u)",
         f"bnnc_sr_key(seed, t, {mid}u)"])
 
 
@@ -111,11 +118,12 @@ UPDATE_KERNELS = {"adam": ADAM_UPDATE, "sgd": SGD_UPDATE, "bop": BOP_UPDATE}   #
 
 # ---- numpy reference --------------------------------------------------------------------------
 
-# (cfg, t, value, grad, moments) -> (new value, new moments), all float32, before storing
+# (cfg, t, value, grad, moments, lr) -> (new value, new moments), all float32, before storing;
+# lr: the float32 learning rate of step t (numerics.lr_at: cfg.lr under the run's schedule)
 
 
 def _ref_adam(cfg: TrainConfig, t: int, w: np.ndarray, g: np.ndarray,
-              mom: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+              mom: dict[str, np.ndarray], lr: np.float32) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """PyTorch's Adam formula: m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
     W = W - (lr * (m / bc1)) / (sqrt(v / bc2) + eps), bc1 = 1 - b1^t, bc2 = 1 - b2^t (t after
     increment; 1 - b^t in float32, numerics.one_minus_pow).
@@ -126,15 +134,15 @@ def _ref_adam(cfg: TrainConfig, t: int, w: np.ndarray, g: np.ndarray,
     bc1, bc2 = nx.one_minus_pow(cfg.beta1, t), nx.one_minus_pow(cfg.beta2, t)
     m = b1 * mom["m"] + c1 * g
     v = b2 * mom["v"] + c2 * (g * g)
-    w = w - (np.float32(cfg.lr) * (m / bc1)) / (np.sqrt(v / bc2) + np.float32(cfg.adam_eps))
+    w = w - (np.float32(lr) * (m / bc1)) / (np.sqrt(v / bc2) + np.float32(cfg.adam_eps))
     return w, {"m": m, "v": v}
 
 
 def _ref_sgd(cfg: TrainConfig, t: int, w: np.ndarray, g: np.ndarray,
-             mom: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+             mom: dict[str, np.ndarray], lr: np.float32) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """SGD with momentum (PyTorch, no dampening): m = mu m + g; W = W - lr m."""
     m = np.float32(cfg.sgd_momentum) * mom["m"] + g
-    return w - np.float32(cfg.lr) * m, {"m": m}
+    return w - np.float32(lr) * m, {"m": m}
 
 
 def _bop_unit_gradient(cfg: TrainConfig, g: np.ndarray) -> np.ndarray:
@@ -148,13 +156,13 @@ def _bop_unit_gradient(cfg: TrainConfig, g: np.ndarray) -> np.ndarray:
     return g * inv
 
 
-def _ref_bop(cfg: TrainConfig, t: int, w: np.ndarray, g: np.ndarray,
-             mom: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def _ref_bop(cfg: TrainConfig, t: int, w: np.ndarray, g: np.ndarray, mom: dict[str, np.ndarray],
+             lr: np.float32 | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Bop (Helwegen et al. 2019) on +-1 weights with a scaled momentum (compiler/README.md,
     "Bop"): m = (1-gamma) m + u, u = the gradient in units of its mean magnitude
     (`_bop_unit_gradient`), which is Larq's momentum divided by gamma mean|g|; w = -w where
     |m| > threshold and sign(m) == sign(w) (the gradient agrees with the weight, so flipping lowers
-    the loss)."""
+    the loss). No learning rate: the schedule acts on the Adam-trained real tensors only."""
     m = np.float32(1 - cfg.bop_gamma) * mom["m"] + _bop_unit_gradient(cfg, g)
     flip = (np.abs(m) > np.float32(cfg.bop_threshold)) & ((m >= 0) == (w > 0))
     return np.where(flip, -w, w).astype(np.int8), {"m": m}

@@ -6,12 +6,15 @@
  *
  *   trainer --train FILE [--test FILE] [--init FILE] [--epochs E | --steps N] [--limit N]
  *           [--checkpoint FILE] [--resume] [--every K] [--final FILE] [--seed S] [--log-every K]
- *           [--no-clock]   (report 0 s: output and instruction counts independent of timing)
+ *           [--lr-horizon N] [--no-clock]   (--no-clock: report 0 s, output and instruction counts
+ *           independent of timing)
  *   trainer --eval --test FILE [--init FILE | --checkpoint FILE --resume]   (predictions, no training)
  *   trainer --check-in FILE --check-out FILE      (debug build: the step-by-step trace `bnnc check` reads)
  *
  * Targets are absolute: --epochs E trains until E epochs are complete, --steps N until the step count is N,
- * so the same command run again after a crash (with --resume) finishes exactly the same work.
+ * so the same command run again after a crash (with --resume) finishes exactly the same work. The lr
+ * schedule (--lr-schedule at compile time) decays to that target, or to step N of --lr-horizon N (0: a
+ * constant lr), so the same command also takes the same lr at every step.
  * Batch order: epoch e visits example permute(j, count, hash(seed, e)) at position j, a keyed Feistel
  * permutation (no table in memory); a step's batch depends only on (seed, step), so a resumed run sees the
  * batches an uninterrupted run would. The seed is the state's (stochastic rounding) seed, kept in every
@@ -391,7 +394,7 @@ static int usage(const char *msg)
     json_error("usage", msg);
     fprintf(stderr, "usage: trainer --train FILE [--test FILE] [--init FILE] [--epochs E | --steps N]\n"
                     "               [--limit N] [--checkpoint FILE] [--resume] [--every K] [--final FILE]\n"
-                    "               [--seed S] [--log-every K] [--no-clock]\n"
+                    "               [--seed S] [--log-every K] [--lr-horizon N] [--no-clock]\n"
                     "       trainer --check-in FILE --check-out FILE   (debug build)\n");
     return 2;
 }
@@ -428,6 +431,7 @@ static int check_trace(const char *in_path, const char *out_path)
         return 1;
     }
     bnnc_mlp_load_state_f32(check_state, BNNC_MLP_STATE_ELEMS, 0, 0u);
+    bnnc_mlp_set_lr_horizon(head[1]);     /* the lr schedule decays over the trace's steps */
     if (!io_create(&out, out_path)) { json_error("cannot write", out_path); return 1; }
     head[0] = 0x4F434E42u;
     ok = io_write(out, head, 8u);
@@ -468,10 +472,11 @@ int main(int argc, char **argv)
 {
     const char *train = 0, *test = 0, *ckpt = 0, *check_in = 0, *check_out = 0;
     unsigned long epochs = 0, steps = 0, limit = 0, every = 0, seed = 0u, log_every = 0;
-    int i, have_epochs = 0, have_steps = 0, eval_only = 0;
+    unsigned long lr_horizon = 0;
+    int i, have_epochs = 0, have_steps = 0, have_lr_horizon = 0, eval_only = 0;
     dataset_t tr, te;
     uint32_t count, spe, in_epoch = 0;
-    uint64_t step, target;
+    uint64_t step, target, horizon;
     double loss_sum = 0, acc_sum = 0;
     const char *init = 0, *final = 0;
     int resume = 0, no_clock = 0;
@@ -497,6 +502,7 @@ int main(int argc, char **argv)
         else if (!strcmp(a, "--every")) num = &every;
         else if (!strcmp(a, "--seed")) num = &seed;
         else if (!strcmp(a, "--log-every")) num = &log_every;
+        else if (!strcmp(a, "--lr-horizon")) { num = &lr_horizon; have_lr_horizon = 1; }
         else return usage("unknown option");
         if (num && !parse_u(v, num)) return usage("a numeric option has a bad value");
         i++;
@@ -555,6 +561,11 @@ int main(int argc, char **argv)
     }
     step = bnnc_mlp_step_count();
     target = have_steps ? (uint64_t)steps : (uint64_t)(have_epochs ? epochs : 1u) * spe;
+    /* the lr schedule decays to the run's absolute target (or --lr-horizon; 0 = constant lr):
+       the same command after a --resume takes the same lr at every step (compiler/README.md,
+       "Learning-rate schedule") */
+    horizon = have_lr_horizon ? (uint64_t)lr_horizon : target;
+    bnnc_mlp_set_lr_horizon(horizon > 0xFFFFFFFFu ? 0xFFFFFFFFu : (uint32_t)horizon);
     printf("{\"event\": \"start\", \"model\": \"mlp\", \"target\": \"host\", \"batch\": %d, "
            "\"train\": %lu, \"test\": %lu, \"steps_per_epoch\": %lu, \"step\": %llu, \"until\": %llu, "
            "\"seed\": %lu, \"arena_bytes\": %lu, \"state_bytes\": %lu}\n",
