@@ -12,9 +12,10 @@ graph does not have and a freeze set that leaves nothing to train.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass, replace
 
-from .errors import ConfigError
+from .errors import BnncWarning, ConfigError
 from .ir import INPUT, WEIGHT_KINDS, Graph, Layer, LayerKind
 
 ALGORITHMS = ("standard", "proposed")
@@ -277,3 +278,30 @@ def u8_input_layer(graph: Graph) -> Layer:
     raise ConfigError(f"--input u8: the input of model {graph.name!r} is read by {what}; the u8 "
                       "input needs exactly one binary dense layer reading it (through flattens)",
                       hint="conv first layers and real first layers keep --input f32")
+
+
+INPUT_HELP = ("how the batch input is stored: f32 (any float input) or u8 (8-bit pixels "
+              "quantised once at load: 4x fewer arena bytes, and a first binary dense layer "
+              "that multiplies them exactly in int32 with the preprocessing applied per channel "
+              "after the sum; needs --binary-dw --po2, image/pixel data; host, rpi4 and rpi3 -- "
+              "bare-metal targets keep f32 with a warning) [default: f32]")
+
+
+def with_input(cfg: TrainConfig, graph: Graph, kind: str | None, affine, *,
+               target_kind: str = "host") -> TrainConfig:
+    """`cfg` with `--input KIND` (compiler/README.md "The u8 input"): "u8" records the pixel map
+    `affine` = preprocess.pixel_affine(pre, channels) and checks the graph; bare-metal targets
+    keep the f32 input (one warning line: their trainers and firmware API take f32 batches)."""
+    if kind in (None, "f32"):
+        return cfg
+    if kind not in INPUT_KINDS:
+        raise ConfigError(f"unknown --input {kind!r}; choose f32 or u8")
+    if target_kind == "baremetal":
+        warnings.warn(BnncWarning("--input u8: bare-metal targets keep the f32 input (their "
+                                  "trainer and firmware API take float batches); compiling "
+                                  "with --input f32"))
+        return cfg
+    cfg = replace(cfg, input="u8", input_affine=tuple(tuple(float(v) for v in p) for p in affine))
+    validate(cfg)
+    check_config_for_graph(graph, cfg)
+    return cfg
