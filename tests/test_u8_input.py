@@ -145,4 +145,4 @@ def test_refusals_name_the_reader_and_the_techniques(capsys):
     assert main(["compile", "mlp", "--input", "u8", "--algorithm", "standard", "-o",
                  "/nonexistent/never"]) == 2
     err = capsys.readouterr().err
-    assert err.count("error:") == 1 and "--binary-dw" in err
+    assert err.count("error:") == 1 and "--no-binary-dw" in err
