@@ -39,7 +39,7 @@ from ..compiler.codegen import header_cdef
 from ..compiler.contract import STATUSES, Manifest, TensorEntry, read_manifest
 from ..compiler.errors import BnncWarning, DataError, TargetError
 from ..compiler.numerics import unpack_bits
-from ..compiler.preprocess import to_pixels
+from ..compiler.preprocess import input_channels, pixel_lut, to_pixels
 from ..compiler.target import Target, load_target
 
 _STATUS = tuple(text for _, text in STATUSES)
@@ -251,6 +251,16 @@ class HostProgram:
         self._check(self._fn("set_state")(self.ffi.from_buffer(buf), len(buf)), "set_state")
 
     # ---- running
+    def pixel_batch(self, u) -> np.ndarray:
+        """u8 pixels as this program takes them: as they are under `--input u8`, else their
+        floats under the program's preprocessing (what the trainers feed it)."""
+        u = np.asarray(u, np.uint8)
+        if self.u8_affine:
+            return u
+        lut = pixel_lut(self.manifest.preprocess, input_channels(tuple(self.input_shape[1:])))
+        c = lut.shape[0]
+        return lut[np.arange(c).reshape(1, c, 1), u.reshape(len(u), c, -1)].reshape(u.shape)
+
     def _batch(self, x) -> np.ndarray:
         """The batch as the program takes it: float32, or under `--input u8` uint8 pixels (a u8
         batch as it is, or their float values under the program's preprocessing mapped back)."""
