@@ -24,7 +24,7 @@ from pathlib import Path
 
 import click
 
-from ..compiler.config import ALGORITHMS, make_config, with_input
+from ..compiler.config import ALGORITHMS, make_config
 from ..compiler.budget import fit_budget
 from ..compiler.errors import BudgetError, ConfigError
 from ..compiler.planner import DEFAULT_GUARD_BYTES
@@ -177,9 +177,7 @@ def compile_cmd(model: str, target: str, algorithm: str | None, batch: int | Non
     if classes is not None:
         graph, source = with_new_head(graph, classes, seed)
     cfg = with_freeze(cfg, graph, train, train_from)
-    cfg = pixel_input(cfg, graph, techniques.get("input_kind"), pre) \
-        if tgt.kind != "baremetal" else with_input(cfg, graph, techniques.get("input_kind"), (),
-                                                   target_kind=tgt.kind)
+    cfg = pixel_input(cfg, graph, techniques.get("input_kind"), pre)
     if fit:
         if train is not None or train_from is not None:
             raise ConfigError("--fit chooses the trainable suffix itself; drop --train/--train-from")
@@ -258,11 +256,8 @@ def check_cmd(model: str, target: str, algorithm: str | None, batch: int | None,
     if classes is not None:
         graph = with_new_head(graph, classes, seed)[0]
     cfg = with_freeze(cfg, graph, train, train_from)
-    if load_target(target).kind == "baremetal":
-        cfg = with_input(cfg, graph, techniques.get("input_kind"), (), target_kind="baremetal")
-    else:
-        cfg = pixel_input(cfg, graph, techniques.get("input_kind"),
-                          model_preprocess(model_bytes(model, width=width), model, None))
+    cfg = pixel_input(cfg, graph, techniques.get("input_kind"),
+                      model_preprocess(model_bytes(model, width=width), model, None))
     with tempfile.TemporaryDirectory(prefix="bnnc-check-") as tmp:
         tgt = debug_target(budget_target(target, ram, flash), ram=ram is not None,
                            flash=flash is not None)

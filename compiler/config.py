@@ -12,10 +12,9 @@ graph does not have and a freeze set that leaves nothing to train.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import asdict, dataclass, replace
 
-from .errors import BnncWarning, ConfigError
+from .errors import ConfigError
 from .ir import INPUT, WEIGHT_KINDS, Graph, Layer, LayerKind
 
 ALGORITHMS = ("standard", "proposed")
@@ -283,24 +282,17 @@ def u8_input_layer(graph: Graph) -> Layer:
 INPUT_HELP = ("how the batch input is stored: f32 (any float input) or u8 (8-bit pixels "
               "quantised once at load: 4x fewer arena bytes, and a first binary dense layer "
               "that multiplies them exactly in int32 with the preprocessing applied per channel "
-              "after the sum; needs --binary-dw --po2, image/pixel data; host, rpi4 and rpi3 -- "
-              "bare-metal targets keep f32 with a warning) [default: f32]")
+              "after the sum; needs --binary-dw --po2 and image/pixel data; every target, the "
+              "firmware API then takes u8 samples) [default: f32]")
 
 
-def with_input(cfg: TrainConfig, graph: Graph, kind: str | None, affine, *,
-               target_kind: str = "host") -> TrainConfig:
+def with_input(cfg: TrainConfig, graph: Graph, kind: str | None, affine) -> TrainConfig:
     """`cfg` with `--input KIND` (compiler/README.md "The u8 input"): "u8" records the pixel map
-    `affine` = preprocess.pixel_affine(pre, channels) and checks the graph; bare-metal targets
-    keep the f32 input (one warning line: their trainers and firmware API take f32 batches)."""
+    `affine` = preprocess.pixel_affine(pre, channels) and checks the graph."""
     if kind in (None, "f32"):
         return cfg
     if kind not in INPUT_KINDS:
         raise ConfigError(f"unknown --input {kind!r}; choose f32 or u8")
-    if target_kind == "baremetal":
-        warnings.warn(BnncWarning("--input u8: bare-metal targets keep the f32 input (their "
-                                  "trainer and firmware API take float batches); compiling "
-                                  "with --input f32"))
-        return cfg
     cfg = replace(cfg, input="u8", input_affine=tuple(tuple(float(v) for v in p) for p in affine))
     validate(cfg)
     check_config_for_graph(graph, cfg)
