@@ -47,12 +47,13 @@ def test_schedule_keeps_the_input_as_u8_and_saves_it_for_dw():
 
 
 def test_int32_bounds_are_proved_per_layer_and_widen():
-    assert u8_bounds(100, 784, 1) == dict(u8_plane=784, int_bound_fwd=255 * 784,
+    assert u8_bounds(100, 784, 1) == dict(u8_plane=784, int_bound_fwd=2 * 255 * 784,
                                           int_bound_dw=100 * 255 * 2**15, acc64_fwd=False,
                                           acc64_dw=False)
     assert u8_bounds(257, 784, 1)["acc64_dw"] is False     # 257 * 255 * 2^15 < 2^31
     assert u8_bounds(258, 784, 1)["acc64_dw"] is True
-    assert u8_bounds(1, 2**24, 1)["acc64_fwd"] is True
+    assert u8_bounds(1, 2**23, 1)["acc64_fwd"] is True      # 510 * 2^23 > 2^31 - 1
+    assert u8_bounds(1, 2**22, 1)["acc64_fwd"] is False     # 510 * 2^22 < 2^31 - 1
 
 
 @pytest.fixture(scope="module")

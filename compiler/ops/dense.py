@@ -125,10 +125,11 @@ U8_DW_SHIFT = 15        # a PO2 code's exponent field: Q = +-2^(c & 15) in the k
 def u8_bounds(batch: int, in_features: int, channels: int) -> dict:
     """The integer first layer's int32 proof (`--input u8`), per layer at compile time: the
     largest |sum| each kernel accumulates, and whether it needs int64 accumulators instead.
-    forward: sum over one channel's inputs of u * (+-1), |.| <= 255 * plane;
-    dW: sum over the batch of u * (+-2^(c & 15)), |.| <= B * 255 * 2^15."""
+    forward: the int32 sums S+ = sum of u over sign(W) = +1 and sum u of one channel, combined
+    as 2 S+ - sum u, |.| <= 2 * 255 * plane; dW: sum over the batch of u * (+-2^(c & 15)),
+    |.| <= B * 255 * 2^15."""
     plane = in_features // channels
-    fwd, dw = 255 * plane, batch * 255 * 2**U8_DW_SHIFT
+    fwd, dw = 2 * 255 * plane, batch * 255 * 2**U8_DW_SHIFT
     return dict(u8_plane=plane, int_bound_fwd=fwd, int_bound_dw=dw,
                 acc64_fwd=fwd > INT32_MAX, acc64_dw=dw > INT32_MAX)
 
