@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 
-from bnnc.compiler.c_literals import PIXEL_LUT
 from bnnc.runtime.host import HostProgram
 
 
@@ -41,14 +40,16 @@ def main(argv: list[str] | None = None) -> int:
     for p in progs:
         p.init(0)
     rng = np.random.default_rng(0)
-    xs = [PIXEL_LUT[rng.integers(0, 256, m.input_shape, dtype=np.uint8)] for _ in range(4)]
+    us = [rng.integers(0, 256, m.input_shape, dtype=np.uint8) for _ in range(4)]
     ys = [rng.integers(0, m.classes, m.batch).astype(np.int32) for _ in range(4)]
+    # each program gets the batch as it takes it: u8 pixels under --input u8, else their floats
+    xs = [[p.pixel_batch(u) for u in us] for p in progs]
     times: list[list[float]] = [[] for _ in progs]
     for rep in range(args.warmup + args.steps):
         for j in range(len(progs)):
             k = (j + rep) % len(progs)
             t0 = time.thread_time()
-            progs[k].train_step(xs[rep % 4], ys[rep % 4])
+            progs[k].train_step(xs[k][rep % 4], ys[rep % 4])
             dt = time.thread_time() - t0
             if rep >= args.warmup:
                 times[k].append(1000.0 * dt)

@@ -35,7 +35,7 @@ from ..runtime.host import KERNEL_VARIANTS
 from ..runtime.outdir import (compile_graph, load_graph, model_bytes, model_preprocess,
                               with_new_head)
 from .app import cli
-from .memory_cmds import freeze_options, technique_options, with_freeze
+from .memory_cmds import freeze_options, pixel_input, technique_options, with_freeze
 from .train_cmds import lr_help, optimizer_options
 
 # the technique switches of `bnnc inspect` / `bnnc train` (unset = the algorithm's default)
@@ -177,6 +177,7 @@ def compile_cmd(model: str, target: str, algorithm: str | None, batch: int | Non
     if classes is not None:
         graph, source = with_new_head(graph, classes, seed)
     cfg = with_freeze(cfg, graph, train, train_from)
+    cfg = pixel_input(cfg, graph, techniques.get("input_kind"), pre)
     if fit:
         if train is not None or train_from is not None:
             raise ConfigError("--fit chooses the trainable suffix itself; drop --train/--train-from")
@@ -201,7 +202,8 @@ def compile_cmd(model: str, target: str, algorithm: str | None, batch: int | Non
     command = _canonical_command("compile", model, cfg, tgt.name, width, ram, flash, classes,
                                  train, train_from) \
         + (" --guard" if guard else "") + (" --emit library" if emit == "library" else "") \
-        + (f" --preprocess {pre.spec()}" if preprocess else "")
+        + (f" --preprocess {pre.spec()}" if preprocess else "") \
+        + (" --input u8" if cfg.input == "u8" else "")
     c, written = compile_graph(graph, cfg, tgt, out_dir, command, source,
                                guard_bytes=DEFAULT_GUARD_BYTES if guard else 0, emit=emit,
                                force=force, preprocess=pre)
@@ -254,6 +256,8 @@ def check_cmd(model: str, target: str, algorithm: str | None, batch: int | None,
     if classes is not None:
         graph = with_new_head(graph, classes, seed)[0]
     cfg = with_freeze(cfg, graph, train, train_from)
+    cfg = pixel_input(cfg, graph, techniques.get("input_kind"),
+                      model_preprocess(model_bytes(model, width=width), model, None))
     with tempfile.TemporaryDirectory(prefix="bnnc-check-") as tmp:
         tgt = debug_target(budget_target(target, ram, flash), ram=ram is not None,
                            flash=flash is not None)

@@ -15,9 +15,12 @@ import click
 
 from dataclasses import replace
 
-from ..compiler.config import (ALGORITHMS, BN_KINDS, OPTIMIZERS, STATE_DTYPES, make_config,
+from ..compiler.config import (ALGORITHMS, BN_KINDS, INPUT_HELP, INPUT_KINDS, OPTIMIZERS,
+                               STATE_DTYPES, make_config, with_input,
                                resolve_frozen)
 from ..compiler.errors import ConfigError
+from ..compiler.preprocess import DEFAULT as DEFAULT_PREPROCESS
+from ..compiler.preprocess import input_channels, pixel_affine
 from ..compiler.liveness import IO_MODES
 from ..compiler.memory_model import spreadsheet
 from ..compiler.plan_check import check_plan
@@ -29,6 +32,15 @@ from ..runtime.outdir import load_graph, write_atomic
 from .app import cli
 
 MIB = float(1 << 20)
+
+
+def pixel_input(cfg, graph, kind: str | None, pre=None):
+    """`cfg` with `--input KIND` for `graph` under preprocessing `pre` (default: symmetric; the
+    map's values change no byte of the plan)."""
+    if kind in (None, "f32"):
+        return cfg
+    return with_input(cfg, graph, kind, pixel_affine(pre or DEFAULT_PREPROCESS,
+                                                     input_channels(graph.input_shape)))
 
 
 def plan_document(graph, cfg, align: int, io: str = "arena") -> dict[str, Any]:
@@ -55,6 +67,8 @@ def technique_options(f):
         click.option("--save-bits/--no-save-bits", default=None,
                      help="binary layers keep saved inputs and masks as packed bits "
                           "[proposed: on]"),
+        click.option("--input", "input_kind", type=click.Choice(INPUT_KINDS), default=None,
+                     help=INPUT_HELP),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -138,7 +152,10 @@ def inspect(model: str, algorithm: str | None, batch: int | None, align: int | N
       bnnc inspect tfc --batch 32 --train-from fc3
       bnnc inspect out/mlp
     """
+    input_kind = techniques.pop("input_kind", None)
     given = {k: v for k, v in techniques.items() if v is not None}
+    if input_kind is not None:
+        given["input"] = input_kind
     if _is_plan_path(model):
         extra = [n for n, v in (("--algorithm", algorithm), ("--batch", batch), ("--align", align),
                                 ("--width", width), ("--image-size", image_size), ("--io", io),
@@ -165,10 +182,13 @@ def inspect(model: str, algorithm: str | None, batch: int | None, align: int | N
                 raise ConfigError("--json writes one plan; drop --compare or run once per "
                                   "algorithm")
         graph = load_graph(model, width=width, image_size=image_size)
+        given.pop("input", None)
         docs = []
         for alg in algorithms:
             cfg = make_config(alg, batch=batch if batch is not None else 100, **given)
             cfg = with_freeze(cfg, graph, train, train_from)
+            if alg == "proposed" or compare is None:
+                cfg = pixel_input(cfg, graph, input_kind)
             docs.append(plan_document(graph, cfg, 16 if align is None else align, io or "arena"))
 
     if len(docs) == 1:
@@ -237,9 +257,14 @@ def _batches(text: str) -> list[int]:
 @click.option("--image-size", type=int, default=None, help="zoo ImageNet models: input size")
 @click.option("--io", type=click.Choice(IO_MODES), default="arena", show_default=True,
               help=_IO_HELP)
+@click.option("--input", "input_kind", type=click.Choice(INPUT_KINDS), default="f32",
+              show_default=True,
+              help="the proposed column's input storage: u8 = 8-bit pixels and the integer first "
+                   "layer (bnnc compile --input; standard keeps f32: its first layer is float)")
 @freeze_options
 def memory(model: str, batch_text: str, optimizer: str, align: int, width: float | None,
-           image_size: int | None, io: str, train: str | None, train_from: str | None) -> None:
+           image_size: int | None, io: str, input_kind: str, train: str | None,
+           train_from: str | None) -> None:
     """The paper's memory spreadsheet next to bnnc's planned bytes, standard and proposed.
 
     Spreadsheet columns follow ALGORITHM.md §4 (every input live at once, two gradient buffers of
@@ -258,8 +283,10 @@ def memory(model: str, batch_text: str, optimizer: str, align: int, width: float
     rows = []
     for b in batches:
         sheet = [spreadsheet(graph, b, alg, optimizer)["total"] for alg in ("standard", "proposed")]
-        docs = [plan_document(graph, with_freeze(make_config(alg, batch=b, optimizer=optimizer),
-                                                 graph, train, train_from), align, io)
+        docs = [plan_document(graph, pixel_input(
+                    with_freeze(make_config(alg, batch=b, optimizer=optimizer), graph, train,
+                                train_from), graph, input_kind if alg == "proposed" else None),
+                              align, io)
                 for alg in ("standard", "proposed")]
         real = [d["total_nbytes"] / MIB for d in docs]
         rows.append((str(b), f"{sheet[0]:.2f}", f"{sheet[1]:.2f}", f"{sheet[0] / sheet[1]:.2f}x",

@@ -348,7 +348,10 @@ def _template_context(schedule: Schedule, plan, target: Target, ctx: LowerCtx, *
         blob_header=STATE_BLOB_HEADER_BYTES, blob_magic=f"0x{STATE_BLOB_MAGIC:08X}u",
         blob_version=STATE_BLOB_VERSION, model_hash=f"UINT64_C(0x{mhash:016X})", mhash=mhash,
         batch=cfg.batch, input_shape=list(input_t.shape), input_elems=input_t.size,
-        input_ptr=ctx.ptr("input"), labels_ptr=ctx.ptr("labels"), classes=predict["classes"],
+        input_ptr=ctx.ptr("input"), input_ctype=CTYPES[input_t.dtype][0],
+        input_desc=("uint8 pixels (--input u8: the model's preprocessing is applied by its first "
+                    "layer)" if input_t.dtype is DType.U8 else "float32"),
+        labels_ptr=ctx.ptr("labels"), classes=predict["classes"],
         seed=cfg.seed, num_tensors=len(tensors), num_steps=len(steps), dump_nbytes=dump_nbytes,
         input_dump=dump_off["input"], labels_dump=dump_off["labels"],
         input_nbytes=input_t.nbytes, labels_nbytes=labels_t.nbytes,

@@ -15,13 +15,14 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 
 from .errors import ConfigError
-from .ir import WEIGHT_KINDS, Graph, Layer, LayerKind
+from .ir import INPUT, WEIGHT_KINDS, Graph, Layer, LayerKind
 
 ALGORITHMS = ("standard", "proposed")
 OPTIMIZERS = ("adam", "sgd", "bop")
 STATE_DTYPES = ("f32", "bf16", "f16")
 BN_KINDS = ("l2", "l1")
 LR_SCHEDULES = ("constant", "linear", "cosine")
+INPUT_KINDS = ("f32", "u8")
 
 
 @dataclass(frozen=True)
@@ -56,9 +57,21 @@ class TrainConfig:
     seed: int = 0
     # parameters not trained (partial training): "<layer>.<field>", graph order; () = train all
     frozen: tuple[str, ...] = ()
+    # how the batch input is stored (compiler/README.md "The u8 input"): "f32" (any float input)
+    # or "u8" (8-bit pixels, quantised once at load; the first layer, a binary dense layer,
+    # multiplies them exactly in int32 and applies the pixel map x = a_c u + b_c per channel
+    # after the sum). `input_affine` = ((a_c, ...), (b_c, ...)) in double, from
+    # compiler/preprocess.py `pixel_affine`; () under "f32"
+    input: str = "f32"
+    input_affine: tuple = ()
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """The config as JSON-able fields; the input storage only when it is not the default
+        f32 (so an f32 program's manifest, state hash and C are what they were before it)."""
+        d = asdict(self)
+        if self.input == "f32":
+            del d["input"], d["input_affine"]
+        return d
 
 
 _DEFAULTS = {
@@ -83,6 +96,9 @@ def make_config(algorithm: str = "proposed", **overrides) -> TrainConfig:
     given = {k: v for k, v in overrides.items() if v is not None}
     if "frozen" in given:     # a manifest's JSON list, or any iterable of names
         given["frozen"] = tuple(given["frozen"])
+    if "input_affine" in given:     # JSON lists -> tuples
+        given["input_affine"] = tuple(tuple(float(v) for v in part)
+                                      for part in given["input_affine"])
     cfg = replace(TrainConfig(algorithm=algorithm, **_DEFAULTS[algorithm]),
                   **{**OPTIMIZER_DEFAULTS.get(given.get("optimizer", TrainConfig.optimizer), {}),
                      **given})
@@ -118,6 +134,22 @@ def validate(cfg: TrainConfig) -> None:
     if not isinstance(cfg.frozen, tuple) or not all(
             isinstance(f, str) and f.count(".") == 1 for f in cfg.frozen):
         raise ConfigError(f"frozen parameters must be '<layer>.<field>' names, got {cfg.frozen!r}")
+    if cfg.input not in INPUT_KINDS:
+        raise ConfigError(f"unknown input storage {cfg.input!r}; choose f32 or u8")
+    if cfg.input == "u8":
+        a = cfg.input_affine
+        if (len(a) != 2 or not a[0] or len(a[0]) != len(a[1])
+                or not all(isinstance(v, float) and v == v and abs(v) < 1e30 for v in a[0] + a[1])
+                or min(a[0]) <= 0):
+            raise ConfigError(f"--input u8 needs the pixel map (a_c, b_c) of every input channel "
+                              f"with a_c > 0, got {a!r}")
+        if not (cfg.binary_dw and cfg.po2):
+            raise ConfigError("--input u8 trains its integer first layer with 1-bit weight "
+                              "gradients of PO2-quantized activation gradients",
+                              hint="drop --no-binary-dw / --no-po2 (or --algorithm standard), "
+                                   "or keep --input f32")
+    elif cfg.input_affine:
+        raise ConfigError("an input pixel map is given but the input is f32")
 
 
 # ---- partial training ------------------------------------------------------------------------
@@ -225,9 +257,52 @@ def check_config_for_graph(graph: Graph, cfg: TrainConfig) -> None:
                               f"{' and '.join(used)} would change nothing",
                               hint="use --optimizer adam/sgd and --no-po2 --no-binary-dw "
                                    "(or --algorithm standard)")
+    if cfg.input == "u8":
+        u8_input_layer(graph)
+        channels = graph.input_shape[0] if len(graph.input_shape) == 3 else 1
+        if len(cfg.input_affine[0]) != channels:
+            raise ConfigError(f"--input u8: the pixel map has {len(cfg.input_affine[0])} "
+                              f"channel(s) but model {graph.name!r} takes {channels}")
     vec_bn = [lay.name for lay in graph.layers
               if lay.kind is LayerKind.BATCHNORM and len(lay.shape) == 1]
     if vec_bn and cfg.batch < 2:
         raise ConfigError(f"batch {cfg.batch} leaves batch norm {vec_bn[0]!r} (model "
                           f"{graph.name!r}) with one value per channel; use --batch 2 or more "
                           "(the authors used 100)")
+
+
+def u8_input_layer(graph: Graph) -> Layer:
+    """The layer that multiplies the u8 input (`--input u8`): the network input must reach exactly
+    one binary dense layer, through flattens only, and nothing else; ConfigError naming the
+    reader otherwise."""
+    readers = {INPUT: [lay for lay in graph.layers if INPUT in lay.inputs]}
+    chain = readers[INPUT]
+    while len(chain) == 1 and chain[0].kind is LayerKind.FLATTEN:
+        chain = [lay for lay in graph.layers if chain[0].name in lay.inputs]
+    if len(chain) == 1 and chain[0].kind is LayerKind.DENSE and chain[0].binary:
+        return chain[0]
+    what = (", ".join(f"{lay.name} ({lay.kind.value}{', binary' if lay.binary else ''})"
+                      for lay in chain) or "nothing")
+    raise ConfigError(f"--input u8: the input of model {graph.name!r} is read by {what}; the u8 "
+                      "input needs exactly one binary dense layer reading it (through flattens)",
+                      hint="conv first layers and real first layers keep --input f32")
+
+
+INPUT_HELP = ("how the batch input is stored: f32 (any float input) or u8 (8-bit pixels "
+              "quantised once at load: 4x fewer arena bytes, and a first binary dense layer "
+              "that multiplies them exactly in int32 with the preprocessing applied per channel "
+              "after the sum; needs --binary-dw --po2 and image/pixel data; every target, the "
+              "firmware API then takes u8 samples) [default: f32]")
+
+
+def with_input(cfg: TrainConfig, graph: Graph, kind: str | None, affine) -> TrainConfig:
+    """`cfg` with `--input KIND` (compiler/README.md "The u8 input"): "u8" records the pixel map
+    `affine` = preprocess.pixel_affine(pre, channels) and checks the graph."""
+    if kind in (None, "f32"):
+        return cfg
+    if kind not in INPUT_KINDS:
+        raise ConfigError(f"unknown --input {kind!r}; choose f32 or u8")
+    cfg = replace(cfg, input="u8", input_affine=tuple(tuple(float(v) for v in p) for p in affine))
+    validate(cfg)
+    check_config_for_graph(graph, cfg)
+    return cfg

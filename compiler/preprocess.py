@@ -123,9 +123,46 @@ def pixel_affine(pre: Preprocess, channels: int) -> tuple[tuple[float, ...], tup
 
 def pixel_lut(pre: Preprocess, channels: int) -> np.ndarray:
     """float32 [channels, 256]: row c maps a u8 pixel of channel c to its model input."""
-    a, b = pixel_affine(pre, channels)
+    return affine_lut(*pixel_affine(pre, channels))
+
+
+def affine_lut(a, b) -> np.ndarray:
+    """float32 [C, 256] of the per-channel map x = a_c * u + b_c (doubles, rounded once)."""
     u = np.arange(256, dtype=np.float64)
     return np.stack([(ac * u + bc) for ac, bc in zip(a, b)]).astype(np.float32)
+
+
+def to_pixels(x, affine, input_shape: tuple[int, ...]) -> np.ndarray:
+    """The u8 pixels of a batch for a program compiled with `--input u8` (TrainConfig.input_affine
+    = (a_c, b_c)): a uint8 batch as it is, or float inputs that are pixel values under the map
+    (what `pixel_lut` gives) mapped back exactly; ValueError naming the first float that is not
+    one (e.g. CSV features: such data need `--input f32`)."""
+    a = np.asarray(x)
+    if a.dtype == np.uint8:
+        return a
+    if a.dtype.kind != "f":
+        raise ValueError(f"input batch has type {a.dtype}; expected uint8 pixels or their floats")
+    lut = affine_lut(*affine)
+    n = int(np.prod(input_shape))
+    flat = a.reshape(-1, lut.shape[0], n // lut.shape[0]).astype(np.float32)
+    out = np.empty(flat.shape, np.uint8)
+    for c, row in enumerate(lut):
+        v = flat[:, c]
+        # the map's inverse, rounded, then checked against the table (exact for any a_c that
+        # keeps neighbouring pixels apart; a table search where it does not)
+        with np.errstate(invalid="ignore"):
+            u = np.clip(np.rint((v.astype(np.float64) - affine[1][c]) / affine[0][c]), 0, 255)
+        u = np.nan_to_num(u).astype(np.intp)
+        bad = row[u] != v
+        if np.any(bad):
+            order = np.argsort(row, kind="stable")
+            u = order[np.clip(np.searchsorted(row[order], v), 0, 255)]
+            bad = row[u] != v
+        if np.any(bad):
+            raise ValueError(f"input value {float(v[bad][0])!r} (channel {c}) is not a pixel "
+                             "value under the program's preprocessing")
+        out[:, c] = u
+    return out.reshape(a.shape)
 
 
 def from_model(model) -> Preprocess | None:

@@ -300,7 +300,8 @@ class ScheduleBuilder:
     # ---------------------------------------------------------------- driver
     def run(self) -> Schedule:
         g, b = self.g, self.B
-        self.new_act(INPUT, F32, (b,) + g.input_shape, Role.INPUT)
+        self.new_act(INPUT, U8 if self.cfg.input == "u8" else F32, (b,) + g.input_shape,
+                     Role.INPUT)
         self.new("labels", I32, (b,), Role.LABEL)
         for st in self.state.values():
             dt = _STATE_DTYPE[st.dtype]

@@ -109,10 +109,14 @@ class CheckReport:
         return [r for r in self.rows if not r.ok]
 
 
-def sample_batch(graph: Graph, batch: int,
-                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Inputs on the 1/128 grid of [-1, 1) and uniform labels."""
-    x = (rng.integers(-128, 128, (batch,) + graph.input_shape) / 128.0).astype(np.float32)
+def sample_batch(graph: Graph, batch: int, rng: np.random.Generator,
+                 cfg: TrainConfig | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Inputs on the 1/128 grid of [-1, 1) (under `--input u8`: uniform u8 pixels) and uniform
+    labels."""
+    if cfg is not None and cfg.input == "u8":
+        x = rng.integers(0, 256, (batch,) + graph.input_shape, dtype=np.uint8)
+    else:
+        x = (rng.integers(-128, 128, (batch,) + graph.input_shape) / 128.0).astype(np.float32)
     y = rng.integers(0, graph.num_classes, batch).astype(np.int32)
     return x, y
 
@@ -332,7 +336,7 @@ def run_check(graph: Graph, cfg: TrainConfig, *, steps: int = 3, data_seed: int 
     chain = _chain_eps(schedule)
     report = CheckReport(graph.name, cfg, steps, forcing, out_dir=out)
     rng = np.random.default_rng(data_seed)
-    batches = [sample_batch(graph, cfg.batch, rng) for _ in range(steps)]
+    batches = [sample_batch(graph, cfg.batch, rng, cfg) for _ in range(steps)]
     init = reference.init_state(graph, cfg)
     if tgt.kind == "host":
         hp = HostProgram(out, target=tgt, debug=True, extra_cflags=extra_cflags, cache=cache)
@@ -375,6 +379,8 @@ def run_check(graph: Graph, cfg: TrainConfig, *, steps: int = 3, data_seed: int 
         for name, t in schedule.tensors.items():
             if t.role.persistent or name in ("input", "labels", "loss") or name not in hp.tensors:
                 continue
+            if t.alias_of == "input" and t.dtype is DType.U8:
+                continue    # a view of the u8 batch itself (the reference holds its floats)
             c_vals[name] = c = _c_value(hp, schedule, name, pre, outs)
             if name not in outs:
                 seen_c_only.add(name)

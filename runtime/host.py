@@ -39,6 +39,7 @@ from ..compiler.codegen import header_cdef
 from ..compiler.contract import STATUSES, Manifest, TensorEntry, read_manifest
 from ..compiler.errors import BnncWarning, DataError, TargetError
 from ..compiler.numerics import LR_HORIZON_MAX, unpack_bits
+from ..compiler.preprocess import input_channels, pixel_lut, to_pixels
 from ..compiler.target import Target, load_target
 
 _STATUS = tuple(text for _, text in STATUSES)
@@ -203,6 +204,10 @@ class HostProgram:
         self.classes = m.classes
         self.tensors = m.tensor_by_name
         self.state = m.state
+        # `--input u8`: the pixel map the batch's floats are taken back through (None: f32 input)
+        self.u8_affine = (m.config.get("input_affine") or None
+                          if m.config.get("input") == "u8" else None)
+        self._in_ptr = "uint8_t *" if self.u8_affine else "float *"
 
     def _fn(self, name: str):
         return getattr(self.lib, f"{self.prefix}_{name}")
@@ -255,8 +260,27 @@ class HostProgram:
         self._check(self._fn("set_state")(self.ffi.from_buffer(buf), len(buf)), "set_state")
 
     # ---- running
+    def pixel_batch(self, u) -> np.ndarray:
+        """u8 pixels as this program takes them: as they are under `--input u8`, else their
+        floats under the program's preprocessing (what the trainers feed it)."""
+        u = np.asarray(u, np.uint8)
+        if self.u8_affine:
+            return u
+        lut = pixel_lut(self.manifest.preprocess, input_channels(tuple(self.input_shape[1:])))
+        c = lut.shape[0]
+        return lut[np.arange(c).reshape(1, c, 1), u.reshape(len(u), c, -1)].reshape(u.shape)
+
     def _batch(self, x) -> np.ndarray:
-        a = np.ascontiguousarray(np.asarray(x, np.float32))
+        """The batch as the program takes it: float32, or under `--input u8` uint8 pixels (a u8
+        batch as it is, or their float values under the program's preprocessing mapped back)."""
+        if self.u8_affine:
+            try:
+                a = np.ascontiguousarray(to_pixels(x, self.u8_affine, self.input_shape[1:]))
+            except ValueError as err:
+                raise DataError(f"{self.out_dir}: the program takes u8 pixels (--input u8): {err}",
+                                hint="float features (CSV, float arrays) need --input f32")
+        else:
+            a = np.ascontiguousarray(np.asarray(x, np.float32))
         if a.size != self.batch * int(np.prod(self.input_shape[1:])):
             raise DataError(f"input batch has {a.size} values; the compiled program takes exactly "
                             f"{list(self.input_shape)}", hint="compile with --batch to match")
@@ -270,7 +294,7 @@ class HostProgram:
             raise DataError(f"labels must be {self.batch} integers, got shape {y.shape}")
         loss = self.ffi.new("float *")
         acc = self.ffi.new("float *")
-        st = self._fn("train_step")(self.ffi.cast("float *", self.ffi.from_buffer(a)),
+        st = self._fn("train_step")(self.ffi.cast(self._in_ptr, self.ffi.from_buffer(a)),
                                     self.ffi.cast("int32_t *", self.ffi.from_buffer(y)), loss, acc)
         self._check(st, "train_step")
         return float(loss[0]), float(acc[0])
@@ -278,7 +302,7 @@ class HostProgram:
     def predict(self, x) -> np.ndarray:
         a = self._batch(x)
         probs = np.zeros((self.batch, self.classes), np.float32)
-        self._check(self._fn("predict")(self.ffi.cast("float *", self.ffi.from_buffer(a)),
+        self._check(self._fn("predict")(self.ffi.cast(self._in_ptr, self.ffi.from_buffer(a)),
                                         self.ffi.cast("float *", self.ffi.from_buffer(probs))),
                     "predict")
         return probs

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ..compiler.c_literals import PIXEL_LUT
 from ..compiler.contract import read_manifest
 from ..compiler.errors import DataError
 from .host import HostProgram
@@ -86,7 +85,7 @@ def profile(out_dir: str | Path, *, steps: int = 10, warmup: int = 2, seed: int 
     prog.init(seed)
     rng = np.random.default_rng(seed)
     nbat = 4
-    xs = [PIXEL_LUT[rng.integers(0, 256, size=m.input_shape, dtype=np.uint8)]
+    xs = [prog.pixel_batch(rng.integers(0, 256, size=m.input_shape, dtype=np.uint8))
           for _ in range(nbat)]
     ys = [rng.integers(0, m.classes, size=m.batch, dtype=np.int32) for _ in range(nbat)]
     n = len(m.steps)

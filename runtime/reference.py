@@ -78,6 +78,7 @@ from ..compiler.errors import BnncWarning, DataError
 from ..compiler.ir import INPUT, Graph, LayerKind, tname
 from ..compiler.ops.loss import softmax
 from ..compiler.ops.refctx import RefRun
+from ..compiler.preprocess import affine_lut, to_pixels
 from ..compiler.state import StateTensor, initial_values, state_tensors
 
 __all__ = ["TrainState", "init_state", "train_step", "forward", "forward_backward", "predict",
@@ -180,8 +181,13 @@ def update_params(graph: Graph, cfg: TrainConfig, t: int, pre: Mapping[str, np.n
     return new
 
 
-def _as_batch(graph: Graph, x) -> np.ndarray:
+def _as_batch(graph: Graph, x, cfg: TrainConfig | None = None) -> np.ndarray:
     a = np.asarray(x)
+    if cfg is not None and cfg.input == "u8" and a.dtype == np.uint8:
+        # a u8 program's batch as pixels: the float inputs are their pixel values
+        lut = affine_lut(*cfg.input_affine)
+        c = lut.shape[0]
+        a = lut[np.arange(c).reshape((1, c, 1)), a.reshape(len(a), c, -1)].reshape(a.shape)
     if a.dtype.kind != "f":
         raise DataError(f"input batch for model {graph.name!r} must be floating point, "
                         f"got {a.dtype}")
@@ -192,6 +198,18 @@ def _as_batch(graph: Graph, x) -> np.ndarray:
                         f"expects {graph.input_shape}",
                         hint="pass (B, *input_shape) or (B, features)")
     return a
+
+
+def _set_pixels(run: RefRun, graph: Graph, x: np.ndarray) -> None:
+    """Under `--input u8` the first layer multiplies the stored pixels (compiler/README.md "The u8
+    input"): the batch's floats mapped back to them, DataError if they are not pixel values."""
+    if run.cfg.input != "u8":
+        return
+    try:
+        run.pixels = to_pixels(x, run.cfg.input_affine, graph.input_shape)
+    except ValueError as err:
+        raise DataError(f"model {graph.name!r} was compiled with --input u8: {err}",
+                        hint="float features (CSV, float arrays) need --input f32") from None
 
 
 def _check_labels(graph: Graph, labels, batch: int) -> np.ndarray:
@@ -235,10 +253,11 @@ def forward_backward(graph: Graph, cfg: TrainConfig, tensors: dict[str, np.ndarr
     MAXPOOL `.argmax` (int8 0/1 mask over the input when 1-bit, else the window index), `loss` and
     `accuracy`.
     """
-    x = _as_batch(graph, x)
+    x = _as_batch(graph, x, cfg)
     y = _check_labels(graph, labels, len(x))
     run = RefRun(graph, cfg, tensors, x.dtype, training=True,
                  needs_grad=ops.needs_grad(graph, cfg))
+    _set_pixels(run, graph, x)
     forward(run, x)
     logits_name = _logits_layer(graph)
     z = run.acts[logits_name].reshape(len(x), -1)
@@ -277,7 +296,7 @@ def train_step(graph: Graph, cfg: TrainConfig, state: TrainState, x,
 
     The intermediates are those of `forward_backward` (float32) plus every state tensor after the
     update under its own name (`fc1.W`, `fc1.W.m`, `bn1.running_mean`, ...)."""
-    x = _as_batch(graph, x).astype(np.float32, copy=False)
+    x = _as_batch(graph, x, cfg).astype(np.float32, copy=False)
     out = forward_backward(graph, cfg, state.tensors, x, labels)
     t = state.step + 1
     sts = state_tensors(graph, cfg)
@@ -294,8 +313,9 @@ def train_step(graph: Graph, cfg: TrainConfig, state: TrainState, x,
 
 def predict(graph: Graph, cfg: TrainConfig, state: TrainState, x) -> np.ndarray:
     """Class probabilities (B, classes) in inference mode (BN uses the running statistics)."""
-    x = _as_batch(graph, x).astype(np.float32, copy=False)
+    x = _as_batch(graph, x, cfg).astype(np.float32, copy=False)
     run = RefRun(graph, cfg, state.tensors, x.dtype, training=False)
+    _set_pixels(run, graph, x)
     forward(run, x)
     last = run.acts[graph.output.name].reshape(len(x), -1)
     return last if graph.output.kind is LayerKind.SOFTMAX else softmax(last)

@@ -36,8 +36,9 @@ IN_MAGIC, OUT_MAGIC = 0x49434E42, 0x4F434E42        # "BNCI", "BNCO"
 def trace_input(manifest: Manifest, init: Mapping[str, np.ndarray],
                 batches: Sequence[tuple[np.ndarray, np.ndarray]]) -> bytes:
     parts = [struct.pack("<II", IN_MAGIC, len(batches)), state_values_f32(manifest, init)]
+    u8 = manifest.config.get("input") == "u8"
     for x, y in batches:
-        parts.append(np.ascontiguousarray(x, "<f4").tobytes())
+        parts.append(np.ascontiguousarray(x, "u1" if u8 else "<f4").tobytes())
         parts.append(np.ascontiguousarray(y, "<i4").tobytes())
     return b"".join(parts)
 

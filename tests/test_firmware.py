@@ -35,10 +35,10 @@ QEMU = ["-display", "none", "-monitor", "none", "-serial", "none", "-chardev", "
         "-semihosting-config", "enable=on,target=native,chardev=sh0"]
 
 
-def _compile(tmp: Path, target: str, *, library: bool) -> Path:
+def _compile(tmp: Path, target: str, *, library: bool, extra: tuple[str, ...] = ()) -> Path:
     out = tmp / f"{target}-{'lib' if library else 'prog'}"
     argv = ["compile", "tfc", "--target", target, "--batch", str(BATCH), "--optimizer", "bop",
-            "-o", str(out)] + (["--emit", "library"] if library else [])
+            "-o", str(out)] + (["--emit", "library"] if library else []) + list(extra)
     assert main(argv) == 0
     return out
 
@@ -142,11 +142,17 @@ def _cmake_build(out: Path, board: str, *defs: str) -> Path:
 
 
 @arm
-@pytest.mark.parametrize("target,board", [("cortex-m4", "mps2-an386"),
-                                          ("cortex-m7", "mps2-an500")])
-def test_example_firmware_matches_trainer_and_survives_a_power_cut(tmp_path, target, board):
-    lib = _compile(tmp_path, target, library=True)
-    prog = _compile(tmp_path, target, library=False)
+@pytest.mark.parametrize("target,board,extra", [("cortex-m4", "mps2-an386", ()),
+                                                ("cortex-m7", "mps2-an500", ()),
+                                                # the firmware API taking u8 samples
+                                                ("cortex-m4", "mps2-an386", ("--input", "u8"))],
+                         ids=["m4", "m7", "m4-u8"])
+def test_example_firmware_matches_trainer_and_survives_a_power_cut(tmp_path, target, board,
+                                                                   extra):
+    lib = _compile(tmp_path, target, library=True, extra=extra)
+    prog = _compile(tmp_path, target, library=False, extra=extra)
+    if extra:
+        assert "const uint8_t *x" in (lib / "src" / "tfc_fw.h").read_text()
     count = 64
     x, y = _mnist(count)
     total = 3 * STEPS            # boot 1: rounds 1-2 (second save cut); boot 2: rounds 2-3

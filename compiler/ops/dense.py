@@ -7,11 +7,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..ir import Layer, LayerKind
+from ..c_literals import c_float
+from ..config import u8_input_layer
 from ..lower import Call, LowerCtx, bias_operand, instance, pm1_input, words64
 from ..onnx_values import Act, node_attrs, node_label
 from ..schedule_ir import DType, Schedule, Step
 from . import weights
-from .base import (BIT, F32, GRADS, I32, PO2, SAVED_X, STATE, WEIGHTS, Bits, KernelFamily,
+from .base import (BIT, F32, GRADS, I32, PO2, SAVED_X, STATE, U8, WEIGHTS, Bits, KernelFamily,
                    LayerSpec, OnnxOp, OpFamily, Phase, kernel, prod)
 from .exportctx import Emitter
 from .refctx import RefRun
@@ -116,6 +118,32 @@ def _check_shapes(lay: Layer, ins) -> str | None:
     return weights.bias_shape(lay) or bad
 
 
+INT32_MAX = 2**31 - 1
+U8_DW_SHIFT = 15        # a PO2 code's exponent field: Q = +-2^(c & 15) in the kernels' integer unit
+
+
+def u8_bounds(batch: int, in_features: int, channels: int) -> dict:
+    """The integer first layer's int32 proof (`--input u8`), per layer at compile time: the
+    largest |sum| each kernel accumulates, and whether it needs int64 accumulators instead.
+    forward: the int32 sums S+ = sum of u over sign(W) = +1 and sum u of one channel, combined
+    as 2 S+ - sum u, |.| <= 2 * 255 * plane; dW: sum over the batch of u * (+-2^(c & 15)),
+    |.| <= B * 255 * 2^15."""
+    plane = in_features // channels
+    fwd, dw = 2 * 255 * plane, batch * 255 * 2**U8_DW_SHIFT
+    return dict(u8_plane=plane, int_bound_fwd=fwd, int_bound_dw=dw,
+                acc64_fwd=fwd > INT32_MAX, acc64_dw=dw > INT32_MAX)
+
+
+def _u8_attrs(b: ScheduleBuilder, lay: Layer) -> dict:
+    """The pixel map (float32 a_c, b_c per input channel) and the int32 bounds of the integer
+    first layer."""
+    a, off = b.cfg.input_affine
+    attrs = dict(u8_scale=tuple(float(np.float32(v)) for v in a),
+                 u8_offset=tuple(float(np.float32(v)) for v in off))
+    attrs.update(u8_bounds(b.B, lay.params["W"].shape[0], len(a)))
+    return attrs
+
+
 def _forward(b: ScheduleBuilder, lay: Layer) -> None:
     weights.forward(b, lay, WEIGHT_KERNELS)
 
@@ -152,10 +180,31 @@ def _lower_dense_fwd(step: Step, ctx: LowerCtx) -> Call:
     return Call(inst, [ctx.ptr(x), ctx.ptr(w), bptr, ctx.ptr(y), b, k, n, words64(k)])
 
 
+def _u8_decls(a: dict) -> tuple[list[str], list[str]]:
+    """Step-local constants of the pixel map (float32 a_c, b_c) and the call's args naming them."""
+    c = len(a["u8_scale"])
+    decls = [f"static const float u8_scale[{c}] = {{{', '.join(map(c_float, a['u8_scale']))}}};",
+             f"static const float u8_offset[{c}] = {{{', '.join(map(c_float, a['u8_offset']))}}};"]
+    return decls, ["u8_scale", "u8_offset", c, a["u8_plane"]]
+
+
+def _lower_dense_fwd_u8(step: Step, ctx: LowerCtx) -> Call:
+    a = step.attrs
+    x, w = step.inputs[0], step.inputs[1]
+    ops, bptr = bias_operand(step, ctx, 2)
+    k, n, b = a["in_features"], a["out_features"], a["batch"]
+    decls, args = _u8_decls(a)
+    inst = instance(step, ctx, operands={"w": w, **ops}, bias=bool(ops), acc64=a["acc64_fwd"])
+    return Call(inst, [ctx.ptr(x), ctx.ptr(w), bptr, ctx.ptr(step.outputs[0]), b, k, n,
+                       words64(k)] + args, decls)
+
+
 def _x_operand(step: Step, ctx: LowerCtx, x: str, a: dict) -> tuple[str, list]:
     """How a dense kernel reads its saved input: macro suffix and (words/row, HW, wc) args."""
     xt = ctx.t(x)
     k = a["in_features"]
+    if xt.dtype is DType.U8:
+        return "u8", [0, 1, 0]
     if xt.dtype is DType.BIT:
         chw = a.get("x_chw")
         if chw:
@@ -172,6 +221,11 @@ def _lower_dense_dw(step: Step, ctx: LowerCtx) -> Call:
     b, k, n = a["batch"], a["in_features"], a["out_features"]
     dw = step.outputs[0]
     ops: dict[str, str] = {} if kind == "bits" else {"x": x}
+    if step.kernel is DENSE_DW_BIN and kind == "u8":
+        decls, args = _u8_decls(a)
+        inst = instance(step, ctx, "dense_dw_bin_u8", acc64=a["acc64_dw"])
+        return Call(inst, [ctx.ptr(x), ctx.ptr(step.inputs[1]), ctx.ptr(dw), b, k, n] + args,
+                    decls)
     if step.kernel is DENSE_DW_BIN:
         g = step.inputs[1]
         po2 = ctx.t(g).dtype is DType.PO2
@@ -258,6 +312,11 @@ DENSE_FWD_SIGNW = kernel(
     "Y = X sign(W), real X, signs read from W on the fly (+ b)",
     [("x", F32), ("w", WEIGHTS), ("b?", STATE)], [("y", F32)], lower=_lower_dense_fwd,
     magnitude=_magnitude_fwd)
+DENSE_FWD_U8 = kernel(
+    "dense_fwd_u8", Phase.FORWARD, KernelFamily.DENSE,
+    "integer first layer: Y = sum_c a_c (U_c sign(W_c)) + b_c colsum(sign(W_c)) (+ b), U u8 "
+    "pixels, each channel's dot product exact in int32",
+    [("x", (U8,)), ("w", WEIGHTS), ("b?", STATE)], [("y", F32)], lower=_lower_dense_fwd_u8)
 DENSE_FWD_F32 = kernel(
     "dense_fwd_f32", Phase.FORWARD, KernelFamily.DENSE, "Y = X W (+ b), real layer",
     [("x", F32), ("w", STATE), ("b?", STATE)], [("y", F32)], lower=_lower_dense_fwd,
@@ -275,7 +334,7 @@ DENSE_DW_PO2 = kernel(
 DENSE_DW_BIN = kernel(
     "dense_dw_bin", Phase.BACKWARD, KernelFamily.DENSE,
     "sign bits of X^T G (sign(0) = +1); the update applies scale 1/sqrt(N_W) and mask |W| <= 1",
-    [("x", SAVED_X), ("g", GRADS + (PO2,))], [("dw", BIT)], lower=_lower_dense_dw)
+    [("x", SAVED_X + (U8,)), ("g", GRADS + (PO2,))], [("dw", BIT)], lower=_lower_dense_dw)
 DENSE_DX_F32 = kernel(
     "dense_dx_f32", Phase.BACKWARD, KernelFamily.DENSE,
     "dX = dY W^T (sign(W) for binary layers)",
@@ -290,14 +349,54 @@ DENSE_DX_PO2 = kernel(
 WEIGHT_KERNELS = WeightKernels(
     fwd_xnor=DENSE_FWD_XNOR, fwd_signw=DENSE_FWD_SIGNW, fwd_f32=DENSE_FWD_F32,
     dw_f32=DENSE_DW_F32, dw_po2=DENSE_DW_PO2, dw_bin=DENSE_DW_BIN, dx_f32=DENSE_DX_F32,
-    dx_po2=DENSE_DX_PO2, geometry=_geometry, packed_weights=_packed_weights)
+    dx_po2=DENSE_DX_PO2, geometry=_geometry, packed_weights=_packed_weights,
+    fwd_u8=DENSE_FWD_U8, u8_attrs=_u8_attrs)
 KERNELS = WEIGHT_KERNELS.all + weights.KERNELS     # + the weight-layer kernels conv shares
 
 
 # ---- numpy reference --------------------------------------------------------------------------
 
+def _u8_channels(run: RefRun, lay: Layer):
+    """(u int64 [B, K], float32 a_c and b_c per input, P) of the integer first layer."""
+    a, b = (np.float32(np.asarray(v, np.float64)) for v in run.cfg.input_affine)
+    u = run.pixels.reshape(len(run.pixels), -1).astype(np.int64)
+    return u, a, b, u.shape[1] // len(a)
+
+
+def _ref_forward_u8(run: RefRun, lay: Layer) -> np.ndarray:
+    """The integer first layer exactly as dense_fwd_u8 computes it: per channel an exact integer
+    dot product and column sum of sign(W), then float32 a_c * d + b_c * s summed over c in order."""
+    u, a, b, p = _u8_channels(run, lay)
+    s = np.where(run.param(lay, "W") >= 0, 1, -1).astype(np.int64)
+    y = None
+    for c in range(len(a)):
+        d = u[:, c * p:(c + 1) * p] @ s[c * p:(c + 1) * p]
+        cs = s[c * p:(c + 1) * p].sum(axis=0)
+        t = a[c] * d.astype(np.float32) + b[c] * cs.astype(np.float32)
+        y = t if y is None else y + t
+    return y.astype(run.dtype)
+
+
+def _dw_u8(run: RefRun, lay: Layer, q: np.ndarray) -> np.ndarray:
+    """dense_dw_bin_u8's value (its sign is the bit): a_c * S1 + b_c * S0 in float32 with
+    S1 = U^T Q and S0 = sum of Q over the batch, exact integers, Q = q * 2^(8 + bias)."""
+    u, a, b, p = _u8_channels(run, lay)
+    bias = int(run.out[f"{lay.name}.po2_bias"])
+    qi = np.rint(np.asarray(q, np.float64) * 2.0 ** (8 + bias)).astype(np.int64)
+    s1, s0 = u.T @ qi, qi.sum(axis=0)
+    rows = np.arange(u.shape[1]) // p
+    return a[rows, None] * s1.astype(np.float32) + b[rows, None] * s0.astype(np.float32)
+
+
 def _ref_forward(run: RefRun, lay: Layer, x: np.ndarray) -> np.ndarray:
     x2 = x.reshape(len(x), -1)
+    if run.pixels is not None and lay.name == u8_input_layer(run.graph).name:
+        y = _ref_forward_u8(run, lay)
+        if "b" in lay.params:
+            y = y + run.param(lay, "b")
+        if run.training:
+            run.saved[lay.name] = {"x": None, "u8": True}
+        return y
     y = matmul(x2, run.weight(lay))
     if "b" in lay.params:
         y = y + run.param(lay, "b")
@@ -308,7 +407,8 @@ def _ref_forward(run: RefRun, lay: Layer, x: np.ndarray) -> np.ndarray:
 
 def _ref_backward(run: RefRun, lay: Layer, dy: np.ndarray, need) -> list:
     x = run.saved[lay.name]["x"]
-    q = weight_grads(run, lay, dy, x)
+    u8 = run.saved[lay.name].get("u8")
+    q = weight_grads(run, lay, dy, x, dw_of=(lambda q: _dw_u8(run, lay, q)) if u8 else None)
     if not need[0]:
         return [None]
     dx = matmul(q, run.weight(lay).T)

@@ -18,8 +18,8 @@ from ..ir import WEIGHT_KINDS, Layer, LayerKind, tname
 from ..lower import Call, LowerCtx, instance, words64
 from ..onnx_values import Act, Bin, Const, Spec
 from ..schedule_ir import Role, Step
-from .base import (BIT, F16, F32, GRADS, I32, PO2, STATE, KernelFamily, KernelSpec, Phase, kernel,
-                   prod)
+from .base import (BIT, F16, F32, GRADS, I32, PO2, STATE, U8, KernelFamily, KernelSpec, Phase,
+                   kernel, prod)
 
 if TYPE_CHECKING:
     from ..schedule import ScheduleBuilder
@@ -41,11 +41,14 @@ class WeightKernels:
     geometry: Callable[[ScheduleBuilder, Layer], dict]
     # (nbytes, layout) of the layer's weights packed for the XNOR kernel (also LayerSpec's)
     packed_weights: Callable[[ScheduleBuilder, Layer], tuple[int, str]]
+    # the integer first layer on a u8 input (`--input u8`; dense only) and its step attrs
+    fwd_u8: KernelSpec | None = None
+    u8_attrs: Callable[[ScheduleBuilder, Layer], dict] | None = None
 
     @property
     def all(self) -> tuple[KernelSpec, ...]:
         return (self.fwd_xnor, self.fwd_signw, self.fwd_f32, self.dw_f32, self.dw_po2,
-                self.dw_bin, self.dx_f32, self.dx_po2)
+                self.dw_bin, self.dx_f32, self.dx_po2) + ((self.fwd_u8,) if self.fwd_u8 else ())
 
 
 # ---- ONNX import: what MatMul/Gemm and Conv share ---------------------------------------------
@@ -209,6 +212,9 @@ def geometry(b: ScheduleBuilder, lay: Layer, k: WeightKernels) -> dict:
     x_layout = ("bits_nhwc" if chw else "bits_rows") if xt.dtype is BIT else "dense"
     geom = dict(batch=b.B, binary=lay.binary, x_layout=x_layout)
     geom.update(k.geometry(b, lay))
+    if xt.dtype is U8:
+        assert k.u8_attrs is not None, lay.name     # config.u8_input_layer admits dense only
+        geom.update(k.u8_attrs(b, lay))
     return geom
 
 
@@ -228,6 +234,8 @@ def forward(b: ScheduleBuilder, lay: Layer, k: WeightKernels) -> None:
                        layout=layout, nbytes=nbytes)
             b.emit(PACK_SIGN_W, lay.name, (w,), (wb,), **geom)
         b.emit(k.fwd_xnor, lay.name, (x, wb) + bias, (y,), **geom)
+    elif xt.dtype is U8:
+        b.emit(k.fwd_u8, lay.name, (x, w) + bias, (y,), **geom)
     else:
         b.emit(k.fwd_signw if lay.binary else k.fwd_f32, lay.name, (x, w) + bias, (y,), **geom)
     if lay.name not in b.has_dout or not b.trains(lay, "W"):

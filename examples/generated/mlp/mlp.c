@@ -1047,6 +1047,50 @@ BNNC_HELPER void bnnc_mk_iand(const int32_t *a, const int32_t *v, int32_t ldv,
     *(bnnc_v4i *)(void *)(c + 3 * ldc + 4) = c31;
 }
 
+BNNC_HELPER void bnnc_mk_imul(const int32_t *a, const int32_t *v, int32_t ldv,
+    int32_t nr, int32_t *c, int32_t ldc, int init)
+{
+    int32_t r;
+    bnnc_v4i c00, c01, c10, c11, c20, c21, c30, c31;
+    if (init) {
+        bnnc_v4i z = { 0 };
+        c00 = c01 = c10 = c11 = c20 = c21 = c30 = c31 = z;
+    } else {
+        c00 = *(const bnnc_v4i *)(const void *)(c + 0 * ldc + 0);
+        c01 = *(const bnnc_v4i *)(const void *)(c + 0 * ldc + 4);
+        c10 = *(const bnnc_v4i *)(const void *)(c + 1 * ldc + 0);
+        c11 = *(const bnnc_v4i *)(const void *)(c + 1 * ldc + 4);
+        c20 = *(const bnnc_v4i *)(const void *)(c + 2 * ldc + 0);
+        c21 = *(const bnnc_v4i *)(const void *)(c + 2 * ldc + 4);
+        c30 = *(const bnnc_v4i *)(const void *)(c + 3 * ldc + 0);
+        c31 = *(const bnnc_v4i *)(const void *)(c + 3 * ldc + 4);
+    }
+    for (r = 0; r < nr; r++, a += 16, v += ldv) {
+        bnnc_v4i v0 = *(const bnnc_v4i *)(const void *)(v + 0);
+        bnnc_v4i v1 = *(const bnnc_v4i *)(const void *)(v + 4);
+        bnnc_v4i a0 = *(const bnnc_v4i *)(const void *)(a + 0);
+        bnnc_v4i a1 = *(const bnnc_v4i *)(const void *)(a + 4);
+        bnnc_v4i a2 = *(const bnnc_v4i *)(const void *)(a + 8);
+        bnnc_v4i a3 = *(const bnnc_v4i *)(const void *)(a + 12);
+        c00 = c00 + a0 * v0;
+        c01 = c01 + a0 * v1;
+        c10 = c10 + a1 * v0;
+        c11 = c11 + a1 * v1;
+        c20 = c20 + a2 * v0;
+        c21 = c21 + a2 * v1;
+        c30 = c30 + a3 * v0;
+        c31 = c31 + a3 * v1;
+    }
+    *(bnnc_v4i *)(void *)(c + 0 * ldc + 0) = c00;
+    *(bnnc_v4i *)(void *)(c + 0 * ldc + 4) = c01;
+    *(bnnc_v4i *)(void *)(c + 1 * ldc + 0) = c10;
+    *(bnnc_v4i *)(void *)(c + 1 * ldc + 4) = c11;
+    *(bnnc_v4i *)(void *)(c + 2 * ldc + 0) = c20;
+    *(bnnc_v4i *)(void *)(c + 2 * ldc + 4) = c21;
+    *(bnnc_v4i *)(void *)(c + 3 * ldc + 0) = c30;
+    *(bnnc_v4i *)(void *)(c + 3 * ldc + 4) = c31;
+}
+
 /* popcount(a XOR b) over `words` 64-bit words */
 BNNC_HELPER int32_t bnnc_xor_popcount(const uint64_t *a, const uint64_t *b, int32_t words)
 {
@@ -1245,6 +1289,51 @@ static void bnnc_mk16_iand(const int32_t *a, const int32_t *v, int32_t ldv, int3
     memcpy(c + 3 * ldc + 8, &c31, sizeof c31);
 }
 
+__attribute__((unused, noinline, target("avx2")))
+static void bnnc_mk16_imul(const int32_t *a, const int32_t *v, int32_t ldv, int32_t nr,
+    int32_t *c, int32_t ldc, int init)
+{
+    int32_t r;
+    bnnc_v8i c00, c01, c10, c11, c20, c21, c30, c31;
+    if (init) {
+        bnnc_v8i z = { 0 };
+        c00 = c01 = c10 = c11 = c20 = c21 = c30 = c31 = z;
+    } else {
+        memcpy(&c00, c + 0 * ldc + 0, sizeof c00);
+        memcpy(&c01, c + 0 * ldc + 8, sizeof c01);
+        memcpy(&c10, c + 1 * ldc + 0, sizeof c10);
+        memcpy(&c11, c + 1 * ldc + 8, sizeof c11);
+        memcpy(&c20, c + 2 * ldc + 0, sizeof c20);
+        memcpy(&c21, c + 2 * ldc + 8, sizeof c21);
+        memcpy(&c30, c + 3 * ldc + 0, sizeof c30);
+        memcpy(&c31, c + 3 * ldc + 8, sizeof c31);
+    }
+    for (r = 0; r < nr; r++, a += 16, v += ldv) {
+        bnnc_v8i v0; memcpy(&v0, v + 0, sizeof v0);
+        bnnc_v8i v1; memcpy(&v1, v + 8, sizeof v1);
+        bnnc_v8i a0 = { a[0], a[0], a[0], a[0], a[0], a[0], a[0], a[0] };
+        bnnc_v8i a1 = { a[4], a[4], a[4], a[4], a[4], a[4], a[4], a[4] };
+        bnnc_v8i a2 = { a[8], a[8], a[8], a[8], a[8], a[8], a[8], a[8] };
+        bnnc_v8i a3 = { a[12], a[12], a[12], a[12], a[12], a[12], a[12], a[12] };
+        c00 = c00 + a0 * v0;
+        c01 = c01 + a0 * v1;
+        c10 = c10 + a1 * v0;
+        c11 = c11 + a1 * v1;
+        c20 = c20 + a2 * v0;
+        c21 = c21 + a2 * v1;
+        c30 = c30 + a3 * v0;
+        c31 = c31 + a3 * v1;
+    }
+    memcpy(c + 0 * ldc + 0, &c00, sizeof c00);
+    memcpy(c + 0 * ldc + 8, &c01, sizeof c01);
+    memcpy(c + 1 * ldc + 0, &c10, sizeof c10);
+    memcpy(c + 1 * ldc + 8, &c11, sizeof c11);
+    memcpy(c + 2 * ldc + 0, &c20, sizeof c20);
+    memcpy(c + 2 * ldc + 8, &c21, sizeof c21);
+    memcpy(c + 3 * ldc + 0, &c30, sizeof c30);
+    memcpy(c + 3 * ldc + 8, &c31, sizeof c31);
+}
+
 #if defined(BNNC_AVX512)
 #define BNNC_WIDE32 1
 __attribute__((unused, noinline, target("avx512f,avx512bw,avx512vl,avx512dq")))
@@ -1382,6 +1471,51 @@ static void bnnc_mk32_iand(const int32_t *a, const int32_t *v, int32_t ldv, int3
     memcpy(c + 3 * ldc + 16, &c31, sizeof c31);
 }
 
+__attribute__((unused, noinline, target("avx512f,avx512bw,avx512vl,avx512dq")))
+static void bnnc_mk32_imul(const int32_t *a, const int32_t *v, int32_t ldv, int32_t nr,
+    int32_t *c, int32_t ldc, int init)
+{
+    int32_t r;
+    bnnc_v16i c00, c01, c10, c11, c20, c21, c30, c31;
+    if (init) {
+        bnnc_v16i z = { 0 };
+        c00 = c01 = c10 = c11 = c20 = c21 = c30 = c31 = z;
+    } else {
+        memcpy(&c00, c + 0 * ldc + 0, sizeof c00);
+        memcpy(&c01, c + 0 * ldc + 16, sizeof c01);
+        memcpy(&c10, c + 1 * ldc + 0, sizeof c10);
+        memcpy(&c11, c + 1 * ldc + 16, sizeof c11);
+        memcpy(&c20, c + 2 * ldc + 0, sizeof c20);
+        memcpy(&c21, c + 2 * ldc + 16, sizeof c21);
+        memcpy(&c30, c + 3 * ldc + 0, sizeof c30);
+        memcpy(&c31, c + 3 * ldc + 16, sizeof c31);
+    }
+    for (r = 0; r < nr; r++, a += 16, v += ldv) {
+        bnnc_v16i v0; memcpy(&v0, v + 0, sizeof v0);
+        bnnc_v16i v1; memcpy(&v1, v + 16, sizeof v1);
+        bnnc_v16i a0 = { a[0], a[0], a[0], a[0], a[0], a[0], a[0], a[0], a[0], a[0], a[0], a[0], a[0], a[0], a[0], a[0] };
+        bnnc_v16i a1 = { a[4], a[4], a[4], a[4], a[4], a[4], a[4], a[4], a[4], a[4], a[4], a[4], a[4], a[4], a[4], a[4] };
+        bnnc_v16i a2 = { a[8], a[8], a[8], a[8], a[8], a[8], a[8], a[8], a[8], a[8], a[8], a[8], a[8], a[8], a[8], a[8] };
+        bnnc_v16i a3 = { a[12], a[12], a[12], a[12], a[12], a[12], a[12], a[12], a[12], a[12], a[12], a[12], a[12], a[12], a[12], a[12] };
+        c00 = c00 + a0 * v0;
+        c01 = c01 + a0 * v1;
+        c10 = c10 + a1 * v0;
+        c11 = c11 + a1 * v1;
+        c20 = c20 + a2 * v0;
+        c21 = c21 + a2 * v1;
+        c30 = c30 + a3 * v0;
+        c31 = c31 + a3 * v1;
+    }
+    memcpy(c + 0 * ldc + 0, &c00, sizeof c00);
+    memcpy(c + 0 * ldc + 16, &c01, sizeof c01);
+    memcpy(c + 1 * ldc + 0, &c10, sizeof c10);
+    memcpy(c + 1 * ldc + 16, &c11, sizeof c11);
+    memcpy(c + 2 * ldc + 0, &c20, sizeof c20);
+    memcpy(c + 2 * ldc + 16, &c21, sizeof c21);
+    memcpy(c + 3 * ldc + 0, &c30, sizeof c30);
+    memcpy(c + 3 * ldc + 16, &c31, sizeof c31);
+}
+
 #endif
 #endif
 #if defined(__x86_64__) && !defined(__POPCNT__)
@@ -1475,6 +1609,19 @@ BNNC_HELPER void bnnc_mk_iand(const int32_t *a, const int32_t *v, int32_t ldv,
         for (u = 0; u < 4; u++)
             for (j = 0; j < 8; j++)
                 c[u * ldc + j] += a[u * 4] & v[j];
+}
+
+BNNC_HELPER void bnnc_mk_imul(const int32_t *a, const int32_t *v, int32_t ldv,
+    int32_t nr, int32_t *c, int32_t ldc, int init)
+{
+    int32_t r, u, j;
+    if (init)
+        for (u = 0; u < 4; u++)
+            for (j = 0; j < 8; j++) c[u * ldc + j] = 0;
+    for (r = 0; r < nr; r++, a += 16, v += ldv)
+        for (u = 0; u < 4; u++)
+            for (j = 0; j < 8; j++)
+                c[u * ldc + j] += a[u * 4] * v[j];
 }
 
 /* popcount(a XOR b) over `words` 64-bit words */

@@ -410,7 +410,7 @@ static int parse_u(const char *s, unsigned long *out)
 
 /* ---- `bnnc check` trace (debug builds) ----
  * in:  u32 magic "BNCI", u32 steps, float32[STATE_ELEMS] initial state, then per step
- *      float32[INPUT_ELEMS] input and int32[BATCH] labels
+ *      float32[INPUT_ELEMS] input (u8[INPUT_ELEMS] under --input u8) and int32[BATCH] labels
  * out: u32 magic "BNCO", u32 steps, then per step: int32 status, float32 loss, float32 accuracy,
  *      float32[STATE_ELEMS] state before the step, every tensor's bytes in table order after the
  *      step, float32[STATE_ELEMS] state after the step */
@@ -438,7 +438,7 @@ static int check_trace(const char *in_path, const char *out_path)
     for (k = 0; ok && k < head[1]; k++) {
         int32_t status;
         float la[2] = {0.0f, 0.0f};
-        if (!io_read(in, x_batch, BNNC_MLP_INPUT_ELEMS * 4u)
+        if (!io_read(in, x_batch, BNNC_MLP_INPUT_ELEMS * sizeof(x_batch[0]))
             || !io_read(in, y_batch, BATCH * 4u)) {
             json_error("check input is truncated", in_path);
             return 1;
