@@ -18,6 +18,7 @@ from bnnc.compiler.budget import budget_report, fit_budget
 from bnnc.compiler.config import check_config_for_graph, make_config, resolve_frozen
 from bnnc.compiler.contract import read_manifest
 from bnnc.compiler.errors import ConfigError, DataError
+from bnnc.compiler.ops import eval_mode_bns
 from bnnc.compiler.ops.base import Phase
 from bnnc.compiler.planner import plan_schedule
 from bnnc.compiler.report import format_report, plan_to_html, plan_to_json
@@ -112,13 +113,18 @@ def test_frozen_state_has_no_moments_and_binary_weights_as_bits():
     assert by["fc1.W"].optimizer is None and not by["fc1.W"].stochastic
     assert by["bn1.beta"].kind == "frozen" and by["bn1.beta"].dtype == "bf16"
     assert not any(n.startswith(("fc1.W.", "fc2.W.", "bn1.beta.", "bn2.beta.")) for n in by)
-    # a frozen BN keeps (and updates) its running statistics
-    assert by["bn1.running_mean"].kind == "bn_stat"
+    # a frozen BN with nothing trainable upstream runs in inference mode: its running
+    # statistics are constants in the frozen tail; one downstream of a trainable layer updates them
+    assert by["bn1.running_mean"].kind == by["bn2.running_psi"].kind == "frozen"
+    assert by["bn1.running_mean"].dtype == "bf16" and by["bn3.running_mean"].kind == "bn_stat"
+    downstream = {st.name: st for st in state_tensors(g, _cfg(g, train="fc1"))}
+    assert downstream["bn1.beta"].kind == "frozen"
+    assert downstream["bn1.running_mean"].kind == downstream["bn4.running_psi"].kind == "bn_stat"
     assert dataclasses.replace(by["fc3.W"], tensor_id=0) == dataclasses.replace(
         full["fc3.W"], tensor_id=0) and "fc3.W.v" in by
     # frozen tensors come last; ids are positions
     kinds = [st.kind for st in sts]
-    assert kinds.index("frozen") == len(sts) - 4 and set(kinds[-4:]) == {"frozen"}
+    assert kinds.index("frozen") == len(sts) - 8 and set(kinds[-8:]) == {"frozen"}
     assert [st.tensor_id for st in sts] == list(range(len(sts)))
 
 
@@ -146,9 +152,21 @@ def test_backward_stops_at_the_first_trainable_layer(algorithm):
     _, pf = plan_schedule(full)
     _, pp = plan_schedule(s)
     assert pp.state_nbytes < pf.state_nbytes / 8 and pp.arena_nbytes <= pf.arena_nbytes
-    # the frozen tail: exactly the frozen tensors (l2 BN: gamma too), binary W as bits
+    # the frozen prefix is an inference function: its BNs read their running statistics, write
+    # nothing else (no batch mean / psi / var scratch), and bn3 (trainable) uses batch statistics
+    stat = "running_psi" if algorithm == "proposed" else "running_var"
+    evals = [st for st in s.steps if st.kernel.name.endswith("_eval")]
+    assert [(st.layer, st.outputs) for st in evals] == [("bn1", ("bn1.out",)),
+                                                         ("bn2", ("bn2.out",))]
+    assert f"bn1.{stat}" in evals[0].inputs
+    assert not any(t in s.tensors for t in ("bn1.mu", "bn2.psi", "bn2.inv_std"))
+    assert any(st.layer == "bn3" and st.kernel.name.endswith("_fwd") for st in s.steps)
+    # the frozen tail: exactly the frozen tensors (l2 BN: gamma too), binary W as bits, and the
+    # (now constant) running statistics of the inference-mode BNs
     frozen = [t for t in s.tensors.values() if t.role is Role.FROZEN]
-    assert {t.name for t in frozen} == set(s.config.frozen) >= {"fc1.W", "bn2.beta"}
+    stats = {f"bn{i}.{f}" for i in (1, 2) for f in ("running_mean", stat)}
+    assert {t.name for t in frozen} == set(s.config.frozen) | stats
+    assert set(s.config.frozen) >= {"fc1.W", "bn2.beta"}
     assert pp.frozen_nbytes == sum(-(-t.nbytes // pp.align) * pp.align for t in frozen)
     assert s.tensors["fc1.W"].nbytes == 64 * 13 * 8        # 64 rows of 784 bits in 13 words
 
@@ -187,12 +205,54 @@ def test_reference_trains_only_the_unfrozen_part_and_its_gradients_are_full_trai
     trained = [st.name for st in state_tensors(g, part) if st.kind == "param"]
     assert trained and any(not np.array_equal(new.tensors[n], st_part.tensors[n])
                            for n in trained)
+    if eval_mode_bns(g, part):
+        # a frozen prefix with batch norms is an inference function: the forward differs from
+        # full training's (test_frozen_prefix_bn_is_the_inference_formula checks it)
+        assert out["loss"] != out_full["loss"]
+        return
     # one step from the same weights: a trained parameter's gradient is the one full training
     # computes (the forward and the backward down to it are the same)
     for n in trained:
         lay, f = n.rsplit(".", 1)
         np.testing.assert_array_equal(out[f"{lay}.d{f}"], out_full[f"{lay}.d{f}"])
     assert out["loss"] == out_full["loss"]
+
+
+@pytest.mark.parametrize("algorithm", ["proposed", "standard"])
+def test_frozen_prefix_bn_is_the_inference_formula(algorithm):
+    """A frozen BN with nothing trainable upstream normalizes with its running statistics in a
+    training step (formula written out here, float64) and leaves them unchanged; a frozen BN
+    downstream of a trainable layer keeps batch statistics and updates its statistics."""
+    g = load_graph("tfc")
+    cfg = _cfg(g, algorithm, batch=5, train_from="fc3")
+    assert eval_mode_bns(g, cfg) == {"bn1", "bn2"}
+    x, y = sample_batch(g, 5, seed=7)
+    st = ref.init_state(g, cfg)
+    t = {k: v.astype(np.float64) for k, v in st.tensors.items()}
+    new = st
+    for step in range(3):       # the statistics stay put over several steps
+        before = new
+        new, out = ref.train_step(g, cfg, before, x, y)
+        for bn, prev in (("bn1", "fc1"), ("bn2", "fc2")):
+            z = out[f"{prev}.out"].astype(np.float64)
+            if algorithm == "proposed":       # l1: (z - mean) / psi + beta
+                want = (z - t[f"{bn}.running_mean"]) / t[f"{bn}.running_psi"] + t[f"{bn}.beta"]
+            else:
+                want = (t[f"{bn}.gamma"] * (z - t[f"{bn}.running_mean"])
+                        / np.sqrt(t[f"{bn}.running_var"] + g.layer(bn).attrs["eps"])
+                        + t[f"{bn}.beta"])
+            np.testing.assert_allclose(out[f"{bn}.out"], want, rtol=1e-5, atol=1e-5)
+            assert f"{bn}.mu" not in out
+            for f in ("running_mean", "running_psi" if algorithm == "proposed" else "running_var"):
+                np.testing.assert_array_equal(new.tensors[f"{bn}.{f}"], st.tensors[f"{bn}.{f}"])
+        assert "bn3.mu" in out and not np.array_equal(new.tensors["bn3.running_mean"],
+                                                      before.tensors["bn3.running_mean"])
+    # --train fc1: every BN sits downstream of a trainable layer, batch statistics everywhere
+    down = _cfg(g, algorithm, batch=5, train="fc1")
+    assert eval_mode_bns(g, down) == frozenset()
+    new, out = ref.train_step(g, down, ref.init_state(g, down), x, y)
+    assert "bn1.mu" in out and not np.array_equal(new.tensors["bn1.running_mean"],
+                                                  st.tensors["bn1.running_mean"])
 
 
 @cc
@@ -462,5 +522,14 @@ def test_schedule_invariants_hold_for_every_graph_and_freeze_set(name, algorithm
     for st in s.steps:
         if st.phase in (Phase.BACKWARD, Phase.UPDATE) and st.layer:
             assert ng[st.layer], (st.kernel.name, st.layer)
+    # frozen: the freeze set, plus the running statistics of the BNs that run in inference mode
+    # (exactly those without a gradient), which write nothing but their output
+    evals = {st.layer for st in s.steps if st.kernel.name.endswith("_eval")}
+    assert evals == {lay.name for lay in g.layers
+                     if lay.kind.value == "batchnorm" and not ng[lay.name]}
+    for st in s.steps:
+        if st.layer in evals:
+            assert st.kernel.name.endswith("_eval") and len(st.outputs) == 1
     assert {t.name for t in s.tensors.values() if t.role is Role.FROZEN} == {
-        f for f in cfg.frozen if f in s.tensors}
+        f for f in cfg.frozen if f in s.tensors} | {
+        t for t in s.tensors if t.split(".")[0] in evals and ".running_" in t}
