@@ -257,7 +257,8 @@ def test_frozen_prefix_bn_is_the_inference_formula(algorithm):
 
 @cc
 @pytest.mark.parametrize("factory,algorithm,optimizer,train,train_from", [
-    ("tfc", "proposed", "adam", None, "fc3"),
+    ("tfc", "proposed", "adam", None, "fc3"),         # l1 BNs of the prefix in inference mode
+    ("tfc", "standard", "adam", None, "fc3"),         # l2 BNs of the prefix in inference mode
     ("tfc", "standard", "bop", "fc1,bn4", None),      # a gradient through frozen layers
     (residual, "proposed", "adam", "bn", None)])     # real layers' biases, convs, l1 BN
 def test_bnnc_check_passes_with_frozen_layers(tmp_path, factory, algorithm, optimizer, train,
@@ -271,6 +272,17 @@ def test_bnnc_check_passes_with_frozen_layers(tmp_path, factory, algorithm, opti
     assert rep.ok, check_report(rep)
     names = {r.name for r in rep.rows}
     assert set(cfg.frozen) & names        # frozen tensors compared after the steps, unchanged
+    for bn in eval_mode_bns(g, cfg):      # and the constant statistics of the prefix's BNs
+        assert f"{bn}.running_mean" in names and f"{bn}.out" in names
+
+
+@cc
+def test_check_catches_a_perturbed_inference_mode_bn(tmp_path):
+    from bnnc.runtime.check import run_check
+    g = load_graph("tfc")
+    cfg = _cfg(g, batch=8, train_from="fc3")
+    rep = run_check(g, cfg, steps=1, work_dir=tmp_path, extra_cflags=["-DBNNC_PERTURB_BN_L1_EVAL"])
+    assert not rep.ok and {"bn1.out", "bn2.out"} & {r.name for r in rep.failures}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -461,8 +473,10 @@ def test_m4_reads_frozen_weights_from_flash_and_trains_like_the_host(tmp_path):
     start = read_state_blob(tmp_path / "start.bin", m).tensors
     after = read_state_blob(tmp_path / "ck.bin", m)
     assert after.step == 4
-    for n in cfg.frozen:                          # streamed from flash into the checkpoint
+    # streamed from flash into the checkpoint, with the prefix BNs' constant statistics
+    for n in cfg.frozen + ("bn1.running_mean", "bn2.running_psi"):
         np.testing.assert_array_equal(after.tensors[n], start[n])
+    assert not np.array_equal(after.tensors["bn3.running_mean"], start["bn3.running_mean"])
     assert not np.array_equal(after.tensors["fc3.W"], start["fc3.W"])
     # without the start state in flash there are no frozen weights: refused, not garbage
     bare = baremetal.run(out, train=tmp_path / "train.bnnd", steps=1, timeout=300)

@@ -5,7 +5,8 @@ writes while the driver (`runtime/reference.py`, `runtime/infer.py`) walks a gra
 (`OpFamily.reference_forward`/`reference_backward`, signatures in `base.py`) read parameters through
 it (`param`, `weight`), publish intermediates under their compiler/README.md names (`emit`) and keep
 their private backward state in `saved[layer]`. Training mode uses batch statistics and saves what
-the backward needs; inference mode (training=False) uses the running statistics and saves nothing.
+the backward needs; inference mode (training=False) uses the running statistics and saves nothing,
+and so does a training run's BN without a gradient through it (`ops.eval_mode_bns`).
 """
 
 from __future__ import annotations
