@@ -41,7 +41,7 @@ from .train_cmds import lr_help, optimizer_options
 
 # the technique switches of `bnnc inspect` / `bnnc train` (unset = the algorithm's default)
 _TECHNIQUES = ("optimizer", "binary_dw", "po2", "po2_bias", "bn", "state_dtype", "save_bits",
-               "bop_gamma", "bop_threshold", "bn_momentum")
+               "bop_gamma", "bop_threshold", "bn_momentum", "frozen_bn")
 
 
 def _config(algorithm: str | None, batch: int | None, lr: float | None, seed: int,
@@ -63,6 +63,7 @@ def _canonical_command(verb: str, model: str, cfg, target: str, width: float | N
     parts += [f"--classes {classes}"] if classes else []
     parts += [f"--train {train}"] if train else []
     parts += [f"--train-from {train_from}"] if train_from else []
+    parts += [f"--frozen-bn {cfg.frozen_bn}"] if cfg.frozen_bn != "running" else []
     parts += [f"--ram {ram}"] if ram else []
     parts += [f"--flash {flash}"] if flash else []
     return " ".join(parts)

@@ -15,8 +15,8 @@ import click
 
 from dataclasses import replace
 
-from ..compiler.config import (ALGORITHMS, BN_KINDS, OPTIMIZERS, STATE_DTYPES, make_config,
-                               resolve_frozen)
+from ..compiler.config import (ALGORITHMS, BN_KINDS, FROZEN_BN, OPTIMIZERS, STATE_DTYPES,
+                               make_config, resolve_frozen)
 from ..compiler.errors import ConfigError
 from ..compiler.liveness import IO_MODES
 from ..compiler.memory_model import spreadsheet
@@ -38,6 +38,14 @@ def plan_document(graph, cfg, align: int, io: str = "arena") -> dict[str, Any]:
     return plan_to_json(schedule, live, plan)
 
 
+frozen_bn_option = click.option(
+    "--frozen-bn", type=click.Choice(FROZEN_BN), default=None,
+    help="partial training, frozen batch norms with nothing trainable before them: 'running' = "
+         "inference mode (running statistics, constant: the features inference sees, best on "
+         "the model's own domain); 'batch' = batch statistics, running statistics updated "
+         "(adapts to a new input distribution, AdaBN) [default: running]")
+
+
 def technique_options(f):
     """The technique switches shared by inspect/compile/check (unset = the algorithm's default)."""
     opts = [
@@ -55,6 +63,7 @@ def technique_options(f):
         click.option("--save-bits/--no-save-bits", default=None,
                      help="binary layers keep saved inputs and masks as packed bits "
                           "[proposed: on]"),
+        frozen_bn_option,
     ]
     for o in reversed(opts):
         f = o(f)

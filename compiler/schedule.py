@@ -97,7 +97,7 @@ from .errors import ModelError, UnsupportedModelError
 from .ir import INPUT, Graph, Layer, tname
 from .lower import words64
 from .ops import (KERNELS, LAYERS, SCHEDULE_BACKWARD, SCHEDULE_FORWARD, check_graph, check_step,
-                  needs_grad)
+                  eval_mode_bns, needs_grad)
 from .ops.base import Bits, KernelSpec, Phase, prod
 from .ops.loss import SOFTMAX_XENT
 from .ops.optim import UPDATE_KERNELS
@@ -189,6 +189,7 @@ class ScheduleBuilder:
                     hint=f"the loss fuses the final {lay.kind.value}; remove inner ones")
             self._check_shapes(lay)
         self.ng = ng = needs_grad(g, self.cfg)
+        self.eval_bns = eval_mode_bns(g, self.cfg)     # BNs in inference mode (partial training)
         for lay in g.layers:
             if LAYERS[lay.kind].stops_gradient and any(ng[i] for i in lay.inputs):
                 raise UnsupportedModelError(

@@ -234,7 +234,7 @@ def forward_backward(graph: Graph, cfg: TrainConfig, tensors: dict[str, np.ndarr
     x = _as_batch(graph, x)
     y = _check_labels(graph, labels, len(x))
     run = RefRun(graph, cfg, tensors, x.dtype, training=True,
-                 needs_grad=ops.needs_grad(graph, cfg))
+                 needs_grad=ops.needs_grad(graph, cfg), eval_bns=ops.eval_mode_bns(graph, cfg))
     forward(run, x)
     logits_name = _logits_layer(graph)
     z = run.acts[logits_name].reshape(len(x), -1)

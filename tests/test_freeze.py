@@ -207,9 +207,12 @@ def test_reference_trains_only_the_unfrozen_part_and_its_gradients_are_full_trai
                            for n in trained)
     if eval_mode_bns(g, part):
         # a frozen prefix with batch norms is an inference function: the forward differs from
-        # full training's (test_frozen_prefix_bn_is_the_inference_formula checks it)
+        # full training's (test_frozen_prefix_bn_is_the_inference_formula checks it); with
+        # --frozen-bn batch it is full training's again
         assert out["loss"] != out_full["loss"]
-        return
+        part = dataclasses.replace(part, frozen_bn="batch")
+        assert not eval_mode_bns(g, part)
+        _, out = ref.train_step(g, part, ref.init_state(g, part), x, y)
     # one step from the same weights: a trained parameter's gradient is the one full training
     # computes (the forward and the backward down to it are the same)
     for n in trained:
@@ -247,6 +250,13 @@ def test_frozen_prefix_bn_is_the_inference_formula(algorithm):
                 np.testing.assert_array_equal(new.tensors[f"{bn}.{f}"], st.tensors[f"{bn}.{f}"])
         assert "bn3.mu" in out and not np.array_equal(new.tensors["bn3.running_mean"],
                                                       before.tensors["bn3.running_mean"])
+    # --frozen-bn batch: the prefix BNs keep batch statistics and update their running ones
+    ada = dataclasses.replace(cfg, frozen_bn="batch")
+    assert eval_mode_bns(g, ada) == frozenset()
+    assert {st.kind for st in state_tensors(g, ada) if ".running_" in st.name} == {"bn_stat"}
+    new, out = ref.train_step(g, ada, ref.init_state(g, ada), x, y)
+    assert "bn1.mu" in out and not np.array_equal(new.tensors["bn1.running_mean"],
+                                                  st.tensors["bn1.running_mean"])
     # --train fc1: every BN sits downstream of a trainable layer, batch statistics everywhere
     down = _cfg(g, algorithm, batch=5, train="fc1")
     assert eval_mode_bns(g, down) == frozenset()
@@ -259,13 +269,17 @@ def test_frozen_prefix_bn_is_the_inference_formula(algorithm):
 @pytest.mark.parametrize("factory,algorithm,optimizer,train,train_from", [
     ("tfc", "proposed", "adam", None, "fc3"),         # l1 BNs of the prefix in inference mode
     ("tfc", "standard", "adam", None, "fc3"),         # l2 BNs of the prefix in inference mode
+    ("tfc", "proposed", "adam", None, "fc3+batch"),   # --frozen-bn batch: batch statistics
     ("tfc", "standard", "bop", "fc1,bn4", None),      # a gradient through frozen layers
     (residual, "proposed", "adam", "bn", None)])     # real layers' biases, convs, l1 BN
 def test_bnnc_check_passes_with_frozen_layers(tmp_path, factory, algorithm, optimizer, train,
                                               train_from):
     from bnnc.runtime.check import format_report as check_report, run_check
     g = load_graph(factory) if isinstance(factory, str) else factory()
-    cfg = _cfg(g, algorithm, batch=8, train=train, train_from=train_from, optimizer=optimizer)
+    ada = train_from is not None and train_from.endswith("+batch")
+    cfg = _cfg(g, algorithm, batch=8, train=train, train_from=train_from and
+               train_from.removesuffix("+batch"), optimizer=optimizer,
+               frozen_bn="batch" if ada else None)
     if not any(lay.binary for lay in g.layers):
         cfg = dataclasses.replace(cfg, po2=False, binary_dw=False)
     rep = run_check(g, cfg, steps=2, work_dir=tmp_path)
@@ -304,7 +318,15 @@ def test_inspect_reports_the_frozen_part(tmp_path, capsys):
                str(tmp_path / "p.json")])
     assert rc == 0 and json.loads((tmp_path / "p.json").read_text())["frozen"] == doc["frozen"]
     assert main(["inspect", str(tmp_path / "p.json")]) == 0      # re-verified from the JSON
-    assert "frozen (not trained)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "frozen (not trained)" in out
+    assert "batch norms in inference mode (running statistics, constant): bn1, bn2, bn3" in out
+    # --frozen-bn batch: the prefix BNs keep batch statistics, their statistics are not frozen
+    assert main(["inspect", "tfc", "--batch", "8", "--train-from", "fc4", "--frozen-bn",
+                 "batch"]) == 0
+    assert "inference mode" not in capsys.readouterr().out
+    assert main(["inspect", "tfc", "--train-from", "fc4", "--frozen-bn", "eval"]) == 2
+    assert "Invalid value for '--frozen-bn'" in capsys.readouterr().err
 
 
 @cc
@@ -316,6 +338,13 @@ def test_manifest_records_the_freeze_set_and_other_states_are_refused(tmp_path, 
     m = read_manifest(out_part)
     assert m.frozen == ("fc1.W", "bn1.beta", "fc2.W", "bn2.beta") and m.frozen_nbytes > 0
     assert tuple(m.config["frozen"]) == m.frozen and read_manifest(out_full).frozen == ()
+    assert m.config["frozen_bn"] == "running"
+    # --frozen-bn batch is part of the program: recorded, and the prefix statistics stay updatable
+    out_ada = tmp_path / "ada"
+    assert main(["compile", "tfc", "--batch", "8", "--train-from", "fc3", "--frozen-bn", "batch",
+                 "-o", str(out_ada)]) == 0
+    ma = read_manifest(out_ada)
+    assert ma.config["frozen_bn"] == "batch" and 0 < ma.frozen_nbytes < m.frozen_nbytes
     capsys.readouterr()
     # the full program's initial state (npz) into the partial program, and back: refused, named
     src = out_full / "init_state.npz"

@@ -104,7 +104,10 @@ def eval_mode_bns(graph: Graph, cfg: TrainConfig) -> frozenset[str]:
     trains) with nothing trainable upstream, i.e. no gradient through their output
     (`needs_grad` False). They normalize with their running statistics and never update them, so
     a frozen prefix is a pure inference function (compiler/README.md, partial training). Under
-    full training the set is empty: every BN trains."""
+    full training the set is empty (every BN trains), and under `cfg.frozen_bn == "batch"` too
+    (frozen BNs keep batch statistics, AdaBN-style)."""
+    if cfg.frozen_bn == "batch":
+        return frozenset()
     ng = needs_grad(graph, cfg)
     return frozenset(lay.name for lay in graph.layers
                      if lay.kind is LayerKind.BATCHNORM and not ng[lay.name])

@@ -82,7 +82,7 @@ def _fwd_bn(b: ScheduleBuilder, lay: Layer) -> None:
     y = b.out_f32(lay)
     n = lay.name
     rm = tname(n, "running_mean")
-    if not b.ng[n]:
+    if n in b.eval_bns:
         # frozen, nothing trainable upstream (ops.eval_mode_bns): inference mode, a pure function
         # of the input and the constant running statistics; no backward, nothing saved
         stat = tname(n, "running_var" if b.cfg.bn == "l2" else "running_psi")
@@ -280,7 +280,7 @@ def _ref_forward(run: RefRun, lay: Layer, y: np.ndarray) -> np.ndarray:
     cfg, ax, nd = run.cfg, stat_axes(y), y.ndim
     eps = float(lay.attrs["eps"])
     beta = chan(run.param(lay, "beta"), nd)
-    if not run.training or not run.needs_grad[lay.name]:
+    if not run.training or lay.name in run.eval_bns:
         # inference, or a frozen BN with nothing trainable upstream in a training step
         # (ops.eval_mode_bns): running statistics, nothing emitted, saved or updated
         mean = chan(run.param(lay, "running_mean"), nd)

@@ -48,6 +48,7 @@ class RefRun:
     saved: dict[str, dict] = field(default_factory=dict)         # per layer, private backward state
     acts: dict[str, np.ndarray] = field(default_factory=dict)    # forward outputs by layer name
     needs_grad: dict[str, bool] = field(default_factory=dict)    # ops.needs_grad (training runs)
+    eval_bns: frozenset = frozenset()        # ops.eval_mode_bns: BNs in inference mode (training)
 
     def param(self, lay: Layer, f: str) -> np.ndarray:
         """A parameter as the step sees it: the state tensor if there is one, else its value in
