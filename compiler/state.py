@@ -24,8 +24,9 @@ Decisions (documented in compiler/README.md):
   start-state blob in flash instead of copying it to RAM; compiler/codegen.py). A frozen batch norm
   with nothing trainable upstream (`ops.eval_mode_bns`) runs in inference mode in the training
   step: its running statistics are constants, kind "frozen" too (stored like "bn_stat", RNE), so
-  they join the frozen tail. A frozen batch norm downstream of a trainable layer keeps normalizing
-  with batch statistics and updating its running statistics (kind "bn_stat").
+  they join the frozen tail. A frozen batch norm downstream of a trainable layer, and every frozen
+  one under `cfg.frozen_bn == "batch"`, keeps normalizing with batch statistics and updating its
+  running statistics (kind "bn_stat").
 """
 
 from __future__ import annotations
