@@ -27,7 +27,8 @@ one notice, as `bnnc compile` takes it. A freeze set starts from the pretrained 
 statistics (a frozen binary W as its signs), moments 0.
 
     python benchmarks/freeze.py [--model tfc|FILE] [--pretrain-epochs 2] [--epochs 1]
-                                [--batch 32] [--bn l1] [--m4-steps 2000] [--skip-shift] [--skip-m4]
+                                [--batch 32] [--bn l1] [--frozen-bn running|batch]
+                                [--m4-steps 2000] [--skip-shift] [--skip-m4]
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ import numpy as np
 from rich.console import Console
 
 from bnnc.compiler.budget import budget_report, fit_budget
-from bnnc.compiler.config import make_config, resolve_frozen
+from bnnc.compiler.config import FROZEN_BN, make_config, resolve_frozen
 from bnnc.compiler.contract import read_manifest
 from bnnc.compiler.pipeline import compile_to_c
 from bnnc.compiler.preprocess import Preprocess
@@ -73,7 +74,7 @@ def transfer(graph, cfg, pre: dict) -> dict:
 
 def pretrain(graph, args, tmp: Path, quiet: Console, src, conv: Preprocess) -> dict:
     """Full training on MNIST for --pretrain-epochs epochs (host C); the final state tensors."""
-    cfg = make_config("proposed", batch=args.batch, bn=args.bn)
+    cfg = make_config("proposed", batch=args.batch, bn=args.bn, frozen_bn=args.frozen_bn)
     init = ref.init_state(graph, cfg).tensors
     if args.pretrain_epochs == 0:
         return init
@@ -131,7 +132,7 @@ def m4_bytes(graph, cfg, work: Path, ram: int) -> dict:
 
 def shift_table(graph, args, tmp: Path, quiet: Console, pre: dict, conv: Preprocess) -> None:
     targets, (xs, ys) = tasks(graph, conv)
-    base = make_config("proposed", batch=args.batch, bn=args.bn)
+    base = make_config("proposed", batch=args.batch, bn=args.bn, frozen_bn=args.frozen_bn)
     t0 = time.perf_counter()
     rows = []
     bytes_of: dict[str, dict] = {}
@@ -154,7 +155,8 @@ def shift_table(graph, args, tmp: Path, quiet: Console, pre: dict, conv: Preproc
     took = time.perf_counter() - t0
     print(f"\n## Domain shift: {graph.name}, pretrained on MNIST (MNIST test accuracy "
           f"{100 * rows[0][2]:.2f} %), {args.epochs} epoch(s) on the target, batch "
-          f"{args.batch}, proposed, --bn {args.bn}, Adam ({took:.0f} s)\n")
+          f"{args.batch}, proposed, --bn {args.bn}, --frozen-bn {args.frozen_bn}, Adam "
+          f"({took:.0f} s)\n")
     b0 = bytes_of[modes(graph)[0][0]]
     src = "linked ELF" if b0["measured"] else "budget estimate"
     print(f"| task | freeze set | trained params | test acc before | after | arena B | state "
@@ -173,7 +175,7 @@ def m4_run(graph, args, tmp: Path, pre: dict, conv: Preprocess) -> None:
         return
     targets, _ = tasks(graph, conv)
     name, xtr, ytr, xte, yte = targets[0]
-    cfg0 = make_config("proposed", batch=args.batch, bn=args.bn)
+    cfg0 = make_config("proposed", batch=args.batch, bn=args.bn, frozen_bn=args.frozen_bn)
     tgt = dataclasses.replace(load_target("cortex-m4"), ram=64 * KIB)
     chosen = fit_budget(graph, cfg0, tgt)
     print(f"\n## Cortex-M4 (QEMU mps2-an386), 64 KiB RAM: `bnnc compile MODEL --target cortex-m4 "
@@ -226,6 +228,8 @@ def main(argv=None) -> int:
     ap.add_argument("--pretrain-epochs", type=int, default=2)
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--bn", choices=("l1", "l2"), default="l1")
+    ap.add_argument("--frozen-bn", choices=FROZEN_BN, default="running",
+                    help="frozen prefix BNs: inference mode (running) or batch statistics")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--m4-steps", type=int, default=2000)
     ap.add_argument("--skip-shift", action="store_true")

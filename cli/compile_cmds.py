@@ -27,6 +27,7 @@ import click
 from ..compiler.config import ALGORITHMS, make_config
 from ..compiler.budget import fit_budget
 from ..compiler.errors import BudgetError, ConfigError
+from ..compiler.ops import eval_mode_bns
 from ..compiler.planner import DEFAULT_GUARD_BYTES
 from ..compiler.target import Target, load_target, parse_size
 from ..runtime.check import debug_target, format_report, run_check
@@ -40,7 +41,7 @@ from .train_cmds import lr_help, optimizer_options
 
 # the technique switches of `bnnc inspect` / `bnnc train` (unset = the algorithm's default)
 _TECHNIQUES = ("optimizer", "binary_dw", "po2", "po2_bias", "bn", "state_dtype", "save_bits",
-               "bop_gamma", "bop_threshold", "lr_schedule", "bn_momentum")
+               "bop_gamma", "bop_threshold", "lr_schedule", "bn_momentum", "frozen_bn")
 
 
 def _config(algorithm: str | None, batch: int | None, lr: float | None, seed: int,
@@ -62,6 +63,7 @@ def _canonical_command(verb: str, model: str, cfg, target: str, width: float | N
     parts += [f"--classes {classes}"] if classes else []
     parts += [f"--train {train}"] if train else []
     parts += [f"--train-from {train_from}"] if train_from else []
+    parts += [f"--frozen-bn {cfg.frozen_bn}"] if cfg.frozen_bn != "running" else []
     parts += [f"--ram {ram}"] if ram else []
     parts += [f"--flash {flash}"] if flash else []
     return " ".join(parts)
@@ -214,8 +216,11 @@ def compile_cmd(model: str, target: str, algorithm: str | None, batch: int | Non
                f"{c.plan.efficiency:.3f}), state {c.plan.state_nbytes:,} B")
     if cfg.frozen:
         where = " (read from flash, not RAM)" if tgt.kind == "baremetal" else ""
-        click.echo(f"frozen: {len(cfg.frozen)} parameters, {c.plan.frozen_nbytes:,} B of the "
-                   f"state{where}: {', '.join(cfg.frozen)}")
+        evals = [lay.name for lay in graph.layers if lay.name in eval_mode_bns(graph, cfg)]
+        stats = (f" + the running statistics of {', '.join(evals)} (inference mode)"
+                 if evals else "")
+        click.echo(f"frozen: {len(cfg.frozen)} parameters{stats}, {c.plan.frozen_nbytes:,} B of "
+                   f"the state{where}: {', '.join(cfg.frozen)}")
     for p in written:
         click.echo(f"wrote {p}")
 

@@ -15,8 +15,8 @@ import click
 
 from dataclasses import replace
 
-from ..compiler.config import (ALGORITHMS, BN_KINDS, INPUT_HELP, INPUT_KINDS, OPTIMIZERS,
-                               STATE_DTYPES, make_config, with_input,
+from ..compiler.config import (ALGORITHMS, BN_KINDS, FROZEN_BN, INPUT_HELP, INPUT_KINDS,
+                               OPTIMIZERS, STATE_DTYPES, make_config, with_input,
                                resolve_frozen)
 from ..compiler.errors import ConfigError
 from ..compiler.preprocess import DEFAULT as DEFAULT_PREPROCESS
@@ -50,6 +50,14 @@ def plan_document(graph, cfg, align: int, io: str = "arena") -> dict[str, Any]:
     return plan_to_json(schedule, live, plan)
 
 
+frozen_bn_option = click.option(
+    "--frozen-bn", type=click.Choice(FROZEN_BN), default=None,
+    help="partial training, frozen batch norms with nothing trainable before them: 'running' = "
+         "inference mode (running statistics, constant: the features inference sees, best on "
+         "the model's own domain); 'batch' = batch statistics, running statistics updated "
+         "(adapts to a new input distribution, AdaBN) [default: running]")
+
+
 def technique_options(f):
     """The technique switches shared by inspect/compile/check (unset = the algorithm's default)."""
     opts = [
@@ -69,6 +77,7 @@ def technique_options(f):
                           "[proposed: on]"),
         click.option("--input", "input_kind", type=click.Choice(INPUT_KINDS), default=None,
                      help=INPUT_HELP),
+        frozen_bn_option,
     ]
     for o in reversed(opts):
         f = o(f)

@@ -28,7 +28,7 @@ from ..runtime.datasets import DataRequest, open_data
 from ..runtime.outdir import model_preprocess, save_state_atomic
 from ..runtime.transforms import FIT_HELP, FIT_MODES, LAYOUTS
 from ..runtime.train_loop import ReferenceBackend, c_backend, fit
-from .memory_cmds import freeze_options, with_freeze
+from .memory_cmds import freeze_options, frozen_bn_option, with_freeze
 from .app import cli
 
 BACKENDS = ("reference", "c")
@@ -173,6 +173,7 @@ def build_config(algorithm: str, **opts) -> TrainConfig:
               help=f"u8 pixel -> input map: {SPEC_HELP} [default: the model file's, else "
                    "symmetric]")
 @freeze_options
+@frozen_bn_option
 def train_cmd(model: Path, backend: str, epochs: int | None, steps: int | None,
               limit: int | None, save_state: Path | None, preprocess: str | None,
               train: str | None, train_from: str | None, **opts) -> None:

@@ -64,6 +64,10 @@ class TrainConfig:
     # compiler/preprocess.py `pixel_affine`; () under "f32"
     input: str = "f32"
     input_affine: tuple = ()
+    # frozen batch norms with nothing trainable upstream (ops.eval_mode_bns): "running" = inference
+    # mode (running statistics, constant); "batch" = batch statistics, running statistics updated
+    # (AdaBN-style adaptation to a new input distribution); compiler/README.md, partial training
+    frozen_bn: str = "running"
 
     def as_dict(self) -> dict:
         """The config as JSON-able fields; the input storage only when it is not the default
@@ -131,6 +135,9 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"--bop-threshold must be >= 0, got {cfg.bop_threshold}")
     if not 0 <= cfg.bn_momentum < 1:
         raise ConfigError(f"--bn-momentum must lie in [0, 1), got {cfg.bn_momentum}")
+    if cfg.frozen_bn not in FROZEN_BN:
+        raise ConfigError(f"unknown --frozen-bn {cfg.frozen_bn!r}; choose one of: "
+                          f"{', '.join(FROZEN_BN)}")
     if not isinstance(cfg.frozen, tuple) or not all(
             isinstance(f, str) and f.count(".") == 1 for f in cfg.frozen):
         raise ConfigError(f"frozen parameters must be '<layer>.<field>' names, got {cfg.frozen!r}")
@@ -154,6 +161,7 @@ def validate(cfg: TrainConfig) -> None:
 
 # ---- partial training ------------------------------------------------------------------------
 
+FROZEN_BN = ("running", "batch")   # TrainConfig.frozen_bn
 TRAIN_BN = "bn"          # `--train bn`: batch-norm parameters and biases only (TinyTL style)
 
 

@@ -22,7 +22,8 @@ new optional keys may be added without a version bump, renamed or retyped keys b
     arena          {nbytes, lower_bound, efficiency, align, heuristic, tried: {heuristic: nbytes},
                     live_bytes: [aligned bytes live at each step]}
     state          {nbytes, frozen_nbytes}  frozen_nbytes: the tail of the state holding frozen
-                                       parameters (partial training; 0 when every one trains)
+                                       parameters and the running statistics of the BNs in
+                                       inference mode (partial training; 0 when every one trains)
     frozen         [parameter name, ...]  config.frozen: what the step does not train
     io             {mode: "arena" | "caller", nbytes}  where the batch (input, labels) lives;
                                        "caller": read in place from the caller's buffers, whose
@@ -269,8 +270,9 @@ def format_report(doc: dict[str, Any], *, tensors: bool = True) -> str:
           f"lower bound {a['lower_bound']:,} B, efficiency {a['efficiency']:.4f}"),
          ("state", f"{doc['state']['nbytes']:,}", _mib(doc["state"]["nbytes"]),
           "parameters, optimizer moments, BN statistics"
-          + (f"; its last {doc['state']['frozen_nbytes']:,} B: frozen parameters (read only; "
-             f"flash on bare-metal targets)" if doc["state"].get("frozen_nbytes") else "")),
+          + (f"; its last {doc['state']['frozen_nbytes']:,} B: frozen parameters and "
+             f"statistics (read only; flash on bare-metal targets)"
+             if doc["state"].get("frozen_nbytes") else "")),
          ("total", f"{doc['total_nbytes']:,}", _mib(doc["total_nbytes"]), "")]
         + ([("caller", f"{doc['io']['nbytes']:,}", _mib(doc["io"]["nbytes"]),
              "the batch, read in place from the caller's buffers (not in the total)")]
@@ -279,6 +281,10 @@ def format_report(doc: dict[str, Any], *, tensors: bool = True) -> str:
     peak = doc["peak"]
     if doc.get("frozen"):
         lines += ["", f"frozen (not trained): {', '.join(doc['frozen'])}"]
+        evals = [st["layer"] for st in steps if st["kernel"].endswith("_eval")]
+        if evals:
+            lines.append(f"batch norms in inference mode (running statistics, constant): "
+                         f"{', '.join(evals)}")
     lines += ["", "bytes by role (sum of tensor sizes; 'at peak' = aligned bytes live at the peak "
                   "step)"]
     lines += _table(

@@ -57,7 +57,11 @@ Policy (each technique of cfg switches on its own; `standard` has them all off):
   graph, cfg)`, so the backward stops at the first layer that trains; a frozen parameter is a
   `Role.FROZEN` state tensor (a binary W as packed bits, read by the XNOR kernels directly) with
   no gradient, no update and no saved input for it; a frozen BN still passes a gradient through
-  (its fused backward writes the C-element dbeta, which nothing reads).
+  (its fused backward writes the C-element dbeta, which nothing reads). A frozen BN with nothing
+  trainable upstream (`ops.eval_mode_bns`: no gradient through it) runs in inference mode
+  (`bn_l2_eval` / `bn_l1_eval`): running statistics, which are then FROZEN state too; no batch
+  statistics, no saved tensors, no backward. A frozen BN downstream of a trainable layer keeps
+  batch statistics and updates its running statistics.
 
 Order: forward in layer order (a weight layer may be preceded by `pack_sign_w` and followed by
 `cast_f16`), the loss, then the backward in reverse layer order. A weight layer's backward is
@@ -93,7 +97,7 @@ from .errors import ModelError, UnsupportedModelError
 from .ir import INPUT, Graph, Layer, tname
 from .lower import words64
 from .ops import (KERNELS, LAYERS, SCHEDULE_BACKWARD, SCHEDULE_FORWARD, check_graph, check_step,
-                  needs_grad)
+                  eval_mode_bns, needs_grad)
 from .ops.base import Bits, KernelSpec, Phase, prod
 from .ops.loss import SOFTMAX_XENT
 from .ops.optim import UPDATE_KERNELS
@@ -185,6 +189,7 @@ class ScheduleBuilder:
                     hint=f"the loss fuses the final {lay.kind.value}; remove inner ones")
             self._check_shapes(lay)
         self.ng = ng = needs_grad(g, self.cfg)
+        self.eval_bns = eval_mode_bns(g, self.cfg)     # BNs in inference mode (partial training)
         for lay in g.layers:
             if LAYERS[lay.kind].stops_gradient and any(ng[i] for i in lay.inputs):
                 raise UnsupportedModelError(

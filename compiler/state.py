@@ -22,8 +22,11 @@ Decisions (documented in compiler/README.md):
   per weight, the XNOR kernels' packed layout, as Bop's W). Frozen tensors come last in the state
   order, so they form one contiguous tail of the state region (bare-metal targets read it from the
   start-state blob in flash instead of copying it to RAM; compiler/codegen.py). A frozen batch norm
-  keeps its running statistics (kind "bn_stat"): in a training step it still normalizes with the
-  batch's statistics and updates them (they are statistics, not parameters).
+  with nothing trainable upstream (`ops.eval_mode_bns`) runs in inference mode in the training
+  step: its running statistics are constants, kind "frozen" too (stored like "bn_stat", RNE), so
+  they join the frozen tail. A frozen batch norm downstream of a trainable layer, and every frozen
+  one under `cfg.frozen_bn == "batch"`, keeps normalizing with batch statistics and updating its
+  running statistics (kind "bn_stat").
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import numpy as np
 from . import numerics as nx
 from .config import TrainConfig
 from .ir import INPUT, WEIGHT_KINDS, Graph, Layer, LayerKind, tname
+from .ops import eval_mode_bns
 
 
 @dataclass(frozen=True)
@@ -54,9 +58,10 @@ def state_tensors(graph: Graph, cfg: TrainConfig) -> list[StateTensor]:
     sd, is16 = cfg.state_dtype, cfg.state_dtype != "f32"
     out: list[StateTensor] = []
     frozen: list[StateTensor] = []
+    constant_stats = eval_mode_bns(graph, cfg)
 
     def add(layer, field, kind, dtype, shape, optimizer=None, stochastic=False):
-        if f"{layer}.{field}" in cfg.frozen:
+        if f"{layer}.{field}" in cfg.frozen or (kind == "bn_stat" and layer in constant_stats):
             binary_w = field == "W" and graph.layer(layer).binary
             frozen.append(StateTensor(tname(layer, field), layer, field, "frozen",
                                       "bit" if binary_w else sd, tuple(shape), 0, None, False))

@@ -643,7 +643,7 @@ def parse_state_blob(raw: bytes, manifest: Manifest, path: Path | str = "state b
         raise DataError(f"{path} belongs to another compiled model (model hash {mhash:#x}, "
                         f"{manifest.model} is {manifest.model_hash:#x})",
                         hint="a checkpoint fits only the program that wrote it: same model, "
-                             "options and freeze set (--train/--train-from"
+                             "options and freeze set (--train/--train-from/--frozen-bn"
                              + (f"; this one freezes {len(manifest.frozen)} parameters"
                                 if manifest.frozen else "; this one trains everything") + ")")
     if len(raw) != want or nbytes != max(manifest.state_nbytes, 16):

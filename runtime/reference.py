@@ -41,7 +41,9 @@ Algorithm (ALGORITHM.md §1-3; cfg switches each technique of the proposed algor
   sign, int8 +-1), get no dW/db, and layers keep nothing for a dW they do not compute; gradients
   flow only where `ops.needs_grad(graph, cfg)` says, so the backward stops at the first trainable
   layer. A frozen BN still computes its dbeta (the fused BN backward's by-product) but is not
-  updated.
+  updated. A frozen BN with nothing trainable upstream (`ops.eval_mode_bns`) normalizes with its
+  running statistics in the training step, as in inference, and leaves them unchanged (they are
+  "frozen" state tensors).
 
 Exact float32 conventions the C side must copy: scalar coefficients are computed in double and
 rounded once to float32 (`np.float32(1 - m)`, `np.float32(1/sqrt(N_W))`; 1 - beta^t in float32,
@@ -256,7 +258,7 @@ def forward_backward(graph: Graph, cfg: TrainConfig, tensors: dict[str, np.ndarr
     x = _as_batch(graph, x, cfg)
     y = _check_labels(graph, labels, len(x))
     run = RefRun(graph, cfg, tensors, x.dtype, training=True,
-                 needs_grad=ops.needs_grad(graph, cfg))
+                 needs_grad=ops.needs_grad(graph, cfg), eval_bns=ops.eval_mode_bns(graph, cfg))
     _set_pixels(run, graph, x)
     forward(run, x)
     logits_name = _logits_layer(graph)

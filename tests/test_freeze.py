@@ -18,6 +18,7 @@ from bnnc.compiler.budget import budget_report, fit_budget
 from bnnc.compiler.config import check_config_for_graph, make_config, resolve_frozen
 from bnnc.compiler.contract import read_manifest
 from bnnc.compiler.errors import ConfigError, DataError
+from bnnc.compiler.ops import eval_mode_bns
 from bnnc.compiler.ops.base import Phase
 from bnnc.compiler.planner import plan_schedule
 from bnnc.compiler.report import format_report, plan_to_html, plan_to_json
@@ -112,13 +113,18 @@ def test_frozen_state_has_no_moments_and_binary_weights_as_bits():
     assert by["fc1.W"].optimizer is None and not by["fc1.W"].stochastic
     assert by["bn1.beta"].kind == "frozen" and by["bn1.beta"].dtype == "bf16"
     assert not any(n.startswith(("fc1.W.", "fc2.W.", "bn1.beta.", "bn2.beta.")) for n in by)
-    # a frozen BN keeps (and updates) its running statistics
-    assert by["bn1.running_mean"].kind == "bn_stat"
+    # a frozen BN with nothing trainable upstream runs in inference mode: its running
+    # statistics are constants in the frozen tail; one downstream of a trainable layer updates them
+    assert by["bn1.running_mean"].kind == by["bn2.running_psi"].kind == "frozen"
+    assert by["bn1.running_mean"].dtype == "bf16" and by["bn3.running_mean"].kind == "bn_stat"
+    downstream = {st.name: st for st in state_tensors(g, _cfg(g, train="fc1"))}
+    assert downstream["bn1.beta"].kind == "frozen"
+    assert downstream["bn1.running_mean"].kind == downstream["bn4.running_psi"].kind == "bn_stat"
     assert dataclasses.replace(by["fc3.W"], tensor_id=0) == dataclasses.replace(
         full["fc3.W"], tensor_id=0) and "fc3.W.v" in by
     # frozen tensors come last; ids are positions
     kinds = [st.kind for st in sts]
-    assert kinds.index("frozen") == len(sts) - 4 and set(kinds[-4:]) == {"frozen"}
+    assert kinds.index("frozen") == len(sts) - 8 and set(kinds[-8:]) == {"frozen"}
     assert [st.tensor_id for st in sts] == list(range(len(sts)))
 
 
@@ -146,9 +152,21 @@ def test_backward_stops_at_the_first_trainable_layer(algorithm):
     _, pf = plan_schedule(full)
     _, pp = plan_schedule(s)
     assert pp.state_nbytes < pf.state_nbytes / 8 and pp.arena_nbytes <= pf.arena_nbytes
-    # the frozen tail: exactly the frozen tensors (l2 BN: gamma too), binary W as bits
+    # the frozen prefix is an inference function: its BNs read their running statistics, write
+    # nothing else (no batch mean / psi / var scratch), and bn3 (trainable) uses batch statistics
+    stat = "running_psi" if algorithm == "proposed" else "running_var"
+    evals = [st for st in s.steps if st.kernel.name.endswith("_eval")]
+    assert [(st.layer, st.outputs) for st in evals] == [("bn1", ("bn1.out",)),
+                                                         ("bn2", ("bn2.out",))]
+    assert f"bn1.{stat}" in evals[0].inputs
+    assert not any(t in s.tensors for t in ("bn1.mu", "bn2.psi", "bn2.inv_std"))
+    assert any(st.layer == "bn3" and st.kernel.name.endswith("_fwd") for st in s.steps)
+    # the frozen tail: exactly the frozen tensors (l2 BN: gamma too), binary W as bits, and the
+    # (now constant) running statistics of the inference-mode BNs
     frozen = [t for t in s.tensors.values() if t.role is Role.FROZEN]
-    assert {t.name for t in frozen} == set(s.config.frozen) >= {"fc1.W", "bn2.beta"}
+    stats = {f"bn{i}.{f}" for i in (1, 2) for f in ("running_mean", stat)}
+    assert {t.name for t in frozen} == set(s.config.frozen) | stats
+    assert set(s.config.frozen) >= {"fc1.W", "bn2.beta"}
     assert pp.frozen_nbytes == sum(-(-t.nbytes // pp.align) * pp.align for t in frozen)
     assert s.tensors["fc1.W"].nbytes == 64 * 13 * 8        # 64 rows of 784 bits in 13 words
 
@@ -187,6 +205,14 @@ def test_reference_trains_only_the_unfrozen_part_and_its_gradients_are_full_trai
     trained = [st.name for st in state_tensors(g, part) if st.kind == "param"]
     assert trained and any(not np.array_equal(new.tensors[n], st_part.tensors[n])
                            for n in trained)
+    if eval_mode_bns(g, part):
+        # a frozen prefix with batch norms is an inference function: the forward differs from
+        # full training's (test_frozen_prefix_bn_is_the_inference_formula checks it); with
+        # --frozen-bn batch it is full training's again
+        assert out["loss"] != out_full["loss"]
+        part = dataclasses.replace(part, frozen_bn="batch")
+        assert not eval_mode_bns(g, part)
+        _, out = ref.train_step(g, part, ref.init_state(g, part), x, y)
     # one step from the same weights: a trained parameter's gradient is the one full training
     # computes (the forward and the backward down to it are the same)
     for n in trained:
@@ -195,22 +221,82 @@ def test_reference_trains_only_the_unfrozen_part_and_its_gradients_are_full_trai
     assert out["loss"] == out_full["loss"]
 
 
+@pytest.mark.parametrize("algorithm", ["proposed", "standard"])
+def test_frozen_prefix_bn_is_the_inference_formula(algorithm):
+    """A frozen BN with nothing trainable upstream normalizes with its running statistics in a
+    training step (formula written out here, float64) and leaves them unchanged; a frozen BN
+    downstream of a trainable layer keeps batch statistics and updates its statistics."""
+    g = load_graph("tfc")
+    cfg = _cfg(g, algorithm, batch=5, train_from="fc3")
+    assert eval_mode_bns(g, cfg) == {"bn1", "bn2"}
+    x, y = sample_batch(g, 5, seed=7)
+    st = ref.init_state(g, cfg)
+    t = {k: v.astype(np.float64) for k, v in st.tensors.items()}
+    new = st
+    for step in range(3):       # the statistics stay put over several steps
+        before = new
+        new, out = ref.train_step(g, cfg, before, x, y)
+        for bn, prev in (("bn1", "fc1"), ("bn2", "fc2")):
+            z = out[f"{prev}.out"].astype(np.float64)
+            if algorithm == "proposed":       # l1: (z - mean) / psi + beta
+                want = (z - t[f"{bn}.running_mean"]) / t[f"{bn}.running_psi"] + t[f"{bn}.beta"]
+            else:
+                want = (t[f"{bn}.gamma"] * (z - t[f"{bn}.running_mean"])
+                        / np.sqrt(t[f"{bn}.running_var"] + g.layer(bn).attrs["eps"])
+                        + t[f"{bn}.beta"])
+            np.testing.assert_allclose(out[f"{bn}.out"], want, rtol=1e-5, atol=1e-5)
+            assert f"{bn}.mu" not in out
+            for f in ("running_mean", "running_psi" if algorithm == "proposed" else "running_var"):
+                np.testing.assert_array_equal(new.tensors[f"{bn}.{f}"], st.tensors[f"{bn}.{f}"])
+        assert "bn3.mu" in out and not np.array_equal(new.tensors["bn3.running_mean"],
+                                                      before.tensors["bn3.running_mean"])
+    # --frozen-bn batch: the prefix BNs keep batch statistics and update their running ones
+    ada = dataclasses.replace(cfg, frozen_bn="batch")
+    assert eval_mode_bns(g, ada) == frozenset()
+    assert {st.kind for st in state_tensors(g, ada) if ".running_" in st.name} == {"bn_stat"}
+    new, out = ref.train_step(g, ada, ref.init_state(g, ada), x, y)
+    assert "bn1.mu" in out and not np.array_equal(new.tensors["bn1.running_mean"],
+                                                  st.tensors["bn1.running_mean"])
+    # --train fc1: every BN sits downstream of a trainable layer, batch statistics everywhere
+    down = _cfg(g, algorithm, batch=5, train="fc1")
+    assert eval_mode_bns(g, down) == frozenset()
+    new, out = ref.train_step(g, down, ref.init_state(g, down), x, y)
+    assert "bn1.mu" in out and not np.array_equal(new.tensors["bn1.running_mean"],
+                                                  st.tensors["bn1.running_mean"])
+
+
 @cc
 @pytest.mark.parametrize("factory,algorithm,optimizer,train,train_from", [
-    ("tfc", "proposed", "adam", None, "fc3"),
+    ("tfc", "proposed", "adam", None, "fc3"),         # l1 BNs of the prefix in inference mode
+    ("tfc", "standard", "adam", None, "fc3"),         # l2 BNs of the prefix in inference mode
+    ("tfc", "proposed", "adam", None, "fc3+batch"),   # --frozen-bn batch: batch statistics
     ("tfc", "standard", "bop", "fc1,bn4", None),      # a gradient through frozen layers
     (residual, "proposed", "adam", "bn", None)])     # real layers' biases, convs, l1 BN
 def test_bnnc_check_passes_with_frozen_layers(tmp_path, factory, algorithm, optimizer, train,
                                               train_from):
     from bnnc.runtime.check import format_report as check_report, run_check
     g = load_graph(factory) if isinstance(factory, str) else factory()
-    cfg = _cfg(g, algorithm, batch=8, train=train, train_from=train_from, optimizer=optimizer)
+    ada = train_from is not None and train_from.endswith("+batch")
+    cfg = _cfg(g, algorithm, batch=8, train=train, train_from=train_from and
+               train_from.removesuffix("+batch"), optimizer=optimizer,
+               frozen_bn="batch" if ada else None)
     if not any(lay.binary for lay in g.layers):
         cfg = dataclasses.replace(cfg, po2=False, binary_dw=False)
     rep = run_check(g, cfg, steps=2, work_dir=tmp_path)
     assert rep.ok, check_report(rep)
     names = {r.name for r in rep.rows}
     assert set(cfg.frozen) & names        # frozen tensors compared after the steps, unchanged
+    for bn in eval_mode_bns(g, cfg):      # and the constant statistics of the prefix's BNs
+        assert f"{bn}.running_mean" in names and f"{bn}.out" in names
+
+
+@cc
+def test_check_catches_a_perturbed_inference_mode_bn(tmp_path):
+    from bnnc.runtime.check import run_check
+    g = load_graph("tfc")
+    cfg = _cfg(g, batch=8, train_from="fc3")
+    rep = run_check(g, cfg, steps=1, work_dir=tmp_path, extra_cflags=["-DBNNC_PERTURB_BN_L1_EVAL"])
+    assert not rep.ok and {"bn1.out", "bn2.out"} & {r.name for r in rep.failures}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -232,7 +318,15 @@ def test_inspect_reports_the_frozen_part(tmp_path, capsys):
                str(tmp_path / "p.json")])
     assert rc == 0 and json.loads((tmp_path / "p.json").read_text())["frozen"] == doc["frozen"]
     assert main(["inspect", str(tmp_path / "p.json")]) == 0      # re-verified from the JSON
-    assert "frozen (not trained)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "frozen (not trained)" in out
+    assert "batch norms in inference mode (running statistics, constant): bn1, bn2, bn3" in out
+    # --frozen-bn batch: the prefix BNs keep batch statistics, their statistics are not frozen
+    assert main(["inspect", "tfc", "--batch", "8", "--train-from", "fc4", "--frozen-bn",
+                 "batch"]) == 0
+    assert "inference mode" not in capsys.readouterr().out
+    assert main(["inspect", "tfc", "--train-from", "fc4", "--frozen-bn", "eval"]) == 2
+    assert "Invalid value for '--frozen-bn'" in capsys.readouterr().err
 
 
 @cc
@@ -244,6 +338,13 @@ def test_manifest_records_the_freeze_set_and_other_states_are_refused(tmp_path, 
     m = read_manifest(out_part)
     assert m.frozen == ("fc1.W", "bn1.beta", "fc2.W", "bn2.beta") and m.frozen_nbytes > 0
     assert tuple(m.config["frozen"]) == m.frozen and read_manifest(out_full).frozen == ()
+    assert m.config["frozen_bn"] == "running"
+    # --frozen-bn batch is part of the program: recorded, and the prefix statistics stay updatable
+    out_ada = tmp_path / "ada"
+    assert main(["compile", "tfc", "--batch", "8", "--train-from", "fc3", "--frozen-bn", "batch",
+                 "-o", str(out_ada)]) == 0
+    ma = read_manifest(out_ada)
+    assert ma.config["frozen_bn"] == "batch" and 0 < ma.frozen_nbytes < m.frozen_nbytes
     capsys.readouterr()
     # the full program's initial state (npz) into the partial program, and back: refused, named
     src = out_full / "init_state.npz"
@@ -401,8 +502,10 @@ def test_m4_reads_frozen_weights_from_flash_and_trains_like_the_host(tmp_path):
     start = read_state_blob(tmp_path / "start.bin", m).tensors
     after = read_state_blob(tmp_path / "ck.bin", m)
     assert after.step == 4
-    for n in cfg.frozen:                          # streamed from flash into the checkpoint
+    # streamed from flash into the checkpoint, with the prefix BNs' constant statistics
+    for n in cfg.frozen + ("bn1.running_mean", "bn2.running_psi"):
         np.testing.assert_array_equal(after.tensors[n], start[n])
+    assert not np.array_equal(after.tensors["bn3.running_mean"], start["bn3.running_mean"])
     assert not np.array_equal(after.tensors["fc3.W"], start["fc3.W"])
     # without the start state in flash there are no frozen weights: refused, not garbage
     bare = baremetal.run(out, train=tmp_path / "train.bnnd", steps=1, timeout=300)
@@ -462,5 +565,14 @@ def test_schedule_invariants_hold_for_every_graph_and_freeze_set(name, algorithm
     for st in s.steps:
         if st.phase in (Phase.BACKWARD, Phase.UPDATE) and st.layer:
             assert ng[st.layer], (st.kernel.name, st.layer)
+    # frozen: the freeze set, plus the running statistics of the BNs that run in inference mode
+    # (exactly those without a gradient), which write nothing but their output
+    evals = {st.layer for st in s.steps if st.kernel.name.endswith("_eval")}
+    assert evals == {lay.name for lay in g.layers
+                     if lay.kind.value == "batchnorm" and not ng[lay.name]}
+    for st in s.steps:
+        if st.layer in evals:
+            assert st.kernel.name.endswith("_eval") and len(st.outputs) == 1
     assert {t.name for t in s.tensors.values() if t.role is Role.FROZEN} == {
-        f for f in cfg.frozen if f in s.tensors}
+        f for f in cfg.frozen if f in s.tensors} | {
+        t for t in s.tensors if t.split(".")[0] in evals and ".running_" in t}

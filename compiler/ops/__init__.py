@@ -99,6 +99,20 @@ def needs_grad(graph: Graph, cfg: TrainConfig | None = None) -> dict[str, bool]:
     return ng
 
 
+def eval_mode_bns(graph: Graph, cfg: TrainConfig) -> frozenset[str]:
+    """The batch norms that run in inference mode inside a training step: frozen (no parameter
+    trains) with nothing trainable upstream, i.e. no gradient through their output
+    (`needs_grad` False). They normalize with their running statistics and never update them, so
+    a frozen prefix is a pure inference function (compiler/README.md, partial training). Under
+    full training the set is empty (every BN trains), and under `cfg.frozen_bn == "batch"` too
+    (frozen BNs keep batch statistics, AdaBN-style)."""
+    if cfg.frozen_bn == "batch":
+        return frozenset()
+    ng = needs_grad(graph, cfg)
+    return frozenset(lay.name for lay in graph.layers
+                     if lay.kind is LayerKind.BATCHNORM and not ng[lay.name])
+
+
 def check_graph(graph: Graph) -> None:
     """`graph.verify()` (structure) plus what each layer's kind requires (LayerSpec): its number
     of inputs, attrs and params (float32, finite), and that the output layer may end a graph.

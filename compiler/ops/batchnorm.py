@@ -82,6 +82,15 @@ def _fwd_bn(b: ScheduleBuilder, lay: Layer) -> None:
     y = b.out_f32(lay)
     n = lay.name
     rm = tname(n, "running_mean")
+    if n in b.eval_bns:
+        # frozen, nothing trainable upstream (ops.eval_mode_bns): inference mode, a pure function
+        # of the input and the constant running statistics; no backward, nothing saved
+        stat = tname(n, "running_var" if b.cfg.bn == "l2" else "running_psi")
+        gamma = (tname(n, "gamma"),) if b.cfg.bn == "l2" else ()
+        b.emit(BN_L2_EVAL if b.cfg.bn == "l2" else BN_L1_EVAL, n,
+               (x,) + gamma + (tname(n, "beta"), rm, stat), (y,), **_bn_attrs(b, lay))
+        b.bn_saved[n] = ()
+        return
     train = n in b.has_dout
     if b.cfg.bn == "l2":
         rv = tname(n, "running_var")
@@ -138,7 +147,7 @@ LAYER_SPECS = (LayerSpec(LayerKind.BATCHNORM, "bn", attrs=("eps", "momentum"),
 
 # ---- kernels: contract (dtypes, in-place) + C lowering -----------------------------------------
 
-def _lower_bn_fwd(step: Step, ctx: LowerCtx, infer: bool = False) -> Call:
+def _lower_bn_fwd(step: Step, ctx: LowerCtx) -> Call:
     a = step.attrs
     b, c, sp = a["batch"], a["channels"], a["spatial"]
     m = a["momentum"]
@@ -149,11 +158,6 @@ def _lower_bn_fwd(step: Step, ctx: LowerCtx, infer: bool = False) -> Call:
         xh = outs[3] if len(outs) > 3 else None
         inv = outs[4] if len(outs) > 4 else None
         ops = {"gamma": gamma, "beta": beta, "rm": rm}
-        if infer:
-            inst = instance(step, ctx, "bn_l2_infer", ops)
-            return Call(inst, [ctx.ptr(x), ctx.ptr(gamma), ctx.ptr(beta),
-                               ctx.ptr(rm), ctx.ptr(rv), ctx.ptr(y), b, c, sp,
-                               c_float(a["eps"])])
         inst = instance(step, ctx, operands=ops, saved=xh is not None, rows=sp == 1)
         return Call(inst, [ctx.ptr(x), ctx.ptr(gamma), ctx.ptr(beta),
                            ctx.ptr(rm), ctx.ptr(rv), ctx.ptr(y), ctx.ptr(xh) if xh else "0",
@@ -164,10 +168,6 @@ def _lower_bn_fwd(step: Step, ctx: LowerCtx, infer: bool = False) -> Call:
     y, mu, psi = outs[0], outs[3], outs[4]
     s = outs[5] if len(outs) > 5 else None
     ops = {"beta": beta, "rm": rm}
-    if infer:
-        inst = instance(step, ctx, "bn_l1_infer", ops)
-        return Call(inst, [ctx.ptr(x), ctx.ptr(beta), ctx.ptr(rm),
-                           ctx.ptr(rp), ctx.ptr(y), b, c, sp])
     inst = instance(step, ctx, operands=ops, signs=s is not None, rows=sp == 1)
     return Call(inst, [ctx.ptr(x), ctx.ptr(beta), ctx.ptr(rm), ctx.ptr(rp), ctx.ptr(y),
                        ctx.ptr(mu), ctx.ptr(psi), ctx.ptr(s) if s else "0", b, c, sp,
@@ -196,7 +196,19 @@ def _lower_bn_bwd(step: Step, ctx: LowerCtx) -> Call:
 
 
 def _lower_bn_infer(step: Step, ctx: LowerCtx) -> Call:
-    return _lower_bn_fwd(step, ctx, infer=True)
+    """Inference mode (running statistics, nothing written but y): the predict entry's call for
+    every BN forward step, and the training step's for a BN in inference mode (`BN_*_EVAL`)."""
+    a = step.attrs
+    b, c, sp = a["batch"], a["channels"], a["spatial"]
+    x, y = step.inputs[0], step.outputs[0]
+    if step.kernel in (BN_L2_FWD, BN_L2_EVAL):
+        gamma, beta, rm, rv = step.inputs[1:5]
+        inst = instance(step, ctx, "bn_l2_infer", {"gamma": gamma, "beta": beta, "rm": rm})
+        return Call(inst, [ctx.ptr(x), ctx.ptr(gamma), ctx.ptr(beta), ctx.ptr(rm), ctx.ptr(rv),
+                           ctx.ptr(y), b, c, sp, c_float(a["eps"])])
+    beta, rm, rp = step.inputs[1:4]
+    inst = instance(step, ctx, "bn_l1_infer", {"beta": beta, "rm": rm})
+    return Call(inst, [ctx.ptr(x), ctx.ptr(beta), ctx.ptr(rm), ctx.ptr(rp), ctx.ptr(y), b, c, sp])
 
 
 def _magnitude_fwd(step: Step, name: str, mag) -> np.ndarray | None:
@@ -246,7 +258,20 @@ BN_L1_BWD = kernel(
     [("d_out", GRADS), ("s", BIT), ("psi", F32)], [("dbeta", F32), ("d_in?", GRADS)], [(1, 0)],
     lower=_lower_bn_bwd, magnitude=_magnitude_bwd)
 
-KERNELS = (BN_L2_FWD, BN_L1_FWD, BN_L2_BWD, BN_L1_BWD)
+# forward of a frozen BN with nothing trainable upstream (ops.eval_mode_bns): inference mode
+BN_L2_EVAL = kernel(
+    "bn_l2_eval", Phase.FORWARD, KernelFamily.BN,
+    "l2 BN in inference mode: out = gamma (y - running_mean) / sqrt(running_var + eps) + beta",
+    [("x", F32), ("gamma", STATE), ("beta", STATE), ("running_mean", STATE),
+     ("running_var", STATE)], [("y", F32)], [(0, 0)], lower=_lower_bn_infer,
+    lower_infer=_lower_bn_infer)
+BN_L1_EVAL = kernel(
+    "bn_l1_eval", Phase.FORWARD, KernelFamily.BN,
+    "l1 BN in inference mode: out = (y - running_mean) (1 / running_psi) + beta",
+    [("x", F32), ("beta", STATE), ("running_mean", STATE), ("running_psi", STATE)],
+    [("y", F32)], [(0, 0)], lower=_lower_bn_infer, lower_infer=_lower_bn_infer)
+
+KERNELS = (BN_L2_FWD, BN_L1_FWD, BN_L2_BWD, BN_L1_BWD, BN_L2_EVAL, BN_L1_EVAL)
 
 
 # ---- numpy reference --------------------------------------------------------------------------
@@ -255,7 +280,9 @@ def _ref_forward(run: RefRun, lay: Layer, y: np.ndarray) -> np.ndarray:
     cfg, ax, nd = run.cfg, stat_axes(y), y.ndim
     eps = float(lay.attrs["eps"])
     beta = chan(run.param(lay, "beta"), nd)
-    if not run.training:
+    if not run.training or lay.name in run.eval_bns:
+        # inference, or a frozen BN with nothing trainable upstream in a training step
+        # (ops.eval_mode_bns): running statistics, nothing emitted, saved or updated
         mean = chan(run.param(lay, "running_mean"), nd)
         if cfg.bn == "l2":
             inv = 1 / np.sqrt(chan(run.param(lay, "running_var"), nd) + eps)

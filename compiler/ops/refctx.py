@@ -5,7 +5,8 @@ writes while the driver (`runtime/reference.py`, `runtime/infer.py`) walks a gra
 (`OpFamily.reference_forward`/`reference_backward`, signatures in `base.py`) read parameters through
 it (`param`, `weight`), publish intermediates under their compiler/README.md names (`emit`) and keep
 their private backward state in `saved[layer]`. Training mode uses batch statistics and saves what
-the backward needs; inference mode (training=False) uses the running statistics and saves nothing.
+the backward needs; inference mode (training=False) uses the running statistics and saves nothing,
+and so does a training run's BN without a gradient through it (`ops.eval_mode_bns`).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class RefRun:
     acts: dict[str, np.ndarray] = field(default_factory=dict)    # forward outputs by layer name
     needs_grad: dict[str, bool] = field(default_factory=dict)    # ops.needs_grad (training runs)
     pixels: np.ndarray | None = None    # the batch as u8 pixels (cfg.input == "u8")
+    eval_bns: frozenset = frozenset()        # ops.eval_mode_bns: BNs in inference mode (training)
 
     def param(self, lay: Layer, f: str) -> np.ndarray:
         """A parameter as the step sees it: the state tensor if there is one, else its value in
