@@ -63,7 +63,7 @@ def _canonical_command(verb: str, model: str, cfg, target: str, width: float | N
     parts += [f"--classes {classes}"] if classes else []
     parts += [f"--train {train}"] if train else []
     parts += [f"--train-from {train_from}"] if train_from else []
-    parts += [f"--frozen-bn {cfg.frozen_bn}"] if cfg.frozen_bn != "running" else []
+    parts += [f"--frozen-bn {cfg.frozen_bn}"] if cfg.frozen_bn != "batch" else []
     parts += [f"--ram {ram}"] if ram else []
     parts += [f"--flash {flash}"] if flash else []
     return " ".join(parts)

@@ -64,10 +64,10 @@ class TrainConfig:
     # compiler/preprocess.py `pixel_affine`; () under "f32"
     input: str = "f32"
     input_affine: tuple = ()
-    # frozen batch norms with nothing trainable upstream (ops.eval_mode_bns): "running" = inference
-    # mode (running statistics, constant); "batch" = batch statistics, running statistics updated
-    # (AdaBN-style adaptation to a new input distribution); compiler/README.md, partial training
-    frozen_bn: str = "running"
+    # frozen batch norms with nothing trainable upstream (ops.eval_mode_bns): "batch" = batch
+    # statistics, running statistics updated (adapts to a new input distribution, AdaBN);
+    # "running" = inference mode (running statistics, constant); compiler/README.md, partial training
+    frozen_bn: str = "batch"
 
     def as_dict(self) -> dict:
         """The config as JSON-able fields; the input storage only when it is not the default

@@ -37,6 +37,9 @@ arm = pytest.mark.skipif(not (shutil.which("arm-none-eabi-gcc")
 
 
 def _cfg(graph, algorithm="proposed", batch=16, train=None, train_from=None, **kw):
+    # the frozen prefix's BNs in inference mode (--frozen-bn running), the case with the most
+    # machinery; tests of the default (batch statistics) say frozen_bn="batch"
+    kw.setdefault("frozen_bn", "running")
     cfg = make_config(algorithm, batch=batch, **kw)
     frozen = resolve_frozen(graph, train=train, train_from=train_from, bn=cfg.bn)
     return dataclasses.replace(cfg, frozen=frozen)
@@ -314,16 +317,16 @@ def test_inspect_reports_the_frozen_part(tmp_path, capsys):
     text = format_report(doc, tensors=False)
     assert "6 parameters frozen" in text and "frozen (not trained): fc1.W, bn1.beta" in text
     assert "frozen parameter" in plan_to_html([doc])
-    rc = main(["inspect", "tfc", "--batch", "8", "--train-from", "fc4", "--json",
-               str(tmp_path / "p.json")])
+    rc = main(["inspect", "tfc", "--batch", "8", "--train-from", "fc4", "--frozen-bn", "running",
+               "--json", str(tmp_path / "p.json")])
     assert rc == 0 and json.loads((tmp_path / "p.json").read_text())["frozen"] == doc["frozen"]
     assert main(["inspect", str(tmp_path / "p.json")]) == 0      # re-verified from the JSON
     out = capsys.readouterr().out
     assert "frozen (not trained)" in out
     assert "batch norms in inference mode (running statistics, constant): bn1, bn2, bn3" in out
-    # --frozen-bn batch: the prefix BNs keep batch statistics, their statistics are not frozen
-    assert main(["inspect", "tfc", "--batch", "8", "--train-from", "fc4", "--frozen-bn",
-                 "batch"]) == 0
+    # the default (--frozen-bn batch): the prefix BNs keep batch statistics, their statistics are
+    # not frozen
+    assert main(["inspect", "tfc", "--batch", "8", "--train-from", "fc4"]) == 0
     assert "inference mode" not in capsys.readouterr().out
     assert main(["inspect", "tfc", "--train-from", "fc4", "--frozen-bn", "eval"]) == 2
     assert "Invalid value for '--frozen-bn'" in capsys.readouterr().err
@@ -333,16 +336,17 @@ def test_inspect_reports_the_frozen_part(tmp_path, capsys):
 def test_manifest_records_the_freeze_set_and_other_states_are_refused(tmp_path, capsys):
     out_full, out_part = tmp_path / "full", tmp_path / "part"
     assert main(["compile", "tfc", "--batch", "8", "-o", str(out_full)]) == 0
-    assert main(["compile", "tfc", "--batch", "8", "--train-from", "fc3", "-o",
-                 str(out_part)]) == 0
+    assert main(["compile", "tfc", "--batch", "8", "--train-from", "fc3", "--frozen-bn", "running",
+                 "-o", str(out_part)]) == 0
     m = read_manifest(out_part)
     assert m.frozen == ("fc1.W", "bn1.beta", "fc2.W", "bn2.beta") and m.frozen_nbytes > 0
     assert tuple(m.config["frozen"]) == m.frozen and read_manifest(out_full).frozen == ()
     assert m.config["frozen_bn"] == "running"
-    # --frozen-bn batch is part of the program: recorded, and the prefix statistics stay updatable
+    # the default, --frozen-bn batch, is part of the program too: recorded, and the prefix
+    # statistics stay updatable
     out_ada = tmp_path / "ada"
-    assert main(["compile", "tfc", "--batch", "8", "--train-from", "fc3", "--frozen-bn", "batch",
-                 "-o", str(out_ada)]) == 0
+    assert main(["compile", "tfc", "--batch", "8", "--train-from", "fc3", "-o",
+                 str(out_ada)]) == 0
     ma = read_manifest(out_ada)
     assert ma.config["frozen_bn"] == "batch" and 0 < ma.frozen_nbytes < m.frozen_nbytes
     capsys.readouterr()
@@ -553,7 +557,7 @@ def test_schedule_invariants_hold_for_every_graph_and_freeze_set(name, algorithm
     weights = [lay.name for lay in g.layers if "W" in lay.params]
     spec = {"suffix": dict(train_from=weights[len(weights) // 2]), "bn": dict(train="bn"),
             "first_and_last": dict(train=f"{weights[0]},{weights[-1]}")}[how]
-    cfg = make_config(algorithm, batch=ts.B)
+    cfg = make_config(algorithm, batch=ts.B, frozen_bn="running")
     try:
         cfg = dataclasses.replace(cfg, frozen=resolve_frozen(g, bn=cfg.bn, **spec))
         check_config_for_graph(g, cfg)
