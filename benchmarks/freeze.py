@@ -228,7 +228,7 @@ def main(argv=None) -> int:
     ap.add_argument("--pretrain-epochs", type=int, default=2)
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--bn", choices=("l1", "l2"), default="l1")
-    ap.add_argument("--frozen-bn", choices=FROZEN_BN, default="running",
+    ap.add_argument("--frozen-bn", choices=FROZEN_BN, default="batch",
                     help="frozen prefix BNs: inference mode (running) or batch statistics")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--m4-steps", type=int, default=2000)
