@@ -1978,7 +1978,8 @@ static void k_softmax_rows(const float *z, float *probs, int32_t B, int32_t K)
 
 
 
-/* probabilities, mean cross-entropy, accuracy (first maximum wins) and G = (p - onehot) / B;
+/* probabilities, mean cross-entropy, accuracy (first maximum wins) and G = (p - onehot) / B * scale
+ * (scale = 2^s, the loss scale of an f16 gradient path, compiler/config.py grad_scale_log2; exact);
  * G may overwrite the logits: each row is read completely before its gradient is written */
 #if !defined(BNNC_X86_LEVEL_FN)
 #define BNNC_X86_LEVEL_FN 1
@@ -2006,7 +2007,7 @@ BNNC_HELPER int bnnc_x86_level(void)
 
 #if defined(BNNC_X86_MV)
 static inline __attribute__((always_inline)) void k_softmax_xent_f16_body(const float *z, const int32_t *labels, float *loss, float *probs, uint16_t *d,
-    float *accuracy, int32_t B, int32_t K)
+    float *accuracy, int32_t B, int32_t K, float scale)
 {
     int32_t n, j, hits = 0;
     float total = 0.0f;
@@ -2028,27 +2029,27 @@ static inline __attribute__((always_inline)) void k_softmax_xent_f16_body(const 
         hits += best == y;
         for (j = 0; j < K; j++) pr[j] = pr[j] / sum;
         for (j = 0; j < K; j++)
-            bnnc_st_f16(d, (size_t)n * (size_t)K + (size_t)j, (pr[j] - (j == y ? 1.0f : 0.0f)) / (float)B);
+            bnnc_st_f16(d, (size_t)n * (size_t)K + (size_t)j, (pr[j] - (j == y ? 1.0f : 0.0f)) / (float)B * scale);
     }
     loss[0] = total / (float)B;
     *accuracy = (float)hits / (float)B;
 }
 __attribute__((noinline, target("avx2"))) static void k_softmax_xent_f16_avx2(const float *z, const int32_t *labels, float *loss, float *probs, uint16_t *d,
-    float *accuracy, int32_t B, int32_t K)
+    float *accuracy, int32_t B, int32_t K, float scale)
 {
-    k_softmax_xent_f16_body(z, labels, loss, probs, d, accuracy, B, K);
+    k_softmax_xent_f16_body(z, labels, loss, probs, d, accuracy, B, K, scale);
 }
 static void k_softmax_xent_f16(const float *z, const int32_t *labels, float *loss, float *probs, uint16_t *d,
-    float *accuracy, int32_t B, int32_t K)
+    float *accuracy, int32_t B, int32_t K, float scale)
 {
     switch (bnnc_x86_level()) {
-    case 2: case 1: k_softmax_xent_f16_avx2(z, labels, loss, probs, d, accuracy, B, K); break;
-    default: k_softmax_xent_f16_body(z, labels, loss, probs, d, accuracy, B, K); break;
+    case 2: case 1: k_softmax_xent_f16_avx2(z, labels, loss, probs, d, accuracy, B, K, scale); break;
+    default: k_softmax_xent_f16_body(z, labels, loss, probs, d, accuracy, B, K, scale); break;
     }
 }
 #else
 static void k_softmax_xent_f16(const float *z, const int32_t *labels, float *loss, float *probs, uint16_t *d,
-    float *accuracy, int32_t B, int32_t K)
+    float *accuracy, int32_t B, int32_t K, float scale)
 {
     int32_t n, j, hits = 0;
     float total = 0.0f;
@@ -2070,7 +2071,7 @@ static void k_softmax_xent_f16(const float *z, const int32_t *labels, float *los
         hits += best == y;
         for (j = 0; j < K; j++) pr[j] = pr[j] / sum;
         for (j = 0; j < K; j++)
-            bnnc_st_f16(d, (size_t)n * (size_t)K + (size_t)j, (pr[j] - (j == y ? 1.0f : 0.0f)) / (float)B);
+            bnnc_st_f16(d, (size_t)n * (size_t)K + (size_t)j, (pr[j] - (j == y ? 1.0f : 0.0f)) / (float)B * scale);
     }
     loss[0] = total / (float)B;
     *accuracy = (float)hits / (float)B;
@@ -2222,7 +2223,7 @@ static inline __attribute__((always_inline)) void k_adam_update_bf16_f32_bf16_bf
     int32_t count, float g_scale, int32_t ste_mask, float lr, float b1, float b2, float c1, float c2,
     float bc1, float bc2, float eps, uint32_t kp, uint32_t km, uint32_t kv)
 {
-    (void)g_scale; (void)ste_mask;
+    (void)ste_mask;
     int32_t i0, t;
     for (i0 = 0; i0 < count; i0 += 64) {
         const int32_t nb = count - i0 < 64 ? count - i0 : 64;
@@ -2230,7 +2231,8 @@ static inline __attribute__((always_inline)) void k_adam_update_bf16_f32_bf16_bf
             const size_t i = (size_t)(i0 + t);
 
             float w = bnnc_ld_bf16(p, i);
-            float gv = bnnc_ld_f32(g, i);
+            /* g_scale = 2^-s undoes the loss scale (exact) */
+            float gv = bnnc_ld_f32(g, i) * g_scale;
 
             float mi = b1 * bnnc_ld_bf16(m, i) + c1 * gv;
             float vi = b2 * bnnc_ld_bf16(v, i) + c2 * (gv * gv);
@@ -2271,7 +2273,7 @@ static void k_adam_update_bf16_f32_bf16_bf16_gbit0(uint16_t *p, const float *g, 
     int32_t count, float g_scale, int32_t ste_mask, float lr, float b1, float b2, float c1, float c2,
     float bc1, float bc2, float eps, uint32_t kp, uint32_t km, uint32_t kv)
 {
-    (void)g_scale; (void)ste_mask;
+    (void)ste_mask;
     int32_t i0, t;
     for (i0 = 0; i0 < count; i0 += 64) {
         const int32_t nb = count - i0 < 64 ? count - i0 : 64;
@@ -2279,7 +2281,8 @@ static void k_adam_update_bf16_f32_bf16_bf16_gbit0(uint16_t *p, const float *g, 
             const size_t i = (size_t)(i0 + t);
 
             float w = bnnc_ld_bf16(p, i);
-            float gv = bnnc_ld_f32(g, i);
+            /* g_scale = 2^-s undoes the loss scale (exact) */
+            float gv = bnnc_ld_f32(g, i) * g_scale;
 
             float mi = b1 * bnnc_ld_bf16(m, i) + c1 * gv;
             float vi = b2 * bnnc_ld_bf16(v, i) + c2 * (gv * gv);
@@ -2689,7 +2692,8 @@ static void step_017_bn_l1_fwd_bn5(void)
 /* step 18: softmax_xent  (loss): bn5.out, labels -> loss, softmax1.out, bn5.d_out */
 static void step_018_softmax_xent(float *accuracy, float *loss)
 {
-    k_softmax_xent_f16(T_bn5_out, T_labels, T_loss, T_softmax1_out, T_bn5_d_out, accuracy, 100, 10);
+    k_softmax_xent_f16(T_bn5_out, T_labels, T_loss, T_softmax1_out, T_bn5_d_out, accuracy, 100, 10,
+            (float)16384.0);
 #ifdef BNNC_PERTURB_SOFTMAX_XENT
     T_loss[0] += 1.0f;
 #endif
@@ -2718,10 +2722,10 @@ static void step_020_adam_update_bn5(void)
 {
     const uint32_t seed = bnnc_state.seed, t = (uint32_t)bnnc_state.step;
     k_adam_update_bf16_f32_bf16_bf16_gbit0(S_bn5_beta, T_bn5_dbeta, S_bn5_beta_m, S_bn5_beta_v, 10,
-            (float)1.0, 0, (float)0.001, (float)0.9, (float)0.999, (float)0.09999999999999998,
-            (float)0.0010000000000000009, bnnc_one_minus_pow((float)0.9, t),
-            bnnc_one_minus_pow((float)0.999, t), (float)1e-07, bnnc_sr_key(seed, t, 35u),
-            bnnc_sr_key(seed, t, 36u), bnnc_sr_key(seed, t, 37u));
+            (float)6.103515625e-05, 0, (float)0.001, (float)0.9, (float)0.999,
+            (float)0.09999999999999998, (float)0.0010000000000000009,
+            bnnc_one_minus_pow((float)0.9, t), bnnc_one_minus_pow((float)0.999, t), (float)1e-07,
+            bnnc_sr_key(seed, t, 35u), bnnc_sr_key(seed, t, 36u), bnnc_sr_key(seed, t, 37u));
 #ifdef BNNC_PERTURB_ADAM_UPDATE
     S_bn5_beta[0] = bnnc_f32_to_bf16_rne(bnnc_bf16_to_f32(S_bn5_beta[0]) + 1.0f);
 #endif
@@ -2813,10 +2817,10 @@ static void step_027_adam_update_bn4(void)
 {
     const uint32_t seed = bnnc_state.seed, t = (uint32_t)bnnc_state.step;
     k_adam_update_bf16_f32_bf16_bf16_gbit0(S_bn4_beta, T_bn4_dbeta, S_bn4_beta_m, S_bn4_beta_v, 256,
-            (float)1.0, 0, (float)0.001, (float)0.9, (float)0.999, (float)0.09999999999999998,
-            (float)0.0010000000000000009, bnnc_one_minus_pow((float)0.9, t),
-            bnnc_one_minus_pow((float)0.999, t), (float)1e-07, bnnc_sr_key(seed, t, 27u),
-            bnnc_sr_key(seed, t, 28u), bnnc_sr_key(seed, t, 29u));
+            (float)6.103515625e-05, 0, (float)0.001, (float)0.9, (float)0.999,
+            (float)0.09999999999999998, (float)0.0010000000000000009,
+            bnnc_one_minus_pow((float)0.9, t), bnnc_one_minus_pow((float)0.999, t), (float)1e-07,
+            bnnc_sr_key(seed, t, 27u), bnnc_sr_key(seed, t, 28u), bnnc_sr_key(seed, t, 29u));
 #ifdef BNNC_PERTURB_ADAM_UPDATE
     S_bn4_beta[0] = bnnc_f32_to_bf16_rne(bnnc_bf16_to_f32(S_bn4_beta[0]) + 1.0f);
 #endif
@@ -2908,10 +2912,10 @@ static void step_034_adam_update_bn3(void)
 {
     const uint32_t seed = bnnc_state.seed, t = (uint32_t)bnnc_state.step;
     k_adam_update_bf16_f32_bf16_bf16_gbit0(S_bn3_beta, T_bn3_dbeta, S_bn3_beta_m, S_bn3_beta_v, 256,
-            (float)1.0, 0, (float)0.001, (float)0.9, (float)0.999, (float)0.09999999999999998,
-            (float)0.0010000000000000009, bnnc_one_minus_pow((float)0.9, t),
-            bnnc_one_minus_pow((float)0.999, t), (float)1e-07, bnnc_sr_key(seed, t, 19u),
-            bnnc_sr_key(seed, t, 20u), bnnc_sr_key(seed, t, 21u));
+            (float)6.103515625e-05, 0, (float)0.001, (float)0.9, (float)0.999,
+            (float)0.09999999999999998, (float)0.0010000000000000009,
+            bnnc_one_minus_pow((float)0.9, t), bnnc_one_minus_pow((float)0.999, t), (float)1e-07,
+            bnnc_sr_key(seed, t, 19u), bnnc_sr_key(seed, t, 20u), bnnc_sr_key(seed, t, 21u));
 #ifdef BNNC_PERTURB_ADAM_UPDATE
     S_bn3_beta[0] = bnnc_f32_to_bf16_rne(bnnc_bf16_to_f32(S_bn3_beta[0]) + 1.0f);
 #endif
@@ -3003,10 +3007,10 @@ static void step_041_adam_update_bn2(void)
 {
     const uint32_t seed = bnnc_state.seed, t = (uint32_t)bnnc_state.step;
     k_adam_update_bf16_f32_bf16_bf16_gbit0(S_bn2_beta, T_bn2_dbeta, S_bn2_beta_m, S_bn2_beta_v, 256,
-            (float)1.0, 0, (float)0.001, (float)0.9, (float)0.999, (float)0.09999999999999998,
-            (float)0.0010000000000000009, bnnc_one_minus_pow((float)0.9, t),
-            bnnc_one_minus_pow((float)0.999, t), (float)1e-07, bnnc_sr_key(seed, t, 11u),
-            bnnc_sr_key(seed, t, 12u), bnnc_sr_key(seed, t, 13u));
+            (float)6.103515625e-05, 0, (float)0.001, (float)0.9, (float)0.999,
+            (float)0.09999999999999998, (float)0.0010000000000000009,
+            bnnc_one_minus_pow((float)0.9, t), bnnc_one_minus_pow((float)0.999, t), (float)1e-07,
+            bnnc_sr_key(seed, t, 11u), bnnc_sr_key(seed, t, 12u), bnnc_sr_key(seed, t, 13u));
 #ifdef BNNC_PERTURB_ADAM_UPDATE
     S_bn2_beta[0] = bnnc_f32_to_bf16_rne(bnnc_bf16_to_f32(S_bn2_beta[0]) + 1.0f);
 #endif
@@ -3098,10 +3102,10 @@ static void step_048_adam_update_bn1(void)
 {
     const uint32_t seed = bnnc_state.seed, t = (uint32_t)bnnc_state.step;
     k_adam_update_bf16_f32_bf16_bf16_gbit0(S_bn1_beta, T_bn1_dbeta, S_bn1_beta_m, S_bn1_beta_v, 256,
-            (float)1.0, 0, (float)0.001, (float)0.9, (float)0.999, (float)0.09999999999999998,
-            (float)0.0010000000000000009, bnnc_one_minus_pow((float)0.9, t),
-            bnnc_one_minus_pow((float)0.999, t), (float)1e-07, bnnc_sr_key(seed, t, 3u),
-            bnnc_sr_key(seed, t, 4u), bnnc_sr_key(seed, t, 5u));
+            (float)6.103515625e-05, 0, (float)0.001, (float)0.9, (float)0.999,
+            (float)0.09999999999999998, (float)0.0010000000000000009,
+            bnnc_one_minus_pow((float)0.9, t), bnnc_one_minus_pow((float)0.999, t), (float)1e-07,
+            bnnc_sr_key(seed, t, 3u), bnnc_sr_key(seed, t, 4u), bnnc_sr_key(seed, t, 5u));
 #ifdef BNNC_PERTURB_ADAM_UPDATE
     S_bn1_beta[0] = bnnc_f32_to_bf16_rne(bnnc_bf16_to_f32(S_bn1_beta[0]) + 1.0f);
 #endif
