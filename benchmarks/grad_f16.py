@@ -1,11 +1,12 @@
 """What float16 storage does to the PO2 codes of each binary layer's dY, with and without the loss
 scale (compiler/README.md, "Loss scale of the f16 gradient path").
 
-One training step of the numpy reference (runtime/reference.py) at the initial state, on the first B
-training examples, proposed algorithm. For every binary dense/conv layer: the median and largest
-|dY| without the scale, the share of entries below f16's smallest subnormal (2^-24), and the share of
-PO2 codes (ALGORITHM.md §2) that differ between quantizing the float32 dY and quantizing it after a
-float16 store (what the emitted C keeps under l1 BN), with no loss scale and with bnnc's 2^s.
+One training step of the numpy reference (runtime/reference.py) at the initial state, on the
+first B training examples, proposed algorithm. For every binary dense/conv layer: the median and
+largest |dY| without the scale, the share of entries below f16's smallest subnormal (2^-24), and
+the share of PO2 codes (ALGORITHM.md §2) that differ between quantizing the float32 dY and
+quantizing it after a float16 store (what the emitted C keeps under l1 BN), with no loss scale and
+with bnnc's 2^s.
 
     python benchmarks/grad_f16.py [--model cnv] [--data fashion-mnist] [--batch 100]
 """

@@ -100,8 +100,9 @@ def test_l1_batchnorm_forward_backward_by_hand():
     np.testing.assert_allclose(out["bn1.running_mean"], [0.3, 0.0], rtol=1e-6)
     np.testing.assert_allclose(out["bn1.running_psi"],
                                0.9 * math.sqrt(1 + 1e-4) + 0.1 * np.array([1.5, 0.5]), rtol=1e-6)
-    # backward: G = (softmax(Z) - onehot) / B * 2^s, H = f16(G) / Psi, dY = H - mean H - s mean(H s);
-    # the loss scale 2^s = 2^(8 + floor(log2 B)) = 2^10 under l1 BN (f16 gradient path)
+    # backward: G = (softmax(Z) - onehot) / B * 2^s, H = f16(G) / Psi,
+    # dY = H - mean H - s mean(H s); the loss scale 2^s = 2^(8 + floor(log2 B)) = 2^10 under l1 BN
+    # (f16 gradient path)
     z = out["bn1.out"].astype(np.float64)
     p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
     G = (p - np.eye(2)[labels]) / 4 * 1024

@@ -70,7 +70,8 @@ def _lower_softmax_xent(step: Step, ctx: LowerCtx) -> Call:
 SOFTMAX_ROWS = Instance(KernelFamily.LOSS.value, "softmax_rows", "k_softmax_rows", ())
 SOFTMAX_XENT = kernel(
     "softmax_xent", Phase.LOSS, KernelFamily.LOSS,
-    "probabilities, mean softmax cross-entropy, and G = (p - onehot(labels)) / B * 2^s (loss scale)",
+    "probabilities, mean softmax cross-entropy, and G = (p - onehot(labels)) / B * 2^s (2^s: the "
+    "loss scale)",
     [("logits", F32), ("labels", I32)], [("loss", F32), ("probs", F32), ("d_logits", GRADS)],
     [(2, 0)], lower=_lower_softmax_xent)
 
