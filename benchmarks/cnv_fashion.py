@@ -7,7 +7,10 @@ For each algorithm: `bnnc compile cnv --batch 100` (Adam) into a temporary direc
 collecting the trainer's epoch lines. One algorithm at a time.
 
     nice -n 10 python benchmarks/cnv_fashion.py [--epochs 15] [--algorithms standard,proposed]
-        [--width 1] [--limit N] [--log-every 50]
+        [--width 1] [--limit N] [--log-every 50] [--ablate "--bn l2" --ablate "--no-po2" ...]
+
+`--ablate FLAGS` adds a column: the proposed algorithm compiled with FLAGS (one technique switched,
+e.g. `--bn l2`, `--no-po2`, `--no-binary-dw`, `--state-dtype f32`, `--po2-bias 6`).
 """
 
 from __future__ import annotations
@@ -51,13 +54,18 @@ def main() -> None:
     ap.add_argument("--width", type=float, default=None, help="zoo --width (1 = the paper's CNV)")
     ap.add_argument("--limit", type=int, default=None, help="first N training examples")
     ap.add_argument("--log-every", type=int, default=50, help="print the loss every K steps")
+    ap.add_argument("--ablate", action="append", default=[], metavar="FLAGS",
+                    help="also run the proposed algorithm compiled with these bnnc compile flags")
     args = ap.parse_args()
     bnnc = ["bnnc"]
     results: dict[str, list[float]] = {}
     seconds: dict[str, float] = {}
-    for algo in args.algorithms.split(","):
+    runs = [(algo, algo, []) for algo in args.algorithms.split(",") if algo]
+    runs += [(f"proposed {flags}", "proposed", flags.split()) for flags in args.ablate]
+    for name, algo, flags in runs:
         with tempfile.TemporaryDirectory(prefix=f"bnnc-cnv-{algo}-") as out:
-            comp = [*bnnc, "compile", "cnv", "--batch", "100", "--algorithm", algo, "-o", out]
+            comp = [*bnnc, "compile", "cnv", "--batch", "100", "--algorithm", algo, *flags,
+                    "-o", out]
             comp += ["--width", str(args.width)] if args.width else []
             run(comp)
             cmd = [*bnnc, "run", out, "--data", "fashion-mnist", "--epochs", str(args.epochs)]
@@ -65,8 +73,8 @@ def main() -> None:
             cmd += ["--log-every", str(args.log_every)] if args.log_every else []
             t0 = time.time()
             lines = run(cmd)
-            seconds[algo] = time.time() - t0
-            results[algo] = [float(line.split("test acc")[1].split("%")[0])
+            seconds[name] = time.time() - t0
+            results[name] = [float(line.split("test acc")[1].split("%")[0])
                              for line in lines if line.startswith("epoch ")]
     print()
     print(f"CNV{'' if not args.width else f' width {args.width:g}'} on Fashion-MNIST 3x32x32, "
@@ -79,10 +87,10 @@ def main() -> None:
         row = [f"{results[a][e]:.2f} %" if e < len(results[a]) else "" for a in algos]
         print(f"| {e + 1} | " + " | ".join(row) + " |")
     print("| wall time | " + " | ".join(f"{seconds[a] / 60:.1f} min" for a in algos) + " |")
-    if len(algos) == 2:
-        a, b = (results[k][-1] for k in algos)
-        print(f"gap after epoch {len(results[algos[0]])}: {a - b:+.2f} pp "
-              f"({algos[0]} - {algos[1]})")
+    if "standard" in results and "proposed" in results:
+        a, b = results["standard"][-1], results["proposed"][-1]
+        print(f"gap after epoch {len(results['standard'])}: {a - b:+.2f} pp "
+              f"(standard - proposed)")
 
 
 if __name__ == "__main__":

@@ -159,6 +159,25 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("an input pixel map is given but the input is f32")
 
 
+# ---- gradient scaling ------------------------------------------------------------------------
+
+def grads_f16(cfg: TrainConfig) -> bool:
+    """Is the activation-gradient path (the loss gradient, every binary layer's dX, the G entering
+    each BN, dY before PO2) stored in float16? Under l1 BN (which reads fp16(G) anyway), else
+    float32 (compiler/schedule.py)."""
+    return cfg.bn == "l1"
+
+
+def grad_scale_log2(cfg: TrainConfig) -> int:
+    """s of the loss scale 2^s: the loss writes G = (p - onehot) / B * 2^s and every optimizer
+    update reads a real-valued gradient times 2^-s (a 1-bit dW is a sign, scale-free). Both are
+    exact power-of-two products, so in float32 the scale changes nothing; it moves the float16
+    gradient path away from f16's subnormals. **[bnnc choice]** s = 8 + floor(log2 B) under
+    `grads_f16` (so |G| <= 2^8 at the loss, 2^7 below f16's largest value), else 0
+    (compiler/README.md, "Loss scale of the f16 gradient path")."""
+    return 8 + (cfg.batch.bit_length() - 1) if grads_f16(cfg) else 0
+
+
 # ---- partial training ------------------------------------------------------------------------
 
 FROZEN_BN = ("running", "batch")   # TrainConfig.frozen_bn

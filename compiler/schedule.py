@@ -36,10 +36,13 @@ Policy (each technique of cfg switches on its own; `standard` has them all off):
 - activations are F32, except SIGN outputs under `save_bits` whose consumers all take bits (binary
   dense/conv, or max-pool/flatten chains leading only to them): those are packed, and a binary layer
   reading bits runs the XNOR kernel.
-- the activation-gradient dtype is F16 under `bn == "l1"` (l1 BN reads fp16(G) anyway, and in a BNN
-  every op between a binary layer's dX and the next BN -- STE mask, pool routing, views -- commutes
-  with that rounding), F32 otherwise. BN backward writes dY in place over G and `po2` quantizes dY
-  in place into its codes: the entering gradient, dY and Q share one buffer.
+- the activation-gradient dtype is F16 under `bn == "l1"` (`config.grads_f16`: l1 BN reads fp16(G)
+  anyway, and in a BNN every op between a binary layer's dX and the next BN -- STE mask, pool
+  routing, views -- commutes with that rounding), F32 otherwise. BN backward writes dY in place
+  over G and `po2` quantizes dY in place into its codes: the entering gradient, dY and Q share one
+  buffer. On that F16 path the loss writes G scaled by 2^s (`config.grad_scale_log2`) and every
+  update of a real-valued parameter multiplies its gradient by 2^-s (`g_scale`), so conv layers'
+  tiny per-element gradients stay out of f16's subnormals (compiler/README.md, "Loss scale").
 - saved for backward: a weight layer keeps its input tensor itself (F32 in standard, the packed bits
   of a binary layer's +-1 input, a binary first layer's real input as given -- never copied); under
   `save_bits` a real layer (or a binary layer with an unpacked input that has a gradient) saves an
@@ -92,7 +95,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from .config import TrainConfig, validate
+from .config import TrainConfig, grad_scale_log2, grads_f16, validate
 from .errors import ModelError, UnsupportedModelError
 from .ir import INPUT, Graph, Layer, tname
 from .lower import words64
@@ -167,7 +170,7 @@ class ScheduleBuilder:
 
     def __init__(self, graph: Graph, cfg: TrainConfig):
         self.g, self.cfg, self.B = graph, cfg, cfg.batch
-        self.gd = F16 if cfg.bn == "l1" else F32
+        self.gd = F16 if grads_f16(cfg) else F32
         self.tensors: dict[str, Tensor] = {}
         self.steps: list[Step] = []
         self.act: dict[str, str] = {INPUT: INPUT}    # layer -> tensor holding its forward output
@@ -354,7 +357,7 @@ class ScheduleBuilder:
         loss = self.new("loss", F32, (1,), Role.SCRATCH)
         d = self.target(self.logits, "loss")
         self.emit(SOFTMAX_XENT, "", (logits, "labels"), (loss, probs, d),
-                  batch=self.B, classes=classes)
+                  batch=self.B, classes=classes, scale=2.0 ** grad_scale_log2(self.cfg))
         self.contribute(self.logits, d, "loss")
 
     # ---------------------------------------------------------------- gradient plumbing
@@ -413,9 +416,12 @@ class ScheduleBuilder:
         attrs: dict = dict(size=prod(st.shape), tensor_id=st.tensor_id, seed=cfg.seed,
                            stochastic=st.stochastic,
                            moment_ids=tuple(self.state[m].tensor_id for m in moms))
-        if self.tensors[grad].dtype is BIT and st.optimizer != "bop":   # Bop reads the signs only
-            attrs.update(g_scale=float(np.float32(1 / math.sqrt(prod(st.shape)))),
-                         ste_mask=st.dtype != "bit")
+        if self.tensors[grad].dtype is BIT:
+            if st.optimizer != "bop":                   # Bop reads the signs only
+                attrs.update(g_scale=float(np.float32(1 / math.sqrt(prod(st.shape)))),
+                             ste_mask=st.dtype != "bit")
+        elif st.optimizer != "bop":     # Bop's g / mean|g| is scale-free
+            attrs.update(g_scale=2.0 ** -grad_scale_log2(cfg))     # undo the loss scale
         if st.optimizer == "adam":
             attrs.update(lr=cfg.lr, lr_schedule=cfg.lr_schedule, beta1=cfg.beta1,
                          beta2=cfg.beta2, eps=cfg.adam_eps)

@@ -24,7 +24,9 @@ Algorithm (ALGORITHM.md §1-3; cfg switches each technique of the proposed algor
   from the layer; l1: no gamma, Psi = mean|Y - mu|) and updates running stats r = m r + (1 - m)
   batch (biased var); SIGN saves the STE mask 1[|x| <= 1]; the logits are the SOFTMAX's input, or
   the last layer's output.
-- loss: mean softmax cross-entropy, G = (p - onehot) / B on the logits.
+- loss: mean softmax cross-entropy, G = (p - onehot) / B * 2^s on the logits, 2^s the loss scale
+  of an f16 gradient path (`config.grad_scale_log2`: 0 unless l1 BN); the update multiplies every
+  real-valued gradient by 2^-s (exact), a 1-bit dW is a sign and needs nothing.
 - backward in reverse layer order; a layer's input gradient is computed only if something upstream
   is trainable (so never for the first weight layer). Binary weight layers: Q = PO2(dY) when cfg.po2
   feeds both dX = Q Wb^T and dW = X^T Q; cfg.binary_dw makes dW = sign(X^T Q)/sqrt(N_W); binary dW
@@ -75,7 +77,7 @@ import numpy as np
 
 from ..compiler import numerics as nx
 from ..compiler import ops
-from ..compiler.config import TrainConfig, make_config
+from ..compiler.config import TrainConfig, grad_scale_log2, make_config
 from ..compiler.errors import BnncWarning, DataError
 from ..compiler.ir import INPUT, Graph, LayerKind, tname
 from ..compiler.ops.loss import softmax
@@ -168,11 +170,14 @@ def update_params(graph: Graph, cfg: TrainConfig, t: int, pre: Mapping[str, np.n
     lr = nx.lr_at(cfg.lr, cfg.lr_schedule, t, horizon)
     sts = state_tensors(graph, cfg)
     by_name = {st.name: st for st in sts}
+    unscale = np.float32(2.0 ** -grad_scale_log2(cfg))
     new: dict[str, np.ndarray] = {}
     for st in sts:
         if st.kind != "param":
             continue
         grad = np.asarray(grads[tname(st.layer, _GRAD_FIELD[st.field])], np.float32)
+        if st.optimizer != "bop" and not _binary_dw(graph, cfg, st):
+            grad = grad * unscale            # undo the loss scale (a 1-bit dW is a sign)
         moms = {n.split(".")[-1]: pre[n].astype(np.float32)
                 for n in by_name if n.startswith(st.name + ".")}
         value = pre[st.name].astype(np.int8 if st.dtype == "bit" else np.float32)
@@ -181,6 +186,11 @@ def update_params(graph: Graph, cfg: TrainConfig, t: int, pre: Mapping[str, np.n
         for mname, mv in moms.items():
             new[f"{st.name}.{mname}"] = _store(cfg, by_name[f"{st.name}.{mname}"], mv, t)
     return new
+
+
+def _binary_dw(graph: Graph, cfg: TrainConfig, st: StateTensor) -> bool:
+    """Is the gradient of `st` a 1-bit dW (emitted as +-1/sqrt(N_W), no loss scale in it)?"""
+    return cfg.binary_dw and st.field == "W" and bool(graph.layer(st.layer).binary)
 
 
 def _as_batch(graph: Graph, x, cfg: TrainConfig | None = None) -> np.ndarray:
@@ -272,7 +282,9 @@ def forward_backward(graph: Graph, cfg: TrainConfig, tensors: dict[str, np.ndarr
         run.out["probs"] = softmax(z)
     onehot = np.zeros_like(z)
     onehot[rows, y] = 1
-    grads = {logits_name: ((softmax(z) - onehot) / len(x)).reshape(run.acts[logits_name].shape)}
+    scale = x.dtype.type(2.0 ** grad_scale_log2(cfg))       # the loss scale: exact
+    grads = {logits_name: ((softmax(z) - onehot) / len(x) * scale).reshape(
+        run.acts[logits_name].shape)}
     ng = run.needs_grad
     fan_out = {n: sum(lay.inputs.count(n) for lay in graph.layers) for n in ng}
     for lay in reversed(graph.layers):

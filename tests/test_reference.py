@@ -100,10 +100,12 @@ def test_l1_batchnorm_forward_backward_by_hand():
     np.testing.assert_allclose(out["bn1.running_mean"], [0.3, 0.0], rtol=1e-6)
     np.testing.assert_allclose(out["bn1.running_psi"],
                                0.9 * math.sqrt(1 + 1e-4) + 0.1 * np.array([1.5, 0.5]), rtol=1e-6)
-    # backward: G = (softmax(Z) - onehot) / B, H = f16(G) / Psi, dY = H - mean H - s mean(H s)
+    # backward: G = (softmax(Z) - onehot) / B * 2^s, H = f16(G) / Psi,
+    # dY = H - mean H - s mean(H s); the loss scale 2^s = 2^(8 + floor(log2 B)) = 2^10 under l1 BN
+    # (f16 gradient path)
     z = out["bn1.out"].astype(np.float64)
     p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
-    G = (p - np.eye(2)[labels]) / 4
+    G = (p - np.eye(2)[labels]) / 4 * 1024
     np.testing.assert_allclose(out["bn1.d_out"], G, rtol=1e-5)
     H = G.astype(np.float16).astype(np.float64) / [1.5, 0.5]
     s = np.where(out["bn1.xh"] >= 0, 1.0, -1.0)
@@ -667,3 +669,21 @@ def test_input_quant_follows_qonnx_order_at_ties():
     p = ref.predict(g, cfg, ref.init_state(g, cfg), x)
     e = np.exp(want - want.max(1, keepdims=True))
     np.testing.assert_allclose(p, e / e.sum(1, keepdims=True), rtol=1e-6)
+
+
+def test_loss_scale_is_undone_by_the_update():
+    """Under l1 BN the loss gradient is scaled by 2^s (f16 gradient path); the update must see the
+    unscaled gradient: one SGD step on beta moves it by lr * sum((p - onehot) / B), computed here
+    from the probabilities by hand."""
+    g = _identity_bn_graph()
+    cfg = make_config("proposed", batch=4, po2=False, binary_dw=False, save_bits=False,
+                      state_dtype="f32", optimizer="sgd", lr=0.5)
+    labels = np.array([0, 1, 1, 0])
+    st = ref.init_state(g, cfg)
+    new, out = ref.train_step(g, cfg, st, _BN_X, labels)
+    z = out["bn1.out"].astype(np.float64)
+    p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    dbeta = ((p - np.eye(2)[labels]) / 4).sum(0)
+    assert np.abs(out["bn1.dbeta"]).max() > 100 * np.abs(dbeta).max()    # the scaled gradient
+    np.testing.assert_allclose(new.tensors["bn1.beta"], st.tensors["bn1.beta"] - 0.5 * dbeta,
+                               rtol=1e-5, atol=1e-7)

@@ -6,6 +6,7 @@ the layer dims in this file, not from the schedule. Zoo/frontend models are exer
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -408,7 +409,8 @@ def test_switch_no_binary_dw_gives_masked_f32_dw():
     assert st.kernel.name == "dense_dw_po2" and st.inputs == ("sign1.out", "fc2.d_out_q",
                                                          "fc2.po2_bias", "fc2.W")
     (up,) = _steps(var, "adam_update", "fc2")
-    assert "g_scale" not in up.attrs
+    # a real-valued dW: the update undoes the loss scale of the f16 gradient path (l1 BN)
+    assert up.attrs["g_scale"] == 2.0 ** -(8 + math.floor(math.log2(B)))
 
 
 def test_switch_no_save_bits_unpacks_activations():
@@ -551,6 +553,11 @@ def test_loss_step_and_logits_without_softmax():
     s = _sched(mlp())
     (loss,) = _steps(s, "softmax_xent")
     assert loss.outputs == ("loss", "softmax.out", "bn3.d_out") and loss.attrs["classes"] == 10
+    # the loss scale 2^(8 + floor(log2 B)) of the f16 gradient path (l1 BN); none in f32
+    assert loss.attrs["scale"] == 2.0 ** (8 + math.floor(math.log2(B)))
+    assert _steps(_sched(mlp(), algorithm="standard"), "softmax_xent")[0].attrs["scale"] == 1.0
+    (up,) = _steps(_sched(mlp(), algorithm="standard"), "adam_update", "fc2")
+    assert up.attrs["g_scale"] == 1.0
 
 
 def test_update_attrs_carry_hyperparameters_and_state_ids():

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..ir import Layer, LayerKind
+from ..c_literals import c_float
 from ..lower import Call, Instance, LowerCtx, instance
 from ..onnx_values import Act, node_attrs, node_label
 from ..schedule_ir import Step
@@ -60,7 +61,7 @@ def _lower_softmax_xent(step: Step, ctx: LowerCtx) -> Call:
     loss, probs, d = step.outputs
     inst = instance(step, ctx, operands={"d": d})
     return Call(inst, [ctx.ptr(logits), ctx.ptr(labels), ctx.ptr(loss), ctx.ptr(probs),
-                       ctx.ptr(d), "accuracy", a["batch"], a["classes"]])
+                       ctx.ptr(d), "accuracy", a["batch"], a["classes"], c_float(a["scale"])])
 # softmax_xent's step also hands the loss to the train-step entry: the arena slot of `loss` is dead
 # (and may be reused) once the step is over
 
@@ -69,7 +70,8 @@ def _lower_softmax_xent(step: Step, ctx: LowerCtx) -> Call:
 SOFTMAX_ROWS = Instance(KernelFamily.LOSS.value, "softmax_rows", "k_softmax_rows", ())
 SOFTMAX_XENT = kernel(
     "softmax_xent", Phase.LOSS, KernelFamily.LOSS,
-    "probabilities, mean softmax cross-entropy, and G = (p - onehot(labels)) / B",
+    "probabilities, mean softmax cross-entropy, and G = (p - onehot(labels)) / B * 2^s (2^s: the "
+    "loss scale)",
     [("logits", F32), ("labels", I32)], [("loss", F32), ("probs", F32), ("d_logits", GRADS)],
     [(2, 0)], lower=_lower_softmax_xent)
 
