@@ -126,6 +126,15 @@ def _flower():
     return fleet_flower
 
 
+def _calibration(r: dict) -> str:
+    """The round's calibration exchange (--bn-stats calibrate), if it had one."""
+    if "calibrated_by" not in r:
+        return ""
+    return (f"; BN statistics calibrated by {len(r['calibrated_by'])} devices, "
+            f"{r['calibration_downlink_bytes_per_device']:,} B down, "
+            f"{r['calibration_uplink_bytes_per_device']:,} B up")
+
+
 def _round_printer(console: Console):
     def show(r: dict) -> None:
         refused = f", {len(r['refused'])} refused" if r["refused"] else ""
@@ -133,7 +142,7 @@ def _round_printer(console: Console):
         console.print(f"round {r['round']}: {len(r['devices'])} devices{refused}, "
                       f"{r['examples']:,} examples, test acc {100 * r['test_acc']:.2f} %{whose}; "
                       f"per device {r['downlink_bytes_per_device']:,} B down, "
-                      f"{r['uplink_bytes_per_device']:,} B up (float32 model "
+                      f"{r['uplink_bytes_per_device']:,} B up{_calibration(r)} (float32 model "
                       f"{r['float32_model_bytes']:,} B)")
     return show
 

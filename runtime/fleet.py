@@ -4,14 +4,23 @@ the deployment and the tests all run the same code.
 
 What a fleet exchanges: `fleet_tensors(manifest)` selects, from the manifest's state table, the
 tensors the server aggregates -- every trainable parameter (latent 16-bit weights, BN betas/gammas,
-biases; Bop's 1-bit weights), the Bop momenta, and the BN running statistics when
-`bn_stats="mean"` (FedBN, `"local"`, keeps them on the device). Adam/SGD moments stay on the
-device. A frozen parameter (partial training: the manifest's `frozen`) is never selected.
+biases; Bop's 1-bit weights), the Bop momenta, and the BN running statistics only when
+`bn_stats="mean"` (averaged from the devices' training). Adam/SGD moments stay on the device. A
+frozen parameter (partial training: the manifest's `frozen`) is never selected.
+
+BN running statistics of the global model (`bn_stats`; [bnnc choice] `"calibrate"`, measured in
+README "Train a fleet"): FedAvg's global weights are never run forward on data, so no device's
+statistics belong to them. `"calibrate"`: after each round's aggregation every device measures
+the batch statistics of the new global weights on its own data (`calibration_stats`, the emitted
+C) and the server pools them (`pool_bn_stats`, `bn_stat_tensors` travel). `"mean"`: the devices'
+running statistics from training, averaged. `"local"`: FedBN, kept on each device.
 
 On the wire every tensor travels in its storage dtype (`to_wire`): bf16 as its 16 bits, f16, f32,
 1-bit weights packed 8 per byte. With the 1-bit uplink (`uplink="sign"`, signSGD-style) a device
 sends, per non-bit tensor, the sign of its update (packed) and one float32 scale, mean |update|;
-the server reconstructs `global + scale * sign`.
+the server reconstructs `global + scale * sign`. With error feedback (EF-signSGD,
+`feedback_residual`) a device adds to each update what its earlier signs left out; the residual is
+saved next to its state (DIR/residual-rNNNNN.npz, before the state: both or neither count).
 
 Aggregation (`aggregate`), in device order (so the float sums are reproducible whatever order the
 replies arrive in): FedAvg weighted by each device's number of training examples for real-valued
@@ -28,7 +37,9 @@ is the commit point, so a crash at any moment leaves the previous round's global
 a run resumes from the last committed round.
 
 A device's own state (`DeviceStore`): DIR/state-rNNNNN.bin, its full state blob after round N
-(optimizer moments, local BN statistics, step counter). Round N+1 starts from the newest blob of a
+(optimizer moments, local BN statistics, step counter: Adam's moments and its bias-correction
+count carry on from the device's previous round, [bnnc choice] measured in README "Train a
+fleet"). Round N+1 starts from the newest blob of a
 round <= N, so a resumed fleet repeats exactly what an uninterrupted one does. A device writes
 nothing outside DIR (named by the device's configuration, never by a server message).
 """

@@ -7,8 +7,11 @@ runtime/fleet.py; this module only moves it through Flower.
 
 Server (`make_server_app`): reads OUT/ (the compiled program), resumes FLEET_DIR's checkpoint or
 starts from OUT/init_state.npz, then runs Flower's `FedAvg.start` for the remaining rounds with
-`BnncFedAvg`, whose `aggregate_train` checks every reply (`check_reply`), aggregates, commits the
-round's global state atomically and scores it on the test split (the emitted C's predict). Replies
+`BnncFedAvg`, whose `aggregate_train` checks every reply (`check_reply`) and aggregates; with
+bn_stats="calibrate" (the default) Flower's evaluate phase then sends the new global model to the
+devices whose update was taken, and `aggregate_evaluate` pools their BN statistics
+(`check_calibration`); the round's global state is then committed atomically and scored on the
+test split (the emitted C's predict). Replies
 that never come (a dead device) are left out when the round's `round_timeout` expires; failed or
 refused replies are logged and recorded in fleet.json. The first round waits until every device
 is connected; later ones start with `min_devices` (default: all), so a fleet that lost a device
@@ -20,7 +23,8 @@ Device (`make_client_app`): its settings come from the SuperNode's node config (
 partition of the dataset for the configured local epochs -- host OUT/: the emitted C in-process
 (cffi); rpi4/rpi3/cortex-m OUT/: the standalone trainer through runtime/run.py in a private copy of
 OUT/ under its workdir -- and replies with its fleet tensors (fleet.py: `encode_update`), its
-number of examples and its model's sha256.
+number of examples and its model's sha256. Its evaluate handler is the calibration
+(`device_calibrate`).
 
 Telemetry: Flower's is switched off (FLWR_TELEMETRY_ENABLED=0) before flwr is imported, here and in
 every process LocalFederation starts.
