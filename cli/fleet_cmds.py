@@ -27,8 +27,9 @@ def fleet() -> None:
     \b
     Only model updates travel: the latent 16-bit weights and BN betas (FedAvg weighted by
     examples), Bop's 1-bit weights (majority vote) and momenta; the global model's BN running
-    statistics are calibrated on the devices each round (--bn-stats). The global state is a bnnc state blob, checkpointed
-    atomically every round in --fleet-dir; the same command resumes an interrupted run.
+    statistics are calibrated on the devices each round (--bn-stats). The global state is a
+    bnnc state blob, checkpointed atomically every round in --fleet-dir; the same command
+    resumes an interrupted run.
     \b
       bnnc compile mlp -o out/mlp
       bnnc fleet simulate out/mlp --devices 10 --alpha 0.5 --rounds 20 --data mnist

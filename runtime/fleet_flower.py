@@ -474,7 +474,7 @@ class _DeviceRound:
                             float(cfg["alpha"]), int(cfg["seed"]), self.manifest.batch, self.pid)
 
     def host_program(self) -> HostProgram:
-        """The emitted C in-process: OUT/ itself (host), else its private copy built for the host."""
+        """The emitted C in-process: OUT/ itself (host), else its copy built for the host."""
         return _host_program(str(self.out) if self.manifest.target_kind == "host"
                              else str(_private_out(self.out, self.workdir)))
 
