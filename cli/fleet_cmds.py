@@ -26,9 +26,10 @@ def fleet() -> None:
 
     \b
     Only model updates travel: the latent 16-bit weights and BN betas (FedAvg weighted by
-    examples), Bop's 1-bit weights (majority vote) and momenta, and the BN running statistics
-    unless --bn-stats local (FedBN). The global state is a bnnc state blob, checkpointed
-    atomically every round in --fleet-dir; the same command resumes an interrupted run.
+    examples), Bop's 1-bit weights (majority vote) and momenta; the global model's BN running
+    statistics are calibrated on the devices each round (--bn-stats). The global state is a
+    bnnc state blob, checkpointed atomically every round in --fleet-dir; the same command
+    resumes an interrupted run.
     \b
       bnnc compile mlp -o out/mlp
       bnnc fleet simulate out/mlp --devices 10 --alpha 0.5 --rounds 20 --data mnist
@@ -56,11 +57,20 @@ def _federation_options(f):
         click.option("--alpha", type=click.FloatRange(min=0, min_open=True), default=0.5,
                      show_default=True, help="Dirichlet concentration (small = fewer classes "
                                              "per device)"),
-        click.option("--bn-stats", type=click.Choice(fl.BN_STATS), default="mean",
-                     show_default=True, help="BN running statistics: averaged, or kept on each "
-                                             "device (FedBN)"),
+        click.option("--bn-stats", type=click.Choice(fl.BN_STATS), default="calibrate",
+                     show_default=True,
+                     help="the global model's BN running statistics: calibrate = measured at the "
+                          "new global weights on every device's data each round and pooled; "
+                          "mean = averaged from the devices' training; local = kept on each "
+                          "device (FedBN)"),
+        click.option("--calibration-batches", type=click.IntRange(min=1), default=20,
+                     show_default=True,
+                     help="batches per device and round for --bn-stats calibrate"),
         click.option("--uplink", type=click.Choice(fl.UPLINKS), default="full",
                      show_default=True, help="sign: 1-bit updates (sign + per-tensor scale)"),
+        click.option("--error-feedback/--no-error-feedback", default=True, show_default=True,
+                     help="--uplink sign: each device adds what its last 1-bit updates left "
+                          "out to the next (EF-signSGD)"),
         click.option("--server-lr", type=click.FloatRange(min=0, min_open=True), default=1.0,
                      show_default=True, help="server step on the averaged parameter update "
                                              "(1 = FedAvg)"),
@@ -97,7 +107,9 @@ def _settings(out_dir: Path, o: dict):
     return FleetSettings(out=str(out_dir.resolve()), fleet_dir=str(o["fleet_dir"].resolve()),
                          rounds=o["rounds"], devices=o["devices"], partition=o["partition"],
                          alpha=o["alpha"], seed=o["seed"], local_epochs=o["local_epochs"],
-                         bn_stats=o["bn_stats"], uplink=o["uplink"], server_lr=o["server_lr"],
+                         bn_stats=o["bn_stats"], calibration_batches=o["calibration_batches"],
+                         uplink=o["uplink"], error_feedback=o["error_feedback"],
+                         server_lr=o["server_lr"],
                          share_moments=o["share_moments"],
                          data=o["data"],
                          data_dir=str(o["data_dir"].resolve()) if o["data_dir"] else "",
@@ -115,6 +127,15 @@ def _flower():
     return fleet_flower
 
 
+def _calibration(r: dict) -> str:
+    """The round's calibration exchange (--bn-stats calibrate), if it had one."""
+    if "calibrated_by" not in r:
+        return ""
+    return (f"; BN statistics calibrated by {len(r['calibrated_by'])} devices, "
+            f"{r['calibration_downlink_bytes_per_device']:,} B down, "
+            f"{r['calibration_uplink_bytes_per_device']:,} B up")
+
+
 def _round_printer(console: Console):
     def show(r: dict) -> None:
         refused = f", {len(r['refused'])} refused" if r["refused"] else ""
@@ -122,7 +143,7 @@ def _round_printer(console: Console):
         console.print(f"round {r['round']}: {len(r['devices'])} devices{refused}, "
                       f"{r['examples']:,} examples, test acc {100 * r['test_acc']:.2f} %{whose}; "
                       f"per device {r['downlink_bytes_per_device']:,} B down, "
-                      f"{r['uplink_bytes_per_device']:,} B up (float32 model "
+                      f"{r['uplink_bytes_per_device']:,} B up{_calibration(r)} (float32 model "
                       f"{r['float32_model_bytes']:,} B)")
     return show
 

@@ -4,14 +4,23 @@ the deployment and the tests all run the same code.
 
 What a fleet exchanges: `fleet_tensors(manifest)` selects, from the manifest's state table, the
 tensors the server aggregates -- every trainable parameter (latent 16-bit weights, BN betas/gammas,
-biases; Bop's 1-bit weights), the Bop momenta, and the BN running statistics when
-`bn_stats="mean"` (FedBN, `"local"`, keeps them on the device). Adam/SGD moments stay on the
-device. A frozen parameter (partial training: the manifest's `frozen`) is never selected.
+biases; Bop's 1-bit weights), the Bop momenta, and the BN running statistics only when
+`bn_stats="mean"` (averaged from the devices' training). Adam/SGD moments stay on the device. A
+frozen parameter (partial training: the manifest's `frozen`) is never selected.
+
+BN running statistics of the global model (`bn_stats`; [bnnc choice] `"calibrate"`, measured in
+README "Train a fleet"): FedAvg's global weights are never run forward on data, so no device's
+statistics belong to them. `"calibrate"`: after each round's aggregation every device measures
+the batch statistics of the new global weights on its own data (`calibration_stats`, the emitted
+C) and the server pools them (`pool_bn_stats`, `bn_stat_tensors` travel). `"mean"`: the devices'
+running statistics from training, averaged. `"local"`: FedBN, kept on each device.
 
 On the wire every tensor travels in its storage dtype (`to_wire`): bf16 as its 16 bits, f16, f32,
 1-bit weights packed 8 per byte. With the 1-bit uplink (`uplink="sign"`, signSGD-style) a device
 sends, per non-bit tensor, the sign of its update (packed) and one float32 scale, mean |update|;
-the server reconstructs `global + scale * sign`.
+the server reconstructs `global + scale * sign`. With error feedback (EF-signSGD,
+`feedback_residual`) a device adds to each update what its earlier signs left out; the residual is
+saved next to its state (DIR/residual-rNNNNN.npz, before the state: both or neither count).
 
 Aggregation (`aggregate`), in device order (so the float sums are reproducible whatever order the
 replies arrive in): FedAvg weighted by each device's number of training examples for real-valued
@@ -28,7 +37,9 @@ is the commit point, so a crash at any moment leaves the previous round's global
 a run resumes from the last committed round.
 
 A device's own state (`DeviceStore`): DIR/state-rNNNNN.bin, its full state blob after round N
-(optimizer moments, local BN statistics, step counter). Round N+1 starts from the newest blob of a
+(optimizer moments, local BN statistics, step counter: Adam's moments and its bias-correction
+count carry on from the device's previous round, [bnnc choice] measured in README "Train a
+fleet"). Round N+1 starts from the newest blob of a
 round <= N, so a resumed fleet repeats exactly what an uninterrupted one does. A device writes
 nothing outside DIR (named by the device's configuration, never by a server message).
 """
@@ -36,8 +47,10 @@ nothing outside DIR (named by the device's configuration, never by a server mess
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,7 +69,7 @@ from .run import RunOptions, TrainerEvent, run_compiled
 log = logging.getLogger("bnnc.fleet")
 
 PARTITIONS = ("iid", "dirichlet")
-BN_STATS = ("mean", "local")
+BN_STATS = ("calibrate", "mean", "local")
 UPLINKS = ("full", "sign")
 CHECKPOINT_JSON = "fleet.json"
 SCALES = "__scales__"          # the 1-bit uplink's per-tensor scales, one float32 each
@@ -85,7 +98,7 @@ def _frozen(manifest: Manifest) -> set[str]:
                                    if st.role == "frozen parameter"}
 
 
-def fleet_tensors(manifest: Manifest, bn_stats: str = "mean", *,
+def fleet_tensors(manifest: Manifest, bn_stats: str = "calibrate", *,
                   moments: bool = False) -> tuple[FleetTensor, ...]:
     """The state tensors a fleet aggregates, in state order (module docstring); `moments` adds
     every optimizer moment (Adam's m and v too, averaged). The one place that decides it:
@@ -100,7 +113,7 @@ def fleet_tensors(manifest: Manifest, bn_stats: str = "mean", *,
             continue
         if st.role == "parameter":
             rule, kind = ("vote" if st.dtype == "bit" else "mean"), "param"
-        elif st.role == "bn state" and bn_stats == "mean":
+        elif st.role == "bn state" and bn_stats == "mean":    # "calibrate": bn_stat_tensors
             rule, kind = "mean", "bn_stat"
         elif st.role == "optimizer state" and (st.name.rsplit(".", 1)[0] in bits or moments) \
                 and st.name.rsplit(".", 1)[0] not in frozen:
@@ -111,6 +124,13 @@ def fleet_tensors(manifest: Manifest, bn_stats: str = "mean", *,
     if not out:
         raise ConfigError(f"{manifest.model}: no trainable state to federate (all frozen?)")
     return tuple(out)
+
+
+def bn_stat_tensors(manifest: Manifest) -> tuple[FleetTensor, ...]:
+    """The BN running statistics a calibration exchanges (`bn_stats="calibrate"`), state order."""
+    frozen = _frozen(manifest)
+    return tuple(FleetTensor(st.name, st.dtype, tuple(st.shape), "mean", "bn_stat")
+                 for st in manifest.state if st.role == "bn state" and st.name not in frozen)
 
 
 def float32_model_nbytes(manifest: Manifest) -> int:
@@ -173,10 +193,12 @@ def decode_global(arrays: Mapping[str, np.ndarray],
 
 
 def encode_update(local: Mapping[str, np.ndarray], glob: Mapping[str, np.ndarray],
-                  specs: Sequence[FleetTensor], uplink: str) -> dict[str, np.ndarray]:
+                  specs: Sequence[FleetTensor], uplink: str, *,
+                  residual: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """The device -> server arrays: the local tensors as they are (`full`), or for `sign` the sign
     of each real tensor's update, packed, plus the per-tensor scales mean |update| (1-bit weights
-    are 1 bit either way)."""
+    are 1 bit either way). `residual` (error feedback, `sign` only) is added to the update first:
+    what earlier 1-bit updates left out (`feedback_residual`)."""
     if uplink == "full":
         return encode_global(local, specs)
     out, scales = {}, []
@@ -185,6 +207,8 @@ def encode_update(local: Mapping[str, np.ndarray], glob: Mapping[str, np.ndarray
             out[ft.name] = to_wire(local[ft.name], "bit")
             continue
         d = (np.asarray(local[ft.name], np.float64) - np.asarray(glob[ft.name], np.float64))
+        if residual is not None and ft.name in residual:
+            d += np.asarray(residual[ft.name], np.float64)
         out[ft.name] = np.packbits(d.reshape(-1) >= 0)
         scales.append(np.float32(np.mean(np.abs(d))) if d.size else np.float32(0))
     out[SCALES] = np.asarray(scales, np.float32)
@@ -216,6 +240,25 @@ def decode_update(arrays: Mapping[str, np.ndarray], glob: Mapping[str, np.ndarra
         out[ft.name] = (np.asarray(glob[ft.name], np.float32)
                         + np.float32(scales[k]) * sign).astype(np.float32)
         k += 1
+    return out
+
+
+def feedback_residual(local: Mapping[str, np.ndarray], glob: Mapping[str, np.ndarray],
+                      specs: Sequence[FleetTensor], sent: Mapping[str, np.ndarray],
+                      residual: Mapping[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+    """Error feedback for the 1-bit uplink (EF-signSGD, Karimireddy et al. 2019): the part of
+    (update + residual) that the sent `scale * sign` did not carry, kept on the device and added
+    to its next update. Float32, real tensors only."""
+    got = decode_update(sent, glob, specs, "sign")
+    out = {}
+    for ft in specs:
+        if ft.dtype == "bit":
+            continue
+        want = np.asarray(local[ft.name], np.float64) - np.asarray(glob[ft.name], np.float64)
+        if residual is not None and ft.name in residual:
+            want += np.asarray(residual[ft.name], np.float64)
+        out[ft.name] = (want - (got[ft.name].astype(np.float64)
+                                - np.asarray(glob[ft.name], np.float64))).astype(np.float32)
     return out
 
 
@@ -263,6 +306,122 @@ def aggregate(glob: Mapping[str, np.ndarray], updates: Sequence[Update],
                 mean = g64 + server_lr * (mean - g64)
             out[ft.name] = store(mean.astype(np.float32), ft.dtype).astype(np.float32)
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# BN calibration of the global model (bn_stats="calibrate")
+
+def _bn_pairs(specs: Sequence[FleetTensor]) -> list[tuple[str, str]]:
+    """(running_mean, its spread: running_psi (l1 BN) or running_var (l2 BN)) of each BN layer."""
+    names = {ft.name for ft in specs}
+    pairs = []
+    for n in names:
+        if n.endswith(".running_mean"):
+            layer = n[:-len(".running_mean")]
+            spread = [f"{layer}.{k}" for k in ("running_psi", "running_var")
+                      if f"{layer}.{k}" in names]
+            if len(spread) != 1:
+                raise AssertionError(f"{layer}: no running_psi / running_var next to its mean")
+            pairs.append((n, spread[0]))
+    return sorted(pairs)
+
+
+def calibration_stats(program, tensors: Mapping[str, np.ndarray], x: np.ndarray, y: np.ndarray,
+                      specs: Sequence[FleetTensor], *, batches: int, momentum: float,
+                      order_key: Sequence[int]) -> tuple[dict[str, np.ndarray], int]:
+    """Each BN layer's batch statistics at the weights of `tensors` on up to `batches` local
+    batches (drawn by `order_key`), averaged per channel: {running stat name: float32 values} and
+    the number of examples used. The emitted C computes them: a train step started from zero
+    running statistics leaves `(1 - momentum) * batch statistic` in them (the weights it
+    updates are discarded: every batch starts again from `tensors`)."""
+    b = program.batch
+    nb = min(batches, len(x) // b)
+    if nb < 1:
+        raise DataError(f"{len(x)} local examples do not fill one batch of {b}")
+    start = dict(tensors)
+    for ft in specs:
+        start[ft.name] = np.zeros(ft.shape, np.float32)
+    perm = np.random.default_rng([*order_key]).permutation(len(x))
+    acc = {ft.name: np.zeros(ft.shape, np.float64) for ft in specs}
+    for k in range(nb):
+        idx = perm[k * b:(k + 1) * b]
+        program.load_state(start, step=0, seed=0)
+        program.train_step(x[idx], y[idx])
+        got = program.read_state()
+        for ft in specs:
+            acc[ft.name] += np.asarray(got[ft.name], np.float64)
+    scale = 1.0 / (nb * (1.0 - momentum))
+    return {k: (v * scale).astype(np.float32) for k, v in acc.items()}, nb * b
+
+
+def decode_calibration(arrays: Mapping[str, np.ndarray],
+                       specs: Sequence[FleetTensor]) -> dict[str, np.ndarray]:
+    """A device's calibration reply (float32 per-channel statistics by name), checked:
+    RefusedUpdate for a wrong tensor set, dtype or length, a NaN / Inf or a negative spread."""
+    want = {ft.name for ft in specs}
+    if set(arrays) != want:
+        extra, missing = sorted(set(arrays) - want), sorted(want - set(arrays))
+        raise RefusedUpdate(f"wrong statistics (missing {missing[:3]}, unexpected {extra[:3]})")
+    out = {}
+    for ft in specs:
+        a = np.asarray(arrays[ft.name])
+        if a.dtype != np.float32 or a.shape != (ft.size,):
+            raise RefusedUpdate(f"statistic {ft.name}: {a.dtype} {a.shape}, expected float32 "
+                                f"({ft.size},)")
+        if not np.all(np.isfinite(a)):
+            raise RefusedUpdate(f"statistic {ft.name} holds NaN or Inf values")
+        if not ft.name.endswith(".running_mean") and np.any(a < 0):
+            raise RefusedUpdate(f"statistic {ft.name} is negative")
+        out[ft.name] = a.reshape(ft.shape)
+    return out
+
+
+@dataclass(frozen=True)
+class Calibration:
+    device: int
+    examples: int              # the device's training examples: its weight
+    stats: dict                # BN stat name -> float32 per-channel values (calibration_stats)
+
+
+def pool_bn_stats(calibrations: Sequence[Calibration],
+                  specs: Sequence[FleetTensor]) -> dict[str, np.ndarray] | None:
+    """The global model's BN running statistics from the devices' (None for no device), in device
+    order, weighted by examples, rounded to the storage dtype. Mean: the weighted mean of the
+    means. l2 BN's variance: the pooled variance, sum w_i (var_i + (mu_i - mu)^2) (exact). l1 BN's
+    psi = E|x - mu| about the *global* mean: a device only measures it about its own batches'
+    means, so each device's distribution of a channel is taken as normal with mean mu_i and mean
+    absolute deviation psi_i, whose E|x - mu| is psi_i exp(-d^2 / 2 s^2) + d erf(d / s sqrt 2)
+    (d = mu_i - mu, s = psi_i sqrt(pi/2)) ([bnnc choice], README "Train a fleet": on non-IID
+    devices the plain mean of the psi_i is too small)."""
+    cals = sorted(calibrations, key=lambda c: c.device)
+    if not cals:
+        return None
+    w = np.asarray([c.examples for c in cals], np.float64)
+    w /= w.sum()
+    out: dict[str, np.ndarray] = {}
+    for mean_name, spread_name in _bn_pairs(specs):
+        mus = [np.asarray(c.stats[mean_name], np.float64) for c in cals]
+        spreads = [np.asarray(c.stats[spread_name], np.float64) for c in cals]
+        mu = sum(wi * m for wi, m in zip(w, mus))
+        acc = np.zeros_like(mu)
+        for wi, m, sp in zip(w, mus, spreads):
+            d = m - mu
+            if spread_name.endswith("running_var"):
+                acc += wi * (sp + d * d)
+            else:
+                acc += wi * _abs_dev_about(m, sp, mu)
+        out[mean_name], out[spread_name] = mu, acc
+    dtypes = {ft.name: ft.dtype for ft in specs}
+    return {k: store(v.astype(np.float32), dtypes[k]).astype(np.float32) for k, v in out.items()}
+
+
+def _abs_dev_about(mu_i: np.ndarray, psi_i: np.ndarray, mu: np.ndarray) -> np.ndarray:
+    """E|x - mu| for x normal with mean mu_i and mean absolute deviation psi_i (pool_bn_stats)."""
+    d = mu_i - mu
+    s = np.maximum(psi_i, 1e-30) * np.sqrt(np.pi / 2)
+    erf = np.vectorize(math.erf, otypes=[np.float64])
+    return np.where(psi_i > 0, psi_i * np.exp(-d * d / (2 * s * s)) + d * erf(d / (s * np.sqrt(2))),
+                    np.abs(d))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -355,7 +514,7 @@ class FleetCheckpoint:
 
 
 def _round_of(name: str) -> int:
-    m = re.search(r"-r(\d+)\.bin$", name)
+    m = re.search(r"-r(\d+)\.(?:bin|npz)$", name)
     return int(m.group(1)) if m else -1
 
 
@@ -382,20 +541,53 @@ class DeviceStore:
 
     def latest_before(self, round_: int, manifest: Manifest) -> StateBlob | None:
         """The newest valid state of a round < `round_`; a damaged file is logged and skipped."""
+        found = self._latest(round_, manifest)
+        return found[1] if found else None
+
+    def _latest(self, round_: int, manifest: Manifest) -> tuple[int, StateBlob] | None:
         for path in sorted(self.dir.glob("state-r*.bin"), key=lambda p: -_round_of(p.name)):
             if _round_of(path.name) >= round_:
                 continue
             try:
-                return read_state_blob(path, manifest)
+                return _round_of(path.name), read_state_blob(path, manifest)
             except DataError as err:
                 log.warning("device state %s skipped: %s", path, err.message)
         return None
 
-    def save(self, round_: int, blob: bytes) -> None:
+    def save(self, round_: int, blob: bytes,
+             residual: Mapping[str, np.ndarray] | None = None) -> None:
+        """The state after round `round_` (and the 1-bit uplink's error-feedback residual, first:
+        a residual without its state is never read)."""
+        if residual is not None:
+            buf = io.BytesIO()
+            np.savez(buf, **{k: np.asarray(v, np.float32) for k, v in residual.items()})
+            write_atomic(self.dir / f"residual-r{round_:05d}.npz", buf.getvalue())
         write_atomic(self.dir / f"state-r{round_:05d}.bin", blob)
-        for old in self.dir.glob("state-r*.bin"):
+        for old in [*self.dir.glob("state-r*.bin"), *self.dir.glob("residual-r*.npz")]:
             if _round_of(old.name) < round_ - 1 or _round_of(old.name) > round_:
                 old.unlink(missing_ok=True)
+
+    def residual_before(self, round_: int, manifest: Manifest,
+                        specs: Sequence[FleetTensor]) -> dict | None:
+        """The error-feedback residual saved with the state `latest_before(round_)` starts from
+        (None: none, or a damaged one, logged)."""
+        start = self._latest(round_, manifest)
+        if start is None:
+            return None
+        path = self.dir / f"residual-r{start[0]:05d}.npz"
+        if not path.is_file():
+            return None
+        want = {ft.name: ft.shape for ft in specs if ft.dtype != "bit"}
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                got = {k: z[k] for k in z.files}
+            if set(got) != set(want) or any(got[k].shape != want[k] or got[k].dtype != np.float32
+                                             or not np.all(np.isfinite(got[k])) for k in got):
+                raise ValueError("wrong tensors")
+        except (OSError, ValueError) as err:
+            log.warning("error-feedback residual %s skipped: %s", path, err)
+            return None
+        return got
 
 
 def device_start(store: DeviceStore, round_: int, out_dir: Path, manifest: Manifest,

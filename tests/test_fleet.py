@@ -32,15 +32,19 @@ def outs(tmp_path_factory):
 
 def test_fleet_tensors_adam_bop_fedbn_frozen(outs):
     m = read_manifest(outs["adam"])
-    names = {ft.name: ft for ft in fl.fleet_tensors(m)}
+    names = {ft.name: ft for ft in fl.fleet_tensors(m, "mean")}
     params = [s.name for s in m.state if s.role == "parameter"]
     stats = [s.name for s in m.state if s.role == "bn state"]
     assert params and stats
     assert set(names) == set(params) | set(stats)                # Adam's m, v stay local
+    # the default, calibrate: statistics travel in the calibration only
+    assert {ft.name for ft in fl.fleet_tensors(m)} == set(params)
+    assert [ft.name for ft in fl.bn_stat_tensors(m)] == stats
     assert all(ft.rule == "mean" and ft.dtype == "bf16" for ft in names.values())
     assert {ft.name for ft in fl.fleet_tensors(m, "local")} == set(params)      # FedBN
     moments = [s.name for s in m.state if s.role == "optimizer state"]
-    assert {ft.name for ft in fl.fleet_tensors(m, moments=True)} == set(names) | set(moments)
+    assert {ft.name for ft in fl.fleet_tensors(m, "mean", moments=True)} == \
+        set(names) | set(moments)
 
     b = read_manifest(outs["bop"])
     bop = {ft.name: ft for ft in fl.fleet_tensors(b)}
@@ -109,6 +113,70 @@ def test_aggregate_weighted_mean_vote_and_order():
     assert two["w"].tolist() == new["w"].tolist()
 
 
+def _normal_abs_dev(mu, psi, about):
+    """E|x - about| for x ~ N(mu, s^2) with E|x - mu| = psi, by quadrature (not the closed form
+    pool_bn_stats uses)."""
+    s = psi * np.sqrt(np.pi / 2)
+    z = np.linspace(-12, 12, 400001)
+    dens = np.exp(-z * z / 2) / np.sqrt(2 * np.pi)
+    return float(np.sum(np.abs(mu + s * z - about) * dens) * (z[1] - z[0]))
+
+
+def test_pool_bn_stats_l1_and_l2():
+    specs = (fl.FleetTensor("bn.running_mean", "f32", (2,), "mean", "bn_stat"),
+             fl.FleetTensor("bn.running_psi", "f32", (2,), "mean", "bn_stat"))
+    cal = [fl.Calibration(3, 300, {"bn.running_mean": np.array([0.0, 1.0], np.float32),
+                                   "bn.running_psi": np.array([1.0, 0.5], np.float32)}),
+           fl.Calibration(0, 100, {"bn.running_mean": np.array([4.0, 1.0], np.float32),
+                                   "bn.running_psi": np.array([2.0, 0.0], np.float32)})]
+    got = fl.pool_bn_stats(cal, specs)
+    assert got["bn.running_mean"].tolist() == [1.0, 1.0]         # (300*0 + 100*4) / 400
+    # channel 0: the devices' means differ, so E|x - 1| exceeds the mean of the psi (1.25)
+    want = 0.75 * _normal_abs_dev(0, 1, 1) + 0.25 * _normal_abs_dev(4, 2, 1)
+    assert abs(got["bn.running_psi"][0] - want) < 1e-5 and want > 1.4
+    assert got["bn.running_psi"][1] == np.float32(0.375)         # same means: 0.75 * 0.5 + 0
+    assert fl.pool_bn_stats([], specs) is None
+    again = fl.pool_bn_stats(cal[::-1], specs)
+    assert all(np.array_equal(got[k], again[k]) for k in got)
+    # l2: the pooled variance equals the variance of the union of the devices' samples
+    rng = np.random.default_rng(2)
+    a, b = rng.normal(0, 1, (600, 3)), rng.normal(3, 2, (200, 3))
+    l2 = (fl.FleetTensor("c.running_mean", "f32", (3,), "mean", "bn_stat"),
+          fl.FleetTensor("c.running_var", "f32", (3,), "mean", "bn_stat"))
+    got = fl.pool_bn_stats([fl.Calibration(i, len(v), {"c.running_mean": v.mean(0),
+                                                       "c.running_var": v.var(0)})
+                            for i, v in enumerate((a, b))], l2)
+    both = np.concatenate([a, b])
+    assert np.allclose(got["c.running_mean"], both.mean(0), rtol=1e-6)
+    assert np.allclose(got["c.running_var"], both.var(0), rtol=1e-6)
+
+
+def test_calibration_stats_are_the_batch_statistics(outs):
+    """The emitted C's BN statistics at fixed weights (calibration_stats), against numpy's batch
+    mean and mean |y - mu| of bn1's input x @ sign(W1), averaged over the same batches."""
+    out = outs["adam"]
+    manifest, graph, cfg = read_compiled(out)
+    prog = HostProgram(out, debug=False)
+    t = dict(load_init_state(out, graph, cfg))
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, (30, *manifest.input_shape[1:])).astype(np.float32)
+    y = rng.integers(0, 10, 30)
+    specs = fl.bn_stat_tensors(manifest)
+    got, used = fl.calibration_stats(prog, t, x, y, specs, batches=5,
+                                     momentum=cfg.bn_momentum, order_key=(1,))
+    assert used == 24 and set(got) == {ft.name for ft in specs}    # 3 whole batches of 8
+    perm = np.random.default_rng([1]).permutation(30)
+    w = np.where(t["fc1.W"] >= 0, 1.0, -1.0)
+    mus, psis = [], []
+    for k in range(3):
+        z = x[perm[8 * k:8 * (k + 1)]].reshape(8, -1).astype(np.float64) @ w
+        mus.append(z.mean(0))
+        psis.append(np.abs(z - z.mean(0)).mean(0))
+    assert np.allclose(got["bn1.running_mean"], np.mean(mus, 0), rtol=1e-2, atol=1e-2)
+    assert np.allclose(got["bn1.running_psi"], np.mean(psis, 0), rtol=1e-2)
+    assert not np.allclose(got["bn1.running_psi"], t["bn1.running_psi"], rtol=0.1)
+
+
 def test_sign_uplink_reconstruction_and_bytes():
     specs = (fl.FleetTensor("a", "bf16", (4,), "mean"), fl.FleetTensor("w", "bit", (9,), "vote"))
     glob = {"a": np.array([1, 1, 1, 1], np.float32), "w": np.ones(9, np.float32)}
@@ -128,6 +196,15 @@ def test_sign_uplink_reconstruction_and_bytes():
         fl.decode_update(bad, glob, specs, "sign")
     with pytest.raises(fl.RefusedUpdate, match="tensor set"):
         fl.decode_update({"a": wire["a"]}, glob, specs, "sign")
+    # error feedback: the residual is what 1 + 0.5 * sign did not carry of (0.5, -0.5, 1, 0)
+    res = fl.feedback_residual(local, glob, specs, wire, None)
+    assert set(res) == {"a"} and res["a"].tolist() == [0, 0, 0.5, -0.5]
+    # no further change on the device: the next update is the residual alone
+    nxt = fl.encode_update(glob, glob, specs, "sign", residual=res)
+    assert nxt[fl.SCALES].tolist() == [0.25]
+    assert fl.decode_update(nxt, glob, specs, "sign")["a"].tolist() == [1.25, 1.25, 1.25, 0.75]
+    assert fl.feedback_residual(glob, glob, specs, nxt, res)["a"].tolist() == [
+        -0.25, -0.25, 0.25, -0.25]
 
 
 def test_partitions():
@@ -235,6 +312,23 @@ def test_check_reply_refuses(outs, monkeypatch):
     with pytest.raises(fl.RefusedUpdate, match="example count"):
         check_reply(reply(good, n=0), **kw)
 
+    from bnnc.runtime.fleet_flower import check_calibration
+    cal = fl.bn_stat_tensors(manifest)
+    stats = {ft.name: np.full(ft.size, 0.5, np.float32) for ft in cal}
+    ckw = dict(sha256=manifest.model_sha256, specs=cal, devices=2)
+    c, _ = check_calibration(reply(stats), **ckw)
+    assert c.device == 1 and c.examples == 40 and c.stats[cal[0].name].shape == cal[0].shape
+    psi = next(ft for ft in cal if ft.name.endswith("running_psi"))
+    for bad, why in ((np.full(psi.size, -1, np.float32), "negative"),
+                     (np.full(psi.size, np.inf, np.float32), "NaN or Inf"),
+                     (np.zeros(psi.size, np.float64), "expected float32")):
+        with pytest.raises(fl.RefusedUpdate, match=why):
+            check_calibration(reply(dict(stats, **{psi.name: bad})), **ckw)
+    with pytest.raises(fl.RefusedUpdate, match="wrong statistics"):
+        check_calibration(reply({psi.name: stats[psi.name]}), **ckw)
+    with pytest.raises(fl.RefusedUpdate, match="another model"):
+        check_calibration(reply(stats, sha="1" * 64), **ckw)
+
 
 def test_cli_errors(outs, tmp_path, capsys):
     assert main(["fleet", "status", str(tmp_path), str(outs["adam"])]) == 2
@@ -255,7 +349,8 @@ def _round_inputs(out, *, bn_stats="mean", uplink="full"):
     arrays = fl.encode_global({ft.name: init[ft.name] for ft in specs}, specs)
     config = {"round-offset": 0, "fleet-id": "t", "model-sha256": manifest.model_sha256,
               "local-epochs": 1, "uplink": uplink, "bn-stats": bn_stats, "seed": 0,
-              "partition": "iid", "alpha": 0.5, "data": "mnist", "limit": 0}
+              "partition": "iid", "alpha": 0.5, "data": "mnist", "limit": 0,
+              "calibration-batches": 2, "error-feedback": True}
     return specs, init, arrays, config
 
 
@@ -277,6 +372,26 @@ def test_host_device_round_fedbn_and_determinism(outs, tmp_path):
         assert set(reply) == {ft.name for ft in specs} | {fl.SCALES}
         got.append(reply)
     assert all(np.array_equal(got[0][k], got[1][k]) for k in got[0])   # same seed, same bits
+    # the 1-bit uplink's error feedback: the residual is kept next to the device's state and
+    # read back for its next round
+    manifest = read_manifest(out)
+    kept = sorted(p.name for p in (tmp_path / "wd0" / "fleet-t").iterdir())
+    assert kept == ["residual-r00001.npz", "state-r00001.bin"]
+    res = fl.DeviceStore(tmp_path / "wd0" / "fleet-t").residual_before(2, manifest, specs)
+    assert set(res) == {ft.name for ft in specs} and any(np.any(v != 0) for v in res.values())
+
+    # calibration (the default bn_stats): the global model's statistics on the device's data
+    from bnnc.runtime.fleet_flower import device_calibrate
+    specs, init, arrays, config = _round_inputs(out, bn_stats="calibrate")
+    node = {"partition-id": 1, "num-partitions": 2, "out": str(out),
+            "workdir": str(tmp_path / "wdc"), "data-dir": str(tmp_path / "data")}
+    stats, metrics, _ = device_calibrate(node, config, arrays, 1)
+    assert metrics["num-examples"] == 32 and metrics["calibration-examples"] == 16
+    assert set(stats) == {ft.name for ft in fl.bn_stat_tensors(manifest)}
+    assert all(v.dtype == np.float32 and v.ndim == 1 for v in stats.values())
+    again, _, _ = device_calibrate(node, config, arrays, 1)
+    assert all(np.array_equal(stats[k], again[k]) for k in stats)
+    assert not (tmp_path / "wdc").exists()                  # a calibration writes nothing
 
 
 _CROSS = {"rpi4": ("aarch64-linux-gnu-gcc", "qemu-aarch64"),
