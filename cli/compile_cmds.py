@@ -40,7 +40,7 @@ from .train_cmds import lr_help, optimizer_options
 
 # the technique switches of `bnnc inspect` / `bnnc train` (unset = the algorithm's default)
 _TECHNIQUES = ("optimizer", "binary_dw", "po2", "po2_bias", "bn", "state_dtype", "save_bits",
-               "bop_gamma", "bop_threshold", "bn_momentum")
+               "bop_gamma", "bop_threshold", "bop_bn_shift", "bn_momentum")
 
 
 def _config(algorithm: str | None, batch: int | None, lr: float | None, seed: int,

@@ -99,7 +99,7 @@ def lr_help() -> str:
 
 
 def optimizer_options(f):
-    """--bop-gamma, --bop-threshold, --bn-momentum: shared by `bnnc train`, `compile` and `check`
+    """--bop-gamma, --bop-threshold, --bop-bn-shift, --bn-momentum: shared by `bnnc train`, `compile` and `check`
     (unset = TrainConfig's defaults, which the help states)."""
     d = TrainConfig()
     opts = [
@@ -109,6 +109,10 @@ def optimizer_options(f):
                      help="Bop: flip a weight when its momentum, counted in gradient steps of "
                           "mean magnitude (Larq's tau / (gamma mean|g|)), exceeds this "
                           f"[default: {d.bop_threshold:g}]"),
+        click.option("--bop-bn-shift/--no-bop-bn-shift", default=None,
+                     help="Bop: when a dense layer's weight flips, shift the running mean of the "
+                          "batch norm it feeds by the flip's effect on the batch (compiler/"
+                          f"README.md, \"Bop\") [default: {'on' if d.bop_bn_shift else 'off'}]"),
         click.option("--bn-momentum", type=float, default=None,
                      help="BN running statistics r = m r + (1 - m) batch "
                           f"[default: {d.bn_momentum:g}]"),
