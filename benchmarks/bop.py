@@ -49,6 +49,7 @@ from bnnc.compiler.target import load_target
 from bnnc.compiler.zoo import build_zoo_model
 from bnnc.runtime import baremetal
 from bnnc.runtime import reference as ref
+from bnnc.runtime.datasets import DataRequest, training_data
 from bnnc.runtime.host import HostProgram
 from bnnc.runtime.outdir import compile_graph, model_bytes, read_state_blob, state_values_f32
 from bnnc.runtime.programs import LocalRunner, build_trainer, check_result
@@ -68,8 +69,11 @@ class Result:
 
 
 def _data(out: Path, graph):
-    train_f, test_f, _, data = pack_run_data(out, graph, "mnist", None, None)
-    return train_f, test_f, data
+    """OUT's packed MNIST for the trainer, and the same data in memory (the OUT's preprocessing):
+    (train file, test file, (x_train, y_train, x_test, y_test))."""
+    train_f, test_f, _, _ = pack_run_data(out, graph, DataRequest("mnist"))
+    _, x, y, xt, yt = training_data(graph, "mnist", pre=read_manifest(out).preprocess)
+    return train_f, test_f, (x, y, xt, yt)
 
 
 def _run_trainer(out: Path, init: dict, args: list[str]) -> list[dict]:
@@ -151,8 +155,8 @@ def _trained(model: str, cfg: TrainConfig, epochs: int, work: Path) -> Trained:
     blob = read_state_blob(out / "state.bin", read_manifest(out))
     shape = graph.input_shape
     return Trained(graph, out, events, blob.tensors, blob.step, blob.seed,
-                   data.x_train.reshape((len(data.x_train),) + shape), data.y_train,
-                   data.x_test.reshape((len(data.x_test),) + shape), data.y_test,
+                   data[0].reshape((len(data[0]),) + shape), data[1],
+                   data[2].reshape((len(data[2]),) + shape), data[3],
                    plan.state_nbytes)
 
 
@@ -230,11 +234,14 @@ HEADER = ("| configuration | test acc per epoch (%) | train acc, last epoch (%) 
 PRE_ISSUE = {"bop_threshold": 0.0, "lr": 1e-3}
 MAIN = [("Adam (proposed default)", {}),
         ("Bop, bf16 state (bnnc defaults)", {"optimizer": "bop"}),
+        ("Bop, bf16, no flip-compensated running mean (--no-bop-bn-shift)",
+         {"optimizer": "bop", "bop_bn_shift": False}),
         ("Bop, f32 state", {"optimizer": "bop", "state_dtype": "f32"}),
         ("Bop, bf16, threshold 0, lr 1e-3 (before issue 21)", {"optimizer": "bop", **PRE_ISSUE})]
 
 SEEDED = [("Adam (proposed default)", {}),
-          ("Bop, bf16 state (bnnc defaults)", {"optimizer": "bop"})]
+          ("Bop, bf16 state (bnnc defaults)", {"optimizer": "bop"}),
+          ("Bop, bf16, --no-bop-bn-shift", {"optimizer": "bop", "bop_bn_shift": False})]
 
 ABLATIONS = [("before: threshold 0, lr 1e-3", PRE_ISSUE),
              ("before + f32 state", {**PRE_ISSUE, "state_dtype": "f32"}),
@@ -287,13 +294,19 @@ def main() -> int:
     ap.add_argument("--ablate", action="store_true", help="also the MLP ablation table")
     ap.add_argument("--ablate-tfc", action="store_true", help="also the TFC ablation table")
     ap.add_argument("--skip-main", action="store_true", help="leave out the main tables")
+    ap.add_argument("--models", default="mlp,tfc", help="models of the main and per-seed tables")
+    ap.add_argument("--rows", default="", help="comma-separated row numbers (0-based) of the main "
+                    "and per-seed tables to run [default: all]")
     ap.add_argument("--seeds", default="", help="comma-separated seeds for the per-seed table")
     ap.add_argument("--bn-lag", default="", help="comma-separated seeds: TFC's per-BN-layer "
                     "re-estimation table")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     models = {"mlp": (100, args.mlp_epochs), "tfc": (32, args.tfc_epochs)}
-    tables = [] if args.skip_main else [(m, "proposed algorithm", "", MAIN) for m in models]
+    picked = {int(r) for r in args.rows.split(",") if r.strip()}
+    pick = lambda rows: [r for i, r in enumerate(rows) if not picked or i in picked]  # noqa: E731
+    mains = [m for m in args.models.split(",") if m in models]
+    tables = [] if args.skip_main else [(m, "proposed algorithm", "", pick(MAIN)) for m in mains]
     tables += [("mlp", "ablations", "bop", ABLATIONS)] if args.ablate else []
     tables += [("tfc", "ablations", "bop", TFC_ABLATIONS)] if args.ablate_tfc else []
     with tempfile.TemporaryDirectory(prefix="bnnc-bop-") as tmp:
@@ -305,7 +318,7 @@ def main() -> int:
             for label, kw in rows:
                 cfg = make_config("proposed", batch=batch, **{"optimizer": optimizer or None, **kw})
                 print(_row(label, train(model, cfg, epochs, work)), flush=True)
-        seeded = [(m, SEEDED) for m in models if not args.skip_main]
+        seeded = [(m, pick(SEEDED)) for m in mains if not args.skip_main]
         seeded += [("tfc", [(f"Bop, {label}", {"optimizer": "bop", **kw})
                             for label, kw in TFC_SEEDED])] if args.ablate_tfc else []
         for model, rows in seeded if seeds else ():
