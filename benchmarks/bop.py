@@ -2,7 +2,8 @@
 
 Main table: the MLP (B=100) and TFC (B=32, the configuration that fits a 256 KiB Cortex-M7) trained
 the same number of epochs by the host's standalone trainer (what `bnnc run OUT --data mnist` runs):
-proposed + Adam (the default), Bop with bf16 state and Bop with f32 state (bnnc's Bop defaults), and
+proposed + Adam (the default), Bop with bf16 state (bnnc's Bop defaults), the same without the
+flip-compensated running mean (`--no-bop-bn-shift`), Bop with f32 state, and
 Bop as it was before issue 21: threshold 0 (Larq's tau = 1e-8 is 0.003-0.05 of one 1-bit step
 here, so it acted as 0) and lr 1e-3. Per row: test accuracy per epoch, the last epoch's mean
 training accuracy (batch statistics, as the trainer reports it) and its gap to the test accuracy,
@@ -24,10 +25,13 @@ bnnc's Bop defaults): state dtype, gradient form, gamma, threshold, lr, BN kind,
 `--ablate-tfc` the TFC ones (B=32: threshold, gamma, lr, BN momentum, state dtype);
 `--bn-lag 0,1` prints, per seed, which BN layer's running statistics cost TFC's test accuracy
 (each layer's re-estimated alone, the means alone) and each weight tensor's flips per step.
-`--skip-main` leaves out the main tables.
+`--skip-main` leaves out the main tables; `--models tfc --rows 1,2` runs only those models and
+rows (0-based) of the main and per-seed tables; `--restat-batches N` averages the re-estimated
+statistics over N training batches (default 20).
 
     python benchmarks/bop.py [--mlp-epochs 3] [--tfc-epochs 2] [--m7-steps 200] [--seeds 0,1,2]
                              [--ablate] [--ablate-tfc] [--bn-lag 0,1] [--skip-main]
+                             [--models mlp,tfc] [--rows 0,1] [--restat-batches 20]
 """
 
 from __future__ import annotations
@@ -287,6 +291,7 @@ TFC_SEEDED = [("Bop defaults (threshold 32, gamma 1e-4, lr 1e-2, BN momentum 0.9
 
 
 def main() -> int:
+    global RESTAT_BATCHES
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mlp-epochs", type=int, default=3)
     ap.add_argument("--tfc-epochs", type=int, default=2)
@@ -294,6 +299,8 @@ def main() -> int:
     ap.add_argument("--ablate", action="store_true", help="also the MLP ablation table")
     ap.add_argument("--ablate-tfc", action="store_true", help="also the TFC ablation table")
     ap.add_argument("--skip-main", action="store_true", help="leave out the main tables")
+    ap.add_argument("--restat-batches", type=int, default=RESTAT_BATCHES,
+                    help="training batches the re-estimated BN statistics average")
     ap.add_argument("--models", default="mlp,tfc", help="models of the main and per-seed tables")
     ap.add_argument("--rows", default="", help="comma-separated row numbers (0-based) of the main "
                     "and per-seed tables to run [default: all]")
@@ -301,6 +308,7 @@ def main() -> int:
     ap.add_argument("--bn-lag", default="", help="comma-separated seeds: TFC's per-BN-layer "
                     "re-estimation table")
     args = ap.parse_args()
+    RESTAT_BATCHES = args.restat_batches
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     models = {"mlp": (100, args.mlp_epochs), "tfc": (32, args.tfc_epochs)}
     picked = {int(r) for r in args.rows.split(",") if r.strip()}
