@@ -35,7 +35,8 @@ Algorithm (ALGORITHM.md §1-3; cfg switches each technique of the proposed algor
   (`<layer>.x_saved`), and so is a binary layer's real input when something upstream is trainable;
   the first layer's real input is kept as given.
 - update: Adam / SGD-momentum / Bop (binary W only; every other tensor Adam), all float32; see
-  compiler/ops/optim.py.
+  compiler/ops/optim.py. Under Bop a flip of a dense W also shifts the running mean of the BN it
+  feeds (`bop_bn_shift`, after the statistics are stored, as the C's Bop update does it).
 - partial training (cfg.frozen): frozen parameters keep their values (a frozen binary W is its
   sign, int8 +-1), get no dW/db, and layers keep nothing for a dW they do not compute; gradients
   flow only where `ops.needs_grad(graph, cfg)` says, so the backward stops at the first trainable
