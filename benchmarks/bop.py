@@ -2,7 +2,8 @@
 
 Main table: the MLP (B=100) and TFC (B=32, the configuration that fits a 256 KiB Cortex-M7) trained
 the same number of epochs by the host's standalone trainer (what `bnnc run OUT --data mnist` runs):
-proposed + Adam (the default), Bop with bf16 state and Bop with f32 state (bnnc's Bop defaults), and
+proposed + Adam (the default), Bop with bf16 state (bnnc's Bop defaults), the same without the
+flip-compensated running mean (`--no-bop-bn-shift`), Bop with f32 state, and
 Bop as it was before issue 21: threshold 0 (Larq's tau = 1e-8 is 0.003-0.05 of one 1-bit step
 here, so it acted as 0) and lr 1e-3. Per row: test accuracy per epoch, the last epoch's mean
 training accuracy (batch statistics, as the trainer reports it) and its gap to the test accuracy,
@@ -24,10 +25,13 @@ bnnc's Bop defaults): state dtype, gradient form, gamma, threshold, lr, BN kind,
 `--ablate-tfc` the TFC ones (B=32: threshold, gamma, lr, BN momentum, state dtype);
 `--bn-lag 0,1` prints, per seed, which BN layer's running statistics cost TFC's test accuracy
 (each layer's re-estimated alone, the means alone) and each weight tensor's flips per step.
-`--skip-main` leaves out the main tables.
+`--skip-main` leaves out the main tables; `--models tfc --rows 1,2` runs only those models and
+rows (0-based) of the main and per-seed tables; `--restat-batches N` averages the re-estimated
+statistics over N training batches (default 20).
 
     python benchmarks/bop.py [--mlp-epochs 3] [--tfc-epochs 2] [--m7-steps 200] [--seeds 0,1,2]
                              [--ablate] [--ablate-tfc] [--bn-lag 0,1] [--skip-main]
+                             [--models mlp,tfc] [--rows 0,1] [--restat-batches 20]
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from bnnc.compiler.target import load_target
 from bnnc.compiler.zoo import build_zoo_model
 from bnnc.runtime import baremetal
 from bnnc.runtime import reference as ref
+from bnnc.runtime.datasets import DataRequest, training_data
 from bnnc.runtime.host import HostProgram
 from bnnc.runtime.outdir import compile_graph, model_bytes, read_state_blob, state_values_f32
 from bnnc.runtime.programs import LocalRunner, build_trainer, check_result
@@ -68,8 +73,11 @@ class Result:
 
 
 def _data(out: Path, graph):
-    train_f, test_f, _, data = pack_run_data(out, graph, "mnist", None, None)
-    return train_f, test_f, data
+    """OUT's packed MNIST for the trainer, and the same data in memory (the OUT's preprocessing):
+    (train file, test file, (x_train, y_train, x_test, y_test))."""
+    train_f, test_f, _, _ = pack_run_data(out, graph, DataRequest("mnist"))
+    _, x, y, xt, yt = training_data(graph, "mnist", pre=read_manifest(out).preprocess)
+    return train_f, test_f, (x, y, xt, yt)
 
 
 def _run_trainer(out: Path, init: dict, args: list[str]) -> list[dict]:
@@ -151,8 +159,8 @@ def _trained(model: str, cfg: TrainConfig, epochs: int, work: Path) -> Trained:
     blob = read_state_blob(out / "state.bin", read_manifest(out))
     shape = graph.input_shape
     return Trained(graph, out, events, blob.tensors, blob.step, blob.seed,
-                   data.x_train.reshape((len(data.x_train),) + shape), data.y_train,
-                   data.x_test.reshape((len(data.x_test),) + shape), data.y_test,
+                   data[0].reshape((len(data[0]),) + shape), data[1],
+                   data[2].reshape((len(data[2]),) + shape), data[3],
                    plan.state_nbytes)
 
 
@@ -230,11 +238,14 @@ HEADER = ("| configuration | test acc per epoch (%) | train acc, last epoch (%) 
 PRE_ISSUE = {"bop_threshold": 0.0, "lr": 1e-3}
 MAIN = [("Adam (proposed default)", {}),
         ("Bop, bf16 state (bnnc defaults)", {"optimizer": "bop"}),
+        ("Bop, bf16, no flip-compensated running mean (--no-bop-bn-shift)",
+         {"optimizer": "bop", "bop_bn_shift": False}),
         ("Bop, f32 state", {"optimizer": "bop", "state_dtype": "f32"}),
         ("Bop, bf16, threshold 0, lr 1e-3 (before issue 21)", {"optimizer": "bop", **PRE_ISSUE})]
 
 SEEDED = [("Adam (proposed default)", {}),
-          ("Bop, bf16 state (bnnc defaults)", {"optimizer": "bop"})]
+          ("Bop, bf16 state (bnnc defaults)", {"optimizer": "bop"}),
+          ("Bop, bf16, --no-bop-bn-shift", {"optimizer": "bop", "bop_bn_shift": False})]
 
 ABLATIONS = [("before: threshold 0, lr 1e-3", PRE_ISSUE),
              ("before + f32 state", {**PRE_ISSUE, "state_dtype": "f32"}),
@@ -280,6 +291,7 @@ TFC_SEEDED = [("Bop defaults (threshold 32, gamma 1e-4, lr 1e-2, BN momentum 0.9
 
 
 def main() -> int:
+    global RESTAT_BATCHES
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mlp-epochs", type=int, default=3)
     ap.add_argument("--tfc-epochs", type=int, default=2)
@@ -287,13 +299,22 @@ def main() -> int:
     ap.add_argument("--ablate", action="store_true", help="also the MLP ablation table")
     ap.add_argument("--ablate-tfc", action="store_true", help="also the TFC ablation table")
     ap.add_argument("--skip-main", action="store_true", help="leave out the main tables")
+    ap.add_argument("--restat-batches", type=int, default=RESTAT_BATCHES,
+                    help="training batches the re-estimated BN statistics average")
+    ap.add_argument("--models", default="mlp,tfc", help="models of the main and per-seed tables")
+    ap.add_argument("--rows", default="", help="comma-separated row numbers (0-based) of the main "
+                    "and per-seed tables to run [default: all]")
     ap.add_argument("--seeds", default="", help="comma-separated seeds for the per-seed table")
     ap.add_argument("--bn-lag", default="", help="comma-separated seeds: TFC's per-BN-layer "
                     "re-estimation table")
     args = ap.parse_args()
+    RESTAT_BATCHES = args.restat_batches
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     models = {"mlp": (100, args.mlp_epochs), "tfc": (32, args.tfc_epochs)}
-    tables = [] if args.skip_main else [(m, "proposed algorithm", "", MAIN) for m in models]
+    picked = {int(r) for r in args.rows.split(",") if r.strip()}
+    pick = lambda rows: [r for i, r in enumerate(rows) if not picked or i in picked]  # noqa: E731
+    mains = [m for m in args.models.split(",") if m in models]
+    tables = [] if args.skip_main else [(m, "proposed algorithm", "", pick(MAIN)) for m in mains]
     tables += [("mlp", "ablations", "bop", ABLATIONS)] if args.ablate else []
     tables += [("tfc", "ablations", "bop", TFC_ABLATIONS)] if args.ablate_tfc else []
     with tempfile.TemporaryDirectory(prefix="bnnc-bop-") as tmp:
@@ -305,7 +326,7 @@ def main() -> int:
             for label, kw in rows:
                 cfg = make_config("proposed", batch=batch, **{"optimizer": optimizer or None, **kw})
                 print(_row(label, train(model, cfg, epochs, work)), flush=True)
-        seeded = [(m, SEEDED) for m in models if not args.skip_main]
+        seeded = [(m, pick(SEEDED)) for m in mains if not args.skip_main]
         seeded += [("tfc", [(f"Bop, {label}", {"optimizer": "bop", **kw})
                             for label, kw in TFC_SEEDED])] if args.ablate_tfc else []
         for model, rows in seeded if seeds else ():

@@ -41,7 +41,8 @@ from .train_cmds import lr_help, optimizer_options
 
 # the technique switches of `bnnc inspect` / `bnnc train` (unset = the algorithm's default)
 _TECHNIQUES = ("optimizer", "binary_dw", "po2", "po2_bias", "bn", "state_dtype", "save_bits",
-               "bop_gamma", "bop_threshold", "lr_schedule", "bn_momentum", "frozen_bn")
+               "bop_gamma", "bop_threshold", "bop_bn_shift", "lr_schedule", "bn_momentum",
+               "frozen_bn")
 
 
 def _config(algorithm: str | None, batch: int | None, lr: float | None, seed: int,

@@ -99,8 +99,8 @@ def lr_help() -> str:
 
 
 def optimizer_options(f):
-    """--bop-gamma, --bop-threshold, --lr-schedule, --bn-momentum: shared by `bnnc train`, `compile`
-    and `check`
+    """--bop-gamma, --bop-threshold, --bop-bn-shift, --lr-schedule, --bn-momentum: shared by
+    `bnnc train`, `compile` and `check`
     (unset = TrainConfig's defaults, which the help states)."""
     d = TrainConfig()
     opts = [
@@ -117,6 +117,10 @@ def optimizer_options(f):
                           "trainers decay over the steps they are asked for, the firmware "
                           "library and the fleet train at --lr (compiler/README.md, "
                           f"\"Learning-rate schedule\") [default: {d.lr_schedule}]"),
+        click.option("--bop-bn-shift/--no-bop-bn-shift", default=None,
+                     help="Bop: when a dense layer's weight flips, shift the running mean of the "
+                          "batch norm it feeds by the flip's effect on the batch (compiler/"
+                          f"README.md, \"Bop\") [default: {'on' if d.bop_bn_shift else 'off'}]"),
         click.option("--bn-momentum", type=float, default=None,
                      help="BN running statistics r = m r + (1 - m) batch "
                           f"[default: {d.bn_momentum:g}]"),

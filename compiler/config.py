@@ -51,6 +51,7 @@ class TrainConfig:
     sgd_momentum: float = 0.9
     bop_gamma: float = 1e-4         # Bop's momentum rate (Larq's gamma)
     bop_threshold: float = 32.0     # flip when |momentum| > this many mean gradient steps
+    bop_bn_shift: bool = True       # a flip of a dense W shifts the next BN's running mean too
     bn_momentum: float = 0.9        # running = momentum * running + (1 - momentum) * batch
     # (l2 BN eps is a property of the model: each BATCHNORM layer's `eps` attr, e.g. 1e-4 for the
     # paper's nets in the zoo, Larq's own values for ResNetE/Bi-Real)

@@ -405,9 +405,10 @@ class ScheduleBuilder:
         st = self.state.get(tname(lay.name, fieldname))
         return st is not None and st.kind == "param"
 
-    def update(self, lay: Layer, fieldname: str, grad: str) -> None:
+    def update(self, lay: Layer, fieldname: str, grad: str, shift: tuple[str, ...] = ()) -> None:
         """The optimizer step of parameter `<lay>.<fieldname>` from its gradient `grad` (none for a
-        frozen parameter)."""
+        frozen parameter). `shift` = (the layer's saved input, the running mean it shifts): Bop's
+        flip-compensated running mean (`ops.weights.bop_shift_bn`)."""
         cfg = self.cfg
         st = self.state[tname(lay.name, fieldname)]
         if st.kind != "param":
@@ -429,5 +430,8 @@ class ScheduleBuilder:
             attrs.update(lr=cfg.lr, lr_schedule=cfg.lr_schedule, momentum=cfg.sgd_momentum)
         else:
             attrs.update(gamma=cfg.bop_gamma, threshold=cfg.bop_threshold)
-        self.emit(UPDATE_KERNELS[st.optimizer], lay.name, (st.name, grad) + moms,
-                  (st.name,) + moms, **attrs)
+        if shift:
+            assert st.optimizer == "bop", st.name
+            attrs.update(batch=self.B)
+        self.emit(UPDATE_KERNELS[st.optimizer], lay.name, (st.name, grad) + moms + shift,
+                  (st.name,) + moms + shift[1:], **attrs)

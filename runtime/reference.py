@@ -38,7 +38,9 @@ Algorithm (ALGORITHM.md §1-3; cfg switches each technique of the proposed algor
   the first layer's real input is kept as given.
 - update: Adam / SGD-momentum / Bop (binary W only; every other tensor Adam), all float32; see
   compiler/ops/optim.py. Adam's and SGD's lr is `numerics.lr_at(cfg.lr, cfg.lr_schedule, t,
-  state.horizon)`, the C's `<prefix>_lr_at` bit for bit.
+  state.horizon)`, the C's `<prefix>_lr_at` bit for bit. Under Bop a flip of a dense W also
+  shifts the running mean of the BN it feeds (`bop_bn_shift`, after the statistics are stored,
+  as the C's Bop update does it).
 - partial training (cfg.frozen): frozen parameters keep their values (a frozen binary W is its
   sign, int8 +-1), get no dW/db, and layers keep nothing for a dW they do not compute; gradients
   flow only where `ops.needs_grad(graph, cfg)` says, so the backward stops at the first trainable
@@ -81,6 +83,8 @@ from ..compiler.config import TrainConfig, grad_scale_log2, make_config
 from ..compiler.errors import BnncWarning, DataError
 from ..compiler.ir import INPUT, Graph, LayerKind, tname
 from ..compiler.ops.loss import softmax
+from ..compiler.ops.optim import ref_bop_bn_shift
+from ..compiler.ops.weights import bop_shift_bn
 from ..compiler.ops.refctx import RefRun
 from ..compiler.preprocess import affine_lut, to_pixels
 from ..compiler.state import StateTensor, initial_values, state_tensors
@@ -320,9 +324,28 @@ def train_step(graph: Graph, cfg: TrainConfig, state: TrainState, x,
             new[st.name] = _store(cfg, st, out[st.name], t)
         elif st.kind == "frozen":
             new[st.name] = state.tensors[st.name].copy()
+    bop_bn_shift(graph, cfg, x, out, state.tensors, new)
     assert new.keys() == {st.name for st in sts}
     out.update(new)
     return TrainState({st.name: new[st.name] for st in sts}, t, state.horizon), out
+
+
+def bop_bn_shift(graph: Graph, cfg: TrainConfig, x: np.ndarray, out: Mapping[str, np.ndarray],
+                 pre: Mapping[str, np.ndarray], new: dict[str, np.ndarray]) -> None:
+    """Bop's flip-compensated running means (`ops.weights.bop_shift_bn`), applied in `new` (the
+    stored state after step t's update and statistics) from the flips pre -> new of each such
+    dense W and the input it kept for its dW (`x_saved`, else its input as given)."""
+    for lay in graph.layers:
+        bn = bop_shift_bn(graph, cfg, lay)
+        if bn is None:
+            continue
+        xs = out.get(tname(lay.name, "x_saved"))
+        if xs is None:
+            src = lay.inputs[0]
+            xs = x if src == INPUT else out[tname(src, "out")]
+        w, rm = tname(lay.name, "W"), tname(bn.name, "running_mean")
+        new[rm] = ref_bop_bn_shift(pre[w], new[w], np.asarray(xs).reshape(len(x), -1), new[rm],
+                                   cfg.state_dtype)
 
 
 def predict(graph: Graph, cfg: TrainConfig, state: TrainState, x) -> np.ndarray:

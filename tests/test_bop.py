@@ -62,10 +62,48 @@ def test_bop_check_is_bit_exact(target, extra, capsys):
     text = capsys.readouterr().out
     assert rc == 0 and text.rstrip().endswith("PASS"), text[-3000:]
     rows = _rows(text)
-    bop = [n for n in rows if re.fullmatch(r"fc\d\.W(\.m)?", n)]
-    assert len(bop) == 10, sorted(rows)
+    bop = [n for n in rows if re.fullmatch(r"fc\d\.W(\.m)?|bn\d\.running_mean", n)]
+    assert len(bop) == 15, sorted(rows)     # the running means: shifted with the flips, same bits
     assert all(rows[n] == (0.0, 0) for n in bop), {n: rows[n] for n in bop}
     assert _reference_flips(extra) > 0
+
+
+def _x_in(out: dict, graph, lay: str, x: np.ndarray) -> np.ndarray:
+    src = graph.layer(lay).inputs[0]
+    return (x if src == "input" else out[f"{src}.out"]).reshape(len(x), -1).astype(np.float64)
+
+
+def test_flip_shifts_the_running_mean_by_the_batch_mean_change():
+    """The flip-compensated running mean, against an independent computation: after each step the
+    shifted running mean of bn_i differs from the unshifted one by exactly what the step's flips
+    do to the batch mean of fc_i's output, mean_b(x W_new) - mean_b(x W_old), computed here as two
+    float64 products (fc1: real pixels; fc2-fc5: +-1 inputs). Training is unchanged by it."""
+    graph = load_model(build_zoo_model("mlp", width=0.25))
+    on = make_config("proposed", batch=8, optimizer="bop", bop_threshold=1.0, state_dtype="f32")
+    off = make_config("proposed", batch=8, optimizer="bop", bop_threshold=1.0, state_dtype="f32",
+                      bop_bn_shift=False)
+    st = ref.init_state(graph, on)
+    rng = np.random.default_rng(3)
+    shifted = 0
+    for _ in range(3):
+        x = rng.uniform(-1, 1, (8, 784)).astype(np.float32)
+        y = rng.integers(0, 10, 8)
+        new_on, out = ref.train_step(graph, on, st, x, y)
+        new_off, _ = ref.train_step(graph, off, st, x, y)
+        for i in range(1, 6):
+            w0, w1 = (s.tensors[f"fc{i}.W"].astype(np.float64) for s in (st, new_on))
+            assert np.array_equal(w1, new_off.tensors[f"fc{i}.W"])
+            xi = _x_in(out, graph, f"fc{i}", x)
+            want = (xi @ w1).mean(0) - (xi @ w0).mean(0)
+            got = (new_on.tensors[f"bn{i}.running_mean"].astype(np.float64)
+                   - new_off.tensors[f"bn{i}.running_mean"])
+            scale = np.abs(new_off.tensors[f"bn{i}.running_mean"]) + np.abs(xi).mean(0).sum()
+            assert np.all(np.abs(got - want) <= 1e-5 * scale), (i, got, want)
+            shifted += int(np.count_nonzero(want))
+            for n in (f"bn{i}.running_psi", f"bn{i}.beta"):
+                assert np.array_equal(new_on.tensors[n], new_off.tensors[n]), n
+        st = new_on
+    assert shifted > 50
 
 
 def test_defaults_are_what_help_says(capsys):
@@ -77,6 +115,7 @@ def test_defaults_are_what_help_says(capsys):
         assert "--bop-gamma FLOAT Bop: momentum rate gamma [default: 0.0001]" in text, cmd
         assert re.search(r"--bop-threshold FLOAT .*\[default: 32\]", text), cmd
         assert re.search(r"--bn-momentum FLOAT .*\[default: 0.9\]", text), cmd
+        assert re.search(r"--bop-bn-shift / --no-bop-bn-shift .*\[default: on\]", text), cmd
         assert re.search(r"--lr FLOAT .*\[default: 0.001; bop: 0.01\]", text), cmd
     # the optimizer's defaults, the same for every target: the flags are the only way to change them
     for alg in ("proposed", "standard"):
@@ -92,7 +131,14 @@ def test_flags_reach_the_compiled_config(tmp_path, capsys):
     assert main(["compile", "tfc", "--batch", "8", "--optimizer", "bop", "--bop-gamma", "0.001",
                  "--bop-threshold", "3", "--bn-momentum", "0.8", "-o", str(out)]) == 0
     text = (out / "tfc.c").read_text()
-    assert "(float)0.999, (float)3.0" in text          # 1 - gamma and the threshold, per layer
+    assert re.search(r"\(float\)0\.999,\s+\(float\)3\.0", text)   # 1 - gamma, the threshold
+    # the flip-compensated running mean: each dense layer's update reads its input and the next BN
+    assert re.search(r"k_bop_update_\w*shift1\(S_fc1_W,.*T_flatten1_out,\s*S_bn1_running_mean, 8\)",
+                     text, re.S)
+    assert text.count("shift1(S_fc") == 4
+    assert main(["compile", "tfc", "--batch", "8", "--optimizer", "bop", "--no-bop-bn-shift",
+                 "-o", str(out)]) == 0
+    assert "shift1" not in (out / "tfc.c").read_text()
     for bad, msg in ((["--bop-gamma", "0"], "--bop-gamma must lie in"),
                      (["--bop-threshold", "-1"], "--bop-threshold must be >= 0"),
                      (["--bn-momentum", "1"], "--bn-momentum must lie in")):

@@ -9,7 +9,7 @@ from ..config import TrainConfig
 from ..c_literals import c_float
 from ..lower import Call, LowerCtx, instance, words64
 from ..schedule_ir import DType, Step
-from .base import BIT, F32, STATE, KernelFamily, OpFamily, Phase, kernel
+from .base import BIT, F32, SAVED_X, STATE, KernelFamily, OpFamily, Phase, kernel
 from .dense import packed_w_geometry
 
 
@@ -84,14 +84,17 @@ def bop_geometry(ctx: LowerCtx, p: str) -> list:
 
 def _lower_bop(step: Step, ctx: LowerCtx) -> Call:
     a = step.attrs
-    p, g, m = step.inputs
+    p, g, m = step.inputs[:3]
+    shift = step.inputs[3:]           # (saved input, running mean): flip-compensated running mean
     gt = ctx.t(g)
     ops = {"m": m} | ({} if gt.dtype is DType.BIT else {"g": g})
-    inst = instance(step, ctx, operands=ops, gbit=gt.dtype is DType.BIT)
+    ops |= dict(zip(("x", "rm"), shift))
+    inst = instance(step, ctx, operands=ops, gbit=gt.dtype is DType.BIT, shift=bool(shift))
     (mid,) = a["moment_ids"]
     return Call(inst, [ctx.ptr(p), ctx.ptr(g), ctx.ptr(m), a["size"], c_float(1 - a["gamma"]),
                        c_float(a["threshold"]), f"bnnc_sr_key(seed, t, {mid}u)"]
-                + bop_geometry(ctx, p))
+                + bop_geometry(ctx, p)
+                + ([ctx.ptr(shift[0]), ctx.ptr(shift[1]), a["batch"]] if shift else []))
 
 
 # one kernel call per parameter tensor; state stored back with stochastic rounding for 16-bit
@@ -108,9 +111,9 @@ SGD_UPDATE = kernel(
 BOP_UPDATE = kernel(
     "bop_update", Phase.UPDATE, KernelFamily.OPTIM,
     "Bop, scaled momentum: m = (1-gamma) m + g / mean|g|; flip w where |m| > threshold and "
-    "sign(m) == sign(w)",
-    [("p", BIT), ("g", (F32, BIT)), ("m", STATE)], [("p", BIT), ("m", STATE)], [(0, 0), (1, 2)],
-    lower=_lower_bop)
+    "sign(m) == sign(w); with x and rm, each flip of w_kj also sets rm_j -= 2 w_kj mean_b(x_bk)",
+    [("p", BIT), ("g", (F32, BIT)), ("m", STATE), ("x?", SAVED_X), ("rm?", STATE)],
+    [("p", BIT), ("m", STATE), ("rm?", STATE)], [(0, 0), (1, 2), (2, 4)], lower=_lower_bop)
 
 KERNELS = (ADAM_UPDATE, SGD_UPDATE, BOP_UPDATE)
 UPDATE_KERNELS = {"adam": ADAM_UPDATE, "sgd": SGD_UPDATE, "bop": BOP_UPDATE}   # by cfg.optimizer
@@ -166,6 +169,29 @@ def _ref_bop(cfg: TrainConfig, t: int, w: np.ndarray, g: np.ndarray, mom: dict[s
     m = np.float32(1 - cfg.bop_gamma) * mom["m"] + _bop_unit_gradient(cfg, g)
     flip = (np.abs(m) > np.float32(cfg.bop_threshold)) & ((m >= 0) == (w > 0))
     return np.where(flip, -w, w).astype(np.int8), {"m": m}
+
+
+def bop_input_means(x: np.ndarray, k: int) -> np.float32:
+    """mean_b(x[b, k]) as the Bop update's shift computes it: a float32 sum in batch order
+    divided by the batch (for +-1 inputs the sum is an exact count)."""
+    col = np.asarray(x, np.float32)[:, k]
+    return np.cumsum(col, dtype=np.float32)[-1] / np.float32(len(col))
+
+
+def ref_bop_bn_shift(w_old: np.ndarray, w_new: np.ndarray, x: np.ndarray, rm: np.ndarray,
+                     dtype: str) -> np.ndarray:
+    """The flip-compensated running mean (compiler/README.md, "Bop"): `rm` (stored, [N]) after
+    the flips w_old -> w_new of a dense W [K, N] whose saved input is `x` [B, K]: flip by flip in
+    row-major order of W, rm_j = store(rm_j - 2 w_old_kj mean_b(x_bk)), RNE in the statistics'
+    dtype, as the C's Bop update does it."""
+    rm = np.asarray(rm, np.float32).copy()
+    n = w_old.shape[1]
+    for i in np.flatnonzero(np.asarray(w_old).ravel() != np.asarray(w_new).ravel()):
+        k, j = divmod(int(i), n)
+        two_xbar = np.float32(2) * bop_input_means(x, k)
+        r = rm[j] - two_xbar if w_old.flat[i] > 0 else rm[j] + two_xbar
+        rm[j] = nx.store(np.float32(r).reshape(1), dtype)[0]
+    return rm
 
 
 REFERENCE_FORWARD: dict = {}

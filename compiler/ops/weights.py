@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from ..ir import WEIGHT_KINDS, Layer, LayerKind, tname
+from ..config import TrainConfig, is_frozen
+from ..ir import WEIGHT_KINDS, Graph, Layer, LayerKind, tname
 from ..lower import Call, LowerCtx, instance, words64
 from ..onnx_values import Act, Bin, Const, Spec
 from ..schedule_ir import Role, Step
@@ -203,6 +204,20 @@ KERNELS = (PACK_SIGN_W, CAST_F16, PO2_QUANTIZE, BIAS_GRAD)
 
 # ---- training schedule: the rules of a weight layer, given its family's kernels ----------------
 
+def bop_shift_bn(graph: Graph, cfg: TrainConfig, lay: Layer) -> Layer | None:
+    """The batch norm whose running mean follows the flips of `lay`'s Bop-trained W (compiler/
+    README.md, "Bop", flip-compensated running mean): a trained binary dense layer whose output
+    feeds exactly one layer, a BATCHNORM, under `--optimizer bop` with `bop_bn_shift` on.
+    Convolutions are not shifted (their input's mean per weight is a mean over shifted windows)."""
+    if not (cfg.optimizer == "bop" and cfg.bop_bn_shift and lay.kind is LayerKind.DENSE
+            and lay.binary and not is_frozen(cfg, lay.name, "W")):
+        return None
+    users = graph.consumers(lay.name)
+    if len(users) != 1 or users[0].kind is not LayerKind.BATCHNORM:
+        return None
+    return users[0]
+
+
 def geometry(b: ScheduleBuilder, lay: Layer, k: WeightKernels) -> dict:
     """The step attrs every kernel of a weight layer reads: batch, binary, how its input is
     stored, then the family's own geometry (`WeightKernels.geometry`)."""
@@ -290,7 +305,8 @@ def backward(b: ScheduleBuilder, lay: Layer, k: WeightKernels) -> None:
         b.emit(k.dx_po2 if len(grad) == 2 else k.dx_f32, n, grad + (w,), (t,), **geom)
         b.contribute(p, t, n)
     if train_w:
-        b.update(lay, "W", dw)
+        bn = bop_shift_bn(b.g, cfg, lay)
+        b.update(lay, "W", dw, shift=(x, tname(bn.name, "running_mean")) if bn else ())
     if "b" in lay.params and b.trains(lay, "b"):
         b.update(lay, "b", db)
 
