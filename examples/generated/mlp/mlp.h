@@ -18,7 +18,7 @@
 #define BNNC_MLP_STATE_ELEMS 1204786
 #define BNNC_MLP_STATE_BLOB_BYTES 2409672
 #define BNNC_MLP_NUM_TENSORS 116
-#define BNNC_MLP_MODEL_HASH UINT64_C(0xCD5984E1A397CF96)
+#define BNNC_MLP_MODEL_HASH UINT64_C(0xD1A6D568CF4DA37C)
 #define BNNC_MLP_SEED 0u
 
 #ifndef BNNC_STATUS_DEFINED
@@ -71,6 +71,13 @@ int bnnc_mlp_train_step(const float *input, const int32_t *labels, float *loss, 
 /* Class probabilities of a batch of 100 (batch norm uses the running statistics). */
 int bnnc_mlp_predict(const float *input, float *probs);
 uint64_t bnnc_mlp_step_count(void);
+/* Learning-rate schedule (compiled with --lr-schedule; this program: linear): the run's
+ * length in steps, which the schedule decays over; step t (1-based, counted from init) takes
+ * lr_at(t). 0 (after power-up) = no end known: every step takes the base lr, as an open-ended
+ * firmware loop wants. Kept across init / load_state_f32 / set_state; not part of the state blob. */
+void bnnc_mlp_set_lr_horizon(uint32_t steps);
+uint32_t bnnc_mlp_lr_horizon(void);
+float bnnc_mlp_lr_at(uint64_t step);
 /* The seed of stochastic rounding (and of the standalone trainer's batch order). */
 uint32_t bnnc_mlp_seed(void);
 /* The whole training state as one blob: header (magic, version, model hash, step, seed, CRC-32) +
