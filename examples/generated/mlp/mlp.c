@@ -161,14 +161,19 @@ static uint64_t bnnc_dump[4403248u / 8u];
 #endif
 
 /* ---- per-step timing (bnnc profile): -DBNNC_PROFILE adds up each step's CPU time in ns (the
- * calling thread's clock: time the thread waits for a core on a busy machine does not count) ---- */
+ * calling thread's clock: time the thread waits for a core on a busy machine does not count;
+ * with threads or -DBNNC_PROFILE_WALL, wall-clock time: the other threads' work counts) ---- */
 #if defined(BNNC_PROFILE)
 #include <time.h>
 static uint64_t bnnc_prof_ns[52];
 static uint64_t bnnc_prof_now(void)
 {
     struct timespec ts;
+#if defined(BNNC_PROFILE_WALL)
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+#else
     clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+#endif
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 #define BNNC_PROF_BEGIN(k) uint64_t bnnc_t0_##k = bnnc_prof_now()
@@ -575,15 +580,15 @@ BNNC_HELPER int bnnc_x86_level(void)
 
 #if defined(BNNC_X86_MV)
 static inline __attribute__((always_inline)) void k_bn_l1_bwd_f16_f16_dx1_rows1_body(const uint16_t *g, const uint64_t *sbits, const float *psi, float *dbeta,
-    uint16_t *dx, int32_t B, int32_t C, int32_t S, int32_t swords)
+    uint16_t *dx, int32_t B, int32_t C, int32_t S, int32_t swords, int32_t c_lo, int32_t c_hi)
 {
     const float count = (float)((int64_t)B * S);
     uint32_t mt[64];
     bnnc_mask_table(mt, 0u, 0x80000000u);
     int32_t n, c, c0;
     (void)S;
-    for (c0 = 0; c0 < C; c0 += 64) {
-        const int32_t nc = C - c0 < 64 ? C - c0 : 64;
+    for (c0 = c_lo; c0 < c_hi; c0 += 64) {
+        const int32_t nc = c_hi - c0 < 64 ? c_hi - c0 : 64;
         float sb[64], sh[64], shs[64], inv[64];
         uint32_t k[64];
         for (c = 0; c < nc; c++) {
@@ -617,29 +622,29 @@ static inline __attribute__((always_inline)) void k_bn_l1_bwd_f16_f16_dx1_rows1_
     }
 }
 __attribute__((noinline, target("avx2"))) static void k_bn_l1_bwd_f16_f16_dx1_rows1_avx2(const uint16_t *g, const uint64_t *sbits, const float *psi, float *dbeta,
-    uint16_t *dx, int32_t B, int32_t C, int32_t S, int32_t swords)
+    uint16_t *dx, int32_t B, int32_t C, int32_t S, int32_t swords, int32_t c_lo, int32_t c_hi)
 {
-    k_bn_l1_bwd_f16_f16_dx1_rows1_body(g, sbits, psi, dbeta, dx, B, C, S, swords);
+    k_bn_l1_bwd_f16_f16_dx1_rows1_body(g, sbits, psi, dbeta, dx, B, C, S, swords, c_lo, c_hi);
 }
 static void k_bn_l1_bwd_f16_f16_dx1_rows1(const uint16_t *g, const uint64_t *sbits, const float *psi, float *dbeta,
-    uint16_t *dx, int32_t B, int32_t C, int32_t S, int32_t swords)
+    uint16_t *dx, int32_t B, int32_t C, int32_t S, int32_t swords, int32_t c_lo, int32_t c_hi)
 {
     switch (bnnc_x86_level()) {
-    case 2: case 1: k_bn_l1_bwd_f16_f16_dx1_rows1_avx2(g, sbits, psi, dbeta, dx, B, C, S, swords); break;
-    default: k_bn_l1_bwd_f16_f16_dx1_rows1_body(g, sbits, psi, dbeta, dx, B, C, S, swords); break;
+    case 2: case 1: k_bn_l1_bwd_f16_f16_dx1_rows1_avx2(g, sbits, psi, dbeta, dx, B, C, S, swords, c_lo, c_hi); break;
+    default: k_bn_l1_bwd_f16_f16_dx1_rows1_body(g, sbits, psi, dbeta, dx, B, C, S, swords, c_lo, c_hi); break;
     }
 }
 #else
 static void k_bn_l1_bwd_f16_f16_dx1_rows1(const uint16_t *g, const uint64_t *sbits, const float *psi, float *dbeta,
-    uint16_t *dx, int32_t B, int32_t C, int32_t S, int32_t swords)
+    uint16_t *dx, int32_t B, int32_t C, int32_t S, int32_t swords, int32_t c_lo, int32_t c_hi)
 {
     const float count = (float)((int64_t)B * S);
     uint32_t mt[64];
     bnnc_mask_table(mt, 0u, 0x80000000u);
     int32_t n, c, c0;
     (void)S;
-    for (c0 = 0; c0 < C; c0 += 64) {
-        const int32_t nc = C - c0 < 64 ? C - c0 : 64;
+    for (c0 = c_lo; c0 < c_hi; c0 += 64) {
+        const int32_t nc = c_hi - c0 < 64 ? c_hi - c0 : 64;
         float sb[64], sh[64], shs[64], inv[64];
         uint32_t k[64];
         for (c = 0; c < nc; c++) {
@@ -705,13 +710,13 @@ BNNC_HELPER int bnnc_x86_level(void)
 #if defined(BNNC_X86_MV)
 static inline __attribute__((always_inline)) void k_bn_l1_fwd_bf16_bf16_rows1_signs1_body(const float *x, const uint16_t *beta, uint16_t *rm,
     uint16_t *rp, float *y, float *mu_out, float *psi_out, uint64_t *sbits, int32_t B,
-    int32_t C, int32_t S, int32_t swords, float m, float one_m)
+    int32_t C, int32_t S, int32_t swords, float m, float one_m, int32_t c_lo, int32_t c_hi)
 {
     const float count = (float)((int64_t)B * S);
     int32_t n, c, c0;
     (void)S;
-    for (c0 = 0; c0 < C; c0 += 64) {
-        const int32_t nc = C - c0 < 64 ? C - c0 : 64;
+    for (c0 = c_lo; c0 < c_hi; c0 += 64) {
+        const int32_t nc = c_hi - c0 < 64 ? c_hi - c0 : 64;
         float sum[64], sa[64], mu[64], inv[64], be[64], h[64];
         for (c = 0; c < nc; c++) {
             sum[c] = 0.0f;
@@ -746,29 +751,29 @@ static inline __attribute__((always_inline)) void k_bn_l1_fwd_bf16_bf16_rows1_si
 }
 __attribute__((noinline, target("avx2"))) static void k_bn_l1_fwd_bf16_bf16_rows1_signs1_avx2(const float *x, const uint16_t *beta, uint16_t *rm,
     uint16_t *rp, float *y, float *mu_out, float *psi_out, uint64_t *sbits, int32_t B,
-    int32_t C, int32_t S, int32_t swords, float m, float one_m)
+    int32_t C, int32_t S, int32_t swords, float m, float one_m, int32_t c_lo, int32_t c_hi)
 {
-    k_bn_l1_fwd_bf16_bf16_rows1_signs1_body(x, beta, rm, rp, y, mu_out, psi_out, sbits, B, C, S, swords, m, one_m);
+    k_bn_l1_fwd_bf16_bf16_rows1_signs1_body(x, beta, rm, rp, y, mu_out, psi_out, sbits, B, C, S, swords, m, one_m, c_lo, c_hi);
 }
 static void k_bn_l1_fwd_bf16_bf16_rows1_signs1(const float *x, const uint16_t *beta, uint16_t *rm,
     uint16_t *rp, float *y, float *mu_out, float *psi_out, uint64_t *sbits, int32_t B,
-    int32_t C, int32_t S, int32_t swords, float m, float one_m)
+    int32_t C, int32_t S, int32_t swords, float m, float one_m, int32_t c_lo, int32_t c_hi)
 {
     switch (bnnc_x86_level()) {
-    case 2: case 1: k_bn_l1_fwd_bf16_bf16_rows1_signs1_avx2(x, beta, rm, rp, y, mu_out, psi_out, sbits, B, C, S, swords, m, one_m); break;
-    default: k_bn_l1_fwd_bf16_bf16_rows1_signs1_body(x, beta, rm, rp, y, mu_out, psi_out, sbits, B, C, S, swords, m, one_m); break;
+    case 2: case 1: k_bn_l1_fwd_bf16_bf16_rows1_signs1_avx2(x, beta, rm, rp, y, mu_out, psi_out, sbits, B, C, S, swords, m, one_m, c_lo, c_hi); break;
+    default: k_bn_l1_fwd_bf16_bf16_rows1_signs1_body(x, beta, rm, rp, y, mu_out, psi_out, sbits, B, C, S, swords, m, one_m, c_lo, c_hi); break;
     }
 }
 #else
 static void k_bn_l1_fwd_bf16_bf16_rows1_signs1(const float *x, const uint16_t *beta, uint16_t *rm,
     uint16_t *rp, float *y, float *mu_out, float *psi_out, uint64_t *sbits, int32_t B,
-    int32_t C, int32_t S, int32_t swords, float m, float one_m)
+    int32_t C, int32_t S, int32_t swords, float m, float one_m, int32_t c_lo, int32_t c_hi)
 {
     const float count = (float)((int64_t)B * S);
     int32_t n, c, c0;
     (void)S;
-    for (c0 = 0; c0 < C; c0 += 64) {
-        const int32_t nc = C - c0 < 64 ? C - c0 : 64;
+    for (c0 = c_lo; c0 < c_hi; c0 += 64) {
+        const int32_t nc = c_hi - c0 < 64 ? c_hi - c0 : 64;
         float sum[64], sa[64], mu[64], inv[64], be[64], h[64];
         for (c = 0; c < nc; c++) {
             sum[c] = 0.0f;
@@ -1529,9 +1534,12 @@ BNNC_HELPER void bnnc_po2_int_table(int32_t table[33])
  * PO2 G with +-1 X: an exact integer sum (G scaled by 2^(8 + bias), which keeps its sign) */
 static void k_dense_dw_bin_bits_po21(const uint64_t *x,
     const uint8_t *g, uint64_t *dw, int32_t B, int32_t K, int32_t N,
-    int32_t xwords, int32_t hw, int32_t wc)
+    int32_t xwords, int32_t hw, int32_t wc, int32_t i_lo, int32_t i_hi)
 {
-    memset(dw, 0, (((size_t)K * (size_t)N + 63u) / 64u) * 8u);
+    (void)K;
+    /* rows i_lo .. i_hi - 1 own whole words (the split keeps i_lo * N a multiple of 64) */
+    memset(dw + (size_t)i_lo * (size_t)N / 64u, 0,
+           (((size_t)i_hi * (size_t)N + 63u) / 64u - (size_t)i_lo * (size_t)N / 64u) * 8u);
     {
         int32_t csum[BNNC_TC], pt[33];
         bnnc_po2_int_table(pt);
@@ -1543,8 +1551,8 @@ static void k_dense_dw_bin_bits_po21(const uint64_t *x,
 #if defined(BNNC_WIDE)
         const int wide = BNNC_WIDE_OK();
 #endif
-        for (i0 = 0; i0 < K; i0 += BNNC_TR) {
-            ni = K - i0 < BNNC_TR ? K - i0 : BNNC_TR;
+        for (i0 = i_lo; i0 < i_hi; i0 += BNNC_TR) {
+            ni = i_hi - i0 < BNNC_TR ? i_hi - i0 : BNNC_TR;
             for (c0 = 0; c0 < N; c0 += BNNC_TC) {
                 nc = N - c0 < BNNC_TC ? N - c0 : BNNC_TC;
                 ncw = (nc + 15) & ~15;
@@ -1616,10 +1624,13 @@ static void k_dense_dw_bin_bits_po21(const uint64_t *x,
  * PO2 G: products with +-2^((c & 15) - 8), the bias left out (a power of two keeps the sign) */
 static void k_dense_dw_bin_real_f32_po21(const float *x,
     const uint8_t *g, uint64_t *dw, int32_t B, int32_t K, int32_t N,
-    int32_t xwords, int32_t hw, int32_t wc)
+    int32_t xwords, int32_t hw, int32_t wc, int32_t i_lo, int32_t i_hi)
 {
+    (void)K;
     (void)xwords; (void)hw; (void)wc;
-    memset(dw, 0, (((size_t)K * (size_t)N + 63u) / 64u) * 8u);
+    /* rows i_lo .. i_hi - 1 own whole words (the split keeps i_lo * N a multiple of 64) */
+    memset(dw + (size_t)i_lo * (size_t)N / 64u, 0,
+           (((size_t)i_hi * (size_t)N + 63u) / 64u - (size_t)i_lo * (size_t)N / 64u) * 8u);
     {
         float acc[BNNC_TR * BNNC_TC] BNNC_V4_ALIGN;
         float vp[BNNC_RC * BNNC_TC] BNNC_V4_ALIGN;
@@ -1628,8 +1639,8 @@ static void k_dense_dw_bin_real_f32_po21(const float *x,
 #if defined(BNNC_WIDE)
         const int wide = BNNC_WIDE_OK();
 #endif
-        for (i0 = 0; i0 < K; i0 += BNNC_TR) {
-            ni = K - i0 < BNNC_TR ? K - i0 : BNNC_TR;
+        for (i0 = i_lo; i0 < i_hi; i0 += BNNC_TR) {
+            ni = i_hi - i0 < BNNC_TR ? i_hi - i0 : BNNC_TR;
             for (c0 = 0; c0 < N; c0 += BNNC_TC) {
                 nc = N - c0 < BNNC_TC ? N - c0 : BNNC_TC;
                 ncw = (nc + 15) & ~15;
@@ -2108,11 +2119,12 @@ BNNC_HELPER int bnnc_x86_level(void)
 #if defined(BNNC_X86_MV)
 static inline __attribute__((always_inline)) void k_adam_update_bf16_bf16_bf16_gbit1_body(uint16_t *p, const uint64_t *g, uint16_t *m, uint16_t *v,
     int32_t count, float g_scale, int32_t ste_mask, float lr, float b1, float b2, float c1, float c2,
-    float bc1, float bc2, float eps, uint32_t kp, uint32_t km, uint32_t kv)
+    float bc1, float bc2, float eps, uint32_t kp, uint32_t km, uint32_t kv, int32_t i_lo, int32_t i_hi)
 {
     int32_t i0, t;
-    for (i0 = 0; i0 < count; i0 += 64) {
-        const int32_t nb = count - i0 < 64 ? count - i0 : 64;
+    (void)count;
+    for (i0 = i_lo; i0 < i_hi; i0 += 64) {
+        const int32_t nb = i_hi - i0 < 64 ? i_hi - i0 : 64;
         uint8_t k[64];
         bnnc_bits_to_bytes(g[i0 / 64], k);
         for (t = 0; t < nb; t++) {
@@ -2137,34 +2149,35 @@ static inline __attribute__((always_inline)) void k_adam_update_bf16_bf16_bf16_g
 }
 __attribute__((noinline, target("avx2"))) static void k_adam_update_bf16_bf16_bf16_gbit1_avx2(uint16_t *p, const uint64_t *g, uint16_t *m, uint16_t *v,
     int32_t count, float g_scale, int32_t ste_mask, float lr, float b1, float b2, float c1, float c2,
-    float bc1, float bc2, float eps, uint32_t kp, uint32_t km, uint32_t kv)
+    float bc1, float bc2, float eps, uint32_t kp, uint32_t km, uint32_t kv, int32_t i_lo, int32_t i_hi)
 {
-    k_adam_update_bf16_bf16_bf16_gbit1_body(p, g, m, v, count, g_scale, ste_mask, lr, b1, b2, c1, c2, bc1, bc2, eps, kp, km, kv);
+    k_adam_update_bf16_bf16_bf16_gbit1_body(p, g, m, v, count, g_scale, ste_mask, lr, b1, b2, c1, c2, bc1, bc2, eps, kp, km, kv, i_lo, i_hi);
 }
 __attribute__((noinline, target("avx512f,avx512bw,avx512vl,avx512dq"))) static void k_adam_update_bf16_bf16_bf16_gbit1_avx512(uint16_t *p, const uint64_t *g, uint16_t *m, uint16_t *v,
     int32_t count, float g_scale, int32_t ste_mask, float lr, float b1, float b2, float c1, float c2,
-    float bc1, float bc2, float eps, uint32_t kp, uint32_t km, uint32_t kv)
+    float bc1, float bc2, float eps, uint32_t kp, uint32_t km, uint32_t kv, int32_t i_lo, int32_t i_hi)
 {
-    k_adam_update_bf16_bf16_bf16_gbit1_body(p, g, m, v, count, g_scale, ste_mask, lr, b1, b2, c1, c2, bc1, bc2, eps, kp, km, kv);
+    k_adam_update_bf16_bf16_bf16_gbit1_body(p, g, m, v, count, g_scale, ste_mask, lr, b1, b2, c1, c2, bc1, bc2, eps, kp, km, kv, i_lo, i_hi);
 }
 static void k_adam_update_bf16_bf16_bf16_gbit1(uint16_t *p, const uint64_t *g, uint16_t *m, uint16_t *v,
     int32_t count, float g_scale, int32_t ste_mask, float lr, float b1, float b2, float c1, float c2,
-    float bc1, float bc2, float eps, uint32_t kp, uint32_t km, uint32_t kv)
+    float bc1, float bc2, float eps, uint32_t kp, uint32_t km, uint32_t kv, int32_t i_lo, int32_t i_hi)
 {
     switch (bnnc_x86_level()) {
-    case 2: k_adam_update_bf16_bf16_bf16_gbit1_avx512(p, g, m, v, count, g_scale, ste_mask, lr, b1, b2, c1, c2, bc1, bc2, eps, kp, km, kv); break;
-    case 1: k_adam_update_bf16_bf16_bf16_gbit1_avx2(p, g, m, v, count, g_scale, ste_mask, lr, b1, b2, c1, c2, bc1, bc2, eps, kp, km, kv); break;
-    default: k_adam_update_bf16_bf16_bf16_gbit1_body(p, g, m, v, count, g_scale, ste_mask, lr, b1, b2, c1, c2, bc1, bc2, eps, kp, km, kv); break;
+    case 2: k_adam_update_bf16_bf16_bf16_gbit1_avx512(p, g, m, v, count, g_scale, ste_mask, lr, b1, b2, c1, c2, bc1, bc2, eps, kp, km, kv, i_lo, i_hi); break;
+    case 1: k_adam_update_bf16_bf16_bf16_gbit1_avx2(p, g, m, v, count, g_scale, ste_mask, lr, b1, b2, c1, c2, bc1, bc2, eps, kp, km, kv, i_lo, i_hi); break;
+    default: k_adam_update_bf16_bf16_bf16_gbit1_body(p, g, m, v, count, g_scale, ste_mask, lr, b1, b2, c1, c2, bc1, bc2, eps, kp, km, kv, i_lo, i_hi); break;
     }
 }
 #else
 static void k_adam_update_bf16_bf16_bf16_gbit1(uint16_t *p, const uint64_t *g, uint16_t *m, uint16_t *v,
     int32_t count, float g_scale, int32_t ste_mask, float lr, float b1, float b2, float c1, float c2,
-    float bc1, float bc2, float eps, uint32_t kp, uint32_t km, uint32_t kv)
+    float bc1, float bc2, float eps, uint32_t kp, uint32_t km, uint32_t kv, int32_t i_lo, int32_t i_hi)
 {
     int32_t i0, t;
-    for (i0 = 0; i0 < count; i0 += 64) {
-        const int32_t nb = count - i0 < 64 ? count - i0 : 64;
+    (void)count;
+    for (i0 = i_lo; i0 < i_hi; i0 += 64) {
+        const int32_t nb = i_hi - i0 < 64 ? i_hi - i0 : 64;
         uint8_t k[64];
         bnnc_bits_to_bytes(g[i0 / 64], k);
         for (t = 0; t < nb; t++) {
@@ -2220,12 +2233,13 @@ BNNC_HELPER int bnnc_x86_level(void)
 #if defined(BNNC_X86_MV)
 static inline __attribute__((always_inline)) void k_adam_update_bf16_f32_bf16_bf16_gbit0_body(uint16_t *p, const float *g, uint16_t *m, uint16_t *v,
     int32_t count, float g_scale, int32_t ste_mask, float lr, float b1, float b2, float c1, float c2,
-    float bc1, float bc2, float eps, uint32_t kp, uint32_t km, uint32_t kv)
+    float bc1, float bc2, float eps, uint32_t kp, uint32_t km, uint32_t kv, int32_t i_lo, int32_t i_hi)
 {
     (void)g_scale; (void)ste_mask;
     int32_t i0, t;
-    for (i0 = 0; i0 < count; i0 += 64) {
-        const int32_t nb = count - i0 < 64 ? count - i0 : 64;
+    (void)count;
+    for (i0 = i_lo; i0 < i_hi; i0 += 64) {
+        const int32_t nb = i_hi - i0 < 64 ? i_hi - i0 : 64;
         for (t = 0; t < nb; t++) {
             const size_t i = (size_t)(i0 + t);
 
@@ -2246,35 +2260,36 @@ static inline __attribute__((always_inline)) void k_adam_update_bf16_f32_bf16_bf
 }
 __attribute__((noinline, target("avx2"))) static void k_adam_update_bf16_f32_bf16_bf16_gbit0_avx2(uint16_t *p, const float *g, uint16_t *m, uint16_t *v,
     int32_t count, float g_scale, int32_t ste_mask, float lr, float b1, float b2, float c1, float c2,
-    float bc1, float bc2, float eps, uint32_t kp, uint32_t km, uint32_t kv)
+    float bc1, float bc2, float eps, uint32_t kp, uint32_t km, uint32_t kv, int32_t i_lo, int32_t i_hi)
 {
-    k_adam_update_bf16_f32_bf16_bf16_gbit0_body(p, g, m, v, count, g_scale, ste_mask, lr, b1, b2, c1, c2, bc1, bc2, eps, kp, km, kv);
+    k_adam_update_bf16_f32_bf16_bf16_gbit0_body(p, g, m, v, count, g_scale, ste_mask, lr, b1, b2, c1, c2, bc1, bc2, eps, kp, km, kv, i_lo, i_hi);
 }
 __attribute__((noinline, target("avx512f,avx512bw,avx512vl,avx512dq"))) static void k_adam_update_bf16_f32_bf16_bf16_gbit0_avx512(uint16_t *p, const float *g, uint16_t *m, uint16_t *v,
     int32_t count, float g_scale, int32_t ste_mask, float lr, float b1, float b2, float c1, float c2,
-    float bc1, float bc2, float eps, uint32_t kp, uint32_t km, uint32_t kv)
+    float bc1, float bc2, float eps, uint32_t kp, uint32_t km, uint32_t kv, int32_t i_lo, int32_t i_hi)
 {
-    k_adam_update_bf16_f32_bf16_bf16_gbit0_body(p, g, m, v, count, g_scale, ste_mask, lr, b1, b2, c1, c2, bc1, bc2, eps, kp, km, kv);
+    k_adam_update_bf16_f32_bf16_bf16_gbit0_body(p, g, m, v, count, g_scale, ste_mask, lr, b1, b2, c1, c2, bc1, bc2, eps, kp, km, kv, i_lo, i_hi);
 }
 static void k_adam_update_bf16_f32_bf16_bf16_gbit0(uint16_t *p, const float *g, uint16_t *m, uint16_t *v,
     int32_t count, float g_scale, int32_t ste_mask, float lr, float b1, float b2, float c1, float c2,
-    float bc1, float bc2, float eps, uint32_t kp, uint32_t km, uint32_t kv)
+    float bc1, float bc2, float eps, uint32_t kp, uint32_t km, uint32_t kv, int32_t i_lo, int32_t i_hi)
 {
     switch (bnnc_x86_level()) {
-    case 2: k_adam_update_bf16_f32_bf16_bf16_gbit0_avx512(p, g, m, v, count, g_scale, ste_mask, lr, b1, b2, c1, c2, bc1, bc2, eps, kp, km, kv); break;
-    case 1: k_adam_update_bf16_f32_bf16_bf16_gbit0_avx2(p, g, m, v, count, g_scale, ste_mask, lr, b1, b2, c1, c2, bc1, bc2, eps, kp, km, kv); break;
-    default: k_adam_update_bf16_f32_bf16_bf16_gbit0_body(p, g, m, v, count, g_scale, ste_mask, lr, b1, b2, c1, c2, bc1, bc2, eps, kp, km, kv); break;
+    case 2: k_adam_update_bf16_f32_bf16_bf16_gbit0_avx512(p, g, m, v, count, g_scale, ste_mask, lr, b1, b2, c1, c2, bc1, bc2, eps, kp, km, kv, i_lo, i_hi); break;
+    case 1: k_adam_update_bf16_f32_bf16_bf16_gbit0_avx2(p, g, m, v, count, g_scale, ste_mask, lr, b1, b2, c1, c2, bc1, bc2, eps, kp, km, kv, i_lo, i_hi); break;
+    default: k_adam_update_bf16_f32_bf16_bf16_gbit0_body(p, g, m, v, count, g_scale, ste_mask, lr, b1, b2, c1, c2, bc1, bc2, eps, kp, km, kv, i_lo, i_hi); break;
     }
 }
 #else
 static void k_adam_update_bf16_f32_bf16_bf16_gbit0(uint16_t *p, const float *g, uint16_t *m, uint16_t *v,
     int32_t count, float g_scale, int32_t ste_mask, float lr, float b1, float b2, float c1, float c2,
-    float bc1, float bc2, float eps, uint32_t kp, uint32_t km, uint32_t kv)
+    float bc1, float bc2, float eps, uint32_t kp, uint32_t km, uint32_t kv, int32_t i_lo, int32_t i_hi)
 {
     (void)g_scale; (void)ste_mask;
     int32_t i0, t;
-    for (i0 = 0; i0 < count; i0 += 64) {
-        const int32_t nb = count - i0 < 64 ? count - i0 : 64;
+    (void)count;
+    for (i0 = i_lo; i0 < i_hi; i0 += 64) {
+        const int32_t nb = i_hi - i0 < 64 ? i_hi - i0 : 64;
         for (t = 0; t < nb; t++) {
             const size_t i = (size_t)(i0 + t);
 
@@ -2447,6 +2462,10 @@ static void k_po2_quantize_f16(const uint16_t *g, uint8_t *q, int32_t *bias_out,
 
 
 
+void bnnc_mlp_shutdown(void) {}
+
+int32_t bnnc_mlp_threads(void) { return 1; }
+
 /* ---- the training step ---- */
 
 /* step 0: dense_fwd_signw fc1 (forward): flatten1.out, fc1.W -> fc1.out
@@ -2466,7 +2485,7 @@ static void step_001_bn_l1_fwd_bn1(void)
 {
     k_bn_l1_fwd_bf16_bf16_rows1_signs1(T_fc1_out, S_bn1_beta, S_bn1_running_mean, S_bn1_running_psi,
             T_bn1_out, T_bn1_mu, T_bn1_psi, T_bn1_s, 100, 256, 1, 4, (float)0.9,
-            (float)0.09999999999999998);
+            (float)0.09999999999999998, 0, 256);
 #ifdef BNNC_PERTURB_BN_L1_FWD
     T_bn1_out[0] += 1.0f;
 #endif
@@ -2518,7 +2537,7 @@ static void step_005_bn_l1_fwd_bn2(void)
 {
     k_bn_l1_fwd_bf16_bf16_rows1_signs1(T_fc2_out, S_bn2_beta, S_bn2_running_mean, S_bn2_running_psi,
             T_bn2_out, T_bn2_mu, T_bn2_psi, T_bn2_s, 100, 256, 1, 4, (float)0.9,
-            (float)0.09999999999999998);
+            (float)0.09999999999999998, 0, 256);
 #ifdef BNNC_PERTURB_BN_L1_FWD
     T_bn2_out[0] += 1.0f;
 #endif
@@ -2570,7 +2589,7 @@ static void step_009_bn_l1_fwd_bn3(void)
 {
     k_bn_l1_fwd_bf16_bf16_rows1_signs1(T_fc3_out, S_bn3_beta, S_bn3_running_mean, S_bn3_running_psi,
             T_bn3_out, T_bn3_mu, T_bn3_psi, T_bn3_s, 100, 256, 1, 4, (float)0.9,
-            (float)0.09999999999999998);
+            (float)0.09999999999999998, 0, 256);
 #ifdef BNNC_PERTURB_BN_L1_FWD
     T_bn3_out[0] += 1.0f;
 #endif
@@ -2622,7 +2641,7 @@ static void step_013_bn_l1_fwd_bn4(void)
 {
     k_bn_l1_fwd_bf16_bf16_rows1_signs1(T_fc4_out, S_bn4_beta, S_bn4_running_mean, S_bn4_running_psi,
             T_bn4_out, T_bn4_mu, T_bn4_psi, T_bn4_s, 100, 256, 1, 4, (float)0.9,
-            (float)0.09999999999999998);
+            (float)0.09999999999999998, 0, 256);
 #ifdef BNNC_PERTURB_BN_L1_FWD
     T_bn4_out[0] += 1.0f;
 #endif
@@ -2674,7 +2693,7 @@ static void step_017_bn_l1_fwd_bn5(void)
 {
     k_bn_l1_fwd_bf16_bf16_rows1_signs1(T_fc5_out, S_bn5_beta, S_bn5_running_mean, S_bn5_running_psi,
             T_bn5_out, T_bn5_mu, T_bn5_psi, T_bn5_s, 100, 10, 1, 1, (float)0.9,
-            (float)0.09999999999999998);
+            (float)0.09999999999999998, 0, 10);
 #ifdef BNNC_PERTURB_BN_L1_FWD
     T_bn5_out[0] += 1.0f;
 #endif
@@ -2704,7 +2723,7 @@ static void step_018_softmax_xent(float *accuracy, float *loss)
 static void step_019_bn_l1_bwd_bn5(void)
 {
     k_bn_l1_bwd_f16_f16_dx1_rows1(T_bn5_d_out, T_bn5_s, T_bn5_psi, T_bn5_dbeta, T_fc5_d_out, 100,
-            10, 1, 1);
+            10, 1, 1, 0, 10);
 #ifdef BNNC_PERTURB_BN_L1_BWD
     T_bn5_dbeta[0] += 1.0f;
 #endif
@@ -2721,7 +2740,7 @@ static void step_020_adam_update_bn5(void)
             (float)1.0, 0, (float)0.001, (float)0.9, (float)0.999, (float)0.09999999999999998,
             (float)0.0010000000000000009, bnnc_one_minus_pow((float)0.9, t),
             bnnc_one_minus_pow((float)0.999, t), (float)1e-07, bnnc_sr_key(seed, t, 35u),
-            bnnc_sr_key(seed, t, 36u), bnnc_sr_key(seed, t, 37u));
+            bnnc_sr_key(seed, t, 36u), bnnc_sr_key(seed, t, 37u), 0, 10);
 #ifdef BNNC_PERTURB_ADAM_UPDATE
     S_bn5_beta[0] = bnnc_f32_to_bf16_rne(bnnc_bf16_to_f32(S_bn5_beta[0]) + 1.0f);
 #endif
@@ -2746,7 +2765,7 @@ static void step_021_po2_quantize_fc5(void)
  * ONNX node "_fc5_MatMul" */
 static void step_022_dense_dw_bin_fc5(void)
 {
-    k_dense_dw_bin_bits_po21(T_sign4_out, T_fc5_d_out_q, T_fc5_dW, 100, 256, 10, 4, 1, 0);
+    k_dense_dw_bin_bits_po21(T_sign4_out, T_fc5_d_out_q, T_fc5_dW, 100, 256, 10, 4, 1, 0, 0, 256);
 #ifdef BNNC_PERTURB_DENSE_DW_BIN
     T_fc5_dW[0] ^= 1u;
 #endif
@@ -2774,7 +2793,8 @@ static void step_024_adam_update_fc5(void)
             (float)0.019764235243201256, 1, (float)0.001, (float)0.9, (float)0.999,
             (float)0.09999999999999998, (float)0.0010000000000000009,
             bnnc_one_minus_pow((float)0.9, t), bnnc_one_minus_pow((float)0.999, t), (float)1e-07,
-            bnnc_sr_key(seed, t, 32u), bnnc_sr_key(seed, t, 33u), bnnc_sr_key(seed, t, 34u));
+            bnnc_sr_key(seed, t, 32u), bnnc_sr_key(seed, t, 33u), bnnc_sr_key(seed, t, 34u), 0,
+            2560);
 #ifdef BNNC_PERTURB_ADAM_UPDATE
     S_fc5_W[0] = bnnc_f32_to_bf16_rne(bnnc_bf16_to_f32(S_fc5_W[0]) + 1.0f);
 #endif
@@ -2799,7 +2819,7 @@ static void step_025_sign_bwd_mask_sign4(void)
 static void step_026_bn_l1_bwd_bn4(void)
 {
     k_bn_l1_bwd_f16_f16_dx1_rows1(T_bn4_d_out, T_bn4_s, T_bn4_psi, T_bn4_dbeta, T_fc4_d_out, 100,
-            256, 1, 4);
+            256, 1, 4, 0, 256);
 #ifdef BNNC_PERTURB_BN_L1_BWD
     T_bn4_dbeta[0] += 1.0f;
 #endif
@@ -2816,7 +2836,7 @@ static void step_027_adam_update_bn4(void)
             (float)1.0, 0, (float)0.001, (float)0.9, (float)0.999, (float)0.09999999999999998,
             (float)0.0010000000000000009, bnnc_one_minus_pow((float)0.9, t),
             bnnc_one_minus_pow((float)0.999, t), (float)1e-07, bnnc_sr_key(seed, t, 27u),
-            bnnc_sr_key(seed, t, 28u), bnnc_sr_key(seed, t, 29u));
+            bnnc_sr_key(seed, t, 28u), bnnc_sr_key(seed, t, 29u), 0, 256);
 #ifdef BNNC_PERTURB_ADAM_UPDATE
     S_bn4_beta[0] = bnnc_f32_to_bf16_rne(bnnc_bf16_to_f32(S_bn4_beta[0]) + 1.0f);
 #endif
@@ -2841,7 +2861,7 @@ static void step_028_po2_quantize_fc4(void)
  * ONNX node "_fc4_MatMul" */
 static void step_029_dense_dw_bin_fc4(void)
 {
-    k_dense_dw_bin_bits_po21(T_sign3_out, T_fc4_d_out_q, T_fc4_dW, 100, 256, 256, 4, 1, 0);
+    k_dense_dw_bin_bits_po21(T_sign3_out, T_fc4_d_out_q, T_fc4_dW, 100, 256, 256, 4, 1, 0, 0, 256);
 #ifdef BNNC_PERTURB_DENSE_DW_BIN
     T_fc4_dW[0] ^= 1u;
 #endif
@@ -2869,7 +2889,8 @@ static void step_031_adam_update_fc4(void)
             (float)0.00390625, 1, (float)0.001, (float)0.9, (float)0.999,
             (float)0.09999999999999998, (float)0.0010000000000000009,
             bnnc_one_minus_pow((float)0.9, t), bnnc_one_minus_pow((float)0.999, t), (float)1e-07,
-            bnnc_sr_key(seed, t, 24u), bnnc_sr_key(seed, t, 25u), bnnc_sr_key(seed, t, 26u));
+            bnnc_sr_key(seed, t, 24u), bnnc_sr_key(seed, t, 25u), bnnc_sr_key(seed, t, 26u), 0,
+            65536);
 #ifdef BNNC_PERTURB_ADAM_UPDATE
     S_fc4_W[0] = bnnc_f32_to_bf16_rne(bnnc_bf16_to_f32(S_fc4_W[0]) + 1.0f);
 #endif
@@ -2894,7 +2915,7 @@ static void step_032_sign_bwd_mask_sign3(void)
 static void step_033_bn_l1_bwd_bn3(void)
 {
     k_bn_l1_bwd_f16_f16_dx1_rows1(T_bn3_d_out, T_bn3_s, T_bn3_psi, T_bn3_dbeta, T_fc3_d_out, 100,
-            256, 1, 4);
+            256, 1, 4, 0, 256);
 #ifdef BNNC_PERTURB_BN_L1_BWD
     T_bn3_dbeta[0] += 1.0f;
 #endif
@@ -2911,7 +2932,7 @@ static void step_034_adam_update_bn3(void)
             (float)1.0, 0, (float)0.001, (float)0.9, (float)0.999, (float)0.09999999999999998,
             (float)0.0010000000000000009, bnnc_one_minus_pow((float)0.9, t),
             bnnc_one_minus_pow((float)0.999, t), (float)1e-07, bnnc_sr_key(seed, t, 19u),
-            bnnc_sr_key(seed, t, 20u), bnnc_sr_key(seed, t, 21u));
+            bnnc_sr_key(seed, t, 20u), bnnc_sr_key(seed, t, 21u), 0, 256);
 #ifdef BNNC_PERTURB_ADAM_UPDATE
     S_bn3_beta[0] = bnnc_f32_to_bf16_rne(bnnc_bf16_to_f32(S_bn3_beta[0]) + 1.0f);
 #endif
@@ -2936,7 +2957,7 @@ static void step_035_po2_quantize_fc3(void)
  * ONNX node "_fc3_MatMul" */
 static void step_036_dense_dw_bin_fc3(void)
 {
-    k_dense_dw_bin_bits_po21(T_sign2_out, T_fc3_d_out_q, T_fc3_dW, 100, 256, 256, 4, 1, 0);
+    k_dense_dw_bin_bits_po21(T_sign2_out, T_fc3_d_out_q, T_fc3_dW, 100, 256, 256, 4, 1, 0, 0, 256);
 #ifdef BNNC_PERTURB_DENSE_DW_BIN
     T_fc3_dW[0] ^= 1u;
 #endif
@@ -2964,7 +2985,8 @@ static void step_038_adam_update_fc3(void)
             (float)0.00390625, 1, (float)0.001, (float)0.9, (float)0.999,
             (float)0.09999999999999998, (float)0.0010000000000000009,
             bnnc_one_minus_pow((float)0.9, t), bnnc_one_minus_pow((float)0.999, t), (float)1e-07,
-            bnnc_sr_key(seed, t, 16u), bnnc_sr_key(seed, t, 17u), bnnc_sr_key(seed, t, 18u));
+            bnnc_sr_key(seed, t, 16u), bnnc_sr_key(seed, t, 17u), bnnc_sr_key(seed, t, 18u), 0,
+            65536);
 #ifdef BNNC_PERTURB_ADAM_UPDATE
     S_fc3_W[0] = bnnc_f32_to_bf16_rne(bnnc_bf16_to_f32(S_fc3_W[0]) + 1.0f);
 #endif
@@ -2989,7 +3011,7 @@ static void step_039_sign_bwd_mask_sign2(void)
 static void step_040_bn_l1_bwd_bn2(void)
 {
     k_bn_l1_bwd_f16_f16_dx1_rows1(T_bn2_d_out, T_bn2_s, T_bn2_psi, T_bn2_dbeta, T_fc2_d_out, 100,
-            256, 1, 4);
+            256, 1, 4, 0, 256);
 #ifdef BNNC_PERTURB_BN_L1_BWD
     T_bn2_dbeta[0] += 1.0f;
 #endif
@@ -3006,7 +3028,7 @@ static void step_041_adam_update_bn2(void)
             (float)1.0, 0, (float)0.001, (float)0.9, (float)0.999, (float)0.09999999999999998,
             (float)0.0010000000000000009, bnnc_one_minus_pow((float)0.9, t),
             bnnc_one_minus_pow((float)0.999, t), (float)1e-07, bnnc_sr_key(seed, t, 11u),
-            bnnc_sr_key(seed, t, 12u), bnnc_sr_key(seed, t, 13u));
+            bnnc_sr_key(seed, t, 12u), bnnc_sr_key(seed, t, 13u), 0, 256);
 #ifdef BNNC_PERTURB_ADAM_UPDATE
     S_bn2_beta[0] = bnnc_f32_to_bf16_rne(bnnc_bf16_to_f32(S_bn2_beta[0]) + 1.0f);
 #endif
@@ -3031,7 +3053,7 @@ static void step_042_po2_quantize_fc2(void)
  * ONNX node "_fc2_MatMul" */
 static void step_043_dense_dw_bin_fc2(void)
 {
-    k_dense_dw_bin_bits_po21(T_sign1_out, T_fc2_d_out_q, T_fc2_dW, 100, 256, 256, 4, 1, 0);
+    k_dense_dw_bin_bits_po21(T_sign1_out, T_fc2_d_out_q, T_fc2_dW, 100, 256, 256, 4, 1, 0, 0, 256);
 #ifdef BNNC_PERTURB_DENSE_DW_BIN
     T_fc2_dW[0] ^= 1u;
 #endif
@@ -3059,7 +3081,8 @@ static void step_045_adam_update_fc2(void)
             (float)0.00390625, 1, (float)0.001, (float)0.9, (float)0.999,
             (float)0.09999999999999998, (float)0.0010000000000000009,
             bnnc_one_minus_pow((float)0.9, t), bnnc_one_minus_pow((float)0.999, t), (float)1e-07,
-            bnnc_sr_key(seed, t, 8u), bnnc_sr_key(seed, t, 9u), bnnc_sr_key(seed, t, 10u));
+            bnnc_sr_key(seed, t, 8u), bnnc_sr_key(seed, t, 9u), bnnc_sr_key(seed, t, 10u), 0,
+            65536);
 #ifdef BNNC_PERTURB_ADAM_UPDATE
     S_fc2_W[0] = bnnc_f32_to_bf16_rne(bnnc_bf16_to_f32(S_fc2_W[0]) + 1.0f);
 #endif
@@ -3084,7 +3107,7 @@ static void step_046_sign_bwd_mask_sign1(void)
 static void step_047_bn_l1_bwd_bn1(void)
 {
     k_bn_l1_bwd_f16_f16_dx1_rows1(T_bn1_d_out, T_bn1_s, T_bn1_psi, T_bn1_dbeta, T_fc1_d_out, 100,
-            256, 1, 4);
+            256, 1, 4, 0, 256);
 #ifdef BNNC_PERTURB_BN_L1_BWD
     T_bn1_dbeta[0] += 1.0f;
 #endif
@@ -3101,7 +3124,7 @@ static void step_048_adam_update_bn1(void)
             (float)1.0, 0, (float)0.001, (float)0.9, (float)0.999, (float)0.09999999999999998,
             (float)0.0010000000000000009, bnnc_one_minus_pow((float)0.9, t),
             bnnc_one_minus_pow((float)0.999, t), (float)1e-07, bnnc_sr_key(seed, t, 3u),
-            bnnc_sr_key(seed, t, 4u), bnnc_sr_key(seed, t, 5u));
+            bnnc_sr_key(seed, t, 4u), bnnc_sr_key(seed, t, 5u), 0, 256);
 #ifdef BNNC_PERTURB_ADAM_UPDATE
     S_bn1_beta[0] = bnnc_f32_to_bf16_rne(bnnc_bf16_to_f32(S_bn1_beta[0]) + 1.0f);
 #endif
@@ -3126,7 +3149,8 @@ static void step_049_po2_quantize_fc1(void)
  * ONNX node "_fc1_MatMul" */
 static void step_050_dense_dw_bin_fc1(void)
 {
-    k_dense_dw_bin_real_f32_po21(T_flatten1_out, T_fc1_d_out_q, T_fc1_dW, 100, 784, 256, 0, 1, 0);
+    k_dense_dw_bin_real_f32_po21(T_flatten1_out, T_fc1_d_out_q, T_fc1_dW, 100, 784, 256, 0, 1, 0, 0,
+            784);
 #ifdef BNNC_PERTURB_DENSE_DW_BIN
     T_fc1_dW[0] ^= 1u;
 #endif
@@ -3142,7 +3166,8 @@ static void step_051_adam_update_fc1(void)
             (float)0.0022321429569274187, 1, (float)0.001, (float)0.9, (float)0.999,
             (float)0.09999999999999998, (float)0.0010000000000000009,
             bnnc_one_minus_pow((float)0.9, t), bnnc_one_minus_pow((float)0.999, t), (float)1e-07,
-            bnnc_sr_key(seed, t, 0u), bnnc_sr_key(seed, t, 1u), bnnc_sr_key(seed, t, 2u));
+            bnnc_sr_key(seed, t, 0u), bnnc_sr_key(seed, t, 1u), bnnc_sr_key(seed, t, 2u), 0,
+            200704);
 #ifdef BNNC_PERTURB_ADAM_UPDATE
     S_fc1_W[0] = bnnc_f32_to_bf16_rne(bnnc_bf16_to_f32(S_fc1_W[0]) + 1.0f);
 #endif
