@@ -30,7 +30,6 @@ from pathlib import Path
 
 import numpy as np
 
-from bnnc.compiler.c_literals import PIXEL_LUT
 from bnnc.compiler.config import make_config
 from bnnc.compiler.pipeline import compile_to_c
 from bnnc.compiler.target import load_target
@@ -38,6 +37,8 @@ from bnnc.compiler.zoo import build_zoo_model
 from bnnc.compiler.frontend import load_model
 from bnnc.runtime.host import HostProgram
 from bnnc.runtime.profile import profile
+
+from ab_step import step_times     # benchmarks/ (this script's directory) is on sys.path
 
 
 def _load() -> str:
@@ -47,21 +48,7 @@ def _load() -> str:
 def step_rates(dirs: list[Path], steps: int, warmup: int) -> tuple[list[list[float]], list[bytes]]:
     """Wall ms of each training step of each build (stepped in turn) and their final states."""
     progs = [HostProgram(d, debug=False) for d in dirs]
-    m = progs[0].manifest
-    for p in progs:
-        p.init(0)
-    rng = np.random.default_rng(0)
-    xs = [PIXEL_LUT[rng.integers(0, 256, m.input_shape, dtype=np.uint8)] for _ in range(4)]
-    ys = [rng.integers(0, m.classes, m.batch).astype(np.int32) for _ in range(4)]
-    times: list[list[float]] = [[] for _ in progs]
-    for rep in range(warmup + steps):
-        for j in range(len(progs)):
-            k = (j + rep) % len(progs)
-            t0 = time.perf_counter()
-            progs[k].train_step(xs[rep % 4], ys[rep % 4])
-            dt = time.perf_counter() - t0
-            if rep >= warmup:
-                times[k].append(1000.0 * dt)
+    times = step_times(progs, steps, warmup, clock=time.perf_counter)
     states = [p.get_state() for p in progs]
     for p in progs:
         p.close()

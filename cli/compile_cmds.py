@@ -36,13 +36,13 @@ from ..runtime.host import KERNEL_VARIANTS
 from ..runtime.outdir import (compile_graph, load_graph, model_bytes, model_preprocess,
                               with_new_head)
 from .app import cli
-
-THREADS_HELP = ("Linux targets (host library and trainer, rpi4, rpi3): each training step's heavy "
-                "kernels (conv and dense forward, dX, dW) split their output over N POSIX threads, "
-                "started once and kept; any N gives the same bits. Recorded in OUT's manifest. "
-                "Bare-metal targets take 1 only")
 from .memory_cmds import freeze_options, technique_options, with_freeze
 from .train_cmds import lr_help, optimizer_options
+
+THREADS_HELP = ("Linux targets (host library and trainer, rpi4, rpi3): each training step's heavy "
+                "kernels (conv and dense forward, dX, dW; BN; Adam/SGD) split their output over N "
+                "POSIX threads, started once and kept; any N gives the same bits. Recorded in "
+                "OUT's manifest. Bare-metal targets take 1 only")
 
 # the technique switches of `bnnc inspect` / `bnnc train` (unset = the algorithm's default)
 _TECHNIQUES = ("optimizer", "binary_dw", "po2", "po2_bias", "bn", "state_dtype", "save_bits",
