@@ -3,7 +3,8 @@
 (a) The debug trainer's trace (`--check-in/--check-out`: every tensor after every step, the state
 before and after, the trace `bnnc check` reads) of a small CNN with conv and dense layers (both algorithms; an odd batch, so splits end in
 partial units and some threads get empty ranges) is byte-identical
-for N = 1, 2 and 3 threads on the host (N = 3 with the run-time dispatch capped at SSE2), and for
+for N = 1 and 2 threads on the host, and for the proposed algorithm also for N = 3 with the
+run-time dispatch capped at SSE2, built with -fsanitize=thread (a data race fails it), and for
 N = 2 on rpi4 under qemu-aarch64 (Cortex-A72). (b) `bnnc check --threads 2` passes. (c) The cffi
 library's threads start once, survive repeated loads of the same build and are joined by
 `close()` (and by the finalizer): no thread is left behind. (d) Bare-metal targets refuse
@@ -35,8 +36,9 @@ from bnnc.runtime.host import HostProgram
 from bnnc.runtime.programs import LocalRunner, build_trainer, check_result
 from bnnc.runtime.trace import trace_input
 
-from graphs import _binary_block, _Builder
+from graphs import _binary_block, _Builder, tiny_mlp
 
+TSAN = ("-O1", "-g", "-fsanitize=thread")
 ARM = all(shutil.which(t) for t in ("aarch64-linux-gnu-gcc", "qemu-aarch64"))
 STEPS = 2
 
@@ -72,6 +74,7 @@ def _trace(root, label, target, threads, graph, cfg, trace_in, flags=()):
     res = LocalRunner(load_target(target)).run(exe, ["--check-in", str(fin), "--check-out",
                                                      str(fout)], timeout=600)
     check_result(res, f"the {label} check program")
+    assert "ThreadSanitizer" not in (res.stderr or ""), res.stderr
     return fout.read_bytes()
 
 
@@ -88,10 +91,12 @@ def test_traces_identical_for_any_thread_count(algorithm, tmp_path):
                            batches)
     # N = 3 with the run-time dispatch capped at SSE2: every thread runs the same variant, and
     # every variant has the same bits
-    builds = [("host-1", "host", 1, ()), ("host-2", "host", 2, ()),
-              ("host-3-sse2", "host", 3, ("-DBNNC_NO_AVX2",))]
-    if algorithm == "proposed" and ARM:
-        builds += [("rpi4-2", "rpi4", 2, ())]
+    builds = [("host-1", "host", 1, ()), ("host-2", "host", 2, ())]
+    if algorithm == "proposed":
+        # ... and under ThreadSanitizer, which fails the run on any data race between the parts
+        builds += [("host-3-sse2-tsan", "host", 3, ("-DBNNC_NO_AVX2",) + TSAN)]
+        if ARM:
+            builds += [("rpi4-2", "rpi4", 2, ())]
     with ThreadPoolExecutor(max_workers=2) as pool:     # the builds dominate; two cores
         traces = dict(zip([b[0] for b in builds], pool.map(
             lambda b: _trace(tmp_path, b[0], b[1], b[2], graph, cfg, trace_in, b[3]), builds)))
@@ -111,7 +116,7 @@ def test_traces_identical_for_any_thread_count(algorithm, tmp_path):
 
 
 def test_bnnc_check_passes_with_threads(tmp_path):
-    rep = run_check(small_cnn(), make_config("proposed", batch=6), steps=2,
+    rep = run_check(tiny_mlp(), make_config("proposed", batch=9), steps=2,
                     work_dir=tmp_path, threads=2)
     assert rep.ok, [r.name for r in rep.failures]
 
@@ -122,7 +127,7 @@ def _threads_now() -> int:
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux /proc")
 def test_library_threads_start_once_and_are_joined(tmp_path):
-    graph = _graph("mlp", 0.25)
+    graph = tiny_mlp()
     cfg = make_config("proposed", batch=8)
     compile_to_c(graph, cfg, load_target("host"), tmp_path, threads=3)
     rng = np.random.default_rng(0)
