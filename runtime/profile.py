@@ -51,6 +51,7 @@ class Profile:
     batch: int
     steps: tuple[StepTime, ...]
     step_ms: float     # median of the whole train_step call
+    threads: int = 1   # the build's (bnnc compile --threads): > 1 is timed on the wall clock
 
     def by_kernel(self) -> list[tuple[str, int, float, int]]:
         """(kernel, number of schedule steps, total ms, total MACs), largest time first."""
@@ -118,4 +119,4 @@ def profile(out_dir: str | Path, *, steps: int = 10, warmup: int = 2, seed: int 
                           step_macs(m, s.kernel, s.layer))
                  for k, s in enumerate(m.steps))
     return Profile(m.model, str(m.config.get("algorithm", "")), m.batch, rows,
-                   float(np.median(whole) * 1e3))
+                   float(np.median(whole) * 1e3), m.threads)
