@@ -27,6 +27,30 @@ import numpy as np
 from bnnc.runtime.host import HostProgram
 
 
+def step_times(progs: list[HostProgram], steps: int, warmup: int,
+               clock=time.thread_time) -> list[list[float]]:
+    """ms of each timed training step of each program (stepped in turn, rotating who goes first,
+    all from seed 0 on the same four cycled batches), on `clock`."""
+    m = progs[0].manifest
+    for p in progs:
+        p.init(0)
+    rng = np.random.default_rng(0)
+    us = [rng.integers(0, 256, m.input_shape, dtype=np.uint8) for _ in range(4)]
+    ys = [rng.integers(0, m.classes, m.batch).astype(np.int32) for _ in range(4)]
+    # each program gets the batch as it takes it: u8 pixels under --input u8, else their floats
+    xs = [[p.pixel_batch(u) for u in us] for p in progs]
+    times: list[list[float]] = [[] for _ in progs]
+    for rep in range(warmup + steps):
+        for j in range(len(progs)):
+            k = (j + rep) % len(progs)
+            t0 = clock()
+            progs[k].train_step(xs[k][rep % 4], ys[rep % 4])
+            dt = clock() - t0
+            if rep >= warmup:
+                times[k].append(1000.0 * dt)
+    return times
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("dirs", nargs="+", type=Path, help="compiled output directories")
@@ -37,22 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     m = progs[0].manifest
     if any((p.manifest.input_shape, p.manifest.batch) != (m.input_shape, m.batch) for p in progs):
         ap.error("the directories must share input shape and batch")
-    for p in progs:
-        p.init(0)
-    rng = np.random.default_rng(0)
-    us = [rng.integers(0, 256, m.input_shape, dtype=np.uint8) for _ in range(4)]
-    ys = [rng.integers(0, m.classes, m.batch).astype(np.int32) for _ in range(4)]
-    # each program gets the batch as it takes it: u8 pixels under --input u8, else their floats
-    xs = [[p.pixel_batch(u) for u in us] for p in progs]
-    times: list[list[float]] = [[] for _ in progs]
-    for rep in range(args.warmup + args.steps):
-        for j in range(len(progs)):
-            k = (j + rep) % len(progs)
-            t0 = time.thread_time()
-            progs[k].train_step(xs[k][rep % 4], ys[rep % 4])
-            dt = time.thread_time() - t0
-            if rep >= args.warmup:
-                times[k].append(1000.0 * dt)
+    times = step_times(progs, args.steps, args.warmup)
     base = float(np.median(times[0]))
     for d, t in zip(args.dirs, times):
         med = float(np.median(t))

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import click
 
+from ..compiler.codegen import MAX_THREADS, check_threads
 from ..compiler.config import ALGORITHMS, make_config
 from ..compiler.budget import fit_budget
 from ..compiler.errors import BudgetError, ConfigError
@@ -38,6 +39,11 @@ from ..runtime.outdir import (compile_graph, load_graph, model_bytes, model_prep
 from .app import cli
 from .memory_cmds import freeze_options, pixel_input, technique_options, with_freeze
 from .train_cmds import lr_help, optimizer_options
+
+THREADS_HELP = ("Linux targets (host library and trainer, rpi4, rpi3): each training step's heavy "
+                "kernels (conv and dense forward, dX, dW; BN; Adam/SGD) split their output over N "
+                "POSIX threads, started once and kept; any N gives the same bits. Recorded in "
+                "OUT's manifest. Bare-metal targets take 1 only")
 
 # the technique switches of `bnnc inspect` / `bnnc train` (unset = the algorithm's default)
 _TECHNIQUES = ("optimizer", "binary_dw", "po2", "po2_bias", "bn", "state_dtype", "save_bits",
@@ -139,11 +145,13 @@ def budget_target(name: str, ram: str | None, flash: str | None) -> Target:
               help=f"u8 pixel -> model input, recorded in OUT and used by run, eval, export and "
                    f"the trainers: {SPEC_HELP} [default: what the model file records, else "
                    "symmetric with a notice]")
+@click.option("--threads", type=click.IntRange(1, MAX_THREADS), default=1, show_default=True,
+              metavar="N", help=THREADS_HELP)
 def compile_cmd(model: str, target: str, algorithm: str | None, batch: int | None, lr: float | None,
                 seed: int, width: float | None, classes: int | None, out_dir: Path,
                 ram: str | None, flash: str | None, guard: bool, preprocess: str | None,
                 emit: str, train: str | None, train_from: str | None, fit: bool, force: bool,
-                **techniques) -> None:
+                threads: int, **techniques) -> None:
     """Compile MODEL into a static, malloc-free C99 training program in OUT.
 
     OUT is bnnc's own: it must be new, empty or written by bnnc (else --force); files of an
@@ -165,6 +173,7 @@ def compile_cmd(model: str, target: str, algorithm: str | None, batch: int | Non
       bnnc compile tfc.onnx --target cortex-m4 --ram 64K --batch 32 --fit -o out/m4
     """
     tgt = budget_target(target, ram, flash)
+    check_threads(threads, tgt)
     cfg = _config(algorithm, batch, lr, seed, 100, techniques)
     graph = load_graph(model, width=width)
     if emit == "library" and guard:
@@ -207,12 +216,14 @@ def compile_cmd(model: str, target: str, algorithm: str | None, batch: int | Non
         + (" --guard" if guard else "") + (" --emit library" if emit == "library" else "") \
         + (f" --preprocess {pre.spec()}" if preprocess else "") \
         + (" --input u8" if cfg.input == "u8" else "")
+        + (f" --threads {threads}" if threads > 1 else "")
     c, written = compile_graph(graph, cfg, tgt, out_dir, command, source,
                                guard_bytes=DEFAULT_GUARD_BYTES if guard else 0, emit=emit,
-                               force=force, preprocess=pre)
+                               force=force, preprocess=pre, threads=threads)
     click.echo(f"{graph.name}: {cfg.algorithm}, {cfg.optimizer}, batch {cfg.batch}, "
                f"{len(c.schedule.steps)} steps, {len(c.emitted.kernels)} C kernels; input "
-               f"{c.emitted.doc.preprocess.describe()}")
+               f"{c.emitted.doc.preprocess.describe()}"
+               + (f"; {threads} threads" if threads > 1 else ""))
     click.echo(f"arena {c.plan.arena_nbytes:,} B (lower bound {c.plan.lower_bound:,}, efficiency "
                f"{c.plan.efficiency:.3f}), state {c.plan.state_nbytes:,} B")
     if cfg.frozen:
@@ -242,10 +253,12 @@ def compile_cmd(model: str, target: str, algorithm: str | None, batch: int | Non
               show_default=True,
               help="--target host: force the kernels' run-time choice (x86-64): auto (the widest "
                    "the CPU has), avx2 or sse2 (capped there), portable (-DBNNC_NO_SIMD)")
+@click.option("--threads", type=click.IntRange(1, MAX_THREADS), default=1, show_default=True,
+              metavar="N", help="check the C compiled with --threads N (Linux targets)")
 def check_cmd(model: str, target: str, algorithm: str | None, batch: int | None, lr: float | None,
               seed: int, width: float | None, classes: int | None, steps: int, data_seed: int,
               keep: Path | None, free: bool, verbose: bool, variant: str, ram: str | None,
-              flash: str | None, train: str | None, train_from: str | None,
+              flash: str | None, train: str | None, train_from: str | None, threads: int,
               **techniques) -> None:
     """Train MODEL for K steps in the emitted C and in the numpy reference; compare every tensor.
 
@@ -255,6 +268,7 @@ def check_cmd(model: str, target: str, algorithm: str | None, batch: int | None,
     tensor of every step, and the same comparison replays that recording.
     """
     cfg = _config(algorithm, batch, lr, seed, 32, techniques)
+    check_threads(threads, load_target(target))
     if variant != "auto" and load_target(target).kind != "host":
         raise ConfigError(f"--variant {variant} forces the host build's kernels; target {target!r} "
                           "runs its own build", hint="use --variant with --target host")
@@ -271,8 +285,9 @@ def check_cmd(model: str, target: str, algorithm: str | None, batch: int | None,
                         work_dir=keep if keep is not None else tmp,
                         command=_canonical_command("check", model, cfg, target, width,
                                                    classes=classes, train=train,
-                                                   train_from=train_from),
-                        forcing=not free, extra_cflags=KERNEL_VARIANTS[variant])
+                                                   train_from=train_from)
+                        + (f" --threads {threads}" if threads > 1 else ""),
+                        forcing=not free, extra_cflags=KERNEL_VARIANTS[variant], threads=threads)
     click.echo(format_report(rep, verbose=verbose))
     if not rep.ok:
         bad = sorted({r.name for r in rep.failures})

@@ -34,7 +34,8 @@ def profile_cmd(out_dir: Path, steps: int, warmup: int, variant: str, per_step: 
     \b
     Prints per kernel: schedule steps, median ms per training step, share of the step, and for
     the products of weight layers (dense/conv forward, dX, dW) the multiply-accumulates and the
-    rate. The sum of the kernels is the step without the call's input copy.
+    rate. The sum of the kernels is the step without the call's input copy. Times are the
+    calling thread's CPU time; a --threads build is timed on the wall clock.
     \b
     Example:
       bnnc compile mlp -o out/mlp && bnnc profile out/mlp
@@ -43,7 +44,8 @@ def profile_cmd(out_dir: Path, steps: int, warmup: int, variant: str, per_step: 
     prof = profile(out_dir, steps=steps, warmup=warmup, extra_cflags=VARIANTS[variant])
     total = sum(s.ms for s in prof.steps)
     con = Console(highlight=False, soft_wrap=True)
-    con.print(f"{prof.model} ({prof.algorithm}, batch {prof.batch}, {variant} kernels): "
+    clock = f"wall clock, {prof.threads} threads" if prof.threads > 1 else "thread CPU time"
+    con.print(f"{prof.model} ({prof.algorithm}, batch {prof.batch}, {variant} kernels, {clock}): "
               f"{total:.3f} ms in kernels, {prof.step_ms:.3f} ms per train_step call "
               f"(median of {steps})")
     t = Table(box=None, pad_edge=False)

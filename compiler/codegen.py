@@ -67,7 +67,7 @@ from .contract import (DTYPE_CODES, MANIFEST, REGION_CODES, STATE_BLOB_HEADER_BY
                        STATE_BLOB_MAGIC, STATE_BLOB_VERSION, STATUSES, TRAINER_SOURCE, Manifest,
                        StateEntry, StepEntry, TensorEntry)
 from .errors import PlanError, TargetError
-from .lower import CTYPES, Instance, LowerCtx
+from .lower import CTYPES, Call, Instance, LowerCtx
 from .ops.base import Phase
 from .ops.dense import packed_w_geometry
 from .ops.loss import SOFTMAX_ROWS
@@ -248,10 +248,38 @@ def _use(instances: dict[str, Instance], inst: Instance) -> None:
     assert instances[inst.fn] == inst, inst.fn
 
 
+def _part_args(call: Call) -> list[str]:
+    """The arguments of a call on a thread's range [lo, hi) of its split (lower.Split)."""
+    sp = call.split
+    assert sp is not None
+    args = [str(a) for a in call.args]
+    for i, per in sp.offsets:
+        args[i] = f"({args[i]} + (size_t)lo * {per}u)"
+    if sp.count is not None:
+        args[sp.count] = "hi - lo"
+    if sp.geom:
+        args = ["&gp" if a == "&g" else a for a in args]
+    if sp.ranged:
+        args[-2:] = ["lo", "hi"]
+    return args
+
+
+def _threaded(call: Call, name: str, threads: int) -> dict | None:
+    """What a step function splits over `threads` threads: its part function (the call on a range
+    of its output) and the `bnnc_par` call that runs the parts; None when it runs whole."""
+    if threads < 2 or call.split is None or call.split.extent < 2:
+        return None
+    sp = call.split
+    return dict(fn=f"{name}_part", geom=sp.geom, call=_call_lines(call.inst.fn, _part_args(call)),
+                run=[f"    bnnc_par({name}_part, {sp.extent}, {sp.unit});"])
+
+
 def _step_calls(schedule: Schedule, ctx: LowerCtx, dump_off: Mapping[str, int],
-                instances: dict[str, Instance], onnx_names: Mapping[str, str]) -> list[dict]:
+                instances: dict[str, Instance], onnx_names: Mapping[str, str],
+                threads: int = 1) -> list[dict]:
     """One static step function per schedule step: its name, comment, kernel call, debug dumps
-    and test hooks (what templates/model.c.j2 renders)."""
+    and test hooks (what templates/model.c.j2 renders); with `threads` > 1, a split call's
+    part function (`part`)."""
     steps = []
     for s in schedule.steps:
         call = s.kernel.lower(s, ctx)
@@ -259,12 +287,14 @@ def _step_calls(schedule: Schedule, ctx: LowerCtx, dump_off: Mapping[str, int],
         macro, stmt = _perturb_line(s, ctx)
         name = c_ident(f"step_{s.index:03d}_{s.kernel.name}"
                        + (f"_{s.layer}" if s.layer else ""))
+        part = _threaded(call, name, threads)
         steps.append(dict(index=s.index, name=name, kernel=s.kernel.name, layer=s.layer,
                           phase=s.phase.value,
                           comment=c_comment(f"{', '.join(s.inputs)} -> {', '.join(s.outputs)}"),
                           onnx=c_label(onnx_names.get(s.layer, "")),
-                          fn=call.inst.fn, call=_call_lines(call.inst.fn, call.args),
-                          decls=call.decls,
+                          fn=call.inst.fn,
+                          call=part["run"] if part else _call_lines(call.inst.fn, call.args),
+                          decls=[] if part else call.decls, part=part, part_decls=call.decls,
                           dumps=[(dump_off[o], ctx.ptr(o), ctx.t(o).nbytes)
                                  for o in s.outputs],
                           perturb_macro=macro, perturb=stmt,
@@ -320,7 +350,7 @@ def _tensor_macros(tensors: list[TensorEntry], ctx: LowerCtx, plan) -> list[dict
 
 def _template_context(schedule: Schedule, plan, target: Target, ctx: LowerCtx, *, command: str,
                       model_sha256: str, onnx_names: Mapping[str, str],
-                      preprocess: Preprocess) -> tuple[dict, list[str]]:
+                      preprocess: Preprocess, threads: int = 1) -> tuple[dict, list[str]]:
     """Everything the templates substitute (model.c/.h, trainer, Makefile, bare-metal files) and
     the names of the kernel functions the program uses."""
     cfg = schedule.config
@@ -329,7 +359,7 @@ def _template_context(schedule: Schedule, plan, target: Target, ctx: LowerCtx, *
     tensors, dump_off, dump_nbytes = _tensor_table(schedule, plan)
     states = _state_entries(schedule, plan)
     instances: dict[str, Instance] = {}
-    steps = _step_calls(schedule, ctx, dump_off, instances, onnx_names)
+    steps = _step_calls(schedule, ctx, dump_off, instances, onnx_names, threads)
     infer, predict = _predict_calls(schedule, ctx, steps, instances)
     input_t, labels_t = schedule.tensors["input"], schedule.tensors["labels"]
     mhash = _model_hash(schedule, plan, model_sha256)
@@ -372,7 +402,7 @@ def _template_context(schedule: Schedule, plan, target: Target, ctx: LowerCtx, *
         steps=steps, infer=infer, predict=predict,
         dtype_codes=[(d.value.upper(), c) for d, c in DTYPE_CODES.items()],
         crc_table=[f"0x{v:08X}u" for v in _crc_table()], target=target.name,
-        target_kind=target.kind, **_pixel_context(preprocess, input_t.shape[1:]),
+        target_kind=target.kind, threads=threads, **_pixel_context(preprocess, input_t.shape[1:]),
         **_lr_context(schedule),
         **_guard_context(schedule, plan),
     )
@@ -421,29 +451,45 @@ def _render_program(env: jinja2.Environment, common: dict, kernels: list[str], t
 
 
 EMITS = ("program", "library")
+MAX_THREADS = 64
+
+
+def check_threads(threads: int, target: Target) -> None:
+    """TargetError unless `threads` is 1, or 2..MAX_THREADS on a Linux target (host or a Pi: POSIX
+    threads; a bare-metal target has one core and no threads)."""
+    if threads == 1:
+        return
+    if not 1 <= threads <= MAX_THREADS:
+        raise TargetError(f"--threads {threads}: give 1 to {MAX_THREADS}")
+    if target.kind not in ("host", "linux"):
+        raise TargetError(f"--threads {threads}: target {target.name} is bare metal (one core, no "
+                          "POSIX threads); only host, rpi4 and rpi3 builds take --threads > 1",
+                          hint="leave out --threads (1, the default) for this target")
 
 
 def emit_c(schedule: Schedule, plan, target: Target | str, out_dir: str | Path, *, command: str = "",
            model_sha256: str = "", plan_json: str | None = None,
            onnx_names: Mapping[str, str] | None = None, emit: str = "program",
-           preprocess: Preprocess = DEFAULT_PREPROCESS) -> Emitted:
+           preprocess: Preprocess = DEFAULT_PREPROCESS, threads: int = 1) -> Emitted:
     """Write the C program of one training step of `schedule` placed by `plan` into `out_dir`
     (`target`: a Target or a targets/ name; `command`, `model_sha256`: front matter; `plan_json`:
     written as plan.json when given; `onnx_names`: layer -> ONNX node name, named (reduced to
     identifier characters, `c_literals.c_label`) in the comment above each step function and
     nowhere else; `preprocess`: the u8 pixel -> input map of the trainers' pixel tables, recorded
-    in the manifest). Stages: check, template context (tensor
+    in the manifest; `threads`: the threads a training step runs on, Linux targets only
+    (`check_threads`), recorded in the manifest). Stages: check, template context (tensor
     table, state table, step calls, predict, guards), kernel sources, files."""
     if isinstance(target, str):
         target = load_target(target)
     if emit not in EMITS:
         raise TargetError(f"--emit {emit!r} is not one of {', '.join(EMITS)}")
     _check_emittable(schedule, plan, target)
+    check_threads(threads, target)
     ctx = LowerCtx(schedule, plan)
     env = target_env(target)
     common, instances = _template_context(schedule, plan, target, ctx, command=command,
                                           model_sha256=model_sha256, onnx_names=onnx_names or {},
-                                          preprocess=preprocess)
+                                          preprocess=preprocess, threads=threads)
     common.update(fw_context(schedule, plan, common))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -466,7 +512,8 @@ def emit_c(schedule: Schedule, plan, target: Target | str, out_dir: str | Path, 
                    state=tuple(states), steps=tuple(StepEntry(s["index"], s["kernel"], s["layer"],
                                                               s["fn"]) for s in steps),
                    frozen=tuple(cfg.frozen), frozen_nbytes=plan.frozen_nbytes,
-                   preprocess=resolved(preprocess, input_channels(tuple(input_t.shape[1:]))))
+                   preprocess=resolved(preprocess, input_channels(tuple(input_t.shape[1:]))),
+                   threads=threads)
     manifest.write_text(doc.to_json())
     files = [header, source, makefile, manifest, *written[3:]]
     if plan_json is not None:

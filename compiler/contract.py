@@ -121,6 +121,8 @@ class Manifest:
     blob_version: int = STATE_BLOB_VERSION
     # u8 pixel -> model input (compiler/preprocess.py), one mean/std per channel when "norm"
     preprocess: Preprocess = DEFAULT_PREPROCESS
+    # threads a training step runs on (bnnc compile --threads; 1 on bare-metal targets)
+    threads: int = 1
 
     @property
     def input_affine(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -185,6 +187,8 @@ class Manifest:
         for name, want in fixed:
             if getattr(self, name) != want:
                 raise bad(f"field {name} is {getattr(self, name)}, not {want}")
+        if not 1 <= self.threads <= 64 or (self.threads > 1 and self.target_kind == "baremetal"):
+            raise bad(f"field threads is {self.threads}, not 1..64 (1 on a bare-metal target)")
         if not 0 <= self.model_hash < 2**64:
             raise bad("field model_hash is not a 64-bit hash")
         if self.batch < 1 or self.classes < 2 or self.config.get("batch", self.batch) != self.batch:

@@ -11,6 +11,7 @@ kernels' scratch plans); C literals come from c_literals.py.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -60,11 +61,33 @@ class Instance:
     flags: tuple[tuple[str, Any], ...] = ()
 
 
+@dataclass(frozen=True)
+class Split:
+    """How `bnnc compile --threads N` divides one call's output between N threads (codegen renders
+    it; every output element is computed by exactly one thread, with the sum of the one-thread
+    call). The split dimension has `extent` units; thread p of N takes units
+    [p * U / N, (p + 1) * U / N) of U = extent / `unit` (rounded up), times `unit`.
+
+    - batch-like splits (samples, rows): the kernel runs on a slice. `offsets` = (argument index,
+      elements its pointer advances per unit); `count` = index of the argument holding the extent
+      (replaced by the part's size); `geom`: the call's `g` geometry gets B = the part's size.
+    - `ranged`: the kernel itself takes the range of its split dimension as its last two
+      arguments (lo, hi), lowered as (0, extent); used where the sum runs over the batch (dW:
+      split over output channels / weight rows)."""
+    extent: int
+    unit: int = 1
+    offsets: tuple[tuple[int, int], ...] = ()
+    count: int | None = None
+    geom: bool = False
+    ranged: bool = False
+
+
 @dataclass
 class Call:
     inst: Instance
     args: list
     decls: list[str] = field(default_factory=list)    # step-local constants the call refers to
+    split: Split | None = None                         # how threads divide it (None: one thread)
 
 
 class LowerCtx:
@@ -135,6 +158,28 @@ def conv_geom(a: dict) -> str:
     (sh, sw), (pt, pl) = a["strides"], a["pads"][:2]
     return geom_decl(a["batch"], a["cin"], a["h"], a["w"], a["cout"], a["kh"], a["kw"], sh, sw, pt,
                      pl, a["oh"], a["ow"], words64(a["cin"]))
+
+
+def conv_batch_split(a: dict, args: dict[int, str], unit: int = 1) -> Split:
+    """A conv/pool call split over samples (its `&g` geometry gets the part's batch); `args`:
+    argument index -> what it points to per sample: "bits" the input as NHWC bits, "in" the
+    input's values [C, H, W] (or its gradient), "out" the output's [K, OH, OW]."""
+    per = {"bits": a["h"] * a["w"] * words64(a["cin"]), "in": a["cin"] * a["h"] * a["w"],
+           "out": a["cout"] * a["oh"] * a["ow"]}
+    return Split(a["batch"], unit, tuple((i, per[k]) for i, k in sorted(args.items())), geom=True)
+
+
+def lcm_unit(*units: int) -> int:
+    out = 1
+    for u in units:
+        out = out * u // math.gcd(out, u)
+    return out
+
+
+def bit_rows_unit(row_bits: int) -> int:
+    """Rows of `row_bits` bits each that a thread's range must be a multiple of, so that no 64-bit
+    word of a packed output holds bits of two threads' rows."""
+    return 64 // math.gcd(row_bits, 64)
 
 
 def pool_geom(a: dict) -> str:

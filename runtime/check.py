@@ -327,11 +327,12 @@ def debug_target(target: Target, *, ram: bool, flash: bool) -> Target:
 def run_check(graph: Graph, cfg: TrainConfig, *, steps: int = 3, data_seed: int = 0,
               target: str | Target = "host", work_dir: str | Path | None = None,
               extra_cflags: Sequence[str] = (), cache: Path | None = None,
-              command: str = "", forcing: bool = True) -> CheckReport:
-    """Run `steps` training steps in C and in the reference and compare (module docstring)."""
+              command: str = "", forcing: bool = True, threads: int = 1) -> CheckReport:
+    """Run `steps` training steps in C and in the reference and compare (module docstring);
+    `threads`: the C's (bnnc compile --threads)."""
     tgt = target if isinstance(target, Target) else load_target(target)
     out = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="bnnc-check-"))
-    schedule = compile_to_c(graph, cfg, tgt, out,
+    schedule = compile_to_c(graph, cfg, tgt, out, threads=threads,
                             command=command or f"bnnc check ({graph.name})").schedule
     chain = _chain_eps(schedule)
     report = CheckReport(graph.name, cfg, steps, forcing, out_dir=out)
@@ -403,6 +404,8 @@ def run_check(graph: Graph, cfg: TrainConfig, *, steps: int = 3, data_seed: int 
                                        None if name in expected else
                                        _slack(schedule, hp, name, schedule.tensors[name], pre)))
     report.not_compared = sorted(seen_c_only)
+    if isinstance(hp, HostProgram):
+        hp.close()
     return report
 
 

@@ -29,6 +29,7 @@ import shutil
 import subprocess
 import tempfile
 import warnings
+import weakref
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -51,6 +52,11 @@ _STATUS = tuple(text for _, text in STATUSES)
 KERNEL_VARIANTS: dict[str, tuple[str, ...]] = {
     "auto": (), "avx2": ("-DBNNC_NO_AVX512",), "sse2": ("-DBNNC_NO_AVX2",),
     "portable": ("-DBNNC_NO_SIMD",)}
+
+
+def thread_flags(m: Manifest) -> list[str]:
+    """The compile and link flags a program of `m` needs for its threads (bnnc compile --threads)."""
+    return ["-pthread"] if m.threads > 1 else []
 
 
 def cache_dir() -> Path:
@@ -183,6 +189,10 @@ def compile_published(prog: Path, argv_for, *, what: str, missing: TargetError) 
             shutil.rmtree(tmpdir, ignore_errors=True)
 
 
+def _shutdown(lib, prefix: str) -> None:
+    getattr(lib, f"{prefix}_shutdown")()
+
+
 class HostProgram:
     """The emitted training program of one `bnnc compile` output directory, loaded in-process."""
 
@@ -192,12 +202,15 @@ class HostProgram:
         self.manifest = m = read_manifest(self.out_dir)
         self.target = target if isinstance(target, Target) else load_target(target)
         self.debug = debug
-        flags = (["-DBNNC_DEBUG_DUMP"] if debug else []) + list(extra_cflags)
+        flags = (["-DBNNC_DEBUG_DUMP"] if debug else []) + list(extra_cflags) + thread_flags(m)
         source = self.out_dir / m.source
         self.library = build_shared(source, target=self.target, extra_cflags=flags, cache=cache)
         self.ffi = cffi.FFI()
         self.ffi.cdef(header_cdef((self.out_dir / m.header).read_text()))
         self.lib = self.ffi.dlopen(str(self.library))
+        # a threaded build's workers must be joined before the library can go: close() or,
+        # at the latest, when this object is collected (the finalizer holds the library)
+        self._finalizer = weakref.finalize(self, _shutdown, self.lib, m.prefix)
         self.prefix = m.prefix
         self.batch = m.batch
         self.input_shape = m.input_shape
@@ -211,6 +224,17 @@ class HostProgram:
 
     def _fn(self, name: str):
         return getattr(self.lib, f"{self.prefix}_{name}")
+
+    def close(self) -> None:
+        """Stop and join the program's threads (a --threads build); the program stays usable
+        (its next step starts them again)."""
+        _shutdown(self.lib, self.prefix)
+
+    def __enter__(self) -> HostProgram:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def _check(self, status: int, what: str) -> None:
         if status != 0:

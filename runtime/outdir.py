@@ -489,17 +489,19 @@ def write_run_inputs(out_dir: Path, graph, cfg: TrainConfig, source: bytes) -> l
 def compile_graph(graph: Graph, cfg: TrainConfig, tgt: Target, out_dir: Path, command: str,
                   source: bytes, *, guard_bytes: int = 0,
                   emit: str = "program", force: bool = False,
-                  preprocess: Preprocess | None = None) -> tuple[Compiled, tuple[Path, ...]]:
+                  preprocess: Preprocess | None = None,
+                  threads: int = 1) -> tuple[Compiled, tuple[Path, ...]]:
     """compiler.pipeline.compile_to_c plus what `bnnc run` and a reader need in out_dir (the model,
     the initial state, report.txt), written into a staging directory and published into the
     owned OUT/ (module docstring). `emit`: "program" or "library" (compile_to_c); `preprocess`
-    None: the model file's (`model_preprocess`). Returns (compiled, files written)."""
+    None: the model file's (`model_preprocess`); `threads`: compile_to_c's. Returns (compiled,
+    files written)."""
     if preprocess is None:
         preprocess = model_preprocess(source, graph.name, None)
     created = not os.path.lexists(out_dir)
     try:
         return _compile_into(graph, cfg, tgt, out_dir, command, source, guard_bytes, force, emit,
-                             preprocess)
+                             preprocess, threads)
     except BaseException:
         # a refused compile into a new directory leaves no empty OUT behind
         if created and Path(out_dir).is_dir() and not _is_link(Path(out_dir)):
@@ -510,14 +512,15 @@ def compile_graph(graph: Graph, cfg: TrainConfig, tgt: Target, out_dir: Path, co
 
 
 def _compile_into(graph, cfg, tgt, out_dir, command, source, guard_bytes, force, emit,
-                             preprocess):
+                  preprocess, threads):
     with OutDir(out_dir, create=True, command="compile") as out:
         out.clean_stale_staging()
         stage = out.staging()
         try:
             try:
                 c = compile_to_c(graph, cfg, tgt, stage, command=command,
-                                 guard_bytes=guard_bytes, emit=emit, preprocess=preprocess)
+                                 guard_bytes=guard_bytes, emit=emit, preprocess=preprocess,
+                                 threads=threads)
                 mh = c.emitted.doc.model_hash
                 (stage / MODEL_FILE).write_bytes(source)
                 save_state_npz(stage / INIT_STATE, ref.init_state(graph, cfg).tensors,

@@ -14,7 +14,10 @@ also counts the time the thread waits for a core, which swung single kernels by 
 a load average of 14, while CPU time stays within a few percent; the median per step then drops
 what remains (cache pollution by a neighbour). The timer costs two clock reads per step (well
 under a microsecond), far below the kernels that matter. `step_ms` is the whole call, same clock.
-Limits: one thread; a busy machine still slows a kernel through shared caches.
+A --threads build (or `wall=True`) is timed on the wall clock instead (CLOCK_MONOTONIC in the C,
+-DBNNC_PROFILE_WALL): the thread CPU clock would miss the other threads' share of a kernel.
+Limits: a busy machine still slows a kernel through shared caches (and, on the wall clock, by
+the time a thread waits for a core).
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ class Profile:
     batch: int
     steps: tuple[StepTime, ...]
     step_ms: float     # median of the whole train_step call
+    threads: int = 1   # the build's (bnnc compile --threads): > 1 is timed on the wall clock
 
     def by_kernel(self) -> list[tuple[str, int, float, int]]:
         """(kernel, number of schedule steps, total ms, total MACs), largest time first."""
@@ -74,14 +78,17 @@ def step_macs(m, kernel: str, layer: str) -> int:
 
 
 def profile(out_dir: str | Path, *, steps: int = 10, warmup: int = 2, seed: int = 0,
-            extra_cflags: tuple[str, ...] = ()) -> Profile:
+            extra_cflags: tuple[str, ...] = (), wall: bool = False) -> Profile:
     """Time every schedule step of OUT_DIR's training step on the host (see the module doc)."""
     m = read_manifest(Path(out_dir))
+    wall = wall or m.threads > 1
+    clock = time.perf_counter if wall else time.thread_time
     if m.target_kind == "baremetal":
         raise DataError(f"{out_dir} was compiled for {m.target}, a bare-metal target",
                         hint="bnnc profile times host builds: compile with --target host "
                              "(or a Linux target)")
-    prog = HostProgram(out_dir, debug=False, extra_cflags=("-DBNNC_PROFILE",) + extra_cflags)
+    prog = HostProgram(out_dir, debug=False, extra_cflags=("-DBNNC_PROFILE",) + extra_cflags
+                       + (("-DBNNC_PROFILE_WALL",) if wall else ()))
     prog.init(seed)
     rng = np.random.default_rng(seed)
     nbat = 4
@@ -95,9 +102,9 @@ def profile(out_dir: str | Path, *, steps: int = 10, warmup: int = 2, seed: int 
     whole = []
     for i in range(warmup + steps):
         fn(buf, n)
-        t0 = time.thread_time()
+        t0 = clock()
         prog.train_step(xs[i % nbat], ys[i % nbat])
-        dt = time.thread_time() - t0
+        dt = clock() - t0
         got = fn(buf, n)
         if got != n:
             raise DataError(f"{out_dir}: the program reports {got} timed steps, its manifest "
@@ -105,9 +112,10 @@ def profile(out_dir: str | Path, *, steps: int = 10, warmup: int = 2, seed: int 
         if i >= warmup:
             per[i - warmup] = [buf[k] for k in range(n)]
             whole.append(dt)
+    prog.close()
     med = np.median(per, axis=0) / 1e6
     rows = tuple(StepTime(s.index, s.kernel, s.layer, s.fn, float(med[k]),
                           step_macs(m, s.kernel, s.layer))
                  for k, s in enumerate(m.steps))
     return Profile(m.model, str(m.config.get("algorithm", "")), m.batch, rows,
-                   float(np.median(whole) * 1e3))
+                   float(np.median(whole) * 1e3), m.threads)

@@ -27,7 +27,7 @@ from typing import Callable, Iterator, Sequence
 from ..compiler.contract import read_manifest
 from ..compiler.errors import DataError, TargetError
 from ..compiler.target import Target, load_target
-from .host import build_cached, cache_dir
+from .host import build_cached, cache_dir, thread_flags
 
 
 def target_of(out_dir: Path, target: str | Target | None = None) -> Target:
@@ -52,7 +52,8 @@ def build_trainer(out_dir: Path, target: Target | None = None, *, debug: bool = 
                           "trainer", hint="bare-metal targets build with `bnnc run --emulate`")
     tgt.require()
     sources = [out_dir / m.trainer, out_dir / m.source]
-    flags = [*tgt.cflags, *extra_cflags, *(["-DBNNC_DEBUG_DUMP"] if debug else [])]
+    flags = [*tgt.cflags, *extra_cflags, *(["-DBNNC_DEBUG_DUMP"] if debug else []),
+             *thread_flags(m)]
     return build_cached(
         Path(cache) if cache is not None else cache_dir().parent / "programs",
         f"{m.model}-{tgt.name}{'-debug' if debug else ''}", "",

@@ -8,10 +8,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..ir import INPUT, Layer, LayerKind, tname
-from ..lower import Call, LowerCtx, bits_nhwc, instance, words64
+from ..lower import Call, LowerCtx, Split, bits_nhwc, instance, words64
 from ..onnx_fold import FOLD
 from ..onnx_values import Act, Bin, Cmp, Const, node_attrs, node_label, printable, short
-from ..schedule_ir import Role, Step
+from ..schedule_ir import DType, Role, Step
 from .base import (BIT, F32, GRADS, Bits, KernelFamily, LayerSpec, OnnxOp, OpFamily, Phase,
                    elementwise_shapes, kernel, prod)
 from .exportctx import Emitter
@@ -274,16 +274,25 @@ def _lower_sign_fwd(step: Step, ctx: LowerCtx) -> Call:
     if step.kernel is SIGN_FWD_F32:
         inst = instance(step, ctx, mask=mask is not None)
         return Call(inst, [ctx.ptr(x), ctx.ptr(y), ctx.ptr(mask) if mask else "0", b, size,
-                           words64(size)])
+                           words64(size)], split=_sample_split(b, size, size, mask, size))
     yt = ctx.t(y)
     if bits_nhwc(yt):
         _, c, h, w = yt.shape
         inst = instance(step, ctx, "sign_fwd_pack_nhwc", mask=mask is not None)
         return Call(inst, [ctx.ptr(x), ctx.ptr(y), ctx.ptr(mask) if mask else "0", b, c,
-                           h * w, words64(c), words64(size)])
+                           h * w, words64(c), words64(size)],
+                    split=_sample_split(b, size, h * w * words64(c), mask, size))
     inst = instance(step, ctx, "sign_fwd_pack_rows", mask=mask is not None)
     return Call(inst, [ctx.ptr(x), ctx.ptr(y), ctx.ptr(mask) if mask else "0", b, size,
-                       words64(size)])
+                       words64(size)], split=_sample_split(b, size, words64(size), mask, size))
+
+
+def _sample_split(batch: int, per_in: int, per_out: int, mask: str | None, size: int) -> Split:
+    """An element-wise activation over [B, size] split over samples: arguments 0 (input), 1
+    (output) and 2 (the per-sample rows of a 1-bit mask, when there is one) advance by a sample
+    each; argument 3 is the batch."""
+    offsets = ((0, per_in), (1, per_out)) + (((2, words64(size)),) if mask else ())
+    return Split(batch, 1, offsets, count=3)
 
 
 def _lower_unary_bwd(step: Step, ctx: LowerCtx) -> Call:
@@ -292,8 +301,10 @@ def _lower_unary_bwd(step: Step, ctx: LowerCtx) -> Call:
     g, keep = step.inputs
     d = step.outputs[0]
     inst = instance(step, ctx, operands={"g": g, "d": d})
-    return Call(inst, [ctx.ptr(g), ctx.ptr(keep), ctx.ptr(d), a["batch"], a["size"],
-                       words64(a["size"])])
+    size = a["size"]
+    per_keep = words64(size) if ctx.t(keep).dtype is DType.BIT else size
+    return Call(inst, [ctx.ptr(g), ctx.ptr(keep), ctx.ptr(d), a["batch"], size, words64(size)],
+                split=Split(a["batch"], 1, ((0, size), (1, per_keep), (2, size)), count=3))
 
 
 def _lower_relu_fwd(step: Step, ctx: LowerCtx) -> Call:

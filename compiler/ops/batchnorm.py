@@ -10,7 +10,7 @@ from .. import numerics as nx
 from ..errors import DataError
 from ..ir import Layer, LayerKind, tname
 from ..c_literals import c_float
-from ..lower import Call, LowerCtx, instance, words64
+from ..lower import Call, LowerCtx, Split, bit_rows_unit, instance, words64
 from ..onnx_values import Act, node_attrs, node_label
 from ..schedule_ir import Role, Step
 from .base import (BIT, F32, GRADS, STATE, KernelFamily, LayerSpec, OnnxOp, OpFamily, Phase, kernel,
@@ -162,7 +162,7 @@ def _lower_bn_fwd(step: Step, ctx: LowerCtx) -> Call:
         return Call(inst, [ctx.ptr(x), ctx.ptr(gamma), ctx.ptr(beta),
                            ctx.ptr(rm), ctx.ptr(rv), ctx.ptr(y), ctx.ptr(xh) if xh else "0",
                            ctx.ptr(inv) if inv else "0", b, c, sp, c_float(a["eps"]), c_float(m),
-                           c_float(1 - m)])
+                           c_float(1 - m), 0, c], split=_channel_split(c, sp))
     x, beta, rm, rp = step.inputs
     outs = step.outputs
     y, mu, psi = outs[0], outs[3], outs[4]
@@ -171,7 +171,14 @@ def _lower_bn_fwd(step: Step, ctx: LowerCtx) -> Call:
     inst = instance(step, ctx, operands=ops, signs=s is not None, rows=sp == 1)
     return Call(inst, [ctx.ptr(x), ctx.ptr(beta), ctx.ptr(rm), ctx.ptr(rp), ctx.ptr(y),
                        ctx.ptr(mu), ctx.ptr(psi), ctx.ptr(s) if s else "0", b, c, sp,
-                       words64(c * sp), c_float(m), c_float(1 - m)])
+                       words64(c * sp), c_float(m), c_float(1 - m), 0, c],
+                split=_channel_split(c, sp, bit_rows_unit(sp) if s else 1))
+
+
+def _channel_split(c: int, sp: int, unit: int = 1) -> Split:
+    """BN statistics sum over the batch: threads take channels (blocks of 64 for vectors, whose
+    loops run 64 channels at a time; `unit` keeps packed outputs word-aligned)."""
+    return Split(c, 64 if sp == 1 else unit, ranged=True)
 
 
 def _lower_bn_bwd(step: Step, ctx: LowerCtx) -> Call:
@@ -185,14 +192,16 @@ def _lower_bn_bwd(step: Step, ctx: LowerCtx) -> Call:
         inst = instance(step, ctx, operands=ops, dx=d_in is not None, rows=sp == 1)
         return Call(inst, [ctx.ptr(g), ctx.ptr(xh), ctx.ptr(inv),
                            ctx.ptr(gamma), ctx.ptr(dgamma), ctx.ptr(dbeta),
-                           ctx.ptr(d_in) if d_in else "0", b, c, sp])
+                           ctx.ptr(d_in) if d_in else "0", b, c, sp, 0, c],
+                    split=_channel_split(c, sp))
     g, s, psi = step.inputs
     dbeta = step.outputs[0]
     d_in = step.outputs[1] if len(step.outputs) > 1 else None
     ops = {"g": g} | ({"dx": d_in} if d_in else {})
     inst = instance(step, ctx, operands=ops, dx=d_in is not None, rows=sp == 1)
     return Call(inst, [ctx.ptr(g), ctx.ptr(s), ctx.ptr(psi), ctx.ptr(dbeta),
-                       ctx.ptr(d_in) if d_in else "0", b, c, sp, words64(c * sp)])
+                       ctx.ptr(d_in) if d_in else "0", b, c, sp, words64(c * sp), 0, c],
+                split=_channel_split(c, sp))
 
 
 def _lower_bn_infer(step: Step, ctx: LowerCtx) -> Call:

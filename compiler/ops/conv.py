@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..ir import Layer, LayerKind
-from ..lower import (Call, LowerCtx, bias_operand, conv_dw_direct_plan, conv_dw_plan, conv_dx_plan,
+from ..lower import (Call, LowerCtx, Split, bias_operand, bit_rows_unit, conv_batch_split,
+                     conv_dw_direct_plan, conv_dw_plan, conv_dx_plan, lcm_unit,
                      conv_fwd_plan, conv_geom, instance, pm1_input, words64)
 from ..onnx_values import Act, node_attrs, node_label, printable, short
 from ..schedule_ir import DType, Step
@@ -170,7 +171,16 @@ def _lower_conv_fwd(step: Step, ctx: LowerCtx) -> Call:
     macro = f"conv_fwd_fast_{kind}" if plan else None
     inst = instance(step, ctx, macro, operands={**wops, **ops}, bias=bool(ops), **(plan or {}))
     return Call(inst, [ctx.ptr(x), ctx.ptr(w), bptr, ctx.ptr(y), "&g"],
-                [conv_geom(step.attrs)])
+                [conv_geom(step.attrs)],
+                conv_batch_split(step.attrs, {0: "bits" if ctx.t(x).dtype is DType.BIT else "in",
+                                               3: "out"}))
+
+
+def _fr_split(a: dict, plan: dict, out_bits: bool) -> Split:
+    """A table-lookup dW kernel's threads take whole blocks of its output channels (and, for packed
+    binary dW, no 64-bit word of another thread's channels)."""
+    unit = lcm_unit(plan["kb"], bit_rows_unit(a["cin"] * a["kh"] * a["kw"]) if out_bits else 1)
+    return Split(a["cout"], unit, ranged=True)
 
 
 def _lower_conv_dw(step: Step, ctx: LowerCtx) -> Call:
@@ -192,6 +202,9 @@ def _lower_conv_dw(step: Step, ctx: LowerCtx) -> Call:
         macro = ((f"conv_dw_fr_{grad}_{xk}" if xk else "conv_dw_direct_bin") if plan
                  else f"conv_dw_bin_{kind}")
         inst = instance(step, ctx, macro, ops, po2=po2, **(dict(plan, out="bin") if plan else {}))
+        if plan and xk:
+            return Call(inst, [ctx.ptr(x), ctx.ptr(g), ctx.ptr(dw), "&g", 0, a["cout"]], decl,
+                        _fr_split(a, plan, True))
         return Call(inst, [ctx.ptr(x), ctx.ptr(g), ctx.ptr(dw), "&g"], decl)
     if step.kernel is CONV_DW_PO2:
         q, bias = step.inputs[1], step.inputs[2]
@@ -202,8 +215,10 @@ def _lower_conv_dw(step: Step, ctx: LowerCtx) -> Call:
                  else f"conv_dw_po2_{kind}")
         inst = instance(step, ctx, macro, ops, mask=w is not None,
                         **(dict(plan, out="f32") if plan else {}))
-        return Call(inst, [ctx.ptr(x), ctx.ptr(q), ctx.ptr(bias),
-                           ctx.ptr(w) if w else "0", ctx.ptr(dw), "&g"], decl)
+        args = [ctx.ptr(x), ctx.ptr(q), ctx.ptr(bias), ctx.ptr(w) if w else "0", ctx.ptr(dw), "&g"]
+        if plan and xk:
+            return Call(inst, args + [0, a["cout"]], decl, _fr_split(a, plan, False))
+        return Call(inst, args, decl)
     dy = step.inputs[1]
     w = step.inputs[2] if len(step.inputs) > 2 else None
     ops["dy"] = dy
@@ -213,8 +228,10 @@ def _lower_conv_dw(step: Step, ctx: LowerCtx) -> Call:
              else f"conv_dw_f32_{kind}")
     inst = instance(step, ctx, macro, ops, mask=w is not None,
                     **(dict(plan, out="f32") if plan else {}))
-    return Call(inst, [ctx.ptr(x), ctx.ptr(dy), ctx.ptr(w) if w else "0",
-                       ctx.ptr(dw), "&g"], decl)
+    args = [ctx.ptr(x), ctx.ptr(dy), ctx.ptr(w) if w else "0", ctx.ptr(dw), "&g"]
+    if plan and xk:
+        return Call(inst, args + [0, a["cout"]], decl, _fr_split(a, plan, False))
+    return Call(inst, args, decl)
 
 
 def _lower_conv_dx(step: Step, ctx: LowerCtx) -> Call:
@@ -224,16 +241,19 @@ def _lower_conv_dx(step: Step, ctx: LowerCtx) -> Call:
     plan = conv_dx_plan(a) if a["binary"] else None
     grad = "po2" if step.kernel is CONV_DX_PO2 else "f32"
     macro = f"conv_dx_fr_{grad}" if plan else None
+    # threads take whole samples (groups of 4 where the lookup's lanes are 4 samples)
+    split = conv_batch_split(a, {0: "out", 3 if grad == "po2" else 2: "in"},
+                             unit=4 if plan and plan["mode"] == "img" else 1)
     if step.kernel is CONV_DX_PO2:
         q, bias, w = step.inputs
         inst = instance(step, ctx, macro, operands={"w": w, "dx": dx}, binary=True,
                         **(plan or {}))
         return Call(inst, [ctx.ptr(q), ctx.ptr(bias), ctx.ptr(w), ctx.ptr(dx),
-                           "&g"], decl)
+                           "&g"], decl, split)
     dy, w = step.inputs
     inst = instance(step, ctx, macro, operands={"dy": dy, "w": w, "dx": dx},
                     binary=bool(a["binary"]), **(plan or {}))
-    return Call(inst, [ctx.ptr(dy), ctx.ptr(w), ctx.ptr(dx), "&g"], decl)
+    return Call(inst, [ctx.ptr(dy), ctx.ptr(w), ctx.ptr(dx), "&g"], decl, split)
 
 
 def _magnitude(kind: str):

@@ -9,7 +9,8 @@ import numpy as np
 from ..ir import Layer, LayerKind
 from ..c_literals import c_float
 from ..config import u8_input_layer
-from ..lower import Call, LowerCtx, bias_operand, instance, pm1_input, words64
+from ..lower import (Call, LowerCtx, Split, bias_operand, bit_rows_unit, instance, lcm_unit,
+                     pm1_input, words64)
 from ..onnx_values import Act, node_attrs, node_label
 from ..schedule_ir import DType, Schedule, Step
 from . import weights
@@ -171,13 +172,23 @@ def _lower_dense_fwd(step: Step, ctx: LowerCtx) -> Call:
         chw = a.get("x_chw")
         words = chw[1] * chw[2] * words64(chw[0]) if chw else words64(k)
         inst = instance(step, ctx, operands=ops, bias=bool(ops))
-        return Call(inst, [ctx.ptr(x), ctx.ptr(w), bptr, ctx.ptr(y), b, n, words, k])
+        return Call(inst, [ctx.ptr(x), ctx.ptr(w), bptr, ctx.ptr(y), b, n, words, k],
+                    split=Split(b, 1, ((0, words), (3, n)), count=4))
     # a +-1 input (the standard algorithm keeps sign outputs as f32) multiplies by XNOR-popcount:
     # the sums are exact integers, the same bits as the sign-select float sum
     macro = ("dense_fwd_pm1" if step.kernel is DENSE_FWD_SIGNW and pm1_input(ctx, x)
              and ctx.t(w).dtype is not DType.BIT else None)
     inst = instance(step, ctx, macro, operands={"w": w, **ops}, bias=bool(ops))
-    return Call(inst, [ctx.ptr(x), ctx.ptr(w), bptr, ctx.ptr(y), b, k, n, words64(k)])
+    # threads take samples (dense_fwd_pm1 packs them 64 at a time: whole packs)
+    return Call(inst, [ctx.ptr(x), ctx.ptr(w), bptr, ctx.ptr(y), b, k, n, words64(k)],
+                split=Split(b, 64 if macro else 4, ((0, k), (3, n)), count=4))
+
+
+def _dw_split(a: dict, bits: bool) -> Split:
+    """dW sums over the batch: threads take its rows (input features), whole 4-row tiles (and no
+    64-bit word of another thread's rows where dW is packed bits)."""
+    k, n = a["in_features"], a["out_features"]
+    return Split(k, lcm_unit(4, bit_rows_unit(n)) if bits else 4, ranged=True)
 
 
 def _u8_decls(a: dict) -> tuple[list[str], list[str]]:
@@ -232,7 +243,8 @@ def _lower_dense_dw(step: Step, ctx: LowerCtx) -> Call:
         if not po2:
             ops["g"] = g
         inst = instance(step, ctx, f"dense_dw_bin_{kind}", ops, po2=po2)
-        return Call(inst, [ctx.ptr(x), ctx.ptr(g), ctx.ptr(dw), b, k, n] + xargs)
+        return Call(inst, [ctx.ptr(x), ctx.ptr(g), ctx.ptr(dw), b, k, n] + xargs + [0, k],
+                    split=_dw_split(a, True))
     if step.kernel is DENSE_DW_PO2:
         q, bias = step.inputs[1], step.inputs[2]
         w = step.inputs[3] if len(step.inputs) > 3 else None
@@ -240,7 +252,8 @@ def _lower_dense_dw(step: Step, ctx: LowerCtx) -> Call:
             ops["w"] = w
         inst = instance(step, ctx, f"dense_dw_po2_{kind}", ops, mask=w is not None)
         return Call(inst, [ctx.ptr(x), ctx.ptr(q), ctx.ptr(bias),
-                           ctx.ptr(w) if w else "0", ctx.ptr(dw), b, k, n] + xargs)
+                           ctx.ptr(w) if w else "0", ctx.ptr(dw), b, k, n] + xargs + [0, k],
+                    split=_dw_split(a, False))
     dy = step.inputs[1]
     w = step.inputs[2] if len(step.inputs) > 2 else None
     ops["dy"] = dy
@@ -248,7 +261,7 @@ def _lower_dense_dw(step: Step, ctx: LowerCtx) -> Call:
         ops["w"] = w
     inst = instance(step, ctx, f"dense_dw_f32_{kind}", ops, mask=w is not None)
     return Call(inst, [ctx.ptr(x), ctx.ptr(dy), ctx.ptr(w) if w else "0",
-                       ctx.ptr(dw), b, k, n] + xargs)
+                       ctx.ptr(dw), b, k, n] + xargs + [0, k], split=_dw_split(a, False))
 
 
 _GEOMETRY: list = [None, {}]     # (the schedule, its geometries): one scan per schedule, not per W
@@ -282,11 +295,12 @@ def _lower_dense_dx(step: Step, ctx: LowerCtx) -> Call:
         q, bias, w = step.inputs
         inst = instance(step, ctx, operands={"w": w, "dx": dx})
         return Call(inst, [ctx.ptr(q), ctx.ptr(bias), ctx.ptr(w), ctx.ptr(dx),
-                           b, k, n] + _w_sign_args(ctx, w, k))
+                           b, k, n] + _w_sign_args(ctx, w, k),
+                    split=Split(b, 4, ((0, n), (3, k)), count=4))
     dy, w = step.inputs
     inst = instance(step, ctx, operands={"dy": dy, "w": w, "dx": dx}, binary=bool(a["binary"]))
     return Call(inst, [ctx.ptr(dy), ctx.ptr(w), ctx.ptr(dx), b, k, n]
-                + _w_sign_args(ctx, w, k))
+                + _w_sign_args(ctx, w, k), split=Split(b, 4, ((0, n), (2, k)), count=3))
 
 
 def _magnitude_fwd(step: Step, name: str, mag) -> np.ndarray:

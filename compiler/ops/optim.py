@@ -7,7 +7,7 @@ import numpy as np
 from .. import numerics as nx
 from ..config import TrainConfig
 from ..c_literals import c_float
-from ..lower import Call, LowerCtx, instance, words64
+from ..lower import Call, LowerCtx, Split, instance, words64
 from ..schedule_ir import DType, Step
 from .base import BIT, F32, SAVED_X, STATE, KernelFamily, OpFamily, Phase, kernel
 from .dense import packed_w_geometry
@@ -56,7 +56,8 @@ def _lower_adam(step: Step, ctx: LowerCtx) -> Call:
         _lr(step), c_float(b1), c_float(b2), c_float(1 - b1), c_float(1 - b2),
         f"bnnc_one_minus_pow({c_float(b1)}, t)", f"bnnc_one_minus_pow({c_float(b2)}, t)",
         c_float(a["eps"]), f"bnnc_sr_key(seed, t, {a['tensor_id']}u)",
-        f"bnnc_sr_key(seed, t, {mid}u)", f"bnnc_sr_key(seed, t, {vid}u)"])
+        f"bnnc_sr_key(seed, t, {mid}u)", f"bnnc_sr_key(seed, t, {vid}u)", 0, a["size"]],
+        split=_element_split(a["size"]))
 
 
 def _lower_sgd(step: Step, ctx: LowerCtx) -> Call:
@@ -68,7 +69,13 @@ def _lower_sgd(step: Step, ctx: LowerCtx) -> Call:
     (mid,) = a["moment_ids"]
     return Call(inst, [ctx.ptr(p), ctx.ptr(g), ctx.ptr(m), a["size"]] + gbits + [
         _lr(step), c_float(a["momentum"]), f"bnnc_sr_key(seed, t, {a['tensor_id']}u)",
-        f"bnnc_sr_key(seed, t, {mid}u)"])
+        f"bnnc_sr_key(seed, t, {mid}u)", 0, a["size"]], split=_element_split(a["size"]))
+
+
+def _element_split(size: int) -> Split:
+    """An update is element-wise: threads take blocks of 64 elements (whole words of a 1-bit
+    gradient), each keyed by its own index as before."""
+    return Split(size, 64, ranged=True)
 
 
 def bop_geometry(ctx: LowerCtx, p: str) -> list:

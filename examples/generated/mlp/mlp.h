@@ -115,6 +115,12 @@ int32_t *bnnc_mlp_label_buffer(void);
  * since the last call, into ns[0 .. count-1], then reset; returns the number of steps (0 in other
  * builds, which time nothing). */
 int32_t bnnc_mlp_profile_ns(uint64_t *ns, int32_t count);
+/* Threads (bnnc compile --threads N): train_step and predict split each heavy kernel's output over
+ * N threads -- the caller's and N - 1 POSIX threads started at the first call and kept -- with the
+ * bits of one thread. shutdown stops and joins them (call it before unloading a shared library;
+ * the next step starts them again); threads returns N. With N = 1 neither starts anything. */
+int32_t bnnc_mlp_threads(void);
+void bnnc_mlp_shutdown(void);
 /* END CDEF */
 
 #ifdef __cplusplus

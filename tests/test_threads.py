@@ -1,0 +1,181 @@
+"""`bnnc compile --threads N`: any thread count computes the bits of one thread.
+
+(a) The debug trainer's trace (`--check-in/--check-out`: every tensor after every step, the state
+before and after, the trace `bnnc check` reads) of a small CNN with conv and dense layers (both algorithms; an odd batch, so splits end in
+partial units and some threads get empty ranges) is byte-identical
+for N = 1 and 2 threads on the host, and for the proposed algorithm also for N = 3 with the
+run-time dispatch capped at SSE2, built with -fsanitize=thread (a data race fails it), and for
+N = 2 on rpi4 under qemu-aarch64 (Cortex-A72). (b) `bnnc check --threads 2` passes. (c) The cffi
+library's threads start once, survive repeated loads of the same build and are joined by
+`close()` (and by the finalizer): no thread is left behind. (d) Bare-metal targets refuse
+--threads > 1 with one `error:` line; the manifest records N and a damaged value is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from bnnc.compiler.config import make_config
+from bnnc.compiler.contract import MANIFEST, read_manifest
+from bnnc.compiler.errors import ManifestError, TargetError
+from bnnc.compiler.frontend import load_model
+from bnnc.compiler.pipeline import compile_to_c
+from bnnc.compiler.target import load_target
+from bnnc.compiler.zoo import build_zoo_model
+from bnnc.runtime import reference as ref
+from bnnc.runtime.check import run_check
+from bnnc.runtime.host import HostProgram
+from bnnc.runtime.programs import LocalRunner, build_trainer, check_result
+from bnnc.runtime.trace import trace_input
+
+from graphs import _binary_block, _Builder, tiny_mlp
+
+TSAN = ("-O1", "-g", "-fsanitize=thread")
+ARM = all(shutil.which(t) for t in ("aarch64-linux-gnu-gcc", "qemu-aarch64"))
+STEPS = 2
+
+
+def _graph(name, width):
+    return load_model(build_zoo_model(name, width=width))
+
+
+def small_cnn():
+    """Every fast conv kernel kind in a few small layers (compiles fast): a real first layer, a
+    padded binary conv ('same', border columns), max-pool, a 3x3 map (the 4-sample lanes of the
+    dX lookup), then two dense layers."""
+    b = _Builder("cnn", (3, 12, 12), 0)
+    for i, (c, pad) in enumerate(((8, 0), (16, 1), (24, 0)), start=1):
+        b.conv(f"conv{i}", c, pad=pad)
+        _binary_block(b, i, last=False)
+        if i == 2:
+            b.pool("pool2")
+    b.flatten("flatten3")
+    for i, width in ((4, 32), (5, 10)):
+        b.dense(f"fc{i}", width)
+        _binary_block(b, i, last=i == 5)
+    return b.build()
+
+
+def _trace(root, label, target, threads, graph, cfg, trace_in, flags=()):
+    out = root / label
+    compile_to_c(graph, cfg, load_target(target), out, threads=threads)
+    assert read_manifest(out).threads == threads
+    exe = build_trainer(out, load_target(target), debug=True, extra_cflags=flags)
+    fin, fout = root / f"{label}.in", root / f"{label}.out"
+    fin.write_bytes(trace_in)
+    res = LocalRunner(load_target(target)).run(exe, ["--check-in", str(fin), "--check-out",
+                                                     str(fout)], timeout=600)
+    check_result(res, f"the {label} check program")
+    assert "ThreadSanitizer" not in (res.stderr or ""), res.stderr
+    return fout.read_bytes()
+
+
+@pytest.mark.parametrize("algorithm", ["proposed", "standard"])
+def test_traces_identical_for_any_thread_count(algorithm, tmp_path):
+    name, batch = "cnn", 7
+    graph = small_cnn()
+    cfg = make_config(algorithm, batch=batch)
+    rng = np.random.default_rng(5)
+    batches = [((rng.integers(-128, 128, (batch,) + graph.input_shape) / 128.0).astype(np.float32),
+                rng.integers(0, graph.num_classes, batch).astype(np.int32)) for _ in range(STEPS)]
+    compile_to_c(graph, cfg, load_target("host"), tmp_path / "m")
+    trace_in = trace_input(read_manifest(tmp_path / "m"), ref.init_state(graph, cfg).tensors,
+                           batches)
+    # N = 3 with the run-time dispatch capped at SSE2: every thread runs the same variant, and
+    # every variant has the same bits
+    builds = [("host-1", "host", 1, ()), ("host-2", "host", 2, ())]
+    if algorithm == "proposed":
+        # ... and under ThreadSanitizer, which fails the run on any data race between the parts
+        builds += [("host-3-sse2-tsan", "host", 3, ("-DBNNC_NO_AVX2",) + TSAN)]
+        if ARM:
+            builds += [("rpi4-2", "rpi4", 2, ())]
+    with ThreadPoolExecutor(max_workers=2) as pool:     # the builds dominate; two cores
+        traces = dict(zip([b[0] for b in builds], pool.map(
+            lambda b: _trace(tmp_path, b[0], b[1], b[2], graph, cfg, trace_in, b[3]), builds)))
+    one = traces["host-1"]
+    assert len(one) > 8 and one[:4] == b"BNCO"
+    for label, raw in traces.items():
+        if raw != one:
+            a, b = np.frombuffer(one, np.uint8), np.frombuffer(raw, np.uint8)
+            diff = np.flatnonzero(a != b)[:8] if len(a) == len(b) else "lengths differ"
+            raise AssertionError(f"{name}/{algorithm}: the {label} trace differs from one "
+                                 f"thread's (bytes {diff})")
+    # the threaded C really splits: the conv/dense steps call the pool
+    src = (tmp_path / "host-2" / read_manifest(tmp_path / "host-2").source).read_text()
+    assert "bnnc_par(step_" in src and "pthread_create" in src
+    assert "pthread" not in (tmp_path / "host-1" / read_manifest(tmp_path / "host-1").source
+                             ).read_text()
+
+
+def test_bnnc_check_passes_with_threads(tmp_path):
+    rep = run_check(tiny_mlp(), make_config("proposed", batch=9), steps=2,
+                    work_dir=tmp_path, threads=2)
+    assert rep.ok, [r.name for r in rep.failures]
+
+
+def _threads_now() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux /proc")
+def test_library_threads_start_once_and_are_joined(tmp_path):
+    graph = tiny_mlp()
+    cfg = make_config("proposed", batch=8)
+    compile_to_c(graph, cfg, load_target("host"), tmp_path, threads=3)
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, (8,) + graph.input_shape).astype(np.float32)
+    y = rng.integers(0, graph.num_classes, 8).astype(np.int32)
+    base = _threads_now()
+    states = []
+    for _ in range(3):          # the same build loaded again: one library, its pool restarted
+        with HostProgram(tmp_path, debug=False) as hp:
+            hp.init(0)
+            assert _threads_now() == base            # nothing starts before the first step
+            hp.train_step(x, y)
+            assert _threads_now() == base + 2        # two workers, the caller is the third
+            hp.train_step(x, y)
+            assert _threads_now() == base + 2        # the same two: created once, not per call
+            states.append(hp.get_state())
+        assert _threads_now() == base
+    assert states[0] == states[1] == states[2]
+    hp = HostProgram(tmp_path, debug=False)
+    hp.init(0)
+    hp.train_step(x, y)
+    assert _threads_now() == base + 2
+    del hp                      # the finalizer joins them before the library can be unloaded
+    import gc
+    gc.collect()
+    assert _threads_now() == base
+
+
+def test_bare_metal_refuses_threads(tmp_path):
+    with pytest.raises(TargetError, match="bare metal"):
+        compile_to_c(_graph("tfc", 0.25), make_config("proposed", batch=4),
+                     load_target("cortex-m7"), tmp_path, threads=2)
+    res = subprocess.run([sys.executable, "-c", "from bnnc.cli import run; run()", "compile",
+                          "tfc", "--width", "0.25", "--target", "cortex-m4", "--threads", "2",
+                          "-o", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stderr
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "--threads 2" in errors[0] and "cortex-m4" in errors[0]
+    assert "Traceback" not in res.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_manifest_threads_is_checked(tmp_path):
+    compile_to_c(_graph("mlp", 0.25), make_config("proposed", batch=4), load_target("host"),
+                 tmp_path, threads=2)
+    assert read_manifest(tmp_path).threads == 2
+    doc = json.loads((tmp_path / MANIFEST).read_text())
+    doc["threads"] = 0
+    (tmp_path / MANIFEST).write_text(json.dumps(doc))
+    with pytest.raises(ManifestError, match="threads"):
+        read_manifest(tmp_path)
