@@ -215,7 +215,7 @@ def compile_cmd(model: str, target: str, algorithm: str | None, batch: int | Non
                                  train, train_from) \
         + (" --guard" if guard else "") + (" --emit library" if emit == "library" else "") \
         + (f" --preprocess {pre.spec()}" if preprocess else "") \
-        + (" --input u8" if cfg.input == "u8" else "")
+        + (" --input u8" if cfg.input == "u8" else "") \
         + (f" --threads {threads}" if threads > 1 else "")
     c, written = compile_graph(graph, cfg, tgt, out_dir, command, source,
                                guard_bytes=DEFAULT_GUARD_BYTES if guard else 0, emit=emit,
