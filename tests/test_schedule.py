@@ -433,7 +433,10 @@ def test_bop_stores_binary_weights_packed_and_updates_them_with_bop():
     assert s.tensors["fc1.W"].nbytes == 256 * 13 * 8              # 784 bits -> 13 words per row
     assert "fc2.W.v" not in s.tensors and s.tensors["fc2.W.m"].dtype is DType.BF16
     (up,) = _steps(s, "bop_update", "fc2")
-    assert up.inputs == ("fc2.W", "fc2.dW", "fc2.W.m")
+    # W, dW, m; then the flip-compensated running mean's saved input and BN running mean
+    assert up.inputs == ("fc2.W", "fc2.dW", "fc2.W.m", "sign1.out", "bn2.running_mean")
+    (plain,) = _steps(_sched(mlp(), optimizer="bop", bop_bn_shift=False), "bop_update", "fc2")
+    assert plain.inputs == ("fc2.W", "fc2.dW", "fc2.W.m")
     assert "g_scale" not in up.attrs and "ste_mask" not in up.attrs   # Bop reads the signs only
     assert not _steps(s, "pack_sign_w")                            # the XNOR kernel reads W
     (fwd,) = _steps(s, "dense_fwd_xnor", "fc2")

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from ..config import TrainConfig, is_frozen
+from ..config import TrainConfig, is_frozen, u8_input_layer
 from ..ir import WEIGHT_KINDS, Graph, Layer, LayerKind, tname
 from ..lower import Call, LowerCtx, instance, words64
 from ..onnx_values import Act, Bin, Const, Spec
@@ -208,9 +208,13 @@ def bop_shift_bn(graph: Graph, cfg: TrainConfig, lay: Layer) -> Layer | None:
     """The batch norm whose running mean follows the flips of `lay`'s Bop-trained W (compiler/
     README.md, "Bop", flip-compensated running mean): a trained binary dense layer whose output
     feeds exactly one layer, a BATCHNORM, under `--optimizer bop` with `bop_bn_shift` on.
-    Convolutions are not shifted (their input's mean per weight is a mean over shifted windows)."""
+    Convolutions are not shifted (their input's mean per weight is a mean over shifted windows),
+    nor is the first layer under `--input u8` (its input is kept as u8 pixels, not the values the
+    shift averages; not built)."""
     if not (cfg.optimizer == "bop" and cfg.bop_bn_shift and lay.kind is LayerKind.DENSE
             and lay.binary and not is_frozen(cfg, lay.name, "W")):
+        return None
+    if cfg.input == "u8" and u8_input_layer(graph).name == lay.name:
         return None
     users = graph.consumers(lay.name)
     if len(users) != 1 or users[0].kind is not LayerKind.BATCHNORM:
