@@ -32,7 +32,8 @@ from pathlib import Path
 from bnnc.cli import main as bnnc_main
 from bnnc.runtime import fleet as fl
 from bnnc.runtime.datasets import training_data
-from bnnc.runtime.fleet_flower import FleetSettings, simulate
+from bnnc.runtime.fleet_flower import FleetSettings
+from bnnc.runtime.fleet_run import simulate
 from bnnc.runtime.host import HostProgram
 from bnnc.runtime.outdir import load_init_state, read_compiled
 

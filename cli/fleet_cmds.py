@@ -3,8 +3,8 @@ this machine, Flower's simulation runtime), `deploy` (a real flower-superlink an
 flower-supernode per device on loopback), `app` (the Flower App for `flwr run` against your own
 SuperLink, e.g. Raspberry Pis) and `status` (a fleet directory's rounds, its global state checked).
 
-This module parses options and prints rounds; runtime/fleet.py and runtime/fleet_flower.py do the
-work (Flower is imported only when a command needs it).
+This module parses options and prints rounds; runtime/fleet.py, runtime/fleet_flower.py and
+runtime/fleet_run.py do the work (Flower is imported only when a command needs it).
 """
 
 from __future__ import annotations
@@ -118,13 +118,15 @@ def _settings(out_dir: Path, o: dict):
 
 
 def _flower():
+    """runtime/fleet_flower.py (the apps, their settings) and runtime/fleet_run.py (simulate,
+    deploy, the App directory), imported here: Flower loads for fleet commands only."""
     try:
-        from ..runtime import fleet_flower  # local: Flower loads for fleet commands only
+        from ..runtime import fleet_flower, fleet_run  # local: Flower loads for fleet commands only
     except ModuleNotFoundError as err:
         raise ConfigError(f"Flower is not installed ({err})",
                           hint="pip install 'flwr[simulation]==1.42.0' (or bnnc's [fleet] extra)"
                           ) from err
-    return fleet_flower
+    return fleet_flower, fleet_run
 
 
 def _calibration(r: dict) -> str:
@@ -175,10 +177,10 @@ def simulate_cmd(out_dir: Path, emulate: bool, ssh_device: str | None, cpus_per_
       bnnc fleet simulate out/mlp --fleet-dir fleet --devices 10 --alpha 0.5 --rounds 20
       bnnc fleet simulate out/mlp --fleet-dir fleet1 --uplink sign       # 1-bit updates
     """
-    ff = _flower()
+    ff, fr = _flower()
     console = Console(highlight=False, soft_wrap=True)
     s = _settings(out_dir, o)
-    ck = ff.simulate(s, ff.DeviceDefaults(emulate=emulate, device=ssh_device or ""),
+    ck = fr.simulate(s, ff.DeviceDefaults(emulate=emulate, device=ssh_device or ""),
                      _round_printer(console), cpus_per_device=cpus_per_device, verbose=verbose)
     _finish(console, ck, out_dir)
 
@@ -198,12 +200,12 @@ def deploy_cmd(out_dir: Path, emulate: bool, ssh_device: str | None, port: int,
     """Run the fleet on a real Flower deployment on this machine: a flower-superlink, one
     flower-supernode per device (loopback), `flwr run`. Real devices: see `bnnc fleet app`.
     """
-    ff = _flower()
+    ff, fr = _flower()
     console = Console(highlight=False, soft_wrap=True)
     s = _settings(out_dir, o)
     work = work or Path(s.fleet_dir) / "deploy"
     console.print(f"SuperLink 127.0.0.1:{port}, {s.devices} SuperNodes; logs in {work}")
-    ck = ff.deploy_local(s, work, port=port, timeout=timeout,
+    ck = fr.deploy_local(s, work, port=port, timeout=timeout,
                          device=ff.DeviceDefaults(emulate=emulate, device=ssh_device or ""))
     for r in ck.history[1:]:
         _round_printer(console)(r)
@@ -224,8 +226,8 @@ def app_cmd(out_dir: Path, output: Path, **o) -> None:
     'partition-id=I num-partitions=N out="/path/to/OUT" workdir="/var/lib/bnnc-fleet"'`
     (README, "Train a fleet").
     """
-    ff = _flower()
-    app = ff.write_app(output, _settings(out_dir, o))
+    ff, fr = _flower()
+    app = fr.write_app(output, _settings(out_dir, o))
     click.echo(f"wrote {app / 'pyproject.toml'} and {app / (ff.APP_MODULE + '.py')}; "
                f"run it with: flwr run {app} <superlink-connection> --stream")
 

@@ -1,5 +1,5 @@
 """Federated training of a compiled OUT/ across a fleet of devices: everything except Flower itself
-(the Flower apps are runtime/fleet_flower.py). Pure functions and small records, so the simulation,
+(the Flower apps are runtime/fleet_flower.py, run by runtime/fleet_run.py). Pure functions and small records, so the simulation,
 the deployment and the tests all run the same code.
 
 What a fleet exchanges: `fleet_tensors(manifest)` selects, from the manifest's state table, the

@@ -1,7 +1,8 @@
 """The Flower apps of a bnnc fleet (Flower's Message API: `ClientApp`, `ServerApp`, a `FedAvg`
 strategy) and the two ways to run them: `simulate` (Flower's simulation runtime,
 `flwr.simulation.run_simulation`, one virtual SuperNode per device) and `LocalFederation` (a real
-`flower-superlink`, one `flower-supernode` per device and `flwr run`, on this machine). The
+`flower-superlink`, one `flower-supernode` per device and `flwr run`, on this machine), both in
+runtime/fleet_run.py. The
 federation logic itself -- what is sent, aggregation, checkpoints, partitions -- is
 runtime/fleet.py; this module only moves it through Flower.
 
@@ -27,7 +28,7 @@ number of examples and its model's sha256. Its evaluate handler is the calibrati
 (`device_calibrate`).
 
 Telemetry: Flower's is switched off (FLWR_TELEMETRY_ENABLED=0) before flwr is imported, here and in
-every process LocalFederation starts.
+every process fleet_run.LocalFederation starts.
 """
 
 from __future__ import annotations
@@ -39,11 +40,6 @@ import json
 import logging
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -56,8 +52,6 @@ from flwr.app import (Array, ArrayRecord, ConfigRecord, Context, Message,  # noq
 from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 from flwr.serverapp.strategy import FedAvg  # noqa: E402
-from flwr.simulation import run_simulation  # noqa: E402
-import tomli_w  # noqa: E402
 
 from ..compiler.errors import ConfigError, DataError  # noqa: E402
 from . import fleet as fl  # noqa: E402
@@ -203,7 +197,7 @@ def check_calibration(msg: Message, *, sha256: str, specs,
     return fl.Calibration(pid, n, fl.decode_calibration(arrays, specs)), _payload_nbytes(rec)
 
 
-class _Server:
+class FleetServer:
     """The server side of one fleet run: OUT/, the checkpoint, the test split, the C program."""
 
     def __init__(self, s: FleetSettings, on_round: Callable[[dict], None] | None):
@@ -366,7 +360,7 @@ class BnncFedAvg(FedAvg):
     model goes to the devices whose update was taken, they reply with its BN statistics on their
     data, and the round is committed after they are pooled."""
 
-    def __init__(self, server: _Server):
+    def __init__(self, server: FleetServer):
         n = server.s.devices
         cal = server.s.bn_stats == "calibrate"
         super().__init__(fraction_train=1.0, fraction_evaluate=1.0 if cal else 0.0,
@@ -397,8 +391,8 @@ class BnncFedAvg(FedAvg):
 
 
 def run_server(grid: Grid, s: FleetSettings, on_round: Callable[[dict], None] | None = None,
-               server: _Server | None = None) -> None:
-    server = server or _Server(s, on_round)
+               server: FleetServer | None = None) -> None:
+    server = server or FleetServer(s, on_round)
     left = s.rounds - server.ck.round
     if left <= 0:
         log.info("%s already finished %d rounds", s.fleet_dir, server.ck.round)
@@ -596,223 +590,3 @@ def make_client_app(defaults: DeviceDefaults | None = None,
         return handle(msg, context, device_calibrate)
 
     return app
-
-
-# --------------------------------------------------------------------------------------------------
-# simulation
-
-def simulate(s: FleetSettings, device: DeviceDefaults | None = None,
-             on_round: Callable[[dict], None] | None = None, *, cpus_per_device: float = 1.0,
-             verbose: bool = False) -> fl.FleetCheckpoint:
-    """Run the fleet with Flower's simulation runtime (Ray): `s.devices` virtual SuperNodes on
-    this machine. Returns the committed checkpoint."""
-    s.check()
-    device = device or DeviceDefaults()
-    if not device.out:
-        device = DeviceDefaults(**{**asdict(device), "out": s.out})
-    if not device.data_dir and s.data_dir:
-        device = DeviceDefaults(**{**asdict(device), "data_dir": s.data_dir})
-    if not verbose:
-        logging.getLogger("flwr").setLevel(logging.WARNING)
-    failure: list[BaseException] = []
-    state = _Server(s, on_round)       # OUT/, the data and --fleet-dir checked before Ray starts
-    if state.ck.round >= s.rounds:
-        return state.ck
-    server = ServerApp()
-
-    @server.main()
-    def main(grid: Grid, context: Context) -> None:
-        try:
-            run_server(grid, s, on_round, state)
-        except BaseException as err:      # re-raised below, outside Flower's thread
-            failure.append(err)
-            raise
-
-    run_simulation(server_app=server, client_app=make_client_app(device, s.out, s.fleet_dir),
-                   num_supernodes=s.devices,
-                   backend_config={"client_resources": {"num_cpus": cpus_per_device,
-                                                        "num_gpus": 0.0},
-                                   "init_args": {"logging_level": "ERROR",
-                                                 "log_to_driver": verbose}},
-                   verbose_logging=verbose)
-    if failure:
-        raise failure[0]
-    ck = fl.FleetCheckpoint.load(Path(s.fleet_dir))
-    if ck is None or ck.round < s.rounds:
-        done = 0 if ck is None else ck.round
-        raise DataError(f"the simulation stopped after {done} of {s.rounds} rounds",
-                        hint="rerun with --verbose to see Flower's log")
-    return ck
-
-
-# --------------------------------------------------------------------------------------------------
-# deployment: a Flower App directory, and a real SuperLink + SuperNodes on this machine
-
-def write_app(app_dir: Path, s: FleetSettings) -> Path:
-    """APP_DIR/pyproject.toml + APP_DIR/bnnc_fleet_app.py: the Flower App `flwr run` submits
-    (its run config = `s`; `flwr run APP --run-config 'rounds=5'` overrides)."""
-    app_dir = Path(app_dir)
-    app_dir.mkdir(parents=True, exist_ok=True)
-    doc = {"build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
-           "project": {"name": "bnnc-fleet", "version": "1.0.0",
-                       "description": "Federated training of a bnnc-compiled trainer",
-                       "license": "Apache-2.0", "dependencies": [f"flwr>={FLOWER_VERSION}"]},
-           "tool": {"flwr": {"app": {"publisher": "bnnc",
-                                     "components": {"serverapp": f"{APP_MODULE}:server_app",
-                                                    "clientapp": f"{APP_MODULE}:client_app"},
-                                     "config": s.run_config()}}}}
-    (app_dir / "pyproject.toml").write_text(tomli_w.dumps(doc))
-    (app_dir / f"{APP_MODULE}.py").write_text(
-        '"""A bnnc fleet as a Flower App (written by `bnnc fleet app`)."""\n'
-        "from bnnc.runtime.fleet_flower import make_client_app, make_server_app\n\n"
-        "server_app = make_server_app()\n"
-        "client_app = make_client_app()\n")
-    return app_dir
-
-
-def flower_executable(name: str) -> str:
-    """A Flower command next to this Python (its venv), else on PATH."""
-    here = Path(sys.executable).parent / name
-    if here.is_file():
-        return str(here)
-    found = shutil.which(name)
-    if not found:
-        raise ConfigError(f"{name} not found", hint=f"pip install 'flwr[simulation]=="
-                                                    f"{FLOWER_VERSION}'")
-    return found
-
-
-def node_config(pid: int, devices: int, **extra: Any) -> str:
-    """A --node-config string (TOML values: strings quoted)."""
-    parts = [f"partition-id={pid}", f"num-partitions={devices}"]
-    for k, v in extra.items():
-        if v is None or v == "":
-            continue
-        val = str(v).lower() if isinstance(v, bool) else (
-            v if isinstance(v, (int, float)) else '"' + str(v).replace('"', '') + '"')
-        parts.append(f"{k}={val}")
-    return " ".join(parts)
-
-
-def wait_port(port: int, *, timeout: float) -> None:
-    """Wait until something accepts TCP connections on 127.0.0.1:PORT."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1.0):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise DataError(f"nothing listens on 127.0.0.1:{port} after {timeout:g} s",
-                                hint="see the flower-superlink log") from None
-            time.sleep(0.3)
-
-
-class LocalFederation:
-    """A real Flower federation on loopback: one `flower-superlink` and one `flower-supernode`
-    per device, each a process group of its own (so a device can be killed), logs under WORK/."""
-
-    def __init__(self, work: Path, *, port: int):
-        self.work = Path(work)
-        self.work.mkdir(parents=True, exist_ok=True)
-        self.port = port
-        self.home = self.work / "flwr-home"
-        self.home.mkdir(exist_ok=True)
-        (self.home / "config.toml").write_text(
-            '[superlink]\ndefault = "bnnc-local"\n\n[superlink.bnnc-local]\n'
-            f'address = "127.0.0.1:{port}"\ninsecure = true\n')
-        # Flower's components start each other by name (flower-superexec): this Python's first
-        bindir = str(Path(sys.executable).parent)
-        self.env = dict(os.environ, FLWR_HOME=str(self.home), FLWR_TELEMETRY_ENABLED="0",
-                        PATH=bindir + os.pathsep + os.environ.get("PATH", ""))
-        self.procs: dict[str, subprocess.Popen] = {}
-
-    def _start(self, key: str, argv: list[str]) -> subprocess.Popen:
-        logf = open(self.work / f"{key}.log", "w")
-        p = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                             env=self.env, cwd=self.work, start_new_session=True)
-        logf.close()
-        self.procs[key] = p
-        return p
-
-    def start_superlink(self) -> None:
-        self._start("superlink", [flower_executable("flower-superlink"), "--insecure",
-                                  "--port", str(self.port),
-                                  "--disable-runtime-dependency-installation"])
-
-    def start_supernode(self, pid: int, devices: int, *, port: int, **node: Any) -> None:
-        self._start(f"supernode-{pid}", [flower_executable("flower-supernode"), "--insecure",
-                                         "--superlink", f"127.0.0.1:{self.port}",
-                                         "--port", str(port),
-                                         "--node-config", node_config(pid, devices, **node)])
-
-    def kill(self, key: str) -> None:
-        """SIGKILL a component and everything it started (its ClientApp process)."""
-        p = self.procs[key]
-        try:
-            os.killpg(p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        p.wait()
-
-    def log_text(self, key: str) -> str:
-        path = self.work / f"{key}.log"
-        return path.read_text(errors="replace") if path.is_file() else ""
-
-    def run(self, app_dir: Path, *, timeout: float, run_config: str | None = None
-            ) -> subprocess.CompletedProcess:
-        """`flwr run APP bnnc-local --stream` (after the SuperLink answers); its output in
-        WORK/flwr-run.log."""
-        argv = [flower_executable("flwr"), "run", str(app_dir), "bnnc-local", "--stream"]
-        if run_config:
-            argv += ["--run-config", run_config]
-        wait_port(self.port, timeout=60.0)
-        res = subprocess.run(argv, capture_output=True, text=True, env=self.env,
-                             stdin=subprocess.DEVNULL, cwd=self.work, timeout=timeout)
-        (self.work / "flwr-run.log").write_text(res.stdout + res.stderr)
-        return res
-
-    def stop(self) -> None:
-        for key in list(self.procs):
-            p = self.procs[key]
-            if p.poll() is None:
-                try:
-                    os.killpg(p.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    continue
-                try:
-                    p.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    self.kill(key)
-
-    def __enter__(self) -> LocalFederation:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-
-def deploy_local(s: FleetSettings, work: Path, *, port: int = 19090,
-                 device: DeviceDefaults | None = None, timeout: float = 3600.0
-                 ) -> fl.FleetCheckpoint:
-    """`bnnc fleet deploy`: a SuperLink and `s.devices` SuperNodes on loopback, `flwr run`."""
-    s.check()
-    device = device or DeviceDefaults()
-    app = write_app(Path(work) / "app", s)
-    with LocalFederation(Path(work), port=port) as fed:
-        fed.start_superlink()
-        for pid in range(s.devices):
-            fed.start_supernode(pid, s.devices, port=port + 10 + pid, out=device.out or s.out,
-                                workdir=str(Path(s.fleet_dir) / "devices" / f"device-{pid}"),
-                                **{"data-dir": device.data_dir or s.data_dir,
-                                   "emulate": device.emulate or None,
-                                   "device": device.device})
-        res = fed.run(app, timeout=timeout)
-    ck = fl.FleetCheckpoint.load(Path(s.fleet_dir))
-    if res.returncode != 0 or ck is None or ck.round < s.rounds:
-        tail = (res.stdout + res.stderr).strip().splitlines()[-5:]
-        raise DataError(f"the deployed fleet stopped after {0 if ck is None else ck.round} of "
-                        f"{s.rounds} rounds: {' | '.join(tail)}",
-                        hint=f"logs: {work}/*.log")
-    return ck
-

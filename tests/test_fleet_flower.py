@@ -15,6 +15,7 @@ import pytest
 from bnnc.cli import main
 from bnnc.runtime import fleet as fl
 from bnnc.runtime import fleet_flower as ff   # flwr is a pinned test dependency: never skipped
+from bnnc.runtime import fleet_run as fr
 from bnnc.runtime.outdir import load_init_state, read_compiled, read_state_blob
 from mnist_like import write_mnist_like
 
@@ -46,7 +47,7 @@ def federation(fleet_env):
     """One SuperLink and two SuperNodes, shared by the deployment tests."""
     root, out = fleet_env
     port = _free_port()
-    fed = ff.LocalFederation(root / "deploy", port=port)
+    fed = fr.LocalFederation(root / "deploy", port=port)
     fed.start_superlink()
     for pid in range(2):
         fed.start_supernode(pid, 2, port=_free_port(), out=str(out),
@@ -59,12 +60,12 @@ def federation(fleet_env):
 def test_simulation_equals_deployment_and_resumes(fleet_env, federation):
     root, out = fleet_env
     manifest, graph, cfg = read_compiled(out)
-    sim = ff.simulate(_settings(root, out, "sim"))
+    sim = fr.simulate(_settings(root, out, "sim"))
     assert sim.round == 2 and [r["devices"] for r in sim.history[1:]] == [[0, 1], [0, 1]]
     sim_blob = (sim.fleet_dir / sim.blob).read_bytes()
 
     dep = _settings(root, out, "dep")
-    app = ff.write_app(root / "app", dep)
+    app = fr.write_app(root / "app", dep)
     first = federation.run(app, timeout=240, run_config="rounds=1")
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
     assert fl.FleetCheckpoint.load(root / "dep").round == 1
@@ -90,9 +91,9 @@ def test_kill_a_supernode_mid_round(fleet_env, federation):
     root, out = fleet_env
     manifest, _, _ = read_compiled(out)
     s = _settings(root, out, "killed", round_timeout=45.0, min_devices=1)
-    app = ff.write_app(root / "app-kill", s)
+    app = fr.write_app(root / "app-kill", s)
     seen = federation.log_text("supernode-1").count("Receiving: train message")
-    argv = [ff.flower_executable("flwr"), "run", str(app), "bnnc-local", "--stream"]
+    argv = [fr.flower_executable("flwr"), "run", str(app), "bnnc-local", "--stream"]
     run = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                            env=federation.env, cwd=federation.work, stdin=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
