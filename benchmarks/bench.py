@@ -513,7 +513,7 @@ def _count_a72(ws: Workspace, case: Case, algorithm: str, steps: int) -> tuple[i
     benchmarks/insns_a72.py (the NEON work's measurement), so the two tables count alike."""
     from bnnc.compiler.target import load_target
     from bnnc.runtime import reference as ref
-    from bnnc.runtime.outdir import state_values_f32
+    from bnnc.runtime.state_blob import state_values_f32
     from bnnc.compiler.contract import read_manifest
 
     tgt = load_target("rpi4")

@@ -32,7 +32,7 @@ from bnnc.compiler.zoo import build_zoo_model
 from bnnc.runtime import packed
 from bnnc.runtime import reference as ref
 from bnnc.runtime.insncount import count_instructions
-from bnnc.runtime.outdir import state_values_f32
+from bnnc.runtime.state_blob import state_values_f32
 from bnnc.compiler.contract import read_manifest
 from bnnc.runtime.programs import build_trainer, emulator_argv
 

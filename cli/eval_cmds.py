@@ -14,8 +14,8 @@ from ..runtime import reference as ref
 from ..runtime.datasets import open_data
 from ..runtime.eval import (EvalOptions, EvalResult, confusion_png, confusion_text, eval_compiled,
                             eval_model, save_predictions)
-from ..runtime.outdir import (load_graph, model_bytes, model_class_names, model_preprocess,
-                              trained_state)
+from ..runtime.outdir import load_graph, model_bytes, model_class_names, model_preprocess
+from ..runtime.state_blob import trained_state
 from .app import cli
 from .run_cmds import where_options
 from .train_cmds import data_request, data_source_options

@@ -20,7 +20,8 @@ from ..compiler.config import ALGORITHMS, BN_KINDS, OPTIMIZERS, STATE_DTYPES, ma
 from ..compiler.errors import ConfigError
 from ..compiler.export import FORMATS, export_onnx
 from ..runtime.outdir import (class_names_of, load_graph, model_bytes, model_preprocess,
-                              read_compiled, saved_state_path, trained_state, write_atomic)
+                              read_compiled, saved_state_path, write_atomic)
+from ..runtime.state_blob import trained_state
 from .app import cli
 
 

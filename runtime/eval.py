@@ -43,10 +43,10 @@ from . import baremetal
 from . import reference as ref
 from .datasets import DataRequest, ModelData, open_data, preprocess_pixels
 from .device import SshRunner, parse_device
-from .outdir import (INIT_STATE, check_class_names, class_names_of, load_init_state,
-                     read_compiled, read_data_record, read_state_blob, same_class_order,
-                     saved_state_path, state_values_f32, trained_state, write_atomic)
+from .outdir import (INIT_STATE, check_class_names, class_names_of, load_init_state, read_compiled,
+                     read_data_record, same_class_order, saved_state_path, write_atomic)
 from .programs import LocalRunner, build_trainer, check_result, target_of
+from .state_blob import read_state_blob, state_values_f32, trained_state
 
 EVAL_FILE = "eval.bnnd"
 EVAL_STATE = "eval_state.f32"

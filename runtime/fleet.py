@@ -62,9 +62,10 @@ from ..compiler.contract import Manifest
 from ..compiler.errors import ConfigError, DataError
 from ..compiler.numerics import store
 from .baremetal import start_state_blob
-from .outdir import (FINAL_STATE, STATE_BLOB, StateBlob, load_init_state, read_compiled,
-                     read_state_blob, save_state_atomic, write_atomic)
+from .outdir import (FINAL_STATE, STATE_BLOB, load_init_state, read_compiled, save_state_atomic,
+                     write_atomic)
 from .run import RunOptions, TrainerEvent, run_compiled
+from .state_blob import StateBlob, read_state_blob
 
 log = logging.getLogger("bnnc.fleet")
 

@@ -6,7 +6,8 @@ bnnc's own.
     OUT/init_state.npz       every state tensor at step 0 (runtime.reference.init_state)
     OUT/report.txt           the memory tables and the C kernels used (`compile_graph`)
     OUT/final_state.npz      written by `bnnc run`: the state after training (for `bnnc export`)
-    OUT/state.bin            written by `bnnc run`: the C's versioned state blob (resume with --resume)
+    OUT/state.bin            written by `bnnc run`: the C's versioned state blob (resume with
+                             --resume; runtime/state_blob.py reads it without the C)
     OUT/.bnnc-owned.json     the files bnnc wrote here and the model hash they belong to
     OUT/.bnnc.lock           the per-OUT lock (flock) of `compile` and `run`
     OUT/data.json            written by `bnnc run`: the data it packed (source, split, class names
@@ -39,24 +40,19 @@ import json
 import os
 import shutil
 import stat
-import struct
 import tempfile
 import warnings
-import zlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 
 from ..compiler.config import TrainConfig, make_config
-from ..compiler.contract import (MANIFEST, STATE_BLOB_MAGIC, STATE_BLOB_VERSION, Manifest,
-                                 read_manifest)
+from ..compiler.contract import MANIFEST, Manifest, read_manifest
 from ..compiler.errors import (BnncWarning, ConfigError, DataError, ModelError, OutDirError,
                                TargetError)
-from ..compiler.export import check_state, export_onnx, load_state_npz, save_state_npz
+from ..compiler.export import export_onnx, load_state_npz, save_state_npz
 from ..compiler.frontend import load_model
 from ..compiler.head import new_head
 from ..compiler.ir import Graph
@@ -69,7 +65,6 @@ from ..compiler.report import format_report
 from ..compiler.target import Target
 from ..compiler.zoo import ZOO, build_zoo_model
 from . import reference as ref
-from .host import decode, flat_state
 
 MODEL_FILE = "model.onnx"
 INIT_STATE = "init_state.npz"
@@ -80,9 +75,6 @@ RUN_OUTPUTS = ("state.bin", "final_state.npz", "init_state.f32", "data", "data.j
 LOCK = ".bnnc.lock"
 _STAGE_PREFIX = ".bnnc-stage-"
 _OWNED_SCHEMA = "bnnc-owned"
-# the largest step a checkpoint may claim: far beyond any run, and small enough that every
-# step counter derived from it (until = start + steps, epochs) stays exact in int64 and float64
-MAX_STEP = 2**48
 DATA_RECORD = "data.json"
 
 
@@ -574,107 +566,6 @@ def saved_state_path(out_dir: Path) -> Path:
     """The state `bnnc run` left in OUT/: final_state.npz, else the checkpoint state.bin."""
     final = Path(out_dir) / FINAL_STATE
     return final if final.is_file() and not _is_link(final) else Path(out_dir) / STATE_BLOB
-
-
-def trained_state(graph: Graph, cfg: TrainConfig, path: Path,
-                  manifest: Manifest | None) -> dict[str, np.ndarray]:
-    """The state tensors in `path`: an .npz by name (bound to the compiled model when it carries
-    a model hash), or a state blob of the compiled program `manifest` (validated like a resume)."""
-    if path.suffix == ".npz":
-        return load_state_npz(path, graph, cfg,
-                              model_hash=manifest.state_hash if manifest is not None else None)
-    if manifest is not None:
-        return check_state(graph, cfg, read_state_blob(path, manifest).tensors, source=str(path))
-    raise ConfigError(f"{path}: a state blob (.bin) needs its compiled directory",
-                      hint="pass the `bnnc compile` output directory as MODEL")
-
-
-# --------------------------------------------------------------------------------------------------
-# the C's state blob, read without the C (checkpoints written on a device, `bnnc export OUT/`)
-
-BLOB_HEADER = struct.Struct("<IIQQIIQ")      # magic, version, model hash, step, seed, crc32, bytes
-
-
-@dataclass(frozen=True)
-class StateBlob:
-    step: int
-    seed: int
-    tensors: dict      # state name -> float32 array (bit tensors as +-1), the C's read_state_f32
-
-
-def read_state_blob(path: Path, manifest: Manifest) -> StateBlob:
-    """Validate a state blob against the compiled model (magic, version, model hash, size, CRC-32,
-    step range, finite values) and decode every state tensor; DataError says which check failed.
-    A checkpoint is replaced only by a blob that passed this (`run --resume`, `export --state`)."""
-    path = Path(path)
-    if not os.path.lexists(path):
-        raise DataError(f"checkpoint {path} does not exist")
-    try:
-        size = os.stat(path).st_size
-    except OSError as err:
-        raise os_error(err, f"read {path}") from None
-    want = manifest.blob_nbytes
-    if size != want:
-        try:
-            with open(path, "rb") as f:
-                head = f.read(BLOB_HEADER.size)
-        except OSError as err:
-            raise os_error(err, f"read {path}") from None
-        if len(head) == BLOB_HEADER.size:
-            parse_state_blob(head, manifest, path)   # another model's blob: says so, and why
-        raise DataError(f"{path}: {size:,} bytes, the state blob of {manifest.model} has "
-                        f"{want:,} (truncated, or another model's?)")
-    try:
-        raw = path.read_bytes()
-    except OSError as err:
-        raise os_error(err, f"read {path}") from None
-    return parse_state_blob(raw, manifest, path)
-
-
-def parse_state_blob(raw: bytes, manifest: Manifest, path: Path | str = "state blob") -> StateBlob:
-    """`read_state_blob` on bytes already read (validate once, use those same bytes)."""
-    want = manifest.blob_nbytes
-    if len(raw) < BLOB_HEADER.size:
-        raise DataError(f"{path}: {len(raw)} bytes is too short for a bnnc state blob")
-    magic, version, mhash, step, seed, crc, nbytes = BLOB_HEADER.unpack_from(raw)
-    if magic != STATE_BLOB_MAGIC:
-        raise DataError(f"{path} is not a bnnc state blob (bad magic)")
-    if version != STATE_BLOB_VERSION:
-        raise DataError(f"{path}: state blob version {version}, this bnnc writes "
-                        f"{STATE_BLOB_VERSION}", hint="train again with this bnnc version")
-    if mhash != manifest.model_hash:
-        raise DataError(f"{path} belongs to another compiled model (model hash {mhash:#x}, "
-                        f"{manifest.model} is {manifest.model_hash:#x})",
-                        hint="a checkpoint fits only the program that wrote it: same model, "
-                             "options and freeze set (--train/--train-from/--frozen-bn"
-                             + (f"; this one freezes {len(manifest.frozen)} parameters"
-                                if manifest.frozen else "; this one trains everything") + ")")
-    if len(raw) != want or nbytes != max(manifest.state_nbytes, 16):
-        raise DataError(f"{path}: {len(raw)} bytes, the model's blob has {want} (truncated?)")
-    if zlib.crc32(raw[32:], zlib.crc32(raw[:28])) != crc:
-        raise DataError(f"{path} is corrupted (CRC-32 mismatch)",
-                        hint="use an earlier checkpoint; this one was damaged after writing")
-    if step > MAX_STEP:
-        raise DataError(f"{path}: step {step:,} is out of range (at most {MAX_STEP:,})",
-                        hint="the blob was not written by a bnnc trainer; use another checkpoint")
-    payload = raw[BLOB_HEADER.size:]
-    tensors = {}
-    for st in manifest.state:
-        t = manifest.tensor_by_name[st.name]
-        v = decode(payload[t.offset:t.offset + t.nbytes], t).astype(np.float32)
-        if not np.isfinite(v).all():
-            raise DataError(f"{path}: state tensor '{st.name}' holds non-finite values",
-                            hint="the run diverged or the blob was forged; use an earlier "
-                                 "checkpoint")
-        tensors[st.name] = (2 * v - 1) if t.dtype == "bit" else v
-    return StateBlob(step, seed, tensors)
-
-
-def state_values_f32(manifest: Manifest, tensors) -> bytes:
-    """The trainer's --init file: `host.flat_state` as little-endian float32 bytes."""
-    return flat_state(manifest, tensors).astype("<f4").tobytes()
-
-
 
 
 # --------------------------------------------------------------------------------------------------

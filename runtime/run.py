@@ -51,10 +51,9 @@ from .datasets import DataRequest, ModelData, Subset, open_data
 from .device import SshRunner, parse_device
 from .insncount import StepCount, count_instructions
 from .outdir import (DATA_RECORD, FINAL_STATE, STATE_BLOB, OutDir, check_class_names,
-                     load_init_state, os_error, parse_state_blob, read_compiled, read_state_blob,
-                     save_state_atomic, state_values_f32,
-                     write_atomic)
+                     load_init_state, os_error, read_compiled, save_state_atomic, write_atomic)
 from .programs import LocalRunner, RunResult, build_trainer, check_result, emulator_argv, target_of
+from .state_blob import parse_state_blob, read_state_blob, state_values_f32
 
 INIT_FILE = "init_state.f32"
 BAREMETAL_TIMEOUT_S = 24 * 3600.0     # a bare-metal run without --timeout

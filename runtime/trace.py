@@ -27,8 +27,8 @@ from ..compiler.errors import DataError, TargetError
 from ..compiler.target import Target
 from . import baremetal
 from .host import decode, split_state
-from .outdir import state_values_f32
 from .programs import LocalRunner, build_trainer, check_result
+from .state_blob import state_values_f32
 
 IN_MAGIC, OUT_MAGIC = 0x49434E42, 0x4F434E42        # "BNCI", "BNCO"
 

@@ -51,7 +51,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from bnnc.cli import main as bnnc_main  # noqa: E402
 from bnnc.compiler.contract import read_manifest  # noqa: E402
-from bnnc.runtime.outdir import read_state_blob  # noqa: E402
+from bnnc.runtime.state_blob import read_state_blob  # noqa: E402
 from mnist_like import idx_bytes, write_mnist_like  # noqa: E402
 
 CASE_TIMEOUT_S = 60

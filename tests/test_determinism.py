@@ -32,7 +32,7 @@ from bnnc.compiler.pipeline import compile_to_c
 from bnnc.compiler.target import load_target
 from bnnc.compiler.zoo import build_zoo_model
 from bnnc.runtime import packed
-from bnnc.runtime.outdir import read_state_blob
+from bnnc.runtime.state_blob import read_state_blob
 from bnnc.compiler.contract import read_manifest
 from bnnc.runtime.programs import LocalRunner, build_trainer
 

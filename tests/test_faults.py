@@ -26,7 +26,8 @@ from bnnc.cli import main
 from bnnc.compiler.contract import read_manifest
 from bnnc.compiler.errors import TargetError
 from bnnc.runtime.host import build_cached
-from bnnc.runtime.outdir import OutDir, read_state_blob
+from bnnc.runtime.outdir import OutDir
+from bnnc.runtime.state_blob import read_state_blob
 from mnist_like import write_mnist_like
 
 REPO = Path(__file__).resolve().parents[1]

@@ -14,7 +14,8 @@ from bnnc.compiler.contract import read_manifest
 from bnnc.compiler.errors import DataError
 from bnnc.runtime import fleet as fl
 from bnnc.runtime.host import HostProgram
-from bnnc.runtime.outdir import load_init_state, read_compiled, read_state_blob
+from bnnc.runtime.outdir import load_init_state, read_compiled
+from bnnc.runtime.state_blob import read_state_blob
 
 
 @pytest.fixture(scope="module")

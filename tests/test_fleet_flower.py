@@ -16,7 +16,8 @@ from bnnc.cli import main
 from bnnc.runtime import fleet as fl
 from bnnc.runtime import fleet_flower as ff   # flwr is a pinned test dependency: never skipped
 from bnnc.runtime import fleet_run as fr
-from bnnc.runtime.outdir import load_init_state, read_compiled, read_state_blob
+from bnnc.runtime.outdir import load_init_state, read_compiled
+from bnnc.runtime.state_blob import read_state_blob
 from mnist_like import write_mnist_like
 
 

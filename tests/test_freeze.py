@@ -477,8 +477,8 @@ def test_fit_cli_prints_the_choice_and_refuses_what_cannot_fit(tmp_path, capsys)
 def test_m4_reads_frozen_weights_from_flash_and_trains_like_the_host(tmp_path):
     from bnnc.compiler.pipeline import compile_to_c
     from bnnc.runtime import baremetal, packed
-    from bnnc.runtime.outdir import model_bytes, read_state_blob, state_values_f32, \
-        write_run_inputs
+    from bnnc.runtime.outdir import model_bytes, write_run_inputs
+    from bnnc.runtime.state_blob import read_state_blob, state_values_f32
     from bnnc.runtime.programs import LocalRunner, build_trainer
     g = load_graph("tfc")
     cfg = _cfg(g, batch=8, train_from="fc3")

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from bnnc.cli import main
-from bnnc.runtime.outdir import read_state_blob
+from bnnc.runtime.state_blob import read_state_blob
 from bnnc.compiler.contract import read_manifest
 from mnist_like import write_mnist_like
 

@@ -10,7 +10,7 @@ import pytest
 from bnnc.cli import main
 from bnnc.compiler.contract import read_manifest
 from bnnc.compiler.errors import ConfigError
-from bnnc.runtime.outdir import read_state_blob
+from bnnc.runtime.state_blob import read_state_blob
 from bnnc.runtime.run import Counted, RunOptions, Saved, Started, TrainerEvent, run_compiled, \
     until_step
 from mnist_like import write_mnist_like

@@ -22,7 +22,7 @@ from bnnc.compiler.errors import DataError, TargetError
 from bnnc.compiler.target import load_target, parse_size
 from bnnc.runtime import packed
 from bnnc.runtime.datasets import scale_pixels
-from bnnc.runtime.outdir import read_state_blob
+from bnnc.runtime.state_blob import read_state_blob
 from bnnc.compiler.contract import read_manifest
 from bnnc.runtime.programs import LocalRunner, build_trainer
 
