@@ -31,6 +31,7 @@ from pathlib import Path
 
 from bnnc.cli import main as bnnc_main
 from bnnc.runtime import fleet as fl
+from bnnc.runtime import fleet_local as flocal
 from bnnc.runtime.datasets import training_data
 from bnnc.runtime.fleet_flower import FleetSettings
 from bnnc.runtime.fleet_run import simulate
@@ -50,14 +51,14 @@ def central(out: Path, data: str, data_dir: str | None, limit: int | None, epoch
     tensors, step, accs, cal_accs = dict(load_init_state(out, graph, cfg)), 0, [], []
     specs = fl.bn_stat_tensors(manifest)
     for e in range(epochs):
-        res = fl.train_host(prog, tensors, step, cfg.seed, x, y, epochs=1,
-                            order_key=(seed, e + 1, 0xCE))
+        res = flocal.train_host(prog, tensors, step, cfg.seed, x, y, epochs=1,
+                                order_key=(seed, e + 1, 0xCE))
         tensors, step = res.tensors, step + res.steps
-        accs.append(fl.evaluate(prog, tensors, x_test, y_test, seed=cfg.seed))
-        stats, _ = fl.calibration_stats(prog, tensors, x, y, specs, batches=calibration_batches,
-                                        momentum=cfg.bn_momentum, order_key=(seed, e + 1, 0xCA))
+        accs.append(flocal.evaluate(prog, tensors, x_test, y_test, seed=cfg.seed))
+        stats, _ = flocal.calibration_stats(prog, tensors, x, y, specs, batches=calibration_batches,
+                                            momentum=cfg.bn_momentum, order_key=(seed, e + 1, 0xCA))
         cal = fl.pool_bn_stats([fl.Calibration(0, len(x), stats)], specs)
-        cal_accs.append(fl.evaluate(prog, {**tensors, **cal}, x_test, y_test, seed=cfg.seed))
+        cal_accs.append(flocal.evaluate(prog, {**tensors, **cal}, x_test, y_test, seed=cfg.seed))
         print(f"  central epoch {e + 1}: test acc {100 * accs[-1]:.2f} % (BN statistics "
               f"recalibrated: {100 * cal_accs[-1]:.2f} %)", flush=True)
     return accs, cal_accs

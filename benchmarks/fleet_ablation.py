@@ -1,5 +1,5 @@
 """Ablations of the fleet's choices, fast: the federation of `bnnc fleet simulate` run in one
-process without Flower (no Ray, no messages), over the same runtime/fleet.py functions --
+process without Flower (no Ray, no messages), over the same runtime/fleet*.py functions --
 partition, device_start's rule (the device's own optimizer state + the global tensors),
 train_host with the same batch-order key, aggregate, the 1-bit uplink, calibration_stats and
 pool_bn_stats -- so a 20-round MNIST run takes minutes. With `--bn-stats mean` it reproduces
@@ -33,6 +33,7 @@ import numpy as np
 from bnnc.cli import main as bnnc_main
 from bnnc.compiler.numerics import store
 from bnnc.runtime import fleet as fl
+from bnnc.runtime import fleet_local as flocal
 from bnnc.runtime.datasets import training_data
 from bnnc.runtime.host import HostProgram
 from bnnc.runtime.outdir import load_init_state, read_compiled
@@ -84,8 +85,8 @@ def main() -> int:
             if a.adam == "reset":
                 tensors.update({n: np.zeros_like(tensors[n]) for n in moments})
                 step = 0
-            res = fl.train_host(prog, tensors, step, cfg.seed, x[idx], y[idx], epochs=1,
-                                order_key=(a.seed, r, pid))
+            res = flocal.train_host(prog, tensors, step, cfg.seed, x[idx], y[idx], epochs=1,
+                                    order_key=(a.seed, r, pid))
             devices[pid] = (res.tensors, step + res.steps)
             local = {ft.name: res.tensors[ft.name] for ft in specs}
             if a.uplink == "sign":
@@ -107,14 +108,14 @@ def main() -> int:
         if a.bn_stats == "calibrate":
             cals = []
             for pid, idx in enumerate(parts):
-                stats, _ = fl.calibration_stats(prog, full, x[idx], y[idx], cal_specs,
-                                                batches=a.calibration_batches,
-                                                momentum=cfg.bn_momentum,
-                                                order_key=(a.seed, r, pid, 0xCA1))
+                stats, _ = flocal.calibration_stats(prog, full, x[idx], y[idx], cal_specs,
+                                                    batches=a.calibration_batches,
+                                                    momentum=cfg.bn_momentum,
+                                                    order_key=(a.seed, r, pid, 0xCA1))
                 cals.append(fl.Calibration(pid, len(idx), stats))
             full.update(fl.pool_bn_stats(cals, cal_specs) if a.pool == "global"
                         else _naive_pool(cals, cal_specs))
-        accs.append(fl.evaluate(prog, full, x_test, y_test, seed=cfg.seed))
+        accs.append(flocal.evaluate(prog, full, x_test, y_test, seed=cfg.seed))
         print(f"round {r}: test acc {100 * accs[-1]:.2f} %  ({time.time() - t0:.0f} s)",
               flush=True)
     if a.json:

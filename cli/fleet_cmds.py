@@ -3,8 +3,8 @@ this machine, Flower's simulation runtime), `deploy` (a real flower-superlink an
 flower-supernode per device on loopback), `app` (the Flower App for `flwr run` against your own
 SuperLink, e.g. Raspberry Pis) and `status` (a fleet directory's rounds, its global state checked).
 
-This module parses options and prints rounds; runtime/fleet.py, runtime/fleet_flower.py and
-runtime/fleet_run.py do the work (Flower is imported only when a command needs it).
+This module parses options and prints rounds; runtime/fleet.py, fleet_store.py, fleet_flower.py
+and fleet_run.py do the work (Flower is imported only when a command needs it).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from rich.console import Console
 
 from ..compiler.errors import ConfigError, DataError
 from ..runtime import fleet as fl
+from ..runtime import fleet_store as fstore
 from ..runtime.outdir import read_compiled
 from .app import cli
 
@@ -151,9 +152,9 @@ def _round_printer(console: Console):
 
 
 def _finish(console: Console, ck, out_dir: Path) -> None:
-    final = fl.export_final(ck.fleet_dir, out_dir)
+    final = fstore.export_final(ck.fleet_dir, out_dir)
     console.print(f"wrote {ck.fleet_dir / ck.blob} (round {ck.round}), "
-                  f"{ck.fleet_dir / fl.CHECKPOINT_JSON} and {final}")
+                  f"{ck.fleet_dir / fstore.CHECKPOINT_JSON} and {final}")
 
 
 @fleet.command("simulate")
@@ -238,9 +239,9 @@ def app_cmd(out_dir: Path, output: Path, **o) -> None:
 def status_cmd(fleet_dir: Path, out_dir: Path) -> None:
     """The rounds a fleet directory holds, its global state checked against OUT_DIR (sha256,
     model hash, CRC-32)."""
-    ck = fl.FleetCheckpoint.load(fleet_dir)
+    ck = fstore.FleetCheckpoint.load(fleet_dir)
     if ck is None:
-        raise DataError(f"{fleet_dir} holds no fleet run (no {fl.CHECKPOINT_JSON})")
+        raise DataError(f"{fleet_dir} holds no fleet run (no {fstore.CHECKPOINT_JSON})")
     manifest, _, _ = read_compiled(out_dir)
     blob = ck.global_blob(manifest)
     console = Console(highlight=False, soft_wrap=True)

@@ -1,6 +1,10 @@
-"""Federated training of a compiled OUT/ across a fleet of devices: everything except Flower itself
-(the Flower apps are runtime/fleet_flower.py, run by runtime/fleet_run.py). Pure functions and small records, so the simulation,
-the deployment and the tests all run the same code.
+"""Federated training of a compiled OUT/ across a fleet of devices: what travels, how the server
+aggregates it, how BN statistics are pooled and how the data is partitioned. Pure functions and
+small records, so the simulation, the deployment and the tests all run the same code. The rest of
+the fleet without Flower: its state on disk (the global checkpoint, each device's own state) is
+runtime/fleet_store.py, a device's work on the emitted C (local training, BN calibration,
+evaluation) runtime/fleet_local.py; the Flower apps are runtime/fleet_flower.py, run by
+runtime/fleet_run.py.
 
 What a fleet exchanges: `fleet_tensors(manifest)` selects, from the manifest's state table, the
 tensors the server aggregates -- every trainable parameter (latent 16-bit weights, BN betas/gammas,
@@ -11,9 +15,9 @@ frozen parameter (partial training: the manifest's `frozen`) is never selected.
 BN running statistics of the global model (`bn_stats`; [bnnc choice] `"calibrate"`, measured in
 README "Train a fleet"): FedAvg's global weights are never run forward on data, so no device's
 statistics belong to them. `"calibrate"`: after each round's aggregation every device measures
-the batch statistics of the new global weights on its own data (`calibration_stats`, the emitted
-C) and the server pools them (`pool_bn_stats`, `bn_stat_tensors` travel). `"mean"`: the devices'
-running statistics from training, averaged. `"local"`: FedBN, kept on each device.
+the batch statistics of the new global weights on its own data (`fleet_local.calibration_stats`,
+the emitted C) and the server pools them (`pool_bn_stats`, `bn_stat_tensors` travel). `"mean"`:
+the devices' running statistics from training, averaged. `"local"`: FedBN, kept on each device.
 
 On the wire every tensor travels in its storage dtype (`to_wire`): bf16 as its 16 bits, f16, f32,
 1-bit weights packed 8 per byte. With the 1-bit uplink (`uplink="sign"`, signSGD-style) a device
@@ -29,31 +33,12 @@ tensors, accumulated in float64 and rounded to the storage dtype with round-to-n
 lossless); a weighted majority vote for 1-bit weights (a tie keeps the global bit). A reply from
 another model (its manifest's model hash), with a wrong tensor set, shape or dtype, or with a NaN /
 Inf value is refused (`RefusedUpdate`), logged, and left out of the round.
-
-Global checkpoint (`FleetCheckpoint`): FLEET_DIR/global-rNNNNN.bin, the full state as bnnc's state
-blob (magic, model hash, CRC-32: `bnnc export` and `read_state_blob` read it), then
-FLEET_DIR/fleet.json (round, the blob's name and sha256, the history) written atomically: the json
-is the commit point, so a crash at any moment leaves the previous round's global state intact, and
-a run resumes from the last committed round.
-
-A device's own state (`DeviceStore`): DIR/state-rNNNNN.bin, its full state blob after round N
-(optimizer moments, local BN statistics, step counter: Adam's moments and its bias-correction
-count carry on from the device's previous round, [bnnc choice] measured in README "Train a
-fleet"). Round N+1 starts from the newest blob of a
-round <= N, so a resumed fleet repeats exactly what an uninterrupted one does. A device writes
-nothing outside DIR (named by the device's configuration, never by a server message).
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
-import logging
 import math
-import re
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -61,18 +46,10 @@ import numpy as np
 from ..compiler.contract import Manifest
 from ..compiler.errors import ConfigError, DataError
 from ..compiler.numerics import store
-from .baremetal import start_state_blob
-from .outdir import (FINAL_STATE, STATE_BLOB, load_init_state, read_compiled, save_state_atomic,
-                     write_atomic)
-from .run import RunOptions, TrainerEvent, run_compiled
-from .state_blob import StateBlob, read_state_blob
-
-log = logging.getLogger("bnnc.fleet")
 
 PARTITIONS = ("iid", "dirichlet")
 BN_STATS = ("calibrate", "mean", "local")
 UPLINKS = ("full", "sign")
-CHECKPOINT_JSON = "fleet.json"
 SCALES = "__scales__"          # the 1-bit uplink's per-tensor scales, one float32 each
 
 
@@ -327,34 +304,6 @@ def _bn_pairs(specs: Sequence[FleetTensor]) -> list[tuple[str, str]]:
     return sorted(pairs)
 
 
-def calibration_stats(program, tensors: Mapping[str, np.ndarray], x: np.ndarray, y: np.ndarray,
-                      specs: Sequence[FleetTensor], *, batches: int, momentum: float,
-                      order_key: Sequence[int]) -> tuple[dict[str, np.ndarray], int]:
-    """Each BN layer's batch statistics at the weights of `tensors` on up to `batches` local
-    batches (drawn by `order_key`), averaged per channel: {running stat name: float32 values} and
-    the number of examples used. The emitted C computes them: a train step started from zero
-    running statistics leaves `(1 - momentum) * batch statistic` in them (the weights it
-    updates are discarded: every batch starts again from `tensors`)."""
-    b = program.batch
-    nb = min(batches, len(x) // b)
-    if nb < 1:
-        raise DataError(f"{len(x)} local examples do not fill one batch of {b}")
-    start = dict(tensors)
-    for ft in specs:
-        start[ft.name] = np.zeros(ft.shape, np.float32)
-    perm = np.random.default_rng([*order_key]).permutation(len(x))
-    acc = {ft.name: np.zeros(ft.shape, np.float64) for ft in specs}
-    for k in range(nb):
-        idx = perm[k * b:(k + 1) * b]
-        program.load_state(start, step=0, seed=0)
-        program.train_step(x[idx], y[idx])
-        got = program.read_state()
-        for ft in specs:
-            acc[ft.name] += np.asarray(got[ft.name], np.float64)
-    scale = 1.0 / (nb * (1.0 - momentum))
-    return {k: (v * scale).astype(np.float32) for k, v in acc.items()}, nb * b
-
-
 def decode_calibration(arrays: Mapping[str, np.ndarray],
                        specs: Sequence[FleetTensor]) -> dict[str, np.ndarray]:
     """A device's calibration reply (float32 per-channel statistics by name), checked:
@@ -461,236 +410,3 @@ def partition(labels: np.ndarray, devices: int, scheme: str, *, alpha: float = 0
             return out
     raise DataError(f"Dirichlet(alpha={alpha}) left a device with fewer than {min_examples} "
                     f"examples in 100 draws", hint="raise --alpha or use fewer devices")
-
-
-# --------------------------------------------------------------------------------------------------
-# the global checkpoint
-
-@dataclass
-class FleetCheckpoint:
-    """FLEET_DIR's committed state (module docstring)."""
-    fleet_dir: Path
-    round: int = 0
-    blob: str | None = None          # file name of the global state blob of `round`
-    blob_sha256: str | None = None
-    settings: dict = field(default_factory=dict)
-    history: list = field(default_factory=list)     # one record per finished round
-
-    @classmethod
-    def load(cls, fleet_dir: Path) -> FleetCheckpoint | None:
-        path = Path(fleet_dir) / CHECKPOINT_JSON
-        if not path.is_file():
-            return None
-        try:
-            doc = json.loads(path.read_text())
-            return cls(Path(fleet_dir), int(doc["round"]), doc["blob"], doc["blob_sha256"],
-                       dict(doc["settings"]), list(doc["history"]))
-        except (ValueError, KeyError, TypeError) as err:
-            raise DataError(f"{path} is not a bnnc fleet checkpoint ({err})",
-                            hint="point --fleet-dir at a new directory") from err
-
-    def global_blob(self, manifest: Manifest) -> StateBlob:
-        """The committed global state, validated (sha256, then the blob's own header and CRC)."""
-        path = self.fleet_dir / str(self.blob)
-        raw = path.read_bytes() if path.is_file() else b""
-        if hashlib.sha256(raw).hexdigest() != self.blob_sha256:
-            raise DataError(f"{path} does not match {CHECKPOINT_JSON} (sha256)",
-                            hint="the fleet directory was altered; start a new one")
-        return read_state_blob(path, manifest)
-
-    def commit(self, round_: int, blob: bytes, record: dict) -> None:
-        """Publish round `round_`'s global state: the blob first, then fleet.json (atomic)."""
-        name = f"global-r{round_:05d}.bin"
-        write_atomic(self.fleet_dir / name, blob)
-        self.round, self.blob = round_, name
-        self.blob_sha256 = hashlib.sha256(blob).hexdigest()
-        self.history.append(record)
-        doc = {"round": self.round, "blob": self.blob, "blob_sha256": self.blob_sha256,
-               "settings": self.settings, "history": self.history}
-        write_atomic(self.fleet_dir / CHECKPOINT_JSON,
-                     (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode())
-        for old in self.fleet_dir.glob("global-r*.bin"):
-            if old.name != name and _round_of(old.name) < round_ - 1:
-                old.unlink(missing_ok=True)
-
-
-def _round_of(name: str) -> int:
-    m = re.search(r"-r(\d+)\.(?:bin|npz)$", name)
-    return int(m.group(1)) if m else -1
-
-
-def export_final(fleet_dir: Path, out_dir: Path) -> Path:
-    """FLEET_DIR/final_state.npz: the committed global state by name (for `bnnc export`)."""
-    manifest, _, _ = read_compiled(out_dir)
-    ck = FleetCheckpoint.load(fleet_dir)
-    if ck is None or ck.blob is None:
-        raise DataError(f"{fleet_dir} holds no finished fleet round")
-    dest = Path(fleet_dir) / FINAL_STATE
-    save_state_atomic(dest, ck.global_blob(manifest).tensors)
-    return dest
-
-
-# --------------------------------------------------------------------------------------------------
-# a device's own state
-
-class DeviceStore:
-    """DIR/state-rNNNNN.bin: a device's full state after round N (module docstring)."""
-
-    def __init__(self, where: Path):
-        self.dir = Path(where)
-        self.dir.mkdir(parents=True, exist_ok=True)
-
-    def latest_before(self, round_: int, manifest: Manifest) -> StateBlob | None:
-        """The newest valid state of a round < `round_`; a damaged file is logged and skipped."""
-        found = self._latest(round_, manifest)
-        return found[1] if found else None
-
-    def _latest(self, round_: int, manifest: Manifest) -> tuple[int, StateBlob] | None:
-        for path in sorted(self.dir.glob("state-r*.bin"), key=lambda p: -_round_of(p.name)):
-            if _round_of(path.name) >= round_:
-                continue
-            try:
-                return _round_of(path.name), read_state_blob(path, manifest)
-            except DataError as err:
-                log.warning("device state %s skipped: %s", path, err.message)
-        return None
-
-    def save(self, round_: int, blob: bytes,
-             residual: Mapping[str, np.ndarray] | None = None) -> None:
-        """The state after round `round_` (and the 1-bit uplink's error-feedback residual, first:
-        a residual without its state is never read)."""
-        if residual is not None:
-            buf = io.BytesIO()
-            np.savez(buf, **{k: np.asarray(v, np.float32) for k, v in residual.items()})
-            write_atomic(self.dir / f"residual-r{round_:05d}.npz", buf.getvalue())
-        write_atomic(self.dir / f"state-r{round_:05d}.bin", blob)
-        for old in [*self.dir.glob("state-r*.bin"), *self.dir.glob("residual-r*.npz")]:
-            if _round_of(old.name) < round_ - 1 or _round_of(old.name) > round_:
-                old.unlink(missing_ok=True)
-
-    def residual_before(self, round_: int, manifest: Manifest,
-                        specs: Sequence[FleetTensor]) -> dict | None:
-        """The error-feedback residual saved with the state `latest_before(round_)` starts from
-        (None: none, or a damaged one, logged)."""
-        start = self._latest(round_, manifest)
-        if start is None:
-            return None
-        path = self.dir / f"residual-r{start[0]:05d}.npz"
-        if not path.is_file():
-            return None
-        want = {ft.name: ft.shape for ft in specs if ft.dtype != "bit"}
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                got = {k: z[k] for k in z.files}
-            if set(got) != set(want) or any(got[k].shape != want[k] or got[k].dtype != np.float32
-                                             or not np.all(np.isfinite(got[k])) for k in got):
-                raise ValueError("wrong tensors")
-        except (OSError, ValueError) as err:
-            log.warning("error-feedback residual %s skipped: %s", path, err)
-            return None
-        return got
-
-
-def device_start(store: DeviceStore, round_: int, out_dir: Path, manifest: Manifest,
-                 glob: Mapping[str, np.ndarray]) -> tuple[dict, int, int]:
-    """(tensors, step, seed) a device trains round `round_` from: its own last state (or the
-    compiled initial state), with the fleet tensors replaced by the global ones."""
-    prev = store.latest_before(round_, manifest)
-    if prev is not None:
-        tensors, step, seed = dict(prev.tensors), prev.step, prev.seed
-    else:
-        _, graph, cfg = read_compiled(out_dir)
-        tensors, step, seed = dict(load_init_state(out_dir, graph, cfg)), 0, cfg.seed
-    tensors.update({k: np.asarray(v, np.float32) for k, v in glob.items()})
-    return tensors, step, seed
-
-
-# --------------------------------------------------------------------------------------------------
-# local training: the emitted C in-process (host), or the standalone trainer (run.py)
-
-@dataclass(frozen=True)
-class LocalResult:
-    tensors: dict             # the full state after training, by name (float32, bits +-1)
-    blob: bytes               # the same as the program's state blob
-    examples: int
-    steps: int
-    loss: float
-    acc: float
-    test_acc: float | None = None
-
-
-def train_host(program, tensors: Mapping[str, np.ndarray], step: int, seed: int, x: np.ndarray,
-               y: np.ndarray, *, epochs: int, order_key: Sequence[int]) -> LocalResult:
-    """`epochs` passes over (x, y) with the emitted C loaded by cffi (runtime/host.py); batch order:
-    a numpy permutation per epoch keyed by `order_key` (fleet seed, round, device). The lr is the
-    constant --lr: a round's local epochs are a slice of a run no device sees whole
-    (compiler/README.md, "Learning-rate schedule")."""
-    b = program.batch
-    per_epoch = len(x) // b
-    if per_epoch == 0:
-        raise DataError(f"{len(x)} local examples do not fill one batch of {b}")
-    program.load_state(tensors, step=step, seed=seed)
-    program.set_lr_horizon(0)
-    losses, accs = [], []
-    for e in range(epochs):
-        perm = np.random.default_rng([*order_key, e]).permutation(len(x))
-        for k in range(per_epoch):
-            idx = perm[k * b:(k + 1) * b]
-            loss, acc = program.train_step(x[idx], y[idx])
-            losses.append(loss)
-            accs.append(acc)
-    return LocalResult(program.read_state(), program.get_state(), len(x), len(losses),
-                       float(np.mean(losses)), float(np.mean(accs)))
-
-
-def train_standalone(out_dir: Path, tensors: Mapping[str, np.ndarray], step: int, seed: int,
-                     indices: np.ndarray, *, epochs: int, data_name: str, data_dir: Path | None,
-                     emulate: bool, device: str | None,
-                     timeout: float | None = None) -> LocalResult:
-    """`epochs` passes over the training examples `indices` with the standalone trainer compiled
-    into `out_dir` (a device's private copy): native, QEMU (`emulate`) or ssh (`device`), through
-    runtime/run.py, started from a state blob of `tensors`, read back from its checkpoint."""
-    manifest, _, _ = read_compiled(out_dir)
-    start = Path(out_dir) / "fleet_start.bin"
-    write_atomic(start, start_state_blob(out_dir, tensors, step=step, seed=seed))
-    per_epoch = len(indices) // manifest.batch
-    if per_epoch == 0:
-        raise DataError(f"{len(indices)} local examples do not fill one batch of "
-                        f"{manifest.batch}")
-    seen: list[dict] = []
-    run_compiled(Path(out_dir), RunOptions(data_name, data_dir, steps=epochs * per_epoch,
-                                           resume=start, lr_horizon=0,     # constant lr, as
-                                           emulate=emulate, device=device,  # train_host
-                                           indices=tuple(int(i) for i in indices),
-                                           timeout=timeout),
-                 lambda ev: seen.append(ev.fields) if isinstance(ev, TrainerEvent) else None)
-    raw = (Path(out_dir) / STATE_BLOB).read_bytes()
-    blob = read_state_blob(Path(out_dir) / STATE_BLOB, manifest)
-    ends = [e for e in seen if e.get("event") == "epoch"]
-    loss = float(ends[-1].get("train_loss", float("nan"))) if ends else float("nan")
-    acc = float(ends[-1].get("train_acc", float("nan"))) if ends else float("nan")
-    return LocalResult(blob.tensors, raw, len(indices), blob.step - step, loss, acc)
-
-
-# --------------------------------------------------------------------------------------------------
-# evaluation of a global state
-
-def evaluate(program, tensors: Mapping[str, np.ndarray], x: np.ndarray, y: np.ndarray, *,
-             seed: int = 0) -> float:
-    """Test accuracy of `tensors` with the emitted C's predict (whole batches, the last padded)."""
-    program.load_state(tensors, step=0, seed=seed)
-    b, n, hits = program.batch, len(x), 0
-    for at in range(0, n, b):
-        xb = x[at:at + b]
-        k = len(xb)
-        if k < b:
-            xb = np.concatenate([xb, np.zeros((b - k, *xb.shape[1:]), xb.dtype)])
-        hits += int(np.sum(np.argmax(program.predict(xb)[:k], axis=1) == y[at:at + k]))
-    return hits / max(n, 1)
-
-
-def state_blob_of(program, tensors: Mapping[str, np.ndarray], *, step: int, seed: int) -> bytes:
-    """The state blob of `tensors`, encoded by the emitted C (so its bytes are the C's own)."""
-    program.load_state(tensors, step=step, seed=seed)
-    return program.get_state()
-

@@ -3,8 +3,9 @@ strategy) and the two ways to run them: `simulate` (Flower's simulation runtime,
 `flwr.simulation.run_simulation`, one virtual SuperNode per device) and `LocalFederation` (a real
 `flower-superlink`, one `flower-supernode` per device and `flwr run`, on this machine), both in
 runtime/fleet_run.py. The
-federation logic itself -- what is sent, aggregation, checkpoints, partitions -- is
-runtime/fleet.py; this module only moves it through Flower.
+federation logic itself -- what is sent, aggregation, partitions (runtime/fleet.py), checkpoints
+(runtime/fleet_store.py), a device's training (runtime/fleet_local.py) -- is not here; this
+module only moves it through Flower.
 
 Server (`make_server_app`): reads OUT/ (the compiled program), resumes FLEET_DIR's checkpoint or
 starts from OUT/init_state.npz, then runs Flower's `FedAvg.start` for the remaining rounds with
@@ -55,6 +56,8 @@ from flwr.serverapp.strategy import FedAvg  # noqa: E402
 
 from ..compiler.errors import ConfigError, DataError  # noqa: E402
 from . import fleet as fl  # noqa: E402
+from . import fleet_local as flocal  # noqa: E402
+from . import fleet_store as fstore  # noqa: E402
 from .datasets import training_data  # noqa: E402
 from .host import HostProgram  # noqa: E402
 from .outdir import load_init_state, read_compiled  # noqa: E402
@@ -211,10 +214,10 @@ class FleetServer:
         self.program = HostProgram(self.out, target="host", debug=False)
         fleet_dir = Path(s.fleet_dir)
         fleet_dir.mkdir(parents=True, exist_ok=True)
-        ck = fl.FleetCheckpoint.load(fleet_dir)
+        ck = fstore.FleetCheckpoint.load(fleet_dir)
         fed = dict(s.federation(), model_sha256=self.manifest.model_sha256)
         if ck is None:
-            ck = fl.FleetCheckpoint(fleet_dir, settings=fed)
+            ck = fstore.FleetCheckpoint(fleet_dir, settings=fed)
             self.full = dict(load_init_state(self.out, self.graph, self.cfg))
             ck.commit(0, self._blob(), {"round": 0})
         else:
@@ -231,7 +234,7 @@ class FleetServer:
         self.f32_nbytes = fl.float32_model_nbytes(self.manifest)
 
     def _blob(self) -> bytes:
-        return fl.state_blob_of(self.program, self.full, step=0, seed=self.cfg.seed)
+        return flocal.state_blob_of(self.program, self.full, step=0, seed=self.cfg.seed)
 
     def glob(self) -> dict[str, np.ndarray]:
         return {ft.name: self.full[ft.name] for ft in self.specs}
@@ -324,7 +327,8 @@ class FleetServer:
         self._commit(record, self._score())
 
     def _score(self) -> float:
-        return fl.evaluate(self.program, self.full, self.x_test, self.y_test, seed=self.cfg.seed)
+        return flocal.evaluate(self.program, self.full, self.x_test, self.y_test,
+                               seed=self.cfg.seed)
 
     def _commit(self, record: dict, acc: float) -> None:
         record["test_acc"] = acc
@@ -495,22 +499,22 @@ def device_train(node: Mapping[str, Any], cfg: Mapping[str, Any], arrays: Mappin
                  server_round: int) -> tuple[dict, dict, str]:
     """One round on one device: (reply arrays, metrics, model sha256)."""
     d = _device_round(node, cfg, arrays, server_round)
-    store = fl.DeviceStore(d.workdir)
-    tensors, step, seed = fl.device_start(store, d.round, d.out, d.manifest, d.glob)
+    store = fstore.DeviceStore(d.workdir)
+    tensors, step, seed = fstore.device_start(store, d.round, d.out, d.manifest, d.glob)
     idx, x, y, x_test, y_test = d.data(node, cfg)
     epochs = int(cfg["local-epochs"])
     if d.manifest.target_kind == "host" and not node.get("device"):
-        res = fl.train_host(_host_program(str(d.out)), tensors, step, seed, x, y, epochs=epochs,
-                            order_key=(int(cfg["seed"]), d.round, d.pid))
+        res = flocal.train_host(_host_program(str(d.out)), tensors, step, seed, x, y, epochs=epochs,
+                                order_key=(int(cfg["seed"]), d.round, d.pid))
     else:
-        res = fl.train_standalone(_private_out(d.out, d.workdir), tensors, step, seed, idx,
-                                  epochs=epochs, data_name=str(cfg["data"]),
-                                  data_dir=Path(str(node["data-dir"])) if node.get("data-dir")
-                                  else None, emulate=bool(node.get("emulate")),
-                                  device=str(node["device"]) if node.get("device") else None)
+        res = flocal.train_standalone(_private_out(d.out, d.workdir), tensors, step, seed, idx,
+                                      epochs=epochs, data_name=str(cfg["data"]),
+                                      data_dir=Path(str(node["data-dir"])) if node.get("data-dir")
+                                      else None, emulate=bool(node.get("emulate")),
+                                      device=str(node["device"]) if node.get("device") else None)
     if cfg["bn-stats"] == "local":          # FedBN: only the device's own statistics score it
-        res = dataclasses.replace(res, test_acc=fl.evaluate(d.host_program(), res.tensors,
-                                                            x_test, y_test, seed=seed))
+        res = dataclasses.replace(res, test_acc=flocal.evaluate(d.host_program(), res.tensors,
+                                                                x_test, y_test, seed=seed))
     local = {ft.name: res.tensors[ft.name] for ft in d.specs}
     uplink = str(cfg["uplink"])
     ef = uplink == "sign" and bool(cfg.get("error-feedback", False))
@@ -529,15 +533,15 @@ def device_calibrate(node: Mapping[str, Any], cfg: Mapping[str, Any],
                      arrays: Mapping[str, np.ndarray], server_round: int
                      ) -> tuple[dict, dict, str]:
     """One round's calibration on one device (bn_stats="calibrate"): the BN statistics of the new
-    global model on this device's data (fleet.py: `calibration_stats`), computed by the emitted C
-    on the SuperNode's machine (an rpi/Cortex-M OUT/: its copy built for the host). Writes
+    global model on this device's data (fleet_local.py: `calibration_stats`), computed by the
+    emitted C on the SuperNode's machine (an rpi/Cortex-M OUT/: its copy built for the host). Writes
     nothing but that copy."""
     d = _device_round(node, cfg, arrays, server_round)
     _, graph, tcfg = read_compiled(d.out)
     tensors = dict(load_init_state(d.out, graph, tcfg))      # frozen parameters come from here
     tensors.update(d.glob)
     idx, x, y, _, _ = d.data(node, cfg)
-    stats, used = fl.calibration_stats(
+    stats, used = flocal.calibration_stats(
         d.host_program(), tensors, x, y, fl.bn_stat_tensors(d.manifest),
         batches=int(cfg["calibration-batches"]), momentum=tcfg.bn_momentum,
         order_key=(int(cfg["seed"]), d.round, d.pid, 0xCA1))

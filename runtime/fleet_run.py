@@ -28,14 +28,14 @@ from flwr.simulation import run_simulation  # noqa: E402
 import tomli_w  # noqa: E402
 
 from ..compiler.errors import ConfigError, DataError  # noqa: E402
-from . import fleet as fl  # noqa: E402
+from . import fleet_store as fstore  # noqa: E402
 from .fleet_flower import (APP_MODULE, FLOWER_VERSION, DeviceDefaults,  # noqa: E402
                            FleetServer, FleetSettings, make_client_app, run_server)
 
 
 def simulate(s: FleetSettings, device: DeviceDefaults | None = None,
              on_round: Callable[[dict], None] | None = None, *, cpus_per_device: float = 1.0,
-             verbose: bool = False) -> fl.FleetCheckpoint:
+             verbose: bool = False) -> fstore.FleetCheckpoint:
     """Run the fleet with Flower's simulation runtime (Ray): `s.devices` virtual SuperNodes on
     this machine. Returns the committed checkpoint."""
     s.check()
@@ -69,7 +69,7 @@ def simulate(s: FleetSettings, device: DeviceDefaults | None = None,
                    verbose_logging=verbose)
     if failure:
         raise failure[0]
-    ck = fl.FleetCheckpoint.load(Path(s.fleet_dir))
+    ck = fstore.FleetCheckpoint.load(Path(s.fleet_dir))
     if ck is None or ck.round < s.rounds:
         done = 0 if ck is None else ck.round
         raise DataError(f"the simulation stopped after {done} of {s.rounds} rounds",
@@ -224,7 +224,7 @@ class LocalFederation:
 
 def deploy_local(s: FleetSettings, work: Path, *, port: int = 19090,
                  device: DeviceDefaults | None = None, timeout: float = 3600.0
-                 ) -> fl.FleetCheckpoint:
+                 ) -> fstore.FleetCheckpoint:
     """`bnnc fleet deploy`: a SuperLink and `s.devices` SuperNodes on loopback, `flwr run`."""
     s.check()
     device = device or DeviceDefaults()
@@ -238,7 +238,7 @@ def deploy_local(s: FleetSettings, work: Path, *, port: int = 19090,
                                    "emulate": device.emulate or None,
                                    "device": device.device})
         res = fed.run(app, timeout=timeout)
-    ck = fl.FleetCheckpoint.load(Path(s.fleet_dir))
+    ck = fstore.FleetCheckpoint.load(Path(s.fleet_dir))
     if res.returncode != 0 or ck is None or ck.round < s.rounds:
         tail = (res.stdout + res.stderr).strip().splitlines()[-5:]
         raise DataError(f"the deployed fleet stopped after {0 if ck is None else ck.round} of "

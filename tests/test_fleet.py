@@ -1,6 +1,7 @@
-"""runtime/fleet.py without Flower's processes: which tensors a fleet shares, the wire format, the
-aggregation rules with hand-computed expectations, the 1-bit uplink, partitions, the atomic global
-checkpoint and a device's own state; check_reply on real Flower messages; the CLI's errors."""
+"""runtime/fleet.py, fleet_store.py and fleet_local.py without Flower's processes: which tensors a
+fleet shares, the wire format, the aggregation rules with hand-computed expectations, the 1-bit
+uplink, partitions, the atomic global checkpoint and a device's own state; check_reply on real
+Flower messages; the CLI's errors."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from bnnc.cli import main
 from bnnc.compiler.contract import read_manifest
 from bnnc.compiler.errors import DataError
 from bnnc.runtime import fleet as fl
+from bnnc.runtime import fleet_local as flocal
+from bnnc.runtime import fleet_store as fstore
 from bnnc.runtime.host import HostProgram
 from bnnc.runtime.outdir import load_init_state, read_compiled
 from bnnc.runtime.state_blob import read_state_blob
@@ -163,8 +166,8 @@ def test_calibration_stats_are_the_batch_statistics(outs):
     x = rng.uniform(-1, 1, (30, *manifest.input_shape[1:])).astype(np.float32)
     y = rng.integers(0, 10, 30)
     specs = fl.bn_stat_tensors(manifest)
-    got, used = fl.calibration_stats(prog, t, x, y, specs, batches=5,
-                                     momentum=cfg.bn_momentum, order_key=(1,))
+    got, used = flocal.calibration_stats(prog, t, x, y, specs, batches=5,
+                                         momentum=cfg.bn_momentum, order_key=(1,))
     assert used == 24 and set(got) == {ft.name for ft in specs}    # 3 whole batches of 8
     perm = np.random.default_rng([1]).permutation(30)
     w = np.where(t["fc1.W"] >= 0, 1.0, -1.0)
@@ -233,17 +236,17 @@ def test_checkpoint_commit_resume_and_tamper(outs, tmp_path):
     manifest, graph, cfg = read_compiled(out)
     prog = HostProgram(out, debug=False)
     state = dict(load_init_state(out, graph, cfg))
-    ck = fl.FleetCheckpoint(tmp_path, settings={"seed": 0})
-    ck.commit(0, fl.state_blob_of(prog, state, step=0, seed=0), {"round": 0})
+    ck = fstore.FleetCheckpoint(tmp_path, settings={"seed": 0})
+    ck.commit(0, flocal.state_blob_of(prog, state, step=0, seed=0), {"round": 0})
     name = next(iter(state))
     state[name] = state[name] * 2                                # exact in bf16
-    ck.commit(1, fl.state_blob_of(prog, state, step=0, seed=0), {"round": 1, "test_acc": 0.5})
-    ck.commit(2, fl.state_blob_of(prog, state, step=0, seed=0), {"round": 2})
+    ck.commit(1, flocal.state_blob_of(prog, state, step=0, seed=0), {"round": 1, "test_acc": 0.5})
+    ck.commit(2, flocal.state_blob_of(prog, state, step=0, seed=0), {"round": 2})
     assert sorted(p.name for p in tmp_path.glob("global-r*.bin")) == ["global-r00001.bin",
                                                                        "global-r00002.bin"]
     # a blob written by a round that crashed before its commit is ignored
     (tmp_path / "global-r00003.bin").write_bytes(b"torn")
-    back = fl.FleetCheckpoint.load(tmp_path)
+    back = fstore.FleetCheckpoint.load(tmp_path)
     assert back.round == 2 and back.settings == {"seed": 0} and len(back.history) == 3
     blob = back.global_blob(manifest)
     assert np.array_equal(blob.tensors[name], state[name])
@@ -253,11 +256,11 @@ def test_checkpoint_commit_resume_and_tamper(outs, tmp_path):
     (tmp_path / back.blob).write_bytes(bytes(raw))
     with pytest.raises(DataError, match="sha256"):
         back.global_blob(manifest)
-    doc = json.loads((tmp_path / fl.CHECKPOINT_JSON).read_text())
+    doc = json.loads((tmp_path / fstore.CHECKPOINT_JSON).read_text())
     doc["blob_sha256"] = __import__("hashlib").sha256(bytes(raw)).hexdigest()
-    (tmp_path / fl.CHECKPOINT_JSON).write_text(json.dumps(doc))
+    (tmp_path / fstore.CHECKPOINT_JSON).write_text(json.dumps(doc))
     with pytest.raises(DataError, match="CRC"):
-        fl.FleetCheckpoint.load(tmp_path).global_blob(manifest)
+        fstore.FleetCheckpoint.load(tmp_path).global_blob(manifest)
 
 
 def test_device_store_and_start(outs, tmp_path):
@@ -265,20 +268,20 @@ def test_device_store_and_start(outs, tmp_path):
     manifest, graph, cfg = read_compiled(out)
     prog = HostProgram(out, debug=False)
     init = dict(load_init_state(out, graph, cfg))
-    store = fl.DeviceStore(tmp_path / "dev")
+    store = fstore.DeviceStore(tmp_path / "dev")
     specs = fl.fleet_tensors(manifest)
     glob = {ft.name: np.full(ft.shape, 0.25, np.float32) for ft in specs}
-    t, step, seed = fl.device_start(store, 1, out, manifest, glob)
+    t, step, seed = fstore.device_start(store, 1, out, manifest, glob)
     assert step == 0 and seed == cfg.seed
     moment = next(s.name for s in manifest.state if s.role == "optimizer state")
     assert np.array_equal(t[moment], init[moment]) and np.all(t[specs[0].name] == 0.25)
     mine = dict(init, **{moment: np.full_like(init[moment], 0.5)})
-    store.save(1, fl.state_blob_of(prog, mine, step=7, seed=3))
-    store.save(2, fl.state_blob_of(prog, init, step=9, seed=3))
-    t, step, _ = fl.device_start(store, 2, out, manifest, glob)   # round 2 starts from round 1
+    store.save(1, flocal.state_blob_of(prog, mine, step=7, seed=3))
+    store.save(2, flocal.state_blob_of(prog, init, step=9, seed=3))
+    t, step, _ = fstore.device_start(store, 2, out, manifest, glob)   # round 2 starts from round 1
     assert step == 7 and np.all(t[moment] == 0.5)
     (tmp_path / "dev" / "state-r00002.bin").write_bytes(b"x" * 10)
-    assert fl.device_start(store, 3, out, manifest, glob)[1] == 7   # damaged file skipped
+    assert fstore.device_start(store, 3, out, manifest, glob)[1] == 7   # damaged file skipped
 
 
 def test_check_reply_refuses(outs, monkeypatch):
@@ -378,7 +381,7 @@ def test_host_device_round_fedbn_and_determinism(outs, tmp_path):
     manifest = read_manifest(out)
     kept = sorted(p.name for p in (tmp_path / "wd0" / "fleet-t").iterdir())
     assert kept == ["residual-r00001.npz", "state-r00001.bin"]
-    res = fl.DeviceStore(tmp_path / "wd0" / "fleet-t").residual_before(2, manifest, specs)
+    res = fstore.DeviceStore(tmp_path / "wd0" / "fleet-t").residual_before(2, manifest, specs)
     assert set(res) == {ft.name for ft in specs} and any(np.any(v != 0) for v in res.values())
 
     # calibration (the default bn_stats): the global model's statistics on the device's data

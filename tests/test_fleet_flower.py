@@ -16,6 +16,7 @@ from bnnc.cli import main
 from bnnc.runtime import fleet as fl
 from bnnc.runtime import fleet_flower as ff   # flwr is a pinned test dependency: never skipped
 from bnnc.runtime import fleet_run as fr
+from bnnc.runtime import fleet_store as fstore
 from bnnc.runtime.outdir import load_init_state, read_compiled
 from bnnc.runtime.state_blob import read_state_blob
 from mnist_like import write_mnist_like
@@ -69,10 +70,10 @@ def test_simulation_equals_deployment_and_resumes(fleet_env, federation):
     app = fr.write_app(root / "app", dep)
     first = federation.run(app, timeout=240, run_config="rounds=1")
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
-    assert fl.FleetCheckpoint.load(root / "dep").round == 1
+    assert fstore.FleetCheckpoint.load(root / "dep").round == 1
     second = federation.run(app, timeout=240)            # the same app, 2 rounds: resumes
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
-    ck = fl.FleetCheckpoint.load(root / "dep")
+    ck = fstore.FleetCheckpoint.load(root / "dep")
     assert ck.round == 2 and [r["round"] for r in ck.history] == [0, 1, 2]
 
     blob = read_state_blob(root / "dep" / ck.blob, manifest)        # magic, hash, size, CRC-32
@@ -104,7 +105,7 @@ def test_kill_a_supernode_mid_round(fleet_env, federation):
     federation.kill("supernode-1")                      # round 2 is running on it
     output, _ = run.communicate(timeout=240)
     assert run.returncode == 0, output[-3000:]
-    ck = fl.FleetCheckpoint.load(root / "killed")
+    ck = fstore.FleetCheckpoint.load(root / "killed")
     assert ck.round == 2
     assert ck.history[1]["devices"] == [0, 1] and ck.history[2]["devices"] == [0]
     blob = ck.global_blob(manifest)                     # sha256, then magic, hash, CRC-32
