@@ -39,21 +39,9 @@ dispatch and what every handler shares. Layers appear when a value is consumed:
   even.
 - `Reshape` to `[1,-1]`, `[N,-1]`, `[0,-1]`, `[-1,F]`, `[1,F]` (or the Shape/Gather/Concat form of
   `x.view(x.size(0), -1)`) is FLATTEN for any batch; one keeping the per-sample shape is dropped;
-  one inserting or removing size-1 axes is a view (below); any other reshape is rejected.
-- A 4-D input read by `Transpose(perm=[0,3,1,2])` (after elementwise ops only) is NHWC (tf2onnx):
-  the transpose is absorbed, `input_layout="NHWC"`, `input_shape` is (C, H, W).
-- Layout marks on an activation (`Act.nhwc` / `view` / `perm`), so converters' layout idioms cost
-  no layer: `Transpose(perm=[0,2,3,1])` of a map (tf2onnx/keras2onnx, back to NHWC before Keras'
-  Flatten) marks it NHWC; its Flatten is bnnc's NCHW FLATTEN carrying the (H, W, C) order as a
-  permutation, which the reading MatMul/Gemm applies to its weight rows (and BatchNormalization /
-  per-feature constants in between to their values). Unsqueeze, Squeeze and Reshapes that only
-  insert or remove size-1 axes give a view of the same bytes: to one dim it is FLATTEN, back to the
-  layer's shape the plain value, else elementwise ops, BatchNormalization (channel axis kept) and
-  Flatten read the view; a Transpose that moves only size-1 axes is a view too. A view of the
-  network input read by a layer that needs its shape (Keras' Reshape((28, 28, 1)) of a [N, 28, 28]
-  input) becomes the input's shape, if no layer read the input before. Every other reader of a
-  marked value (`_nchw`), any other Transpose of an activation and a marked graph output are
-  rejected with the node named.
+  one inserting or removing size-1 axes is a view (next item); any other reshape is rejected.
+- Converters' layout idioms (an NHWC network input, a Transpose to NHWC before Flatten, views
+  that insert or remove size-1 axes) cost no layer: compiler/onnx_layout.py.
 Limits: one graph input (initializers listed as inputs are constants), one output, float32 input,
 Conv dilation 1 (group > 1 becomes a GROUP_CONV layer), pooling whose ceil_mode does not change the size, no control flow.
 Every rejection is a `ModelError` / `UnsupportedModelError` naming the file, the node, its op type
@@ -88,9 +76,10 @@ from . import ir
 from .errors import BnncError, BnncWarning, ConfigError, ModelError, UnsupportedModelError
 from .ir import INPUT, WEIGHT_KINDS, LayerKind
 from .onnx_fold import FOLD, FOLD_ARITY, MAX_FOLD_ELEMENTS, constant_attr, fold_elements
+from .onnx_layout import LayoutMarks, nhwc_input
 from .onnx_values import (MAX_RANK, Act, Aff, Bin, Cmp, Const, Named, NodeError, Spec, SteRes,
-                          dtype_name, node_label, node_where, printable, proto_text,
-                          nhwc_input, sanitize_name, short, tensor_array)
+                          dtype_name, node_label, node_where, printable, proto_text, sanitize_name,
+                          short, tensor_array)
 from .ops import LAYERS, ONNX_HANDLERS, check_graph, weights
 
 INTERNAL_ERROR = "this is a bnnc bug"     # ends the message of an unexpected exception
@@ -111,7 +100,7 @@ _HINT_OPS = "supported: " + ", ".join(sorted(ONNX_HANDLERS)) + " (and constant s
 # the importer
 
 
-class _Importer:
+class _Importer(LayoutMarks):
     """Interprets one ONNX graph over abstract values (module docstring); the op handlers
     (`compiler/ops`, `OnnxOp.handle(importer, node, vals)`) call its generic methods."""
 
@@ -450,67 +439,6 @@ class _Importer:
                 SteRes: "a partial STE expression", type(None): "missing"}.get(type(v), "?")
         self._fail(node, f"{what} is {kind}, expected an activation")
 
-    def _nchw(self, act: Act, node, keep: tuple[str, ...] = ()) -> Act:
-        """`act` materialized, for a handler that reads bnnc's NCHW layout; `keep` names the
-        layout marks the handler handles itself ("view": size-1 axes inserted/removed, "perm": an
-        (H, W, C)-order flatten, "nhwc": a map transposed to NHWC); any other mark is one clear
-        error."""
-        if act.nhwc and act.layer == INPUT:
-            self._fail(node, "reads the NHWC network input before its Transpose(perm=[0,3,1,2])",
-                       hint="only elementwise ops may come before the NCHW transpose")
-        if act.nhwc and "nhwc" not in keep:
-            self._fail(node, f"reads an activation transposed to NHWC (per-sample "
-                       f"{list(act.onnx_shape)}); bnnc's layers are NCHW",
-                       hint="only a Flatten (then MatMul/Gemm), elementwise ops or a Transpose "
-                       "back to NCHW may read a map transposed to NHWC")
-        if act.layer == INPUT and act.view is not None and "view" not in keep:
-            if not self._reshape_input(act):
-                self._fail(node, f"reads the network input as per-sample {list(act.view)} after "
-                           f"another node read it as {list(self.input_shape)}",
-                           hint="read the input in one shape (one Reshape/Unsqueeze right after "
-                           "it)")
-            act = dataclasses.replace(act, shape=act.view, view=None, mat=None)
-        if act.layer == INPUT and act.shape != self.input_shape:
-            self._fail(node, f"reads the network input as per-sample {list(act.shape)} after "
-                       f"another node read it as {list(self.input_shape)}",
-                       hint="read the input in one shape (one Reshape/Unsqueeze right after it)")
-        if act.view is not None and "view" not in keep:
-            self._fail(node, f"reads per-sample shape {list(act.view)}, a layer's "
-                       f"{list(act.shape)} with size-1 axes inserted or removed, and needs its "
-                       f"own shape", hint="Squeeze/Reshape back to the layer's shape first; "
-                       "only elementwise ops, BatchNormalization and Flatten read such a view")
-        if act.perm is not None and "perm" not in keep:
-            self._fail(node, "reads a flatten in (H, W, C) order (a Transpose to NHWC before the "
-                       "Flatten)", hint="bnnc absorbs that order where MatMul/Gemm, "
-                       "BatchNormalization, per-feature constants or elementwise ops read it")
-        return self._mat(act)
-
-    def _reshape_input(self, act: Act) -> bool:
-        """A view of the network input with size-1 axes inserted or removed, read by a layer that
-        needs that shape (Keras' Reshape((28, 28, 1)) of a [N, 28, 28] input, written by tf2onnx
-        as a Reshape to [N, 1, 28, 28], or Reshape + Transpose): the input takes the view's shape
-        (the same bytes), provided no layer has read it yet."""
-        if act.nhwc or any(INPUT in s.inputs for s in self.specs.values()):
-            return False
-        self.input_shape = act.view
-        return True
-
-    def channel_params(self, act: Act, node, arrays: list[np.ndarray]) -> list[np.ndarray]:
-        """Per-channel parameters given in ONNX's channel order (axis 1 of `act`'s ONNX shape),
-        in bnnc's: a view must keep the channel axis; an (H, W, C)-order flatten reorders them."""
-        if act.view is not None and act.view[0] != act.shape[0]:
-            self._fail(node, f"normalizes per-sample shape {list(act.view)} over its axis 1, "
-                       f"which is not the channel axis of the layer's {list(act.shape)}",
-                       hint="insert size-1 axes after the channels ([N, C] -> [N, C, 1])")
-        if act.perm is None:
-            return arrays
-        out = []
-        for a in arrays:
-            b = np.empty_like(a)
-            b[act.perm] = a
-            out.append(b)
-        return out
-
     # -- pending affine --------------------------------------------------------------------------
 
     def _chan(self, act: Act, arr, node) -> tuple[np.ndarray, bool]:
@@ -536,22 +464,6 @@ class _Importer:
         if a.shape[cax] == 1:
             return a.reshape(1), False
         return a.reshape(-1), True
-
-    def _unview_const(self, act: Act, a: np.ndarray, node, arr) -> np.ndarray:
-        """A per-sample constant `a` broadcastable to `act`'s ONNX view, shaped for bnnc's shape:
-        the view's size-1 axes dropped and the layer's inserted (the non-1 axes are the same, in
-        order); an (H, W, C)-order flatten's per-feature values put in bnnc's order."""
-        vs = act.onnx_shape
-        if any(d not in (1, s) for d, s in zip(a.shape, vs)):
-            self._fail(node, f"constant of shape {list(np.asarray(arr).shape)} does not broadcast "
-                       f"to the activation {['N', *vs]}")
-        if act.perm is not None:
-            if a.shape[0] == 1:
-                return a
-            return self.channel_params(act, node, [a])[0]
-        core = [d for d, s in zip(a.shape, vs) if s != 1]
-        it = iter(core)
-        return a.reshape(tuple(1 if s == 1 else next(it) for s in act.shape))
 
     def _affine(self, x: Act, node, mul=None, add=None, *, mul_pc=False,
                 explicit=True) -> Act:

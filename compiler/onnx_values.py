@@ -5,7 +5,8 @@ in messages.
 
 Values: `Const` (a folded constant), `Bin` (a binarized constant: weights), `Act` (a layer output,
 maybe with a pending per-channel affine `Aff`), and the two STE markers `Cmp` (`x >= 0` / `x < 0`)
-and `SteRes` (`B(x) - x`). ONNX names enter messages only through `printable` (escaped, cut), so
+and `SteRes` (`B(x) - x`); an `Act`'s layout marks (`nhwc`, `view`, `perm`) are read by
+compiler/onnx_layout.py. ONNX names enter messages only through `printable` (escaped, cut), so
 every message is one line; helpers that do not know the file raise `NodeError`, which the
 importer turns into a ModelError naming the file and the node.
 """
@@ -240,38 +241,3 @@ def sanitize_name(text: str) -> str:
     s = re.sub(r"[^a-z0-9_]", "_", text.lower()).strip("_") or "model"
     s = re.sub(r"_+", "_", s)
     return s if s[0].isalpha() else f"model_{s}"
-
-
-def _reshape_target(node: onnx.NodeProto, order, inits) -> list[int] | None:
-    """The constant target shape of a Reshape (an initializer or a Constant node), if any."""
-    name = node.input[1] if len(node.input) > 1 else ""
-    proto = inits[name] if name in inits else next(
-        (node_attrs(n).get("value") for n in order if n.op_type == "Constant" and name in n.output),
-        None)
-    try:
-        return None if proto is None else [int(v) for v in tensor_array(proto).reshape(-1)]
-    except (ValueError, TypeError):
-        return None
-
-
-def nhwc_input(input_name: str, per: tuple[int, ...], order, inits) -> bool:
-    """tf2onnx's NHWC input: its first layout-sensitive use (after elementwise ops only) is
-    Transpose(perm=[0,3,1,2]), or, with one channel, a Reshape to [N, 1, H, W]."""
-    elementwise = {"Mul", "Add", "Sub", "Div", "Identity", "Dropout", "Cast", "Quant",
-                   "BipolarQuant", "Sign", "Relu", "MultiThreshold"}
-    frontier = {input_name}
-    for n in order:
-        if not any(i in frontier for i in n.input):
-            continue
-        if n.op_type == "Transpose":
-            if list(node_attrs(n).get("perm", [])) == [0, 3, 1, 2]:
-                return True
-            continue
-        if n.op_type == "Reshape" and per[2] == 1:
-            tgt = _reshape_target(n, order, inits)
-            if tgt is not None and len(tgt) == 4 and tgt[1:] == [1, per[0], per[1]]:
-                return True
-            continue
-        if n.op_type in elementwise:
-            frontier.update(n.output)
-    return False
