@@ -25,7 +25,6 @@ taken as the script's convention.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 import tempfile
@@ -44,15 +43,8 @@ from bnnc.runtime.datasets import training_data
 from bnnc.runtime.host import HostProgram
 from bnnc.runtime.train_loop import HostBackend, fit
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("brevitas_mnist",
-                                                  ROOT / "scripts" / "brevitas_mnist.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))  # not a package
+import brevitas_mnist as bm  # noqa: E402
 
 
 def default_model(bm) -> Path:
@@ -77,7 +69,6 @@ def main(argv=None) -> int:
                     help="training options over the algorithm's defaults, e.g. lr=1e-4,bn=l2 "
                          "(compiler/config.py TrainConfig fields)")
     a = ap.parse_args(argv)
-    bm = _script()
     path = a.model or default_model(bm)
     graph = load_model(path)
     # files written by scripts/brevitas_mnist.py before it recorded its convention: that convention

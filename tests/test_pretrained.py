@@ -16,7 +16,7 @@ preprocessing table; the rpi4 program must compute bit-identical floats to the h
 
 from __future__ import annotations
 
-import importlib.util
+import sys
 from pathlib import Path
 
 import brevitas  # noqa: F401  (a pinned test dependency: a broken install fails, not skips)
@@ -37,21 +37,14 @@ from bnnc.runtime.datasets import load_raw
 from bnnc.runtime.host import HostProgram
 from mnist_like import write_mnist_like
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))  # not a package
+import brevitas_mnist as bm  # noqa: E402
+
 B = 50
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("brevitas_mnist",
-                                                  ROOT / "scripts" / "brevitas_mnist.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
 def brevitas_model(tmp_path_factory):
-    bm = _script()
     root = write_mnist_like(tmp_path_factory.mktemp("data"), 2000, 200, seed=0)
     path = tmp_path_factory.mktemp("brevitas") / "tiny.onnx"
     r = bm.train_and_export(path, arch="tiny", steps=200, batch=50, seed=0, root=root,
