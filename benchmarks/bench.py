@@ -221,7 +221,8 @@ class Workspace:
         the run inputs (model.onnx, init_state.npz) that the runners read."""
         from bnnc.compiler.target import load_target
         from bnnc.compiler.pipeline import compile_to_c
-        from bnnc.runtime.outdir import model_bytes, write_run_inputs
+        from bnnc.runtime.model_source import model_bytes
+        from bnnc.runtime.outdir import write_run_inputs
 
         tgt = load_target(target) if isinstance(target, str) else target
         k = (case.key, algorithm, tgt.name)

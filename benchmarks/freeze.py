@@ -55,7 +55,8 @@ from bnnc.runtime import baremetal, packed
 from bnnc.runtime import reference as ref
 from bnnc.runtime.datasets import fit_pixels, load_raw
 from bnnc.runtime.host import HostProgram
-from bnnc.runtime.outdir import load_graph, model_bytes, model_preprocess, write_run_inputs
+from bnnc.runtime.model_source import load_graph, model_bytes, model_preprocess
+from bnnc.runtime.outdir import write_run_inputs
 from bnnc.runtime.state_blob import read_state_blob
 from bnnc.runtime.train_loop import HostBackend, evaluate, fit
 

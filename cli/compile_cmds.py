@@ -34,8 +34,8 @@ from ..compiler.target import Target, load_target, parse_size
 from ..runtime.check import debug_target, format_report, run_check
 from ..compiler.preprocess import SPEC_HELP
 from ..runtime.host import KERNEL_VARIANTS
-from ..runtime.outdir import (compile_graph, load_graph, model_bytes, model_preprocess,
-                              with_new_head)
+from ..runtime.model_source import load_graph, model_bytes, model_preprocess, with_new_head
+from ..runtime.outdir import compile_graph
 from .app import cli
 from .memory_cmds import freeze_options, pixel_input, technique_options, with_freeze
 from .train_cmds import lr_help, optimizer_options

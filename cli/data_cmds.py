@@ -17,7 +17,8 @@ from ..compiler.errors import DataError
 from ..runtime import datasets as ds
 from ..runtime import packed
 from ..runtime.fetch import fetch
-from ..runtime.outdir import load_graph, read_compiled
+from ..runtime.model_source import load_graph
+from ..runtime.outdir import read_compiled
 from .app import cli
 from .train_cmds import data_request, data_source_options
 

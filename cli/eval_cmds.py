@@ -14,7 +14,7 @@ from ..runtime import reference as ref
 from ..runtime.datasets import open_data
 from ..runtime.eval import (EvalOptions, EvalResult, confusion_png, confusion_text, eval_compiled,
                             eval_model, save_predictions)
-from ..runtime.outdir import load_graph, model_bytes, model_class_names, model_preprocess
+from ..runtime.model_source import load_graph, model_bytes, model_class_names, model_preprocess
 from ..runtime.state_blob import trained_state
 from .app import cli
 from .run_cmds import where_options

@@ -19,8 +19,8 @@ import click
 from ..compiler.config import ALGORITHMS, BN_KINDS, OPTIMIZERS, STATE_DTYPES, make_config
 from ..compiler.errors import ConfigError
 from ..compiler.export import FORMATS, export_onnx
-from ..runtime.outdir import (class_names_of, load_graph, model_bytes, model_preprocess,
-                              read_compiled, saved_state_path, write_atomic)
+from ..runtime.model_source import load_graph, model_bytes, model_preprocess
+from ..runtime.outdir import class_names_of, read_compiled, saved_state_path, write_atomic
 from ..runtime.state_blob import trained_state
 from .app import cli
 

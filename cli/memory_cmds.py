@@ -28,7 +28,8 @@ from ..compiler.planner import plan_schedule
 from ..compiler.report import (describe_config, dump_plan_json, format_report, format_timeline,
                                load_plan_json, plan_from_json, plan_to_html, plan_to_json)
 from ..compiler.schedule import build_schedule
-from ..runtime.outdir import load_graph, write_atomic
+from ..runtime.model_source import load_graph
+from ..runtime.outdir import write_atomic
 from .app import cli
 
 MIB = float(1 << 20)

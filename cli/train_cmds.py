@@ -25,7 +25,8 @@ from ..compiler.errors import ConfigError
 from ..compiler.frontend import load_model
 from ..compiler.preprocess import SPEC_HELP
 from ..runtime.datasets import DataRequest, open_data
-from ..runtime.outdir import model_preprocess, save_state_atomic
+from ..runtime.model_source import model_preprocess
+from ..runtime.outdir import save_state_atomic
 from ..runtime.transforms import FIT_HELP, FIT_MODES, LAYOUTS
 from ..runtime.train_loop import ReferenceBackend, c_backend, fit
 from .memory_cmds import freeze_options, frozen_bn_option, with_freeze

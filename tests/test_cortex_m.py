@@ -29,7 +29,8 @@ from bnnc.compiler.schedule import build_schedule
 from bnnc.compiler.target import load_target
 from mnist_like import write_mnist_like
 from bnnc.runtime import baremetal, packed
-from bnnc.runtime.outdir import load_graph, model_bytes, write_run_inputs
+from bnnc.runtime.model_source import load_graph, model_bytes
+from bnnc.runtime.outdir import write_run_inputs
 from bnnc.runtime.state_blob import read_state_blob, state_values_f32
 from bnnc.compiler.contract import read_manifest
 from bnnc.runtime.programs import LocalRunner, build_trainer

@@ -27,7 +27,7 @@ from bnnc.compiler.schedule_ir import DType, Role
 from bnnc.compiler.state import state_tensors
 from bnnc.compiler.target import load_target
 from bnnc.runtime import reference as ref
-from bnnc.runtime.outdir import load_graph
+from bnnc.runtime.model_source import load_graph
 
 KIB = 1024
 cc = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler (cc) installed")
@@ -477,7 +477,8 @@ def test_fit_cli_prints_the_choice_and_refuses_what_cannot_fit(tmp_path, capsys)
 def test_m4_reads_frozen_weights_from_flash_and_trains_like_the_host(tmp_path):
     from bnnc.compiler.pipeline import compile_to_c
     from bnnc.runtime import baremetal, packed
-    from bnnc.runtime.outdir import model_bytes, write_run_inputs
+    from bnnc.runtime.model_source import model_bytes
+    from bnnc.runtime.outdir import write_run_inputs
     from bnnc.runtime.state_blob import read_state_blob, state_values_f32
     from bnnc.runtime.programs import LocalRunner, build_trainer
     g = load_graph("tfc")

@@ -394,7 +394,7 @@ def test_eval_png_draws_the_matrix_and_predictions_are_saved(tmp_path, capsys):
     rc, so, err = _cli(["eval", "tfc", "--data", tmp_path / "d.npz", "--split", "train",
                         "--batch", "8", "--predictions", tmp_path / "p.npy"], capsys)
     assert rc == 0, err
-    from bnnc.runtime.outdir import load_graph
+    from bnnc.runtime.model_source import load_graph
     g, cfg = load_graph("tfc"), make_config("proposed", batch=30)
     want = ref.predict(g, cfg, ref.init_state(g, cfg), preprocess_pixels(x[:, None], DEFAULT))
     got = np.load(tmp_path / "p.npy")
