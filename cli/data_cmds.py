@@ -16,6 +16,7 @@ import numpy as np
 from ..compiler.errors import DataError
 from ..runtime import datasets as ds
 from ..runtime import packed
+from ..runtime.data_sources import ArraySource, FolderSource
 from ..runtime.fetch import fetch
 from ..runtime.model_source import load_graph
 from ..runtime.outdir import read_compiled
@@ -75,8 +76,8 @@ def info_cmd(spec: str, data_dir: Path | None, test_data: str | None, val_split:
             click.echo(f"  {split}: none (pass --test-data or --val-split)")
             continue
         what = ("uint8 pixels" if src.dtype == np.uint8 else "float32 values")
-        rng, folder = "", isinstance(getattr(src, "base", src), ds.FolderSource)
-        if isinstance(src, ds.ArraySource):
+        rng, folder = "", isinstance(getattr(src, "base", src), FolderSource)
+        if isinstance(src, ArraySource):
             rng = f" {src.x.min()}..{src.x.max()}" if src.dtype == np.uint8 else \
                 f" {float(src.x.min()):.4g}..{float(src.x.max()):.4g}"
         shape = (src.count, *src.shape)

@@ -11,12 +11,13 @@ The API (also what the fleet and firmware paths call):
     data.pack("train", path)                # the trainer's packed file, streamed, atomic
 
 `DataRequest.spec` is a dataset name (MNIST, Fashion-MNIST, CIFAR-10, SVHN: `load_raw` /
-`load_dataset` keep their historic array API) or a user path: a .npz (x, y, optional x_test,
-y_test, class_names), an x.npy + y.npy pair, a CSV with a label column, or an image folder with
-one subfolder per class (optionally train/ and test/). The readers are runtime/dataset_formats.py,
-the fit to the model's input (pad/resize, grey <-> RGB, NHWC -> NCHW) runtime/transforms.py, the
-u8 -> float map the model's preprocessing (compiler/preprocess.py, `preprocess_pixels`). A test
-split comes from the data, from a second source (`test`) or from a seeded hold-out (`val_split`).
+`load_dataset` keep their historic array API) or a user path: a .npz (x, y, optional x_test, y_test,
+class_names), an x.npy + y.npy pair, a CSV with a label column, or an image folder with one
+subfolder per class (optionally train/ and test/). The readers are runtime/dataset_formats.py, the
+split sources they become (read in chunks) runtime/data_sources.py, the fit to the model's input
+(pad/resize, grey <-> RGB, NHWC -> NCHW) runtime/transforms.py, the u8 -> float map the model's
+preprocessing (compiler/preprocess.py, `preprocess_pixels`). A test split comes from the data, from
+a second source (`test`) or from a seeded hold-out (`val_split`).
 `open_source(req)` gives the split sources before any model is involved (`bnnc data info`).
 
 Named datasets live under a data root (`$BNNC_DATA`, else `~/.cache/bnnc/data`, or an explicit
@@ -46,16 +47,16 @@ from ..compiler.c_literals import PIXEL_LUT
 from ..compiler.errors import DataError
 from ..compiler.preprocess import DEFAULT as DEFAULT_PREPROCESS
 from ..compiler.preprocess import Preprocess, pixel_lut
-from .dataset_formats import (Split, Splits, check_features, check_labels, cifar_splits,
-                              csv_label_values, decode_image, label_indices, list_image_folder,
-                              load_cifar_batch, load_cifar_bin, read_arrays, read_csv,
-                              read_idx_splits, svhn_splits)
 from . import packed
+from .data_sources import ArraySource, FolderSource, Source, Subset, prefix
+from .dataset_formats import (Split, Splits, check_features, check_labels, cifar_splits,
+                              csv_label_values, label_indices, list_image_folder, load_cifar_batch,
+                              load_cifar_bin, read_arrays, read_csv, read_idx_splits, svhn_splits)
 from .transforms import Fit, plan_fit
 
 __all__ = ["DATASETS", "DatasetInfo", "Dataset", "data_root", "dataset_info", "load_dataset",
            "load_raw", "scale_pixels", "preprocess_pixels", "pad_to_cifar", "find_dataset_dir",
-           "DataRequest", "ModelData", "Source", "open_data"]
+           "DataRequest", "ModelData", "open_data"]
 
 _DIGITS = tuple(str(d) for d in range(10))
 
@@ -288,117 +289,6 @@ def preprocess_pixels(x: np.ndarray, pre: Preprocess = DEFAULT_PREPROCESS) -> np
 
 
 # -------------------------------------------------------------------------------------------------
-# sources: one split of examples, read in chunks (image folders decode only what is asked for)
-
-class Source:
-    """One split: `count` examples with int64 `labels` (known without decoding) and
-    `class_names`; `examples(i, j)` gives the native arrays of examples i..j-1, `where(i)` names
-    example i in messages. `shape` is the native shape of one example (the first one's for image
-    folders), `dtype` uint8 (pixels) or float32 (features)."""
-    name: str
-    labels: np.ndarray
-    class_names: tuple[str, ...]
-    shape: tuple[int, ...]
-    dtype: np.dtype
-
-    @property
-    def count(self) -> int:
-        return len(self.labels)
-
-    def examples(self, i: int, j: int) -> np.ndarray:
-        raise NotImplementedError
-
-    def where(self, i: int) -> str:
-        raise NotImplementedError
-
-    def fitted(self, i: int, j: int, fit: Fit) -> np.ndarray:
-        """Examples i..j-1 fitted to the model (runtime/transforms.py)."""
-        return fit.apply(self.examples(i, j))
-
-
-class ArraySource(Source):
-    def __init__(self, name: str, x: np.ndarray, labels: np.ndarray,
-                 class_names: tuple[str, ...], file: str):
-        self.name, self.x, self.labels, self.class_names, self.file = name, x, labels, \
-            tuple(class_names), file
-        self.shape, self.dtype = tuple(x.shape[1:]), np.dtype(x.dtype)
-        if len(x) != len(labels):
-            raise DataError(f"{file}: {len(x)} examples but {len(labels)} labels")
-
-    def examples(self, i: int, j: int) -> np.ndarray:
-        return np.asarray(self.x[i:j])
-
-    def where(self, i: int) -> str:
-        return f"{self.file} entry {i}"
-
-
-class FolderSource(Source):
-    """Images decoded one by one with pillow (`dataset_formats.decode_image`): never the whole
-    folder in memory."""
-
-    def __init__(self, name: str, files: list[tuple[Path, int]], class_names: tuple[str, ...],
-                 mode: str | None):
-        self.name, self.files, self.class_names, self.mode = name, files, tuple(class_names), mode
-        self.labels = np.array([k for _, k in files], np.int64)
-        first = decode_image(files[0][0], mode)
-        self.shape, self.dtype = tuple(first.shape), np.dtype(np.uint8)
-
-    def examples(self, i: int, j: int) -> np.ndarray:
-        out = [self._decode(k) for k in range(i, j)]
-        for k, img in zip(range(i, j), out):
-            if img.shape != self.shape:
-                raise DataError(f"{self.files[k][0]}: image is {_size(img.shape)} but "
-                                f"{self.files[0][0].name} is {_size(self.shape)}",
-                                hint="pass --fit resize to scale every image to the model's size")
-        return np.stack(out)
-
-    def fitted(self, i: int, j: int, fit: Fit) -> np.ndarray:
-        if fit.size != "resize":
-            return fit.apply(self.examples(i, j))
-        return np.concatenate([fit.apply(self._decode(k)[None]) for k in range(i, j)])
-
-    def _decode(self, k: int) -> np.ndarray:
-        img = decode_image(self.files[k][0], self.mode)
-        if img.ndim != len(self.shape):      # mode None: grey and colour images mixed
-            img = decode_image(self.files[k][0], "RGB" if len(self.shape) == 3 else "L")
-        return img
-
-    def where(self, i: int) -> str:
-        return str(self.files[i][0])
-
-
-def _size(shape: tuple[int, ...]) -> str:
-    return f"{shape[1]}x{shape[0]}" + (f" with {shape[2]} channels" if len(shape) == 3 else "")
-
-
-class Subset(Source):
-    """The examples `index` (sorted) of `base`: a seeded --val-split part or a --limit prefix."""
-
-    def __init__(self, base: Source, index: np.ndarray, name: str):
-        self.base, self.index, self.name = base, np.asarray(index, np.int64), name
-        self.labels = base.labels[self.index]
-        self.class_names, self.shape, self.dtype = base.class_names, base.shape, base.dtype
-
-    def examples(self, i: int, j: int) -> np.ndarray:
-        return np.concatenate([self.base.examples(int(k), int(k) + 1) for k in self.index[i:j]])
-
-    def fitted(self, i: int, j: int, fit: Fit) -> np.ndarray:
-        return np.concatenate([self.base.fitted(int(k), int(k) + 1, fit)
-                               for k in self.index[i:j]])
-
-    def where(self, i: int) -> str:
-        return self.base.where(int(self.index[i]))
-
-
-def _prefix(src: Source, n: int) -> Source:
-    if n >= src.count:
-        return src
-    if isinstance(src, ArraySource):
-        return ArraySource(src.name, src.x[:n], src.labels[:n], src.class_names, src.file)
-    return Subset(src, np.arange(n), src.name)
-
-
-# -------------------------------------------------------------------------------------------------
 # --data SPEC -> a dataset fitted to a model
 
 @dataclass(frozen=True)
@@ -541,7 +431,7 @@ def open_source(req: DataRequest, mode: str | None = None
         test = Subset(train, np.sort(perm[:n_val]), f"{name} val")
         train = Subset(train, np.sort(perm[n_val:]), name)
     if req.limit is not None:
-        train = _prefix(train, req.limit)
+        train = prefix(train, req.limit)
     return name, train, test, names
 
 

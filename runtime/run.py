@@ -47,7 +47,8 @@ from ..compiler.ir import Graph
 from ..compiler.numerics import LR_HORIZON_MAX
 from ..compiler.target import Target
 from . import baremetal, packed
-from .datasets import DataRequest, ModelData, Subset, open_data
+from .data_sources import Subset
+from .datasets import DataRequest, ModelData, open_data
 from .device import SshRunner, parse_device
 from .insncount import StepCount, count_instructions
 from .outdir import (DATA_RECORD, FINAL_STATE, STATE_BLOB, OutDir, check_class_names,
