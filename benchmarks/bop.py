@@ -55,7 +55,9 @@ from bnnc.runtime import baremetal
 from bnnc.runtime import reference as ref
 from bnnc.runtime.datasets import DataRequest, training_data
 from bnnc.runtime.host import HostProgram
-from bnnc.runtime.outdir import compile_graph, model_bytes, read_state_blob, state_values_f32
+from bnnc.runtime.model_source import model_bytes
+from bnnc.runtime.outdir import compile_graph
+from bnnc.runtime.state_blob import read_state_blob, state_values_f32
 from bnnc.runtime.programs import LocalRunner, build_trainer, check_result
 from bnnc.runtime.run import pack_run_data
 
