@@ -229,10 +229,12 @@ def _lower_conv_pool_fwd(step: Step, ctx: LowerCtx) -> Call:
     c = pa["channels"]
     y_per, am_per = c * pa["oh"] * pa["ow"], words64(c * pa["h"] * pa["w"])
 
-    def call(c: Call, g: str, offs: dict[int, int]) -> list[str]:
+    def call(k: Call, g: str, offs: dict[int, int]) -> list[str]:
+        """`k` on chunk [lo, lo + chunk): pointer arguments `offs` advance by their per-sample
+        size, the geometry is `g` (batch = the chunk's)."""
         args = [f"{arg} + (size_t)lo * {offs[i]}u" if i in offs and arg != "0" else str(arg)
-                for i, arg in enumerate(c.args[:-1])] + [g]
-        return call_lines(c.inst.fn, args, indent=8)
+                for i, arg in enumerate(k.args[:-1])] + [g]
+        return call_lines(k.inst.fn, args, indent=8)
 
     decls = [d.replace("bnnc_geom_t g =", "bnnc_geom_t gc =") for d in cc.decls] + \
         [d.replace("bnnc_geom_t g =", "bnnc_geom_t gq =") for d in pc.decls]
