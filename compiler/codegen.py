@@ -67,7 +67,7 @@ from .contract import (DTYPE_CODES, MANIFEST, REGION_CODES, STATE_BLOB_HEADER_BY
                        STATE_BLOB_MAGIC, STATE_BLOB_VERSION, STATUSES, TRAINER_SOURCE, Manifest,
                        StateEntry, StepEntry, TensorEntry)
 from .errors import PlanError, TargetError
-from .lower import CTYPES, Call, Instance, LowerCtx
+from .lower import CTYPES, Call, Instance, LowerCtx, call_lines
 from .ops.base import Phase
 from .ops.dense import packed_w_geometry
 from .ops.loss import SOFTMAX_ROWS
@@ -135,21 +135,6 @@ def _crc_table() -> list[int]:
             c = (c >> 1) ^ (0xEDB88320 if c & 1 else 0)
         out.append(c)
     return out
-
-
-def _call_lines(fn: str, args, indent: int = 4) -> list[str]:
-    """`fn(a, b, ...);` wrapped at 100 columns, continuation lines indented 8 more."""
-    lines, cur = [], " " * indent + f"{fn}("
-    for i, a in enumerate(str(x) for x in args):
-        piece = a + (", " if i < len(args) - 1 else ");")
-        if len(cur) + len(piece.rstrip()) > 100 and cur.strip():
-            lines.append(cur.rstrip())
-            cur = " " * (indent + 8)
-        cur += piece
-    if not args:
-        cur += ");"
-    lines.append(cur.rstrip())
-    return lines
 
 
 def _guard_context(schedule: Schedule, plan) -> dict:
@@ -267,10 +252,10 @@ def _part_args(call: Call) -> list[str]:
 def _threaded(call: Call, name: str, threads: int) -> dict | None:
     """What a step function splits over `threads` threads: its part function (the call on a range
     of its output) and the `bnnc_par` call that runs the parts; None when it runs whole."""
-    if threads < 2 or call.split is None or call.split.extent < 2:
+    if threads < 2 or call.split is None or call.split.extent < 2 or call.body is not None:
         return None
     sp = call.split
-    return dict(fn=f"{name}_part", geom=sp.geom, call=_call_lines(call.inst.fn, _part_args(call)),
+    return dict(fn=f"{name}_part", geom=sp.geom, call=call_lines(call.inst.fn, _part_args(call)),
                 run=[f"    bnnc_par({name}_part, {sp.extent}, {sp.unit});"])
 
 
@@ -283,7 +268,8 @@ def _step_calls(schedule: Schedule, ctx: LowerCtx, dump_off: Mapping[str, int],
     steps = []
     for s in schedule.steps:
         call = s.kernel.lower(s, ctx)
-        _use(instances, call.inst)
+        for inst in (call.inst, *call.uses):
+            _use(instances, inst)
         macro, stmt = _perturb_line(s, ctx)
         name = c_ident(f"step_{s.index:03d}_{s.kernel.name}"
                        + (f"_{s.layer}" if s.layer else ""))
@@ -293,7 +279,8 @@ def _step_calls(schedule: Schedule, ctx: LowerCtx, dump_off: Mapping[str, int],
                           comment=c_comment(f"{', '.join(s.inputs)} -> {', '.join(s.outputs)}"),
                           onnx=c_label(onnx_names.get(s.layer, "")),
                           fn=call.inst.fn,
-                          call=part["run"] if part else _call_lines(call.inst.fn, call.args),
+                          call=part["run"] if part else (
+                              call.body or call_lines(call.inst.fn, call.args)),
                           decls=[] if part else call.decls, part=part, part_decls=call.decls,
                           dumps=[(dump_off[o], ctx.ptr(o), ctx.t(o).nbytes)
                                  for o in s.outputs],
@@ -315,7 +302,7 @@ def _predict_calls(schedule: Schedule, ctx: LowerCtx, steps: list[dict],
         if s.kernel.lower_infer is not None:
             call = s.kernel.lower_infer(s, ctx)
             _use(instances, call.inst)
-            infer.append(dict(kind="call", call=_call_lines(call.inst.fn, call.args, indent=4)))
+            infer.append(dict(kind="call", call=call_lines(call.inst.fn, call.args, indent=4)))
         else:
             infer.append(dict(kind="step", name=steps[s.index]["name"], index=s.index))
     _use(instances, SOFTMAX_ROWS)

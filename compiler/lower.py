@@ -84,10 +84,30 @@ class Split:
 
 @dataclass
 class Call:
+    """One step's C: `inst(args)` after its `decls`; or, for a fused step that runs other kernels'
+    instances in a loop (`ops/pool.py` conv_pool_fwd), the C statements `body` calling `inst` and
+    the instances in `uses`."""
     inst: Instance
     args: list
     decls: list[str] = field(default_factory=list)    # step-local constants the call refers to
     split: Split | None = None                         # how threads divide it (None: one thread)
+    body: list[str] | None = None                      # statements instead of `inst(args);`
+    uses: tuple[Instance, ...] = ()                    # further instances `body` calls
+
+
+def call_lines(fn: str, args, indent: int = 4) -> list[str]:
+    """`fn(a, b, ...);` wrapped at 100 columns, continuation lines indented 8 more."""
+    lines, cur = [], " " * indent + f"{fn}("
+    for i, a in enumerate(str(x) for x in args):
+        piece = a + (", " if i < len(args) - 1 else ");")
+        if len(cur) + len(piece.rstrip()) > 100 and cur.strip():
+            lines.append(cur.rstrip())
+            cur = " " * (indent + 8)
+        cur += piece
+    if not args:
+        cur += ");"
+    lines.append(cur.rstrip())
+    return lines
 
 
 class LowerCtx:

@@ -305,6 +305,20 @@ class ScheduleBuilder:
         self.steps.append(Step(len(self.steps), kernel, layer, ins, outs,
                                {k: _plain(v) for k, v in attrs.items()}, tuple(pairs)))
 
+    def take_producer(self, name: str, kernels) -> Step | None:
+        """Remove and return the step (one of `kernels`) that wrote tensor `name`, when no later
+        step reads or writes it (later steps are renumbered), so that a fused kernel can compute
+        it in its place; None when there is no such step. The tensor is dropped."""
+        i = next((k for k in range(len(self.steps) - 1, -1, -1)
+                  if name in self.steps[k].outputs), None)
+        if i is None or self.steps[i].kernel not in kernels or self.steps[i].outputs != (name,) \
+                or any(name in s.inputs or name in s.outputs for s in self.steps[i + 1:]):
+            return None
+        step = self.steps.pop(i)
+        self.steps[i:] = [replace(s, index=k) for k, s in enumerate(self.steps[i:], i)]
+        del self.tensors[name]
+        return step
+
     # ---------------------------------------------------------------- driver
     def run(self) -> Schedule:
         g, b = self.g, self.B

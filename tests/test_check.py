@@ -67,6 +67,8 @@ def _zoo_cnv():
 
 @pytest.mark.parametrize("make,algorithm,optimizer,batch", [
     (lambda: cnv(16), "proposed", "adam", 4), (lambda: binarynet(32), "standard", "bop", 4),
+    # conv -> max-pool fused over chunks of 2 samples, the last one short (conv_pool_fwd)
+    (lambda: binarynet(32), "proposed", "adam", 5),
     (residual, "proposed", "bop", 4), (residual, "standard", "sgd", 4),
     # 6272 terms per channel in bn1's statistics: a plain float sum drifted past tolerance here
     (_zoo_cnv, "standard", "adam", 8)])
@@ -103,6 +105,16 @@ def test_check_fails_on_a_perturbed_kernel(mlp, cache, tmp_path, algorithm, kern
         t = schedule.tensors.get(r.name)
         assert t is not None, r.name
         assert schedule.producer(t.alias_of or r.name).layer in layers, (r.name, layers)
+
+
+def test_perturbed_conv_pool_kernel_fails(cache, tmp_path):
+    g = binarynet(32)
+    cfg = make_config("proposed", batch=4)
+    assert {s.layer for s in build_schedule(g, cfg).steps
+            if s.kernel.name == "conv_pool_fwd"} == {"conv2", "conv4", "conv6"}
+    rep = run_check(g, cfg, steps=1, work_dir=tmp_path, cache=cache,
+                    extra_cflags=["-DBNNC_PERTURB_CONV_POOL_FWD"])
+    assert "pool2.out" in {r.name for r in rep.failures} and not rep.ok
 
 
 def test_perturbed_conv_kernel_fails(cache, tmp_path):

@@ -175,8 +175,21 @@ def grouped() -> Graph:
     return g.build()
 
 
+def pooled() -> Graph:
+    """BinaryNet-like: conv (pad 1) -> 2x2 max-pool -> BN -> sign, twice (a first layer on the real
+    input, then a binary one on packed bits), flatten, dense, BN, softmax."""
+    g = _G("pooled", (3, 8, 8))
+    x = g.pool("pool1", g.conv("conv1", INPUT, 8, pad=1))                          # 8x4x4
+    x = g.unary("sign1", K.SIGN, g.bn("bn1", x))
+    x = g.pool("pool2", g.conv("conv2", x, 16, pad=1))                             # 16x2x2
+    x = g.unary("sign2", K.SIGN, g.bn("bn2", x))
+    x = g.bn("bn3", g.dense("fc3", g.flatten("flatten2", x), 10))
+    g.unary("softmax", K.SOFTMAX, x)
+    return g.build()
+
+
 GRAPHS = {"mlp": mlp, "convnet": convnet, "residual": residual, "bireal": bireal,
-          "brevitas_like": brevitas_like, "grouped": grouped}
+          "brevitas_like": brevitas_like, "grouped": grouped, "pooled": pooled}
 ALGOS = ("standard", "proposed")
 OPTS = ("adam", "sgd", "bop")
 _ITEM = {DType.F32: 4, DType.F16: 2, DType.BF16: 2, DType.I32: 4, DType.U8: 1, DType.PO2: 1}
@@ -685,3 +698,39 @@ def test_proposed_plans_smaller_than_standard():
             live, plan = planner.plan_schedule(_sched(f(), algorithm))
             totals[algorithm] = plan.arena_nbytes + plan.state_nbytes
         assert totals["proposed"] < totals["standard"], (name, totals)
+
+
+@pytest.mark.parametrize("batch", [4, 5, 9])
+def test_proposed_fuses_conv_and_max_pool_over_batch_chunks(batch):
+    """conv -> 2x2 max-pool with a 1-bit argmax is one conv_pool_fwd step over chunks of
+    ceil(B / 4) samples: the conv's full output never exists, only one chunk of it."""
+    s = build_schedule(pooled(), make_config("proposed", batch=batch))
+    chunk = -(-batch // 4)
+    for conv, pool, src, shape in (("conv1", "pool1", INPUT, (8, 8, 8)),
+                                   ("conv2", "pool2", "sign1.out", (16, 4, 4))):
+        (st,) = _steps(s, "conv_pool_fwd", conv)
+        assert st.inputs[0] == src
+        assert st.outputs == (f"{pool}.out", f"{conv}.chunk", f"{pool}.argmax")
+        assert s.tensors[f"{conv}.chunk"].shape == (chunk,) + shape
+        assert s.tensors[f"{conv}.chunk"].nbytes == chunk * math.prod(shape) * 4
+        assert f"{conv}.out" not in s.tensors
+        assert not _steps(s, layer=pool, phase="forward")
+        assert not [t for t in _steps(s, layer=conv) if t.kernel.name.startswith("conv_fwd")]
+    assert [t.index for t in s.steps] == list(range(len(s.steps)))
+    s.verify()
+
+
+def test_standard_and_unfusable_pools_keep_separate_steps():
+    """The standard algorithm (index argmax), an overlapping pool and a conv output read twice
+    keep the conv's full output and a pool step of their own."""
+    std = build_schedule(pooled(), make_config("standard", batch=B))
+    assert not _steps(std, "conv_pool_fwd") and "conv1.out" in std.tensors
+    assert [t.layer for t in _steps(std, "maxpool_fwd_widx")] == ["pool1", "pool2"]
+    conv = _sched(convnet())                # conv3 -> 3x3/2 pool: overlapping windows
+    assert not _steps(conv, "conv_pool_fwd") and _steps(conv, "maxpool_fwd_widx", "pool3")
+    g = _G("twice", (3, 8, 8))
+    c = g.conv("conv1", INPUT, 8, pad=1)
+    x = g.add("add1", K.ADD, (g.pool("pool1", c), g.pool("avg1", c, K.AVGPOOL)), (8, 4, 4))
+    x = g.bn("bn3", g.dense("fc3", g.flatten("flatten1", g.unary("sign2", K.SIGN, x)), 10))
+    g.unary("softmax", K.SOFTMAX, x)
+    assert not _steps(_sched(g.build()), "conv_pool_fwd")

@@ -7,12 +7,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..ir import Layer, LayerKind, tname
-from ..lower import Call, LowerCtx, instance, pool_geom
+from ..lower import Call, LowerCtx, call_lines, instance, pool_geom, words64
 from ..onnx_values import Act, node_attrs, node_label, short
 from ..schedule_ir import DType, Role, Step
-from .base import (ACT, BIT, F32, GRADS, I32, U8, Bits, KernelFamily, LayerSpec, OnnxOp, OpFamily,
-                   Phase, kernel, out_hw, pads4, pair, prod)
-from .conv import window_geometry
+from .base import (ACT, BIT, F32, GRADS, I32, STATE, U8, WEIGHTS, Bits, KernelFamily, LayerSpec,
+                   OnnxOp, OpFamily, Phase, kernel, out_hw, pads4, pair, prod)
+from .conv import CONV_FWD_F32, CONV_FWD_SIGNW, CONV_FWD_XNOR, window_geometry
 from .exportctx import Emitter
 from .refctx import RefRun
 from .refmath import crop, mask_store, pad, unwindow, windows
@@ -102,7 +102,30 @@ def _fwd_maxpool(b: ScheduleBuilder, lay: Layer) -> None:
                        layout="in-window index, row-major over (kh, kw)")
         b.mask[lay.name] = am
         outs += (am,)
+    if kernel is MAXPOOL_FWD_MASK and b.tensors[x].dtype is F32 \
+            and [c.name for c in b.g.consumers(lay.inputs[0])] == [lay.name]:
+        conv = b.take_producer(x, tuple(CONV_FWD.values()))
+        if conv is not None:
+            _fwd_conv_pool(b, conv, attrs, outs)
+            return
     b.emit(kernel, lay.name, (x,), outs, **attrs)
+
+
+# the conv forward kernels conv_pool_fwd runs on a chunk of the batch
+CONV_FWD = {k.name: k for k in (CONV_FWD_XNOR, CONV_FWD_SIGNW, CONV_FWD_F32)}
+
+
+def _fwd_conv_pool(b: ScheduleBuilder, conv: Step, attrs: dict, outs: tuple[str, ...]) -> None:
+    """conv -> max pool with a 1-bit argmax (the proposed algorithm's 1-bit saves) as one step
+    over chunks of ceil(B / (kh * kw)) samples: the conv output of one chunk (`<conv>.chunk`, about
+    the size of the pooled output) is the only pre-pool tensor; the full one never exists."""
+    (kh, kw), a = attrs["kernel"], conv.attrs
+    chunk = -(-b.B // (kh * kw))
+    scr = b.new_act(tname(conv.layer, "chunk"), F32, (chunk, a["cout"], a["oh"], a["ow"]),
+                    Role.SCRATCH)
+    b.emit(CONV_POOL_FWD, conv.layer, conv.inputs, (outs[0], scr) + outs[1:],
+           conv_kernel=conv.kernel.name, chunk=chunk, conv=tuple(sorted(a.items())),
+           pool=tuple(sorted(attrs.items())))
 
 
 def _fwd_avgpool(b: ScheduleBuilder, lay: Layer) -> None:
@@ -187,6 +210,43 @@ def _lower_maxpool_fwd(step: Step, ctx: LowerCtx) -> Call:
                 [pool_geom(a)])
 
 
+def _lower_conv_pool_fwd(step: Step, ctx: LowerCtx) -> Call:
+    """A loop over batch chunks calling the conv's and the pool's own instances (lowered as for a
+    chunk-sized batch): the same C functions, hence the same values, as the two unfused steps."""
+    a = step.attrs
+    chunk, ca, pa = a["chunk"], dict(a["conv"]), dict(a["pool"])
+    x, w, *bias = step.inputs
+    y, scr, *am = step.outputs
+    ck = CONV_FWD[a["conv_kernel"]]
+    cc = ck.lower(Step(step.index, ck, step.layer, step.inputs, (scr,), dict(ca, batch=chunk)),
+                  ctx)
+    pc = _lower_maxpool_fwd(Step(step.index, MAXPOOL_FWD_MASK, step.layer, (scr,), (y, *am),
+                                 dict(pa, batch=chunk)), ctx)
+    assert cc.args[-1] == "&g" and pc.args[-1] == "&g" and cc.args[0] == ctx.ptr(x), cc.args
+    x_per = (ca["h"] * ca["w"] * words64(ca["cin"]) if ctx.t(x).dtype is DType.BIT
+             else ca["cin"] * ca["h"] * ca["w"])
+    # elements (words for bits) per sample of the conv's input and the pool's output and argmax
+    c = pa["channels"]
+    y_per, am_per = c * pa["oh"] * pa["ow"], words64(c * pa["h"] * pa["w"])
+
+    def call(k: Call, g: str, offs: dict[int, int]) -> list[str]:
+        """`k` on chunk [lo, lo + chunk): pointer arguments `offs` advance by their per-sample
+        size, the geometry is `g` (batch = the chunk's)."""
+        args = [f"{arg} + (size_t)lo * {offs[i]}u" if i in offs and arg != "0" else str(arg)
+                for i, arg in enumerate(k.args[:-1])] + [g]
+        return call_lines(k.inst.fn, args, indent=8)
+
+    decls = [d.replace("bnnc_geom_t g =", "bnnc_geom_t gc =") for d in cc.decls] + \
+        [d.replace("bnnc_geom_t g =", "bnnc_geom_t gq =") for d in pc.decls]
+    assert len(decls) == 2 and all("bnnc_geom_t g" in d for d in decls), decls
+    body = ["    int32_t lo;",
+            f"    for (lo = 0; lo < {ca['batch']}; lo += {chunk}) {{",
+            "        bnnc_geom_t gc1 = gc, gq1 = gq;",
+            f"        gc1.B = gq1.B = {ca['batch']} - lo < {chunk} ? {ca['batch']} - lo : {chunk};",
+            *call(cc, "&gc1", {0: x_per}), *call(pc, "&gq1", {1: y_per, 2: am_per}), "    }"]
+    return Call(cc.inst, [], decls, body=body, uses=(pc.inst,))
+
+
 def _lower_pool_bwd(step: Step, ctx: LowerCtx) -> Call:
     g, d = step.inputs[0], step.outputs[0]
     a = step.attrs
@@ -227,6 +287,13 @@ MAXPOOL_FWD_MASK = kernel(
     "maxpool_fwd_mask", Phase.FORWARD, KernelFamily.POOL,
     "max pool of non-overlapping windows (first max wins); optional 1-bit argmax mask (input)",
     [("x", ACT)], [("y", ACT), ("argmax?", BIT)], lower=_lower_maxpool_fwd, pm1_keep=True)
+CONV_POOL_FWD = kernel(
+    "conv_pool_fwd", Phase.FORWARD, KernelFamily.POOL,
+    "conv (any conv forward kernel) then max pool with a 1-bit argmax, chunk by chunk of the "
+    "batch: only one chunk of the conv output exists",
+    [("x", (F32, BIT)), ("w", WEIGHTS), ("b?", STATE)], [("y", F32), ("chunk", F32),
+                                                        ("argmax?", BIT)],
+    lower=_lower_conv_pool_fwd)
 AVGPOOL_FWD = kernel(
     "avgpool_fwd", Phase.FORWARD, KernelFamily.POOL,
     "average pool (count_include_pad as the layer says)", [("x", F32)], [("y", F32)],
@@ -249,8 +316,8 @@ GAP_BWD = kernel(
     "gap_bwd", Phase.BACKWARD, KernelFamily.POOL, "d_in = d_out / (H*W) broadcast",
     [("d_out", GRADS)], [("d_in", GRADS)], lower=_lower_gap)
 
-KERNELS = (MAXPOOL_FWD_WIDX, MAXPOOL_FWD_MASK, AVGPOOL_FWD, GAP_FWD, MAXPOOL_BWD_WIDX,
-           MAXPOOL_BWD_MASK, AVGPOOL_BWD, GAP_BWD)
+KERNELS = (MAXPOOL_FWD_WIDX, MAXPOOL_FWD_MASK, CONV_POOL_FWD, AVGPOOL_FWD, GAP_FWD,
+           MAXPOOL_BWD_WIDX, MAXPOOL_BWD_MASK, AVGPOOL_BWD, GAP_BWD)
 
 
 # ---- numpy reference --------------------------------------------------------------------------
