@@ -116,11 +116,11 @@ def test_defaults_are_what_help_says(capsys):
         assert re.search(r"--bop-threshold FLOAT .*\[default: 32\]", text), cmd
         assert re.search(r"--bn-momentum FLOAT .*\[default: 0.9\]", text), cmd
         assert re.search(r"--bop-bn-shift / --no-bop-bn-shift .*\[default: on\]", text), cmd
-        assert re.search(r"--lr FLOAT .*\[default: 0.001; bop: 0.01\]", text), cmd
+        assert re.search(r"--lr FLOAT .*\[default: 0.001; bop: 0.03\]", text), cmd
     # the optimizer's defaults, the same for every target: the flags are the only way to change them
     for alg in ("proposed", "standard"):
         cfg = make_config(alg, optimizer="bop")
-        want = (1e-4, 32.0, 0.9, 1e-2)
+        want = (1e-4, 32.0, 0.9, 3e-2)
         assert (cfg.bop_gamma, cfg.bop_threshold, cfg.bn_momentum, cfg.lr) == want
         assert make_config(alg).lr == make_config(alg, optimizer="sgd").lr == 1e-3
     assert make_config("proposed", optimizer="bop", lr=0.5).lr == 0.5
