@@ -138,7 +138,10 @@ def test_flags_reach_the_compiled_config(tmp_path, capsys):
     assert text.count("shift1(S_fc") == 4
     assert main(["compile", "tfc", "--batch", "8", "--optimizer", "bop", "--no-bop-bn-shift",
                  "-o", str(out)]) == 0
-    assert "shift1" not in (out / "tfc.c").read_text()
+    text = (out / "tfc.c").read_text()
+    assert "shift1" not in text
+    # no --lr: the betas' Adam starts at Bop's default lr (compiler/README.md, "Bop", fourth pass)
+    assert "const float lr = (float)0.03;" in text
     for bad, msg in ((["--bop-gamma", "0"], "--bop-gamma must lie in"),
                      (["--bop-threshold", "-1"], "--bop-threshold must be >= 0"),
                      (["--bn-momentum", "1"], "--bn-momentum must lie in")):
