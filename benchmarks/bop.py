@@ -288,6 +288,7 @@ TFC_SEEDED = [("Bop defaults (threshold 32, gamma 1e-4, lr 3e-2, BN momentum 0.9
               ("lr 1e-1", {"lr": 1e-1}),
               ("cosine lr schedule", {"lr_schedule": "cosine"}),
               ("threshold 24", {"bop_threshold": 24.0}),
+              ("f16 state", {"state_dtype": "f16"}),
               ("f16 state (lr 1e-2)", {**PASS1, "state_dtype": "f16"}),
               ("f32 state (lr 1e-2; does not fit 256 KiB)", {**PASS1, "state_dtype": "f32"}),
               ("threshold 16 (lr 1e-2)", {**PASS1, "bop_threshold": 16.0}),
