@@ -18,11 +18,14 @@ configuration on the same data: the losses step by step and the final state tens
 `--seeds 0,1,2` adds, per model, the final test accuracy (and the re-estimated one) of Adam and
 of Bop (bf16, bnnc defaults) for each of those seeds (`bnnc compile --seed S`: initial weights,
 batch order and stochastic rounding all change) and their means; with `--ablate-tfc` also the
-small-batch knobs on TFC (threshold, gamma, lr, BN momentum and kind, state dtype) per seed.
+small-batch knobs on TFC per seed: the betas' lr and its schedule, threshold 24 (the fourth pass,
+at the defaults), then state dtype, threshold, gamma, lr, BN momentum and kind at the first pass's
+lr 1e-2 (compiler/README.md, "Bop").
 
 `--ablate` adds the MLP ablations (one change at a time from the pre-issue behaviour and from
-bnnc's Bop defaults): state dtype, gradient form, gamma, threshold, lr, BN kind, BN momentum;
-`--ablate-tfc` the TFC ones (B=32: threshold, gamma, lr, BN momentum, state dtype);
+the first pass's Bop defaults, lr 1e-2): state dtype, gradient form, gamma, threshold, lr, BN
+kind, BN momentum; `--ablate-tfc` the TFC ones (B=32, lr 1e-2: threshold, gamma, lr, BN
+momentum, state dtype);
 `--bn-lag 0,1` prints, per seed, which BN layer's running statistics cost TFC's test accuracy
 (each layer's re-estimated alone, the means alone) and each weight tensor's flips per step.
 `--skip-main` leaves out the main tables; `--models tfc --rows 1,2` runs only those models and
@@ -249,47 +252,62 @@ SEEDED = [("Adam (proposed default)", {}),
           ("Bop, bf16 state (bnnc defaults)", {"optimizer": "bop"}),
           ("Bop, bf16, --no-bop-bn-shift", {"optimizer": "bop", "bop_bn_shift": False})]
 
+# the first pass's Bop defaults (the ablation tables were measured with them): lr 1e-2, not 3e-2
+PASS1 = {"lr": 1e-2}
 ABLATIONS = [("before: threshold 0, lr 1e-3", PRE_ISSUE),
              ("before + f32 state", {**PRE_ISSUE, "state_dtype": "f32"}),
              ("before + float dW (--no-binary-dw)", {**PRE_ISSUE, "binary_dw": False}),
              ("before + l2 BN", {**PRE_ISSUE, "bn": "l2"}),
              ("before + BN momentum 0.5", {**PRE_ISSUE, "bn_momentum": 0.5}),
              ("before + gamma 1e-3", {**PRE_ISSUE, "bop_gamma": 1e-3}),
-             ("defaults: threshold 32, lr 1e-2", {}),
-             ("defaults + threshold 2", {"bop_threshold": 2.0}),
-             ("defaults + threshold 8", {"bop_threshold": 8.0}),
-             ("defaults + threshold 128", {"bop_threshold": 128.0}),
-             ("defaults + lr 1e-3", {"lr": 1e-3}),
-             ("defaults + f16 state", {"state_dtype": "f16"}),
-             ("defaults + float dW (--no-binary-dw)", {"binary_dw": False}),
-             ("defaults + l2 BN", {"bn": "l2"}),
-             ("defaults + BN momentum 0.5", {"bn_momentum": 0.5}),
-             ("defaults + gamma 1e-3", {"bop_gamma": 1e-3}),
-             ("defaults + gamma 1e-5", {"bop_gamma": 1e-5})]
+             ("first-pass defaults: threshold 32, lr 1e-2", PASS1),
+             ("first-pass defaults + threshold 2", {**PASS1, "bop_threshold": 2.0}),
+             ("first-pass defaults + threshold 8", {**PASS1, "bop_threshold": 8.0}),
+             ("first-pass defaults + threshold 128", {**PASS1, "bop_threshold": 128.0}),
+             ("first-pass defaults + lr 1e-3", {**PASS1, "lr": 1e-3}),
+             ("first-pass defaults + f16 state", {**PASS1, "state_dtype": "f16"}),
+             ("first-pass defaults + float dW (--no-binary-dw)", {**PASS1, "binary_dw": False}),
+             ("first-pass defaults + l2 BN", {**PASS1, "bn": "l2"}),
+             ("first-pass defaults + BN momentum 0.5", {**PASS1, "bn_momentum": 0.5}),
+             ("first-pass defaults + gamma 1e-3", {**PASS1, "bop_gamma": 1e-3}),
+             ("first-pass defaults + gamma 1e-5", {**PASS1, "bop_gamma": 1e-5})]
 
 TFC_ABLATIONS = [("before: threshold 0, lr 1e-3", PRE_ISSUE),
-                 ("defaults: threshold 32, lr 1e-2", {}),
-                 ("defaults + threshold 8", {"bop_threshold": 8.0}),
-                 ("defaults + threshold 16", {"bop_threshold": 16.0}),
-                 ("defaults + threshold 64", {"bop_threshold": 64.0}),
-                 ("defaults + lr 1e-3", {"lr": 1e-3}),
-                 ("defaults + lr 3e-2", {"lr": 3e-2}),
-                 ("defaults + f32 state", {"state_dtype": "f32"})]
+                 ("first-pass defaults: threshold 32, lr 1e-2", PASS1),
+                 ("first-pass defaults + threshold 8", {**PASS1, "bop_threshold": 8.0}),
+                 ("first-pass defaults + threshold 16", {**PASS1, "bop_threshold": 16.0}),
+                 ("first-pass defaults + threshold 64", {**PASS1, "bop_threshold": 64.0}),
+                 ("first-pass defaults + lr 1e-3", {**PASS1, "lr": 1e-3}),
+                 ("first-pass defaults + lr 3e-2", {**PASS1, "lr": 3e-2}),
+                 ("first-pass defaults + f32 state", {**PASS1, "state_dtype": "f32"})]
 
-# with --ablate-tfc and --seeds: the knobs issue 21 names for small batches, each over the seeds
-TFC_SEEDED = [("Bop defaults (threshold 32, gamma 1e-4, lr 1e-2, BN momentum 0.9)", {}),
-              ("threshold 16", {"bop_threshold": 16.0}),
-              ("threshold 18 (= 32 sqrt(32/100), scaled with the batch)", {"bop_threshold": 18.0}),
-              ("gamma 1e-5", {"bop_gamma": 1e-5}),
-              ("gamma 3e-4", {"bop_gamma": 3e-4}),
-              ("gamma 1e-3", {"bop_gamma": 1e-3}),
-              ("threshold 16, gamma 1e-5", {"bop_threshold": 16.0, "bop_gamma": 1e-5}),
-              ("lr 3e-3 (the BN betas)", {"lr": 3e-3}),
-              ("BN momentum 0.8", {"bn_momentum": 0.8}),
-              ("BN momentum 0.5", {"bn_momentum": 0.5}),
-              ("BN momentum 0.95", {"bn_momentum": 0.95}),
-              ("f32 state, BN momentum 0.95", {"state_dtype": "f32", "bn_momentum": 0.95}),
-              ("l2 BN", {"bn": "l2"})]
+# with --ablate-tfc and --seeds: the knobs issue 21 names for small batches, each over the seeds;
+# the fourth pass's lr rows, then the second pass's knobs at its lr 1e-2
+TFC_SEEDED = [("Bop defaults (threshold 32, gamma 1e-4, lr 3e-2, BN momentum 0.9)", {}),
+              ("lr 1e-2 (the default before the fourth pass)", {"lr": 1e-2}),
+              ("lr 2e-2", {"lr": 2e-2}),
+              ("lr 5e-2", {"lr": 5e-2}),
+              ("lr 1e-1", {"lr": 1e-1}),
+              ("cosine lr schedule", {"lr_schedule": "cosine"}),
+              ("threshold 24", {"bop_threshold": 24.0}),
+              ("f16 state", {"state_dtype": "f16"}),
+              ("f16 state (lr 1e-2)", {**PASS1, "state_dtype": "f16"}),
+              ("f32 state (lr 1e-2; does not fit 256 KiB)", {**PASS1, "state_dtype": "f32"}),
+              ("threshold 16 (lr 1e-2)", {**PASS1, "bop_threshold": 16.0}),
+              ("threshold 18 (= 32 sqrt(32/100), scaled with the batch; lr 1e-2)",
+               {**PASS1, "bop_threshold": 18.0}),
+              ("gamma 1e-5 (lr 1e-2)", {**PASS1, "bop_gamma": 1e-5}),
+              ("gamma 3e-4 (lr 1e-2)", {**PASS1, "bop_gamma": 3e-4}),
+              ("gamma 1e-3 (lr 1e-2)", {**PASS1, "bop_gamma": 1e-3}),
+              ("threshold 16, gamma 1e-5 (lr 1e-2)",
+               {**PASS1, "bop_threshold": 16.0, "bop_gamma": 1e-5}),
+              ("lr 3e-3", {"lr": 3e-3}),
+              ("BN momentum 0.8 (lr 1e-2)", {**PASS1, "bn_momentum": 0.8}),
+              ("BN momentum 0.5 (lr 1e-2)", {**PASS1, "bn_momentum": 0.5}),
+              ("BN momentum 0.95 (lr 1e-2)", {**PASS1, "bn_momentum": 0.95}),
+              ("f32 state, BN momentum 0.95 (lr 1e-2)",
+               {**PASS1, "state_dtype": "f32", "bn_momentum": 0.95}),
+              ("l2 BN (lr 1e-2)", {**PASS1, "bn": "l2"})]
 
 
 def main() -> int:

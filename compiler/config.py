@@ -86,8 +86,9 @@ _DEFAULTS = {
 
 
 # an optimizer's own defaults over TrainConfig's (compiler/README.md, "Bop"): Bop trains the
-# real-valued tensors (BN beta, ...) with Adam at 1e-2, as Larq pairs them
-OPTIMIZER_DEFAULTS = {"bop": dict(lr=1e-2)}
+# real-valued tensors (BN beta, ...) with Adam at 3e-2 (first pass 1e-2, as Larq pairs them; 3e-2
+# under the linear lr decay: TFC at B=32, 2 epochs, seeds 0-4, 91.80 -> 92.16 %)
+OPTIMIZER_DEFAULTS = {"bop": dict(lr=3e-2)}
 
 
 def make_config(algorithm: str = "proposed", **overrides) -> TrainConfig:

@@ -116,11 +116,11 @@ def test_defaults_are_what_help_says(capsys):
         assert re.search(r"--bop-threshold FLOAT .*\[default: 32\]", text), cmd
         assert re.search(r"--bn-momentum FLOAT .*\[default: 0.9\]", text), cmd
         assert re.search(r"--bop-bn-shift / --no-bop-bn-shift .*\[default: on\]", text), cmd
-        assert re.search(r"--lr FLOAT .*\[default: 0.001; bop: 0.01\]", text), cmd
+        assert re.search(r"--lr FLOAT .*\[default: 0.001; bop: 0.03\]", text), cmd
     # the optimizer's defaults, the same for every target: the flags are the only way to change them
     for alg in ("proposed", "standard"):
         cfg = make_config(alg, optimizer="bop")
-        want = (1e-4, 32.0, 0.9, 1e-2)
+        want = (1e-4, 32.0, 0.9, 3e-2)
         assert (cfg.bop_gamma, cfg.bop_threshold, cfg.bn_momentum, cfg.lr) == want
         assert make_config(alg).lr == make_config(alg, optimizer="sgd").lr == 1e-3
     assert make_config("proposed", optimizer="bop", lr=0.5).lr == 0.5
@@ -138,7 +138,10 @@ def test_flags_reach_the_compiled_config(tmp_path, capsys):
     assert text.count("shift1(S_fc") == 4
     assert main(["compile", "tfc", "--batch", "8", "--optimizer", "bop", "--no-bop-bn-shift",
                  "-o", str(out)]) == 0
-    assert "shift1" not in (out / "tfc.c").read_text()
+    text = (out / "tfc.c").read_text()
+    assert "shift1" not in text
+    # no --lr: the betas' Adam starts at Bop's default lr (compiler/README.md, "Bop", fourth pass)
+    assert "const float lr = (float)0.03;" in text
     for bad, msg in ((["--bop-gamma", "0"], "--bop-gamma must lie in"),
                      (["--bop-threshold", "-1"], "--bop-threshold must be >= 0"),
                      (["--bn-momentum", "1"], "--bn-momentum must lie in")):
