@@ -1676,6 +1676,162 @@ BNNC_HELPER void bnnc_po2_int_table(int32_t table[33])
     table[BNNC_PO2_ZERO] = 0;
 }
 
+#define BNNC_BP_MAXW 64     /* reduction words (4096 terms) of the bit-plane kernels; longer: iand */
+#define BNNC_BP_JB 64       /* bit rows per block (a multiple of 16) */
+#define BNNC_BP_QR 512      /* Q rows per block at most */
+#define BNNC_BITPLANE 1
+#define BNNC_BP_QP 16384    /* 64-bit words of Q planes per block of Q rows (17 x words per row) */
+/* the 64 bytes b[i] (0 or 1) as the bits of a word, bit i = b[i]: per 8 bytes one multiply
+ * gathers byte i's low bit into bit 56 + i */
+BNNC_HELPER uint64_t bnnc_bp_pack64(const uint8_t b[64])
+{
+    uint64_t word = 0;
+    int32_t g, i;
+    for (g = 0; g < 8; g++) {
+        uint64_t v = 0;
+        for (i = 0; i < 8; i++) v |= (uint64_t)b[8 * g + i] << (8 * i);
+        word |= ((v * UINT64_C(0x0102040810204080)) >> 56) << (8 * g);
+    }
+    return word;
+}
+/* dots[jj] = sum over the levels l set in `lv` of 2^l popcount(P_l & (S ^ b_jj)), summed over
+ * `words` words, for the bit rows jj < nj of a block: qp holds the planes P_0 .. P_15 and then the
+ * sign plane S (words each), bt the rows' bits word-major (bt[w * BNNC_BP_JB + jj], the block
+ * zero-padded to a multiple of 8 rows). The portable variant, the reference. */
+BNNC_HELPER void bnnc_bp_dots_c(const uint64_t *qp, uint32_t lv, const uint64_t *bt, int32_t words,
+    int32_t nj, int64_t *dots)
+{
+    int32_t jj, w, l;
+    const uint64_t *s = qp + 16 * words;
+    for (jj = 0; jj < nj; jj++) {
+        int64_t acc = 0;
+        for (l = 0; l < 16; l++) {
+            int32_t c = 0;
+            if (!((lv >> l) & 1u)) continue;
+            for (w = 0; w < words; w++)
+                c += bnnc_popcount64(qp[l * words + w] & (s[w] ^ bt[w * BNNC_BP_JB + jj]));
+            acc += (int64_t)c << l;
+        }
+        dots[jj] = acc;
+    }
+}
+
+#if defined(BNNC_AVX2)
+#include <immintrin.h>
+/* the AVX2 core: 4 bit rows per 256-bit vector, popcounts by nibble lookup (vpshufb) into byte
+ * counts (31 words keep each byte <= 248), summed per 64-bit lane by vpsadbw */
+__attribute__((unused, noinline, target("avx2")))
+static void bnnc_bp_dots_avx2(const uint64_t *qp, uint32_t lv, const uint64_t *bt, int32_t words,
+    int32_t nj, int64_t *dots)
+{
+    const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
+                                         0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+    const __m256i low = _mm256_set1_epi8(0x0f), zero = _mm256_setzero_si256();
+    const uint64_t *s = qp + 16 * words;
+    __m256i t[BNNC_BP_MAXW];
+    int32_t jj, w, w0;
+    for (jj = 0; jj < nj; jj += 4) {
+        __m256i acc = zero;
+        uint32_t m = lv;
+        for (w = 0; w < words; w++)
+            t[w] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(bt + w * BNNC_BP_JB + jj)),
+                                    _mm256_set1_epi64x((long long)s[w]));
+        while (m) {
+            const int32_t l = __builtin_ctz(m);
+            const uint64_t *p = qp + l * words;
+            m &= m - 1u;
+            for (w0 = 0; w0 < words; w0 += 31) {
+                const int32_t we = words - w0 < 31 ? words : w0 + 31;
+                __m256i cb = zero;
+                for (w = w0; w < we; w++) {
+                    const __m256i v = _mm256_and_si256(t[w], _mm256_set1_epi64x((long long)p[w]));
+                    cb = _mm256_add_epi8(cb, _mm256_add_epi8(
+                        _mm256_shuffle_epi8(lut, _mm256_and_si256(v, low)),
+                        _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(v, 4), low))));
+                }
+                acc = _mm256_add_epi64(acc, _mm256_sll_epi64(_mm256_sad_epu8(cb, zero),
+                                                             _mm_cvtsi32_si128(l)));
+            }
+        }
+        _mm256_storeu_si256((__m256i *)(dots + jj), acc);
+    }
+}
+#if defined(BNNC_AVX512)
+/* the AVX-512 core: 16 bit rows per step in two 512-bit vectors (the plane words are broadcast
+ * once for both), vpopcntq (AVX512_VPOPCNTDQ) per 64-bit lane; rows nj .. 63 of the block are zero
+ * bits and their dots are never read. Inlined per word count, so reductions of up to 4 words keep
+ * everything in registers. */
+static inline __attribute__((always_inline, target("avx512f,avx512vpopcntdq")))
+void bnnc_bp_dots_avx512_w(const uint64_t *qp, uint32_t lv, const uint64_t *bt, int32_t words,
+    int32_t nj, int64_t *dots)
+{
+    const uint64_t *s = qp + 16 * words;
+    __m512i t0[BNNC_BP_MAXW], t1[BNNC_BP_MAXW];
+    int32_t jj, w;
+    for (jj = 0; jj < nj; jj += 16) {
+        __m512i acc0 = _mm512_setzero_si512(), acc1 = _mm512_setzero_si512();
+        uint32_t m = lv;
+        for (w = 0; w < words; w++) {
+            const __m512i sw = _mm512_set1_epi64((long long)s[w]);
+            t0[w] = _mm512_xor_si512(_mm512_loadu_si512(bt + w * BNNC_BP_JB + jj), sw);
+            t1[w] = _mm512_xor_si512(_mm512_loadu_si512(bt + w * BNNC_BP_JB + jj + 8), sw);
+        }
+        while (m) {
+            const int32_t l = __builtin_ctz(m);
+            const uint64_t *p = qp + l * words;
+            const __m128i sh = _mm_cvtsi32_si128(l);
+            __m512i c0 = _mm512_setzero_si512(), c1 = _mm512_setzero_si512();
+            m &= m - 1u;
+            for (w = 0; w < words; w++) {
+                const __m512i pw = _mm512_set1_epi64((long long)p[w]);
+                c0 = _mm512_add_epi64(c0, _mm512_popcnt_epi64(_mm512_and_si512(t0[w], pw)));
+                c1 = _mm512_add_epi64(c1, _mm512_popcnt_epi64(_mm512_and_si512(t1[w], pw)));
+            }
+            acc0 = _mm512_add_epi64(acc0, _mm512_sll_epi64(c0, sh));
+            acc1 = _mm512_add_epi64(acc1, _mm512_sll_epi64(c1, sh));
+        }
+        _mm512_storeu_si512(dots + jj, acc0);
+        _mm512_storeu_si512(dots + jj + 8, acc1);
+    }
+}
+__attribute__((unused, noinline, target("avx512f,avx512vpopcntdq")))
+static void bnnc_bp_dots_avx512(const uint64_t *qp, uint32_t lv, const uint64_t *bt, int32_t words,
+    int32_t nj, int64_t *dots)
+{
+    switch (words) {
+    case 1: bnnc_bp_dots_avx512_w(qp, lv, bt, 1, nj, dots); break;
+    case 2: bnnc_bp_dots_avx512_w(qp, lv, bt, 2, nj, dots); break;
+    case 3: bnnc_bp_dots_avx512_w(qp, lv, bt, 3, nj, dots); break;
+    case 4: bnnc_bp_dots_avx512_w(qp, lv, bt, 4, nj, dots); break;
+    default: bnnc_bp_dots_avx512_w(qp, lv, bt, words, nj, dots); break;
+    }
+}
+#endif
+#endif
+#if defined(BNNC_AVX2)
+/* the widest core this CPU has and the build allows (AVX-512 needs VPOPCNTDQ too); baseline: the
+ * portable one */
+BNNC_HELPER void bnnc_bp_dots(const uint64_t *qp, uint32_t lv, const uint64_t *bt, int32_t words,
+    int32_t nj, int64_t *dots)
+{
+    const int level = bnnc_x86_level();
+#if defined(BNNC_AVX512)
+    if (level == 2 && __builtin_cpu_supports("avx512vpopcntdq")) {
+        bnnc_bp_dots_avx512(qp, lv, bt, words, nj, dots);
+        return;
+    }
+#endif
+    if (level >= 1) bnnc_bp_dots_avx2(qp, lv, bt, words, nj, dots);
+    else bnnc_bp_dots_c(qp, lv, bt, words, nj, dots);
+}
+#else
+BNNC_HELPER void bnnc_bp_dots(const uint64_t *qp, uint32_t lv, const uint64_t *bt, int32_t words,
+    int32_t nj, int64_t *dots)
+{
+    bnnc_bp_dots_c(qp, lv, bt, words, nj, dots);
+}
+
+#endif
 
 /* binary dW: the sign bits (sign(0) = +1) of X^T G, element k*N+o of W -> bit k*N+o.
  * PO2 G with +-1 X: an exact integer sum (G scaled by 2^(8 + bias), which keeps its sign) */
@@ -1687,6 +1843,91 @@ static void k_dense_dw_bin_bits_po21(const uint64_t *x,
     /* rows i_lo .. i_hi - 1 own whole words (the split keeps i_lo * N a multiple of 64) */
     memset(dw + (size_t)i_lo * (size_t)N / 64u, 0,
            (((size_t)i_hi * (size_t)N + 63u) / 64u - (size_t)i_lo * (size_t)N / 64u) * 8u);
+#if defined(BNNC_BITPLANE) && !defined(BNNC_NO_BITPLANE)
+    /* Q rows = outputs (codes over the batch), bit rows = input features i_lo .. i_hi - 1; the
+     * bits of 64 outputs gather in a word per feature (cbits) before they go to dW's row */
+    if ((B + 63) / 64 <= BNNC_BP_MAXW) {
+    {
+            uint64_t qp[BNNC_BP_QP], bt[BNNC_BP_MAXW * BNNC_BP_JB];
+            int64_t asum[BNNC_BP_QR], dots[BNNC_BP_JB];
+            uint32_t lv[BNNC_BP_QR];
+            const int32_t words = (B + 63) / 64;
+            const int32_t qblk = BNNC_BP_QP / (17 * words) < BNNC_BP_QR ? BNNC_BP_QP / (17 * words)
+                                                                        : BNNC_BP_QR;
+            int32_t q0, b0, nq, nb, qq, bb, r;
+            for (q0 = 0; q0 < N; q0 += qblk) {
+                nq = N - q0 < qblk ? N - q0 : qblk;
+                for (qq = 0; qq < nq; qq++) {
+                    const int32_t qi = q0 + qq;
+                    uint64_t *pl = qp + (size_t)qq * 17u * (size_t)words;
+                    int64_t a = 0;
+                    uint32_t m = 0;
+                    int32_t wd, rr, l;
+                    for (wd = 0; wd < words; wd++) {
+                        /* one word of each plane in locals, then stored */
+                        uint64_t lw[16] = {0}, sg = 0;
+                        const int32_t rend = B - 64 * wd < 64 ? B - 64 * wd : 64;
+                        for (rr = 0; rr < rend; rr++) {
+                            /* branch-free: the zero code adds nothing (its level bit stays 0) */
+                            uint32_t c, nz;
+                            r = 64 * wd + rr;
+                            c = g[(size_t)r * (size_t)N + (size_t)qi];
+                            nz = c != BNNC_PO2_ZERO;
+                            lw[c & 15u] |= (uint64_t)nz << rr;
+                            sg |= (uint64_t)((c >> 4) & 1u) << rr;
+                            a += (int64_t)nz << (c & 15u);
+                            m |= nz << (c & 15u);
+                        }
+                        for (l = 0; l < 16; l++) pl[l * words + wd] = lw[l];
+                        pl[16 * words + wd] = sg;
+                    }
+                    asum[qq] = a;
+                    lv[qq] = m;
+                }
+                for (b0 = i_lo; b0 < i_hi; b0 += BNNC_BP_JB) {
+                    nb = i_hi - b0 < BNNC_BP_JB ? i_hi - b0 : BNNC_BP_JB;
+                    memset(bt, 0, (size_t)words * BNNC_BP_JB * 8u);
+                    for (bb = 0; bb < nb; bb++) {
+                        const int32_t bi = b0 + bb;
+                        int32_t wd, rr;
+                        const size_t pos = bnnc_xpos(bi, hw, wc);
+                        for (wd = 0; wd < words; wd++) {
+                            /* one byte per bit first (a loop that vectorizes), then 8 bytes per multiply */
+                            uint8_t tb[64];
+                            const int32_t rend = B - 64 * wd < 64 ? B - 64 * wd : 64;
+                            for (rr = 0; rr < rend; rr++) {
+                                r = 64 * wd + rr;
+                                tb[rr] = (uint8_t)(bnnc_bit(x + (size_t)r * (size_t)xwords, pos));
+                            }
+                            for (; rr < 64; rr++) tb[rr] = 0;
+                            bt[wd * BNNC_BP_JB + bb] = bnnc_bp_pack64(tb);
+                        }
+                    }
+                    uint64_t cbits[BNNC_BP_JB] = {0};
+                    for (qq = 0; qq < nq; qq++) {
+                        const int32_t qi = q0 + qq;
+                        bnnc_bp_dots(qp + (size_t)qq * 17u * (size_t)words, lv[qq], bt, words, nb, dots);
+                        for (bb = 0; bb < nb; bb++) {
+                            /* |d| <= 2^15 red <= 2^27: int32, so the loop vectorizes */
+                            const int32_t bi = b0 + bb, d = (int32_t)(2 * dots[bb] - asum[qq]);
+                            (void)bi;
+                            cbits[bb] |= (uint64_t)(d >= 0) << ((qi - q0) & 63);
+                        }
+                        if (((qi - q0) & 63) == 63 || qq == nq - 1) {
+                            const int32_t n0 = qi - ((qi - q0) & 63);
+                            for (bb = 0; bb < nb; bb++) {
+                                bnnc_or_word(dw, (size_t)(b0 + bb) * (size_t)N + (size_t)n0, cbits[bb], qi - n0 + 1);
+                                cbits[bb] = 0;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+
+        return;
+    }
+#endif
     {
         int32_t csum[BNNC_TC], pt[33];
         bnnc_po2_int_table(pt);
@@ -1862,6 +2103,81 @@ static void k_dense_dx_po2_bf16_f16(const uint8_t *q, const int32_t *bias, const
     const float scale = ldexpf(1.0f, -8 - bias[0]);
     bnnc_po2_int_table(pt);
     (void)wwords; (void)hw; (void)wc;
+#if defined(BNNC_BITPLANE) && !defined(BNNC_NO_BITPLANE)
+    /* Q rows = samples, bit rows = input features (sign(W) over the outputs) */
+    if ((N + 63) / 64 <= BNNC_BP_MAXW) {
+    {
+            uint64_t qp[BNNC_BP_QP], bt[BNNC_BP_MAXW * BNNC_BP_JB];
+            int64_t asum[BNNC_BP_QR], dots[BNNC_BP_JB];
+            uint32_t lv[BNNC_BP_QR];
+            const int32_t words = (N + 63) / 64;
+            const int32_t qblk = BNNC_BP_QP / (17 * words) < BNNC_BP_QR ? BNNC_BP_QP / (17 * words)
+                                                                        : BNNC_BP_QR;
+            int32_t q0, b0, nq, nb, qq, bb, r;
+            for (q0 = 0; q0 < B; q0 += qblk) {
+                nq = B - q0 < qblk ? B - q0 : qblk;
+                for (qq = 0; qq < nq; qq++) {
+                    const int32_t qi = q0 + qq;
+                    uint64_t *pl = qp + (size_t)qq * 17u * (size_t)words;
+                    int64_t a = 0;
+                    uint32_t m = 0;
+                    int32_t wd, rr, l;
+                    for (wd = 0; wd < words; wd++) {
+                        /* one word of each plane in locals, then stored */
+                        uint64_t lw[16] = {0}, sg = 0;
+                        const int32_t rend = N - 64 * wd < 64 ? N - 64 * wd : 64;
+                        for (rr = 0; rr < rend; rr++) {
+                            /* branch-free: the zero code adds nothing (its level bit stays 0) */
+                            uint32_t c, nz;
+                            r = 64 * wd + rr;
+                            c = q[(size_t)qi * (size_t)N + (size_t)r];
+                            nz = c != BNNC_PO2_ZERO;
+                            lw[c & 15u] |= (uint64_t)nz << rr;
+                            sg |= (uint64_t)((c >> 4) & 1u) << rr;
+                            a += (int64_t)nz << (c & 15u);
+                            m |= nz << (c & 15u);
+                        }
+                        for (l = 0; l < 16; l++) pl[l * words + wd] = lw[l];
+                        pl[16 * words + wd] = sg;
+                    }
+                    asum[qq] = a;
+                    lv[qq] = m;
+                }
+                for (b0 = 0; b0 < K; b0 += BNNC_BP_JB) {
+                    nb = K - b0 < BNNC_BP_JB ? K - b0 : BNNC_BP_JB;
+                    memset(bt, 0, (size_t)words * BNNC_BP_JB * 8u);
+                    for (bb = 0; bb < nb; bb++) {
+                        const int32_t bi = b0 + bb;
+                        int32_t wd, rr;
+                        for (wd = 0; wd < words; wd++) {
+                            /* one byte per bit first (a loop that vectorizes), then 8 bytes per multiply */
+                            uint8_t tb[64];
+                            const int32_t rend = N - 64 * wd < 64 ? N - 64 * wd : 64;
+                            for (rr = 0; rr < rend; rr++) {
+                                r = 64 * wd + rr;
+                                tb[rr] = (uint8_t)(bnnc_ld_bf16(w, (size_t)bi * (size_t)N + (size_t)r) >= 0.0f);
+                            }
+                            for (; rr < 64; rr++) tb[rr] = 0;
+                            bt[wd * BNNC_BP_JB + bb] = bnnc_bp_pack64(tb);
+                        }
+                    }
+                    for (qq = 0; qq < nq; qq++) {
+                        const int32_t qi = q0 + qq;
+                        bnnc_bp_dots(qp + (size_t)qq * 17u * (size_t)words, lv[qq], bt, words, nb, dots);
+                        for (bb = 0; bb < nb; bb++) {
+                            /* |d| <= 2^15 red <= 2^27: int32, so the loop vectorizes */
+                            const int32_t bi = b0 + bb, d = (int32_t)(2 * dots[bb] - asum[qq]);
+                            (void)bi;
+                            bnnc_st_f16(dx, (size_t)qi * (size_t)K + (size_t)bi, (float)d * scale);
+                        }
+                    }
+                }
+            }
+        }
+
+        return;
+    }
+#endif
     {
         int32_t acc[BNNC_TR * BNNC_TC] BNNC_V4_ALIGN;
         int32_t vp[BNNC_RC * BNNC_TC] BNNC_V4_ALIGN;
