@@ -221,6 +221,12 @@ def test_emitted_c_is_strict_c99(tmp_path, mlp_graph, algorithm, optimizer):
     # time.h only for the opt-in step timer (-DBNNC_PROFILE, `bnnc profile`)
     plain = re.sub(r"^#if defined\(BNNC_PROFILE\)\n.*?^#else\n", "", src, flags=re.S | re.M)
     assert "<time.h>" in src and "<time.h>" not in plain
+    # the x86 intrinsics header only where the AVX2 kernels are compiled (x86-64 builds; the
+    # bit-plane popcount cores): a build for any other target never reads it
+    guarded = re.findall(r"^#if ([^\n]*)\n#include <immintrin.h>$", plain, re.M)
+    assert guarded == ["defined(BNNC_AVX2)"] * len(guarded)
+    assert "#define BNNC_AVX2 1" in plain.split("defined(__x86_64__)", 1)[1]
+    plain = re.sub(r"^#if defined\(BNNC_AVX2\)\n#include <immintrin.h>$", "", plain, flags=re.M)
     includes = set(re.findall(r"#include <([^>]+)>", plain))
     assert includes <= {"math.h", "stddef.h", "stdint.h", "string.h"}, includes
     assert not re.search(r"\b(malloc|calloc|realloc|free|printf)\s*\(", src)
