@@ -71,6 +71,7 @@ no gradient.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Mapping
@@ -87,6 +88,7 @@ from ..compiler.ops.optim import ref_bop_bn_shift
 from ..compiler.ops.weights import bop_shift_bn
 from ..compiler.ops.refctx import RefRun
 from ..compiler.preprocess import affine_lut, to_pixels
+from ..compiler.schedule import build_schedule
 from ..compiler.state import StateTensor, initial_values, state_tensors
 
 __all__ = ["TrainState", "init_state", "train_step", "forward", "forward_backward", "predict",
@@ -325,9 +327,28 @@ def train_step(graph: Graph, cfg: TrainConfig, state: TrainState, x,
         elif st.kind == "frozen":
             new[st.name] = state.tensors[st.name].copy()
     bop_bn_shift(graph, cfg, x, out, state.tensors, new)
+    conv_pool_chunks(graph, cfg, out)
     assert new.keys() == {st.name for st in sts}
     out.update(new)
     return TrainState({st.name: new[st.name] for st in sts}, t, state.horizon), out
+
+
+def conv_pool_chunks(graph: Graph, cfg: TrainConfig, out: dict[str, np.ndarray]) -> None:
+    """The scratch `<conv>.chunk` of each fused conv -> max-pool step (`ops/pool.py`,
+    conv_pool_fwd) as the C leaves it: the conv output rows of the last batch chunk, and past a
+    short last chunk the rows the chunk before it wrote. The values are the reference's own
+    `<conv>.out`; only which steps are fused and their chunk size come from the schedule."""
+    for step in _conv_pool_steps(graph, cfg):
+        y = out[tname(step.layer, "out")]
+        chunk, b = step.attrs["chunk"], len(y)
+        lo = (b - 1) // chunk * chunk
+        rows = [lo + r if lo + r < b else lo - chunk + r for r in range(chunk)]
+        out[tname(step.layer, "chunk")] = y[rows]
+
+
+@functools.lru_cache(maxsize=32)
+def _conv_pool_steps(graph: Graph, cfg: TrainConfig) -> tuple:
+    return tuple(s for s in build_schedule(graph, cfg).steps if s.kernel.name == "conv_pool_fwd")
 
 
 def bop_bn_shift(graph: Graph, cfg: TrainConfig, x: np.ndarray, out: Mapping[str, np.ndarray],
