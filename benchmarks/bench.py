@@ -438,7 +438,7 @@ def host_case(ws: Workspace, case: Case, args) -> list[Row]:
     finally:
         gc.enable()
         for hp in progs.values():
-            hp.ffi.dlclose(hp.lib)
+            hp.unload()
     med = {k: float(np.median(v)) for k, v in times.items()}
     log(f"host {case.label}:{case.batch}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in med.items()))
     rows = []

@@ -230,6 +230,12 @@ class HostProgram:
         (its next step starts them again)."""
         _shutdown(self.lib, self.prefix)
 
+    def unload(self) -> None:
+        """Join the program's threads and unload its shared library now; the object is unusable
+        afterwards (a benchmark loading many builds in one process frees each one so)."""
+        self._finalizer()               # runs the shutdown once; detached from collection
+        self.ffi.dlclose(self.lib)
+
     def __enter__(self) -> HostProgram:
         return self
 

@@ -179,3 +179,31 @@ def test_manifest_threads_is_checked(tmp_path):
     (tmp_path / MANIFEST).write_text(json.dumps(doc))
     with pytest.raises(ManifestError, match="threads"):
         read_manifest(tmp_path)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux /proc")
+def test_unload_joins_threads_and_frees_the_library(tmp_path, monkeypatch):
+    """`HostProgram.unload()` (a benchmark freeing each build it loaded): the workers are joined,
+    the library is closed, and collecting the object afterwards raises nothing (it once ran the
+    shutdown again on the closed library: "has already been closed", printed at exit)."""
+    graph = tiny_mlp()
+    compile_to_c(graph, make_config("proposed", batch=8), load_target("host"), tmp_path,
+                 threads=2)
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, (8,) + graph.input_shape).astype(np.float32)
+    y = rng.integers(0, graph.num_classes, 8).astype(np.int32)
+    base = _threads_now()
+    hp = HostProgram(tmp_path, debug=False)
+    hp.init(0)
+    hp.train_step(x, y)
+    assert _threads_now() == base + 1
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    hp.unload()
+    assert _threads_now() == base
+    with pytest.raises(ValueError, match="closed"):
+        hp.train_step(x, y)
+    del hp
+    import gc  # local: collect now, while the hook records
+    gc.collect()
+    assert unraisable == []
