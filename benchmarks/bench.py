@@ -21,8 +21,11 @@ Parts (`--only`, comma separated; default all five):
   The proposed row's detail also gives bnnc proposed / bnnc standard.
 - kernels: where bnnc's step spends its time: per case and algorithm one row per kernel, its
   median ms per step in the -DBNNC_PROFILE host build (runtime/profile.py, the same table as
-  `bnnc profile OUT`), its share, and for the weight-layer products (dense/conv forward, dX, dW)
-  the multiply-accumulates and the rate in GMAC/s.
+  `bnnc profile OUT`), its share, the bytes it reads and writes, and for the weight-layer
+  products (dense/conv forward, dX, dW) the multiply-accumulates, their class (bit / int / float)
+  and the rate in GMAC/s as a fraction of this core's measured peak for that class
+  (runtime/peak.py); then per case one row: the step's MACs per class, its bytes moved, and the
+  time its products would take at peak as a percentage of the time they took.
 - rss: peak resident set size of the standalone host trainer (runtime/programs.py `build_trainer`,
   OUT/trainer.c) training --rss-steps steps from a packed dataset (runtime/packed.py), against a
   Python process doing the same steps with PyTorch on the same file (and, in the detail, a Python
@@ -133,6 +136,7 @@ INSNS_M55 = "instructions/step, Cortex-M55 (QEMU)"
 MCU_PARTS = {"m7": ("cortex-m7", INSNS_M7), "m33": ("cortex-m33", INSNS_M33),
              "m55": ("cortex-m55", INSNS_M55)}
 KERNEL_MS = "kernel time (ms/step)"
+PRODUCTS_PEAK = "products: % of this core's peak"
 
 
 def _load_module(path: Path, name: str):
@@ -458,18 +462,35 @@ def part_kernels(ws: Workspace, cases: list[Case], args) -> Iterator[Row]:
     """Per case and algorithm, one row per kernel (largest first): its median ms per training step
     over --steps steps of the -DBNNC_PROFILE host build (runtime/profile.py, `bnnc profile`), its
     share of the kernels' sum and, for weight-layer products, MACs and the MAC rate."""
+    from bnnc.runtime.peak import measure_peaks
     from bnnc.runtime.profile import profile
 
+    peaks = measure_peaks()
+    log(peaks.describe())
     for case in cases:
         for a in ALGORITHMS:
             prof = profile(ws.compiled(case, a), steps=args.steps, warmup=args.warmup)
             total = sum(s.ms for s in prof.steps)
             log(f"kernels {case.label}:{case.batch} {a}: {total:.2f} ms in kernels")
-            for k, n, ms, macs in prof.by_kernel():
-                detail = f"{k}: {n} step(s), {100 * ms / total:.1f} % of {total:.2f} ms"
-                if macs:
-                    detail += f", {macs / 1e6:.1f} MMAC, {macs / ms / 1e6:.1f} GMAC/s"
-                yield Row(KERNEL_MS, case.label, case.batch, a, ms, detail=detail)
+            for r in prof.kernels():
+                detail = (f"{r.kernel}: {r.steps} step(s), {100 * r.ms / total:.1f} % of "
+                          f"{total:.2f} ms, {r.nbytes / 1e6:.2f} MB moved")
+                if r.macs:
+                    at_peak = sum(1e3 * n / peaks.mac_per_s[c]
+                                  for c, n in r.macs_by_class.items())
+                    detail += (f", {r.macs / 1e6:.1f} MMAC ({r.cls}), "
+                               f"{r.macs / r.ms / 1e6:.1f} GMAC/s, "
+                               f"{100 * at_peak / r.ms:.1f} % of peak")
+                yield Row(KERNEL_MS, case.label, case.batch, a, r.ms, detail=detail)
+            by = prof.macs_by_class()
+            prod_ms = sum(s.ms for s in prof.steps if s.macs)
+            yield Row(PRODUCTS_PEAK, case.label, case.batch, a,
+                      100 * prof.ms_at_peak(peaks) / prod_ms if prod_ms > 0 else None,
+                      detail=(f"MACs: {by['bit'] / 1e6:.1f} M bit, {by['int'] / 1e6:.1f} M int, "
+                              f"{by['float'] / 1e6:.1f} M float; products {prod_ms:.2f} ms, at "
+                              f"peak {prof.ms_at_peak(peaks):.2f} ms; "
+                              f"{sum(s.nbytes for s in prof.steps) / 1e6:.1f} MB read and "
+                              f"written by the step; {peaks.describe()}"))
 
 
 def part_rss(ws: Workspace, cases: list[Case], args) -> Iterator[Row]:

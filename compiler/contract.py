@@ -85,6 +85,10 @@ class StepEntry:
     kernel: str
     layer: str
     fn: str             # the C kernel function the step calls
+    # the schedule step's operands and results (tensor or state names): what `bnnc profile`
+    # counts as the bytes a step moves and reads the product's operand types from
+    reads: tuple[str, ...] = ()
+    writes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

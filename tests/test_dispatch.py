@@ -24,9 +24,11 @@ import pytest
 from graphs import cnv
 from bnnc.cli import main as cli_main
 from bnnc.compiler.config import make_config
+from bnnc.compiler.contract import read_manifest
 from bnnc.compiler.templating import split_function
 from bnnc.runtime.check import run_check
 from bnnc.runtime.host import KERNEL_VARIANTS, HostProgram
+from bnnc.runtime.peak import measure_peaks
 from bnnc.runtime.profile import profile
 
 X86 = platform.machine() in ("x86_64", "AMD64")
@@ -84,9 +86,49 @@ def test_profile_table(tmp_path, capsys):
     assert fc2 and fc2[0].macs == 8 * 32 * 32
     assert [k for k, *_ in prof.by_kernel()] == sorted(kernels, key=lambda k: -sum(
         s.ms for s in prof.steps if s.kernel == k))
+    # what each step reads and writes, and the class of its products' factors
+    assert fc2[0].cls == "bit"                     # packed sign1.out x packed fc2.Wb
+    rows = {t.name: t.nbytes for t in read_manifest(tmp_path).tensors}
+    assert fc2[0].nbytes == rows["sign1.out"] + rows["fc2.Wb"] + rows["fc2.out"]
+    assert rows["fc2.out"] == 8 * 32 * 4
+    cls = {(s.kernel, s.layer): s.cls for s in prof.steps if s.macs}
+    assert cls[("dense_fwd_signw", "fc1")] == "float"      # f32 input x sign(W)
+    assert cls[("dense_dw_bin", "fc1")] == "float"         # f32 input x PO2 codes
+    assert cls[("dense_dx_po2", "fc2")] == "int"           # PO2 codes x sign(W)
+    assert cls[("dense_dw_bin", "fc2")] == "int"           # packed signs x PO2 codes
+    assert {s.cls for s in prof.steps if not s.macs} == {""}
+    by = prof.macs_by_class()
+    assert sum(by.values()) == sum(s.macs for s in prof.steps)
+    assert by["bit"] == 8 * (32 * 32 + 32 * 10)            # the XNOR forwards of fc2, fc3
     assert cli_main(["profile", str(tmp_path), "--steps", "1", "--warmup", "0"]) == 0
     out = capsys.readouterr().out
-    assert "dense_dw_bin" in out and "GMAC/s" in out
+    assert "dense_dw_bin" in out and "GMAC/s" in out and "% peak" in out
+    assert "this core (probe, one thread)" in out and "% of peak" in out
+
+
+def test_profile_counts_u8_pixels_as_integer_factors(tmp_path):
+    from bnnc.compiler.config import with_input
+    from bnnc.compiler.pipeline import compile_to_c
+    from bnnc.compiler.preprocess import DEFAULT, pixel_affine
+    from bnnc.compiler.target import load_target
+    from graphs import mlp
+
+    g = mlp((32,))
+    cfg = with_input(make_config("proposed", batch=8), g, "u8", pixel_affine(DEFAULT, 1))
+    compile_to_c(g, cfg, load_target("host"), tmp_path)
+    prof = profile(tmp_path, steps=1, warmup=0)
+    cls = {(s.kernel, s.layer): s.cls for s in prof.steps if s.macs}
+    assert cls[("dense_fwd_u8", "fc1")] == "int" and cls[("dense_dw_bin", "fc1")] == "int"
+
+
+def test_peak_probe_rates():
+    """The probe's loops run and rank as the hardware does: a 64-bit word of XNOR-popcount does
+    64 binary MACs, more than any vector of floats does per instruction."""
+    p = measure_peaks()
+    assert all(v > 1e8 for v in p.mac_per_s.values()), p
+    assert p.mac_per_s["bit"] > p.mac_per_s["float"]
+    assert p.read_l2 > 1e9 and p.read_dram > 1e8
+    assert "GMAC/s" in p.describe()
 
 
 def test_profile_refuses_a_bare_metal_build(tmp_path, capsys):
