@@ -339,8 +339,9 @@ def conv_pool_chunks(graph: Graph, cfg: TrainConfig, out: dict[str, np.ndarray])
     - conv -> max-pool (`ops/pool.py`, conv_pool_fwd): `<conv>.chunk`, the conv output rows of the
       last batch chunk, and past a short last chunk the rows the chunk before it wrote;
     - conv -> l1 BN -> sign (`ops/batchnorm.py`, conv_bn_sign_fwd): `<bn>.chunk`, the same rows of
-      the BN output (the last pass normalizes the chunk in place), and `<bn>.lanes`, the lane sums
-      (lane l = s mod 64) of |conv output - mu| per channel."""
+      the BN output (the last pass normalizes the chunk in place), `<bn>.lanes`, the lane sums
+      (lane l = s mod 64) of |conv output - mu| per channel, and `<bn>.x16`, the conv output (its
+      exact integers in f16) where the step keeps one."""
     for step in _fused_steps(graph, cfg):
         bn = step.kernel.name == "conv_bn_sign_fwd"
         y = out[tname(graph.layer(step.layer).inputs[0] if bn else step.layer, "out")]
@@ -351,6 +352,8 @@ def conv_pool_chunks(graph: Graph, cfg: TrainConfig, out: dict[str, np.ndarray])
             out[tname(step.layer, "chunk")] = y[rows]
             continue
         out[tname(step.layer, "chunk")] = out[tname(step.layer, "out")][rows]
+        if len(step.outputs) > 9:                # the conv output's exact f16 copy
+            out[tname(step.layer, "x16")] = y
         dev = np.abs(y.astype(np.float64) - out[tname(step.layer, "mu")].reshape(1, -1, 1, 1))
         dev = dev.reshape(b, dev.shape[1], -1)
         s = dev.shape[2]

@@ -754,7 +754,7 @@ def bnsign() -> Graph:
 def test_proposed_fuses_conv_bn_sign_over_batch_chunks(batch):
     """conv -> l1 BN -> packed sign is one conv_bn_sign_fwd step over chunks of ceil(B / 32)
     samples: neither the conv's nor the BN's full f32 output exists, only one chunk and the
-    per-channel lane sums (C x 64 f32)."""
+    per-channel lane sums (C x 64 f32), and for an XNOR conv its exact integer outputs in f16."""
     s = build_schedule(bnsign(), make_config("proposed", batch=batch))
     chunk = -(-batch // 32)
     for conv, bn, sign, src, (c, h, w) in (("conv1", "bn1", "sign1", INPUT, (8, 8, 8)),
@@ -764,7 +764,7 @@ def test_proposed_fuses_conv_bn_sign_over_batch_chunks(batch):
         assert st.inputs == (f"{bn}.beta", f"{bn}.running_mean", f"{bn}.running_psi", src, w_in)
         assert st.outputs == (f"{sign}.out", f"{bn}.running_mean", f"{bn}.running_psi",
                               f"{bn}.mu", f"{bn}.psi", f"{bn}.s", f"{sign}.mask", f"{bn}.chunk",
-                              f"{bn}.lanes")
+                              f"{bn}.lanes") + ((f"{bn}.x16",) if bn == "bn2" else ())
         assert s.tensors[f"{bn}.chunk"].shape == (chunk, c, h, w)
         assert s.tensors[f"{bn}.chunk"].nbytes == chunk * c * h * w * 4
         assert s.tensors[f"{bn}.lanes"].nbytes == c * 64 * 4
@@ -774,6 +774,13 @@ def test_proposed_fuses_conv_bn_sign_over_batch_chunks(batch):
         assert f"{conv}.out" not in s.tensors and f"{bn}.out" not in s.tensors
         assert not _steps(s, layer=sign, phase="forward") and not _steps(s, "bn_l1_fwd", bn)
         assert st.attrs["chunk"] == chunk and st.attrs["spatial"] == h * w
+        if conv == "conv2":
+            # an XNOR conv of 8 * 9 = 72 terms: exact integers, kept once in f16 (2 bytes each)
+            assert st.outputs[-1] == "bn2.x16" and s.tensors["bn2.x16"].dtype is DType.F16
+            assert s.tensors["bn2.x16"].nbytes == batch * c * h * w * 2
+        else:
+            # a real first layer's outputs are not integers: the conv runs in each pass
+            assert st.outputs[-1] == "bn1.lanes" and "bn1.x16" not in s.tensors
     # the backward reads what the unfused steps saved
     assert _steps(s, "bn_l1_bwd", "bn2")[0].inputs[1:] == ("bn2.s", "bn2.psi")
     assert _steps(s, "sign_bwd_mask", "sign2")[0].inputs[1] == "sign2.mask"

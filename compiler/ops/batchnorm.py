@@ -14,7 +14,7 @@ from ..lower import Call, LowerCtx, Split, bit_rows_unit, call_lines, instance, 
 from ..onnx_values import Act, node_attrs, node_label
 from ..schedule_ir import Role, Step
 from .activation import SIGN_FWD_PACK
-from .base import (BIT, F32, GRADS, STATE, WEIGHTS, KernelFamily, LayerSpec, OnnxOp, OpFamily,
+from .base import (BIT, F16, F32, GRADS, STATE, WEIGHTS, KernelFamily, LayerSpec, OnnxOp, OpFamily,
                    Phase, kernel, prod)
 from .conv import CONV_FWD_F32, CONV_FWD_SIGNW, CONV_FWD_XNOR
 from .exportctx import Emitter
@@ -311,12 +311,25 @@ def fuse_conv_bn_sign(b: ScheduleBuilder) -> None:
                           layout="lane sums: channel c, lane l = s mod 64")
             ins = bn.inputs[1:] + conv.inputs
             outs = (sign.outputs[0],) + bn.outputs[1:] + (sign.outputs[1], scr, lanes)
+            if _exact_f16(conv):
+                outs += (b.new_act(tname(bn.layer, "x16"), F16, b.tensors[yc].shape,
+                                   Role.SCRATCH),)
             b.replace_steps(k, k + 3, CONV_BN_SIGN_FWD, bn.layer, ins, outs, (yc, yb),
                             conv_kernel=conv.kernel.name, chunk=chunk, spatial=sp,
                             conv=tuple(sorted(conv.attrs.items())),
                             bn=tuple(sorted(bn.attrs.items())),
                             sign=tuple(sorted(sign.attrs.items())))
         k += 1
+
+
+def _exact_f16(conv: Step) -> bool:
+    """Whether f16 holds every output of `conv` exactly: an XNOR conv without bias sums
+    cin * (taps inside the image) terms +-1, an integer of that count's parity, so |v| <= 2048,
+    or an even cin (even sums) and |v| <= 4096."""
+    a = conv.attrs
+    k = a["cin"] * a["kh"] * a["kw"]
+    return conv.kernel is CONV_FWD_XNOR and len(conv.inputs) == 2 and (
+        k <= 2048 or (a["cin"] % 2 == 0 and k <= 4096))
 
 
 def _fusable(b: ScheduleBuilder, conv: Step, bn: Step, sign: Step) -> bool:
@@ -362,7 +375,7 @@ def _lower_conv_bn_sign(step: Step, ctx: LowerCtx) -> Call:
     a = step.attrs
     cc, sc = _fused_parts(step, ctx)
     beta, rm, rp = step.inputs[:3]
-    _, _, _, mu, psi, s, _, scr, lanes = step.outputs
+    mu, psi, s, _, scr, lanes = step.outputs[3:9]
     ba = dict(a["bn"])
     B, C, S = ba["batch"], ba["channels"], a["spatial"]
     m = ba["momentum"]
@@ -373,6 +386,18 @@ def _lower_conv_bn_sign(step: Step, ctx: LowerCtx) -> Call:
     so = dict(sc.split.offsets)
     sign = _chunk_call(sc, {1: so[1], 2: so[2]}, {sc.split.count: "n"})
     sw = words64(C * S)
+    uses: tuple = ()
+    if len(step.outputs) > 9:
+        # exact integers kept in f16: the conv runs once, passes 1 and 2 read its f16 copy
+        x16, per = ctx.ptr(step.outputs[9]), C * S
+        store = instance(step, ctx, "bn_f16_store")
+        load = instance(step, ctx, "bn_f16_load")
+        uses = (store, load)
+        at = f"{x16} + (size_t)lo * {per}u"
+        conv = ["            if (pass == 0) {", *(f"    {ln}" for ln in conv),
+                *call_lines(store.fn, [ctx.ptr(scr), at, f"(size_t)n * {per}u"], indent=16),
+                "            } else",
+                *call_lines(load.fn, [at, ctx.ptr(scr), f"(size_t)n * {per}u"], indent=16)]
     body = [f"    float *lanes = {ctx.ptr(lanes)};",
             "    int32_t lo, pass;",
             "    bnnc_geom_t gc1 = gc;",
@@ -398,7 +423,7 @@ def _lower_conv_bn_sign(step: Step, ctx: LowerCtx) -> Call:
             "    }"]
     decls = [d.replace("bnnc_geom_t g =", "bnnc_geom_t gc =") for d in cc.decls]
     assert len(decls) == 1 and "bnnc_geom_t gc =" in decls[0], decls
-    return Call(lane, [], decls, body=body, uses=(stat, apply, cc.inst, sc.inst))
+    return Call(lane, [], decls, body=body, uses=(stat, apply, cc.inst, sc.inst) + uses)
 
 
 def _lower_conv_bn_sign_infer(step: Step, ctx: LowerCtx) -> Call:
@@ -441,7 +466,7 @@ CONV_BN_SIGN_FWD = kernel(
     [("beta", STATE), ("running_mean", STATE), ("running_psi", STATE), ("x", (F32, BIT)),
      ("w", WEIGHTS), ("b?", STATE)],
     [("y", BIT), ("running_mean", STATE), ("running_psi", STATE), ("mu", F32), ("psi", F32),
-     ("s", BIT), ("mask", BIT), ("chunk", F32), ("lanes", F32)],
+     ("s", BIT), ("mask", BIT), ("chunk", F32), ("lanes", F32), ("x16?", F16)],
     lower=_lower_conv_bn_sign, lower_infer=_lower_conv_bn_sign_infer, magnitude=_magnitude_fused)
 
 KERNELS = (BN_L2_FWD, BN_L1_FWD, BN_L2_BWD, BN_L1_BWD, BN_L2_EVAL, BN_L1_EVAL, CONV_BN_SIGN_FWD)
