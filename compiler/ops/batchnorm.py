@@ -344,9 +344,11 @@ def _fusable(b: ScheduleBuilder, conv: Step, bn: Step, sign: Step) -> bool:
                    for t in (yc, bn.outputs[0]))
 
 
-def _fused_parts(step: Step, ctx: LowerCtx) -> tuple[Call, Call]:
-    """The conv's and the sign's own lowerings, for a chunk-sized batch (the conv writes the
-    chunk, the sign reads it)."""
+def _fused_parts(step: Step, ctx: LowerCtx) -> tuple[Call, Call, list[str], list[str],
+                                                   list[str]]:
+    """The conv's and the sign's own lowerings for a chunk-sized batch (the conv writes the chunk,
+    the sign reads it), their C calls on the chunk [lo, lo + n) (pointers advanced by the
+    per-sample sizes of their own thread splits) and the conv's geometry `gc`."""
     a = step.attrs
     chunk, cins = a["chunk"], step.inputs[3:]
     y, mask, scr = step.outputs[0], step.outputs[6], step.outputs[7]
@@ -356,12 +358,17 @@ def _fused_parts(step: Step, ctx: LowerCtx) -> tuple[Call, Call]:
     sc = SIGN_FWD_PACK.lower(Step(step.index, SIGN_FWD_PACK, step.layer, (scr,), (y, mask),
                                   dict(a["sign"], batch=chunk)), ctx)
     assert cc.args[-1] == "&g" and cc.split and cc.split.geom and sc.split, (cc, sc)
-    return cc, sc
+    so = dict(sc.split.offsets)
+    conv = _chunk_call(cc, {0: dict(cc.split.offsets)[0]}, {len(cc.args) - 1: "&gc1"})
+    sign = _chunk_call(sc, {1: so[1], 2: so[2]}, {sc.split.count: "n"})
+    decls = [d.replace("bnnc_geom_t g =", "bnnc_geom_t gc =") for d in cc.decls]
+    assert len(decls) == 1 and "bnnc_geom_t gc =" in decls[0], decls
+    return cc, sc, conv, sign, decls
 
 
 def _chunk_call(k: Call, offsets: dict[int, int], subst: dict[int, str]) -> list[str]:
     """`k` on the chunk [lo, lo + n): pointer arguments in `offsets` advance by their per-sample
-    size (from the kernel's own thread split), `subst` replaces arguments (geometry, count)."""
+    size, `subst` replaces arguments (geometry, count)."""
     args = [subst[i] if i in subst else
             f"{arg} + (size_t)lo * {offsets[i]}u" if i in offsets else str(arg)
             for i, arg in enumerate(k.args)]
@@ -369,11 +376,12 @@ def _chunk_call(k: Call, offsets: dict[int, int], subst: dict[int, str]) -> list
 
 
 def _lower_conv_bn_sign(step: Step, ctx: LowerCtx) -> Call:
-    """Three passes over the batch in chunks, each recomputing the conv's chunk with the conv's own
-    instance: lane sums of x (-> mu), of |x - mu| (-> psi, running statistics), then the BN in
-    place on the chunk (sign bits s) and the sign's own instance (packed output, STE mask)."""
+    """Three passes over the batch in chunks, each computing the conv's chunk with the conv's own
+    instance (or, for exact integers, pass 0 does and keeps an f16 copy that passes 1 and 2
+    read): lane sums of x (-> mu), of |x - mu| (-> psi, running statistics), then the BN in place
+    on the chunk (sign bits s) and the sign's own instance (packed output, STE mask)."""
     a = step.attrs
-    cc, sc = _fused_parts(step, ctx)
+    cc, sc, conv, sign, decls = _fused_parts(step, ctx)
     beta, rm, rp = step.inputs[:3]
     mu, psi, s, _, scr, lanes = step.outputs[3:9]
     ba = dict(a["bn"])
@@ -382,9 +390,6 @@ def _lower_conv_bn_sign(step: Step, ctx: LowerCtx) -> Call:
     lane = instance(step, ctx, "bn_l1_lanes")
     stat = instance(step, ctx, "bn_l1_stat", {"rm": rm})
     apply = instance(step, ctx, "bn_l1_apply", {"beta": beta})
-    conv = _chunk_call(cc, {0: dict(cc.split.offsets)[0]}, {len(cc.args) - 1: "&gc1"})
-    so = dict(sc.split.offsets)
-    sign = _chunk_call(sc, {1: so[1], 2: so[2]}, {sc.split.count: "n"})
     sw = words64(C * S)
     uses: tuple = ()
     if len(step.outputs) > 9:
@@ -421,23 +426,17 @@ def _lower_conv_bn_sign(step: Step, ctx: LowerCtx) -> Call:
             *call_lines(stat.fn, ["lanes", ctx.ptr(rm), ctx.ptr(rp), ctx.ptr(mu), ctx.ptr(psi),
                                   B, C, S, c_float(m), c_float(1 - m), "pass"], indent=12),
             "    }"]
-    decls = [d.replace("bnnc_geom_t g =", "bnnc_geom_t gc =") for d in cc.decls]
-    assert len(decls) == 1 and "bnnc_geom_t gc =" in decls[0], decls
     return Call(lane, [], decls, body=body, uses=(stat, apply, cc.inst, sc.inst) + uses)
 
 
 def _lower_conv_bn_sign_infer(step: Step, ctx: LowerCtx) -> Call:
     """The predict entry's: the same chunks, BN in inference mode (running statistics)."""
     a = step.attrs
-    cc, sc = _fused_parts(step, ctx)
+    cc, sc, conv, sign, decls = _fused_parts(step, ctx)
     beta, rm, rp = step.inputs[:3]
     scr = step.outputs[7]
     B, C, S = dict(a["bn"])["batch"], dict(a["bn"])["channels"], a["spatial"]
     inf = instance(step, ctx, "bn_l1_infer", {"beta": beta, "rm": rm})
-    conv = _chunk_call(cc, {0: dict(cc.split.offsets)[0]}, {len(cc.args) - 1: "&gc1"})
-    so = dict(sc.split.offsets)
-    sign = _chunk_call(sc, {1: so[1], 2: so[2]}, {sc.split.count: "n"})
-    decls = [d.replace("bnnc_geom_t g =", "bnnc_geom_t gc =") for d in cc.decls]
     body = ["    int32_t lo;",
             "    bnnc_geom_t gc1 = gc;",
             f"    for (lo = 0; lo < {B}; lo += {a['chunk']}) {{",
