@@ -77,6 +77,11 @@ its gradient contributions as `<consumer>.d_in` and sums them eagerly (`grad_add
 `<layer>.d_out_acc<k>` and finally `<layer>.d_out`); identity contributions (ADD, FLATTEN) are
 views.
 
+Fusions (issue 18; compiler/README.md): the MAXPOOL rule takes its conv's step into one
+`conv_pool_fwd` (`take_producer`); once the whole step is built, `ops.batchnorm.fuse_conv_bn_sign`
+replaces each conv -> l1 BN -> packed sign triple whose f32 outputs nothing else reads by one
+`conv_bn_sign_fwd` (`replace_steps`), so "nothing else reads" is checked on the backward too.
+
 Names beyond compiler/README.md: `<layer>.Wb` (packed sign(W), scratch), `<layer>.x_saved` (F16
 saved input), `<consumer>.d_in` and `<layer>.d_out_acc<k>` (gradient partials), `probs` (the
 probabilities when the graph has no SOFTMAX, else `<softmax>.out`). The Adam / stochastic-rounding
