@@ -301,8 +301,13 @@ def _predict_calls(schedule: Schedule, ctx: LowerCtx, steps: list[dict],
             continue
         if s.kernel.lower_infer is not None:
             call = s.kernel.lower_infer(s, ctx)
-            _use(instances, call.inst)
-            infer.append(dict(kind="call", call=call_lines(call.inst.fn, call.args, indent=4)))
+            for inst in (call.inst, *call.uses):
+                _use(instances, inst)
+            # a fused step's loop (ops/batchnorm.py conv_bn_sign_fwd): a block with its constants
+            lines = (["    {", *(f"        {d}" for d in call.decls),
+                      *(f"    {ln}" for ln in call.body), "    }"]
+                     if call.body is not None else call_lines(call.inst.fn, call.args, indent=4))
+            infer.append(dict(kind="call", call=lines))
         else:
             infer.append(dict(kind="step", name=steps[s.index]["name"], index=s.index))
     _use(instances, SOFTMAX_ROWS)

@@ -39,8 +39,10 @@ Policy (each technique of cfg switches on its own; `standard` has them all off):
 - the activation-gradient dtype is F16 under `bn == "l1"` (`config.grads_f16`: l1 BN reads fp16(G)
   anyway, and in a BNN every op between a binary layer's dX and the next BN -- STE mask, pool
   routing, views -- commutes with that rounding), F32 otherwise. BN backward writes dY in place
-  over G and `po2` quantizes dY in place into its codes: the entering gradient, dY and Q share one
-  buffer. On that F16 path the loss writes G scaled by 2^s (`config.grad_scale_log2`) and every
+  over G and `po2` quantizes dY into its codes: the entering gradient and dY share one buffer, the
+  codes (1 byte per element) get their own, so the f16 dY dies at the quantization instead of
+  living on under the codes through the layer's dW and dX (issue 18). On that F16 path the loss
+  writes G scaled by 2^s (`config.grad_scale_log2`) and every
   update of a real-valued parameter multiplies its gradient by 2^-s (`g_scale`), so conv layers'
   tiny per-element gradients stay out of f16's subnormals (compiler/README.md, "Loss scale").
 - saved for backward: a weight layer keeps its input tensor itself (F32 in standard, the packed bits
@@ -75,6 +77,11 @@ its gradient contributions as `<consumer>.d_in` and sums them eagerly (`grad_add
 `<layer>.d_out_acc<k>` and finally `<layer>.d_out`); identity contributions (ADD, FLATTEN) are
 views.
 
+Fusions (issue 18; compiler/README.md): the MAXPOOL rule takes its conv's step into one
+`conv_pool_fwd` (`take_producer`); once the whole step is built, `ops.batchnorm.fuse_conv_bn_sign`
+replaces each conv -> l1 BN -> packed sign triple whose f32 outputs nothing else reads by one
+`conv_bn_sign_fwd` (`replace_steps`), so "nothing else reads" is checked on the backward too.
+
 Names beyond compiler/README.md: `<layer>.Wb` (packed sign(W), scratch), `<layer>.x_saved` (F16
 saved input), `<consumer>.d_in` and `<layer>.d_out_acc<k>` (gradient partials), `probs` (the
 probabilities when the graph has no SOFTMAX, else `<softmax>.out`). The Adam / stochastic-rounding
@@ -102,8 +109,10 @@ from .lower import words64
 from .ops import (KERNELS, LAYERS, SCHEDULE_BACKWARD, SCHEDULE_FORWARD, check_graph, check_step,
                   eval_mode_bns, needs_grad)
 from .ops.base import Bits, KernelSpec, Phase, prod
+from .ops.batchnorm import fuse_conv_bn_sign
 from .ops.loss import SOFTMAX_XENT
 from .ops.optim import UPDATE_KERNELS
+from .ops.weights import PO2_QUANTIZE
 from .ops.structural import GRAD_ADD
 from .schedule_ir import DType, Role, Schedule, Step, Tensor
 from .state import MOMENTS, state_tensors
@@ -319,6 +328,19 @@ class ScheduleBuilder:
         del self.tensors[name]
         return step
 
+    def replace_steps(self, start: int, stop: int, kernel: KernelSpec, layer: str, ins, outs,
+                      drop: tuple[str, ...], /, **attrs) -> None:
+        """Replace steps [start, stop) by one call of `kernel` (a fusion, checked like `emit`);
+        later steps are renumbered and the tensors `drop` (which only the replaced steps used)
+        are removed."""
+        tail = self.steps[stop:]
+        del self.steps[start:]
+        self.emit(kernel, layer, ins, outs, **attrs)
+        self.steps += [replace(s, index=k) for k, s in enumerate(tail, start + 1)]
+        for t in drop:
+            assert not any(t in s.inputs or t in s.outputs for s in self.steps), t
+            del self.tensors[t]
+
     # ---------------------------------------------------------------- driver
     def run(self) -> Schedule:
         g, b = self.g, self.B
@@ -341,6 +363,11 @@ class ScheduleBuilder:
             if lay.name in self.has_dout:
                 assert self.count.get(lay.name, 0) == self.expected[lay.name], lay.name
                 SCHEDULE_BACKWARD[lay.kind](self, lay)
+        fuse_conv_bn_sign(self)
+        # PO2 codes out of place: the f16 dY dies at its quantization instead of living on
+        # under the codes (1 byte per element) through the layer's dW and dX (issue 18)
+        self.steps = [replace(s, inplace=()) if s.kernel is PO2_QUANTIZE else s
+                      for s in self.steps]
         # forward tensors read by the backward are what the step saves
         saved = {t for s in self.steps if s.phase in (Phase.BACKWARD, Phase.UPDATE)
                  for t in s.inputs}

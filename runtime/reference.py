@@ -334,21 +334,38 @@ def train_step(graph: Graph, cfg: TrainConfig, state: TrainState, x,
 
 
 def conv_pool_chunks(graph: Graph, cfg: TrainConfig, out: dict[str, np.ndarray]) -> None:
-    """The scratch `<conv>.chunk` of each fused conv -> max-pool step (`ops/pool.py`,
-    conv_pool_fwd) as the C leaves it: the conv output rows of the last batch chunk, and past a
-    short last chunk the rows the chunk before it wrote. The values are the reference's own
-    `<conv>.out`; only which steps are fused and their chunk size come from the schedule."""
-    for step in _conv_pool_steps(graph, cfg):
-        y = out[tname(step.layer, "out")]
+    """The scratch tensors of the fused steps as the C leaves them, from the reference's own values
+    (only which steps are fused and their chunk size come from the schedule):
+    - conv -> max-pool (`ops/pool.py`, conv_pool_fwd): `<conv>.chunk`, the conv output rows of the
+      last batch chunk, and past a short last chunk the rows the chunk before it wrote;
+    - conv -> l1 BN -> sign (`ops/batchnorm.py`, conv_bn_sign_fwd): `<bn>.chunk`, the same rows of
+      the BN output (the last pass normalizes the chunk in place), `<bn>.lanes`, the lane sums
+      (lane l = s mod 64) of |conv output - mu| per channel, and `<bn>.x16`, the conv output (its
+      exact integers in f16) where the step keeps one."""
+    for step in _fused_steps(graph, cfg):
+        bn = step.kernel.name == "conv_bn_sign_fwd"
+        y = out[tname(graph.layer(step.layer).inputs[0] if bn else step.layer, "out")]
         chunk, b = step.attrs["chunk"], len(y)
         lo = (b - 1) // chunk * chunk
         rows = [lo + r if lo + r < b else lo - chunk + r for r in range(chunk)]
-        out[tname(step.layer, "chunk")] = y[rows]
+        if not bn:
+            out[tname(step.layer, "chunk")] = y[rows]
+            continue
+        out[tname(step.layer, "chunk")] = out[tname(step.layer, "out")][rows]
+        if len(step.outputs) > 9:                # the conv output's exact f16 copy
+            out[tname(step.layer, "x16")] = y
+        dev = np.abs(y.astype(np.float64) - out[tname(step.layer, "mu")].reshape(1, -1, 1, 1))
+        dev = dev.reshape(b, dev.shape[1], -1)
+        s = dev.shape[2]
+        dev = np.pad(dev, ((0, 0), (0, 0), (0, -s % 64)))
+        out[tname(step.layer, "lanes")] = dev.reshape(b, dev.shape[1], -1, 64).sum(
+            axis=(0, 2)).astype(np.float32)
 
 
 @functools.lru_cache(maxsize=32)
-def _conv_pool_steps(graph: Graph, cfg: TrainConfig) -> tuple:
-    return tuple(s for s in build_schedule(graph, cfg).steps if s.kernel.name == "conv_pool_fwd")
+def _fused_steps(graph: Graph, cfg: TrainConfig) -> tuple:
+    return tuple(s for s in build_schedule(graph, cfg).steps
+                 if s.kernel.name in ("conv_pool_fwd", "conv_bn_sign_fwd"))
 
 
 def bop_bn_shift(graph: Graph, cfg: TrainConfig, x: np.ndarray, out: Mapping[str, np.ndarray],

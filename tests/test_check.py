@@ -117,6 +117,25 @@ def test_perturbed_conv_pool_kernel_fails(cache, tmp_path):
     assert "pool2.out" in {r.name for r in rep.failures} and not rep.ok
 
 
+def test_cnv_with_fused_conv_bn_sign_passes_check_with_a_short_last_chunk(cache, tmp_path):
+    """conv -> l1 BN -> sign fused over chunks of ceil(33 / 32) = 2 samples, the last one short:
+    every tensor of the fused steps (the chunk and the lane sums too) matches the reference, and
+    a build whose fused step flips one output bit fails at that tensor."""
+    g = cnv(16)
+    cfg = make_config("proposed", batch=33)
+    fused = [s for s in build_schedule(g, cfg).steps if s.kernel.name == "conv_bn_sign_fwd"]
+    assert [s.layer for s in fused] == ["bn1", "bn2", "bn3", "bn4", "bn5"]
+    assert {s.attrs["chunk"] for s in fused} == {2}
+    rep = run_check(g, cfg, steps=2, work_dir=tmp_path / "ok", cache=cache)
+    assert rep.ok, format_report(rep)
+    names = {r.name for r in rep.rows}
+    assert {"bn1.chunk", "bn1.lanes", "bn1.mu", "bn1.psi", "bn1.s", "sign1.out",
+            "sign1.mask", "bn5.chunk", "bn2.x16", "bn5.x16"} <= names and not rep.not_compared
+    bad = run_check(g, cfg, steps=1, work_dir=tmp_path / "bad", cache=cache,
+                    extra_cflags=["-DBNNC_PERTURB_CONV_BN_SIGN_FWD"])
+    assert not bad.ok and "sign1.out" in {r.name for r in bad.failures}
+
+
 def test_perturbed_conv_kernel_fails(cache, tmp_path):
     g = cnv(16)
     rep = run_check(g, make_config("proposed", batch=4), steps=1, work_dir=tmp_path, cache=cache,

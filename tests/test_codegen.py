@@ -293,7 +293,8 @@ def test_state_load_read_blob_and_init(tmp_path, mlp_graph, cache):
     assert not np.array_equal(hp.read_state()["fc2.W"], w)
 
 
-@pytest.mark.parametrize("model,algorithm", [("mlp", "proposed"), ("cnv", "standard")])
+@pytest.mark.parametrize("model,algorithm", [("mlp", "proposed"), ("cnv", "standard"),
+                                            ("cnv", "proposed")])
 def test_training_moves_every_weight_and_predict_matches_reference(tmp_path, mlp_graph, cache,
                                                                    model, algorithm):
     graph = mlp_graph if model == "mlp" else cnv(16)

@@ -321,10 +321,11 @@ def test_proposed_mlp_dtypes_and_the_one_gradient_buffer():
     assert t["sign1.mask"].dtype is DType.BIT and t["sign1.mask"].nbytes == B * 4 * 8
     assert t["bn2.s"].dtype is DType.BIT and t["bn2.psi"].dtype is DType.F32
     assert "bn2.xh" not in t and "bn2.gamma" not in t
-    # G -> dY -> Q declared in place: the gradient entering BN, dY and its PO2 form share a buffer
+    # G -> dY in place: the gradient entering BN and dY share a buffer; the PO2 codes get their
+    # own (1 byte per element), so the f16 dY dies at the quantization
     (bn,) = _steps(s, "bn_l1_bwd", "bn2")
     (po2,) = _steps(s, "po2_quantize", "fc2")
-    assert ("fc2.d_out", "bn2.d_out") in bn.inplace and ("fc2.d_out_q", "fc2.d_out") in po2.inplace
+    assert ("fc2.d_out", "bn2.d_out") in bn.inplace and po2.inplace == ()
     # the first layer reads the real input (a view of "input"), never a copy
     assert _dw_step(s, "fc1").inputs[0] == "flatten0.out"
     assert t["flatten0.out"].alias_of == INPUT
@@ -734,3 +735,82 @@ def test_standard_and_unfusable_pools_keep_separate_steps():
     x = g.bn("bn3", g.dense("fc3", g.flatten("flatten1", g.unary("sign2", K.SIGN, x)), 10))
     g.unary("softmax", K.SOFTMAX, x)
     assert not _steps(_sched(g.build()), "conv_pool_fwd")
+
+
+def bnsign() -> Graph:
+    """conv -> BN -> sign twice (a real first layer, then a binary one on packed bits, 'same'
+    padding), then a conv whose output is 1x1 (spatial 1), flatten, dense, BN, softmax."""
+    g = _G("bnsign", (3, 8, 8))
+    x = g.unary("sign1", K.SIGN, g.bn("bn1", g.conv("conv1", INPUT, 8, pad=1)))     # 8x8x8
+    x = g.unary("sign2", K.SIGN, g.bn("bn2", g.conv("conv2", x, 16, pad=1)))        # 16x8x8
+    x = g.pool("pool2", x, k=4, stride=4)                                           # 16x2x2
+    x = g.unary("sign3", K.SIGN, g.bn("bn3", g.conv("conv3", x, 32, k=2)))          # 32x1x1
+    x = g.bn("bn4", g.dense("fc4", g.flatten("flatten3", x), 10))
+    g.unary("softmax", K.SOFTMAX, x)
+    return g.build()
+
+
+@pytest.mark.parametrize("batch", [4, 33, 100])
+def test_proposed_fuses_conv_bn_sign_over_batch_chunks(batch):
+    """conv -> l1 BN -> packed sign is one conv_bn_sign_fwd step over chunks of ceil(B / 32)
+    samples: neither the conv's nor the BN's full f32 output exists, only one chunk and the
+    per-channel lane sums (C x 64 f32), and for an XNOR conv its exact integer outputs in f16."""
+    s = build_schedule(bnsign(), make_config("proposed", batch=batch))
+    chunk = -(-batch // 32)
+    for conv, bn, sign, src, (c, h, w) in (("conv1", "bn1", "sign1", INPUT, (8, 8, 8)),
+                                           ("conv2", "bn2", "sign2", "sign1.out", (16, 8, 8))):
+        (st,) = _steps(s, "conv_bn_sign_fwd", bn)
+        w_in = f"{conv}.W" if src == INPUT else f"{conv}.Wb"
+        assert st.inputs == (f"{bn}.beta", f"{bn}.running_mean", f"{bn}.running_psi", src, w_in)
+        assert st.outputs == (f"{sign}.out", f"{bn}.running_mean", f"{bn}.running_psi",
+                              f"{bn}.mu", f"{bn}.psi", f"{bn}.s", f"{sign}.mask", f"{bn}.chunk",
+                              f"{bn}.lanes") + ((f"{bn}.x16",) if bn == "bn2" else ())
+        assert s.tensors[f"{bn}.chunk"].shape == (chunk, c, h, w)
+        assert s.tensors[f"{bn}.chunk"].nbytes == chunk * c * h * w * 4
+        assert s.tensors[f"{bn}.lanes"].nbytes == c * 64 * 4
+        # the saved outputs keep their sizes: 1 bit per element (rows of 64-bit words per sample)
+        assert s.tensors[f"{bn}.s"].nbytes == batch * math.ceil(c * h * w / 64) * 8
+        assert s.tensors[f"{sign}.out"].nbytes == batch * h * w * math.ceil(c / 64) * 8
+        assert f"{conv}.out" not in s.tensors and f"{bn}.out" not in s.tensors
+        assert not _steps(s, layer=sign, phase="forward") and not _steps(s, "bn_l1_fwd", bn)
+        assert st.attrs["chunk"] == chunk and st.attrs["spatial"] == h * w
+        if conv == "conv2":
+            # an XNOR conv of 8 * 9 = 72 terms: exact integers, kept once in f16 (2 bytes each)
+            assert st.outputs[-1] == "bn2.x16" and s.tensors["bn2.x16"].dtype is DType.F16
+            assert s.tensors["bn2.x16"].nbytes == batch * c * h * w * 2
+        else:
+            # a real first layer's outputs are not integers: the conv runs in each pass
+            assert st.outputs[-1] == "bn1.lanes" and "bn1.x16" not in s.tensors
+    # the backward reads what the unfused steps saved
+    assert _steps(s, "bn_l1_bwd", "bn2")[0].inputs[1:] == ("bn2.s", "bn2.psi")
+    assert _steps(s, "sign_bwd_mask", "sign2")[0].inputs[1] == "sign2.mask"
+    # a 1x1 conv output (spatial 1: the BN's vector loops) keeps its three steps
+    assert not _steps(s, "conv_bn_sign_fwd", "bn3") and "conv3.out" in s.tensors
+    assert [t.index for t in s.steps] == list(range(len(s.steps)))
+    s.verify()
+
+
+def test_standard_and_unfusable_bns_keep_separate_steps():
+    """The standard algorithm (l2 BN), l1 BN without packed sign bits (--no-save-bits), a BN
+    between a pool and a sign (BinaryNet: the pool is fused with its conv instead) and a conv or
+    BN output with another reader keep the separate steps and the full f32 outputs."""
+    std = build_schedule(bnsign(), make_config("standard", batch=B))
+    assert not _steps(std, "conv_bn_sign_fwd") and "conv1.out" in std.tensors
+    unpacked = _sched(bnsign(), save_bits=False)
+    assert not _steps(unpacked, "conv_bn_sign_fwd") and "conv1.out" in unpacked.tensors
+    pool = _sched(pooled())
+    assert not _steps(pool, "conv_bn_sign_fwd") and _steps(pool, "bn_l1_fwd", "bn1")
+    # the conv's f32 output read again (a residual add), then the BN's: sign1 is still packed
+    # (conv2 reads it), so only the second reader stops the fusion
+    for again in ("conv1", "bn1"):
+        g = _G("again", (3, 8, 8))
+        c = g.conv("conv1", INPUT, 8, pad=1)
+        b1 = g.bn("bn1", c)
+        x2 = g.conv("conv2", g.unary("sign1", K.SIGN, b1), 8, pad=1)
+        x = g.add("add2", K.ADD, (x2, c if again == "conv1" else b1), (8, 8, 8))
+        x = g.unary("sign2", K.SIGN, g.bn("bn2", x))
+        x = g.bn("bn3", g.dense("fc3", g.flatten("flatten2", x), 10))
+        g.unary("softmax", K.SOFTMAX, x)
+        s = _sched(g.build())
+        assert s.tensors["sign1.out"].dtype is DType.BIT
+        assert not _steps(s, "conv_bn_sign_fwd") and f"{again}.out" in s.tensors
