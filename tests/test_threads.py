@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -48,15 +49,18 @@ def _graph(name, width):
 
 
 def small_cnn():
-    """Every fast conv kernel kind in a few small layers (compiles fast): a real first layer, a
-    padded binary conv ('same', border columns), max-pool, a 3x3 map (the 4-sample lanes of the
-    dX lookup), then two dense layers."""
-    b = _Builder("cnn", (3, 12, 12), 0)
+    """Every fast conv kernel kind and every threaded step in a few small layers (compiles fast): a
+    real first layer whose max-pool follows it directly (proposed: the fused conv -> max-pool
+    step, 4 uneven chunks of the batch of 7), a padded binary conv ('same', border columns), a 4x4
+    map (the 4-sample lanes of the dX lookup), a max-pool of packed bits, then two dense layers.
+    Every PO2 quantization has blocks to split (po2_quantize under threads)."""
+    b = _Builder("cnn", (3, 14, 14), 0)
     for i, (c, pad) in enumerate(((8, 0), (16, 1), (24, 0)), start=1):
         b.conv(f"conv{i}", c, pad=pad)
+        if i == 1:
+            b.pool("pool1")
         _binary_block(b, i, last=False)
-        if i == 2:
-            b.pool("pool2")
+    b.pool("pool3")
     b.flatten("flatten3")
     for i, width in ((4, 32), (5, 10)):
         b.dense(f"fc{i}", width)
@@ -111,6 +115,14 @@ def test_traces_identical_for_any_thread_count(algorithm, tmp_path):
     # the threaded C really splits: the conv/dense steps call the pool
     src = (tmp_path / "host-2" / read_manifest(tmp_path / "host-2").source).read_text()
     assert "bnnc_par(step_" in src and "pthread_create" in src
+    # ... and so do the steps that once ran on one thread: pooling, PO2 quantization (in place:
+    # its codes moved down after the parts) and, for the proposed algorithm, the fused step
+    for step in ("maxpool_fwd", "maxpool_bwd") + (("po2_quantize",) if algorithm == "proposed"
+                                                  else ()):
+        assert re.search(rf"bnnc_par\(step_\d+_{step}\w*_(part|max|codes)\b", src), step
+    if algorithm == "proposed":
+        assert re.search(r"bnnc_par\(step_\d+_conv_pool_fwd_conv1_conv\b", src)
+        assert "k_po2_compact" in src
     assert "pthread" not in (tmp_path / "host-1" / read_manifest(tmp_path / "host-1").source
                              ).read_text()
 
