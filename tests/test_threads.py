@@ -50,15 +50,15 @@ def _graph(name, width):
 
 def small_cnn():
     """Every fast conv kernel kind and every threaded step in a few small layers (compiles fast): a
-    real first layer whose max-pool follows it directly (proposed: the fused conv -> max-pool
-    step, 4 uneven chunks of the batch of 7), a padded binary conv ('same', border columns), a 4x4
-    map (the 4-sample lanes of the dX lookup), a max-pool of packed bits, then two dense layers.
-    Every PO2 quantization has blocks to split (po2_quantize under threads)."""
-    b = _Builder("cnn", (3, 14, 14), 0)
-    for i, (c, pad) in enumerate(((8, 0), (16, 1), (24, 0)), start=1):
+    real first layer and a padded binary conv ('same', border columns), each followed directly by
+    a max-pool (proposed: the fused conv -> max-pool step, 4 uneven chunks of the batch of 7), a
+    4x4 map (the 4-sample lanes of the dX lookup), a max-pool of packed bits, then two dense
+    layers. Every PO2 quantization has blocks to split (po2_quantize under threads)."""
+    b = _Builder("cnn", (3, 18, 18), 0)
+    for i, (c, pad) in enumerate(((8, 0), (16, 1), (24, 1)), start=1):
         b.conv(f"conv{i}", c, pad=pad)
-        if i == 1:
-            b.pool("pool1")
+        if i < 3:
+            b.pool(f"pool{i}")
         _binary_block(b, i, last=False)
     b.pool("pool3")
     b.flatten("flatten3")
@@ -121,7 +121,8 @@ def test_traces_identical_for_any_thread_count(algorithm, tmp_path):
                                                   else ()):
         assert re.search(rf"bnnc_par\(step_\d+_{step}\w*_(part|max|codes)\b", src), step
     if algorithm == "proposed":
-        assert re.search(r"bnnc_par\(step_\d+_conv_pool_fwd_conv1_conv\b", src)
+        for conv in ("conv1", "conv2"):
+            assert re.search(rf"bnnc_par\(step_\d+_conv_pool_fwd_{conv}_conv\b", src), conv
         assert "k_po2_compact" in src
     assert "pthread" not in (tmp_path / "host-1" / read_manifest(tmp_path / "host-1").source
                              ).read_text()
