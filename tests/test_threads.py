@@ -37,7 +37,7 @@ from bnnc.runtime.host import HostProgram
 from bnnc.runtime.programs import LocalRunner, build_trainer, check_result
 from bnnc.runtime.trace import trace_input
 
-from graphs import _binary_block, _Builder, tiny_mlp
+from graphs import _binary_block, _Builder, residual, tiny_mlp
 
 TSAN = ("-O1", "-g", "-fsanitize=thread")
 ARM = all(shutil.which(t) for t in ("aarch64-linux-gnu-gcc", "qemu-aarch64"))
@@ -82,10 +82,9 @@ def _trace(root, label, target, threads, graph, cfg, trace_in, flags=()):
     return fout.read_bytes()
 
 
-@pytest.mark.parametrize("algorithm", ["proposed", "standard"])
-def test_traces_identical_for_any_thread_count(algorithm, tmp_path):
-    name, batch = "cnn", 7
-    graph = small_cnn()
+def _traces(tmp_path, graph, algorithm: str, batch: int, builds) -> dict[str, bytes]:
+    """The check traces of `builds` (label, target, threads, extra cflags), asserted
+    byte-identical to the first's."""
     cfg = make_config(algorithm, batch=batch)
     rng = np.random.default_rng(5)
     batches = [((rng.integers(-128, 128, (batch,) + graph.input_shape) / 128.0).astype(np.float32),
@@ -93,6 +92,26 @@ def test_traces_identical_for_any_thread_count(algorithm, tmp_path):
     compile_to_c(graph, cfg, load_target("host"), tmp_path / "m")
     trace_in = trace_input(read_manifest(tmp_path / "m"), ref.init_state(graph, cfg).tensors,
                            batches)
+    with ThreadPoolExecutor(max_workers=2) as pool:     # the builds dominate; two cores
+        traces = dict(zip([b[0] for b in builds], pool.map(
+            lambda b: _trace(tmp_path, b[0], b[1], b[2], graph, cfg, trace_in, b[3]), builds)))
+    one = traces[builds[0][0]]
+    assert len(one) > 8 and one[:4] == b"BNCO"
+    for label, raw in traces.items():
+        if raw != one:
+            a, b = np.frombuffer(one, np.uint8), np.frombuffer(raw, np.uint8)
+            diff = np.flatnonzero(a != b)[:8] if len(a) == len(b) else "lengths differ"
+            raise AssertionError(f"{graph.name}/{algorithm}: the {label} trace differs from one "
+                                 f"thread's (bytes {diff})")
+    return traces
+
+
+def _source(out) -> str:
+    return (out / read_manifest(out).source).read_text()
+
+
+@pytest.mark.parametrize("algorithm", ["proposed", "standard"])
+def test_traces_identical_for_any_thread_count(algorithm, tmp_path):
     # N = 3 with the run-time dispatch capped at SSE2: every thread runs the same variant, and
     # every variant has the same bits
     builds = [("host-1", "host", 1, ()), ("host-2", "host", 2, ())]
@@ -101,19 +120,9 @@ def test_traces_identical_for_any_thread_count(algorithm, tmp_path):
         builds += [("host-3-sse2-tsan", "host", 3, ("-DBNNC_NO_AVX2",) + TSAN)]
         if ARM:
             builds += [("rpi4-2", "rpi4", 2, ())]
-    with ThreadPoolExecutor(max_workers=2) as pool:     # the builds dominate; two cores
-        traces = dict(zip([b[0] for b in builds], pool.map(
-            lambda b: _trace(tmp_path, b[0], b[1], b[2], graph, cfg, trace_in, b[3]), builds)))
-    one = traces["host-1"]
-    assert len(one) > 8 and one[:4] == b"BNCO"
-    for label, raw in traces.items():
-        if raw != one:
-            a, b = np.frombuffer(one, np.uint8), np.frombuffer(raw, np.uint8)
-            diff = np.flatnonzero(a != b)[:8] if len(a) == len(b) else "lengths differ"
-            raise AssertionError(f"{name}/{algorithm}: the {label} trace differs from one "
-                                 f"thread's (bytes {diff})")
+    _traces(tmp_path, small_cnn(), algorithm, 7, builds)
     # the threaded C really splits: the conv/dense steps call the pool
-    src = (tmp_path / "host-2" / read_manifest(tmp_path / "host-2").source).read_text()
+    src = _source(tmp_path / "host-2")
     assert "bnnc_par(step_" in src and "pthread_create" in src
     # ... and so do the steps that once ran on one thread: pooling, PO2 quantization (in place:
     # its codes moved down after the parts) and, for the proposed algorithm, the fused step
@@ -124,8 +133,17 @@ def test_traces_identical_for_any_thread_count(algorithm, tmp_path):
         for conv in ("conv1", "conv2"):
             assert re.search(rf"bnnc_par\(step_\d+_conv_pool_fwd_{conv}_conv\b", src), conv
         assert "k_po2_compact" in src
-    assert "pthread" not in (tmp_path / "host-1" / read_manifest(tmp_path / "host-1").source
-                             ).read_text()
+    assert "pthread" not in _source(tmp_path / "host-1")
+
+
+def test_average_pools_split_with_the_same_bits(tmp_path):
+    """The residual model's average pool and global average pool (forward and backward), split
+    over samples, with 3 threads on a batch of 5."""
+    _traces(tmp_path, residual(), "proposed", 5, [("host-1", "host", 1, ()),
+                                                   ("host-3", "host", 3, ())])
+    src = _source(tmp_path / "host-3")
+    for step in ("avgpool_fwd", "avgpool_bwd", "gap_fwd", "gap_bwd"):
+        assert re.search(rf"bnnc_par\(step_\d+_{step}_\w+_part\b", src), step
 
 
 def test_bnnc_check_passes_with_threads(tmp_path):
