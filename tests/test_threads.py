@@ -82,10 +82,10 @@ def _trace(root, label, target, threads, graph, cfg, trace_in, flags=()):
     return fout.read_bytes()
 
 
-def _traces(tmp_path, graph, algorithm: str, batch: int, builds) -> dict[str, bytes]:
+def _traces(tmp_path, graph, algorithm: str, batch: int, builds, **cfg_kw) -> dict[str, bytes]:
     """The check traces of `builds` (label, target, threads, extra cflags), asserted
     byte-identical to the first's."""
-    cfg = make_config(algorithm, batch=batch)
+    cfg = make_config(algorithm, batch=batch, **cfg_kw)
     rng = np.random.default_rng(5)
     batches = [((rng.integers(-128, 128, (batch,) + graph.input_shape) / 128.0).astype(np.float32),
                 rng.integers(0, graph.num_classes, batch).astype(np.int32)) for _ in range(STEPS)]
@@ -134,6 +134,24 @@ def test_traces_identical_for_any_thread_count(algorithm, tmp_path):
             assert re.search(rf"bnnc_par\(step_\d+_conv_pool_fwd_{conv}_conv\b", src), conv
         assert "k_po2_compact" in src
     assert "pthread" not in _source(tmp_path / "host-1")
+
+
+def test_bop_split_with_the_same_bits(tmp_path):
+    """Bop under threads: the conv layers' updates split by output channels and, without the
+    running-mean compensation, the dense ones by 64 rows of W (whole packed words either way;
+    3 threads under ThreadSanitizer); with it, dense updates stay whole (each element writes
+    the means of all outputs)."""
+    _traces(tmp_path, small_cnn(), "proposed", 7, [("host-1", "host", 1, ()),
+                                                   ("host-3-tsan", "host", 3, TSAN)],
+            optimizer="bop", bop_bn_shift=False)
+    src = _source(tmp_path / "host-3-tsan")
+    for layer in ("conv2", "fc4"):
+        assert re.search(rf"bnnc_par\(step_\d+_bop_update_{layer}_part\b", src), layer
+    compile_to_c(small_cnn(), make_config("proposed", batch=7, optimizer="bop"),
+                 load_target("host"), tmp_path / "shift", threads=2)
+    src = _source(tmp_path / "shift")
+    assert re.search(r"bnnc_par\(step_\d+_bop_update_conv2_part\b", src)
+    assert not re.search(r"bnnc_par\(step_\d+_bop_update_fc4_part\b", src)
 
 
 def test_average_pools_split_with_the_same_bits(tmp_path):
