@@ -42,7 +42,7 @@ from .train_cmds import lr_help, optimizer_options
 
 THREADS_HELP = ("Linux targets (host library and trainer, rpi4, rpi3): each training step's heavy "
                 "kernels (conv and dense forward, dX, dW; BN; sign; pooling; PO2 quantization; "
-                "Adam/SGD) split their output over N "
+                "Adam/SGD/Bop) split their output over N "
                 "POSIX threads, started once and kept; any N gives the same bits. Recorded in "
                 "OUT's manifest. Bare-metal targets take 1 only")
 
