@@ -320,12 +320,12 @@ def _lower_gap(step: Step, ctx: LowerCtx) -> Call:
     a = step.attrs
     i, o = step.inputs[0], step.outputs[0]
     ops = {} if step.kernel is GAP_FWD else {"g": i, "d": o}
-    # per sample: one value per channel on the pooled side, C * S on the other
-    per = (a["channels"] * a["spatial"], a["channels"])
+    # values per sample: C * S on the image side, one per channel on the pooled side
+    image, pooled = a["channels"] * a["spatial"], a["channels"]
+    per_i, per_o = (image, pooled) if step.kernel is GAP_FWD else (pooled, image)
     return Call(instance(step, ctx, operands=ops), [ctx.ptr(i), ctx.ptr(o), a["batch"],
                                                     a["channels"], a["spatial"]],
-                split=Split(a["batch"], 1, ((0, per[step.kernel is not GAP_FWD]),
-                                            (1, per[step.kernel is GAP_FWD])), count=2))
+                split=Split(a["batch"], 1, ((0, per_i), (1, per_o)), count=2))
 
 
 MAXPOOL_FWD_WIDX = kernel(
