@@ -2,15 +2,18 @@
 run, and the per-kernel wall time of both builds (which kernels scale, which do not).
 
     python benchmarks/threads.py [--models cnv:100] [--algorithms proposed,standard] [--threads 2]
-                                 [--steps 8] [--warmup 2] [--profile-steps 3]
+                                 [--steps 8] [--warmup 2] [--profile-steps 3] [--serial-steps 3]
 
 Input: zoo models (name:batch). For each model and algorithm the same compile is made twice,
 `--threads 1` and `--threads N` (host target, run-time kernel dispatch: AVX-512/AVX2 where the CPU
 has them). Output, per case: median wall ms per training step and steps/s of each build, their
 ratio, whether the two final states are byte-identical (they train on the same batches), the
 load average before and after (this machine is shared: the N-thread build needs N free cores),
-and a per-kernel table of both builds' wall time (bnnc profile's timers, -DBNNC_PROFILE_WALL on
-the one-thread build) with the ratio per kernel.
+a per-kernel table of both builds' wall time (bnnc profile's timers, -DBNNC_PROFILE_WALL on
+the one-thread build) with the ratio per kernel, and the serial fraction: the share of the
+one-thread step's kernel time (bnnc profile, thread CPU time, which a busy machine barely moves)
+spent in steps the N-thread build runs on one thread (step functions that never call bnnc_par),
+those steps by kernel, and Amdahl's bound for N threads, 1 / (f + (1 - f) / N).
 
 Method: both builds are loaded in one process (runtime/host.py) and initialized from seed 0;
 every repetition runs one step of each, alternating which goes first, on the same batch (random
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import tempfile
 import time
@@ -31,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from bnnc.compiler.config import make_config
+from bnnc.compiler.contract import read_manifest
 from bnnc.compiler.pipeline import compile_to_c
 from bnnc.compiler.target import load_target
 from bnnc.compiler.zoo import build_zoo_model
@@ -55,6 +60,32 @@ def step_rates(dirs: list[Path], steps: int, warmup: int) -> tuple[list[list[flo
     return times, states
 
 
+def split_steps(out_dir: Path) -> set[int]:
+    """Indexes of the schedule steps whose step function in this build's C runs a split
+    (calls bnnc_par)."""
+    src = (out_dir / read_manifest(out_dir).source).read_text()
+    fns = re.finditer(r"^static void step_(\d+)_\w+\((?:void|float \*accuracy, float \*loss)\)\n"
+                      r"\{\n(.*?)^\}", src, re.S | re.M)
+    return {int(m.group(1)) for m in fns if "bnnc_par(" in m.group(2)}
+
+
+def serial_fraction(one: Path, many: Path, n: int, steps: int) -> None:
+    """Print the serial fraction of the one-thread step (module docstring)."""
+    prof = profile(one, steps=steps, warmup=1)
+    split = split_steps(many)
+    total = sum(st.ms for st in prof.steps)
+    serial: dict[str, float] = {}
+    for st in prof.steps:
+        if st.index not in split:
+            serial[st.kernel] = serial.get(st.kernel, 0.0) + st.ms
+    f = sum(serial.values()) / total
+    print(f"  serial fraction (1-thread kernel time, thread CPU, median of {steps}): "
+          f"{sum(serial.values()):.2f} of {total:.2f} ms = {100 * f:.1f} % -> Amdahl bound for "
+          f"{n} threads {1 / (f + (1 - f) / n):.2f}x")
+    for k, ms in sorted(serial.items(), key=lambda kv: -kv[1]):
+        print(f"    not split: {k:26s} {ms:8.2f} ms  {100 * ms / total:5.1f} %")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="cnv:100")
@@ -64,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--profile-steps", type=int, default=3,
                     help="timed steps of the per-kernel table (0: no table)")
+    ap.add_argument("--serial-steps", type=int, default=3,
+                    help="timed steps of the serial fraction's profile (0: none)")
     args = ap.parse_args(argv)
     n = args.threads
     print(f"CPU cores online: {os.cpu_count()}; load average (1/5/15 min) at start: {_load()}")
@@ -88,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"({1000 / med[1]:.2f} steps/s) | {n} threads / 1 thread "
                       f"{med[0] / med[1]:.2f}x | final states byte-identical: "
                       f"{'yes' if states[0] == states[1] else 'NO'} | load {before} -> {after}")
+                if args.serial_steps:
+                    serial_fraction(dirs[0], dirs[1], n, args.serial_steps)
                 if args.profile_steps:
                     profs = [profile(d, steps=args.profile_steps, warmup=1, wall=True)
                              for d in dirs]

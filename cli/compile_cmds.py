@@ -41,7 +41,8 @@ from .memory_cmds import freeze_options, pixel_input, technique_options, with_fr
 from .train_cmds import lr_help, optimizer_options
 
 THREADS_HELP = ("Linux targets (host library and trainer, rpi4, rpi3): each training step's heavy "
-                "kernels (conv and dense forward, dX, dW; BN; Adam/SGD) split their output over N "
+                "kernels (conv and dense forward, dX, dW; BN; sign; pooling; PO2 quantization; "
+                "Adam/SGD/Bop) split their output over N "
                 "POSIX threads, started once and kept; any N gives the same bits. Recorded in "
                 "OUT's manifest. Bare-metal targets take 1 only")
 

@@ -67,7 +67,7 @@ from .contract import (DTYPE_CODES, MANIFEST, REGION_CODES, STATE_BLOB_HEADER_BY
                        STATE_BLOB_MAGIC, STATE_BLOB_VERSION, STATUSES, TRAINER_SOURCE, Manifest,
                        StateEntry, StepEntry, TensorEntry)
 from .errors import PlanError, TargetError
-from .lower import CTYPES, Call, Instance, LowerCtx, call_lines
+from .lower import CTYPES, Call, Instance, LowerCtx, call_lines, part_args
 from .ops.base import Phase
 from .ops.dense import packed_w_geometry
 from .ops.loss import SOFTMAX_ROWS
@@ -233,29 +233,23 @@ def _use(instances: dict[str, Instance], inst: Instance) -> None:
     assert instances[inst.fn] == inst, inst.fn
 
 
-def _part_args(call: Call) -> list[str]:
-    """The arguments of a call on a thread's range [lo, hi) of its split (lower.Split)."""
-    sp = call.split
-    assert sp is not None
-    args = [str(a) for a in call.args]
-    for i, per in sp.offsets:
-        args[i] = f"({args[i]} + (size_t)lo * {per}u)"
-    if sp.count is not None:
-        args[sp.count] = "hi - lo"
-    if sp.geom:
-        args = ["&gp" if a == "&g" else a for a in args]
-    if sp.ranged:
-        args[-2:] = ["lo", "hi"]
-    return args
-
-
 def _threaded(call: Call, name: str, threads: int) -> dict | None:
     """What a step function splits over `threads` threads: its part function (the call on a range
-    of its output) and the `bnnc_par` call that runs the parts; None when it runs whole."""
+    of its output) and the `bnnc_par` call that runs the parts, or for a `lower.Threaded` step its
+    part functions and statics (`text`) and its statements; None when it runs whole."""
+    if threads > 1 and call.threaded is not None:
+        th = call.threaded
+        fns = []
+        for suffix, lines in th.parts.items():
+            fns += [f"static void {{step}}_{suffix}(int32_t lo, int32_t hi)", "{", *lines, "}", ""]
+        return dict(fn="", geom=False, call=[],
+                    text=[ln.replace("{step}", name) for ln in (*th.statics, "", *fns)],
+                    run=[ln.replace("{step}", name) for ln in th.body])
     if threads < 2 or call.split is None or call.split.extent < 2 or call.body is not None:
         return None
     sp = call.split
-    return dict(fn=f"{name}_part", geom=sp.geom, call=call_lines(call.inst.fn, _part_args(call)),
+    return dict(fn=f"{name}_part", geom=sp.geom, text=None,
+                call=call_lines(call.inst.fn, part_args(call)),
                 run=[f"    bnnc_par({name}_part, {sp.extent}, {sp.unit});"])
 
 
@@ -268,12 +262,12 @@ def _step_calls(schedule: Schedule, ctx: LowerCtx, dump_off: Mapping[str, int],
     steps = []
     for s in schedule.steps:
         call = s.kernel.lower(s, ctx)
-        for inst in (call.inst, *call.uses):
-            _use(instances, inst)
         macro, stmt = _perturb_line(s, ctx)
         name = c_ident(f"step_{s.index:03d}_{s.kernel.name}"
                        + (f"_{s.layer}" if s.layer else ""))
         part = _threaded(call, name, threads)
+        for inst in (call.threaded.uses if part and call.threaded else (call.inst, *call.uses)):
+            _use(instances, inst)
         steps.append(dict(index=s.index, name=name, kernel=s.kernel.name, layer=s.layer,
                           phase=s.phase.value,
                           comment=c_comment(f"{', '.join(s.inputs)} -> {', '.join(s.outputs)}"),

@@ -83,6 +83,23 @@ class Split:
 
 
 @dataclass
+class Threaded:
+    """A step's C under `--threads N` (N > 1) where one split call (Split) does not say it: a
+    kernel in phases (po2_quantize: block maxima, then codes) or a loop of split calls (the fused
+    conv -> max-pool step). `parts`: suffix -> the C statements of a part function on the range
+    [lo, hi) of its split, rendered as `static void {step}_<suffix>(int32_t lo, int32_t hi)`;
+    `body`: the step function's statements, which run a part with
+    `bnnc_par({step}_<suffix>, extent, unit)` (every split static, as Split's) and may run serial
+    code between; `statics`: file-scope declarations they share; `uses`: the kernel instances they
+    call beyond the one-thread call's (rendered only in threaded builds). `{step}` stands for the
+    step function's name throughout."""
+    body: list[str]
+    parts: dict[str, list[str]]
+    statics: list[str] = field(default_factory=list)
+    uses: tuple[Instance, ...] = ()
+
+
+@dataclass
 class Call:
     """One step's C: `inst(args)` after its `decls`; or, for a fused step that runs other kernels'
     instances in a loop (`ops/pool.py` conv_pool_fwd), the C statements `body` calling `inst` and
@@ -93,6 +110,26 @@ class Call:
     split: Split | None = None                         # how threads divide it (None: one thread)
     body: list[str] | None = None                      # statements instead of `inst(args);`
     uses: tuple[Instance, ...] = ()                    # further instances `body` calls
+    threaded: Threaded | None = None                   # the step's C under threads, where not `split`
+
+
+def part_args(call: Call, start: dict[int, str] | None = None, geom: str = "&gp") -> list[str]:
+    """The arguments of `call` on a thread's range [lo, hi) of its split (Split): pointers advance
+    to unit `lo` (or, for argument i in `start`, to unit `start[i]` + lo), the count becomes
+    hi - lo, a `&g` geometry becomes `geom` (its B the part's), a ranged kernel gets lo, hi."""
+    sp = call.split
+    assert sp is not None
+    args = [str(a) for a in call.args]
+    for i, per in sp.offsets:
+        at = f"({start[i]} + lo)" if start and i in start else "lo"
+        args[i] = f"({args[i]} + (size_t){at} * {per}u)"
+    if sp.count is not None:
+        args[sp.count] = "hi - lo"
+    if sp.geom:
+        args = [geom if a == "&g" else a for a in args]
+    if sp.ranged:
+        args[-2:] = ["lo", "hi"]
+    return args
 
 
 def call_lines(fn: str, args, indent: int = 4) -> list[str]:

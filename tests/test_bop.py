@@ -133,7 +133,7 @@ def test_flags_reach_the_compiled_config(tmp_path, capsys):
     text = (out / "tfc.c").read_text()
     assert re.search(r"\(float\)0\.999,\s+\(float\)3\.0", text)   # 1 - gamma, the threshold
     # the flip-compensated running mean: each dense layer's update reads its input and the next BN
-    assert re.search(r"k_bop_update_\w*shift1\(S_fc1_W,.*T_flatten1_out,\s*S_bn1_running_mean, 8\)",
+    assert re.search(r"k_bop_update_\w*shift1\(S_fc1_W,.*T_flatten1_out,\s*S_bn1_running_mean, 8,\s*0, \d+\)",
                      text, re.S)
     assert text.count("shift1(S_fc") == 4
     assert main(["compile", "tfc", "--batch", "8", "--optimizer", "bop", "--no-bop-bn-shift",

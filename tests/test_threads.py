@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -36,7 +37,7 @@ from bnnc.runtime.host import HostProgram
 from bnnc.runtime.programs import LocalRunner, build_trainer, check_result
 from bnnc.runtime.trace import trace_input
 
-from graphs import _binary_block, _Builder, tiny_mlp
+from graphs import _binary_block, _Builder, residual, tiny_mlp
 
 TSAN = ("-O1", "-g", "-fsanitize=thread")
 ARM = all(shutil.which(t) for t in ("aarch64-linux-gnu-gcc", "qemu-aarch64"))
@@ -48,15 +49,18 @@ def _graph(name, width):
 
 
 def small_cnn():
-    """Every fast conv kernel kind in a few small layers (compiles fast): a real first layer, a
-    padded binary conv ('same', border columns), max-pool, a 3x3 map (the 4-sample lanes of the
-    dX lookup), then two dense layers."""
-    b = _Builder("cnn", (3, 12, 12), 0)
-    for i, (c, pad) in enumerate(((8, 0), (16, 1), (24, 0)), start=1):
+    """Every fast conv kernel kind and every threaded step in a few small layers (compiles fast): a
+    real first layer and a padded binary conv ('same', border columns), each followed directly by
+    a max-pool (proposed: the fused conv -> max-pool step, 4 uneven chunks of the batch of 7), a
+    4x4 map (the 4-sample lanes of the dX lookup), a max-pool of packed bits, then two dense
+    layers. Every PO2 quantization has blocks to split (po2_quantize under threads)."""
+    b = _Builder("cnn", (3, 18, 18), 0)
+    for i, (c, pad) in enumerate(((8, 0), (16, 1), (24, 1)), start=1):
         b.conv(f"conv{i}", c, pad=pad)
+        if i < 3:
+            b.pool(f"pool{i}")
         _binary_block(b, i, last=False)
-        if i == 2:
-            b.pool("pool2")
+    b.pool("pool3")
     b.flatten("flatten3")
     for i, width in ((4, 32), (5, 10)):
         b.dense(f"fc{i}", width)
@@ -78,17 +82,36 @@ def _trace(root, label, target, threads, graph, cfg, trace_in, flags=()):
     return fout.read_bytes()
 
 
-@pytest.mark.parametrize("algorithm", ["proposed", "standard"])
-def test_traces_identical_for_any_thread_count(algorithm, tmp_path):
-    name, batch = "cnn", 7
-    graph = small_cnn()
-    cfg = make_config(algorithm, batch=batch)
+def _traces(tmp_path, graph, algorithm: str, batch: int, builds, **cfg_kw) -> dict[str, bytes]:
+    """The check traces of `builds` (label, target, threads, extra cflags), asserted
+    byte-identical to the first's."""
+    cfg = make_config(algorithm, batch=batch, **cfg_kw)
     rng = np.random.default_rng(5)
     batches = [((rng.integers(-128, 128, (batch,) + graph.input_shape) / 128.0).astype(np.float32),
                 rng.integers(0, graph.num_classes, batch).astype(np.int32)) for _ in range(STEPS)]
     compile_to_c(graph, cfg, load_target("host"), tmp_path / "m")
     trace_in = trace_input(read_manifest(tmp_path / "m"), ref.init_state(graph, cfg).tensors,
                            batches)
+    with ThreadPoolExecutor(max_workers=2) as pool:     # the builds dominate; two cores
+        traces = dict(zip([b[0] for b in builds], pool.map(
+            lambda b: _trace(tmp_path, b[0], b[1], b[2], graph, cfg, trace_in, b[3]), builds)))
+    one = traces[builds[0][0]]
+    assert len(one) > 8 and one[:4] == b"BNCO"
+    for label, raw in traces.items():
+        if raw != one:
+            a, b = np.frombuffer(one, np.uint8), np.frombuffer(raw, np.uint8)
+            diff = np.flatnonzero(a != b)[:8] if len(a) == len(b) else "lengths differ"
+            raise AssertionError(f"{graph.name}/{algorithm}: the {label} trace differs from one "
+                                 f"thread's (bytes {diff})")
+    return traces
+
+
+def _source(out) -> str:
+    return (out / read_manifest(out).source).read_text()
+
+
+@pytest.mark.parametrize("algorithm", ["proposed", "standard"])
+def test_traces_identical_for_any_thread_count(algorithm, tmp_path):
     # N = 3 with the run-time dispatch capped at SSE2: every thread runs the same variant, and
     # every variant has the same bits
     builds = [("host-1", "host", 1, ()), ("host-2", "host", 2, ())]
@@ -97,22 +120,48 @@ def test_traces_identical_for_any_thread_count(algorithm, tmp_path):
         builds += [("host-3-sse2-tsan", "host", 3, ("-DBNNC_NO_AVX2",) + TSAN)]
         if ARM:
             builds += [("rpi4-2", "rpi4", 2, ())]
-    with ThreadPoolExecutor(max_workers=2) as pool:     # the builds dominate; two cores
-        traces = dict(zip([b[0] for b in builds], pool.map(
-            lambda b: _trace(tmp_path, b[0], b[1], b[2], graph, cfg, trace_in, b[3]), builds)))
-    one = traces["host-1"]
-    assert len(one) > 8 and one[:4] == b"BNCO"
-    for label, raw in traces.items():
-        if raw != one:
-            a, b = np.frombuffer(one, np.uint8), np.frombuffer(raw, np.uint8)
-            diff = np.flatnonzero(a != b)[:8] if len(a) == len(b) else "lengths differ"
-            raise AssertionError(f"{name}/{algorithm}: the {label} trace differs from one "
-                                 f"thread's (bytes {diff})")
+    _traces(tmp_path, small_cnn(), algorithm, 7, builds)
     # the threaded C really splits: the conv/dense steps call the pool
-    src = (tmp_path / "host-2" / read_manifest(tmp_path / "host-2").source).read_text()
+    src = _source(tmp_path / "host-2")
     assert "bnnc_par(step_" in src and "pthread_create" in src
-    assert "pthread" not in (tmp_path / "host-1" / read_manifest(tmp_path / "host-1").source
-                             ).read_text()
+    # ... and so do the steps that once ran on one thread: pooling, PO2 quantization (in place:
+    # its codes moved down after the parts) and, for the proposed algorithm, the fused step
+    for step in ("maxpool_fwd", "maxpool_bwd") + (("po2_quantize",) if algorithm == "proposed"
+                                                  else ()):
+        assert re.search(rf"bnnc_par\(step_\d+_{step}\w*_(part|max|codes)\b", src), step
+    if algorithm == "proposed":
+        for conv in ("conv1", "conv2"):
+            assert re.search(rf"bnnc_par\(step_\d+_conv_pool_fwd_{conv}_conv\b", src), conv
+        assert "k_po2_compact" in src
+    assert "pthread" not in _source(tmp_path / "host-1")
+
+
+def test_bop_split_with_the_same_bits(tmp_path):
+    """Bop under threads: the conv layers' updates split by output channels and, without the
+    running-mean compensation, the dense ones by 64 rows of W (whole packed words either way;
+    3 threads under ThreadSanitizer); with it, dense updates stay whole (each element writes
+    the means of all outputs)."""
+    _traces(tmp_path, small_cnn(), "proposed", 7, [("host-1", "host", 1, ()),
+                                                   ("host-3-tsan", "host", 3, TSAN)],
+            optimizer="bop", bop_bn_shift=False)
+    src = _source(tmp_path / "host-3-tsan")
+    for layer in ("conv2", "fc4"):
+        assert re.search(rf"bnnc_par\(step_\d+_bop_update_{layer}_part\b", src), layer
+    compile_to_c(small_cnn(), make_config("proposed", batch=7, optimizer="bop"),
+                 load_target("host"), tmp_path / "shift", threads=2)
+    src = _source(tmp_path / "shift")
+    assert re.search(r"bnnc_par\(step_\d+_bop_update_conv2_part\b", src)
+    assert not re.search(r"bnnc_par\(step_\d+_bop_update_fc4_part\b", src)
+
+
+def test_average_pools_split_with_the_same_bits(tmp_path):
+    """The residual model's average pool and global average pool (forward and backward), split
+    over samples, with 3 threads on a batch of 5."""
+    _traces(tmp_path, residual(), "proposed", 5, [("host-1", "host", 1, ()),
+                                                   ("host-3", "host", 3, ())])
+    src = _source(tmp_path / "host-3")
+    for step in ("avgpool_fwd", "avgpool_bwd", "gap_fwd", "gap_bwd"):
+        assert re.search(rf"bnnc_par\(step_\d+_{step}_\w+_part\b", src), step
 
 
 def test_bnnc_check_passes_with_threads(tmp_path):

@@ -98,10 +98,21 @@ def _lower_bop(step: Step, ctx: LowerCtx) -> Call:
     ops |= dict(zip(("x", "rm"), shift))
     inst = instance(step, ctx, operands=ops, gbit=gt.dtype is DType.BIT, shift=bool(shift))
     (mid,) = a["moment_ids"]
+    geo = bop_geometry(ctx, p)
     return Call(inst, [ctx.ptr(p), ctx.ptr(g), ctx.ptr(m), a["size"], c_float(1 - a["gamma"]),
-                       c_float(a["threshold"]), f"bnnc_sr_key(seed, t, {mid}u)"]
-                + bop_geometry(ctx, p)
-                + ([ctx.ptr(shift[0]), ctx.ptr(shift[1]), a["batch"]] if shift else []))
+                       c_float(a["threshold"]), f"bnnc_sr_key(seed, t, {mid}u)"] + geo
+                + ([ctx.ptr(shift[0]), ctx.ptr(shift[1]), a["batch"]] if shift else [])
+                + [0, a["size"]], split=None if shift else _bop_split(a["size"], geo))
+
+
+def _bop_split(size: int, geo: list) -> Split:
+    """Bop flips bits of packed rows: a thread's elements must fill whole 64-bit words. Conv W
+    (kind 1): whole output channels (their rows hold no other channel's bits); dense W [K, N]
+    (kind 0): whole groups of 64 input features per word, i.e. 64 rows of W, or with a
+    channel-major input (wc) 64 channels at every position: 64 * hw rows. (With the running-mean
+    compensation every element writes the means of all outputs: no split, `_lower_bop`.)"""
+    kind, a, b, _, hw, wc = geo
+    return Split(size, a * b if kind == 1 else 64 * b * (hw if wc else 1), ranged=True)
 
 
 # one kernel call per parameter tensor; state stored back with stochastic rounding for 16-bit

@@ -7,9 +7,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..ir import Layer, LayerKind, tname
-from ..lower import Call, LowerCtx, call_lines, instance, pool_geom, words64
+from ..lower import (Call, LowerCtx, Split, Threaded, call_lines, instance, part_args, pool_geom,
+                     words64)
 from ..onnx_values import Act, node_attrs, node_label, short
-from ..schedule_ir import DType, Role, Step
+from ..schedule_ir import DType, Role, Step, Tensor
 from .base import (ACT, BIT, F32, GRADS, I32, STATE, U8, WEIGHTS, Bits, KernelFamily, LayerSpec,
                    OnnxOp, OpFamily, Phase, kernel, out_hw, pads4, pair, prod)
 from .conv import CONV_FWD_F32, CONV_FWD_SIGNW, CONV_FWD_XNOR, window_geometry
@@ -195,6 +196,20 @@ def _pool_p22(a: dict) -> bool:
             and not any(a["pads"]))
 
 
+def _pool_split(a: dict, ctx: LowerCtx, args: dict[int, str]) -> Split:
+    """A pool call split over samples (its `&g` geometry gets the part's batch): every pool kernel
+    works sample by sample. `args`: argument index -> the tensor it points to (None: no pointer);
+    each advances by one sample of that tensor (elements, or 64-bit words of packed bits and
+    1-bit masks, which hold whole samples)."""
+    def per(t: Tensor) -> int:       # (the fused step's pool runs on a chunk of t's samples)
+        n = t.nbytes // 8 if t.dtype is DType.BIT else t.size
+        assert t.shape[0] >= a["batch"] and n % t.shape[0] == 0, (t.name, t.shape, n)
+        return n // t.shape[0]
+
+    offs = tuple((i, per(ctx.t(t))) for i, t in sorted(args.items()) if t)
+    return Split(a["batch"], 1, offs, geom=True)
+
+
 def _lower_maxpool_fwd(step: Step, ctx: LowerCtx) -> Call:
     x, y = step.inputs[0], step.outputs[0]
     am = step.outputs[1] if len(step.outputs) > 1 else None
@@ -207,7 +222,7 @@ def _lower_maxpool_fwd(step: Step, ctx: LowerCtx) -> Call:
     inst = instance(step, ctx, f"maxpool_p22_fwd_{kind}" if fast else None, operands=ops,
                     bits=bits, argmax=am is not None, **({"ow": a["ow"]} if fast else {}))
     return Call(inst, [ctx.ptr(x), ctx.ptr(y), ctx.ptr(am) if am else "0", "&g"],
-                [pool_geom(a)])
+                [pool_geom(a)], _pool_split(a, ctx, {0: x, 1: y, 2: am}))
 
 
 def _lower_conv_pool_fwd(step: Step, ctx: LowerCtx) -> Call:
@@ -244,7 +259,33 @@ def _lower_conv_pool_fwd(step: Step, ctx: LowerCtx) -> Call:
             "        bnnc_geom_t gc1 = gc, gq1 = gq;",
             f"        gc1.B = gq1.B = {ca['batch']} - lo < {chunk} ? {ca['batch']} - lo : {chunk};",
             *call(cc, "&gc1", {0: x_per}), *call(pc, "&gq1", {1: y_per, 2: am_per}), "    }"]
-    return Call(cc.inst, [], decls, body=body, uses=(pc.inst,))
+    return Call(cc.inst, [], decls, body=body, uses=(pc.inst,),
+                threaded=_conv_pool_threaded(cc, pc, ca["batch"], chunk))
+
+
+def _conv_pool_threaded(cc: Call, pc: Call, batch: int, chunk: int) -> Threaded:
+    """The fused step under --threads: per chunk, the conv's split (samples of the chunk) and
+    then the pool's, each a static split of the chunk's samples (the scratch holds the chunk, so
+    the pool waits for the whole conv); `{step}_c0` is the chunk's first sample."""
+    assert cc.split is not None and cc.split.geom and pc.split is not None and pc.split.geom
+    c0 = "{step}_c0"
+
+    def part(k: Call, start: dict[int, str]) -> list[str]:
+        return [f"    {d}" for d in k.decls] + ["    bnnc_geom_t gp = g;", "    gp.B = hi - lo;",
+                                                 *call_lines(k.inst.fn, part_args(k, start))]
+
+    return Threaded(
+        body=["    int32_t lo;",
+              f"    for (lo = 0; lo < {batch}; lo += {chunk}) {{",
+              f"        {c0} = lo;",
+              f"        bnnc_par({{step}}_conv, {batch} - lo < {chunk} ? {batch} - lo : {chunk}, "
+              f"{cc.split.unit});",
+              f"        bnnc_par({{step}}_pool, {batch} - lo < {chunk} ? {batch} - lo : {chunk}, "
+              f"{pc.split.unit});",
+              "    }"],
+        parts={"conv": part(cc, {0: c0}), "pool": part(pc, {1: c0, 2: c0})},
+        statics=[f"static int32_t {c0};   /* the first sample of the chunk the parts run on */"],
+        uses=(cc.inst, pc.inst))
 
 
 def _lower_pool_bwd(step: Step, ctx: LowerCtx) -> Call:
@@ -256,27 +297,35 @@ def _lower_pool_bwd(step: Step, ctx: LowerCtx) -> Call:
         # (the portable scatter of one value per window is already cheap here)
         am = step.inputs[1]
         inst = instance(step, ctx, operands={"g": g, "am": am, "d": d})
-        return Call(inst, [ctx.ptr(g), ctx.ptr(am), ctx.ptr(d), "&g"], decl)
+        return Call(inst, [ctx.ptr(g), ctx.ptr(am), ctx.ptr(d), "&g"], decl,
+                    _pool_split(a, ctx, {0: g, 1: am, 2: d}))
     if step.kernel is MAXPOOL_BWD_MASK:
         inst = instance(step, ctx, "maxpool_p22_bwd_mask" if fast else None,
                         operands={"g": g, "d": d}, **fast)
-        return Call(inst, [ctx.ptr(g), ctx.ptr(step.inputs[1]), ctx.ptr(d), "&g"], decl)
+        return Call(inst, [ctx.ptr(g), ctx.ptr(step.inputs[1]), ctx.ptr(d), "&g"], decl,
+                    _pool_split(a, ctx, {0: g, 1: step.inputs[1], 2: d}))
     inst = instance(step, ctx, operands={"g": g, "d": d})
-    return Call(inst, [ctx.ptr(g), ctx.ptr(d), step.attrs["count_include_pad"], "&g"], decl)
+    return Call(inst, [ctx.ptr(g), ctx.ptr(d), step.attrs["count_include_pad"], "&g"], decl,
+                _pool_split(a, ctx, {0: g, 1: d}))
 
 
 def _lower_avgpool_fwd(step: Step, ctx: LowerCtx) -> Call:
-    return Call(instance(step, ctx), [ctx.ptr(step.inputs[0]), ctx.ptr(step.outputs[0]),
-                                      step.attrs["count_include_pad"], "&g"],
-                [pool_geom(step.attrs)])
+    x, y = step.inputs[0], step.outputs[0]
+    return Call(instance(step, ctx), [ctx.ptr(x), ctx.ptr(y), step.attrs["count_include_pad"],
+                                      "&g"],
+                [pool_geom(step.attrs)], _pool_split(step.attrs, ctx, {0: x, 1: y}))
 
 
 def _lower_gap(step: Step, ctx: LowerCtx) -> Call:
     a = step.attrs
     i, o = step.inputs[0], step.outputs[0]
     ops = {} if step.kernel is GAP_FWD else {"g": i, "d": o}
+    # values per sample: C * S on the image side, one per channel on the pooled side
+    image, pooled = a["channels"] * a["spatial"], a["channels"]
+    per_i, per_o = (image, pooled) if step.kernel is GAP_FWD else (pooled, image)
     return Call(instance(step, ctx, operands=ops), [ctx.ptr(i), ctx.ptr(o), a["batch"],
-                                                    a["channels"], a["spatial"]])
+                                                    a["channels"], a["spatial"]],
+                split=Split(a["batch"], 1, ((0, per_i), (1, per_o)), count=2))
 
 
 MAXPOOL_FWD_WIDX = kernel(

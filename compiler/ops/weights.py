@@ -16,7 +16,7 @@ import numpy as np
 
 from ..config import TrainConfig, is_frozen, u8_input_layer
 from ..ir import WEIGHT_KINDS, Graph, Layer, LayerKind, tname
-from ..lower import Call, LowerCtx, instance, words64
+from ..lower import Call, LowerCtx, Split, Threaded, call_lines, instance, words64
 from ..onnx_values import Act, Bin, Const, Spec
 from ..schedule_ir import Role, Step
 from .base import (BIT, F16, F32, GRADS, I32, PO2, STATE, U8, KernelFamily, KernelSpec, Phase,
@@ -138,8 +138,11 @@ def _lower_pack_sign_w(step: Step, ctx: LowerCtx) -> Call:
     w, wb = step.inputs[0], step.outputs[0]
     if "cout" in a:
         inst = instance(step, ctx, "pack_sign_w_conv", {"w": w}, family=KernelFamily.CONV)
-        args = [ctx.ptr(w), ctx.ptr(wb), a["cout"], a["cin"], a["kh"] * a["kw"],
-                words64(a["cin"])]
+        taps, wc = a["kh"] * a["kw"], words64(a["cin"])
+        args = [ctx.ptr(w), ctx.ptr(wb), a["cout"], a["cin"], taps, wc]
+        # threads take output channels: W's rows of Cin * taps values, Wb's of taps * wc words
+        return Call(inst, args, split=Split(a["cout"], 1, ((0, a["cin"] * taps), (1, taps * wc)),
+                                            count=2))
     else:
         chw = a.get("x_chw")
         k, n = a["in_features"], a["out_features"]
@@ -155,13 +158,49 @@ def _lower_cast_f16(step: Step, ctx: LowerCtx) -> Call:
     return Call(instance(step, ctx), [ctx.ptr(step.inputs[0]), ctx.ptr(step.outputs[0]), n])
 
 
+# po2_quantize under --threads: at most this many blocks of whole 64-element chunks
+PO2_BLOCKS = 256
+
+
+def po2_block(count: int) -> int:
+    """Elements per block of a threaded po2_quantize (a function of the tensor's size only, so
+    every thread count cuts the same blocks): whole 64-element chunks, at most PO2_BLOCKS blocks."""
+    return 64 * -(-count // (64 * PO2_BLOCKS))
+
+
 def _lower_po2_quantize(step: Step, ctx: LowerCtx) -> Call:
+    """One call; under threads (`Threaded`), where the codes overwrite g (the plan puts q at g's
+    offset: the kernel's declared in-place pair, taken whenever g dies here), three phases: each
+    block's largest magnitude (split by blocks), every block's codes from their maximum (split by
+    blocks; each block's codes at its own first byte, which no other block reads), then one
+    serial pass that moves the blocks' codes down to q in block order (block k's destination
+    holds only codes of blocks below k, which have moved already). A q apart from g stays whole."""
     a = step.attrs
     g = step.inputs[0]
     q, bias = step.outputs
     inst = instance(step, ctx, operands={"g": g})
-    return Call(inst, [ctx.ptr(g), ctx.ptr(q), ctx.ptr(bias), ctx.t(g).size, a["po2_bias"],
-                       int(bool(a["zero_to_min"]))])
+    n, zero = ctx.t(g).size, int(bool(a["zero_to_min"]))
+    call = Call(inst, [ctx.ptr(g), ctx.ptr(q), ctx.ptr(bias), n, a["po2_bias"], zero])
+    block = po2_block(n)
+    blocks = -(-n // block)
+    if blocks < 2 or ctx.plan.tensor_offsets[q] != ctx.plan.tensor_offsets[g]:
+        return call
+    ops = {"g": g}
+    absmax = instance(step, ctx, "po2_absmax", ops, block=block)
+    codes = instance(step, ctx, "po2_codes", ops, block=block)
+    compact = instance(step, ctx, "po2_compact", ops, block=block)
+    ut = "uint32_t" if ctx.t(g).dtype.value == "f32" else "uint16_t"
+    tops = "{step}_tops"
+    call.threaded = Threaded(
+        body=[f"    bnnc_par({{step}}_max, {blocks}, 1);",
+              f"    bnnc_par({{step}}_codes, {blocks}, 1);",
+              *call_lines(compact.fn, [ctx.ptr(g), ctx.ptr(q), n])],
+        parts={"max": call_lines(absmax.fn, [ctx.ptr(g), tops, n, "lo", "hi"]),
+               "codes": call_lines(codes.fn, [ctx.ptr(g), tops, blocks, ctx.ptr(bias), n,
+                                              a["po2_bias"], zero, "lo", "hi"])},
+        statics=[f"static {ut} {tops}[{blocks}];   /* each block's largest magnitude */"],
+        uses=(absmax, codes, compact))
+    return call
 
 
 def _lower_bias_grad(step: Step, ctx: LowerCtx) -> Call:
