@@ -48,7 +48,7 @@ THREADS_HELP = ("Linux targets (host library and trainer, rpi4, rpi3): each trai
 
 # the technique switches of `bnnc inspect` / `bnnc train` (unset = the algorithm's default)
 _TECHNIQUES = ("optimizer", "binary_dw", "po2", "po2_bias", "bn", "state_dtype", "save_bits",
-               "bop_gamma", "bop_threshold", "bop_bn_shift", "lr_schedule", "bn_momentum",
+               "fuse", "bop_gamma", "bop_threshold", "bop_bn_shift", "lr_schedule", "bn_momentum",
                "frozen_bn")
 
 

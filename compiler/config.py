@@ -38,6 +38,10 @@ class TrainConfig:
     bn: str = "l1"                  # "l1" (1-bit backward) or "l2"
     state_dtype: str = "bf16"       # storage of W, optimizer moments, BN params/stats
     save_bits: bool = True          # binary layers keep their saved input / masks as packed bits
+    # the plan's memory fusions (compiler/README.md "Fused conv -> max-pool", "Fused conv -> l1
+    # BN -> sign"): only a chunk of a conv's f32 output exists; False = separate steps (faster,
+    # the whole tensor in the arena). Needs save_bits (the fused steps keep bits) to apply
+    fuse: bool = True
     # hyper-parameters (the authors' values)
     lr: float = 1e-3
     # the lr of step t (1-based) of a run of `horizon` steps: lr * f((t-1)/horizon), f = 1
@@ -72,10 +76,13 @@ class TrainConfig:
 
     def as_dict(self) -> dict:
         """The config as JSON-able fields; the input storage only when it is not the default
-        f32 (so an f32 program's manifest, state hash and C are what they were before it)."""
+        f32, `fuse` only when off (so a default program's manifest, state hash and C are what
+        they were before these fields)."""
         d = asdict(self)
         if self.input == "f32":
             del d["input"], d["input_affine"]
+        if self.fuse:                   # the default: manifests and hashes as before the switch
+            del d["fuse"]
         return d
 
 

@@ -107,3 +107,18 @@ def test_cli_memory_table(capsys):
         assert all(0.98 <= float(e) <= 1.0 for e in row[7:9])
     assert main(["memory", "mlp", "--batch", "10,x"]) == 2
     assert "give comma-separated positive integers" in capsys.readouterr().err
+
+
+def test_cli_memory_no_fuse(capsys):
+    """`bnnc memory --no-fuse`: the proposed plan without the memory fusions is larger (the
+    conv outputs exist whole); the standard column does not change."""
+    from bnnc.cli import main
+
+    def row(*extra):
+        assert main(["memory", "cnv", "--width", "0.25", "--batch", "20", *extra]) == 0
+        (line,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("20 ")]
+        return line.split()
+
+    fused, separate = row(), row("--no-fuse")
+    assert fused[4] == separate[4]
+    assert float(separate[5]) > float(fused[5])

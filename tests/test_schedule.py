@@ -814,3 +814,18 @@ def test_standard_and_unfusable_bns_keep_separate_steps():
         s = _sched(g.build())
         assert s.tensors["sign1.out"].dtype is DType.BIT
         assert not _steps(s, "conv_bn_sign_fwd") and f"{again}.out" in s.tensors
+
+
+def test_no_fuse_keeps_every_step_and_the_full_tensors():
+    """`--no-fuse` (cfg.fuse False): neither fusion applies, the conv outputs exist whole, and
+    the config names the switch only when it is off (a default build's manifest and state hash
+    are what they were before the switch existed)."""
+    for graph, fused in ((pooled(), "conv_pool_fwd"), (bnsign(), "conv_bn_sign_fwd")):
+        on, off = _sched(graph), _sched(graph, fuse=False)
+        assert _steps(on, fused) and not _steps(off, fused)
+        assert "conv1.out" not in on.tensors and "conv1.out" in off.tensors
+        assert [t.kernel.name for t in _steps(off, layer="conv1", phase="forward")] == [
+            "conv_fwd_signw"]
+        off.verify()
+    assert "fuse" not in make_config("proposed").as_dict()
+    assert make_config("proposed", fuse=False).as_dict()["fuse"] is False

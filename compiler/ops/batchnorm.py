@@ -297,7 +297,10 @@ def fuse_conv_bn_sign(b: ScheduleBuilder) -> None:
     conv's f32 output and the BN's f32 output are read by no other step and the output is an
     image (spatial > 1): then only one chunk of ceil(B / 32) samples of the pre-BN tensor exists
     (`<bn>.chunk`), with the per-channel lane sums `<bn>.lanes` (C x 64 f32) of the statistics.
-    Runs on the whole schedule (backward included), so "no other reader" is checked, not assumed."""
+    Runs on the whole schedule (backward included), so "no other reader" is checked, not assumed.
+    Nothing is fused under `--no-fuse` (cfg.fuse False)."""
+    if not b.cfg.fuse:
+        return
     k = 0
     while k + 2 < len(b.steps):
         conv, bn, sign = b.steps[k:k + 3]

@@ -103,7 +103,7 @@ def _fwd_maxpool(b: ScheduleBuilder, lay: Layer) -> None:
                        layout="in-window index, row-major over (kh, kw)")
         b.mask[lay.name] = am
         outs += (am,)
-    if kernel is MAXPOOL_FWD_MASK and b.tensors[x].dtype is F32 \
+    if b.cfg.fuse and kernel is MAXPOOL_FWD_MASK and b.tensors[x].dtype is F32 \
             and [c.name for c in b.g.consumers(lay.inputs[0])] == [lay.name]:
         conv = b.take_producer(x, tuple(CONV_FWD.values()))
         if conv is not None:
