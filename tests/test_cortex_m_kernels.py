@@ -15,7 +15,9 @@ instruction counts (runtime/insncount.py, the QEMU plugin's `syms=`).
 
 from __future__ import annotations
 
+import re
 import shutil
+import subprocess
 
 import pytest
 
@@ -55,6 +57,25 @@ def test_overlay_kernels_are_emitted_for_cortex_m_only(tmp_path):
 
 
 LIBM = {"softmax1.out", "loss"}     # expf/logf: newlib's and glibc's may differ in the last bit
+
+
+@pytest.mark.skipif(shutil.which("arm-none-eabi-gcc") is None, reason="needs gcc-arm-none-eabi")
+def test_the_thumb2_instructions_are_compiled_in_and_no_simd_drops_them(tmp_path):
+    """The overlay's asm (vmla.f32; vsub.f32 under an IT block) is in the M4 object; with
+    -DBNNC_NO_SIMD the same kernels compile from the plain C and have neither."""
+    tgt = load_target("cortex-m4")
+    compile_to_c(_tfc(), make_config("proposed", batch=8, optimizer="bop"), tgt, tmp_path)
+
+    def disasm(*extra):
+        obj = tmp_path / "tfc.o"
+        subprocess.run([tgt.cc, *tgt.cflags, *extra, "-c", str(tmp_path / "tfc.c"), "-o", str(obj)],
+                       check=True, cwd=tmp_path)
+        return subprocess.run(["arm-none-eabi-objdump", "-d", str(obj)], check=True,
+                              capture_output=True, text=True).stdout
+
+    plain, portable = disasm(), disasm("-DBNNC_NO_SIMD")
+    assert "vmla.f32" in plain and re.search(r"vsubcc\.f32", plain)
+    assert "vmla.f32" not in portable and not re.search(r"vsubcc\.f32", portable)
 
 
 def _rows(rep):
