@@ -87,10 +87,11 @@ def _rows(rep):
 @pytest.mark.parametrize("target,optimizer,batch,width", [("cortex-m7", "bop", 6, 0.25),
                                                            ("cortex-m4", "bop", 9, 0.25),
                                                            ("cortex-m4", "adam", 5, 0.25),
-                                                           ("cortex-m7", "bop", 67, 1.1)])
+                                                           ("cortex-m7", "bop", 67, 1.1),
+                                                           ("cortex-m7", "bop", 130, 0.25)])
 def test_check_rows_equal_the_hosts(target, optimizer, batch, width, tmp_path):
-    """Odd batches and widths whose layers are not multiples of the tiles: the edge tiles; a
-    batch and layers past the kernels' 64-row stack panels (BNNC_CM_PANEL): the other loops."""
+    """Odd batches and widths whose layers are not multiples of the tiles: the edge tiles; batches
+    and layers past the kernels' stack panels (64 rows; 128 for the hidden dW): the other loops."""
     cfg = make_config("proposed", batch=batch, optimizer=optimizer)
     host = run_check(_tfc(width), cfg, steps=2, work_dir=tmp_path / "host")
     arm_ = run_check(_tfc(width), cfg, steps=2, target=target, work_dir=tmp_path / "arm")
