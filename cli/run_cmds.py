@@ -56,7 +56,8 @@ def where_options(f):
                    "train at the constant --lr [default: the step this run ends at]")
 @where_options
 @click.option("--count", is_flag=True,
-              help="--emulate: report guest instructions per training step instead of training")
+              help="--emulate: report guest instructions per training step instead of training "
+                   "(bare-metal targets: per function too, from the ELF's symbol table)")
 @click.option("--timeout", type=float, default=None, help="give up after this many seconds")
 def run_cmd(out_dir: Path, ssh_options: tuple[str, ...], **options) -> None:
     """Train with the program compiled into OUT_DIR on a dataset.
@@ -108,6 +109,11 @@ class _Printer:
             say(f"{ev.target.name} ({ev.emulator}): {c.instructions:,} instructions for "
                 f"{c.steps} steps, {c.instructions_zero:,} for 0 steps -> {c.per_step:,.0f} "
                 "instructions per training step")
+            rows = c.per_function()
+            if rows:
+                say(f"  {'instructions/step':>17}  {'share':>6}  function")
+                for name, n in rows:
+                    say(f"  {n:17,.0f}  {100 * n / c.per_step:5.1f} %  {name}")
         elif isinstance(ev, Saved):
             say(f"wrote {ev.checkpoint} (step {ev.step}) and {ev.final}")
 

@@ -49,7 +49,7 @@ from ..compiler.contract import Manifest, read_manifest
 from ..compiler.errors import BnncWarning, BudgetError, DataError, TargetError
 from ..compiler.target import Target
 from .host import HostProgram, cache_dir, file_sha256
-from .insncount import StepCount, count_instructions
+from .insncount import StepCount, count_instructions, elf_functions
 from .outdir import load_init_state, read_compiled
 from .packed import TEST_FILE, TRAIN_FILE
 from .programs import RunResult, emulator_argv, parse_events, target_of
@@ -389,24 +389,29 @@ def count_step_instructions(out_dir: str | Path, target: Target | str | None = N
                             train: str | Path, steps: int = 4, start_blob: bytes | None = None,
                             timeout: float = 600.0, cache: Path | None = None) -> StepCount:
     """Guest instructions per training step (bnnc's QEMU plugin, runtime/insncount.py): a run of
-    `steps` steps minus a run of 0 steps, both --quiet, divided by `steps`."""
+    `steps` steps minus a run of 0 steps, both --quiet, divided by `steps`; per function of the
+    ELF's symbol table too (StepCount.per_function)."""
     out_dir = Path(out_dir)
     _, tgt = compiled_program(out_dir, target)
     if steps < 1:
         raise DataError(f"count instructions over at least one step, not {steps}")
     elf = build_elf(out_dir, tgt, cache=cache)
-    counts = []
+    functions = elf_functions(_tool(tgt, "nm"), elf.path)
+    counts, per_fn = [], ({}, {})
     with _run_dir({TRAIN_FILE: Path(train), BLOB_FILE: start_blob}) as where:
-        for n in (0, steps):
+        for n, fns in zip((0, steps), per_fn):
             args = ["--train", TRAIN_FILE, "--steps", str(n), "--quiet"]
             args += ["--blob"] if start_blob is not None else []
             argv = qemu_argv(tgt, elf, args, blob=start_blob is not None)
-            insns, proc = count_instructions(argv[:1], argv[1:], timeout=timeout, cwd=where)
+            insns, proc = count_instructions(argv[:1], argv[1:], timeout=timeout, cwd=where,
+                                             functions=functions, per_function=fns)
             if proc.returncode != 0:
                 raise DataError(f"the counting run ({n} steps) failed (exit {proc.returncode}): "
                                 f"{(proc.stdout + proc.stderr).strip()[-800:]}")
             counts.append(insns)
-    return StepCount(steps, counts[1], counts[0])
+    zero, run_ = per_fn
+    return StepCount(steps, counts[1], counts[0],
+                     {k: (run_.get(k, 0), zero.get(k, 0)) for k in sorted({*zero, *run_})})
 
 
 def check_trace(out_dir: str | Path, target: Target | str | None, trace_in: bytes, *,
