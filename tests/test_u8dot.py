@@ -1,16 +1,20 @@
-"""The SIMD panel path of the integer first layer (`--input u8`, issue 16): dense_fwd_u8 and
-dense_dw_bin_u8 with the u8 x s8 cores of templates/kernels/vector.c.j2 block `u8dot` (portable
-core) and its x86 overlay (AVX-512 VNNI vpdpbusd, AVX2 vpmaddubsw + vpmaddwd).
+"""The SIMD panel path of the integer first layer (`--input u8`, issue 16) and the SIMD sign(W)
+pack of the dense layers: dense_fwd_u8 and dense_dw_bin_u8 with the u8 x s8 cores of
+templates/kernels/vector.c.j2 block `u8dot` (the portable core) and its x86 overlay (AVX-512 VNNI
+vpdpbusd, AVX2 vpmaddubsw + vpmaddwd); pack_sign_w_dense with block `packw` (AVX-512 16 and AVX2
+8 outputs at a time, the rest by the kernel's portable loop).
 
-- Every core, forced, gives the same state after three steps as the tiled `iand` / `imul`
-  kernels (-DBNNC_NO_U8DOT) on shapes at the kernels' edges: 3 channels of 5 x 5 pixels (25 per
-  channel: a 4-pixel group is split and one pixel is left for the tail), 70 outputs (a partial
-  16-column vector and a second 64-output block), a batch of 70 (two 64-row blocks in the
-  forward, a partial group of 4 samples in the dW), rows of zero pixels (features left out of the
-  dW's transposed chunks), exact-zero PO2 codes (BNNC_PO2_ZERO) and Bop's packed sign(W).
+- Every core, forced, gives the same state after three steps as the portable build
+  (-DBNNC_NO_SIMD: the tiled `iand` / `imul` kernels, the portable pack) on shapes at the
+  kernels' edges: 3 channels of 5 x 5 pixels (25 per channel: a 4-pixel group is split and one
+  pixel is left for the tail), 70 outputs (a partial 16-column vector and a second 64-output
+  block), a batch of 70 (two 64-row blocks in the forward, a partial group of 4 samples in the
+  dW), rows of zero pixels (features left out of the dW's transposed chunks), exact-zero PO2 codes
+  (BNNC_PO2_ZERO), Bop's packed sign(W) (read by the forward's panel build) and a hidden layer
+  whose sign(W) pack spans two 64-row chunks and 20 outputs (16 by AVX-512, 4 by the loop).
 - `bnnc check` passes against the numpy reference with the core the CPU has (auto); the forced
   cores (the AVX2 one takes the narrow 7-bit digit planes, VNNI and the portable one the 8-bit
-  ones) equal it bit for bit, above. Bop's packed sign(W) is read by the forward's panel build.
+  ones) equal it bit for bit, above.
 - The host library holds vpdpbusd and vpmaddubsw; a Cortex-M program leaves the path out.
 """
 
@@ -51,7 +55,8 @@ def cache(tmp_path_factory):
 def test_every_core_equals_the_tiled_kernels(optimizer, cores, tmp_path, cache):
     g = mlp((70, 20), input_shape=(3, 5, 5))
     compile_to_c(g, _cfg(g, optimizer=optimizer), load_target("host"), tmp_path)
-    builds = {"tiled": ("-DBNNC_NO_U8DOT",), **{k: CORES[k] for k in cores}}
+    # the reference: the portable build (tiled kernels, the portable sign(W) pack)
+    builds = {"tiled": ("-DBNNC_NO_SIMD",), **{k: CORES[k] for k in cores}}
     progs = {k: HostProgram(tmp_path, debug=False, extra_cflags=f, cache=cache)
              for k, f in builds.items()}
     rng = np.random.default_rng(5)
