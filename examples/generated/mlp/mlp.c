@@ -2290,6 +2290,85 @@ BNNC_HELPER uint64_t bnnc_u8_signbits(const int32_t *s, const int32_t *t, float 
 }
 #endif
 
+
+#if defined(BNNC_AVX2)
+#define BNNC_PACKW 1
+/* W's row k, outputs o0 .. o0 + 7 / + 15, as floats: bf16 (bf16 != 0) widened, or f32 */
+#define BNNC_PACKW_LD8(w, bf16, at) ((bf16) \
+    ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32( \
+          _mm_loadu_si128((const __m128i *)((const uint16_t *)(w) + (at)))), 16)) \
+    : _mm256_loadu_ps((const float *)(w) + (at)))
+#define BNNC_PACKW_LD16(w, bf16, at) ((bf16) \
+    ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32( \
+          _mm256_loadu_si256((const __m256i *)((const uint16_t *)(w) + (at)))), 16)) \
+    : _mm512_loadu_ps((const float *)(w) + (at)))
+/* 8 outputs at a time: per row k, the 8 signs set bit k of 8 64-bit lanes */
+__attribute__((unused, noinline, target("avx2")))
+static int32_t bnnc_packw_avx2(const void *w, int bf16, uint64_t *wb, int32_t K, int32_t N,
+    int32_t words)
+{
+    const int32_t n8 = N / 8 * 8;
+    int32_t k0, o0, k, j;
+    for (k0 = 0; k0 < K; k0 += 64) {
+        const int32_t kb = K - k0 < 64 ? K - k0 : 64;
+        for (o0 = 0; o0 < n8; o0 += 8) {
+            __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256();
+            uint64_t t[8];
+            for (k = 0; k < kb; k++) {
+                const __m256i m = _mm256_castps_si256(_mm256_cmp_ps(
+                    BNNC_PACKW_LD8(w, bf16, (size_t)(k0 + k) * (size_t)N + (size_t)o0),
+                    _mm256_setzero_ps(), _CMP_GE_OQ));
+                const __m256i bit = _mm256_set1_epi64x((long long)(UINT64_C(1) << k));
+                lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(m)), bit));
+                hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_cvtepi32_epi64(_mm256_extracti128_si256(m, 1)), bit));
+            }
+            _mm256_storeu_si256((__m256i *)t, lo);
+            _mm256_storeu_si256((__m256i *)(t + 4), hi);
+            for (j = 0; j < 8; j++) wb[(size_t)(o0 + j) * (size_t)words + (size_t)(k0 / 64)] = t[j];
+        }
+    }
+    return n8;
+}
+#if defined(BNNC_AVX512)
+/* 16 outputs at a time: the compare's mask bits choose the 64-bit lanes that get bit k */
+__attribute__((unused, noinline, target("avx512f")))
+static int32_t bnnc_packw_avx512(const void *w, int bf16, uint64_t *wb, int32_t K, int32_t N,
+    int32_t words)
+{
+    const int32_t n16 = N / 16 * 16;
+    int32_t k0, o0, k, j;
+    for (k0 = 0; k0 < K; k0 += 64) {
+        const int32_t kb = K - k0 < 64 ? K - k0 : 64;
+        for (o0 = 0; o0 < n16; o0 += 16) {
+            __m512i lo = _mm512_setzero_si512(), hi = _mm512_setzero_si512();
+            uint64_t t[16];
+            for (k = 0; k < kb; k++) {
+                const __mmask16 m = _mm512_cmp_ps_mask(
+                    BNNC_PACKW_LD16(w, bf16, (size_t)(k0 + k) * (size_t)N + (size_t)o0),
+                    _mm512_setzero_ps(), _CMP_GE_OQ);
+                const __m512i bit = _mm512_set1_epi64((long long)(UINT64_C(1) << k));
+                lo = _mm512_mask_or_epi64(lo, (__mmask8)m, lo, bit);
+                hi = _mm512_mask_or_epi64(hi, (__mmask8)(m >> 8), hi, bit);
+            }
+            _mm512_storeu_si512(t, lo);
+            _mm512_storeu_si512(t + 8, hi);
+            for (j = 0; j < 16; j++) wb[(size_t)(o0 + j) * (size_t)words + (size_t)(k0 / 64)] = t[j];
+        }
+    }
+    return n16;
+}
+#endif
+BNNC_HELPER int32_t bnnc_packw(const void *w, int bf16, uint64_t *wb, int32_t K, int32_t N,
+    int32_t words)
+{
+    const int level = bnnc_x86_level();
+#if defined(BNNC_AVX512)
+    if (level == 2) return bnnc_packw_avx512(w, bf16, wb, K, N, words);
+#endif
+    return level >= 1 ? bnnc_packw_avx2(w, bf16, wb, K, N, words) : 0;
+}
+#endif
+
 /* binary dW: the sign bits (sign(0) = +1) of X^T G, element k*N+o of W -> bit k*N+o.
  * PO2 G with +-1 X: an exact integer sum (G scaled by 2^(8 + bias), which keeps its sign) */
 static void k_dense_dw_bin_bits_po21(const uint64_t *x,
@@ -2812,10 +2891,14 @@ static void k_pack_sign_w_dense_bf16(const uint16_t *w, uint64_t *wb, int32_t K,
     if (!wc) {
         /* plain bit order: each word of row o is built in a register from 64 consecutive rows of
          * W, which stay in L1 across the outputs */
-        int32_t k0, i;
+        int32_t k0, i, done = 0;
+#if defined(BNNC_PACKW)
+        /* the SIMD pack (kernels/vector.c.j2 block `packw`) takes the first outputs */
+        done = bnnc_packw(w, 1, wb, K, N, words);
+#endif
         for (i = 0, k0 = 0; k0 < K; i++, k0 += 64) {
             int32_t kb = K - k0 < 64 ? K - k0 : 64;
-            for (o = 0; o < N; o++) {
+            for (o = done; o < N; o++) {
                 uint64_t word = 0;
                 for (k = 0; k < kb; k++)
                     word |= (uint64_t)(bnnc_ld_bf16(w, (size_t)(k0 + k) * (size_t)N + (size_t)o)
