@@ -1694,6 +1694,24 @@ BNNC_HELPER uint64_t bnnc_bp_pack64(const uint8_t b[64])
     }
     return word;
 }
+/* the planes of 64 PO2 codes c[i]: out[l] bit i where the code's level is l (l < 16, the zero
+ * code BNNC_PO2_ZERO in none), out[16] bit i where it is negative; returns the sum of 2^level over
+ * the nonzero codes and ORs bit l into *lv for each level present. The portable variant. */
+BNNC_HELPER int64_t bnnc_bp_planes64_c(const uint8_t c[64], uint64_t out[17], uint32_t *lv)
+{
+    int64_t a = 0;
+    int32_t i, l;
+    for (l = 0; l < 17; l++) out[l] = 0;
+    for (i = 0; i < 64; i++) {
+        /* branch-free: the zero code adds nothing (its level bit stays 0) */
+        const uint32_t nz = c[i] != BNNC_PO2_ZERO;
+        out[c[i] & 15u] |= (uint64_t)nz << i;
+        out[16] |= (uint64_t)((c[i] >> 4) & 1u) << i;
+        a += (int64_t)nz << (c[i] & 15u);
+        *lv |= nz << (c[i] & 15u);
+    }
+    return a;
+}
 /* dots[jj] = sum over the levels l set in `lv` of 2^l popcount(P_l & (S ^ b_jj)), summed over
  * `words` words, for the bit rows jj < nj of a block: qp holds the planes P_0 .. P_15 and then the
  * sign plane S (words each), bt the rows' bits word-major (bt[w * BNNC_BP_JB + jj], the block
@@ -2369,6 +2387,67 @@ BNNC_HELPER int32_t bnnc_packw(const void *w, int bf16, uint64_t *wb, int32_t K,
 }
 #endif
 
+#if defined(BNNC_AVX2)
+/* bnnc_bp_planes64_c with byte compares: a level's plane word is the mask of the codes equal to
+ * it once the sign bit is cleared (c & 0x2F: the zero code 0x20 equals no level) */
+__attribute__((unused, noinline, target("avx2,popcnt")))
+static int64_t bnnc_bp_planes64_avx2(const uint8_t c[64], uint64_t out[17], uint32_t *lv)
+{
+    const __m256i v0 = _mm256_loadu_si256((const __m256i *)c);
+    const __m256i v1 = _mm256_loadu_si256((const __m256i *)(c + 32));
+    const __m256i keep = _mm256_set1_epi8(0x2F), sgn = _mm256_set1_epi8(0x10);
+    const __m256i l0 = _mm256_and_si256(v0, keep), l1 = _mm256_and_si256(v1, keep);
+    int64_t a = 0;
+    int32_t l;
+    for (l = 0; l < 16; l++) {
+        const __m256i e = _mm256_set1_epi8((char)l);
+        const uint64_t w = (uint64_t)(uint32_t)_mm256_movemask_epi8(_mm256_cmpeq_epi8(l0, e))
+            | (uint64_t)(uint32_t)_mm256_movemask_epi8(_mm256_cmpeq_epi8(l1, e)) << 32;
+        out[l] = w;
+        a += (int64_t)__builtin_popcountll(w) << l;
+        *lv |= (uint32_t)(w != 0) << l;
+    }
+    out[16] = (uint64_t)(uint32_t)_mm256_movemask_epi8(_mm256_cmpeq_epi8(_mm256_and_si256(v0, sgn), sgn))
+        | (uint64_t)(uint32_t)_mm256_movemask_epi8(_mm256_cmpeq_epi8(_mm256_and_si256(v1, sgn), sgn)) << 32;
+    return a;
+}
+#if defined(BNNC_AVX512)
+__attribute__((unused, noinline, target("avx512f,avx512bw,popcnt")))
+static int64_t bnnc_bp_planes64_avx512(const uint8_t c[64], uint64_t out[17], uint32_t *lv)
+{
+    const __m512i v = _mm512_loadu_si512(c);
+    const __m512i lvl = _mm512_and_si512(v, _mm512_set1_epi8(0x2F));
+    int64_t a = 0;
+    int32_t l;
+    for (l = 0; l < 16; l++) {
+        const uint64_t w = _mm512_cmpeq_epi8_mask(lvl, _mm512_set1_epi8((char)l));
+        out[l] = w;
+        a += (int64_t)__builtin_popcountll(w) << l;
+        *lv |= (uint32_t)(w != 0) << l;
+    }
+    out[16] = _mm512_test_epi8_mask(v, _mm512_set1_epi8(0x10));
+    return a;
+}
+#endif
+BNNC_HELPER int64_t bnnc_bp_planes64(const uint8_t c[64], uint64_t out[17], uint32_t *lv)
+{
+    const int level = bnnc_x86_level();
+#if defined(BNNC_AVX512)
+    if (level == 2) return bnnc_bp_planes64_avx512(c, out, lv);
+#endif
+    if (level >= 1) return bnnc_bp_planes64_avx2(c, out, lv);
+    return bnnc_bp_planes64_c(c, out, lv);
+}
+#else
+#if defined(BNNC_BITPLANE)
+BNNC_HELPER int64_t bnnc_bp_planes64(const uint8_t c[64], uint64_t out[17], uint32_t *lv)
+{
+    return bnnc_bp_planes64_c(c, out, lv);
+}
+#endif
+
+#endif
+
 /* binary dW: the sign bits (sign(0) = +1) of X^T G, element k*N+o of W -> bit k*N+o.
  * PO2 G with +-1 X: an exact integer sum (G scaled by 2^(8 + bias), which keeps its sign) */
 static void k_dense_dw_bin_bits_po21(const uint64_t *x,
@@ -2400,22 +2479,18 @@ static void k_dense_dw_bin_bits_po21(const uint64_t *x,
                     uint32_t m = 0;
                     int32_t wd, rr, l;
                     for (wd = 0; wd < words; wd++) {
-                        /* one word of each plane in locals, then stored */
-                        uint64_t lw[16] = {0}, sg = 0;
+                        /* the word's 64 codes (BNNC_PO2_ZERO past the end: they add nothing), then
+                         * its word of each plane (bnnc_bp_planes64: kernels/vector.c.j2) */
+                        uint64_t lw[17];
+                        uint8_t cb[64];
                         const int32_t rend = B - 64 * wd < 64 ? B - 64 * wd : 64;
                         for (rr = 0; rr < rend; rr++) {
-                            /* branch-free: the zero code adds nothing (its level bit stays 0) */
-                            uint32_t c, nz;
                             r = 64 * wd + rr;
-                            c = g[(size_t)r * (size_t)N + (size_t)qi];
-                            nz = c != BNNC_PO2_ZERO;
-                            lw[c & 15u] |= (uint64_t)nz << rr;
-                            sg |= (uint64_t)((c >> 4) & 1u) << rr;
-                            a += (int64_t)nz << (c & 15u);
-                            m |= nz << (c & 15u);
+                            cb[rr] = (uint8_t)(g[(size_t)r * (size_t)N + (size_t)qi]);
                         }
-                        for (l = 0; l < 16; l++) pl[l * words + wd] = lw[l];
-                        pl[16 * words + wd] = sg;
+                        for (; rr < 64; rr++) cb[rr] = (uint8_t)BNNC_PO2_ZERO;
+                        a += bnnc_bp_planes64(cb, lw, &m);
+                        for (l = 0; l < 17; l++) pl[l * words + wd] = lw[l];
                     }
                     asum[qq] = a;
                     lv[qq] = m;
@@ -2659,22 +2734,18 @@ static void k_dense_dx_po2_bf16_f16(const uint8_t *q, const int32_t *bias, const
                     uint32_t m = 0;
                     int32_t wd, rr, l;
                     for (wd = 0; wd < words; wd++) {
-                        /* one word of each plane in locals, then stored */
-                        uint64_t lw[16] = {0}, sg = 0;
+                        /* the word's 64 codes (BNNC_PO2_ZERO past the end: they add nothing), then
+                         * its word of each plane (bnnc_bp_planes64: kernels/vector.c.j2) */
+                        uint64_t lw[17];
+                        uint8_t cb[64];
                         const int32_t rend = N - 64 * wd < 64 ? N - 64 * wd : 64;
                         for (rr = 0; rr < rend; rr++) {
-                            /* branch-free: the zero code adds nothing (its level bit stays 0) */
-                            uint32_t c, nz;
                             r = 64 * wd + rr;
-                            c = q[(size_t)qi * (size_t)N + (size_t)r];
-                            nz = c != BNNC_PO2_ZERO;
-                            lw[c & 15u] |= (uint64_t)nz << rr;
-                            sg |= (uint64_t)((c >> 4) & 1u) << rr;
-                            a += (int64_t)nz << (c & 15u);
-                            m |= nz << (c & 15u);
+                            cb[rr] = (uint8_t)(q[(size_t)qi * (size_t)N + (size_t)r]);
                         }
-                        for (l = 0; l < 16; l++) pl[l * words + wd] = lw[l];
-                        pl[16 * words + wd] = sg;
+                        for (; rr < 64; rr++) cb[rr] = (uint8_t)BNNC_PO2_ZERO;
+                        a += bnnc_bp_planes64(cb, lw, &m);
+                        for (l = 0; l < 17; l++) pl[l * words + wd] = lw[l];
                     }
                     asum[qq] = a;
                     lv[qq] = m;
