@@ -1694,22 +1694,25 @@ BNNC_HELPER uint64_t bnnc_bp_pack64(const uint8_t b[64])
     }
     return word;
 }
-/* the planes of 64 PO2 codes c[i]: out[l] bit i where the code's level is l (l < 16, the zero
- * code BNNC_PO2_ZERO in none), out[16] bit i where it is negative; returns the sum of 2^level over
- * the nonzero codes and ORs bit l into *lv for each level present. The portable variant. */
+/* one PO2 code c at bit rr of a word of the planes: lw[l] (l < 16) holds the codes of level l
+ * (the zero code BNNC_PO2_ZERO in none), lw[16] the negative ones; *a adds 2^level for a nonzero
+ * code and *lv gets its level's bit. Branch-free: the zero code adds nothing. */
+BNNC_HELPER void bnnc_bp_plane_add(uint32_t c, int32_t rr, uint64_t lw[17], int64_t *a, uint32_t *lv)
+{
+    const uint32_t nz = c != BNNC_PO2_ZERO;
+    lw[c & 15u] |= (uint64_t)nz << rr;
+    lw[16] |= (uint64_t)((c >> 4) & 1u) << rr;
+    *a += (int64_t)nz << (c & 15u);
+    *lv |= nz << (c & 15u);
+}
+/* the plane words of 64 codes c[i] (bnnc_bp_plane_add); returns the sum of 2^level over the
+ * nonzero codes. The portable variant. */
 BNNC_HELPER int64_t bnnc_bp_planes64_c(const uint8_t c[64], uint64_t out[17], uint32_t *lv)
 {
     int64_t a = 0;
-    int32_t i, l;
-    for (l = 0; l < 17; l++) out[l] = 0;
-    for (i = 0; i < 64; i++) {
-        /* branch-free: the zero code adds nothing (its level bit stays 0) */
-        const uint32_t nz = c[i] != BNNC_PO2_ZERO;
-        out[c[i] & 15u] |= (uint64_t)nz << i;
-        out[16] |= (uint64_t)((c[i] >> 4) & 1u) << i;
-        a += (int64_t)nz << (c[i] & 15u);
-        *lv |= nz << (c[i] & 15u);
-    }
+    int32_t i;
+    for (i = 0; i < 17; i++) out[i] = 0;
+    for (i = 0; i < 64; i++) bnnc_bp_plane_add(c[i], i, out, &a, lv);
     return a;
 }
 /* dots[jj] = sum over the levels l set in `lv` of 2^l popcount(P_l & (S ^ b_jj)), summed over
@@ -2388,6 +2391,7 @@ BNNC_HELPER int32_t bnnc_packw(const void *w, int bf16, uint64_t *wb, int32_t K,
 #endif
 
 #if defined(BNNC_AVX2)
+#define BNNC_BP_PLANES_SIMD 1
 /* bnnc_bp_planes64_c with byte compares: a level's plane word is the mask of the codes equal to
  * it once the sign bit is cleared (c & 0x2F: the zero code 0x20 equals no level) */
 __attribute__((unused, noinline, target("avx2,popcnt")))
@@ -2438,14 +2442,6 @@ BNNC_HELPER int64_t bnnc_bp_planes64(const uint8_t c[64], uint64_t out[17], uint
     if (level >= 1) return bnnc_bp_planes64_avx2(c, out, lv);
     return bnnc_bp_planes64_c(c, out, lv);
 }
-#else
-#if defined(BNNC_BITPLANE)
-BNNC_HELPER int64_t bnnc_bp_planes64(const uint8_t c[64], uint64_t out[17], uint32_t *lv)
-{
-    return bnnc_bp_planes64_c(c, out, lv);
-}
-#endif
-
 #endif
 
 /* binary dW: the sign bits (sign(0) = +1) of X^T G, element k*N+o of W -> bit k*N+o.
@@ -2479,11 +2475,12 @@ static void k_dense_dw_bin_bits_po21(const uint64_t *x,
                     uint32_t m = 0;
                     int32_t wd, rr, l;
                     for (wd = 0; wd < words; wd++) {
+                        const int32_t rend = B - 64 * wd < 64 ? B - 64 * wd : 64;
+    #if defined(BNNC_BP_PLANES_SIMD)
                         /* the word's 64 codes (BNNC_PO2_ZERO past the end: they add nothing), then
-                         * its word of each plane (bnnc_bp_planes64: kernels/vector.c.j2) */
+                         * its word of each plane by byte compares (kernels/vector.c.j2 `bp_planes`) */
                         uint64_t lw[17];
                         uint8_t cb[64];
-                        const int32_t rend = B - 64 * wd < 64 ? B - 64 * wd : 64;
                         for (rr = 0; rr < rend; rr++) {
                             r = 64 * wd + rr;
                             cb[rr] = (uint8_t)(g[(size_t)r * (size_t)N + (size_t)qi]);
@@ -2491,6 +2488,15 @@ static void k_dense_dw_bin_bits_po21(const uint64_t *x,
                         for (; rr < 64; rr++) cb[rr] = (uint8_t)BNNC_PO2_ZERO;
                         a += bnnc_bp_planes64(cb, lw, &m);
                         for (l = 0; l < 17; l++) pl[l * words + wd] = lw[l];
+    #else
+                        /* one word of each plane in locals, then stored */
+                        uint64_t lw[17] = {0};
+                        for (rr = 0; rr < rend; rr++) {
+                            r = 64 * wd + rr;
+                            bnnc_bp_plane_add(g[(size_t)r * (size_t)N + (size_t)qi], rr, lw, &a, &m);
+                        }
+                        for (l = 0; l < 17; l++) pl[l * words + wd] = lw[l];
+    #endif
                     }
                     asum[qq] = a;
                     lv[qq] = m;
@@ -2734,11 +2740,12 @@ static void k_dense_dx_po2_bf16_f16(const uint8_t *q, const int32_t *bias, const
                     uint32_t m = 0;
                     int32_t wd, rr, l;
                     for (wd = 0; wd < words; wd++) {
+                        const int32_t rend = N - 64 * wd < 64 ? N - 64 * wd : 64;
+    #if defined(BNNC_BP_PLANES_SIMD)
                         /* the word's 64 codes (BNNC_PO2_ZERO past the end: they add nothing), then
-                         * its word of each plane (bnnc_bp_planes64: kernels/vector.c.j2) */
+                         * its word of each plane by byte compares (kernels/vector.c.j2 `bp_planes`) */
                         uint64_t lw[17];
                         uint8_t cb[64];
-                        const int32_t rend = N - 64 * wd < 64 ? N - 64 * wd : 64;
                         for (rr = 0; rr < rend; rr++) {
                             r = 64 * wd + rr;
                             cb[rr] = (uint8_t)(q[(size_t)qi * (size_t)N + (size_t)r]);
@@ -2746,6 +2753,15 @@ static void k_dense_dx_po2_bf16_f16(const uint8_t *q, const int32_t *bias, const
                         for (; rr < 64; rr++) cb[rr] = (uint8_t)BNNC_PO2_ZERO;
                         a += bnnc_bp_planes64(cb, lw, &m);
                         for (l = 0; l < 17; l++) pl[l * words + wd] = lw[l];
+    #else
+                        /* one word of each plane in locals, then stored */
+                        uint64_t lw[17] = {0};
+                        for (rr = 0; rr < rend; rr++) {
+                            r = 64 * wd + rr;
+                            bnnc_bp_plane_add(q[(size_t)qi * (size_t)N + (size_t)r], rr, lw, &a, &m);
+                        }
+                        for (l = 0; l < 17; l++) pl[l * words + wd] = lw[l];
+    #endif
                     }
                     asum[qq] = a;
                     lv[qq] = m;
