@@ -18,7 +18,10 @@ Parts (`--only`, comma separated; default all five):
   (the standard BNN: sign with straight-through gradient, L2 batch norm, Adam, float32), with the
   ratio PyTorch / bnnc per bnnc row. Default cases mlp:100, mlp:200, cnv:100 and binarynet:40?
   (the paper's Raspberry Pi setting; skipped with the probe's time when a step is too slow).
-  The proposed row's detail also gives bnnc proposed / bnnc standard.
+  The proposed row's detail also gives bnnc proposed / bnnc standard and its input: the proposed
+  step keeps the batch as 8-bit pixels (`--input u8`) where the model allows it (an MLP, whose
+  first binary dense layer then multiplies them exactly in int32: the data is 8-bit), else f32;
+  the standard step and PyTorch take the same pixels as float32.
 - kernels: where bnnc's step spends its time: per case and algorithm one row per kernel, its
   median ms per step in the -DBNNC_PROFILE host build (runtime/profile.py, the same table as
   `bnnc profile OUT`), its share, the bytes it reads and writes, and for the weight-layer
@@ -218,7 +221,20 @@ class Workspace:
         return self._graphs[k]
 
     def config(self, case: Case, algorithm: str) -> TrainConfig:
-        return make_config(algorithm, batch=case.batch, seed=0)
+        """The case's TrainConfig; the proposed step keeps its batch as 8-bit pixels (`--input
+        u8`: the data is 8-bit, and its first binary dense layer multiplies them exactly in int32)
+        where the model allows it (an MLP: one binary dense layer reads the input), else f32."""
+        from bnnc.compiler.config import with_input
+        from bnnc.compiler.preprocess import DEFAULT, pixel_affine
+
+        cfg = make_config(algorithm, batch=case.batch, seed=0)
+        if algorithm != "proposed":
+            return cfg
+        graph = self.graph(case)
+        try:
+            return with_input(cfg, graph, "u8", pixel_affine(DEFAULT, graph.input_shape[0]))
+        except ConfigError:
+            return cfg
 
     def compiled(self, case: Case, algorithm: str, target: str | Any = "host") -> Path:
         """`bnnc compile` of the case for a target (a name or a Target): the C, the manifest and
@@ -240,13 +256,19 @@ class Workspace:
         return self._outs[k]
 
 
+def random_pixels(graph: Graph, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """n examples of random 8-bit pixels and random labels."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (n,) + graph.input_shape, dtype=np.uint8)
+    return pixels, rng.integers(0, graph.num_classes, n).astype(np.int32)
+
+
 def random_data(graph: Graph, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """n examples of random pixels scaled like the datasets, and random labels."""
     from bnnc.runtime.datasets import scale_pixels
 
-    rng = np.random.default_rng(seed)
-    pixels = rng.integers(0, 256, (n,) + graph.input_shape, dtype=np.uint8)
-    return scale_pixels(pixels), rng.integers(0, graph.num_classes, n).astype(np.int32)
+    pixels, labels = random_pixels(graph, n, seed)
+    return scale_pixels(pixels), labels
 
 
 # ---- the PyTorch network -------------------------------------------------------------------------
@@ -410,14 +432,19 @@ def host_case(ws: Workspace, case: Case, args) -> list[Row]:
         hp.load_state(ref.init_state(graph, cfg).tensors, step=0, seed=cfg.seed)
         progs[a] = hp
     net = TorchBNN(graph, ws.config(case, "standard"))
-    xs, ys = random_data(graph, 8 * case.batch, 0)
-    xs = xs.reshape((8, case.batch) + graph.input_shape)
+    from bnnc.runtime.datasets import scale_pixels
+
+    us, ys = random_pixels(graph, 8 * case.batch, 0)
+    us = us.reshape((8, case.batch) + graph.input_shape)
+    xs = scale_pixels(us)
     ys = ys.reshape(8, case.batch)
     txs, tys = torch.from_numpy(xs), torch.from_numpy(ys.astype(np.int64))
     first_loss: dict[str, float] = {}
+    # a --input u8 program takes the pixels themselves (the same values as xs)
+    inputs = {a: us if ws.config(case, a).input == "u8" else xs for a in ALGORITHMS}
 
     def c_step(a: str) -> Callable[[int], float]:
-        return lambda i: progs[a].train_step(xs[i % 8], ys[i % 8])[0]
+        return lambda i: progs[a].train_step(inputs[a][i % 8], ys[i % 8])[0]
 
     contenders: dict[str, Callable[[int], float]] = {a: c_step(a) for a in ALGORITHMS}
     contenders["torch"] = lambda i: net.step(txs[i % 8], tys[i % 8])
@@ -453,7 +480,8 @@ def host_case(ws: Workspace, case: Case, args) -> list[Row]:
             detail += (f"; first-step loss C {first_loss['standard']:.5f}, PyTorch "
                        f"{first_loss['torch']:.5f}")
         else:
-            detail += f"; proposed / standard {med['proposed'] / med['standard']:.2f}"
+            detail += (f"; proposed / standard {med['proposed'] / med['standard']:.2f}; input "
+                       f"{ws.config(case, a).input}")
         rows.append(Row(STEP_MS, case.label, case.batch, a, med[a], med["torch"], detail))
     return rows
 

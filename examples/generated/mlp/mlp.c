@@ -1694,6 +1694,27 @@ BNNC_HELPER uint64_t bnnc_bp_pack64(const uint8_t b[64])
     }
     return word;
 }
+/* one PO2 code c at bit rr of a word of the planes: lw[l] (l < 16) holds the codes of level l
+ * (the zero code BNNC_PO2_ZERO in none), lw[16] the negative ones; *a adds 2^level for a nonzero
+ * code and *lv gets its level's bit. Branch-free: the zero code adds nothing. */
+BNNC_HELPER void bnnc_bp_plane_add(uint32_t c, int32_t rr, uint64_t lw[17], int64_t *a, uint32_t *lv)
+{
+    const uint32_t nz = c != BNNC_PO2_ZERO;
+    lw[c & 15u] |= (uint64_t)nz << rr;
+    lw[16] |= (uint64_t)((c >> 4) & 1u) << rr;
+    *a += (int64_t)nz << (c & 15u);
+    *lv |= nz << (c & 15u);
+}
+/* the plane words of 64 codes c[i] (bnnc_bp_plane_add); returns the sum of 2^level over the
+ * nonzero codes. The portable variant. */
+BNNC_HELPER int64_t bnnc_bp_planes64_c(const uint8_t c[64], uint64_t out[17], uint32_t *lv)
+{
+    int64_t a = 0;
+    int32_t i;
+    for (i = 0; i < 17; i++) out[i] = 0;
+    for (i = 0; i < 64; i++) bnnc_bp_plane_add(c[i], i, out, &a, lv);
+    return a;
+}
 /* dots[jj] = sum over the levels l set in `lv` of 2^l popcount(P_l & (S ^ b_jj)), summed over
  * `words` words, for the bit rows jj < nj of a block: qp holds the planes P_0 .. P_15 and then the
  * sign plane S (words each), bt the rows' bits word-major (bt[w * BNNC_BP_JB + jj], the block
@@ -1833,6 +1854,596 @@ BNNC_HELPER void bnnc_bp_dots(const uint64_t *qp, uint32_t lv, const uint64_t *b
 
 #endif
 
+#define BNNC_U8DOT_PAN 65536    /* bytes of one panel of +-1 weight bytes (stack) */
+#define BNNC_U8DOT_PLANES 196608 /* bytes of the three PO2 planes of a dW call (stack) */
+#define BNNC_U8DOT_KC 64        /* features per transposed chunk of the dW's pixels */
+#define BNNC_U8DOT_MAXB 512     /* batch rows of the dW panel path at most */
+/* c[i][j] = sum over r4 < r4n, t < 4 of a[i ai + r4 ar + t] (u8) * pan[(r4 lp + j) 4 + t] (s8,
+ * |value| <= 128, at most 64 where bnnc_u8dot_wide is 0: the AVX2 core's int16 pairs) for i < rows, j < ncol
+ * (a multiple of 16, at most 64); c has row stride ldc. The portable variant, the reference. */
+BNNC_HELPER void bnnc_u8dot_c(const uint8_t *a, size_t ai, size_t ar, int32_t rows,
+    const int8_t *pan, int32_t lp, int32_t r4n, int32_t ncol, int32_t *c, int32_t ldc)
+{
+    int32_t i, j, r, t;
+    for (i = 0; i < rows; i++)
+        for (j = 0; j < ncol; j++) {
+            int32_t s = 0;
+            for (r = 0; r < r4n; r++)
+                for (t = 0; t < 4; t++)
+                    s += (int32_t)a[(size_t)i * ai + (size_t)r * ar + (size_t)t]
+                         * (int32_t)pan[((size_t)r * (size_t)lp + (size_t)j) * 4u + (size_t)t];
+            c[(size_t)i * (size_t)ldc + (size_t)j] = s;
+        }
+}
+/* whether the chosen core takes s8 panel values up to 128 in magnitude (AVX2's vpmaddubsw pairs
+ * saturate past 64) */
+BNNC_HELPER int bnnc_u8dot_wide_c(void)
+{
+    return 1;
+}
+/* the bits jj < n (n <= 64) of a*(float)s[jj] + b*(float)t[jj] >= 0, each operation rounded to
+ * float (the dW bits of the integer first layer) */
+BNNC_HELPER uint64_t bnnc_u8_signbits_c(const int32_t *s, const int32_t *t, float a, float b,
+    int32_t n)
+{
+    uint64_t word = 0;
+    int32_t j;
+    for (j = 0; j < n; j++) word |= (uint64_t)(a * (float)s[j] + b * (float)t[j] >= 0.0f) << j;
+    return word;
+}
+
+#if defined(BNNC_AVX2)
+#include <immintrin.h>
+#endif
+#if defined(BNNC_AVX2) && !defined(BNNC_NO_U8DOT)
+#define BNNC_U8DOT 1
+/* the AVX2 core: 4 rows x 16 columns per step; vpmaddubsw multiplies the u8 pixels by the s8
+ * panel and adds pairs into int16 (|pair| <= 2 * 255 * 64 < 2^15: never saturates), vpmaddwd by
+ * ones adds the pairs into the int32 sums */
+__attribute__((unused, noinline, target("avx2")))
+static void bnnc_u8dot_avx2(const uint8_t *a, size_t ai, size_t ar, int32_t rows,
+    const int8_t *pan, int32_t lp, int32_t r4n, int32_t ncol, int32_t *c, int32_t ldc)
+{
+    const __m256i ones = _mm256_set1_epi16(1);
+    int32_t i, j, r;
+    for (j = 0; j < ncol; j += 16)
+        for (i = 0; i < rows; i += 4) {
+            const int32_t nu = rows - i < 4 ? rows - i : 4;
+            /* rows past the end repeat the first (computed, never stored) */
+            const uint8_t *a0 = a + (size_t)(i + (0 < nu ? 0 : 0)) * ai;
+            __m256i c00 = _mm256_setzero_si256(), c01 = _mm256_setzero_si256();
+            const uint8_t *a1 = a + (size_t)(i + (1 < nu ? 1 : 0)) * ai;
+            __m256i c10 = _mm256_setzero_si256(), c11 = _mm256_setzero_si256();
+            const uint8_t *a2 = a + (size_t)(i + (2 < nu ? 2 : 0)) * ai;
+            __m256i c20 = _mm256_setzero_si256(), c21 = _mm256_setzero_si256();
+            const uint8_t *a3 = a + (size_t)(i + (3 < nu ? 3 : 0)) * ai;
+            __m256i c30 = _mm256_setzero_si256(), c31 = _mm256_setzero_si256();
+            for (r = 0; r < r4n; r++) {
+                const int8_t *p = pan + ((size_t)r * (size_t)lp + (size_t)j) * 4u;
+                const __m256i p0 = _mm256_loadu_si256((const __m256i *)p);
+                const __m256i p1 = _mm256_loadu_si256((const __m256i *)(p + 32));
+                const size_t o = (size_t)r * ar;
+                int32_t v;
+                __m256i b;
+                memcpy(&v, a0 + o, 4);
+                b = _mm256_set1_epi32(v);
+                c00 = _mm256_add_epi32(c00, _mm256_madd_epi16(_mm256_maddubs_epi16(b, p0), ones));
+                c01 = _mm256_add_epi32(c01, _mm256_madd_epi16(_mm256_maddubs_epi16(b, p1), ones));
+                memcpy(&v, a1 + o, 4);
+                b = _mm256_set1_epi32(v);
+                c10 = _mm256_add_epi32(c10, _mm256_madd_epi16(_mm256_maddubs_epi16(b, p0), ones));
+                c11 = _mm256_add_epi32(c11, _mm256_madd_epi16(_mm256_maddubs_epi16(b, p1), ones));
+                memcpy(&v, a2 + o, 4);
+                b = _mm256_set1_epi32(v);
+                c20 = _mm256_add_epi32(c20, _mm256_madd_epi16(_mm256_maddubs_epi16(b, p0), ones));
+                c21 = _mm256_add_epi32(c21, _mm256_madd_epi16(_mm256_maddubs_epi16(b, p1), ones));
+                memcpy(&v, a3 + o, 4);
+                b = _mm256_set1_epi32(v);
+                c30 = _mm256_add_epi32(c30, _mm256_madd_epi16(_mm256_maddubs_epi16(b, p0), ones));
+                c31 = _mm256_add_epi32(c31, _mm256_madd_epi16(_mm256_maddubs_epi16(b, p1), ones));
+            }
+            if (0 < nu) {
+                int32_t *cr = c + (size_t)(i + 0) * (size_t)ldc + (size_t)j;
+                _mm256_storeu_si256((__m256i *)cr, c00);
+                _mm256_storeu_si256((__m256i *)(cr + 8), c01);
+            }
+            if (1 < nu) {
+                int32_t *cr = c + (size_t)(i + 1) * (size_t)ldc + (size_t)j;
+                _mm256_storeu_si256((__m256i *)cr, c10);
+                _mm256_storeu_si256((__m256i *)(cr + 8), c11);
+            }
+            if (2 < nu) {
+                int32_t *cr = c + (size_t)(i + 2) * (size_t)ldc + (size_t)j;
+                _mm256_storeu_si256((__m256i *)cr, c20);
+                _mm256_storeu_si256((__m256i *)(cr + 8), c21);
+            }
+            if (3 < nu) {
+                int32_t *cr = c + (size_t)(i + 3) * (size_t)ldc + (size_t)j;
+                _mm256_storeu_si256((__m256i *)cr, c30);
+                _mm256_storeu_si256((__m256i *)(cr + 8), c31);
+            }
+        }
+}
+#if defined(BNNC_AVX512) && !defined(BNNC_NO_VNNI)
+/* the AVX-512 VNNI core: vpdpbusd adds four u8 x s8 products per int32 lane; 4 rows x nz
+ * 16-column vectors of sums in named registers (one instance per nz, unrolled by the template) */
+__attribute__((unused, noinline, target("avx512f,avx512bw,avx512vnni")))
+static void bnnc_u8dot_vnni1(const uint8_t *a, size_t ai, size_t ar, int32_t rows,
+    const int8_t *pan, int32_t lp, int32_t r4n, int32_t *c, int32_t ldc)
+{
+    int32_t i, r;
+    for (i = 0; i < rows; i += 4) {
+        const int32_t nu = rows - i < 4 ? rows - i : 4;
+        /* rows past the end repeat the first (computed, never stored) */
+        const uint8_t *a0 = a + (size_t)(i + (0 < nu ? 0 : 0)) * ai;
+        __m512i c00 = _mm512_setzero_si512();
+        const uint8_t *a1 = a + (size_t)(i + (1 < nu ? 1 : 0)) * ai;
+        __m512i c10 = _mm512_setzero_si512();
+        const uint8_t *a2 = a + (size_t)(i + (2 < nu ? 2 : 0)) * ai;
+        __m512i c20 = _mm512_setzero_si512();
+        const uint8_t *a3 = a + (size_t)(i + (3 < nu ? 3 : 0)) * ai;
+        __m512i c30 = _mm512_setzero_si512();
+        for (r = 0; r < r4n; r++) {
+            const int8_t *p = pan + (size_t)r * (size_t)lp * 4u;
+            const size_t o = (size_t)r * ar;
+            int32_t v;
+            __m512i b;
+            const __m512i p0 = _mm512_loadu_si512(p + 0);
+            memcpy(&v, a0 + o, 4);
+            b = _mm512_set1_epi32(v);
+            c00 = _mm512_dpbusd_epi32(c00, b, p0);
+            memcpy(&v, a1 + o, 4);
+            b = _mm512_set1_epi32(v);
+            c10 = _mm512_dpbusd_epi32(c10, b, p0);
+            memcpy(&v, a2 + o, 4);
+            b = _mm512_set1_epi32(v);
+            c20 = _mm512_dpbusd_epi32(c20, b, p0);
+            memcpy(&v, a3 + o, 4);
+            b = _mm512_set1_epi32(v);
+            c30 = _mm512_dpbusd_epi32(c30, b, p0);
+        }
+        if (0 < nu) {
+            _mm512_storeu_si512(c + (size_t)(i + 0) * (size_t)ldc + 0, c00);
+        }
+        if (1 < nu) {
+            _mm512_storeu_si512(c + (size_t)(i + 1) * (size_t)ldc + 0, c10);
+        }
+        if (2 < nu) {
+            _mm512_storeu_si512(c + (size_t)(i + 2) * (size_t)ldc + 0, c20);
+        }
+        if (3 < nu) {
+            _mm512_storeu_si512(c + (size_t)(i + 3) * (size_t)ldc + 0, c30);
+        }
+    }
+}
+__attribute__((unused, noinline, target("avx512f,avx512bw,avx512vnni")))
+static void bnnc_u8dot_vnni2(const uint8_t *a, size_t ai, size_t ar, int32_t rows,
+    const int8_t *pan, int32_t lp, int32_t r4n, int32_t *c, int32_t ldc)
+{
+    int32_t i, r;
+    for (i = 0; i < rows; i += 4) {
+        const int32_t nu = rows - i < 4 ? rows - i : 4;
+        /* rows past the end repeat the first (computed, never stored) */
+        const uint8_t *a0 = a + (size_t)(i + (0 < nu ? 0 : 0)) * ai;
+        __m512i c00 = _mm512_setzero_si512();
+        __m512i c01 = _mm512_setzero_si512();
+        const uint8_t *a1 = a + (size_t)(i + (1 < nu ? 1 : 0)) * ai;
+        __m512i c10 = _mm512_setzero_si512();
+        __m512i c11 = _mm512_setzero_si512();
+        const uint8_t *a2 = a + (size_t)(i + (2 < nu ? 2 : 0)) * ai;
+        __m512i c20 = _mm512_setzero_si512();
+        __m512i c21 = _mm512_setzero_si512();
+        const uint8_t *a3 = a + (size_t)(i + (3 < nu ? 3 : 0)) * ai;
+        __m512i c30 = _mm512_setzero_si512();
+        __m512i c31 = _mm512_setzero_si512();
+        for (r = 0; r < r4n; r++) {
+            const int8_t *p = pan + (size_t)r * (size_t)lp * 4u;
+            const size_t o = (size_t)r * ar;
+            int32_t v;
+            __m512i b;
+            const __m512i p0 = _mm512_loadu_si512(p + 0);
+            const __m512i p1 = _mm512_loadu_si512(p + 64);
+            memcpy(&v, a0 + o, 4);
+            b = _mm512_set1_epi32(v);
+            c00 = _mm512_dpbusd_epi32(c00, b, p0);
+            c01 = _mm512_dpbusd_epi32(c01, b, p1);
+            memcpy(&v, a1 + o, 4);
+            b = _mm512_set1_epi32(v);
+            c10 = _mm512_dpbusd_epi32(c10, b, p0);
+            c11 = _mm512_dpbusd_epi32(c11, b, p1);
+            memcpy(&v, a2 + o, 4);
+            b = _mm512_set1_epi32(v);
+            c20 = _mm512_dpbusd_epi32(c20, b, p0);
+            c21 = _mm512_dpbusd_epi32(c21, b, p1);
+            memcpy(&v, a3 + o, 4);
+            b = _mm512_set1_epi32(v);
+            c30 = _mm512_dpbusd_epi32(c30, b, p0);
+            c31 = _mm512_dpbusd_epi32(c31, b, p1);
+        }
+        if (0 < nu) {
+            _mm512_storeu_si512(c + (size_t)(i + 0) * (size_t)ldc + 0, c00);
+            _mm512_storeu_si512(c + (size_t)(i + 0) * (size_t)ldc + 16, c01);
+        }
+        if (1 < nu) {
+            _mm512_storeu_si512(c + (size_t)(i + 1) * (size_t)ldc + 0, c10);
+            _mm512_storeu_si512(c + (size_t)(i + 1) * (size_t)ldc + 16, c11);
+        }
+        if (2 < nu) {
+            _mm512_storeu_si512(c + (size_t)(i + 2) * (size_t)ldc + 0, c20);
+            _mm512_storeu_si512(c + (size_t)(i + 2) * (size_t)ldc + 16, c21);
+        }
+        if (3 < nu) {
+            _mm512_storeu_si512(c + (size_t)(i + 3) * (size_t)ldc + 0, c30);
+            _mm512_storeu_si512(c + (size_t)(i + 3) * (size_t)ldc + 16, c31);
+        }
+    }
+}
+__attribute__((unused, noinline, target("avx512f,avx512bw,avx512vnni")))
+static void bnnc_u8dot_vnni3(const uint8_t *a, size_t ai, size_t ar, int32_t rows,
+    const int8_t *pan, int32_t lp, int32_t r4n, int32_t *c, int32_t ldc)
+{
+    int32_t i, r;
+    for (i = 0; i < rows; i += 4) {
+        const int32_t nu = rows - i < 4 ? rows - i : 4;
+        /* rows past the end repeat the first (computed, never stored) */
+        const uint8_t *a0 = a + (size_t)(i + (0 < nu ? 0 : 0)) * ai;
+        __m512i c00 = _mm512_setzero_si512();
+        __m512i c01 = _mm512_setzero_si512();
+        __m512i c02 = _mm512_setzero_si512();
+        const uint8_t *a1 = a + (size_t)(i + (1 < nu ? 1 : 0)) * ai;
+        __m512i c10 = _mm512_setzero_si512();
+        __m512i c11 = _mm512_setzero_si512();
+        __m512i c12 = _mm512_setzero_si512();
+        const uint8_t *a2 = a + (size_t)(i + (2 < nu ? 2 : 0)) * ai;
+        __m512i c20 = _mm512_setzero_si512();
+        __m512i c21 = _mm512_setzero_si512();
+        __m512i c22 = _mm512_setzero_si512();
+        const uint8_t *a3 = a + (size_t)(i + (3 < nu ? 3 : 0)) * ai;
+        __m512i c30 = _mm512_setzero_si512();
+        __m512i c31 = _mm512_setzero_si512();
+        __m512i c32 = _mm512_setzero_si512();
+        for (r = 0; r < r4n; r++) {
+            const int8_t *p = pan + (size_t)r * (size_t)lp * 4u;
+            const size_t o = (size_t)r * ar;
+            int32_t v;
+            __m512i b;
+            const __m512i p0 = _mm512_loadu_si512(p + 0);
+            const __m512i p1 = _mm512_loadu_si512(p + 64);
+            const __m512i p2 = _mm512_loadu_si512(p + 128);
+            memcpy(&v, a0 + o, 4);
+            b = _mm512_set1_epi32(v);
+            c00 = _mm512_dpbusd_epi32(c00, b, p0);
+            c01 = _mm512_dpbusd_epi32(c01, b, p1);
+            c02 = _mm512_dpbusd_epi32(c02, b, p2);
+            memcpy(&v, a1 + o, 4);
+            b = _mm512_set1_epi32(v);
+            c10 = _mm512_dpbusd_epi32(c10, b, p0);
+            c11 = _mm512_dpbusd_epi32(c11, b, p1);
+            c12 = _mm512_dpbusd_epi32(c12, b, p2);
+            memcpy(&v, a2 + o, 4);
+            b = _mm512_set1_epi32(v);
+            c20 = _mm512_dpbusd_epi32(c20, b, p0);
+            c21 = _mm512_dpbusd_epi32(c21, b, p1);
+            c22 = _mm512_dpbusd_epi32(c22, b, p2);
+            memcpy(&v, a3 + o, 4);
+            b = _mm512_set1_epi32(v);
+            c30 = _mm512_dpbusd_epi32(c30, b, p0);
+            c31 = _mm512_dpbusd_epi32(c31, b, p1);
+            c32 = _mm512_dpbusd_epi32(c32, b, p2);
+        }
+        if (0 < nu) {
+            _mm512_storeu_si512(c + (size_t)(i + 0) * (size_t)ldc + 0, c00);
+            _mm512_storeu_si512(c + (size_t)(i + 0) * (size_t)ldc + 16, c01);
+            _mm512_storeu_si512(c + (size_t)(i + 0) * (size_t)ldc + 32, c02);
+        }
+        if (1 < nu) {
+            _mm512_storeu_si512(c + (size_t)(i + 1) * (size_t)ldc + 0, c10);
+            _mm512_storeu_si512(c + (size_t)(i + 1) * (size_t)ldc + 16, c11);
+            _mm512_storeu_si512(c + (size_t)(i + 1) * (size_t)ldc + 32, c12);
+        }
+        if (2 < nu) {
+            _mm512_storeu_si512(c + (size_t)(i + 2) * (size_t)ldc + 0, c20);
+            _mm512_storeu_si512(c + (size_t)(i + 2) * (size_t)ldc + 16, c21);
+            _mm512_storeu_si512(c + (size_t)(i + 2) * (size_t)ldc + 32, c22);
+        }
+        if (3 < nu) {
+            _mm512_storeu_si512(c + (size_t)(i + 3) * (size_t)ldc + 0, c30);
+            _mm512_storeu_si512(c + (size_t)(i + 3) * (size_t)ldc + 16, c31);
+            _mm512_storeu_si512(c + (size_t)(i + 3) * (size_t)ldc + 32, c32);
+        }
+    }
+}
+__attribute__((unused, noinline, target("avx512f,avx512bw,avx512vnni")))
+static void bnnc_u8dot_vnni4(const uint8_t *a, size_t ai, size_t ar, int32_t rows,
+    const int8_t *pan, int32_t lp, int32_t r4n, int32_t *c, int32_t ldc)
+{
+    int32_t i, r;
+    for (i = 0; i < rows; i += 4) {
+        const int32_t nu = rows - i < 4 ? rows - i : 4;
+        /* rows past the end repeat the first (computed, never stored) */
+        const uint8_t *a0 = a + (size_t)(i + (0 < nu ? 0 : 0)) * ai;
+        __m512i c00 = _mm512_setzero_si512();
+        __m512i c01 = _mm512_setzero_si512();
+        __m512i c02 = _mm512_setzero_si512();
+        __m512i c03 = _mm512_setzero_si512();
+        const uint8_t *a1 = a + (size_t)(i + (1 < nu ? 1 : 0)) * ai;
+        __m512i c10 = _mm512_setzero_si512();
+        __m512i c11 = _mm512_setzero_si512();
+        __m512i c12 = _mm512_setzero_si512();
+        __m512i c13 = _mm512_setzero_si512();
+        const uint8_t *a2 = a + (size_t)(i + (2 < nu ? 2 : 0)) * ai;
+        __m512i c20 = _mm512_setzero_si512();
+        __m512i c21 = _mm512_setzero_si512();
+        __m512i c22 = _mm512_setzero_si512();
+        __m512i c23 = _mm512_setzero_si512();
+        const uint8_t *a3 = a + (size_t)(i + (3 < nu ? 3 : 0)) * ai;
+        __m512i c30 = _mm512_setzero_si512();
+        __m512i c31 = _mm512_setzero_si512();
+        __m512i c32 = _mm512_setzero_si512();
+        __m512i c33 = _mm512_setzero_si512();
+        for (r = 0; r < r4n; r++) {
+            const int8_t *p = pan + (size_t)r * (size_t)lp * 4u;
+            const size_t o = (size_t)r * ar;
+            int32_t v;
+            __m512i b;
+            const __m512i p0 = _mm512_loadu_si512(p + 0);
+            const __m512i p1 = _mm512_loadu_si512(p + 64);
+            const __m512i p2 = _mm512_loadu_si512(p + 128);
+            const __m512i p3 = _mm512_loadu_si512(p + 192);
+            memcpy(&v, a0 + o, 4);
+            b = _mm512_set1_epi32(v);
+            c00 = _mm512_dpbusd_epi32(c00, b, p0);
+            c01 = _mm512_dpbusd_epi32(c01, b, p1);
+            c02 = _mm512_dpbusd_epi32(c02, b, p2);
+            c03 = _mm512_dpbusd_epi32(c03, b, p3);
+            memcpy(&v, a1 + o, 4);
+            b = _mm512_set1_epi32(v);
+            c10 = _mm512_dpbusd_epi32(c10, b, p0);
+            c11 = _mm512_dpbusd_epi32(c11, b, p1);
+            c12 = _mm512_dpbusd_epi32(c12, b, p2);
+            c13 = _mm512_dpbusd_epi32(c13, b, p3);
+            memcpy(&v, a2 + o, 4);
+            b = _mm512_set1_epi32(v);
+            c20 = _mm512_dpbusd_epi32(c20, b, p0);
+            c21 = _mm512_dpbusd_epi32(c21, b, p1);
+            c22 = _mm512_dpbusd_epi32(c22, b, p2);
+            c23 = _mm512_dpbusd_epi32(c23, b, p3);
+            memcpy(&v, a3 + o, 4);
+            b = _mm512_set1_epi32(v);
+            c30 = _mm512_dpbusd_epi32(c30, b, p0);
+            c31 = _mm512_dpbusd_epi32(c31, b, p1);
+            c32 = _mm512_dpbusd_epi32(c32, b, p2);
+            c33 = _mm512_dpbusd_epi32(c33, b, p3);
+        }
+        if (0 < nu) {
+            _mm512_storeu_si512(c + (size_t)(i + 0) * (size_t)ldc + 0, c00);
+            _mm512_storeu_si512(c + (size_t)(i + 0) * (size_t)ldc + 16, c01);
+            _mm512_storeu_si512(c + (size_t)(i + 0) * (size_t)ldc + 32, c02);
+            _mm512_storeu_si512(c + (size_t)(i + 0) * (size_t)ldc + 48, c03);
+        }
+        if (1 < nu) {
+            _mm512_storeu_si512(c + (size_t)(i + 1) * (size_t)ldc + 0, c10);
+            _mm512_storeu_si512(c + (size_t)(i + 1) * (size_t)ldc + 16, c11);
+            _mm512_storeu_si512(c + (size_t)(i + 1) * (size_t)ldc + 32, c12);
+            _mm512_storeu_si512(c + (size_t)(i + 1) * (size_t)ldc + 48, c13);
+        }
+        if (2 < nu) {
+            _mm512_storeu_si512(c + (size_t)(i + 2) * (size_t)ldc + 0, c20);
+            _mm512_storeu_si512(c + (size_t)(i + 2) * (size_t)ldc + 16, c21);
+            _mm512_storeu_si512(c + (size_t)(i + 2) * (size_t)ldc + 32, c22);
+            _mm512_storeu_si512(c + (size_t)(i + 2) * (size_t)ldc + 48, c23);
+        }
+        if (3 < nu) {
+            _mm512_storeu_si512(c + (size_t)(i + 3) * (size_t)ldc + 0, c30);
+            _mm512_storeu_si512(c + (size_t)(i + 3) * (size_t)ldc + 16, c31);
+            _mm512_storeu_si512(c + (size_t)(i + 3) * (size_t)ldc + 32, c32);
+            _mm512_storeu_si512(c + (size_t)(i + 3) * (size_t)ldc + 48, c33);
+        }
+    }
+}
+__attribute__((unused, noinline, target("avx512f,avx512bw,avx512vnni")))
+static void bnnc_u8dot_vnni(const uint8_t *a, size_t ai, size_t ar, int32_t rows,
+    const int8_t *pan, int32_t lp, int32_t r4n, int32_t ncol, int32_t *c, int32_t ldc)
+{
+    switch (ncol / 16) {
+    case 1: bnnc_u8dot_vnni1(a, ai, ar, rows, pan, lp, r4n, c, ldc); break;
+    case 2: bnnc_u8dot_vnni2(a, ai, ar, rows, pan, lp, r4n, c, ldc); break;
+    case 3: bnnc_u8dot_vnni3(a, ai, ar, rows, pan, lp, r4n, c, ldc); break;
+    default: bnnc_u8dot_vnni4(a, ai, ar, rows, pan, lp, r4n, c, ldc); break;
+    }
+}
+#endif
+/* bnnc_u8_signbits_c, 8 lanes at a time (the same float operations; ordered >=, as C's) */
+__attribute__((unused, noinline, target("avx2")))
+static uint64_t bnnc_u8_signbits_avx2(const int32_t *s, const int32_t *t, float a, float b,
+    int32_t n)
+{
+    const __m256 va = _mm256_set1_ps(a), vb = _mm256_set1_ps(b), z = _mm256_setzero_ps();
+    uint64_t word = 0;
+    int32_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+        const __m256 v = _mm256_add_ps(
+            _mm256_mul_ps(va, _mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)(s + j)))),
+            _mm256_mul_ps(vb, _mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)(t + j)))));
+        word |= (uint64_t)(uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(v, z, _CMP_GE_OQ)) << j;
+    }
+    if (j < n) word |= bnnc_u8_signbits_c(s + j, t + j, a, b, n - j) << j;
+    return word;
+}
+/* the widest core this CPU has and the build allows (VNNI needs AVX-512 level and avx512vnni;
+ * -DBNNC_NO_VNNI stops at AVX2, -DBNNC_U8DOT_PORTABLE takes the portable core: tests) */
+BNNC_HELPER void bnnc_u8dot(const uint8_t *a, size_t ai, size_t ar, int32_t rows,
+    const int8_t *pan, int32_t lp, int32_t r4n, int32_t ncol, int32_t *c, int32_t ldc)
+{
+#if defined(BNNC_U8DOT_PORTABLE)
+    bnnc_u8dot_c(a, ai, ar, rows, pan, lp, r4n, ncol, c, ldc);
+#else
+    const int level = bnnc_x86_level();
+#if defined(BNNC_AVX512) && !defined(BNNC_NO_VNNI)
+    if (level == 2 && __builtin_cpu_supports("avx512vnni")) {
+        bnnc_u8dot_vnni(a, ai, ar, rows, pan, lp, r4n, ncol, c, ldc);
+        return;
+    }
+#endif
+    if (level >= 1) bnnc_u8dot_avx2(a, ai, ar, rows, pan, lp, r4n, ncol, c, ldc);
+    else bnnc_u8dot_c(a, ai, ar, rows, pan, lp, r4n, ncol, c, ldc);
+#endif
+}
+BNNC_HELPER int bnnc_u8dot_wide(void)
+{
+#if defined(BNNC_U8DOT_PORTABLE)
+    return bnnc_u8dot_wide_c();
+#else
+    const int level = bnnc_x86_level();
+#if defined(BNNC_AVX512) && !defined(BNNC_NO_VNNI)
+    if (level == 2 && __builtin_cpu_supports("avx512vnni")) return 1;
+#endif
+    return level == 0;
+#endif
+}
+BNNC_HELPER uint64_t bnnc_u8_signbits(const int32_t *s, const int32_t *t, float a, float b,
+    int32_t n)
+{
+#if !defined(BNNC_U8DOT_PORTABLE)
+    if (bnnc_x86_level() >= 1) return bnnc_u8_signbits_avx2(s, t, a, b, n);
+#endif
+    return bnnc_u8_signbits_c(s, t, a, b, n);
+}
+#endif
+
+
+#if defined(BNNC_AVX2)
+#define BNNC_PACKW 1
+/* W's row k, outputs o0 .. o0 + 7 / + 15, as floats: bf16 (bf16 != 0) widened, or f32 */
+#define BNNC_PACKW_LD8(w, bf16, at) ((bf16) \
+    ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32( \
+          _mm_loadu_si128((const __m128i *)((const uint16_t *)(w) + (at)))), 16)) \
+    : _mm256_loadu_ps((const float *)(w) + (at)))
+#define BNNC_PACKW_LD16(w, bf16, at) ((bf16) \
+    ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32( \
+          _mm256_loadu_si256((const __m256i *)((const uint16_t *)(w) + (at)))), 16)) \
+    : _mm512_loadu_ps((const float *)(w) + (at)))
+/* 8 outputs at a time: per row k, the 8 signs set bit k of 8 64-bit lanes */
+__attribute__((unused, noinline, target("avx2")))
+static int32_t bnnc_packw_avx2(const void *w, int bf16, uint64_t *wb, int32_t K, int32_t N,
+    int32_t words)
+{
+    const int32_t n8 = N / 8 * 8;
+    int32_t k0, o0, k, j;
+    for (k0 = 0; k0 < K; k0 += 64) {
+        const int32_t kb = K - k0 < 64 ? K - k0 : 64;
+        for (o0 = 0; o0 < n8; o0 += 8) {
+            __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256();
+            uint64_t t[8];
+            for (k = 0; k < kb; k++) {
+                const __m256i m = _mm256_castps_si256(_mm256_cmp_ps(
+                    BNNC_PACKW_LD8(w, bf16, (size_t)(k0 + k) * (size_t)N + (size_t)o0),
+                    _mm256_setzero_ps(), _CMP_GE_OQ));
+                const __m256i bit = _mm256_set1_epi64x((long long)(UINT64_C(1) << k));
+                lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(m)), bit));
+                hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_cvtepi32_epi64(_mm256_extracti128_si256(m, 1)), bit));
+            }
+            _mm256_storeu_si256((__m256i *)t, lo);
+            _mm256_storeu_si256((__m256i *)(t + 4), hi);
+            for (j = 0; j < 8; j++) wb[(size_t)(o0 + j) * (size_t)words + (size_t)(k0 / 64)] = t[j];
+        }
+    }
+    return n8;
+}
+#if defined(BNNC_AVX512)
+/* 16 outputs at a time: the compare's mask bits choose the 64-bit lanes that get bit k */
+__attribute__((unused, noinline, target("avx512f")))
+static int32_t bnnc_packw_avx512(const void *w, int bf16, uint64_t *wb, int32_t K, int32_t N,
+    int32_t words)
+{
+    const int32_t n16 = N / 16 * 16;
+    int32_t k0, o0, k, j;
+    for (k0 = 0; k0 < K; k0 += 64) {
+        const int32_t kb = K - k0 < 64 ? K - k0 : 64;
+        for (o0 = 0; o0 < n16; o0 += 16) {
+            __m512i lo = _mm512_setzero_si512(), hi = _mm512_setzero_si512();
+            uint64_t t[16];
+            for (k = 0; k < kb; k++) {
+                const __mmask16 m = _mm512_cmp_ps_mask(
+                    BNNC_PACKW_LD16(w, bf16, (size_t)(k0 + k) * (size_t)N + (size_t)o0),
+                    _mm512_setzero_ps(), _CMP_GE_OQ);
+                const __m512i bit = _mm512_set1_epi64((long long)(UINT64_C(1) << k));
+                lo = _mm512_mask_or_epi64(lo, (__mmask8)m, lo, bit);
+                hi = _mm512_mask_or_epi64(hi, (__mmask8)(m >> 8), hi, bit);
+            }
+            _mm512_storeu_si512(t, lo);
+            _mm512_storeu_si512(t + 8, hi);
+            for (j = 0; j < 16; j++) wb[(size_t)(o0 + j) * (size_t)words + (size_t)(k0 / 64)] = t[j];
+        }
+    }
+    return n16;
+}
+#endif
+BNNC_HELPER int32_t bnnc_packw(const void *w, int bf16, uint64_t *wb, int32_t K, int32_t N,
+    int32_t words)
+{
+    const int level = bnnc_x86_level();
+#if defined(BNNC_AVX512)
+    if (level == 2) return bnnc_packw_avx512(w, bf16, wb, K, N, words);
+#endif
+    return level >= 1 ? bnnc_packw_avx2(w, bf16, wb, K, N, words) : 0;
+}
+#endif
+
+#if defined(BNNC_AVX2)
+#define BNNC_BP_PLANES_SIMD 1
+/* bnnc_bp_planes64_c with byte compares: a level's plane word is the mask of the codes equal to
+ * it once the sign bit is cleared (c & 0x2F: the zero code 0x20 equals no level) */
+__attribute__((unused, noinline, target("avx2,popcnt")))
+static int64_t bnnc_bp_planes64_avx2(const uint8_t c[64], uint64_t out[17], uint32_t *lv)
+{
+    const __m256i v0 = _mm256_loadu_si256((const __m256i *)c);
+    const __m256i v1 = _mm256_loadu_si256((const __m256i *)(c + 32));
+    const __m256i keep = _mm256_set1_epi8(0x2F), sgn = _mm256_set1_epi8(0x10);
+    const __m256i l0 = _mm256_and_si256(v0, keep), l1 = _mm256_and_si256(v1, keep);
+    int64_t a = 0;
+    int32_t l;
+    for (l = 0; l < 16; l++) {
+        const __m256i e = _mm256_set1_epi8((char)l);
+        const uint64_t w = (uint64_t)(uint32_t)_mm256_movemask_epi8(_mm256_cmpeq_epi8(l0, e))
+            | (uint64_t)(uint32_t)_mm256_movemask_epi8(_mm256_cmpeq_epi8(l1, e)) << 32;
+        out[l] = w;
+        a += (int64_t)__builtin_popcountll(w) << l;
+        *lv |= (uint32_t)(w != 0) << l;
+    }
+    out[16] = (uint64_t)(uint32_t)_mm256_movemask_epi8(_mm256_cmpeq_epi8(_mm256_and_si256(v0, sgn), sgn))
+        | (uint64_t)(uint32_t)_mm256_movemask_epi8(_mm256_cmpeq_epi8(_mm256_and_si256(v1, sgn), sgn)) << 32;
+    return a;
+}
+#if defined(BNNC_AVX512)
+__attribute__((unused, noinline, target("avx512f,avx512bw,popcnt")))
+static int64_t bnnc_bp_planes64_avx512(const uint8_t c[64], uint64_t out[17], uint32_t *lv)
+{
+    const __m512i v = _mm512_loadu_si512(c);
+    const __m512i lvl = _mm512_and_si512(v, _mm512_set1_epi8(0x2F));
+    int64_t a = 0;
+    int32_t l;
+    for (l = 0; l < 16; l++) {
+        const uint64_t w = _mm512_cmpeq_epi8_mask(lvl, _mm512_set1_epi8((char)l));
+        out[l] = w;
+        a += (int64_t)__builtin_popcountll(w) << l;
+        *lv |= (uint32_t)(w != 0) << l;
+    }
+    out[16] = _mm512_test_epi8_mask(v, _mm512_set1_epi8(0x10));
+    return a;
+}
+#endif
+BNNC_HELPER int64_t bnnc_bp_planes64(const uint8_t c[64], uint64_t out[17], uint32_t *lv)
+{
+    const int level = bnnc_x86_level();
+#if defined(BNNC_AVX512)
+    if (level == 2) return bnnc_bp_planes64_avx512(c, out, lv);
+#endif
+    if (level >= 1) return bnnc_bp_planes64_avx2(c, out, lv);
+    return bnnc_bp_planes64_c(c, out, lv);
+}
+#endif
+
 /* binary dW: the sign bits (sign(0) = +1) of X^T G, element k*N+o of W -> bit k*N+o.
  * PO2 G with +-1 X: an exact integer sum (G scaled by 2^(8 + bias), which keeps its sign) */
 static void k_dense_dw_bin_bits_po21(const uint64_t *x,
@@ -1864,22 +2475,28 @@ static void k_dense_dw_bin_bits_po21(const uint64_t *x,
                     uint32_t m = 0;
                     int32_t wd, rr, l;
                     for (wd = 0; wd < words; wd++) {
-                        /* one word of each plane in locals, then stored */
-                        uint64_t lw[16] = {0}, sg = 0;
                         const int32_t rend = B - 64 * wd < 64 ? B - 64 * wd : 64;
+    #if defined(BNNC_BP_PLANES_SIMD)
+                        /* the word's 64 codes (BNNC_PO2_ZERO past the end: they add nothing), then
+                         * its word of each plane by byte compares (kernels/vector.c.j2 `bp_planes`) */
+                        uint64_t lw[17];
+                        uint8_t cb[64];
                         for (rr = 0; rr < rend; rr++) {
-                            /* branch-free: the zero code adds nothing (its level bit stays 0) */
-                            uint32_t c, nz;
                             r = 64 * wd + rr;
-                            c = g[(size_t)r * (size_t)N + (size_t)qi];
-                            nz = c != BNNC_PO2_ZERO;
-                            lw[c & 15u] |= (uint64_t)nz << rr;
-                            sg |= (uint64_t)((c >> 4) & 1u) << rr;
-                            a += (int64_t)nz << (c & 15u);
-                            m |= nz << (c & 15u);
+                            cb[rr] = (uint8_t)(g[(size_t)r * (size_t)N + (size_t)qi]);
                         }
-                        for (l = 0; l < 16; l++) pl[l * words + wd] = lw[l];
-                        pl[16 * words + wd] = sg;
+                        for (; rr < 64; rr++) cb[rr] = (uint8_t)BNNC_PO2_ZERO;
+                        a += bnnc_bp_planes64(cb, lw, &m);
+                        for (l = 0; l < 17; l++) pl[l * words + wd] = lw[l];
+    #else
+                        /* one word of each plane in locals, then stored */
+                        uint64_t lw[17] = {0};
+                        for (rr = 0; rr < rend; rr++) {
+                            r = 64 * wd + rr;
+                            bnnc_bp_plane_add(g[(size_t)r * (size_t)N + (size_t)qi], rr, lw, &a, &m);
+                        }
+                        for (l = 0; l < 17; l++) pl[l * words + wd] = lw[l];
+    #endif
                     }
                     asum[qq] = a;
                     lv[qq] = m;
@@ -2123,22 +2740,28 @@ static void k_dense_dx_po2_bf16_f16(const uint8_t *q, const int32_t *bias, const
                     uint32_t m = 0;
                     int32_t wd, rr, l;
                     for (wd = 0; wd < words; wd++) {
-                        /* one word of each plane in locals, then stored */
-                        uint64_t lw[16] = {0}, sg = 0;
                         const int32_t rend = N - 64 * wd < 64 ? N - 64 * wd : 64;
+    #if defined(BNNC_BP_PLANES_SIMD)
+                        /* the word's 64 codes (BNNC_PO2_ZERO past the end: they add nothing), then
+                         * its word of each plane by byte compares (kernels/vector.c.j2 `bp_planes`) */
+                        uint64_t lw[17];
+                        uint8_t cb[64];
                         for (rr = 0; rr < rend; rr++) {
-                            /* branch-free: the zero code adds nothing (its level bit stays 0) */
-                            uint32_t c, nz;
                             r = 64 * wd + rr;
-                            c = q[(size_t)qi * (size_t)N + (size_t)r];
-                            nz = c != BNNC_PO2_ZERO;
-                            lw[c & 15u] |= (uint64_t)nz << rr;
-                            sg |= (uint64_t)((c >> 4) & 1u) << rr;
-                            a += (int64_t)nz << (c & 15u);
-                            m |= nz << (c & 15u);
+                            cb[rr] = (uint8_t)(q[(size_t)qi * (size_t)N + (size_t)r]);
                         }
-                        for (l = 0; l < 16; l++) pl[l * words + wd] = lw[l];
-                        pl[16 * words + wd] = sg;
+                        for (; rr < 64; rr++) cb[rr] = (uint8_t)BNNC_PO2_ZERO;
+                        a += bnnc_bp_planes64(cb, lw, &m);
+                        for (l = 0; l < 17; l++) pl[l * words + wd] = lw[l];
+    #else
+                        /* one word of each plane in locals, then stored */
+                        uint64_t lw[17] = {0};
+                        for (rr = 0; rr < rend; rr++) {
+                            r = 64 * wd + rr;
+                            bnnc_bp_plane_add(q[(size_t)qi * (size_t)N + (size_t)r], rr, lw, &a, &m);
+                        }
+                        for (l = 0; l < 17; l++) pl[l * words + wd] = lw[l];
+    #endif
                     }
                     asum[qq] = a;
                     lv[qq] = m;
@@ -2355,10 +2978,14 @@ static void k_pack_sign_w_dense_bf16(const uint16_t *w, uint64_t *wb, int32_t K,
     if (!wc) {
         /* plain bit order: each word of row o is built in a register from 64 consecutive rows of
          * W, which stay in L1 across the outputs */
-        int32_t k0, i;
+        int32_t k0, i, done = 0;
+#if defined(BNNC_PACKW)
+        /* the SIMD pack (kernels/vector.c.j2 block `packw`) takes the first outputs */
+        done = bnnc_packw(w, 1, wb, K, N, words);
+#endif
         for (i = 0, k0 = 0; k0 < K; i++, k0 += 64) {
             int32_t kb = K - k0 < 64 ? K - k0 : 64;
-            for (o = 0; o < N; o++) {
+            for (o = done; o < N; o++) {
                 uint64_t word = 0;
                 for (k = 0; k < kb; k++)
                     word |= (uint64_t)(bnnc_ld_bf16(w, (size_t)(k0 + k) * (size_t)N + (size_t)o)
