@@ -2,7 +2,7 @@
  * bnnc compile mlp --target host --algorithm proposed --batch 100 --optimizer adam
  * model sha256 ab20dcb8787ed8fa07e61e94e36302b974c7ab424c8a67b4d1dbe25626500b91
  * algorithm=proposed, batch=100, optimizer=adam, binary_dw=True, po2=True, po2_bias=8, po2_zero_to_min=True, bn=l1, state_dtype=bf16, save_bits=True, lr=0.001, lr_schedule=linear, beta1=0.9, beta2=0.999, adam_eps=1e-07, sgd_momentum=0.9, bop_gamma=0.0001, bop_threshold=32.0, bop_bn_shift=True, bn_momentum=0.9, seed=0, frozen=(), frozen_bn=batch
- * arena 458896 B, lower bound 458896, efficiency 1.000 (pressure_best_fit, align 16); state 2409632 B
+ * arena 458896 B, lower bound 458896, efficiency 1.000 (conflicts_best_fit, align 16); state 2409632 B
  *
  * One training step = 52 straight-line calls of static step functions at fixed arena offsets.
  * Build flags: -DBNNC_DEBUG_DUMP keeps a copy of every step output (bnnc_mlp_tensor);
@@ -37,7 +37,7 @@ static struct {
 
 /* every tensor of the training step: T_ in the arena, S_ in the state (bnnc names, `.` -> `_`) */
 #define T_input ((float *)(BNNC_A + 0u))  /* input [100, 1, 28, 28] f32 */
-#define T_labels ((int32_t *)(BNNC_A + 458496u))  /* labels [100] i32 */
+#define T_labels ((int32_t *)(BNNC_A + 345472u))  /* labels [100] i32 */
 #define S_fc1_W ((uint16_t *)(BNNC_S + 0u))  /* fc1.W [784, 256] bf16 */
 #define S_fc1_W_m ((uint16_t *)(BNNC_S + 401408u))  /* fc1.W.m [784, 256] bf16 */
 #define S_fc1_W_v ((uint16_t *)(BNNC_S + 802816u))  /* fc1.W.v [784, 256] bf16 */
@@ -79,79 +79,79 @@ static struct {
 #define S_bn5_running_mean ((uint16_t *)(BNNC_S + 2409568u))  /* bn5.running_mean [10] bf16 */
 #define S_bn5_running_psi ((uint16_t *)(BNNC_S + 2409600u))  /* bn5.running_psi [10] bf16 */
 #define T_flatten1_out ((float *)(BNNC_A + 0u))  /* flatten1.out [100, 784] f32 */
-#define T_fc1_out ((float *)(BNNC_A + 313600u))  /* fc1.out [100, 256] f32 */
-#define T_bn1_out ((float *)(BNNC_A + 313600u))  /* bn1.out [100, 256] f32 */
-#define T_bn1_mu ((float *)(BNNC_A + 419200u))  /* bn1.mu [256] f32 */
-#define T_bn1_psi ((float *)(BNNC_A + 454400u))  /* bn1.psi [256] f32 */
-#define T_bn1_s ((uint64_t *)(BNNC_A + 416000u))  /* bn1.s [100, 256] bit */
-#define T_sign1_out ((uint64_t *)(BNNC_A + 422400u))  /* sign1.out [100, 256] bit */
-#define T_sign1_mask ((uint64_t *)(BNNC_A + 419200u))  /* sign1.mask [100, 256] bit */
-#define T_fc2_out ((float *)(BNNC_A + 313600u))  /* fc2.out [100, 256] f32 */
-#define T_fc2_Wb ((uint64_t *)(BNNC_A + 425600u))  /* fc2.Wb [256, 256] bit */
-#define T_bn2_out ((float *)(BNNC_A + 313600u))  /* bn2.out [100, 256] f32 */
-#define T_bn2_mu ((float *)(BNNC_A + 428800u))  /* bn2.mu [256] f32 */
-#define T_bn2_psi ((float *)(BNNC_A + 455424u))  /* bn2.psi [256] f32 */
-#define T_bn2_s ((uint64_t *)(BNNC_A + 425600u))  /* bn2.s [100, 256] bit */
-#define T_sign2_out ((uint64_t *)(BNNC_A + 432000u))  /* sign2.out [100, 256] bit */
-#define T_sign2_mask ((uint64_t *)(BNNC_A + 428800u))  /* sign2.mask [100, 256] bit */
-#define T_fc3_out ((float *)(BNNC_A + 313600u))  /* fc3.out [100, 256] f32 */
-#define T_fc3_Wb ((uint64_t *)(BNNC_A + 435200u))  /* fc3.Wb [256, 256] bit */
-#define T_bn3_out ((float *)(BNNC_A + 313600u))  /* bn3.out [100, 256] f32 */
-#define T_bn3_mu ((float *)(BNNC_A + 438400u))  /* bn3.mu [256] f32 */
-#define T_bn3_psi ((float *)(BNNC_A + 456448u))  /* bn3.psi [256] f32 */
-#define T_bn3_s ((uint64_t *)(BNNC_A + 435200u))  /* bn3.s [100, 256] bit */
-#define T_sign3_out ((uint64_t *)(BNNC_A + 441600u))  /* sign3.out [100, 256] bit */
-#define T_sign3_mask ((uint64_t *)(BNNC_A + 438400u))  /* sign3.mask [100, 256] bit */
-#define T_fc4_out ((float *)(BNNC_A + 313600u))  /* fc4.out [100, 256] f32 */
-#define T_fc4_Wb ((uint64_t *)(BNNC_A + 444800u))  /* fc4.Wb [256, 256] bit */
-#define T_bn4_out ((float *)(BNNC_A + 313600u))  /* bn4.out [100, 256] f32 */
-#define T_bn4_mu ((float *)(BNNC_A + 448000u))  /* bn4.mu [256] f32 */
-#define T_bn4_psi ((float *)(BNNC_A + 457472u))  /* bn4.psi [256] f32 */
-#define T_bn4_s ((uint64_t *)(BNNC_A + 444800u))  /* bn4.s [100, 256] bit */
-#define T_sign4_out ((uint64_t *)(BNNC_A + 451200u))  /* sign4.out [100, 256] bit */
-#define T_sign4_mask ((uint64_t *)(BNNC_A + 448000u))  /* sign4.mask [100, 256] bit */
-#define T_fc5_out ((float *)(BNNC_A + 313600u))  /* fc5.out [100, 10] f32 */
-#define T_fc5_Wb ((uint64_t *)(BNNC_A + 317600u))  /* fc5.Wb [256, 10] bit */
-#define T_bn5_out ((float *)(BNNC_A + 313600u))  /* bn5.out [100, 10] f32 */
-#define T_bn5_mu ((float *)(BNNC_A + 317600u))  /* bn5.mu [10] f32 */
-#define T_bn5_psi ((float *)(BNNC_A + 322400u))  /* bn5.psi [10] f32 */
-#define T_bn5_s ((uint64_t *)(BNNC_A + 321600u))  /* bn5.s [100, 10] bit */
-#define T_softmax1_out ((float *)(BNNC_A + 317600u))  /* softmax1.out [100, 10] f32 */
-#define T_loss ((float *)(BNNC_A + 322448u))  /* loss [1] f32 */
-#define T_bn5_d_out ((uint16_t *)(BNNC_A + 313600u))  /* bn5.d_out [100, 10] f16 */
-#define T_bn5_dbeta ((float *)(BNNC_A + 317600u))  /* bn5.dbeta [10] f32 */
-#define T_fc5_d_out ((uint16_t *)(BNNC_A + 313600u))  /* fc5.d_out [100, 10] f16 */
-#define T_fc5_d_out_q ((uint8_t *)(BNNC_A + 313600u))  /* fc5.d_out_q [100, 10] po2 */
-#define T_fc5_po2_bias ((int32_t *)(BNNC_A + 317920u))  /* fc5.po2_bias [1] i32 */
-#define T_fc5_dW ((uint64_t *)(BNNC_A + 317600u))  /* fc5.dW [256, 10] bit */
-#define T_sign4_d_out ((uint16_t *)(BNNC_A + 364800u))  /* sign4.d_out [100, 256] f16 */
-#define T_bn4_d_out ((uint16_t *)(BNNC_A + 364800u))  /* bn4.d_out [100, 256] f16 */
-#define T_bn4_dbeta ((float *)(BNNC_A + 448000u))  /* bn4.dbeta [256] f32 */
-#define T_fc4_d_out ((uint16_t *)(BNNC_A + 364800u))  /* fc4.d_out [100, 256] f16 */
-#define T_fc4_d_out_q ((uint8_t *)(BNNC_A + 364800u))  /* fc4.d_out_q [100, 256] po2 */
-#define T_fc4_po2_bias ((int32_t *)(BNNC_A + 452992u))  /* fc4.po2_bias [1] i32 */
-#define T_fc4_dW ((uint64_t *)(BNNC_A + 444800u))  /* fc4.dW [256, 256] bit */
-#define T_sign3_d_out ((uint16_t *)(BNNC_A + 313600u))  /* sign3.d_out [100, 256] f16 */
-#define T_bn3_d_out ((uint16_t *)(BNNC_A + 313600u))  /* bn3.d_out [100, 256] f16 */
-#define T_bn3_dbeta ((float *)(BNNC_A + 438400u))  /* bn3.dbeta [256] f32 */
-#define T_fc3_d_out ((uint16_t *)(BNNC_A + 313600u))  /* fc3.d_out [100, 256] f16 */
-#define T_fc3_d_out_q ((uint8_t *)(BNNC_A + 313600u))  /* fc3.d_out_q [100, 256] po2 */
-#define T_fc3_po2_bias ((int32_t *)(BNNC_A + 443392u))  /* fc3.po2_bias [1] i32 */
-#define T_fc3_dW ((uint64_t *)(BNNC_A + 435200u))  /* fc3.dW [256, 256] bit */
-#define T_sign2_d_out ((uint16_t *)(BNNC_A + 364800u))  /* sign2.d_out [100, 256] f16 */
-#define T_bn2_d_out ((uint16_t *)(BNNC_A + 364800u))  /* bn2.d_out [100, 256] f16 */
-#define T_bn2_dbeta ((float *)(BNNC_A + 428800u))  /* bn2.dbeta [256] f32 */
-#define T_fc2_d_out ((uint16_t *)(BNNC_A + 364800u))  /* fc2.d_out [100, 256] f16 */
-#define T_fc2_d_out_q ((uint8_t *)(BNNC_A + 364800u))  /* fc2.d_out_q [100, 256] po2 */
-#define T_fc2_po2_bias ((int32_t *)(BNNC_A + 433792u))  /* fc2.po2_bias [1] i32 */
-#define T_fc2_dW ((uint64_t *)(BNNC_A + 425600u))  /* fc2.dW [256, 256] bit */
-#define T_sign1_d_out ((uint16_t *)(BNNC_A + 313600u))  /* sign1.d_out [100, 256] f16 */
-#define T_bn1_d_out ((uint16_t *)(BNNC_A + 313600u))  /* bn1.d_out [100, 256] f16 */
-#define T_bn1_dbeta ((float *)(BNNC_A + 419200u))  /* bn1.dbeta [256] f32 */
-#define T_fc1_d_out ((uint16_t *)(BNNC_A + 313600u))  /* fc1.d_out [100, 256] f16 */
-#define T_fc1_d_out_q ((uint8_t *)(BNNC_A + 313600u))  /* fc1.d_out_q [100, 256] po2 */
-#define T_fc1_po2_bias ((int32_t *)(BNNC_A + 364800u))  /* fc1.po2_bias [1] i32 */
-#define T_fc1_dW ((uint64_t *)(BNNC_A + 364800u))  /* fc1.dW [784, 256] bit */
+#define T_fc1_out ((float *)(BNNC_A + 345872u))  /* fc1.out [100, 256] f32 */
+#define T_bn1_out ((float *)(BNNC_A + 345872u))  /* bn1.out [100, 256] f32 */
+#define T_bn1_mu ((float *)(BNNC_A + 317824u))  /* bn1.mu [256] f32 */
+#define T_bn1_psi ((float *)(BNNC_A + 316800u))  /* bn1.psi [256] f32 */
+#define T_bn1_s ((uint64_t *)(BNNC_A + 313600u))  /* bn1.s [100, 256] bit */
+#define T_sign1_out ((uint64_t *)(BNNC_A + 321024u))  /* sign1.out [100, 256] bit */
+#define T_sign1_mask ((uint64_t *)(BNNC_A + 317824u))  /* sign1.mask [100, 256] bit */
+#define T_fc2_out ((float *)(BNNC_A + 345872u))  /* fc2.out [100, 256] f32 */
+#define T_fc2_Wb ((uint64_t *)(BNNC_A + 324224u))  /* fc2.Wb [256, 256] bit */
+#define T_bn2_out ((float *)(BNNC_A + 345872u))  /* bn2.out [100, 256] f32 */
+#define T_bn2_mu ((float *)(BNNC_A + 328448u))  /* bn2.mu [256] f32 */
+#define T_bn2_psi ((float *)(BNNC_A + 327424u))  /* bn2.psi [256] f32 */
+#define T_bn2_s ((uint64_t *)(BNNC_A + 324224u))  /* bn2.s [100, 256] bit */
+#define T_sign2_out ((uint64_t *)(BNNC_A + 331648u))  /* sign2.out [100, 256] bit */
+#define T_sign2_mask ((uint64_t *)(BNNC_A + 328448u))  /* sign2.mask [100, 256] bit */
+#define T_fc3_out ((float *)(BNNC_A + 345872u))  /* fc3.out [100, 256] f32 */
+#define T_fc3_Wb ((uint64_t *)(BNNC_A + 334848u))  /* fc3.Wb [256, 256] bit */
+#define T_bn3_out ((float *)(BNNC_A + 345872u))  /* bn3.out [100, 256] f32 */
+#define T_bn3_mu ((float *)(BNNC_A + 339072u))  /* bn3.mu [256] f32 */
+#define T_bn3_psi ((float *)(BNNC_A + 338048u))  /* bn3.psi [256] f32 */
+#define T_bn3_s ((uint64_t *)(BNNC_A + 334848u))  /* bn3.s [100, 256] bit */
+#define T_sign3_out ((uint64_t *)(BNNC_A + 342272u))  /* sign3.out [100, 256] bit */
+#define T_sign3_mask ((uint64_t *)(BNNC_A + 339072u))  /* sign3.mask [100, 256] bit */
+#define T_fc4_out ((float *)(BNNC_A + 356496u))  /* fc4.out [100, 256] f32 */
+#define T_fc4_Wb ((uint64_t *)(BNNC_A + 345872u))  /* fc4.Wb [256, 256] bit */
+#define T_bn4_out ((float *)(BNNC_A + 356496u))  /* bn4.out [100, 256] f32 */
+#define T_bn4_mu ((float *)(BNNC_A + 350096u))  /* bn4.mu [256] f32 */
+#define T_bn4_psi ((float *)(BNNC_A + 349072u))  /* bn4.psi [256] f32 */
+#define T_bn4_s ((uint64_t *)(BNNC_A + 345872u))  /* bn4.s [100, 256] bit */
+#define T_sign4_out ((uint64_t *)(BNNC_A + 353296u))  /* sign4.out [100, 256] bit */
+#define T_sign4_mask ((uint64_t *)(BNNC_A + 350096u))  /* sign4.mask [100, 256] bit */
+#define T_fc5_out ((float *)(BNNC_A + 356496u))  /* fc5.out [100, 10] f32 */
+#define T_fc5_Wb ((uint64_t *)(BNNC_A + 360496u))  /* fc5.Wb [256, 10] bit */
+#define T_bn5_out ((float *)(BNNC_A + 356496u))  /* bn5.out [100, 10] f32 */
+#define T_bn5_mu ((float *)(BNNC_A + 361344u))  /* bn5.mu [10] f32 */
+#define T_bn5_psi ((float *)(BNNC_A + 361296u))  /* bn5.psi [10] f32 */
+#define T_bn5_s ((uint64_t *)(BNNC_A + 360496u))  /* bn5.s [100, 10] bit */
+#define T_softmax1_out ((float *)(BNNC_A + 361344u))  /* softmax1.out [100, 10] f32 */
+#define T_loss ((float *)(BNNC_A + 365344u))  /* loss [1] f32 */
+#define T_bn5_d_out ((uint16_t *)(BNNC_A + 356496u))  /* bn5.d_out [100, 10] f16 */
+#define T_bn5_dbeta ((float *)(BNNC_A + 345472u))  /* bn5.dbeta [10] f32 */
+#define T_fc5_d_out ((uint16_t *)(BNNC_A + 356496u))  /* fc5.d_out [100, 10] f16 */
+#define T_fc5_d_out_q ((uint8_t *)(BNNC_A + 404496u))  /* fc5.d_out_q [100, 10] po2 */
+#define T_fc5_po2_bias ((int32_t *)(BNNC_A + 345472u))  /* fc5.po2_bias [1] i32 */
+#define T_fc5_dW ((uint64_t *)(BNNC_A + 345488u))  /* fc5.dW [256, 10] bit */
+#define T_sign4_d_out ((uint16_t *)(BNNC_A + 353296u))  /* sign4.d_out [100, 256] f16 */
+#define T_bn4_d_out ((uint16_t *)(BNNC_A + 353296u))  /* bn4.d_out [100, 256] f16 */
+#define T_bn4_dbeta ((float *)(BNNC_A + 350096u))  /* bn4.dbeta [256] f32 */
+#define T_fc4_d_out ((uint16_t *)(BNNC_A + 353296u))  /* fc4.d_out [100, 256] f16 */
+#define T_fc4_d_out_q ((uint8_t *)(BNNC_A + 404496u))  /* fc4.d_out_q [100, 256] po2 */
+#define T_fc4_po2_bias ((int32_t *)(BNNC_A + 430096u))  /* fc4.po2_bias [1] i32 */
+#define T_fc4_dW ((uint64_t *)(BNNC_A + 393472u))  /* fc4.dW [256, 256] bit */
+#define T_sign3_d_out ((uint16_t *)(BNNC_A + 342272u))  /* sign3.d_out [100, 256] f16 */
+#define T_bn3_d_out ((uint16_t *)(BNNC_A + 342272u))  /* bn3.d_out [100, 256] f16 */
+#define T_bn3_dbeta ((float *)(BNNC_A + 339072u))  /* bn3.dbeta [256] f32 */
+#define T_fc3_d_out ((uint16_t *)(BNNC_A + 342272u))  /* fc3.d_out [100, 256] f16 */
+#define T_fc3_d_out_q ((uint8_t *)(BNNC_A + 393472u))  /* fc3.d_out_q [100, 256] po2 */
+#define T_fc3_po2_bias ((int32_t *)(BNNC_A + 419072u))  /* fc3.po2_bias [1] i32 */
+#define T_fc3_dW ((uint64_t *)(BNNC_A + 382848u))  /* fc3.dW [256, 256] bit */
+#define T_sign2_d_out ((uint16_t *)(BNNC_A + 331648u))  /* sign2.d_out [100, 256] f16 */
+#define T_bn2_d_out ((uint16_t *)(BNNC_A + 331648u))  /* bn2.d_out [100, 256] f16 */
+#define T_bn2_dbeta ((float *)(BNNC_A + 328448u))  /* bn2.dbeta [256] f32 */
+#define T_fc2_d_out ((uint16_t *)(BNNC_A + 331648u))  /* fc2.d_out [100, 256] f16 */
+#define T_fc2_d_out_q ((uint8_t *)(BNNC_A + 382848u))  /* fc2.d_out_q [100, 256] po2 */
+#define T_fc2_po2_bias ((int32_t *)(BNNC_A + 408448u))  /* fc2.po2_bias [1] i32 */
+#define T_fc2_dW ((uint64_t *)(BNNC_A + 372224u))  /* fc2.dW [256, 256] bit */
+#define T_sign1_d_out ((uint16_t *)(BNNC_A + 321024u))  /* sign1.d_out [100, 256] f16 */
+#define T_bn1_d_out ((uint16_t *)(BNNC_A + 321024u))  /* bn1.d_out [100, 256] f16 */
+#define T_bn1_dbeta ((float *)(BNNC_A + 317824u))  /* bn1.dbeta [256] f32 */
+#define T_fc1_d_out ((uint16_t *)(BNNC_A + 321024u))  /* fc1.d_out [100, 256] f16 */
+#define T_fc1_d_out_q ((uint8_t *)(BNNC_A + 372224u))  /* fc1.d_out_q [100, 256] po2 */
+#define T_fc1_po2_bias ((int32_t *)(BNNC_A + 313600u))  /* fc1.po2_bias [1] i32 */
+#define T_fc1_dW ((uint64_t *)(BNNC_A + 313600u))  /* fc1.dW [784, 256] bit */
 
 #ifdef BNNC_DEBUG_DUMP
 static uint64_t bnnc_dump[4403248u / 8u];
@@ -5307,7 +5307,7 @@ int32_t *bnnc_mlp_label_buffer(void) { return T_labels; }
 
 static const bnnc_mlp_tensor_info_t bnnc_tensors[116] = {
     { "input", 0, 0, 0u, 313600u, 4, { 100, 1, 28, 28 } },
-    { "labels", 6, 0, 458496u, 400u, 1, { 100, 0, 0, 0 } },
+    { "labels", 6, 0, 345472u, 400u, 1, { 100, 0, 0, 0 } },
     { "fc1.W", 2, 1, 0u, 401408u, 2, { 784, 256, 0, 0 } },
     { "fc1.W.m", 2, 1, 401408u, 401408u, 2, { 784, 256, 0, 0 } },
     { "fc1.W.v", 2, 1, 802816u, 401408u, 2, { 784, 256, 0, 0 } },
@@ -5349,79 +5349,79 @@ static const bnnc_mlp_tensor_info_t bnnc_tensors[116] = {
     { "bn5.running_mean", 2, 1, 2409568u, 20u, 1, { 10, 0, 0, 0 } },
     { "bn5.running_psi", 2, 1, 2409600u, 20u, 1, { 10, 0, 0, 0 } },
     { "flatten1.out", 0, 0, 0u, 313600u, 2, { 100, 784, 0, 0 } },
-    { "fc1.out", 0, 0, 313600u, 102400u, 2, { 100, 256, 0, 0 } },
-    { "bn1.out", 0, 0, 313600u, 102400u, 2, { 100, 256, 0, 0 } },
-    { "bn1.mu", 0, 0, 419200u, 1024u, 1, { 256, 0, 0, 0 } },
-    { "bn1.psi", 0, 0, 454400u, 1024u, 1, { 256, 0, 0, 0 } },
-    { "bn1.s", 3, 0, 416000u, 3200u, 2, { 100, 256, 0, 0 } },
-    { "sign1.out", 3, 0, 422400u, 3200u, 2, { 100, 256, 0, 0 } },
-    { "sign1.mask", 3, 0, 419200u, 3200u, 2, { 100, 256, 0, 0 } },
-    { "fc2.out", 0, 0, 313600u, 102400u, 2, { 100, 256, 0, 0 } },
-    { "fc2.Wb", 3, 0, 425600u, 8192u, 2, { 256, 256, 0, 0 } },
-    { "bn2.out", 0, 0, 313600u, 102400u, 2, { 100, 256, 0, 0 } },
-    { "bn2.mu", 0, 0, 428800u, 1024u, 1, { 256, 0, 0, 0 } },
-    { "bn2.psi", 0, 0, 455424u, 1024u, 1, { 256, 0, 0, 0 } },
-    { "bn2.s", 3, 0, 425600u, 3200u, 2, { 100, 256, 0, 0 } },
-    { "sign2.out", 3, 0, 432000u, 3200u, 2, { 100, 256, 0, 0 } },
-    { "sign2.mask", 3, 0, 428800u, 3200u, 2, { 100, 256, 0, 0 } },
-    { "fc3.out", 0, 0, 313600u, 102400u, 2, { 100, 256, 0, 0 } },
-    { "fc3.Wb", 3, 0, 435200u, 8192u, 2, { 256, 256, 0, 0 } },
-    { "bn3.out", 0, 0, 313600u, 102400u, 2, { 100, 256, 0, 0 } },
-    { "bn3.mu", 0, 0, 438400u, 1024u, 1, { 256, 0, 0, 0 } },
-    { "bn3.psi", 0, 0, 456448u, 1024u, 1, { 256, 0, 0, 0 } },
-    { "bn3.s", 3, 0, 435200u, 3200u, 2, { 100, 256, 0, 0 } },
-    { "sign3.out", 3, 0, 441600u, 3200u, 2, { 100, 256, 0, 0 } },
-    { "sign3.mask", 3, 0, 438400u, 3200u, 2, { 100, 256, 0, 0 } },
-    { "fc4.out", 0, 0, 313600u, 102400u, 2, { 100, 256, 0, 0 } },
-    { "fc4.Wb", 3, 0, 444800u, 8192u, 2, { 256, 256, 0, 0 } },
-    { "bn4.out", 0, 0, 313600u, 102400u, 2, { 100, 256, 0, 0 } },
-    { "bn4.mu", 0, 0, 448000u, 1024u, 1, { 256, 0, 0, 0 } },
-    { "bn4.psi", 0, 0, 457472u, 1024u, 1, { 256, 0, 0, 0 } },
-    { "bn4.s", 3, 0, 444800u, 3200u, 2, { 100, 256, 0, 0 } },
-    { "sign4.out", 3, 0, 451200u, 3200u, 2, { 100, 256, 0, 0 } },
-    { "sign4.mask", 3, 0, 448000u, 3200u, 2, { 100, 256, 0, 0 } },
-    { "fc5.out", 0, 0, 313600u, 4000u, 2, { 100, 10, 0, 0 } },
-    { "fc5.Wb", 3, 0, 317600u, 320u, 2, { 256, 10, 0, 0 } },
-    { "bn5.out", 0, 0, 313600u, 4000u, 2, { 100, 10, 0, 0 } },
-    { "bn5.mu", 0, 0, 317600u, 40u, 1, { 10, 0, 0, 0 } },
-    { "bn5.psi", 0, 0, 322400u, 40u, 1, { 10, 0, 0, 0 } },
-    { "bn5.s", 3, 0, 321600u, 800u, 2, { 100, 10, 0, 0 } },
-    { "softmax1.out", 0, 0, 317600u, 4000u, 2, { 100, 10, 0, 0 } },
-    { "loss", 0, 0, 322448u, 4u, 1, { 1, 0, 0, 0 } },
-    { "bn5.d_out", 1, 0, 313600u, 2000u, 2, { 100, 10, 0, 0 } },
-    { "bn5.dbeta", 0, 0, 317600u, 40u, 1, { 10, 0, 0, 0 } },
-    { "fc5.d_out", 1, 0, 313600u, 2000u, 2, { 100, 10, 0, 0 } },
-    { "fc5.d_out_q", 4, 0, 313600u, 1000u, 2, { 100, 10, 0, 0 } },
-    { "fc5.po2_bias", 6, 0, 317920u, 4u, 1, { 1, 0, 0, 0 } },
-    { "fc5.dW", 3, 0, 317600u, 320u, 2, { 256, 10, 0, 0 } },
-    { "sign4.d_out", 1, 0, 364800u, 51200u, 2, { 100, 256, 0, 0 } },
-    { "bn4.d_out", 1, 0, 364800u, 51200u, 2, { 100, 256, 0, 0 } },
-    { "bn4.dbeta", 0, 0, 448000u, 1024u, 1, { 256, 0, 0, 0 } },
-    { "fc4.d_out", 1, 0, 364800u, 51200u, 2, { 100, 256, 0, 0 } },
-    { "fc4.d_out_q", 4, 0, 364800u, 25600u, 2, { 100, 256, 0, 0 } },
-    { "fc4.po2_bias", 6, 0, 452992u, 4u, 1, { 1, 0, 0, 0 } },
-    { "fc4.dW", 3, 0, 444800u, 8192u, 2, { 256, 256, 0, 0 } },
-    { "sign3.d_out", 1, 0, 313600u, 51200u, 2, { 100, 256, 0, 0 } },
-    { "bn3.d_out", 1, 0, 313600u, 51200u, 2, { 100, 256, 0, 0 } },
-    { "bn3.dbeta", 0, 0, 438400u, 1024u, 1, { 256, 0, 0, 0 } },
-    { "fc3.d_out", 1, 0, 313600u, 51200u, 2, { 100, 256, 0, 0 } },
-    { "fc3.d_out_q", 4, 0, 313600u, 25600u, 2, { 100, 256, 0, 0 } },
-    { "fc3.po2_bias", 6, 0, 443392u, 4u, 1, { 1, 0, 0, 0 } },
-    { "fc3.dW", 3, 0, 435200u, 8192u, 2, { 256, 256, 0, 0 } },
-    { "sign2.d_out", 1, 0, 364800u, 51200u, 2, { 100, 256, 0, 0 } },
-    { "bn2.d_out", 1, 0, 364800u, 51200u, 2, { 100, 256, 0, 0 } },
-    { "bn2.dbeta", 0, 0, 428800u, 1024u, 1, { 256, 0, 0, 0 } },
-    { "fc2.d_out", 1, 0, 364800u, 51200u, 2, { 100, 256, 0, 0 } },
-    { "fc2.d_out_q", 4, 0, 364800u, 25600u, 2, { 100, 256, 0, 0 } },
-    { "fc2.po2_bias", 6, 0, 433792u, 4u, 1, { 1, 0, 0, 0 } },
-    { "fc2.dW", 3, 0, 425600u, 8192u, 2, { 256, 256, 0, 0 } },
-    { "sign1.d_out", 1, 0, 313600u, 51200u, 2, { 100, 256, 0, 0 } },
-    { "bn1.d_out", 1, 0, 313600u, 51200u, 2, { 100, 256, 0, 0 } },
-    { "bn1.dbeta", 0, 0, 419200u, 1024u, 1, { 256, 0, 0, 0 } },
-    { "fc1.d_out", 1, 0, 313600u, 51200u, 2, { 100, 256, 0, 0 } },
-    { "fc1.d_out_q", 4, 0, 313600u, 25600u, 2, { 100, 256, 0, 0 } },
-    { "fc1.po2_bias", 6, 0, 364800u, 4u, 1, { 1, 0, 0, 0 } },
-    { "fc1.dW", 3, 0, 364800u, 25088u, 2, { 784, 256, 0, 0 } },
+    { "fc1.out", 0, 0, 345872u, 102400u, 2, { 100, 256, 0, 0 } },
+    { "bn1.out", 0, 0, 345872u, 102400u, 2, { 100, 256, 0, 0 } },
+    { "bn1.mu", 0, 0, 317824u, 1024u, 1, { 256, 0, 0, 0 } },
+    { "bn1.psi", 0, 0, 316800u, 1024u, 1, { 256, 0, 0, 0 } },
+    { "bn1.s", 3, 0, 313600u, 3200u, 2, { 100, 256, 0, 0 } },
+    { "sign1.out", 3, 0, 321024u, 3200u, 2, { 100, 256, 0, 0 } },
+    { "sign1.mask", 3, 0, 317824u, 3200u, 2, { 100, 256, 0, 0 } },
+    { "fc2.out", 0, 0, 345872u, 102400u, 2, { 100, 256, 0, 0 } },
+    { "fc2.Wb", 3, 0, 324224u, 8192u, 2, { 256, 256, 0, 0 } },
+    { "bn2.out", 0, 0, 345872u, 102400u, 2, { 100, 256, 0, 0 } },
+    { "bn2.mu", 0, 0, 328448u, 1024u, 1, { 256, 0, 0, 0 } },
+    { "bn2.psi", 0, 0, 327424u, 1024u, 1, { 256, 0, 0, 0 } },
+    { "bn2.s", 3, 0, 324224u, 3200u, 2, { 100, 256, 0, 0 } },
+    { "sign2.out", 3, 0, 331648u, 3200u, 2, { 100, 256, 0, 0 } },
+    { "sign2.mask", 3, 0, 328448u, 3200u, 2, { 100, 256, 0, 0 } },
+    { "fc3.out", 0, 0, 345872u, 102400u, 2, { 100, 256, 0, 0 } },
+    { "fc3.Wb", 3, 0, 334848u, 8192u, 2, { 256, 256, 0, 0 } },
+    { "bn3.out", 0, 0, 345872u, 102400u, 2, { 100, 256, 0, 0 } },
+    { "bn3.mu", 0, 0, 339072u, 1024u, 1, { 256, 0, 0, 0 } },
+    { "bn3.psi", 0, 0, 338048u, 1024u, 1, { 256, 0, 0, 0 } },
+    { "bn3.s", 3, 0, 334848u, 3200u, 2, { 100, 256, 0, 0 } },
+    { "sign3.out", 3, 0, 342272u, 3200u, 2, { 100, 256, 0, 0 } },
+    { "sign3.mask", 3, 0, 339072u, 3200u, 2, { 100, 256, 0, 0 } },
+    { "fc4.out", 0, 0, 356496u, 102400u, 2, { 100, 256, 0, 0 } },
+    { "fc4.Wb", 3, 0, 345872u, 8192u, 2, { 256, 256, 0, 0 } },
+    { "bn4.out", 0, 0, 356496u, 102400u, 2, { 100, 256, 0, 0 } },
+    { "bn4.mu", 0, 0, 350096u, 1024u, 1, { 256, 0, 0, 0 } },
+    { "bn4.psi", 0, 0, 349072u, 1024u, 1, { 256, 0, 0, 0 } },
+    { "bn4.s", 3, 0, 345872u, 3200u, 2, { 100, 256, 0, 0 } },
+    { "sign4.out", 3, 0, 353296u, 3200u, 2, { 100, 256, 0, 0 } },
+    { "sign4.mask", 3, 0, 350096u, 3200u, 2, { 100, 256, 0, 0 } },
+    { "fc5.out", 0, 0, 356496u, 4000u, 2, { 100, 10, 0, 0 } },
+    { "fc5.Wb", 3, 0, 360496u, 320u, 2, { 256, 10, 0, 0 } },
+    { "bn5.out", 0, 0, 356496u, 4000u, 2, { 100, 10, 0, 0 } },
+    { "bn5.mu", 0, 0, 361344u, 40u, 1, { 10, 0, 0, 0 } },
+    { "bn5.psi", 0, 0, 361296u, 40u, 1, { 10, 0, 0, 0 } },
+    { "bn5.s", 3, 0, 360496u, 800u, 2, { 100, 10, 0, 0 } },
+    { "softmax1.out", 0, 0, 361344u, 4000u, 2, { 100, 10, 0, 0 } },
+    { "loss", 0, 0, 365344u, 4u, 1, { 1, 0, 0, 0 } },
+    { "bn5.d_out", 1, 0, 356496u, 2000u, 2, { 100, 10, 0, 0 } },
+    { "bn5.dbeta", 0, 0, 345472u, 40u, 1, { 10, 0, 0, 0 } },
+    { "fc5.d_out", 1, 0, 356496u, 2000u, 2, { 100, 10, 0, 0 } },
+    { "fc5.d_out_q", 4, 0, 404496u, 1000u, 2, { 100, 10, 0, 0 } },
+    { "fc5.po2_bias", 6, 0, 345472u, 4u, 1, { 1, 0, 0, 0 } },
+    { "fc5.dW", 3, 0, 345488u, 320u, 2, { 256, 10, 0, 0 } },
+    { "sign4.d_out", 1, 0, 353296u, 51200u, 2, { 100, 256, 0, 0 } },
+    { "bn4.d_out", 1, 0, 353296u, 51200u, 2, { 100, 256, 0, 0 } },
+    { "bn4.dbeta", 0, 0, 350096u, 1024u, 1, { 256, 0, 0, 0 } },
+    { "fc4.d_out", 1, 0, 353296u, 51200u, 2, { 100, 256, 0, 0 } },
+    { "fc4.d_out_q", 4, 0, 404496u, 25600u, 2, { 100, 256, 0, 0 } },
+    { "fc4.po2_bias", 6, 0, 430096u, 4u, 1, { 1, 0, 0, 0 } },
+    { "fc4.dW", 3, 0, 393472u, 8192u, 2, { 256, 256, 0, 0 } },
+    { "sign3.d_out", 1, 0, 342272u, 51200u, 2, { 100, 256, 0, 0 } },
+    { "bn3.d_out", 1, 0, 342272u, 51200u, 2, { 100, 256, 0, 0 } },
+    { "bn3.dbeta", 0, 0, 339072u, 1024u, 1, { 256, 0, 0, 0 } },
+    { "fc3.d_out", 1, 0, 342272u, 51200u, 2, { 100, 256, 0, 0 } },
+    { "fc3.d_out_q", 4, 0, 393472u, 25600u, 2, { 100, 256, 0, 0 } },
+    { "fc3.po2_bias", 6, 0, 419072u, 4u, 1, { 1, 0, 0, 0 } },
+    { "fc3.dW", 3, 0, 382848u, 8192u, 2, { 256, 256, 0, 0 } },
+    { "sign2.d_out", 1, 0, 331648u, 51200u, 2, { 100, 256, 0, 0 } },
+    { "bn2.d_out", 1, 0, 331648u, 51200u, 2, { 100, 256, 0, 0 } },
+    { "bn2.dbeta", 0, 0, 328448u, 1024u, 1, { 256, 0, 0, 0 } },
+    { "fc2.d_out", 1, 0, 331648u, 51200u, 2, { 100, 256, 0, 0 } },
+    { "fc2.d_out_q", 4, 0, 382848u, 25600u, 2, { 100, 256, 0, 0 } },
+    { "fc2.po2_bias", 6, 0, 408448u, 4u, 1, { 1, 0, 0, 0 } },
+    { "fc2.dW", 3, 0, 372224u, 8192u, 2, { 256, 256, 0, 0 } },
+    { "sign1.d_out", 1, 0, 321024u, 51200u, 2, { 100, 256, 0, 0 } },
+    { "bn1.d_out", 1, 0, 321024u, 51200u, 2, { 100, 256, 0, 0 } },
+    { "bn1.dbeta", 0, 0, 317824u, 1024u, 1, { 256, 0, 0, 0 } },
+    { "fc1.d_out", 1, 0, 321024u, 51200u, 2, { 100, 256, 0, 0 } },
+    { "fc1.d_out_q", 4, 0, 372224u, 25600u, 2, { 100, 256, 0, 0 } },
+    { "fc1.po2_bias", 6, 0, 313600u, 4u, 1, { 1, 0, 0, 0 } },
+    { "fc1.dW", 3, 0, 313600u, 25088u, 2, { 784, 256, 0, 0 } },
 };
 
 #ifdef BNNC_DEBUG_DUMP
