@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..ir import Layer, LayerKind
-from ..lower import (Call, LowerCtx, Split, bias_operand, bit_rows_unit, conv_batch_split,
-                     conv_dw_direct_plan, conv_dw_plan, conv_dx_plan, lcm_unit,
+from ..lower import (CONV_SCRATCH_BYTES, Call, LowerCtx, Split, bias_operand, bit_rows_unit,
+                     conv_batch_split, conv_dw_direct_plan, conv_dw_plan, conv_dx_plan, lcm_unit,
                      conv_fwd_plan, conv_geom, instance, pm1_input, words64)
 from ..onnx_values import Act, node_attrs, node_label, printable, short
 from ..schedule_ir import DType, Step
@@ -234,6 +234,25 @@ def _lower_conv_dw(step: Step, ctx: LowerCtx) -> Call:
     return Call(inst, args, decl)
 
 
+# reduction words of the bit-plane popcount products at most (BNNC_BP_MAXW, kernels/vector.c.j2)
+BP_MAXW = 64
+
+
+def dx_bitplane_plan(a: dict) -> dict:
+    """Scratch (64-bit words) of the PO2 dX's bit-plane path (conv.c.j2 `dx_bitplane`), as kernel
+    flags, or {} where it does not apply: the reduction over (tap, output channel) takes more than
+    BP_MAXW words, or the scratch would pass CONV_SCRATCH_BYTES. bpt: sign(W) as bit rows (input
+    channels in blocks of 64, taps x ceil(Cout / 64) words each); bpr: the planes of kh output rows
+    (17 planes of ceil(Cout / 64) words per output pixel); bpa: their per-pixel sums."""
+    wk, taps = words64(a["cout"]), a["kh"] * a["kw"]
+    words = taps * wk
+    bpt, bpr, bpa = words64(a["cin"]) * words * 64, a["kh"] * a["ow"] * 17 * wk, a["kh"] * a["ow"]
+    scratch = 8 * (bpt + bpr + 17 * BP_MAXW + 64) + 12 * bpa
+    if words > BP_MAXW or scratch > CONV_SCRATCH_BYTES:
+        return {}
+    return dict(bpt=bpt, bpr=bpr, bpa=bpa)
+
+
 def _lower_conv_dx(step: Step, ctx: LowerCtx) -> Call:
     dx = step.outputs[0]
     a = step.attrs
@@ -246,8 +265,10 @@ def _lower_conv_dx(step: Step, ctx: LowerCtx) -> Call:
                              unit=4 if plan and plan["mode"] == "img" else 1)
     if step.kernel is CONV_DX_PO2:
         q, bias, w = step.inputs
+        # the bit-plane popcount path where the table-lookup kernel does not apply (strides > 1,
+        # or its scratch too large); on stride 1 the table lookup measured faster (compiler/README.md)
         inst = instance(step, ctx, macro, operands={"w": w, "dx": dx}, binary=True,
-                        **(plan or {}))
+                        **(plan or dx_bitplane_plan(a)))
         return Call(inst, [ctx.ptr(q), ctx.ptr(bias), ctx.ptr(w), ctx.ptr(dx),
                            "&g"], decl, split)
     dy, w = step.inputs

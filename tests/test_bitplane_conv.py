@@ -1,0 +1,91 @@
+"""Bit-plane popcount path of the conv layers' PO2 dX (issue 16; templates/kernels/conv.c.j2
+`dx_bitplane`, the cores bnnc_bp_dots of kernels/vector.c.j2 and its x86/NEON overlays).
+
+The path serves the binary convs the table-lookup dX kernel does not (strides > 1, or its scratch
+too large), which ran the portable per-element loops before. The graph below reaches its edges:
+two strided binary convs, one padded with 70 output channels (ceil(70 / 64) = 2 words per tap,
+the second partial) and one unpadded reading those 70 channels (two blocks of bit rows, the
+second partial; a tap whose output position does not divide by the stride adds nothing).
+
+- Every host core (the AVX-512 VPOPCNTDQ one, auto on a CPU that has it; AVX2; the portable C)
+  passes `bnnc check` against the numpy reference, with two threads (split over samples).
+- The bit-plane path computes the same bits as the portable loops it replaces
+  (-DBNNC_NO_BITPLANE builds those): the same state after three steps from the same start.
+- The NEON core (rpi4 under QEMU) passes `bnnc check` too.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from graphs import _binary_block, _Builder
+from bnnc.compiler.config import make_config
+from bnnc.compiler.ir import LayerKind
+from bnnc.compiler.pipeline import compile_to_c
+from bnnc.compiler.target import load_target
+from bnnc.runtime.check import run_check
+from bnnc.runtime.host import KERNEL_VARIANTS, HostProgram
+
+
+def strided():
+    b = _Builder("strided", (3, 11, 11), 5)
+    b.conv("conv1", 8, binary=False, pad=1)
+    _binary_block(b, 1, last=False)
+    b.conv("conv2", 70, stride=2, pad=1)        # 11 -> 6
+    _binary_block(b, 2, last=False)
+    b.conv("conv3", 12, stride=2)               # 6 -> 2, reads 70 channels
+    _binary_block(b, 3, last=False)
+    b.flatten("flatten3")
+    b.dense("fc4", 10)
+    _binary_block(b, 4, last=True)
+    return b.build()
+
+
+GRAPH = strided()
+CFG = make_config("proposed", batch=5)
+
+
+def test_the_strided_convs_take_the_bitplane_path(tmp_path):
+    compile_to_c(GRAPH, CFG, load_target("host"), tmp_path)
+    src = "".join(f.read_text() for f in tmp_path.glob("*.c"))
+    # conv2 and conv3's dX (conv1 is the first layer: no dX). bpt: blocks of 64 input channels
+    # x 9 taps x words over the outputs x 64 rows; bpr: 3 output rows of 17 planes per pixel
+    assert "k_conv_dx_po2_bf16_f16_binary1_bpa18_bpr612_bpt1152" in src    # 1 x 9 x 2 x 64
+    assert "k_conv_dx_po2_bf16_f16_binary1_bpa6_bpr102_bpt1152" in src     # 2 x 9 x 1 x 64
+    assert "bnnc_bp_dots(qp, qm" in src
+
+
+@pytest.mark.parametrize("variant", ["auto", "avx2", "portable"])
+def test_every_variant_passes_check(variant, tmp_path):
+    rep = run_check(GRAPH, CFG, steps=2, work_dir=tmp_path, threads=2,
+                    extra_cflags=KERNEL_VARIANTS[variant])
+    assert rep.ok, [r.name for r in rep.failures][:8]
+
+
+def test_bitplane_equals_the_portable_loops(tmp_path):
+    compile_to_c(GRAPH, CFG, load_target("host"), tmp_path)
+    progs = [HostProgram(tmp_path, debug=False, extra_cflags=flags)
+             for flags in ((), ("-DBNNC_NO_BITPLANE",))]
+    rng = np.random.default_rng(2)
+    m = progs[0].manifest
+    batches = [(progs[0].pixel_batch(rng.integers(0, 256, m.input_shape, dtype=np.uint8)),
+                rng.integers(0, m.classes, m.batch).astype(np.int32)) for _ in range(3)]
+    states = []
+    for p in progs:
+        p.init(0)
+        start = p.get_state()
+        for x, y in batches:
+            p.train_step(x, y)
+        assert p.get_state() != start
+        states.append(p.get_state())
+    assert states[0] == states[1]
+
+
+@pytest.mark.skipif(any(shutil.which(t) is None for t in ("aarch64-linux-gnu-gcc", "qemu-aarch64")),
+                    reason="needs the rpi4 cross toolchain and QEMU")
+def test_the_neon_core_passes_check(tmp_path):
+    rep = run_check(GRAPH, CFG, steps=2, work_dir=tmp_path, target="rpi4")
+    assert rep.ok, [r.name for r in rep.failures][:8]
