@@ -201,7 +201,11 @@ def _lower_conv_dw(step: Step, ctx: LowerCtx) -> Call:
         plan = conv_dw_plan(a, exact=po2) if xk else conv_dw_direct_plan(a)
         macro = ((f"conv_dw_fr_{grad}_{xk}" if xk else "conv_dw_direct_bin") if plan
                  else f"conv_dw_bin_{kind}")
-        inst = instance(step, ctx, macro, ops, po2=po2, **(dict(plan, out="bin") if plan else {}))
+        # packed X and PO2 G where the table-lookup kernel does not apply: the bit-plane path
+        # (conv.c.j2 `dw_bitplane`; its corrections take one int64 per output channel and tap)
+        bp = {"bptaps": a["kh"] * a["kw"]} if not plan and po2 and kind == "bits" else {}
+        inst = instance(step, ctx, macro, ops, po2=po2,
+                        **(dict(plan, out="bin") if plan else bp))
         if plan and xk:
             return Call(inst, [ctx.ptr(x), ctx.ptr(g), ctx.ptr(dw), "&g", 0, a["cout"]], decl,
                         _fr_split(a, plan, True))
