@@ -1,11 +1,16 @@
-"""Bit-plane popcount path of the conv layers' PO2 dX (issue 16; templates/kernels/conv.c.j2
-`dx_bitplane`, the cores bnnc_bp_dots of kernels/vector.c.j2 and its x86/NEON overlays).
+"""Bit-plane popcount paths of the conv layers' PO2 products (issue 16; templates/kernels/conv.c.j2
+`dx_bitplane` and `dw_bitplane`, the cores bnnc_bp_dots of kernels/vector.c.j2 and its x86/NEON
+overlays).
 
-The path serves the binary convs the table-lookup dX kernel does not (strides > 1, or its scratch
-too large), which ran the portable per-element loops before. The graph below reaches its edges:
-two strided binary convs, one padded with 70 output channels (ceil(70 / 64) = 2 words per tap,
-the second partial) and one unpadded reading those 70 channels (two blocks of bit rows, the
-second partial; a tap whose output position does not divide by the stride adds nothing).
+The paths serve the binary convs the table-lookup kernels do not (strides > 1, or their scratch
+too large), which ran the portable per-element loops before: the PO2 dX (`dx_bitplane`) and the
+binary dW from packed X and PO2 G (`dw_bitplane`). The graph below reaches their edges: two
+strided binary convs, one padded with 70 output channels (dX: ceil(70 / 64) = 2 words per tap,
+the second partial; dW: 2 blocks of 64 output channels, the second partial, and its taps that
+read the padding, whose terms are added back) and one unpadded reading those 70 channels (dX: two
+blocks of bit rows, the second partial; a tap whose output position does not divide by the
+stride adds nothing; dW: 630 bit rows, 10 blocks). Batch 11 gives conv2's dW 2156 positions:
+five chunks of the reduction (512 positions at most), which end inside samples.
 
 - Every host core (the AVX-512 VPOPCNTDQ one, auto on a CPU that has it; AVX2; the portable C)
   passes `bnnc check` against the numpy reference, with two threads (split over samples).
@@ -31,12 +36,12 @@ from bnnc.runtime.host import KERNEL_VARIANTS, HostProgram
 
 
 def strided():
-    b = _Builder("strided", (3, 11, 11), 5)
+    b = _Builder("strided", (3, 27, 27), 5)
     b.conv("conv1", 8, binary=False, pad=1)
     _binary_block(b, 1, last=False)
-    b.conv("conv2", 70, stride=2, pad=1)        # 11 -> 6
+    b.conv("conv2", 70, stride=2, pad=1)        # 27 -> 14
     _binary_block(b, 2, last=False)
-    b.conv("conv3", 12, stride=2)               # 6 -> 2, reads 70 channels
+    b.conv("conv3", 12, stride=2)               # 14 -> 6, reads 70 channels
     _binary_block(b, 3, last=False)
     b.flatten("flatten3")
     b.dense("fc4", 10)
@@ -45,7 +50,7 @@ def strided():
 
 
 GRAPH = strided()
-CFG = make_config("proposed", batch=5)
+CFG = make_config("proposed", batch=11)
 
 
 def test_the_strided_convs_take_the_bitplane_path(tmp_path):
@@ -53,14 +58,16 @@ def test_the_strided_convs_take_the_bitplane_path(tmp_path):
     src = "".join(f.read_text() for f in tmp_path.glob("*.c"))
     # conv2 and conv3's dX (conv1 is the first layer: no dX). bpt: blocks of 64 input channels
     # x 9 taps x words over the outputs x 64 rows; bpr: 3 output rows of 17 planes per pixel
-    assert "k_conv_dx_po2_bf16_f16_binary1_bpa18_bpr612_bpt1152" in src    # 1 x 9 x 2 x 64
-    assert "k_conv_dx_po2_bf16_f16_binary1_bpa6_bpr102_bpt1152" in src     # 2 x 9 x 1 x 64
+    assert "k_conv_dx_po2_bf16_f16_binary1_bpa42_bpr1428_bpt1152" in src    # 1 x 9 x 2 x 64
+    assert "k_conv_dx_po2_bf16_f16_binary1_bpa18_bpr306_bpt1152" in src     # 2 x 9 x 1 x 64
+    # and their binary dW, packed X with PO2 G
+    assert "k_conv_dw_bin_bits_bptaps9_po21" in src
     assert "bnnc_bp_dots(qp, qm" in src
 
 
 @pytest.mark.parametrize("variant", ["auto", "avx2", "portable"])
 def test_every_variant_passes_check(variant, tmp_path):
-    rep = run_check(GRAPH, CFG, steps=2, work_dir=tmp_path, threads=2,
+    rep = run_check(GRAPH, CFG, steps=1, work_dir=tmp_path, threads=2,
                     extra_cflags=KERNEL_VARIANTS[variant])
     assert rep.ok, [r.name for r in rep.failures][:8]
 
@@ -87,5 +94,5 @@ def test_bitplane_equals_the_portable_loops(tmp_path):
 @pytest.mark.skipif(any(shutil.which(t) is None for t in ("aarch64-linux-gnu-gcc", "qemu-aarch64")),
                     reason="needs the rpi4 cross toolchain and QEMU")
 def test_the_neon_core_passes_check(tmp_path):
-    rep = run_check(GRAPH, CFG, steps=2, work_dir=tmp_path, target="rpi4")
+    rep = run_check(GRAPH, CFG, steps=1, work_dir=tmp_path, target="rpi4")
     assert rep.ok, [r.name for r in rep.failures][:8]
