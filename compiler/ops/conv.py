@@ -202,8 +202,7 @@ def _lower_conv_dw(step: Step, ctx: LowerCtx) -> Call:
         macro = ((f"conv_dw_fr_{grad}_{xk}" if xk else "conv_dw_direct_bin") if plan
                  else f"conv_dw_bin_{kind}")
         # packed X and PO2 G where the table-lookup kernel does not apply: the bit-plane path
-        # (conv.c.j2 `dw_bitplane`; its corrections take one int64 per output channel and tap)
-        bp = {"bptaps": a["kh"] * a["kw"]} if not plan and po2 and kind == "bits" else {}
+        bp = dw_bitplane_plan(a) if not plan and po2 and kind == "bits" else {}
         inst = instance(step, ctx, macro, ops, po2=po2,
                         **(dict(plan, out="bin") if plan else bp))
         if plan and xk:
@@ -255,6 +254,16 @@ def dx_bitplane_plan(a: dict) -> dict:
     if words > BP_MAXW or scratch > CONV_SCRATCH_BYTES:
         return {}
     return dict(bpt=bpt, bpr=bpr, bpa=bpa)
+
+
+def dw_bitplane_plan(a: dict) -> dict:
+    """The binary dW's bit-plane path (conv.c.j2 `dw_bitplane`) as kernel flags, or {} where its
+    stack scratch would pass CONV_SCRATCH_BYTES: planes of 64 output channels over 512 positions
+    (64 x 17 x 8 words), 64 bit rows over them, 64 x 64 int64 sums and one int64 correction per
+    output channel and tap (bptaps: the taps)."""
+    taps = a["kh"] * a["kw"]
+    scratch = 8 * (64 * 17 * 8 + 8 * 64 + 64 * 64 + 64 * taps + 2 * 64) + 4 * 64
+    return {"bptaps": taps} if scratch <= CONV_SCRATCH_BYTES else {}
 
 
 def _lower_conv_dx(step: Step, ctx: LowerCtx) -> Call:
