@@ -23,16 +23,15 @@ from __future__ import annotations
 
 import shutil
 
-import numpy as np
 import pytest
 
 from graphs import _binary_block, _Builder
+from test_bitplane import states_with_and_without_bitplane
 from bnnc.compiler.config import make_config
-from bnnc.compiler.ir import LayerKind
 from bnnc.compiler.pipeline import compile_to_c
 from bnnc.compiler.target import load_target
 from bnnc.runtime.check import run_check
-from bnnc.runtime.host import KERNEL_VARIANTS, HostProgram
+from bnnc.runtime.host import KERNEL_VARIANTS
 
 
 def strided():
@@ -73,21 +72,7 @@ def test_every_variant_passes_check(variant, tmp_path):
 
 
 def test_bitplane_equals_the_portable_loops(tmp_path):
-    compile_to_c(GRAPH, CFG, load_target("host"), tmp_path)
-    progs = [HostProgram(tmp_path, debug=False, extra_cflags=flags)
-             for flags in ((), ("-DBNNC_NO_BITPLANE",))]
-    rng = np.random.default_rng(2)
-    m = progs[0].manifest
-    batches = [(progs[0].pixel_batch(rng.integers(0, 256, m.input_shape, dtype=np.uint8)),
-                rng.integers(0, m.classes, m.batch).astype(np.int32)) for _ in range(3)]
-    states = []
-    for p in progs:
-        p.init(0)
-        start = p.get_state()
-        for x, y in batches:
-            p.train_step(x, y)
-        assert p.get_state() != start
-        states.append(p.get_state())
+    states = states_with_and_without_bitplane(GRAPH, CFG, tmp_path, 2)
     assert states[0] == states[1]
 
 
