@@ -9,8 +9,10 @@ strided binary convs, one padded with 70 output channels (dX: ceil(70 / 64) = 2 
 the second partial; dW: 2 blocks of 64 output channels, the second partial, and its taps that
 read the padding, whose terms are added back) and one unpadded reading those 70 channels (dX: two
 blocks of bit rows, the second partial; a tap whose output position does not divide by the
-stride adds nothing; dW: 630 bit rows, 10 blocks). Batch 11 gives conv2's dW 2156 positions:
-five chunks of the reduction (512 positions at most), which end inside samples.
+stride adds nothing; dW: 630 bit rows, 10 blocks). Batch 11 gives conv2's dW 539 positions:
+two chunks of the reduction (512 positions at most), the first ending inside a sample. The
+real-input first layer has stride 2 too: its dW takes the direct kernel (conv_dw_direct, its sums
+in the portable loops' order), which now serves every stride.
 
 - Every host core (the AVX-512 VPOPCNTDQ one, auto on a CPU that has it; AVX2; the portable C)
   passes `bnnc check` against the numpy reference, with two threads (split over samples).
@@ -36,11 +38,11 @@ from bnnc.runtime.host import KERNEL_VARIANTS
 
 def strided():
     b = _Builder("strided", (3, 27, 27), 5)
-    b.conv("conv1", 8, binary=False, pad=1)
+    b.conv("conv1", 8, binary=False, stride=2, pad=1)      # 27 -> 14, real input (conv_dw_direct)
     _binary_block(b, 1, last=False)
-    b.conv("conv2", 70, stride=2, pad=1)        # 27 -> 14
+    b.conv("conv2", 70, stride=2, pad=1)        # 14 -> 7
     _binary_block(b, 2, last=False)
-    b.conv("conv3", 12, stride=2)               # 14 -> 6, reads 70 channels
+    b.conv("conv3", 12, stride=2)               # 7 -> 3, reads 70 channels
     _binary_block(b, 3, last=False)
     b.flatten("flatten3")
     b.dense("fc4", 10)
@@ -57,11 +59,13 @@ def test_the_strided_convs_take_the_bitplane_path(tmp_path):
     src = "".join(f.read_text() for f in tmp_path.glob("*.c"))
     # conv2 and conv3's dX (conv1 is the first layer: no dX). bpt: blocks of 64 input channels
     # x 9 taps x words over the outputs x 64 rows; bpr: 3 output rows of 17 planes per pixel
-    assert "k_conv_dx_po2_bf16_f16_binary1_bpa42_bpr1428_bpt1152" in src    # 1 x 9 x 2 x 64
-    assert "k_conv_dx_po2_bf16_f16_binary1_bpa18_bpr306_bpt1152" in src     # 2 x 9 x 1 x 64
+    assert "k_conv_dx_po2_bf16_f16_binary1_bpa21_bpr714_bpt1152" in src    # 1 x 9 x 2 x 64
+    assert "k_conv_dx_po2_bf16_f16_binary1_bpa9_bpr153_bpt1152" in src     # 2 x 9 x 1 x 64
     # and their binary dW, packed X with PO2 G
     assert "k_conv_dw_bin_bits_bptaps9_po21" in src
     assert "bnnc_bp_dots(qp, qm" in src
+    # the real-input stride-2 first layer's dW: the vectorized direct kernel, not the loops
+    assert "k_conv_dw_direct_f32_f16_f16" in src
 
 
 @pytest.mark.parametrize("variant", ["auto", "avx2", "portable"])

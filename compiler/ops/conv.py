@@ -183,6 +183,12 @@ def _fr_split(a: dict, plan: dict, out_bits: bool) -> Split:
     return Split(a["cout"], unit, ranged=True)
 
 
+def _dw_direct_plan(a: dict) -> dict | None:
+    """conv_dw_direct's scratch (lower.conv_dw_direct_plan); the kernel reads its input at
+    oy * sh - pt + i, so it serves every stride (a ResNet's 7x7 stride-2 stem too)."""
+    return conv_dw_direct_plan(dict(a, strides=(1, 1)))
+
+
 def _lower_conv_dw(step: Step, ctx: LowerCtx) -> Call:
     x = step.inputs[0]
     a = step.attrs
@@ -198,7 +204,7 @@ def _lower_conv_dw(step: Step, ctx: LowerCtx) -> Call:
         if not po2:
             ops["g"] = g
         grad = "int" if po2 else "f32"
-        plan = conv_dw_plan(a, exact=po2) if xk else conv_dw_direct_plan(a)
+        plan = conv_dw_plan(a, exact=po2) if xk else _dw_direct_plan(a)
         macro = ((f"conv_dw_fr_{grad}_{xk}" if xk else "conv_dw_direct_bin") if plan
                  else f"conv_dw_bin_{kind}")
         # packed X and PO2 G where the table-lookup kernel does not apply: the bit-plane path
@@ -213,7 +219,7 @@ def _lower_conv_dw(step: Step, ctx: LowerCtx) -> Call:
         q, bias = step.inputs[1], step.inputs[2]
         w = step.inputs[3] if len(step.inputs) > 3 else None
         ops |= {"w": w} if w else {}
-        plan = conv_dw_plan(a, exact=False) if xk else conv_dw_direct_plan(a)
+        plan = conv_dw_plan(a, exact=False) if xk else _dw_direct_plan(a)
         macro = ((f"conv_dw_fr_po2_{xk}" if xk else "conv_dw_direct_po2") if plan
                  else f"conv_dw_po2_{kind}")
         inst = instance(step, ctx, macro, ops, mask=w is not None,
@@ -226,7 +232,7 @@ def _lower_conv_dw(step: Step, ctx: LowerCtx) -> Call:
     w = step.inputs[2] if len(step.inputs) > 2 else None
     ops["dy"] = dy
     ops |= {"w": w} if w else {}
-    plan = conv_dw_plan(a, exact=False) if xk else conv_dw_direct_plan(a)
+    plan = conv_dw_plan(a, exact=False) if xk else _dw_direct_plan(a)
     macro = ((f"conv_dw_fr_f32_{xk}" if xk else "conv_dw_direct_f32") if plan
              else f"conv_dw_f32_{kind}")
     inst = instance(step, ctx, macro, ops, mask=w is not None,
