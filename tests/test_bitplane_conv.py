@@ -11,8 +11,9 @@ read the padding, whose terms are added back) and one unpadded reading those 70 
 blocks of bit rows, the second partial; a tap whose output position does not divide by the
 stride adds nothing; dW: 630 bit rows, 10 blocks). Batch 11 gives conv2's dW 539 positions:
 two chunks of the reduction (512 positions at most), the first ending inside a sample. The
-real-input first layer has stride 2 too: its dW takes the direct kernel (conv_dw_direct, its sums
-in the portable loops' order), which now serves every stride.
+real-input first layer has stride 2 too: its forward takes the direct rows (conv_fwd_fast, f32)
+and its dW the direct kernel (conv_dw_direct), which now serve every stride with the portable
+loops' sums in the same order.
 
 - Every host core (the AVX-512 VPOPCNTDQ one, auto on a CPU that has it; AVX2; the portable C)
   passes `bnnc check` against the numpy reference, with two threads (split over samples).
@@ -23,6 +24,7 @@ in the portable loops' order), which now serves every stride.
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import pytest
@@ -64,8 +66,10 @@ def test_the_strided_convs_take_the_bitplane_path(tmp_path):
     # and their binary dW, packed X with PO2 G
     assert "k_conv_dw_bin_bits_bptaps9_po21" in src
     assert "bnnc_bp_dots(qp, qm" in src
-    # the real-input stride-2 first layer's dW: the vectorized direct kernel, not the loops
+    # the real-input stride-2 first layer: its forward along output rows and its dW by the
+    # vectorized direct kernel, not the portable loops
     assert "k_conv_dw_direct_f32_f16_f16" in src
+    assert re.search(r"k_conv_fwd_fast_f32_\w*_strided1", src)
 
 
 @pytest.mark.parametrize("variant", ["auto", "avx2", "portable"])

@@ -158,6 +158,15 @@ LAYER_SPECS = (LayerSpec(LayerKind.CONV, "conv", attrs=("binary", "strides", "pa
 
 # ---- kernels: contract (dtypes, in-place) + C lowering -----------------------------------------
 
+def _fwd_plan(a: dict, kind: str) -> dict | None:
+    """lower.conv_fwd_plan; a real-input strided conv (a ResNet stem) takes the direct rows too,
+    without the unrolled interior rows (stride 1 only): `strided` reads input column ox * sw."""
+    if kind in ("signw", "f32") and tuple(a["strides"]) != (1, 1):
+        plan = conv_fwd_plan(dict(a, strides=(1, 1)), kind)
+        return dict(wn=plan["wn"], ow=a["ow"], unroll=False, strided=True) if plan else None
+    return conv_fwd_plan(a, kind)
+
+
 def _lower_conv_fwd(step: Step, ctx: LowerCtx) -> Call:
     x, w = step.inputs[0], step.inputs[1]
     ops, bptr = bias_operand(step, ctx, 2)
@@ -167,7 +176,7 @@ def _lower_conv_fwd(step: Step, ctx: LowerCtx) -> Call:
     kind = {CONV_FWD_XNOR: "bits", CONV_FWD_F32: "f32"}.get(step.kernel, "signw")
     if kind == "signw" and latent and pm1_input(ctx, x):
         kind = "pm1"      # +-1 input: XNOR-popcount, the same exact integer sums
-    plan = conv_fwd_plan(step.attrs, kind) if latent or kind == "bits" else None
+    plan = _fwd_plan(step.attrs, kind) if latent or kind == "bits" else None
     macro = f"conv_fwd_fast_{kind}" if plan else None
     inst = instance(step, ctx, macro, operands={**wops, **ops}, bias=bool(ops), **(plan or {}))
     return Call(inst, [ctx.ptr(x), ctx.ptr(w), bptr, ctx.ptr(y), "&g"],
