@@ -294,7 +294,8 @@ def _lower_conv_dx(step: Step, ctx: LowerCtx) -> Call:
     if step.kernel is CONV_DX_PO2:
         q, bias, w = step.inputs
         # the bit-plane popcount path where the table-lookup kernel does not apply (strides > 1,
-        # or its scratch too large); on stride 1 the table lookup measured faster (compiler/README.md)
+        # or its scratch too large); on stride 1 the table lookup measured faster (README,
+        # "Bit-plane PO2 products")
         inst = instance(step, ctx, macro, operands={"w": w, "dx": dx}, binary=True,
                         **(plan or dx_bitplane_plan(a)))
         return Call(inst, [ctx.ptr(q), ctx.ptr(bias), ctx.ptr(w), ctx.ptr(dx),
