@@ -7,7 +7,8 @@ path)` the next one down the chain, so an overlay template `{% extends %}` the v
 and overrides its blocks (calling `super()` for the fallback); `overlays(path)` lists them all.
 `render_kernels(env, instances)` renders each kernel instance once, in a fixed order (family, then
 function name), after the numerics runtime and, for every family whose template defines a
-`prelude` macro, that prelude once before the family's first kernel; a kernel macro is taken from
+`prelude` macro, that prelude once before the family's first kernel (a prelude text another
+family already emitted -- conv and dense share the vector layer -- is not repeated); a kernel macro is taken from
 the most specific overlay of kernels/<family>.c.j2 that defines one of that name (an overlay
 overrides the portable macro of the same name), else from the portable template. A family whose
 template sets `multiversion` (`'avx2'` or `'avx512'`) has each instance -- one `static void`
@@ -99,10 +100,14 @@ def render_kernels(env: jinja2.Environment, instances: Iterable) -> list[str]:
     taken from the target's overlays first."""
     out = [numerics_source()]
     seen: set[str] = set()
+    preludes: set[str] = set()     # a prelude two families share (the vector layer) goes in once
     for inst in sorted(instances, key=lambda i: (i.family, i.fn)):
         prelude = _macro(env, inst.family, "prelude")
         if inst.family not in seen and prelude is not None:
-            out.append(str(prelude()))
+            text = str(prelude())
+            if text not in preludes:
+                out.append(text)
+            preludes.add(text)
         seen.add(inst.family)
         macro = _macro(env, inst.family, inst.macro)
         assert macro is not None, f"templates/kernels/{inst.family}.c.j2 lacks macro {inst.macro}"

@@ -45,12 +45,13 @@ def test_every_variant_passes_check_at_the_edges(variant, tmp_path):
     assert rep.ok, [r.name for r in rep.failures][:8]
 
 
-def test_bitplane_equals_the_tiled_kernels(tmp_path):
-    g = mlp((200, 96), input_shape=(1, 12, 12))
-    compile_to_c(g, make_config("proposed", batch=50), load_target("host"), tmp_path)
-    progs = [HostProgram(tmp_path, debug=False, extra_cflags=flags)
+def states_with_and_without_bitplane(graph, cfg, out, seed: int) -> list[bytes]:
+    """The host program's state after three steps (same start, same random batches), built as it
+    is and with -DBNNC_NO_BITPLANE (the kernels the bit-plane paths replace)."""
+    compile_to_c(graph, cfg, load_target("host"), out)
+    progs = [HostProgram(out, debug=False, extra_cflags=flags)
              for flags in ((), ("-DBNNC_NO_BITPLANE",))]
-    rng = np.random.default_rng(1)
+    rng = np.random.default_rng(seed)
     m = progs[0].manifest
     batches = [(progs[0].pixel_batch(rng.integers(0, 256, m.input_shape, dtype=np.uint8)),
                 rng.integers(0, m.classes, m.batch).astype(np.int32)) for _ in range(3)]
@@ -62,6 +63,12 @@ def test_bitplane_equals_the_tiled_kernels(tmp_path):
             p.train_step(x, y)
         assert p.get_state() != start
         states.append(p.get_state())
+    return states
+
+
+def test_bitplane_equals_the_tiled_kernels(tmp_path):
+    states = states_with_and_without_bitplane(mlp((200, 96), input_shape=(1, 12, 12)),
+                                              make_config("proposed", batch=50), tmp_path, 1)
     assert states[0] == states[1]
 
 

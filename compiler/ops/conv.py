@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..ir import Layer, LayerKind
-from ..lower import (Call, LowerCtx, Split, bias_operand, bit_rows_unit, conv_batch_split,
-                     conv_dw_direct_plan, conv_dw_plan, conv_dx_plan, lcm_unit,
+from ..lower import (CONV_SCRATCH_BYTES, Call, LowerCtx, Split, bias_operand, bit_rows_unit,
+                     conv_batch_split, conv_dw_direct_plan, conv_dw_plan, conv_dx_plan, lcm_unit,
                      conv_fwd_plan, conv_geom, instance, pm1_input, words64)
 from ..onnx_values import Act, node_attrs, node_label, printable, short
 from ..schedule_ir import DType, Step
@@ -158,6 +158,15 @@ LAYER_SPECS = (LayerSpec(LayerKind.CONV, "conv", attrs=("binary", "strides", "pa
 
 # ---- kernels: contract (dtypes, in-place) + C lowering -----------------------------------------
 
+def _fwd_plan(a: dict, kind: str) -> dict | None:
+    """lower.conv_fwd_plan; a real-input strided conv (a ResNet stem) takes the direct rows too,
+    without the unrolled interior rows (stride 1 only): `strided` reads input column ox * sw."""
+    if kind in ("signw", "f32") and tuple(a["strides"]) != (1, 1):
+        plan = conv_fwd_plan(dict(a, strides=(1, 1)), kind)
+        return dict(wn=plan["wn"], ow=a["ow"], unroll=False, strided=True) if plan else None
+    return conv_fwd_plan(a, kind)
+
+
 def _lower_conv_fwd(step: Step, ctx: LowerCtx) -> Call:
     x, w = step.inputs[0], step.inputs[1]
     ops, bptr = bias_operand(step, ctx, 2)
@@ -167,7 +176,7 @@ def _lower_conv_fwd(step: Step, ctx: LowerCtx) -> Call:
     kind = {CONV_FWD_XNOR: "bits", CONV_FWD_F32: "f32"}.get(step.kernel, "signw")
     if kind == "signw" and latent and pm1_input(ctx, x):
         kind = "pm1"      # +-1 input: XNOR-popcount, the same exact integer sums
-    plan = conv_fwd_plan(step.attrs, kind) if latent or kind == "bits" else None
+    plan = _fwd_plan(step.attrs, kind) if latent or kind == "bits" else None
     macro = f"conv_fwd_fast_{kind}" if plan else None
     inst = instance(step, ctx, macro, operands={**wops, **ops}, bias=bool(ops), **(plan or {}))
     return Call(inst, [ctx.ptr(x), ctx.ptr(w), bptr, ctx.ptr(y), "&g"],
@@ -181,6 +190,12 @@ def _fr_split(a: dict, plan: dict, out_bits: bool) -> Split:
     binary dW, no 64-bit word of another thread's channels)."""
     unit = lcm_unit(plan["kb"], bit_rows_unit(a["cin"] * a["kh"] * a["kw"]) if out_bits else 1)
     return Split(a["cout"], unit, ranged=True)
+
+
+def _dw_direct_plan(a: dict) -> dict | None:
+    """conv_dw_direct's scratch (lower.conv_dw_direct_plan); the kernel reads its input at
+    oy * sh - pt + i, so it serves every stride (a ResNet's 7x7 stride-2 stem too)."""
+    return conv_dw_direct_plan(dict(a, strides=(1, 1)))
 
 
 def _lower_conv_dw(step: Step, ctx: LowerCtx) -> Call:
@@ -198,10 +213,13 @@ def _lower_conv_dw(step: Step, ctx: LowerCtx) -> Call:
         if not po2:
             ops["g"] = g
         grad = "int" if po2 else "f32"
-        plan = conv_dw_plan(a, exact=po2) if xk else conv_dw_direct_plan(a)
+        plan = conv_dw_plan(a, exact=po2) if xk else _dw_direct_plan(a)
         macro = ((f"conv_dw_fr_{grad}_{xk}" if xk else "conv_dw_direct_bin") if plan
                  else f"conv_dw_bin_{kind}")
-        inst = instance(step, ctx, macro, ops, po2=po2, **(dict(plan, out="bin") if plan else {}))
+        # packed X and PO2 G where the table-lookup kernel does not apply: the bit-plane path
+        bp = dw_bitplane_plan(a) if not plan and po2 and kind == "bits" else {}
+        inst = instance(step, ctx, macro, ops, po2=po2,
+                        **(dict(plan, out="bin") if plan else bp))
         if plan and xk:
             return Call(inst, [ctx.ptr(x), ctx.ptr(g), ctx.ptr(dw), "&g", 0, a["cout"]], decl,
                         _fr_split(a, plan, True))
@@ -210,7 +228,7 @@ def _lower_conv_dw(step: Step, ctx: LowerCtx) -> Call:
         q, bias = step.inputs[1], step.inputs[2]
         w = step.inputs[3] if len(step.inputs) > 3 else None
         ops |= {"w": w} if w else {}
-        plan = conv_dw_plan(a, exact=False) if xk else conv_dw_direct_plan(a)
+        plan = conv_dw_plan(a, exact=False) if xk else _dw_direct_plan(a)
         macro = ((f"conv_dw_fr_po2_{xk}" if xk else "conv_dw_direct_po2") if plan
                  else f"conv_dw_po2_{kind}")
         inst = instance(step, ctx, macro, ops, mask=w is not None,
@@ -223,7 +241,7 @@ def _lower_conv_dw(step: Step, ctx: LowerCtx) -> Call:
     w = step.inputs[2] if len(step.inputs) > 2 else None
     ops["dy"] = dy
     ops |= {"w": w} if w else {}
-    plan = conv_dw_plan(a, exact=False) if xk else conv_dw_direct_plan(a)
+    plan = conv_dw_plan(a, exact=False) if xk else _dw_direct_plan(a)
     macro = ((f"conv_dw_fr_f32_{xk}" if xk else "conv_dw_direct_f32") if plan
              else f"conv_dw_f32_{kind}")
     inst = instance(step, ctx, macro, ops, mask=w is not None,
@@ -232,6 +250,35 @@ def _lower_conv_dw(step: Step, ctx: LowerCtx) -> Call:
     if plan and xk:
         return Call(inst, args + [0, a["cout"]], decl, _fr_split(a, plan, False))
     return Call(inst, args, decl)
+
+
+# reduction words of the bit-plane popcount products at most (BNNC_BP_MAXW, kernels/vector.c.j2)
+BP_MAXW = 64
+
+
+def dx_bitplane_plan(a: dict) -> dict:
+    """Scratch (64-bit words) of the PO2 dX's bit-plane path (conv.c.j2 `dx_bitplane`), as kernel
+    flags, or {} where it does not apply: the reduction over (tap, output channel) takes more than
+    BP_MAXW words, or the scratch would pass CONV_SCRATCH_BYTES. bpt: sign(W) as bit rows (input
+    channels in blocks of 64, taps x ceil(Cout / 64) words each); bpr: the planes of kh output rows
+    (17 planes of ceil(Cout / 64) words per output pixel); bpa: their per-pixel sums."""
+    wk, taps = words64(a["cout"]), a["kh"] * a["kw"]
+    words = taps * wk
+    bpt, bpr, bpa = words64(a["cin"]) * words * 64, a["kh"] * a["ow"] * 17 * wk, a["kh"] * a["ow"]
+    scratch = 8 * (bpt + bpr + 17 * BP_MAXW + 64) + 12 * bpa
+    if words > BP_MAXW or scratch > CONV_SCRATCH_BYTES:
+        return {}
+    return dict(bpt=bpt, bpr=bpr, bpa=bpa)
+
+
+def dw_bitplane_plan(a: dict) -> dict:
+    """The binary dW's bit-plane path (conv.c.j2 `dw_bitplane`) as kernel flags, or {} where its
+    stack scratch would pass CONV_SCRATCH_BYTES: planes of 64 output channels over 512 positions
+    (64 x 17 x 8 words), 64 bit rows over them, 64 x 64 int64 sums and one int64 correction per
+    output channel and tap (bptaps: the taps)."""
+    taps = a["kh"] * a["kw"]
+    scratch = 8 * (64 * 17 * 8 + 8 * 64 + 64 * 64 + 64 * taps + 2 * 64) + 4 * 64
+    return {"bptaps": taps} if scratch <= CONV_SCRATCH_BYTES else {}
 
 
 def _lower_conv_dx(step: Step, ctx: LowerCtx) -> Call:
@@ -246,8 +293,11 @@ def _lower_conv_dx(step: Step, ctx: LowerCtx) -> Call:
                              unit=4 if plan and plan["mode"] == "img" else 1)
     if step.kernel is CONV_DX_PO2:
         q, bias, w = step.inputs
+        # the bit-plane popcount path where the table-lookup kernel does not apply (strides > 1,
+        # or its scratch too large); on stride 1 the table lookup measured faster (README,
+        # "Bit-plane PO2 products")
         inst = instance(step, ctx, macro, operands={"w": w, "dx": dx}, binary=True,
-                        **(plan or {}))
+                        **(plan or dx_bitplane_plan(a)))
         return Call(inst, [ctx.ptr(q), ctx.ptr(bias), ctx.ptr(w), ctx.ptr(dx),
                            "&g"], decl, split)
     dy, w = step.inputs
