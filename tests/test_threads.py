@@ -53,7 +53,8 @@ def small_cnn():
     real first layer and a padded binary conv ('same', border columns), each followed directly by
     a max-pool (proposed: the fused conv -> max-pool step, 4 uneven chunks of the batch of 7), a
     4x4 map (the 4-sample lanes of the dX lookup), a max-pool of packed bits, then two dense
-    layers. Every PO2 quantization has blocks to split (po2_quantize under threads)."""
+    layers; conv3 -> bn3 -> sign3 is the fused conv -> l1 BN -> sign step (proposed). Every PO2
+    quantization has blocks to split (po2_quantize under threads)."""
     b = _Builder("cnn", (3, 18, 18), 0)
     for i, (c, pad) in enumerate(((8, 0), (16, 1), (24, 1)), start=1):
         b.conv(f"conv{i}", c, pad=pad)
@@ -124,15 +125,18 @@ def test_traces_identical_for_any_thread_count(algorithm, tmp_path):
     # the threaded C really splits: the conv/dense steps call the pool
     src = _source(tmp_path / "host-2")
     assert "bnnc_par(step_" in src and "pthread_create" in src
-    # ... and so do the steps that once ran on one thread: pooling, PO2 quantization (in place:
-    # its codes moved down after the parts) and, for the proposed algorithm, the fused step
+    # ... and so do the steps that once ran on one thread: pooling, PO2 quantization (block
+    # maxima, then each block's codes) and, for the proposed algorithm, the fused steps
     for step in ("maxpool_fwd", "maxpool_bwd") + (("po2_quantize",) if algorithm == "proposed"
                                                   else ()):
         assert re.search(rf"bnnc_par\(step_\d+_{step}\w*_(part|max|codes)\b", src), step
     if algorithm == "proposed":
         for conv in ("conv1", "conv2"):
             assert re.search(rf"bnnc_par\(step_\d+_conv_pool_fwd_{conv}_conv\b", src), conv
-        assert "k_po2_compact" in src
+        # the fused conv -> BN -> sign step (conv3, 1-sample chunks of the batch of 7): the
+        # conv and the BN's output by samples, the lane sums by channels
+        for part in ("conv", "lanes", "out"):
+            assert re.search(rf"bnnc_par\(step_\d+_conv_bn_sign_fwd_bn3_{part}\b", src), part
     assert "pthread" not in _source(tmp_path / "host-1")
 
 
