@@ -1,8 +1,10 @@
 """`bnnc compile --threads N`: any thread count computes the bits of one thread.
 
 (a) The debug trainer's trace (`--check-in/--check-out`: every tensor after every step, the state
-before and after, the trace `bnnc check` reads) of a small CNN with conv and dense layers (both algorithms; an odd batch, so splits end in
-partial units and some threads get empty ranges) is byte-identical
+before and after, the trace `bnnc check` reads) of a small CNN with conv and dense layers (both
+algorithms; odd batches, 7 and for the proposed algorithm 33 (the fused conv -> BN -> sign step's
+2-sample chunks, the last one short), so splits end in partial units and some threads get empty
+ranges) is byte-identical
 for N = 1 and 2 threads on the host, and for the proposed algorithm also for N = 3 with the
 run-time dispatch capped at SSE2, built with -fsanitize=thread (a data race fails it), and for
 N = 2 on rpi4 under qemu-aarch64 (Cortex-A72). (b) `bnnc check --threads 2` passes. (c) The cffi
