@@ -11,7 +11,7 @@ from ..errors import DataError
 from ..ir import Layer, LayerKind, tname
 from ..c_literals import c_float
 from ..lower import (Call, LowerCtx, Split, Threaded, bit_rows_unit, call_lines, instance,
-                     part_args, words64)
+                     lcm_unit, part_args, words64)
 from ..onnx_values import Act, node_attrs, node_label
 from ..schedule_ir import Role, Step
 from .activation import SIGN_FWD_PACK
@@ -441,11 +441,12 @@ def _conv_bn_sign_threaded(step: Step, ctx: LowerCtx, cc: Call, sc: Call, stat,
     the sign over the chunk's samples (each sample's rows of sign bits, packed output and mask are
     whole words of its own). The statistics (C x 64 adds) stay serial between the passes.
     Without an f16 copy, the three passes of the one-thread step: per chunk the conv, then the
-    lane sums (passes 0, 1) or the apply + sign (pass 2). With one (`<bn>.x16`, the conv's exact
-    values): the conv runs once over the chunks, storing its samples' f16 values; each lane-sum
-    pass is then one split over channels reading the whole f16 copy; pass 2 loads, applies and
-    signs each chunk's samples in one split. `{step}_c0`/`_n`/`_pass`: the chunk's first sample
-    and size, and the pass, as the parts see them."""
+    lane sums (passes 0, 1); in pass 2 the conv, apply and sign of each part's samples at once.
+    With one (`<bn>.x16`, the conv's exact values): the conv runs once over the chunks, storing
+    its samples' f16 values; each lane-sum pass is then one split over channels reading the whole
+    f16 copy; pass 2 loads, applies and signs each chunk's samples in one split.
+    `{step}_c0`/`_n`/`_pass`: the chunk's first sample and size, and the pass, as the parts see
+    them."""
     a = step.attrs
     beta, rm, rp = step.inputs[:3]
     mu, psi, s, _, scr, lanes = step.outputs[3:9]
@@ -498,17 +499,18 @@ def _conv_bn_sign_threaded(step: Step, ctx: LowerCtx, cc: Call, sc: Call, stat,
                    "out": [*call_lines(load.fn, [at, mine, size]), *out]},
             statics=statics, uses=(cc.inst, sc.inst, lane, stat, apply, store, load))
     lane = instance(step, ctx, "bn_l1_lanes", ranged=True)
+    both = lcm_unit(cc.split.unit, sc.split.unit)
     body = [*head,
             "    for (pass = 0; pass < 3; pass++) {",
             f"        {pas} = pass;",
             f"        for (lo = 0; lo < {B}; lo += {chunk}) {{",
             f"            {c0} = lo;",
             f"            {n} = {B} - lo < {chunk} ? {B} - lo : {chunk};",
-            f"            bnnc_par({{step}}_conv, {n}, {cc.split.unit});",
-            "            if (pass < 2)",
+            "            if (pass < 2) {",
+            f"                bnnc_par({{step}}_conv, {n}, {cc.split.unit});",
             f"                bnnc_par({{step}}_lanes, {C}, 1);",
-            "            else",
-            f"                bnnc_par({{step}}_out, {n}, {sc.split.unit});",
+            "            } else",
+            f"                bnnc_par({{step}}_out, {n}, {both});",
             "        }",
             "        if (pass < 2)",
             *(f"    {ln}" for ln in stat_line),
@@ -518,7 +520,7 @@ def _conv_bn_sign_threaded(step: Step, ctx: LowerCtx, cc: Call, sc: Call, stat,
         parts={"conv": conv,
                "lanes": call_lines(lane.fn, [ctx.ptr(scr), ctx.ptr(mu), ctx.ptr(lanes), n, C,
                                              S, pas, "lo", "hi"]),
-               "out": out},
+               "out": [*conv, *out]},
         statics=statics, uses=(cc.inst, sc.inst, lane, stat, apply))
 
 
