@@ -1,8 +1,10 @@
 """`bnnc compile --threads N`: any thread count computes the bits of one thread.
 
 (a) The debug trainer's trace (`--check-in/--check-out`: every tensor after every step, the state
-before and after, the trace `bnnc check` reads) of a small CNN with conv and dense layers (both algorithms; an odd batch, so splits end in
-partial units and some threads get empty ranges) is byte-identical
+before and after, the trace `bnnc check` reads) of a small CNN with conv and dense layers (both
+algorithms; odd batches, 7 and for the proposed algorithm 33 (the fused conv -> BN -> sign step's
+2-sample chunks, the last one short), so splits end in partial units and some threads get empty
+ranges) is byte-identical
 for N = 1 and 2 threads on the host, and for the proposed algorithm also for N = 3 with the
 run-time dispatch capped at SSE2, built with -fsanitize=thread (a data race fails it), and for
 N = 2 on rpi4 under qemu-aarch64 (Cortex-A72). (b) `bnnc check --threads 2` passes. (c) The cffi
@@ -53,7 +55,8 @@ def small_cnn():
     real first layer and a padded binary conv ('same', border columns), each followed directly by
     a max-pool (proposed: the fused conv -> max-pool step, 4 uneven chunks of the batch of 7), a
     4x4 map (the 4-sample lanes of the dX lookup), a max-pool of packed bits, then two dense
-    layers. Every PO2 quantization has blocks to split (po2_quantize under threads)."""
+    layers; conv3 -> bn3 -> sign3 is the fused conv -> l1 BN -> sign step (proposed). Every PO2
+    quantization has blocks to split (po2_quantize under threads)."""
     b = _Builder("cnn", (3, 18, 18), 0)
     for i, (c, pad) in enumerate(((8, 0), (16, 1), (24, 1)), start=1):
         b.conv(f"conv{i}", c, pad=pad)
@@ -120,19 +123,24 @@ def test_traces_identical_for_any_thread_count(algorithm, tmp_path):
         builds += [("host-3-sse2-tsan", "host", 3, ("-DBNNC_NO_AVX2",) + TSAN)]
         if ARM:
             builds += [("rpi4-2", "rpi4", 2, ())]
-    _traces(tmp_path, small_cnn(), algorithm, 7, builds)
+    # proposed: a batch of 33, so the fused conv -> BN -> sign step's chunks hold 2 samples (the
+    # last 1): its sample splits have uneven and empty parts
+    _traces(tmp_path, small_cnn(), algorithm, 33 if algorithm == "proposed" else 7, builds)
     # the threaded C really splits: the conv/dense steps call the pool
     src = _source(tmp_path / "host-2")
     assert "bnnc_par(step_" in src and "pthread_create" in src
-    # ... and so do the steps that once ran on one thread: pooling, PO2 quantization (in place:
-    # its codes moved down after the parts) and, for the proposed algorithm, the fused step
+    # ... and so do the steps that once ran on one thread: pooling, PO2 quantization (block
+    # maxima, then each block's codes) and, for the proposed algorithm, the fused steps
     for step in ("maxpool_fwd", "maxpool_bwd") + (("po2_quantize",) if algorithm == "proposed"
                                                   else ()):
         assert re.search(rf"bnnc_par\(step_\d+_{step}\w*_(part|max|codes)\b", src), step
     if algorithm == "proposed":
         for conv in ("conv1", "conv2"):
             assert re.search(rf"bnnc_par\(step_\d+_conv_pool_fwd_{conv}_conv\b", src), conv
-        assert "k_po2_compact" in src
+        # the fused conv -> BN -> sign step (conv3): the conv and the BN's output by samples, the
+        # lane sums by channels
+        for part in ("conv", "lanes", "out"):
+            assert re.search(rf"bnnc_par\(step_\d+_conv_bn_sign_fwd_bn3_{part}\b", src), part
     assert "pthread" not in _source(tmp_path / "host-1")
 
 

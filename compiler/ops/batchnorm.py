@@ -10,7 +10,8 @@ from .. import numerics as nx
 from ..errors import DataError
 from ..ir import Layer, LayerKind, tname
 from ..c_literals import c_float
-from ..lower import Call, LowerCtx, Split, bit_rows_unit, call_lines, instance, words64
+from ..lower import (Call, LowerCtx, Split, Threaded, bit_rows_unit, call_lines, instance,
+                     lcm_unit, part_args, words64)
 from ..onnx_values import Act, node_attrs, node_label
 from ..schedule_ir import Role, Step
 from .activation import SIGN_FWD_PACK
@@ -429,7 +430,101 @@ def _lower_conv_bn_sign(step: Step, ctx: LowerCtx) -> Call:
             *call_lines(stat.fn, ["lanes", ctx.ptr(rm), ctx.ptr(rp), ctx.ptr(mu), ctx.ptr(psi),
                                   B, C, S, c_float(m), c_float(1 - m), "pass"], indent=12),
             "    }"]
-    return Call(lane, [], decls, body=body, uses=(stat, apply, cc.inst, sc.inst) + uses)
+    th = _conv_bn_sign_threaded(step, ctx, cc, sc, stat, x16=len(step.outputs) > 9)
+    return Call(lane, [], decls, body=body, uses=(stat, apply, cc.inst, sc.inst) + uses,
+                threaded=th)
+
+
+def _conv_bn_sign_threaded(step: Step, ctx: LowerCtx, cc: Call, sc: Call, stat,
+                           x16: bool) -> Threaded:
+    """The fused step under --threads, with the one-thread bits: the same chunks, each chunk's
+    work split by `bnnc_par`s that wait for each other (the chunk is shared scratch). The conv
+    over the chunk's samples (its own split); the lane sums over channels (every channel's lanes
+    are its own and keep the one-thread order: samples 0, 1, ... of the batch); the BN apply and
+    the sign over the chunk's samples (each sample's rows of sign bits, packed output and mask are
+    whole words of its own). The statistics (C x 64 adds) stay serial between the passes.
+    Without an f16 copy, the three passes of the one-thread step: per chunk the conv, then the
+    lane sums (passes 0, 1); in pass 2 the conv, apply and sign of each part's samples at once.
+    With one (`<bn>.x16`, the conv's exact values): the conv runs once over the chunks, storing
+    its samples' f16 values; each lane-sum pass is then one split over channels reading the whole
+    f16 copy; pass 2 loads, applies and signs each chunk's samples in one split.
+    `{step}_c0`/`_n`/`_pass`: the chunk's first sample and size, and the pass, as the parts see
+    them."""
+    a = step.attrs
+    beta, rm, rp = step.inputs[:3]
+    mu, psi, s, _, scr, lanes = step.outputs[3:9]
+    ba = dict(a["bn"])
+    B, C, S, chunk = ba["batch"], ba["channels"], a["spatial"], a["chunk"]
+    m, sw, per = ba["momentum"], words64(C * S), C * S
+    assert cc.split is not None and cc.split.geom and sc.split is not None, (cc, sc)
+    apply = instance(step, ctx, "bn_l1_apply", {"beta": beta})
+    c0, n, pas = "{step}_c0", "{step}_n", "{step}_pass"
+    mine = f"{ctx.ptr(scr)} + (size_t)lo * {per}u"
+    conv = [*(f"    {d}" for d in cc.decls), "    bnnc_geom_t gp = g;", "    gp.B = hi - lo;",
+            *call_lines(cc.inst.fn, part_args(cc, {0: c0}))]
+    out = [*call_lines(apply.fn, [mine, ctx.ptr(beta), ctx.ptr(mu), ctx.ptr(psi),
+                                  f"{ctx.ptr(s)} + (size_t)({c0} + lo) * {sw}u", "hi - lo", C,
+                                  S, sw]),
+           *call_lines(sc.inst.fn, part_args(sc, {1: c0, 2: c0}))]
+    stat_line = call_lines(stat.fn, [ctx.ptr(lanes), ctx.ptr(rm), ctx.ptr(rp), ctx.ptr(mu),
+                                     ctx.ptr(psi), B, C, S, c_float(m), c_float(1 - m), "pass"],
+                           indent=8)
+
+    def chunks(part: str, unit: int) -> list[str]:
+        """Every chunk of the batch, in order: `part` split over the chunk's samples."""
+        return [f"    for (lo = 0; lo < {B}; lo += {chunk}) {{",
+                f"        {c0} = lo;",
+                f"        {n} = {B} - lo < {chunk} ? {B} - lo : {chunk};",
+                f"        bnnc_par({{step}}_{part}, {n}, {unit});",
+                "    }"]
+
+    head = ["    int32_t lo, pass;", f"    memset({ctx.ptr(lanes)}, 0, {C * 64 * 4}u);"]
+    statics = [f"static int32_t {c0}, {n}, {pas};   /* the parts' chunk (first sample, size) "
+               "and pass */"]
+    if x16:
+        lane = instance(step, ctx, "bn_l1_lanes", ranged=True, f16=True)
+        store = instance(step, ctx, "bn_f16_store")
+        load = instance(step, ctx, "bn_f16_load")
+        at = f"{ctx.ptr(step.outputs[9])} + (size_t)({c0} + lo) * {per}u"
+        size = f"(size_t)(hi - lo) * {per}u"
+        body = [*head, *chunks("conv", cc.split.unit),
+                "    for (pass = 0; pass < 2; pass++) {",
+                f"        {pas} = pass;",
+                f"        bnnc_par({{step}}_lanes, {C}, 1);",
+                *stat_line,
+                "    }",
+                *chunks("out", sc.split.unit)]
+        return Threaded(
+            body=body,
+            parts={"conv": [*conv, *call_lines(store.fn, [mine, at, size])],
+                   "lanes": call_lines(lane.fn, [ctx.ptr(step.outputs[9]), ctx.ptr(mu),
+                                                 ctx.ptr(lanes), B, C, S, pas, "lo", "hi"]),
+                   "out": [*call_lines(load.fn, [at, mine, size]), *out]},
+            statics=statics, uses=(cc.inst, sc.inst, lane, stat, apply, store, load))
+    lane = instance(step, ctx, "bn_l1_lanes", ranged=True)
+    both = lcm_unit(cc.split.unit, sc.split.unit)
+    body = [*head,
+            "    for (pass = 0; pass < 3; pass++) {",
+            f"        {pas} = pass;",
+            f"        for (lo = 0; lo < {B}; lo += {chunk}) {{",
+            f"            {c0} = lo;",
+            f"            {n} = {B} - lo < {chunk} ? {B} - lo : {chunk};",
+            "            if (pass < 2) {",
+            f"                bnnc_par({{step}}_conv, {n}, {cc.split.unit});",
+            f"                bnnc_par({{step}}_lanes, {C}, 1);",
+            "            } else",
+            f"                bnnc_par({{step}}_out, {n}, {both});",
+            "        }",
+            "        if (pass < 2)",
+            *(f"    {ln}" for ln in stat_line),
+            "    }"]
+    return Threaded(
+        body=body,
+        parts={"conv": conv,
+               "lanes": call_lines(lane.fn, [ctx.ptr(scr), ctx.ptr(mu), ctx.ptr(lanes), n, C,
+                                             S, pas, "lo", "hi"]),
+               "out": [*conv, *out]},
+        statics=statics, uses=(cc.inst, sc.inst, lane, stat, apply))
 
 
 def _lower_conv_bn_sign_infer(step: Step, ctx: LowerCtx) -> Call:

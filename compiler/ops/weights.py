@@ -169,12 +169,12 @@ def po2_block(count: int) -> int:
 
 
 def _lower_po2_quantize(step: Step, ctx: LowerCtx) -> Call:
-    """One call; under threads (`Threaded`), where the codes overwrite g (the plan puts q at g's
-    offset: the kernel's declared in-place pair, taken whenever g dies here), three phases: each
-    block's largest magnitude (split by blocks), every block's codes from their maximum (split by
-    blocks; each block's codes at its own first byte, which no other block reads), then one
-    serial pass that moves the blocks' codes down to q in block order (block k's destination
-    holds only codes of blocks below k, which have moved already). A q apart from g stays whole."""
+    """One call; under threads (`Threaded`), two phases split by blocks of whole 64-element
+    chunks: each block's largest magnitude, then every block's codes from their maximum, written
+    at their final place in q. The schedule puts the codes apart from g (schedule.py: the f16
+    gradient dies at its quantization); a q placed over g (the kernel's declared in-place pair,
+    which no schedule takes now) would let a part's codes overwrite elements another part still
+    reads, so it runs whole."""
     a = step.attrs
     g = step.inputs[0]
     q, bias = step.outputs
@@ -183,24 +183,29 @@ def _lower_po2_quantize(step: Step, ctx: LowerCtx) -> Call:
     call = Call(inst, [ctx.ptr(g), ctx.ptr(q), ctx.ptr(bias), n, a["po2_bias"], zero])
     block = po2_block(n)
     blocks = -(-n // block)
-    if blocks < 2 or ctx.plan.tensor_offsets[q] != ctx.plan.tensor_offsets[g]:
+    if blocks < 2 or _overlap(ctx, g, q):
         return call
     ops = {"g": g}
     absmax = instance(step, ctx, "po2_absmax", ops, block=block)
     codes = instance(step, ctx, "po2_codes", ops, block=block)
-    compact = instance(step, ctx, "po2_compact", ops, block=block)
     ut = "uint32_t" if ctx.t(g).dtype.value == "f32" else "uint16_t"
     tops = "{step}_tops"
     call.threaded = Threaded(
         body=[f"    bnnc_par({{step}}_max, {blocks}, 1);",
-              f"    bnnc_par({{step}}_codes, {blocks}, 1);",
-              *call_lines(compact.fn, [ctx.ptr(g), ctx.ptr(q), n])],
+              f"    bnnc_par({{step}}_codes, {blocks}, 1);"],
         parts={"max": call_lines(absmax.fn, [ctx.ptr(g), tops, n, "lo", "hi"]),
-               "codes": call_lines(codes.fn, [ctx.ptr(g), tops, blocks, ctx.ptr(bias), n,
-                                              a["po2_bias"], zero, "lo", "hi"])},
+               "codes": call_lines(codes.fn, [ctx.ptr(g), ctx.ptr(q), tops, blocks,
+                                              ctx.ptr(bias), n, a["po2_bias"], zero, "lo",
+                                              "hi"])},
         statics=[f"static {ut} {tops}[{blocks}];   /* each block's largest magnitude */"],
-        uses=(absmax, codes, compact))
+        uses=(absmax, codes))
     return call
+
+
+def _overlap(ctx: LowerCtx, a: str, b: str) -> bool:
+    """Whether the plan's bytes of tensors `a` and `b` intersect."""
+    (ra, oa), (rb, ob) = ctx.plan.tensor_offsets[a], ctx.plan.tensor_offsets[b]
+    return ra == rb and oa < ob + ctx.t(b).nbytes and ob < oa + ctx.t(a).nbytes
 
 
 def _lower_bias_grad(step: Step, ctx: LowerCtx) -> Call:
