@@ -141,6 +141,11 @@ def test_traces_identical_for_any_thread_count(algorithm, tmp_path):
         # lane sums by channels
         for part in ("conv", "lanes", "out"):
             assert re.search(rf"bnnc_par\(step_\d+_conv_bn_sign_fwd_bn3_{part}\b", src), part
+    # the real first layer's dW (conv_dw_direct) over output-channel ranges; the proposed
+    # algorithm's sign bits need whole 64-bit words per range, which conv1's 8 channels of
+    # 3 * 3 * 3 bits do not give, so there it is one part (a single unit of 64 channels)
+    unit = 64 if algorithm == "proposed" else 1
+    assert re.search(rf"bnnc_par\(step_\d+_conv_dw_\w+_conv1_part, 8, {unit}\)", src)
     assert "pthread" not in _source(tmp_path / "host-1")
 
 

@@ -192,6 +192,14 @@ def _fr_split(a: dict, plan: dict, out_bits: bool) -> Split:
     return Split(a["cout"], unit, ranged=True)
 
 
+def _direct_split(a: dict, out_bits: bool) -> Split:
+    """conv_dw_direct under --threads: output channels [k0, k1) per thread (each sum over the
+    batch keeps its order, so any N gives the same bits); for the binary dW, whole 64-bit words
+    of dW's bits per thread."""
+    return Split(a["cout"], bit_rows_unit(a["cin"] * a["kh"] * a["kw"]) if out_bits else 1,
+                 ranged=True)
+
+
 def _dw_direct_plan(a: dict) -> dict | None:
     """conv_dw_direct's scratch (lower.conv_dw_direct_plan); the kernel reads its input at
     oy * sh - pt + i, so it serves every stride (a ResNet's 7x7 stride-2 stem too)."""
@@ -223,6 +231,9 @@ def _lower_conv_dw(step: Step, ctx: LowerCtx) -> Call:
         if plan and xk:
             return Call(inst, [ctx.ptr(x), ctx.ptr(g), ctx.ptr(dw), "&g", 0, a["cout"]], decl,
                         _fr_split(a, plan, True))
+        if plan:
+            return Call(inst, [ctx.ptr(x), ctx.ptr(g), ctx.ptr(dw), "&g", 0, a["cout"]], decl,
+                        _direct_split(a, True))
         return Call(inst, [ctx.ptr(x), ctx.ptr(g), ctx.ptr(dw), "&g"], decl)
     if step.kernel is CONV_DW_PO2:
         q, bias = step.inputs[1], step.inputs[2]
@@ -234,8 +245,9 @@ def _lower_conv_dw(step: Step, ctx: LowerCtx) -> Call:
         inst = instance(step, ctx, macro, ops, mask=w is not None,
                         **(dict(plan, out="f32") if plan else {}))
         args = [ctx.ptr(x), ctx.ptr(q), ctx.ptr(bias), ctx.ptr(w) if w else "0", ctx.ptr(dw), "&g"]
-        if plan and xk:
-            return Call(inst, args + [0, a["cout"]], decl, _fr_split(a, plan, False))
+        if plan:
+            return Call(inst, args + [0, a["cout"]], decl,
+                        _fr_split(a, plan, False) if xk else _direct_split(a, False))
         return Call(inst, args, decl)
     dy = step.inputs[1]
     w = step.inputs[2] if len(step.inputs) > 2 else None
@@ -247,8 +259,9 @@ def _lower_conv_dw(step: Step, ctx: LowerCtx) -> Call:
     inst = instance(step, ctx, macro, ops, mask=w is not None,
                     **(dict(plan, out="f32") if plan else {}))
     args = [ctx.ptr(x), ctx.ptr(dy), ctx.ptr(w) if w else "0", ctx.ptr(dw), "&g"]
-    if plan and xk:
-        return Call(inst, args + [0, a["cout"]], decl, _fr_split(a, plan, False))
+    if plan:
+        return Call(inst, args + [0, a["cout"]], decl,
+                    _fr_split(a, plan, False) if xk else _direct_split(a, False))
     return Call(inst, args, decl)
 
 
