@@ -12,7 +12,8 @@ load average before and after (this machine is shared: the N-thread build needs 
 a per-kernel table of both builds' wall time (bnnc profile's timers, -DBNNC_PROFILE_WALL on
 the one-thread build) with the ratio per kernel, and the serial fraction: the share of the
 one-thread step's kernel time (bnnc profile, thread CPU time, which a busy machine barely moves)
-spent in steps the N-thread build runs on one thread (step functions that never call bnnc_par),
+spent in steps the N-thread build runs on one thread (step functions that never call bnnc_par
+with more than one unit of work),
 those steps by kernel, and Amdahl's bound for N threads, 1 / (f + (1 - f) / N).
 
 Method: both builds are loaded in one process (runtime/host.py) and initialized from seed 0;
@@ -61,12 +62,20 @@ def step_rates(dirs: list[Path], steps: int, warmup: int) -> tuple[list[list[flo
 
 
 def split_steps(out_dir: Path) -> set[int]:
-    """Indexes of the schedule steps whose step function in this build's C runs a split
-    (calls bnnc_par)."""
+    """Indexes of the schedule steps whose step function in this build's C runs a split: calls
+    bnnc_par(part, extent, unit) with more than one unit (a split of one unit, e.g. a binary dW
+    whose ranges must be whole 64-bit words, runs on one thread)."""
     src = (out_dir / read_manifest(out_dir).source).read_text()
     fns = re.finditer(r"^static void step_(\d+)_\w+\((?:void|float \*accuracy, float \*loss)\)\n"
                       r"\{\n(.*?)^\}", src, re.S | re.M)
-    return {int(m.group(1)) for m in fns if "bnnc_par(" in m.group(2)}
+
+    def parallel(body: str) -> bool:
+        for call in re.finditer(r"bnnc_par\(\w+, ([^,]+), ([^)]+)\)", body):
+            extent, unit = call.group(1).strip(), call.group(2).strip()
+            if not (extent.isdigit() and unit.isdigit()) or int(extent) > int(unit):
+                return True
+        return False
+    return {int(m.group(1)) for m in fns if parallel(m.group(2))}
 
 
 def serial_fraction(one: Path, many: Path, n: int, steps: int) -> None:
