@@ -35,6 +35,37 @@
 #define PIN(x) ((void)0)
 #endif
 
+#if defined(__AVX512F__)
+/* a 4 x 4 register block of 512-bit integer accumulators over the L1 buffers: n rows of 4 + 4
+ * vectors, `iters` times; STEP(acc, a, b) is one vector product-accumulate */
+#define ZMM_BLOCK(acc, STEP)                                                                     \
+    do {                                                                                         \
+        for (int i = 0; i < 4; i++)                                                              \
+            for (int j = 0; j < 4; j++)                                                          \
+                (acc)[i][j] = _mm512_setzero_si512();                                            \
+        for (int64_t it = 0; it < iters; it++)                                                   \
+            for (int k = 0; k < n; k++) {                                                        \
+                __m512i a[4], b[4];                                                              \
+                _Pragma("GCC unroll 4")                                                          \
+                for (int i = 0; i < 4; i++) {                                                    \
+                    a[i] = _mm512_load_si512((const void *)(buf_a + 256 * k + 64 * i));          \
+                    b[i] = _mm512_load_si512((const void *)(buf_b + 256 * k + 64 * i));          \
+                    PIN(a[i]);                                                                   \
+                    PIN(b[i]);                                                                   \
+                }                                                                                \
+                _Pragma("GCC unroll 4")                                                          \
+                for (int i = 0; i < 4; i++)                                                      \
+                    _Pragma("GCC unroll 4")                                                      \
+                    for (int j = 0; j < 4; j++)                                                  \
+                        (acc)[i][j] = STEP((acc)[i][j], a[i], b[j]);                             \
+            }                                                                                    \
+    } while (0)
+#define VNNI_STEP(c, x, y) _mm512_dpbusd_epi32(c, x, y)
+/* ~(x ^ y): ternary logic 0x99 */
+#define XNOR_STEP(c, x, y) \
+    _mm512_add_epi64(c, _mm512_popcnt_epi64(_mm512_ternarylogic_epi64(x, y, y, 0x99)))
+#endif
+
 static uint8_t buf_a[L1_BYTES] __attribute__((aligned(64)));
 static uint8_t buf_b[L1_BYTES] __attribute__((aligned(64)));
 
@@ -46,11 +77,21 @@ static void fill(void)
     }
 }
 
-typedef float v16f __attribute__((vector_size(64)));
+/* the f32 block's vectors: the widest register this build has (a wider GCC vector would be
+ * split over several registers, which PIN cannot hold) */
+#if defined(__AVX512F__)
+#define VF_BYTES 64
+#elif defined(__AVX__)
+#define VF_BYTES 32
+#else
+#define VF_BYTES 16
+#endif
+#define VF_LANES (VF_BYTES / 4)
+typedef float vf __attribute__((vector_size(VF_BYTES)));
 typedef int32_t v16i __attribute__((vector_size(64)));
 typedef uint64_t v8u __attribute__((vector_size(64)));
 
-/* a 4 x 4 register block of 16-float vectors: 16 vector multiply-adds per 8 vector loads */
+/* a 4 x 4 register block of float vectors: 16 vector multiply-adds per 8 vector loads */
 int64_t peak_f32(int64_t iters, double *sink)
 {
     /* normal floats near 1 (random bytes would hold subnormals, which take a slow path) */
@@ -59,16 +100,16 @@ int64_t peak_f32(int64_t iters, double *sink)
         memcpy(buf_a + 4 * i, &fa, 4);
         memcpy(buf_b + 4 * i, &fb, 4);
     }
-    v16f acc[4][4];
+    vf acc[4][4];
     memset(acc, 0, sizeof acc);
-    const int n = L1_BYTES / 64 / 4;
+    const int n = L1_BYTES / VF_BYTES / 4;
     for (int64_t it = 0; it < iters; it++)
         for (int k = 0; k < n; k++) {
-            v16f a[4], b[4];
+            vf a[4], b[4];
 #pragma GCC unroll 4
             for (int i = 0; i < 4; i++) {
-                a[i] = ((const v16f *)(buf_a + 256 * k))[i];
-                b[i] = ((const v16f *)(buf_b + 256 * k))[i];
+                a[i] = ((const vf *)(buf_a + 4 * VF_BYTES * k))[i];
+                b[i] = ((const vf *)(buf_b + 4 * VF_BYTES * k))[i];
                 PIN(a[i]);
                 PIN(b[i]);
             }
@@ -81,10 +122,10 @@ int64_t peak_f32(int64_t iters, double *sink)
     double s = 0;
     for (int i = 0; i < 4; i++)
         for (int j = 0; j < 4; j++)
-            for (int l = 0; l < 16; l++)
+            for (int l = 0; l < VF_LANES; l++)
                 s += acc[i][j][l];
     *sink += s;
-    return iters * n * 16 * 16;
+    return iters * n * 16 * VF_LANES;
 }
 
 int64_t peak_int(int64_t iters, double *sink)
@@ -94,25 +135,7 @@ int64_t peak_int(int64_t iters, double *sink)
     int64_t s = 0;
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
     __m512i acc[4][4];
-    for (int i = 0; i < 4; i++)
-        for (int j = 0; j < 4; j++)
-            acc[i][j] = _mm512_setzero_si512();
-    for (int64_t it = 0; it < iters; it++)
-        for (int k = 0; k < n; k++) {
-            __m512i a[4], b[4];
-#pragma GCC unroll 4
-            for (int i = 0; i < 4; i++) {
-                a[i] = _mm512_load_si512((const void *)(buf_a + 256 * k + 64 * i));
-                b[i] = _mm512_load_si512((const void *)(buf_b + 256 * k + 64 * i));
-                PIN(a[i]);
-                PIN(b[i]);
-            }
-#pragma GCC unroll 4
-            for (int i = 0; i < 4; i++)
-#pragma GCC unroll 4
-                for (int j = 0; j < 4; j++)
-                    acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], a[i], b[j]);
-        }
+    ZMM_BLOCK(acc, VNNI_STEP);
     for (int i = 0; i < 4; i++)
         for (int j = 0; j < 4; j++)
             s += _mm512_reduce_add_epi32(acc[i][j]);
@@ -181,26 +204,7 @@ int64_t peak_bit(int64_t iters, double *sink)
     uint64_t s = 0;
 #if defined(__AVX512VPOPCNTDQ__)
     __m512i acc[4][4];
-    for (int i = 0; i < 4; i++)
-        for (int j = 0; j < 4; j++)
-            acc[i][j] = _mm512_setzero_si512();
-    for (int64_t it = 0; it < iters; it++)
-        for (int k = 0; k < n; k++) {
-            __m512i a[4], b[4];
-#pragma GCC unroll 4
-            for (int i = 0; i < 4; i++) {
-                a[i] = _mm512_load_si512((const void *)(buf_a + 256 * k + 64 * i));
-                b[i] = _mm512_load_si512((const void *)(buf_b + 256 * k + 64 * i));
-                PIN(a[i]);
-                PIN(b[i]);
-            }
-#pragma GCC unroll 4
-            for (int i = 0; i < 4; i++)
-#pragma GCC unroll 4
-                for (int j = 0; j < 4; j++)
-                    acc[i][j] = _mm512_add_epi64(acc[i][j], _mm512_popcnt_epi64(
-                        _mm512_ternarylogic_epi64(a[i], b[j], b[j], 0x99)));  /* ~(a ^ b) */
-        }
+    ZMM_BLOCK(acc, XNOR_STEP);
     for (int i = 0; i < 4; i++)
         for (int j = 0; j < 4; j++)
             s += (uint64_t)_mm512_reduce_add_epi64(acc[i][j]);
