@@ -297,7 +297,7 @@ def _predict_calls(schedule: Schedule, ctx: LowerCtx, steps: list[dict],
             call = s.kernel.lower_infer(s, ctx)
             for inst in (call.inst, *call.uses):
                 _use(instances, inst)
-            # a fused step's loop (ops/batchnorm.py conv_bn_sign_fwd): a block with its constants
+            # a fused step's loop (ops/conv_bn_sign.py conv_bn_sign_fwd): a block with its constants
             lines = (["    {", *(f"        {d}" for d in call.decls),
                       *(f"    {ln}" for ln in call.body), "    }"]
                      if call.body is not None else call_lines(call.inst.fn, call.args, indent=4))

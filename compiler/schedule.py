@@ -78,7 +78,7 @@ its gradient contributions as `<consumer>.d_in` and sums them eagerly (`grad_add
 views.
 
 Fusions (issue 18; compiler/README.md): the MAXPOOL rule takes its conv's step into one
-`conv_pool_fwd` (`take_producer`); once the whole step is built, `ops.batchnorm.fuse_conv_bn_sign`
+`conv_pool_fwd` (`take_producer`); once the whole step is built, `ops.conv_bn_sign.fuse_conv_bn_sign`
 replaces each conv -> l1 BN -> packed sign triple whose f32 outputs nothing else reads by one
 `conv_bn_sign_fwd` (`replace_steps`), so "nothing else reads" is checked on the backward too.
 
@@ -109,7 +109,7 @@ from .lower import words64
 from .ops import (KERNELS, LAYERS, SCHEDULE_BACKWARD, SCHEDULE_FORWARD, check_graph, check_step,
                   eval_mode_bns, needs_grad)
 from .ops.base import Bits, KernelSpec, Phase, prod
-from .ops.batchnorm import fuse_conv_bn_sign
+from .ops.conv_bn_sign import fuse_conv_bn_sign
 from .ops.loss import SOFTMAX_XENT
 from .ops.optim import UPDATE_KERNELS
 from .ops.weights import PO2_QUANTIZE

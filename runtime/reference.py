@@ -338,7 +338,7 @@ def conv_pool_chunks(graph: Graph, cfg: TrainConfig, out: dict[str, np.ndarray])
     (only which steps are fused and their chunk size come from the schedule):
     - conv -> max-pool (`ops/pool.py`, conv_pool_fwd): `<conv>.chunk`, the conv output rows of the
       last batch chunk, and past a short last chunk the rows the chunk before it wrote;
-    - conv -> l1 BN -> sign (`ops/batchnorm.py`, conv_bn_sign_fwd): `<bn>.chunk`, the same rows of
+    - conv -> l1 BN -> sign (`ops/conv_bn_sign.py`, conv_bn_sign_fwd): `<bn>.chunk`, the same rows of
       the BN output (the last pass normalizes the chunk in place), `<bn>.lanes`, the lane sums
       (lane l = s mod 64) of |conv output - mu| per channel, and `<bn>.x16`, the conv output (its
       exact integers in f16) where the step keeps one."""

@@ -32,11 +32,12 @@ import numpy as np
 
 from ..config import TrainConfig, trained_fields
 from ..ir import INPUT, WEIGHT_KINDS, Graph, LayerKind
-from . import activation, batchnorm, conv, dense, gconv, loss, optim, pool, structural
+from . import (activation, batchnorm, conv, conv_bn_sign, dense, gconv, loss, optim, pool,
+               structural)
 from .base import Bits, KernelSpec, LayerSpec, OpFamily, check_kernel, check_step  # noqa: F401
 
 FAMILIES: tuple[OpFamily, ...] = tuple(m.FAMILY for m in (
-    dense, conv, gconv, batchnorm, activation, pool, structural, loss, optim))
+    dense, conv, gconv, batchnorm, conv_bn_sign, activation, pool, structural, loss, optim))
 
 
 def _merge(field: str) -> dict:
